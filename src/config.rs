@@ -1,0 +1,348 @@
+//! The one typed configuration of a replica, read from environment variables only.
+//!
+//! Every setting is declared once in [`SETTINGS`] with its default and a line of help, so `strata --help`
+//! and the parser can never disagree. A bad value fails start-up with an error naming the variable.
+//! This module must never print a secret: values of variables that look like credentials are redacted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A setting: its variable, default (empty means "required" or "unset") and help line.
+pub struct Setting {
+    pub var: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+pub const SETTINGS: &[Setting] = &[
+    Setting { var: "STRATA_KAFKA_BROKERS", default: "localhost:9092", help: "Bootstrap servers of the Kafka cluster (host:port,...)." },
+    Setting { var: "STRATA_GROUP_ID", default: "strata", help: "Consumer group shared by all replicas of one pipeline." },
+    Setting { var: "STRATA_TOPICS", default: "", help: "Comma-separated Bronze topics to consume (required)." },
+    Setting { var: "STRATA_KAFKA_<PROPERTY>", default: "", help: "Any librdkafka property, e.g. STRATA_KAFKA_SECURITY_PROTOCOL=SSL sets security.protocol." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_URL", default: "", help: "http(s)://host:port of a Confluent Schema Registry, or file://DIR holding <id>.avsc files (required)." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_USER_INFO", default: "", help: "user:password for registry basic auth (secret, never logged)." },
+    Setting { var: "STRATA_READER_SCHEMA", default: "", help: "Path of the reader schema (.avsc); the Silver table is named after its record name in snake_case (required)." },
+    Setting { var: "STRATA_EVENT_TIME_FIELD", default: "", help: "Reader-schema field holding event time (timestamp-millis or timestamp-micros) (required)." },
+    Setting { var: "STRATA_LAKE_URL", default: "", help: "file:///path or s3://bucket/prefix; Silver tables live at <lake>/silver/<table> (required). S3 uses the AWS_* variables." },
+    Setting { var: "STRATA_DLQ_SUFFIX", default: ".dlq", help: "Dead-letter topic of topic T is T followed by this suffix." },
+    Setting { var: "STRATA_FLUSH_INTERVAL", default: "30s", help: "Longest time a record waits in memory before its file is committed (ms, s, m, h)." },
+    Setting { var: "STRATA_FILE_MAX_ROWS", default: "1000000", help: "A flush starts, and a file rolls, at this many buffered rows." },
+    Setting { var: "STRATA_FILE_MAX_BYTES", default: "134217728", help: "A flush starts, and a file rolls, at this many buffered bytes (the memory budget of the Silver buffer)." },
+    Setting { var: "STRATA_PARQUET_COMPRESSION", default: "zstd", help: "Parquet compression: zstd, snappy or none." },
+    Setting { var: "STRATA_METRICS_ADDR", default: "0.0.0.0:9898", help: "Address of the /metrics, /healthz and /readyz endpoint." },
+    Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },
+    Setting { var: "STRATA_SHUTDOWN_GRACE", default: "30s", help: "After SIGTERM, how long the replica may take to flush and commit before it aborts." },
+    Setting { var: "STRATA_LOG", default: "info", help: "Log filter (tracing EnvFilter syntax); RUST_LOG is used when unset." },
+    Setting { var: "STRATA_LOG_FORMAT", default: "json", help: "Log format: json or text." },
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is required: {help}")]
+    Missing { var: &'static str, help: &'static str },
+    #[error("{var}={value:?} is invalid: {reason}")]
+    Invalid { var: String, value: String, reason: String },
+}
+
+fn invalid(var: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { var: var.to_string(), value: redact(var, value), reason: reason.into() }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Zstd,
+    Snappy,
+    None,
+}
+
+/// Where writer schemas come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrySource {
+    /// A Confluent-compatible Schema Registry (base URL without trailing slash).
+    Confluent { url: String, user_info: Option<String> },
+    /// A folder of `<id>.avsc` files: the demo and air-gapped deployments.
+    Directory(PathBuf),
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// librdkafka properties passed through from `STRATA_KAFKA_<PROPERTY>`.
+    pub kafka_properties: BTreeMap<String, String>,
+    pub registry: RegistrySource,
+    pub reader_schema_path: PathBuf,
+    pub event_time_field: String,
+    pub lake_url: String,
+    pub dlq_suffix: String,
+    pub flush_interval: Duration,
+    pub file_max_rows: usize,
+    pub file_max_bytes: usize,
+    pub compression: Compression,
+    pub metrics_addr: std::net::SocketAddr,
+    pub commit_retries: usize,
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let props: BTreeMap<_, _> =
+            self.kafka_properties.iter().map(|(k, v)| (k.clone(), redact(k, v))).collect();
+        let registry = match &self.registry {
+            RegistrySource::Confluent { url, user_info } => format!(
+                "Confluent({url}, auth: {})",
+                if user_info.is_some() { "<redacted>" } else { "none" }
+            ),
+            RegistrySource::Directory(dir) => format!("Directory({})", dir.display()),
+        };
+        f.debug_struct("Config")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("kafka_properties", &props)
+            .field("registry", &registry)
+            .field("reader_schema_path", &self.reader_schema_path)
+            .field("event_time_field", &self.event_time_field)
+            .field("lake_url", &self.lake_url)
+            .field("flush_interval", &self.flush_interval)
+            .field("file_max_rows", &self.file_max_rows)
+            .field("file_max_bytes", &self.file_max_bytes)
+            .field("compression", &self.compression)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Hides values of settings whose name suggests a credential.
+pub fn redact(name: &str, value: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    let secret = ["password", "secret", "user_info", "user.info", "token", "key", "credential", "jaas"]
+        .iter()
+        .any(|word| lower.contains(word));
+    if secret {
+        "<redacted>".to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m`, `2h` (a bare number means seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: u64 = number.parse().map_err(|_| format!("expected a duration like 30s, got {text:?}"))?;
+    let millis = match unit.trim() {
+        "ms" => Some(number),
+        "" | "s" => number.checked_mul(1_000),
+        "m" => number.checked_mul(60_000),
+        "h" => number.checked_mul(3_600_000),
+        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+    };
+    millis.map(Duration::from_millis).ok_or_else(|| format!("duration {text:?} is too large"))
+}
+
+/// The help text that `strata --help` prints.
+pub fn help_text() -> String {
+    let mut out = String::from(
+        "strata: Bronze Kafka topics (Confluent Avro) into exactly-once Delta Lake tables\n\n\
+         USAGE:\n  strata [run]    start a replica (configured by the environment variables below)\n  \
+         strata demo     run the whole pipeline on an embedded Kafka and a local lake, then verify it\n  \
+         strata --help   this text\n\nENVIRONMENT:\n",
+    );
+    for s in SETTINGS {
+        let default = if s.default.is_empty() { String::new() } else { format!(" [default: {}]", s.default) };
+        out.push_str(&format!("  {}{}\n      {}\n", s.var, default, s.help));
+    }
+    out
+}
+
+fn default_of(var: &str) -> &'static str {
+    SETTINGS.iter().find(|s| s.var == var).map(|s| s.default).unwrap_or("")
+}
+
+fn help_of(var: &'static str) -> &'static str {
+    SETTINGS.iter().find(|s| s.var == var).map(|s| s.help).unwrap_or("")
+}
+
+/// Variables that look like `STRATA_KAFKA_*` but are Strata's own settings, not librdkafka properties.
+const OWN_KAFKA_VARS: &[&str] = &["STRATA_KAFKA_BROKERS"];
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars().collect())
+    }
+
+    /// Reads the configuration from a map of variables (the environment, or a test's own map).
+    pub fn from_vars(vars: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |var: &'static str| -> String {
+            vars.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).unwrap_or_else(|| default_of(var).to_string())
+        };
+        let required = |var: &'static str| -> Result<String, ConfigError> {
+            let value = get(var);
+            if value.is_empty() {
+                Err(ConfigError::Missing { var, help: help_of(var) })
+            } else {
+                Ok(value)
+            }
+        };
+        let parse_usize = |var: &'static str| -> Result<usize, ConfigError> {
+            let value = get(var);
+            match value.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(invalid(var, &value, "expected a positive integer")),
+            }
+        };
+        let duration = |var: &'static str| -> Result<Duration, ConfigError> {
+            let value = get(var);
+            match parse_duration(&value) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(invalid(var, &value, "must be greater than zero")),
+                Err(reason) => Err(invalid(var, &value, reason)),
+            }
+        };
+
+        let topics: Vec<String> =
+            required("STRATA_TOPICS")?.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        if topics.is_empty() {
+            return Err(invalid("STRATA_TOPICS", &get("STRATA_TOPICS"), "no topic named"));
+        }
+        if let Some(bad) = topics.iter().find(|t| !t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))) {
+            return Err(invalid("STRATA_TOPICS", &get("STRATA_TOPICS"), format!("{bad:?} is not a legal topic name")));
+        }
+
+        let mut kafka_properties = BTreeMap::new();
+        for (key, value) in &vars {
+            if let Some(rest) = key.strip_prefix("STRATA_KAFKA_") {
+                if OWN_KAFKA_VARS.contains(&key.as_str()) || rest.is_empty() {
+                    continue;
+                }
+                kafka_properties.insert(rest.to_ascii_lowercase().replace('_', "."), value.clone());
+            }
+        }
+
+        let registry_url = required("STRATA_SCHEMA_REGISTRY_URL")?;
+        let registry = if let Some(dir) = registry_url.strip_prefix("file://") {
+            RegistrySource::Directory(PathBuf::from(dir))
+        } else if registry_url.starts_with("http://") || registry_url.starts_with("https://") {
+            let user_info = Some(get("STRATA_SCHEMA_REGISTRY_USER_INFO")).filter(|u| !u.is_empty());
+            RegistrySource::Confluent { url: registry_url.trim_end_matches('/').to_string(), user_info }
+        } else {
+            return Err(invalid("STRATA_SCHEMA_REGISTRY_URL", &registry_url, "expected http://, https:// or file://"));
+        };
+
+        let lake_url = required("STRATA_LAKE_URL")?;
+        if !(lake_url.starts_with("file:///") || lake_url.starts_with("s3://")) {
+            return Err(invalid("STRATA_LAKE_URL", &lake_url, "expected file:///path or s3://bucket/prefix"));
+        }
+        if url::Url::parse(&lake_url).is_err() {
+            return Err(invalid("STRATA_LAKE_URL", &lake_url, "not a valid URL"));
+        }
+
+        let compression = match get("STRATA_PARQUET_COMPRESSION").to_ascii_lowercase().as_str() {
+            "zstd" => Compression::Zstd,
+            "snappy" => Compression::Snappy,
+            "none" | "uncompressed" => Compression::None,
+            other => return Err(invalid("STRATA_PARQUET_COMPRESSION", other, "expected zstd, snappy or none")),
+        };
+        let metrics_addr_text = get("STRATA_METRICS_ADDR");
+        let metrics_addr = metrics_addr_text
+            .parse()
+            .map_err(|_| invalid("STRATA_METRICS_ADDR", &metrics_addr_text, "expected host:port, e.g. 0.0.0.0:9898"))?;
+
+        Ok(Config {
+            brokers: required("STRATA_KAFKA_BROKERS")?,
+            group_id: required("STRATA_GROUP_ID")?,
+            topics,
+            kafka_properties,
+            registry,
+            reader_schema_path: PathBuf::from(required("STRATA_READER_SCHEMA")?),
+            event_time_field: required("STRATA_EVENT_TIME_FIELD")?,
+            lake_url: lake_url.trim_end_matches('/').to_string(),
+            dlq_suffix: required("STRATA_DLQ_SUFFIX")?,
+            flush_interval: duration("STRATA_FLUSH_INTERVAL")?,
+            file_max_rows: parse_usize("STRATA_FILE_MAX_ROWS")?,
+            file_max_bytes: parse_usize("STRATA_FILE_MAX_BYTES")?,
+            compression,
+            metrics_addr,
+            commit_retries: parse_usize("STRATA_COMMIT_RETRIES")?,
+            shutdown_grace: duration("STRATA_SHUTDOWN_GRACE")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> HashMap<String, String> {
+        [
+            ("STRATA_TOPICS", "orders"),
+            ("STRATA_SCHEMA_REGISTRY_URL", "http://registry:8081/"),
+            ("STRATA_READER_SCHEMA", "schemas/order.avsc"),
+            ("STRATA_EVENT_TIME_FIELD", "event_time"),
+            ("STRATA_LAKE_URL", "s3://lake/prefix/"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn defaults_and_pass_through() {
+        let mut vars = base();
+        vars.insert("STRATA_KAFKA_SECURITY_PROTOCOL".into(), "SASL_SSL".into());
+        vars.insert("STRATA_KAFKA_SASL_PASSWORD".into(), "hunter2".into());
+        let config = Config::from_vars(vars).expect("valid config");
+        assert_eq!(config.topics, vec!["orders"]);
+        assert_eq!(config.flush_interval, Duration::from_secs(30));
+        assert_eq!(config.compression, Compression::Zstd);
+        assert_eq!(config.lake_url, "s3://lake/prefix");
+        assert_eq!(config.kafka_properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        assert!(!config.kafka_properties.contains_key("brokers"));
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"), "secret leaked: {shown}");
+        assert!(matches!(config.registry, RegistrySource::Confluent { ref url, .. } if url == "http://registry:8081"));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable() {
+        for (var, value) in [
+            ("STRATA_FLUSH_INTERVAL", "soon"),
+            ("STRATA_FILE_MAX_ROWS", "0"),
+            ("STRATA_PARQUET_COMPRESSION", "lz5"),
+            ("STRATA_LAKE_URL", "/tmp/lake"),
+            ("STRATA_SCHEMA_REGISTRY_URL", "registry:8081"),
+            ("STRATA_METRICS_ADDR", "nine"),
+            ("STRATA_TOPICS", "a b"),
+        ] {
+            let mut vars = base();
+            vars.insert(var.into(), value.into());
+            let err = Config::from_vars(vars).expect_err(var).to_string();
+            assert!(err.contains(var), "{err} does not name {var}");
+        }
+        let mut vars = base();
+        vars.remove("STRATA_TOPICS");
+        assert!(Config::from_vars(vars).expect_err("missing").to_string().contains("STRATA_TOPICS"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("5d").is_err());
+        assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn help_lists_every_variable() {
+        let help = help_text();
+        for s in SETTINGS {
+            assert!(help.contains(s.var));
+        }
+    }
+}

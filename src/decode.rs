@@ -1,0 +1,586 @@
+//! Confluent-framed Avro straight into Arrow, resolved from each writer schema to the table's reader
+//! schema, with one verdict per record: a row of the output batch, or a [`Rejection`] with its reason.
+//!
+//! This module is pure and synchronous: the pipeline fetches unknown writer schemas first and hands
+//! them in with [`BatchDecoder::register`]. It must never let one bad record corrupt or drop its
+//! neighbours: after any decode error the Arrow decoder is rebuilt and the good records replayed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use arrow_avro::reader::{Decoder, ReaderBuilder};
+use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
+use deltalake::arrow::array::{
+    Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+};
+use deltalake::arrow::compute::{cast, concat_batches, filter_record_batch};
+use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+
+use crate::models::{ErrorKind, Rejection, SourceRecord};
+use crate::registry::RegistryError;
+use crate::wire;
+
+/// Lineage columns appended to every Silver row, in this order.
+pub const LINEAGE_COLUMNS: [&str; 6] = ["_topic", "_partition", "_offset", "_kafka_timestamp", "_schema_id", "_ingested_at"];
+
+const UTC: &str = "UTC";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecoderSetupError {
+    #[error("reader schema is not valid Avro: {0}")]
+    ReaderSchema(String),
+    #[error("STRATA_EVENT_TIME_FIELD={field:?}: {reason}")]
+    EventTime { field: String, reason: String },
+}
+
+/// What one call of [`BatchDecoder::decode`] produced.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    /// Accepted records as lake-ready rows (reader fields, then lineage columns), in input order.
+    pub batch: Option<RecordBatch>,
+    /// Rejected records: index into the input slice and why.
+    pub rejected: Vec<(usize, Rejection)>,
+}
+
+/// Decodes chunks of Kafka records of one table.
+pub struct BatchDecoder {
+    reader_json: String,
+    /// Writer schemas known to resolve to the reader schema, by id.
+    writers: BTreeMap<u32, String>,
+    /// Writer ids that can never be decoded, and why (cached verdicts).
+    refused: HashMap<u32, Rejection>,
+    decoder: Option<Decoder>,
+    batch_size: usize,
+    /// Schema of the decoder's output (the reader schema as Arrow).
+    decoded_schema: SchemaRef,
+    /// Schema of the output rows: normalized for Delta, lineage columns appended.
+    output_schema: SchemaRef,
+    event_time_index: usize,
+}
+
+impl BatchDecoder {
+    /// `reader_json` is the table's reader schema; `event_time_field` one of its timestamp fields.
+    pub fn new(reader_json: &str, event_time_field: &str, batch_size: usize) -> Result<Self, DecoderSetupError> {
+        apache_avro::Schema::parse_str(reader_json).map_err(|e| DecoderSetupError::ReaderSchema(e.to_string()))?;
+        // The reader schema read as its own writer gives the Arrow shape of every decoded batch.
+        let probe = build_decoder(reader_json, [(0u32, reader_json)], 1)
+            .map_err(|e| DecoderSetupError::ReaderSchema(e.to_string()))?;
+        let decoded_schema = probe.schema();
+        let event_time_index = decoded_schema.index_of(event_time_field).map_err(|_| DecoderSetupError::EventTime {
+            field: event_time_field.to_string(),
+            reason: "no such field in the reader schema".to_string(),
+        })?;
+        if !matches!(decoded_schema.field(event_time_index).data_type(), DataType::Timestamp(_, _)) {
+            return Err(DecoderSetupError::EventTime {
+                field: event_time_field.to_string(),
+                reason: format!(
+                    "field has Arrow type {}, expected an Avro timestamp-millis or timestamp-micros",
+                    decoded_schema.field(event_time_index).data_type()
+                ),
+            });
+        }
+        let output_schema = output_schema(&decoded_schema);
+        Ok(Self {
+            reader_json: reader_json.to_string(),
+            writers: BTreeMap::new(),
+            refused: HashMap::new(),
+            decoder: None,
+            batch_size: batch_size.max(1),
+            decoded_schema,
+            output_schema,
+            event_time_index,
+        })
+    }
+
+    /// Schema of the rows [`Self::decode`] returns.
+    pub fn output_schema(&self) -> SchemaRef {
+        self.output_schema.clone()
+    }
+
+    /// Index of the event-time column in the output rows.
+    pub fn event_time_index(&self) -> usize {
+        self.event_time_index
+    }
+
+    /// Whether a verdict on this writer schema id is already known.
+    pub fn knows(&self, schema_id: u32) -> bool {
+        self.writers.contains_key(&schema_id) || self.refused.contains_key(&schema_id)
+    }
+
+    /// Records the registry's answer for a writer schema id. Only record-level answers are accepted:
+    /// a retryable registry error must be retried by the caller, never turned into a verdict.
+    pub fn register(&mut self, schema_id: u32, answer: Result<&str, &RegistryError>) {
+        let verdict = match answer {
+            Ok(writer_json) => match self.check_resolves(schema_id, writer_json) {
+                Ok(()) => {
+                    self.writers.insert(schema_id, writer_json.to_string());
+                    self.decoder = None;
+                    return;
+                }
+                Err(rejection) => rejection,
+            },
+            Err(e @ RegistryError::NotFound { .. }) => Rejection::new(ErrorKind::UnknownSchema, e.to_string()),
+            Err(e @ RegistryError::NotAvro { .. }) => Rejection::new(ErrorKind::UnsupportedSchemaType, e.to_string()),
+            Err(_) => return,
+        };
+        self.refused.insert(schema_id, verdict);
+    }
+
+    fn check_resolves(&self, schema_id: u32, writer_json: &str) -> Result<(), Rejection> {
+        if let Err(e) = apache_avro::Schema::parse_str(writer_json) {
+            return Err(Rejection::new(ErrorKind::IncompatibleSchema, format!("writer schema {schema_id} is not valid Avro: {e}")));
+        }
+        build_decoder(&self.reader_json, [(schema_id, writer_json)], 1).map(|_| ()).map_err(|e| {
+            Rejection::new(
+                ErrorKind::IncompatibleSchema,
+                format!("writer schema {schema_id} cannot be resolved to the reader schema: {e}"),
+            )
+        })
+    }
+
+    fn decoder(&mut self) -> Result<&mut Decoder, Rejection> {
+        if self.decoder.is_none() {
+            let writers = self.writers.iter().map(|(id, json)| (*id, json.as_str()));
+            let built = build_decoder(&self.reader_json, writers, self.batch_size)
+                .map_err(|e| Rejection::new(ErrorKind::DecodeError, format!("building decoder: {e}")))?;
+            self.decoder = Some(built);
+        }
+        self.decoder.as_mut().ok_or_else(|| Rejection::new(ErrorKind::DecodeError, "no decoder".to_string()))
+    }
+
+    /// Decodes a chunk of records. Every input index ends up either as a row of `batch` (rows keep
+    /// the input order) or in `rejected`.
+    pub fn decode(&mut self, records: &[SourceRecord]) -> Decoded {
+        let mut rejected = Vec::new();
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        // Input indices of the rows in `batches`, then of the rows still inside the decoder.
+        let mut flushed_rows: Vec<usize> = Vec::new();
+        let mut pending_rows: Vec<usize> = Vec::new();
+
+        for (index, record) in records.iter().enumerate() {
+            match self.decode_one(record, &mut batches, &mut flushed_rows, &mut pending_rows) {
+                Ok(()) => pending_rows.push(index),
+                Err(rejection) => {
+                    rejected.push((index, rejection));
+                    // The decoder may hold half a row now: start over and replay the good ones.
+                    self.decoder = None;
+                    let replay = std::mem::take(&mut pending_rows);
+                    for good in replay {
+                        match self.decode_one(&records[good], &mut batches, &mut flushed_rows, &mut pending_rows) {
+                            Ok(()) => pending_rows.push(good),
+                            Err(again) => {
+                                self.decoder = None;
+                                rejected.push((good, again));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        if let Err(rejection) = self.flush_into(&mut batches, &mut flushed_rows, &mut pending_rows) {
+            // Cannot happen for rows that decoded; reject them all rather than lose them.
+            for index in pending_rows.drain(..) {
+                rejected.push((index, rejection.clone()));
+            }
+            self.decoder = None;
+        }
+        rejected.sort_by_key(|(index, _)| *index);
+        let batch = self.finish(records, batches, &flushed_rows, &mut rejected);
+        Decoded { batch, rejected }
+    }
+
+    fn flush_into(
+        &mut self,
+        batches: &mut Vec<RecordBatch>,
+        flushed_rows: &mut Vec<usize>,
+        pending_rows: &mut Vec<usize>,
+    ) -> Result<(), Rejection> {
+        let Some(decoder) = self.decoder.as_mut() else {
+            return Ok(());
+        };
+        match decoder.flush() {
+            Ok(Some(batch)) => {
+                if batch.num_rows() != pending_rows.len() {
+                    return Err(Rejection::new(
+                        ErrorKind::DecodeError,
+                        format!("decoder returned {} rows for {} records", batch.num_rows(), pending_rows.len()),
+                    ));
+                }
+                batches.push(batch);
+                flushed_rows.append(pending_rows);
+                Ok(())
+            }
+            Ok(None) if pending_rows.is_empty() => Ok(()),
+            Ok(None) => Err(Rejection::new(ErrorKind::DecodeError, "decoder lost rows".to_string())),
+            Err(e) => Err(Rejection::new(ErrorKind::DecodeError, e.to_string())),
+        }
+    }
+
+    fn decode_one(
+        &mut self,
+        record: &SourceRecord,
+        batches: &mut Vec<RecordBatch>,
+        flushed_rows: &mut Vec<usize>,
+        pending_rows: &mut Vec<usize>,
+    ) -> Result<(), Rejection> {
+        let value = record.value.as_deref().unwrap_or_default();
+        let framed = wire::parse(value).map_err(|e| {
+            let kind = match e {
+                wire::WireError::Empty => ErrorKind::EmptyValue,
+                _ => ErrorKind::BadMagic,
+            };
+            Rejection::new(kind, e.to_string())
+        })?;
+        if let Some(refused) = self.refused.get(&framed.schema_id) {
+            return Err(refused.clone());
+        }
+        if !self.writers.contains_key(&framed.schema_id) {
+            return Err(Rejection::new(
+                ErrorKind::UnknownSchema,
+                format!("schema id {} was not resolved before decoding", framed.schema_id),
+            ));
+        }
+        if self.decoder()?.batch_is_full() {
+            self.flush_into(batches, flushed_rows, pending_rows)?;
+        }
+        let mut offset = 0;
+        loop {
+            let decoder = self.decoder()?;
+            offset += decoder.decode(&value[offset..]).map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
+            if offset == value.len() {
+                break;
+            }
+            if !decoder.batch_is_full() {
+                return Err(Rejection::new(
+                    ErrorKind::DecodeError,
+                    format!("truncated Avro body: {} of {} bytes decoded", offset, value.len()),
+                ));
+            }
+            // A header with a new writer schema makes the decoder ask for a flush before the body.
+            self.flush_into(batches, flushed_rows, pending_rows)?;
+        }
+        let decoder_rows = self.batch_size - self.decoder()?.capacity();
+        if decoder_rows != pending_rows.len() + 1 {
+            return Err(Rejection::new(
+                ErrorKind::DecodeError,
+                format!("value of {} bytes did not decode to exactly one record", value.len()),
+            ));
+        }
+        self.check_no_trailing_frame(framed.schema_id, framed.body)
+    }
+
+    /// The Arrow decoder reads bytes after a record as the next record's header. When the last five
+    /// bytes of a value look like a header of a known schema, prove with a full Avro read that they
+    /// belong to the body (rare, so the cost is fine).
+    fn check_no_trailing_frame(&self, schema_id: u32, body: &[u8]) -> Result<(), Rejection> {
+        let n = body.len();
+        if n < wire::HEADER_LEN || body[n - wire::HEADER_LEN] != wire::MAGIC {
+            return Ok(());
+        }
+        let tail_id = u32::from_be_bytes([body[n - 4], body[n - 3], body[n - 2], body[n - 1]]);
+        if !self.writers.contains_key(&tail_id) {
+            return Ok(());
+        }
+        let writer_json = self.writers.get(&schema_id).map(String::as_str).unwrap_or_default();
+        let schema = apache_avro::Schema::parse_str(writer_json)
+            .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
+        let mut reader = body;
+        apache_avro::from_avro_datum(&schema, &mut reader, None)
+            .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
+        if reader.is_empty() {
+            Ok(())
+        } else {
+            Err(Rejection::new(ErrorKind::DecodeError, format!("{} bytes after the Avro record", reader.len())))
+        }
+    }
+
+    /// Normalizes the decoded batches for Delta, adds lineage, and rejects rows without event time.
+    fn finish(
+        &self,
+        records: &[SourceRecord],
+        batches: Vec<RecordBatch>,
+        rows: &[usize],
+        rejected: &mut Vec<(usize, Rejection)>,
+    ) -> Option<RecordBatch> {
+        if rows.is_empty() {
+            return None;
+        }
+        let decoded = match concat_batches(&self.decoded_schema, &batches) {
+            Ok(batch) => batch,
+            Err(e) => {
+                rejected.extend(rows.iter().map(|&i| (i, Rejection::new(ErrorKind::DecodeError, e.to_string()))));
+                rejected.sort_by_key(|(index, _)| *index);
+                return None;
+            }
+        };
+        match self.lake_rows(records, &decoded, rows) {
+            Ok((batch, missing_time)) => {
+                if missing_time.is_empty() {
+                    return Some(batch);
+                }
+                for &row in &missing_time {
+                    rejected.push((
+                        rows[row],
+                        Rejection::new(ErrorKind::MissingEventTime, "event time field is null".to_string()),
+                    ));
+                }
+                rejected.sort_by_key(|(index, _)| *index);
+                let keep: BooleanArray = (0..batch.num_rows()).map(|r| Some(missing_time.binary_search(&r).is_err())).collect();
+                filter_record_batch(&batch, &keep).ok().filter(|b| b.num_rows() > 0)
+            }
+            Err(e) => {
+                rejected.extend(rows.iter().map(|&i| (i, Rejection::new(ErrorKind::DecodeError, e.to_string()))));
+                rejected.sort_by_key(|(index, _)| *index);
+                None
+            }
+        }
+    }
+
+    fn lake_rows(
+        &self,
+        records: &[SourceRecord],
+        decoded: &RecordBatch,
+        rows: &[usize],
+    ) -> Result<(RecordBatch, Vec<usize>), deltalake::arrow::error::ArrowError> {
+        let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.output_schema.fields().len());
+        for (column, field) in decoded.columns().iter().zip(self.output_schema.fields()) {
+            columns.push(if column.data_type() == field.data_type() { column.clone() } else { cast(column, field.data_type())? });
+        }
+        let missing_time: Vec<usize> =
+            (0..decoded.num_rows()).filter(|&r| columns[self.event_time_index].is_null(r)).collect();
+        let picked = || rows.iter().map(|&i| &records[i]);
+        let ingested_at = chrono::Utc::now().timestamp_micros();
+        columns.push(Arc::new(StringArray::from_iter_values(picked().map(|r| r.topic.as_ref()))));
+        columns.push(Arc::new(Int32Array::from_iter_values(picked().map(|r| r.partition))));
+        columns.push(Arc::new(Int64Array::from_iter_values(picked().map(|r| r.offset))));
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from_iter(picked().map(|r| r.timestamp_ms.map(|ms| ms.saturating_mul(1000))))
+                .with_timezone(UTC),
+        ));
+        columns.push(Arc::new(Int64Array::from_iter(picked().map(|r| {
+            r.value.as_deref().and_then(|v| wire::parse(v).ok()).map(|f| i64::from(f.schema_id))
+        }))));
+        columns.push(Arc::new(TimestampMicrosecondArray::from_value(ingested_at, rows.len()).with_timezone(UTC)));
+        Ok((RecordBatch::try_new(self.output_schema.clone(), columns)?, missing_time))
+    }
+}
+
+/// Builds an arrow-avro decoder for Confluent framing over the given writer schemas.
+fn build_decoder<'a>(
+    reader_json: &str,
+    writers: impl IntoIterator<Item = (u32, &'a str)>,
+    batch_size: usize,
+) -> Result<Decoder, deltalake::arrow::error::ArrowError> {
+    let mut store = SchemaStore::new_with_type(FingerprintAlgorithm::Id);
+    for (id, json) in writers {
+        store.set(Fingerprint::Id(id), AvroSchema::new(json.to_string()))?;
+    }
+    ReaderBuilder::new()
+        .with_reader_schema(AvroSchema::new(reader_json.to_string()))
+        .with_writer_schema_store(store)
+        .with_batch_size(batch_size)
+        .build_decoder()
+}
+
+/// The Delta-ready form of a decoded column type: Delta has no dictionaries, fixed binaries,
+/// time-of-day or non-microsecond timestamps, so those are cast to the nearest type it has.
+fn lake_type(data_type: &DataType) -> DataType {
+    match data_type {
+        DataType::Dictionary(_, value) => lake_type(value),
+        DataType::FixedSizeBinary(_) | DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
+        DataType::Timestamp(_, _) => DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
+        DataType::Time32(_) | DataType::Time64(_) => DataType::Int64,
+        DataType::UInt8 | DataType::UInt16 => DataType::Int32,
+        DataType::UInt32 | DataType::UInt64 => DataType::Int64,
+        other => other.clone(),
+    }
+}
+
+/// Reader fields without Avro metadata (Delta would keep `avro.field.default` as column metadata),
+/// then the lineage columns.
+fn output_schema(decoded: &Schema) -> SchemaRef {
+    let mut fields: Vec<Field> = decoded
+        .fields()
+        .iter()
+        .map(|f| Field::new(f.name(), lake_type(f.data_type()), f.is_nullable()))
+        .collect();
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()));
+    fields.push(Field::new(LINEAGE_COLUMNS[0], DataType::Utf8, false));
+    fields.push(Field::new(LINEAGE_COLUMNS[1], DataType::Int32, false));
+    fields.push(Field::new(LINEAGE_COLUMNS[2], DataType::Int64, false));
+    fields.push(Field::new(LINEAGE_COLUMNS[3], ts.clone(), true));
+    fields.push(Field::new(LINEAGE_COLUMNS[4], DataType::Int64, true));
+    fields.push(Field::new(LINEAGE_COLUMNS[5], ts, false));
+    Arc::new(Schema::new(fields))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Value;
+    use proptest::prelude::*;
+
+    pub const V1: &str = r#"{"type":"record","name":"Order","namespace":"shop","fields":[
+        {"name":"id","type":"long"},
+        {"name":"customer","type":"string"},
+        {"name":"amount","type":"double"},
+        {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+    pub const V2: &str = r#"{"type":"record","name":"Order","namespace":"shop","fields":[
+        {"name":"id","type":"long"},
+        {"name":"customer","type":"string"},
+        {"name":"amount","type":"double"},
+        {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}},
+        {"name":"coupon","type":["null","string"],"default":null}]}"#;
+
+    fn encode(schema_json: &str, id: u32, n: i64, coupon: Option<&str>) -> Vec<u8> {
+        let schema = apache_avro::Schema::parse_str(schema_json).expect("schema");
+        let mut fields = vec![
+            ("id".to_string(), Value::Long(n)),
+            ("customer".to_string(), Value::String(format!("c{n}"))),
+            ("amount".to_string(), Value::Double(n as f64 / 2.0)),
+            ("event_time".to_string(), Value::TimestampMillis(1_700_000_000_000 + n)),
+        ];
+        if schema_json.contains("coupon") {
+            let value = match coupon {
+                Some(c) => Value::Union(1, Box::new(Value::String(c.to_string()))),
+                None => Value::Union(0, Box::new(Value::Null)),
+            };
+            fields.push(("coupon".to_string(), value));
+        }
+        wire::frame(id, &apache_avro::to_avro_datum(&schema, Value::Record(fields)).expect("encode"))
+    }
+
+    fn record(offset: i64, value: Vec<u8>) -> SourceRecord {
+        SourceRecord {
+            topic: "orders".into(),
+            partition: 3,
+            offset,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: None,
+            value: Some(value),
+            headers: Vec::new(),
+        }
+    }
+
+    fn decoder(reader: &str) -> BatchDecoder {
+        let mut d = BatchDecoder::new(reader, "event_time", 4).expect("decoder");
+        d.register(1, Ok(V1));
+        d.register(2, Ok(V2));
+        d
+    }
+
+    fn offsets(batch: &RecordBatch) -> Vec<i64> {
+        let column = batch.column_by_name("_offset").expect("_offset");
+        column.as_any().downcast_ref::<Int64Array>().expect("i64").values().to_vec()
+    }
+
+    #[test]
+    fn decodes_two_writer_versions_into_the_reader_shape() {
+        let mut d = decoder(V2);
+        let records: Vec<_> = (0..10)
+            .map(|n| if n % 3 == 0 { record(n, encode(V1, 1, n, None)) } else { record(n, encode(V2, 2, n, Some("X"))) })
+            .collect();
+        let out = d.decode(&records);
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        let batch = out.batch.expect("rows");
+        assert_eq!(offsets(&batch), (0..10).collect::<Vec<_>>());
+        let ids = batch.column_by_name("id").expect("id").as_any().downcast_ref::<Int64Array>().expect("i64").clone();
+        assert_eq!(ids.values().to_vec(), (0..10).collect::<Vec<_>>());
+        let coupon = batch.column_by_name("coupon").expect("coupon");
+        assert!(coupon.is_null(0) && coupon.is_null(3) && !coupon.is_null(1));
+        let schema_ids = batch.column_by_name("_schema_id").expect("id").as_any().downcast_ref::<Int64Array>().expect("i64").clone();
+        assert_eq!(schema_ids.value(0), 1);
+        assert_eq!(schema_ids.value(1), 2);
+        assert_eq!(batch.schema().field_with_name("event_time").expect("f").data_type(), &DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())));
+    }
+
+    #[test]
+    fn bad_records_are_rejected_without_harming_neighbours() {
+        let mut d = decoder(V1);
+        let good = |n| record(n, encode(V1, 1, n, None));
+        let mut truncated = encode(V1, 1, 2, None);
+        truncated.truncate(truncated.len() - 3);
+        let mut trailing = encode(V1, 1, 5, None);
+        trailing.extend_from_slice(&[0, 0, 0, 0, 1]);
+        let records = vec![
+            good(0),
+            good(1),
+            record(2, truncated),
+            record(3, b"{\"json\": true}".to_vec()),
+            record(4, wire::frame(99, b"\x02")),
+            record(5, trailing),
+            good(6),
+            record(7, Vec::new()),
+            good(8),
+        ];
+        d.register(99, Err(&RegistryError::NotFound { id: 99, message: "Schema not found".into() }));
+        let out = d.decode(&records);
+        let kinds: Vec<_> = out.rejected.iter().map(|(i, r)| (*i, r.kind)).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (2, ErrorKind::DecodeError),
+                (3, ErrorKind::BadMagic),
+                (4, ErrorKind::UnknownSchema),
+                (5, ErrorKind::DecodeError),
+                (7, ErrorKind::EmptyValue)
+            ]
+        );
+        assert_eq!(offsets(&out.batch.expect("rows")), vec![0, 1, 6, 8]);
+    }
+
+    #[test]
+    fn incompatible_writer_is_refused() {
+        let mut d = decoder(V1);
+        let incompatible = r#"{"type":"record","name":"Order","namespace":"shop","fields":[{"name":"id","type":"string"}]}"#;
+        d.register(7, Ok(incompatible));
+        let out = d.decode(&[record(0, wire::frame(7, b"\x02a"))]);
+        assert_eq!(out.rejected[0].1.kind, ErrorKind::IncompatibleSchema);
+        assert!(out.batch.is_none());
+    }
+
+    #[test]
+    fn null_event_time_is_rejected() {
+        let reader = r#"{"type":"record","name":"E","fields":[{"name":"event_time","type":["null",{"type":"long","logicalType":"timestamp-micros"}]}]}"#;
+        let mut d = BatchDecoder::new(reader, "event_time", 8).expect("decoder");
+        d.register(1, Ok(reader));
+        let schema = apache_avro::Schema::parse_str(reader).expect("schema");
+        let body = |v: Value| apache_avro::to_avro_datum(&schema, Value::Record(vec![("event_time".into(), v)])).expect("enc");
+        let records = vec![
+            record(0, wire::frame(1, &body(Value::Union(1, Box::new(Value::TimestampMicros(5)))))),
+            record(1, wire::frame(1, &body(Value::Union(0, Box::new(Value::Null))))),
+        ];
+        let out = d.decode(&records);
+        assert_eq!(out.rejected.len(), 1);
+        assert_eq!(out.rejected[0].1.kind, ErrorKind::MissingEventTime);
+        assert_eq!(offsets(&out.batch.expect("rows")), vec![0]);
+    }
+
+    #[test]
+    fn event_time_field_is_checked_at_setup() {
+        assert!(matches!(BatchDecoder::new(V1, "nope", 8), Err(DecoderSetupError::EventTime { .. })));
+        assert!(matches!(BatchDecoder::new(V1, "amount", 8), Err(DecoderSetupError::EventTime { .. })));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        /// Hostile bodies: never a panic, and every input is accounted for exactly once.
+        #[test]
+        fn every_record_is_a_row_or_a_rejection(bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..12), good_every in 1usize..4) {
+            let mut d = decoder(V2);
+            let records: Vec<_> = bodies.into_iter().enumerate().map(|(i, body)| {
+                if i % good_every == 0 { record(i as i64, encode(V2, 2, i as i64, None)) } else { record(i as i64, wire::frame(1 + (i % 2) as u32, &body)) }
+            }).collect();
+            let out = d.decode(&records);
+            let rows = out.batch.as_ref().map(offsets).unwrap_or_default();
+            let mut seen: Vec<i64> = rows.clone();
+            seen.extend(out.rejected.iter().map(|(i, _)| *i as i64));
+            seen.sort_unstable();
+            prop_assert_eq!(seen, (0..records.len() as i64).collect::<Vec<_>>());
+            for (i, r) in records.iter().enumerate() {
+                if i % good_every == 0 { prop_assert!(rows.contains(&r.offset)); }
+            }
+        }
+    }
+}

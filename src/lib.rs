@@ -1,0 +1,46 @@
+//! Strata: Bronze Kafka topics (Confluent-framed Avro) into exactly-once Delta Lake tables.
+//!
+//! The modules, in the order a record meets them:
+//!
+//! - [`config`]: the one typed configuration, from environment variables.
+//! - [`source`]: the Kafka consumer thread; rebalances as messages with an acknowledgement.
+//! - [`wire`]: the Confluent wire format (magic byte, schema id, body).
+//! - [`registry`]: writer schemas by id (Confluent Schema Registry or a folder), cached.
+//! - [`decode`]: Avro straight into Arrow, writer resolved to reader; one verdict per record.
+//! - [`dlq`]: rejected records to the dead-letter topic, with the reason in headers.
+//! - [`silver`]: Parquet files partitioned by event date and hour.
+//! - [`commit`]: the commit protocol (files + `txn` offsets in one Delta commit, fenced).
+//! - [`pipeline`]: the topology, the only module that knows how the others connect.
+//! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`.
+//! - [`lake`]: table locations, creation.
+//! - [`demo`]: the self-contained demo (embedded Kafka, generator, verification).
+//! - [`verify`]: reads a table back, for the demo, tests and operators.
+//! - [`models`]: the small types passed between stages.
+
+pub mod commit;
+pub mod config;
+pub mod decode;
+pub mod demo;
+pub mod dlq;
+#[cfg(feature = "failpoints")]
+pub mod failpoints;
+pub mod lake;
+pub mod metrics;
+pub mod models;
+pub mod pipeline;
+pub mod registry;
+pub mod silver;
+pub mod source;
+pub mod verify;
+pub mod wire;
+
+/// A named crash point for the kill tests. Compiled to nothing unless the `failpoints` feature is
+/// on; with it, `STRATA_FAILPOINT=name[:n]` freezes the process at the n-th hit (default 1) after
+/// printing `STRATA_FAILPOINT_REACHED name` to stderr, so the test can SIGKILL it right there.
+#[macro_export]
+macro_rules! failpoint {
+    ($name:literal) => {
+        #[cfg(feature = "failpoints")]
+        $crate::failpoints::hit($name);
+    };
+}

@@ -1,0 +1,97 @@
+//! The `strata` binary: parse configuration, set up telemetry, run. Everything else is the library.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use strata::config::{help_text, Config};
+use tokio_util::sync::CancellationToken;
+
+fn init_tracing(default_filter: &str, default_format: &str) {
+    let filter =
+        std::env::var("STRATA_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| default_filter.into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let format = std::env::var("STRATA_LOG_FORMAT").unwrap_or_else(|_| default_format.into());
+    if format == "text" {
+        builder.init();
+    } else {
+        builder.json().flatten_event(true).init();
+    }
+}
+
+/// First SIGTERM/SIGINT cancels the token (graceful drain); a second one exits at once.
+fn install_signals(shutdown: CancellationToken) {
+    tokio::spawn(async move {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+        let mut signals = 0;
+        loop {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            signals += 1;
+            if signals == 1 {
+                tracing::info!("shutdown requested: draining");
+                shutdown.cancel();
+            } else {
+                tracing::warn!("second signal: exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let command = args.first().map(String::as_str).unwrap_or("run");
+    if matches!(command, "--help" | "-h" | "help") {
+        print!("{}", help_text());
+        return ExitCode::SUCCESS;
+    }
+    if !matches!(command, "run" | "demo") {
+        eprintln!("strata: unknown command {command:?}\n\n{}", help_text());
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("strata: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        if command == "demo" {
+            init_tracing("warn", "text");
+            return match strata::demo::run(strata::demo::DemoOptions::from_env()).await {
+                Ok(report) if report.exact => ExitCode::SUCCESS,
+                Ok(_) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("strata demo failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+        let config = match Config::from_env() {
+            Ok(config) => config,
+            Err(e) => {
+                eprintln!("strata: {e}\n(run `strata --help` for every variable)");
+                return ExitCode::from(2);
+            }
+        };
+        init_tracing("info", "json");
+        tracing::info!(config = ?config, "starting replica");
+        let shutdown = CancellationToken::new();
+        install_signals(shutdown.clone());
+        let metrics = Arc::new(strata::metrics::Metrics::new());
+        match strata::pipeline::run(config, metrics, shutdown).await {
+            Ok(summary) => {
+                tracing::info!(?summary, "stopped cleanly");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "replica stopped with an error");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

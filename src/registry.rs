@@ -1,0 +1,178 @@
+//! Writer schemas by id: a Confluent Schema Registry client and a file-backed source, behind one cache.
+//!
+//! Errors are split by what the caller should do: [`RegistryError::NotFound`] is a property of the
+//! record (it goes to the dead-letter topic as `unknown_schema`); everything else is the registry's
+//! problem and is retried, never blamed on the record.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::RwLock;
+
+use crate::config::RegistrySource;
+
+/// A registry answer larger than this is refused (schemas are kilobytes; this bounds memory).
+const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry says the id does not exist (HTTP 404, error code 40403) or no file holds it.
+    #[error("schema id {id} not found: {message}")]
+    NotFound { id: u32, message: String },
+    /// The schema exists but is not Avro (e.g. PROTOBUF or JSON).
+    #[error("schema id {id} has type {schema_type}, only AVRO is supported")]
+    NotAvro { id: u32, schema_type: String },
+    /// Network error, timeout, 5xx or throttling: try again later.
+    #[error("schema registry unavailable: {0}")]
+    Unavailable(String),
+    /// Any other refusal (bad credentials, malformed answer): retried, but needs an operator.
+    #[error("schema registry answered HTTP {status} (error code {code:?}): {message}")]
+    Unexpected { status: u16, code: Option<i64>, message: String },
+}
+
+impl RegistryError {
+    /// Whether waiting and asking again can help. Record-level errors are not retryable.
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, RegistryError::NotFound { .. } | RegistryError::NotAvro { .. })
+    }
+}
+
+/// Confluent's `GET /schemas/ids/{id}` answer.
+#[derive(serde::Deserialize)]
+struct SchemaResponse {
+    schema: String,
+    #[serde(rename = "schemaType")]
+    schema_type: Option<String>,
+}
+
+/// Confluent's error body, e.g. `{"error_code": 40403, "message": "Schema not found"}`.
+#[derive(serde::Deserialize)]
+struct ErrorResponse {
+    error_code: Option<i64>,
+    message: Option<String>,
+}
+
+/// A Confluent Schema Registry REST client (only what Strata needs).
+pub struct ConfluentClient {
+    base_url: String,
+    user_info: Option<(String, String)>,
+    http: reqwest::Client,
+}
+
+impl ConfluentClient {
+    pub fn new(base_url: &str, user_info: Option<&str>) -> Result<Self, RegistryError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| RegistryError::Unavailable(format!("building HTTP client: {e}")))?;
+        let user_info = user_info.map(|u| match u.split_once(':') {
+            Some((user, pass)) => (user.to_string(), pass.to_string()),
+            None => (u.to_string(), String::new()),
+        });
+        Ok(Self { base_url: base_url.trim_end_matches('/').to_string(), user_info, http })
+    }
+
+    pub async fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
+        let url = format!("{}/schemas/ids/{id}", self.base_url);
+        let mut request = self.http.get(&url).header("Accept", "application/vnd.schemaregistry.v1+json");
+        if let Some((user, pass)) = &self.user_info {
+            request = request.basic_auth(user, Some(pass));
+        }
+        let mut response = request.send().await.map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let status = response.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| RegistryError::Unavailable(e.to_string()))? {
+            if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
+                return Err(RegistryError::Unexpected {
+                    status,
+                    code: None,
+                    message: format!("answer larger than {MAX_RESPONSE_BYTES} bytes"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status == 200 {
+            let parsed: SchemaResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Unexpected {
+                status,
+                code: None,
+                message: format!("malformed schema answer: {e}"),
+            })?;
+            return match parsed.schema_type.as_deref() {
+                None | Some("AVRO") => Ok(parsed.schema),
+                Some(other) => Err(RegistryError::NotAvro { id, schema_type: other.to_string() }),
+            };
+        }
+        let error: Option<ErrorResponse> = serde_json::from_slice(&body).ok();
+        let code = error.as_ref().and_then(|e| e.error_code);
+        let message = error
+            .and_then(|e| e.message)
+            .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned());
+        match (status, code) {
+            (404, Some(40403)) | (404, None) => Err(RegistryError::NotFound { id, message }),
+            (408 | 429, _) | (500..=599, _) => Err(RegistryError::Unavailable(format!("HTTP {status}: {message}"))),
+            _ => Err(RegistryError::Unexpected { status, code, message }),
+        }
+    }
+}
+
+/// Schemas as files `<dir>/<id>.avsc`: the demo and air-gapped deployments.
+pub struct DirectorySource {
+    dir: PathBuf,
+}
+
+impl DirectorySource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into() }
+    }
+
+    pub async fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
+        let path = self.dir.join(format!("{id}.avsc"));
+        match tokio::fs::read_to_string(&path).await {
+            Ok(text) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(RegistryError::NotFound { id, message: format!("no file {}", path.display()) })
+            }
+            Err(e) => Err(RegistryError::Unavailable(format!("reading {}: {e}", path.display()))),
+        }
+    }
+}
+
+enum Source {
+    Confluent(ConfluentClient),
+    Directory(DirectorySource),
+}
+
+/// Writer schemas by id with a cache: a schema id is immutable in a registry, so an answer is kept forever.
+pub struct SchemaRegistry {
+    source: Source,
+    cache: RwLock<HashMap<u32, Arc<str>>>,
+}
+
+impl SchemaRegistry {
+    pub fn from_config(source: &RegistrySource) -> Result<Self, RegistryError> {
+        let source = match source {
+            RegistrySource::Confluent { url, user_info } => {
+                Source::Confluent(ConfluentClient::new(url, user_info.as_deref())?)
+            }
+            RegistrySource::Directory(dir) => Source::Directory(DirectorySource::new(dir)),
+        };
+        Ok(Self { source, cache: RwLock::new(HashMap::new()) })
+    }
+
+    /// One attempt: the cached schema, or one request to the source.
+    pub async fn schema_by_id(&self, id: u32) -> Result<Arc<str>, RegistryError> {
+        if let Some(hit) = self.cache.read().await.get(&id) {
+            return Ok(hit.clone());
+        }
+        let text: Arc<str> = match &self.source {
+            Source::Confluent(client) => client.schema_by_id(id).await?,
+            Source::Directory(dir) => dir.schema_by_id(id).await?,
+        }
+        .into();
+        self.cache.write().await.insert(id, text.clone());
+        Ok(text)
+    }
+}

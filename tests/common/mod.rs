@@ -1,0 +1,338 @@
+//! Shared helpers of the integration tests. They run against the real services that
+//! `scripts/services.sh` starts for `make test`: tansu (Kafka protocol) and moto (S3).
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use strata::demo::{Generated, OrderGenerator, ORDER_V1, ORDER_V2};
+
+pub fn brokers() -> String {
+    std::env::var("STRATA_TEST_BROKERS").expect("STRATA_TEST_BROKERS is not set: run the integration tests with `make test`")
+}
+
+pub fn bucket() -> String {
+    std::env::var("STRATA_TEST_S3_BUCKET").expect("STRATA_TEST_S3_BUCKET is not set: run with `make test`")
+}
+
+/// A name unique to this test run, for topics, groups and table prefixes.
+pub fn unique(name: &str) -> String {
+    format!("{name}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple().to_string().split_at(8).0)
+}
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+pub async fn create_topic(topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let results = admin
+        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .await
+        .expect("create topics");
+    for result in results {
+        result.expect("topic created");
+    }
+}
+
+/// Source offsets a test expects in the table, and those it expects in the dead-letter topic.
+#[derive(Default, Clone)]
+pub struct Produced {
+    pub good: Vec<(String, i32, i64)>,
+    pub bad: Vec<(String, i32, i64)>,
+    /// order_id → amount of every good record, to check values survived intact.
+    pub amounts: HashMap<i64, f64>,
+}
+
+impl Produced {
+    pub fn extend(&mut self, other: Produced) {
+        self.good.extend(other.good);
+        self.bad.extend(other.bad);
+        self.amounts.extend(other.amounts);
+    }
+
+    /// Last offset per partition (good or bad), i.e. where the table's progress must end.
+    pub fn last_offsets(&self) -> BTreeMap<i32, i64> {
+        let mut out = BTreeMap::new();
+        for (_, p, o) in self.good.iter().chain(&self.bad) {
+            let slot = out.entry(*p).or_insert(-1);
+            *slot = (*slot).max(*o);
+        }
+        out
+    }
+}
+
+/// Produces `count` generated order events (one in `bad_every` undecodable) and records where
+/// each landed. `seed` makes runs reproducible.
+pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Produced {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("linger.ms", "10")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()
+        .expect("producer");
+    let mut generator = OrderGenerator::new(seed, bad_every).expect("generator");
+    let mut produced = Produced::default();
+    let mut remaining = count;
+    while remaining > 0 {
+        let n = remaining.min(10_000);
+        remaining -= n;
+        let records: Vec<Generated> = (0..n).map(|_| generator.next_record().expect("generate")).collect();
+        let sends = records
+            .iter()
+            .map(|r| producer.send(FutureRecord::to(topic).key(&r.key).payload(&r.value), Duration::from_secs(60)));
+        let delivered = futures::future::join_all(sends).await;
+        for (record, result) in records.iter().zip(delivered) {
+            let delivery = result.map_err(|(e, _)| e).expect("delivered");
+            let key = (topic.to_string(), delivery.partition, delivery.offset);
+            if record.decodable {
+                produced.good.push(key);
+                if let Some((order_id, amount)) = order_fields(&record.value) {
+                    produced.amounts.insert(order_id, amount);
+                }
+            } else {
+                produced.bad.push(key);
+            }
+        }
+    }
+    produced
+}
+
+/// `(order_id, amount)` of a generated value, decoded independently with apache-avro.
+fn order_fields(value: &[u8]) -> Option<(i64, f64)> {
+    let framed = strata::wire::parse(value).ok()?;
+    let schema = apache_avro::Schema::parse_str(if framed.schema_id == 1 { ORDER_V1 } else { ORDER_V2 }).ok()?;
+    let mut body = framed.body;
+    let decoded = apache_avro::from_avro_datum(&schema, &mut body, None).ok()?;
+    let apache_avro::types::Value::Record(fields) = decoded else { return None };
+    let mut order_id = None;
+    let mut amount = None;
+    for (name, value) in fields {
+        match (name.as_str(), value) {
+            ("order_id", apache_avro::types::Value::Long(v)) => order_id = Some(v),
+            ("amount", apache_avro::types::Value::Double(v)) => amount = Some(v),
+            _ => {}
+        }
+    }
+    Some((order_id?, amount?))
+}
+
+/// A pipeline under test: its topic, group, lake and schema folder.
+pub struct Setup {
+    pub topic: String,
+    pub group: String,
+    pub lake: String,
+    pub schemas: PathBuf,
+    pub reader: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    pub async fn new(name: &str, partitions: i32) -> Self {
+        let topic = unique(name);
+        create_topic(&topic, partitions).await;
+        create_topic(&format!("{topic}.dlq"), 1).await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let schemas = dir.path().join("schemas");
+        std::fs::create_dir_all(&schemas).expect("mkdir");
+        std::fs::write(schemas.join("1.avsc"), ORDER_V1).expect("write");
+        std::fs::write(schemas.join("2.avsc"), ORDER_V2).expect("write");
+        let reader = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/order.avsc");
+        Self {
+            group: format!("strata-{topic}"),
+            lake: format!("s3://{}/{topic}", bucket()),
+            topic,
+            schemas,
+            reader,
+            _dir: dir,
+        }
+    }
+
+    pub fn table_url(&self) -> url::Url {
+        strata::lake::register_object_stores();
+        strata::lake::table_url(&self.lake, "silver", "order").expect("table url")
+    }
+
+    /// Environment of a `strata` process for this setup.
+    pub fn env(&self, metrics_port: u16) -> Vec<(String, String)> {
+        [
+            ("STRATA_KAFKA_BROKERS", brokers()),
+            ("STRATA_GROUP_ID", self.group.clone()),
+            ("STRATA_TOPICS", self.topic.clone()),
+            ("STRATA_SCHEMA_REGISTRY_URL", format!("file://{}", self.schemas.display())),
+            ("STRATA_READER_SCHEMA", self.reader.display().to_string()),
+            ("STRATA_EVENT_TIME_FIELD", "event_time".to_string()),
+            ("STRATA_LAKE_URL", self.lake.clone()),
+            ("STRATA_FLUSH_INTERVAL", "1s".to_string()),
+            ("STRATA_METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
+            ("STRATA_KAFKA_SESSION_TIMEOUT_MS", "6000".to_string()),
+            ("STRATA_LOG", "info,strata=debug".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// Starts a `strata` replica process.
+    pub fn spawn(&self, extra: &[(&str, &str)]) -> Replica {
+        let port = free_port();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_strata"));
+        command.arg("run").envs(self.env(port)).stdout(Stdio::null()).stderr(Stdio::piped());
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        let mut child = command.spawn().expect("spawn strata");
+        let log = Arc::new(Mutex::new(Vec::<String>::new()));
+        let stderr = child.stderr.take().expect("stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().expect("log").push(line);
+            }
+        });
+        Replica { child, log, metrics_port: port }
+    }
+
+    /// Stored `txn` versions of the table per partition of this topic.
+    pub async fn progress(&self) -> BTreeMap<i32, i64> {
+        let mut out = BTreeMap::new();
+        let Ok(table) = deltalake::DeltaTable::try_from_url(self.table_url()).await else { return out };
+        let Ok(snapshot) = table.snapshot() else { return out };
+        for partition in 0..64 {
+            let app_id = format!("strata/{}/{}/{partition}", self.group, self.topic);
+            if let Ok(Some(version)) = snapshot.transaction_version(table.log_store().as_ref(), app_id).await {
+                out.insert(partition, version);
+            }
+        }
+        out
+    }
+
+    /// Waits until the table's progress covers `produced`.
+    pub async fn wait_for(&self, produced: &Produced, timeout: Duration) -> bool {
+        let target = produced.last_offsets();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            let progress = self.progress().await;
+            if target.iter().all(|(p, last)| progress.get(p).is_some_and(|v| v >= last)) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        false
+    }
+
+    /// Reads the table and asserts the exactly-once invariant and intact values.
+    pub async fn assert_exact(&self, produced: &Produced) -> strata::verify::TableContents {
+        let contents = strata::verify::read_table(self.table_url()).await.expect("read table");
+        let lineage = strata::verify::lineage(&contents.batches).expect("lineage");
+        let report = strata::verify::exactly_once(lineage, produced.good.iter().cloned());
+        assert!(report.is_exact(), "{report}");
+        // Values intact: each order_id carries the amount that was produced.
+        let mut checked = 0;
+        for batch in &contents.batches {
+            use deltalake::arrow::array::AsArray;
+            use deltalake::arrow::datatypes::{Float64Type, Int64Type};
+            let ids = batch.column_by_name("order_id").expect("order_id").as_primitive::<Int64Type>();
+            let amounts = batch.column_by_name("amount").expect("amount").as_primitive::<Float64Type>();
+            for row in 0..batch.num_rows() {
+                let expected = produced.amounts.get(&ids.value(row)).expect("produced order id");
+                assert_eq!(amounts.value(row), *expected, "amount of order {}", ids.value(row));
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, produced.good.len());
+        contents
+    }
+}
+
+/// A running `strata` process and its captured log.
+pub struct Replica {
+    pub child: Child,
+    pub log: Arc<Mutex<Vec<String>>>,
+    pub metrics_port: u16,
+}
+
+impl Replica {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    pub fn sigkill(mut self) {
+        self.signal("KILL");
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for a clean exit (status 0).
+    pub fn stop(mut self, within: Duration) {
+        self.signal("TERM");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                assert!(status.success(), "strata exited with {status}; log tail:\n{}", self.tail(30));
+                return;
+            }
+            assert!(Instant::now() < deadline, "strata did not stop within {within:?}; log tail:\n{}", self.tail(30));
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_contains(&self, needle: &str) -> bool {
+        self.log.lock().expect("log").iter().any(|l| l.contains(needle))
+    }
+
+    pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if self.log_contains(needle) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        false
+    }
+
+    pub fn tail(&self, n: usize) -> String {
+        let log = self.log.lock().expect("log");
+        log[log.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The value of an unlabelled-or-summed metric from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.ok()?.text().await.ok()?;
+        let mut total = None;
+        for line in body.lines() {
+            if line.starts_with('#') {
+                continue;
+            }
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric_name = series.split('{').next()?;
+            if metric_name == name {
+                *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+            }
+        }
+        total
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
