@@ -164,7 +164,7 @@ impl TableCommitter {
                     for (tp, offset) in last_offsets {
                         self.owned.insert(tp.clone(), Some(*offset));
                     }
-                    return Ok(CommitOutcome::Committed { version, attempts: attempt });
+                    return Ok(CommitOutcome::Committed { version: version as i64, attempts: attempt });
                 }
                 Err(e) if is_lost_race(&e) => {
                     tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");

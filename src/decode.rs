@@ -285,7 +285,9 @@ impl BatchDecoder {
         let schema = apache_avro::Schema::parse_str(writer_json)
             .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
         let mut reader = body;
-        apache_avro::from_avro_datum(&schema, &mut reader, None)
+        apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+            .build()
+            .and_then(|datum_reader| datum_reader.read_value(&mut reader))
             .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
         if reader.is_empty() {
             Ok(())
@@ -448,7 +450,7 @@ mod tests {
             };
             fields.push(("coupon".to_string(), value));
         }
-        wire::frame(id, &apache_avro::to_avro_datum(&schema, Value::Record(fields)).expect("encode"))
+        wire::frame(id, &crate::demo::avro_body(&schema, Value::Record(fields)).expect("encode"))
     }
 
     fn record(offset: i64, value: Vec<u8>) -> SourceRecord {
@@ -546,7 +548,7 @@ mod tests {
         let mut d = BatchDecoder::new(reader, "event_time", 8).expect("decoder");
         d.register(1, Ok(reader));
         let schema = apache_avro::Schema::parse_str(reader).expect("schema");
-        let body = |v: Value| apache_avro::to_avro_datum(&schema, Value::Record(vec![("event_time".into(), v)])).expect("enc");
+        let body = |v: Value| crate::demo::avro_body(&schema, Value::Record(vec![("event_time".into(), v)])).expect("enc");
         let records = vec![
             record(0, wire::frame(1, &body(Value::Union(1, Box::new(Value::TimestampMicros(5)))))),
             record(1, wire::frame(1, &body(Value::Union(0, Box::new(Value::Null))))),

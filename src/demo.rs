@@ -106,15 +106,20 @@ impl OrderGenerator {
             ("event_time".to_string(), Value::TimestampMillis(event_time)),
         ];
         let value = if n % 2 == 0 {
-            wire::frame(1, &apache_avro::to_avro_datum(&self.v1, Value::Record(fields))?)
+            wire::frame(1, &avro_body(&self.v1, Value::Record(fields))?)
         } else {
             let coupon = if n % 5 == 0 { Value::Union(1, Box::new(Value::String("WELCOME10".into()))) } else { Value::Union(0, Box::new(Value::Null)) };
             fields.push(("coupon".to_string(), coupon));
             fields.push(("quantity".to_string(), Value::Int(self.rng.random_range(1..5))));
-            wire::frame(2, &apache_avro::to_avro_datum(&self.v2, Value::Record(fields))?)
+            wire::frame(2, &avro_body(&self.v2, Value::Record(fields))?)
         };
         Ok(Generated { key: customer, value, decodable: true })
     }
+}
+
+/// The Avro binary encoding of `value` (no framing).
+pub fn avro_body(schema: &apache_avro::Schema, value: Value) -> Result<Vec<u8>, apache_avro::Error> {
+    apache_avro::writer::datum::GenericDatumWriter::builder(schema).build()?.write_value_to_vec(value)
 }
 
 /// Demo settings (environment: `STRATA_DEMO_EVENTS`, `STRATA_DEMO_DIR`).

@@ -76,7 +76,7 @@ pub fn reader_schema(path: &std::path::Path) -> Result<(String, String), Pipelin
     let schema = apache_avro::Schema::parse_str(&json)
         .map_err(|e| PipelineError::Config(format!("STRATA_READER_SCHEMA={}: not a valid Avro schema: {e}", path.display())))?;
     match schema {
-        apache_avro::Schema::Record(record) => Ok((json, lake::snake_case(&record.name.name))),
+        apache_avro::Schema::Record(record) => Ok((json, lake::snake_case(record.name.name()))),
         _ => Err(PipelineError::Config(format!("STRATA_READER_SCHEMA={}: top-level type must be a record", path.display()))),
     }
 }

@@ -13,6 +13,7 @@ use deltalake::parquet::arrow::ArrowWriter;
 use deltalake::parquet::basic::{Compression as ParquetCompression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::{ObjectStore, Path};
+use object_store::ObjectStoreExt;
 
 use crate::config::Compression;
 use crate::lake::PARTITION_COLUMNS;

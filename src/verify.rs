@@ -7,6 +7,7 @@ use deltalake::arrow::array::{Array, AsArray, RecordBatch};
 use deltalake::arrow::datatypes::{Int32Type, Int64Type};
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::{DeltaTable, DeltaTableError};
+use object_store::ObjectStoreExt;
 use url::Url;
 
 #[derive(Debug, thiserror::Error)]
@@ -52,7 +53,7 @@ pub async fn read_table(url: Url) -> Result<TableContents, VerifyError> {
             batches.push(batch?);
         }
     }
-    Ok(TableContents { version, files: paths.len(), batches })
+    Ok(TableContents { version: version as i64, files: paths.len(), batches })
 }
 
 /// `(topic, partition, offset)` of every row, from the lineage columns.

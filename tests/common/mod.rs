@@ -114,7 +114,7 @@ fn order_fields(value: &[u8]) -> Option<(i64, f64)> {
     let framed = strata::wire::parse(value).ok()?;
     let schema = apache_avro::Schema::parse_str(if framed.schema_id == 1 { ORDER_V1 } else { ORDER_V2 }).ok()?;
     let mut body = framed.body;
-    let decoded = apache_avro::from_avro_datum(&schema, &mut body, None).ok()?;
+    let decoded = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().ok()?.read_value(&mut body).ok()?;
     let apache_avro::types::Value::Record(fields) = decoded else { return None };
     let mut order_id = None;
     let mut amount = None;
