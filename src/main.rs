@@ -61,7 +61,7 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async {
         if command == "demo" {
-            init_tracing("warn", "text");
+            init_tracing("error", "text");
             return match strata::demo::run(strata::demo::DemoOptions::from_env()).await {
                 Ok(report) if report.exact => ExitCode::SUCCESS,
                 Ok(_) => ExitCode::FAILURE,
