@@ -50,15 +50,15 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 pub struct Produced {
     pub good: Vec<(String, i32, i64)>,
     pub bad: Vec<(String, i32, i64)>,
-    /// order_id → amount of every good record, to check values survived intact.
-    pub amounts: HashMap<i64, f64>,
+    /// (partition, offset) → (order_id, amount) of every good record, to check values survived intact.
+    pub values: HashMap<(i32, i64), (i64, f64)>,
 }
 
 impl Produced {
     pub fn extend(&mut self, other: Produced) {
         self.good.extend(other.good);
         self.bad.extend(other.bad);
-        self.amounts.extend(other.amounts);
+        self.values.extend(other.values);
     }
 
     /// Last offset per partition (good or bad), i.e. where the table's progress must end.
@@ -98,9 +98,8 @@ pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Prod
             let key = (topic.to_string(), delivery.partition, delivery.offset);
             if record.decodable {
                 produced.good.push(key);
-                if let Some((order_id, amount)) = order_fields(&record.value) {
-                    produced.amounts.insert(order_id, amount);
-                }
+                let fields = order_fields(&record.value).expect("generated records decode");
+                produced.values.insert((delivery.partition, delivery.offset), fields);
             } else {
                 produced.bad.push(key);
             }
@@ -243,11 +242,15 @@ impl Setup {
         for batch in &contents.batches {
             use deltalake::arrow::array::AsArray;
             use deltalake::arrow::datatypes::{Float64Type, Int64Type};
+            use deltalake::arrow::datatypes::Int32Type;
             let ids = batch.column_by_name("order_id").expect("order_id").as_primitive::<Int64Type>();
             let amounts = batch.column_by_name("amount").expect("amount").as_primitive::<Float64Type>();
+            let partitions = batch.column_by_name("_partition").expect("_partition").as_primitive::<Int32Type>();
+            let offsets = batch.column_by_name("_offset").expect("_offset").as_primitive::<Int64Type>();
             for row in 0..batch.num_rows() {
-                let expected = produced.amounts.get(&ids.value(row)).expect("produced order id");
-                assert_eq!(amounts.value(row), *expected, "amount of order {}", ids.value(row));
+                let at = (partitions.value(row), offsets.value(row));
+                let expected = produced.values.get(&at).expect("produced offset");
+                assert_eq!((ids.value(row), amounts.value(row)), *expected, "values of the record at {at:?}");
                 checked += 1;
             }
         }
