@@ -177,8 +177,8 @@ impl Source {
             .set("auto.offset.reset", "earliest")
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
-            .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            .set("session.timeout.ms", "45000")
+            .set("heartbeat.interval.ms", "3000");
         for (key, value) in &settings.properties {
             config.set(key, value);
         }

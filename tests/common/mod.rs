@@ -175,7 +175,8 @@ impl Setup {
             ("STRATA_LAKE_URL", self.lake.clone()),
             ("STRATA_FLUSH_INTERVAL", "1s".to_string()),
             ("STRATA_METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
-            ("STRATA_KAFKA_SESSION_TIMEOUT_MS", "6000".to_string()),
+            ("STRATA_KAFKA_SESSION_TIMEOUT_MS", "15000".to_string()),
+            ("STRATA_KAFKA_HEARTBEAT_INTERVAL_MS", "1000".to_string()),
             // tansu waits up to the rebalance timeout for members that died without leaving.
             ("STRATA_KAFKA_MAX_POLL_INTERVAL_MS", "15000".to_string()),
             ("STRATA_LOG", "info,strata=debug".to_string()),
