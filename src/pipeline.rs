@@ -449,6 +449,7 @@ impl Replica {
             }
             let files = self.writer.write(&batches).await?;
             let sizes: Vec<i64> = files.iter().map(|f| f.size).collect();
+            crate::failpoint!("before_commit");
             match self.committer.commit(files, &last_offsets).await? {
                 CommitOutcome::Fenced(fenced) => {
                     // Lost a race for ownership after the upload: those files stay unreferenced
