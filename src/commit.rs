@@ -44,7 +44,10 @@ pub struct Fenced {
 
 #[derive(Debug)]
 pub enum CommitOutcome {
-    Committed { version: i64, attempts: usize },
+    Committed {
+        version: i64,
+        attempts: usize,
+    },
     /// Nothing was committed: these partitions are fenced; drop their work and commit the rest anew.
     Fenced(Vec<Fenced>),
 }
@@ -61,7 +64,12 @@ pub struct TableCommitter {
 impl TableCommitter {
     /// `group` scopes the `txn` app ids, so two pipelines may feed one table without colliding.
     pub fn new(table: DeltaTable, group: &str, max_attempts: usize) -> Self {
-        Self { table, app_prefix: format!("strata/{group}"), owned: HashMap::new(), max_attempts: max_attempts.max(1) }
+        Self {
+            table,
+            app_prefix: format!("strata/{group}"),
+            owned: HashMap::new(),
+            max_attempts: max_attempts.max(1),
+        }
     }
 
     pub fn table(&self) -> &DeltaTable {
@@ -82,12 +90,17 @@ impl TableCommitter {
 
     async fn stored_version(&self, tp: &TopicPartition) -> Result<Option<i64>, DeltaTableError> {
         let snapshot = self.table.snapshot()?;
-        snapshot.transaction_version(self.table.log_store().as_ref(), self.app_id(tp)).await
+        snapshot
+            .transaction_version(self.table.log_store().as_ref(), self.app_id(tp))
+            .await
     }
 
     /// Takes ownership of newly assigned partitions: reads their stored progress, remembers it as
     /// the fencing baseline and returns it (the consumer resumes at `stored + 1`).
-    pub async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<Vec<(TopicPartition, Option<i64>)>, CommitError> {
+    pub async fn claim(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<(TopicPartition, Option<i64>)>, CommitError> {
         self.refresh().await?;
         let mut out = Vec::with_capacity(partitions.len());
         for tp in partitions {
@@ -107,7 +120,10 @@ impl TableCommitter {
 
     /// Refreshes the snapshot and returns the partitions among `partitions` whose stored progress
     /// moved away from what this replica expects. Call before writing files, to write no file in vain.
-    pub async fn check(&mut self, partitions: &[TopicPartition]) -> Result<Vec<Fenced>, CommitError> {
+    pub async fn check(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Fenced>, CommitError> {
         self.refresh().await?;
         self.compare(partitions).await
     }
@@ -120,7 +136,11 @@ impl TableCommitter {
             };
             let stored = self.stored_version(tp).await?;
             if stored != expected {
-                fenced.push(Fenced { partition: tp.clone(), expected, stored });
+                fenced.push(Fenced {
+                    partition: tp.clone(),
+                    expected,
+                    stored,
+                });
             }
         }
         Ok(fenced)
@@ -144,7 +164,11 @@ impl TableCommitter {
             let now = chrono::Utc::now().timestamp_millis();
             let mut actions: Vec<Action> = files.iter().cloned().map(Action::Add).collect();
             actions.extend(last_offsets.iter().map(|(tp, offset)| {
-                Action::Txn(Transaction::new_with_last_update(self.app_id(tp), *offset, Some(now)))
+                Action::Txn(Transaction::new_with_last_update(
+                    self.app_id(tp),
+                    *offset,
+                    Some(now),
+                ))
             }));
             let operation = DeltaOperation::Write {
                 mode: SaveMode::Append,
@@ -164,7 +188,10 @@ impl TableCommitter {
                     for (tp, offset) in last_offsets {
                         self.owned.insert(tp.clone(), Some(*offset));
                     }
-                    return Ok(CommitOutcome::Committed { version: version as i64, attempts: attempt });
+                    return Ok(CommitOutcome::Committed {
+                        version: version as i64,
+                        attempts: attempt,
+                    });
                 }
                 Err(e) if is_lost_race(&e) => {
                     tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");

@@ -40,13 +40,24 @@ pub const SETTINGS: &[Setting] = &[
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("{var} is required: {help}")]
-    Missing { var: &'static str, help: &'static str },
+    Missing {
+        var: &'static str,
+        help: &'static str,
+    },
     #[error("{var}={value:?} is invalid: {reason}")]
-    Invalid { var: String, value: String, reason: String },
+    Invalid {
+        var: String,
+        value: String,
+        reason: String,
+    },
 }
 
 fn invalid(var: &str, value: &str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid { var: var.to_string(), value: redact(var, value), reason: reason.into() }
+    ConfigError::Invalid {
+        var: var.to_string(),
+        value: redact(var, value),
+        reason: reason.into(),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +71,10 @@ pub enum Compression {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrySource {
     /// A Confluent-compatible Schema Registry (base URL without trailing slash).
-    Confluent { url: String, user_info: Option<String> },
+    Confluent {
+        url: String,
+        user_info: Option<String>,
+    },
     /// A folder of `<id>.avsc` files: the demo and air-gapped deployments.
     Directory(PathBuf),
 }
@@ -88,12 +102,19 @@ pub struct Config {
 
 impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let props: BTreeMap<_, _> =
-            self.kafka_properties.iter().map(|(k, v)| (k.clone(), redact(k, v))).collect();
+        let props: BTreeMap<_, _> = self
+            .kafka_properties
+            .iter()
+            .map(|(k, v)| (k.clone(), redact(k, v)))
+            .collect();
         let registry = match &self.registry {
             RegistrySource::Confluent { url, user_info } => format!(
                 "Confluent({url}, auth: {})",
-                if user_info.is_some() { "<redacted>" } else { "none" }
+                if user_info.is_some() {
+                    "<redacted>"
+                } else {
+                    "none"
+                }
             ),
             RegistrySource::Directory(dir) => format!("Directory({})", dir.display()),
         };
@@ -118,9 +139,18 @@ impl std::fmt::Debug for Config {
 /// Hides values of settings whose name suggests a credential.
 pub fn redact(name: &str, value: &str) -> String {
     let lower = name.to_ascii_lowercase();
-    let secret = ["password", "secret", "user_info", "user.info", "token", "key", "credential", "jaas"]
-        .iter()
-        .any(|word| lower.contains(word));
+    let secret = [
+        "password",
+        "secret",
+        "user_info",
+        "user.info",
+        "token",
+        "key",
+        "credential",
+        "jaas",
+    ]
+    .iter()
+    .any(|word| lower.contains(word));
     if secret {
         "<redacted>".to_string()
     } else {
@@ -131,17 +161,27 @@ pub fn redact(name: &str, value: &str) -> String {
 /// Parses `250ms`, `30s`, `5m`, `2h` (a bare number means seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
     let (number, unit) = text.split_at(split);
-    let number: u64 = number.parse().map_err(|_| format!("expected a duration like 30s, got {text:?}"))?;
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("expected a duration like 30s, got {text:?}"))?;
     let millis = match unit.trim() {
         "ms" => Some(number),
         "" | "s" => number.checked_mul(1_000),
         "m" => number.checked_mul(60_000),
         "h" => number.checked_mul(3_600_000),
-        other => return Err(format!("unknown duration unit {other:?} (use ms, s, m or h)")),
+        other => {
+            return Err(format!(
+                "unknown duration unit {other:?} (use ms, s, m or h)"
+            ))
+        }
     };
-    millis.map(Duration::from_millis).ok_or_else(|| format!("duration {text:?} is too large"))
+    millis
+        .map(Duration::from_millis)
+        .ok_or_else(|| format!("duration {text:?} is too large"))
 }
 
 /// The help text that `strata --help` prints.
@@ -153,18 +193,30 @@ pub fn help_text() -> String {
          strata --help   this text\n\nENVIRONMENT:\n",
     );
     for s in SETTINGS {
-        let default = if s.default.is_empty() { String::new() } else { format!(" [default: {}]", s.default) };
+        let default = if s.default.is_empty() {
+            String::new()
+        } else {
+            format!(" [default: {}]", s.default)
+        };
         out.push_str(&format!("  {}{}\n      {}\n", s.var, default, s.help));
     }
     out
 }
 
 fn default_of(var: &str) -> &'static str {
-    SETTINGS.iter().find(|s| s.var == var).map(|s| s.default).unwrap_or("")
+    SETTINGS
+        .iter()
+        .find(|s| s.var == var)
+        .map(|s| s.default)
+        .unwrap_or("")
 }
 
 fn help_of(var: &'static str) -> &'static str {
-    SETTINGS.iter().find(|s| s.var == var).map(|s| s.help).unwrap_or("")
+    SETTINGS
+        .iter()
+        .find(|s| s.var == var)
+        .map(|s| s.help)
+        .unwrap_or("")
 }
 
 /// Variables that look like `STRATA_KAFKA_*` but are Strata's own settings, not librdkafka properties.
@@ -179,12 +231,18 @@ impl Config {
     /// Reads the configuration from a map of variables (the environment, or a test's own map).
     pub fn from_vars(vars: HashMap<String, String>) -> Result<Self, ConfigError> {
         let get = |var: &'static str| -> String {
-            vars.get(var).map(|v| v.trim().to_string()).filter(|v| !v.is_empty()).unwrap_or_else(|| default_of(var).to_string())
+            vars.get(var)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default_of(var).to_string())
         };
         let required = |var: &'static str| -> Result<String, ConfigError> {
             let value = get(var);
             if value.is_empty() {
-                Err(ConfigError::Missing { var, help: help_of(var) })
+                Err(ConfigError::Missing {
+                    var,
+                    help: help_of(var),
+                })
             } else {
                 Ok(value)
             }
@@ -205,13 +263,27 @@ impl Config {
             }
         };
 
-        let topics: Vec<String> =
-            required("STRATA_TOPICS")?.split(',').map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+        let topics: Vec<String> = required("STRATA_TOPICS")?
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
         if topics.is_empty() {
-            return Err(invalid("STRATA_TOPICS", &get("STRATA_TOPICS"), "no topic named"));
+            return Err(invalid(
+                "STRATA_TOPICS",
+                &get("STRATA_TOPICS"),
+                "no topic named",
+            ));
         }
-        if let Some(bad) = topics.iter().find(|t| !t.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))) {
-            return Err(invalid("STRATA_TOPICS", &get("STRATA_TOPICS"), format!("{bad:?} is not a legal topic name")));
+        if let Some(bad) = topics.iter().find(|t| {
+            !t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        }) {
+            return Err(invalid(
+                "STRATA_TOPICS",
+                &get("STRATA_TOPICS"),
+                format!("{bad:?} is not a legal topic name"),
+            ));
         }
 
         let mut kafka_properties = BTreeMap::new();
@@ -229,29 +301,53 @@ impl Config {
             RegistrySource::Directory(PathBuf::from(dir))
         } else if registry_url.starts_with("http://") || registry_url.starts_with("https://") {
             let user_info = Some(get("STRATA_SCHEMA_REGISTRY_USER_INFO")).filter(|u| !u.is_empty());
-            RegistrySource::Confluent { url: registry_url.trim_end_matches('/').to_string(), user_info }
+            RegistrySource::Confluent {
+                url: registry_url.trim_end_matches('/').to_string(),
+                user_info,
+            }
         } else {
-            return Err(invalid("STRATA_SCHEMA_REGISTRY_URL", &registry_url, "expected http://, https:// or file://"));
+            return Err(invalid(
+                "STRATA_SCHEMA_REGISTRY_URL",
+                &registry_url,
+                "expected http://, https:// or file://",
+            ));
         };
 
         let lake_url = required("STRATA_LAKE_URL")?;
         if !(lake_url.starts_with("file:///") || lake_url.starts_with("s3://")) {
-            return Err(invalid("STRATA_LAKE_URL", &lake_url, "expected file:///path or s3://bucket/prefix"));
+            return Err(invalid(
+                "STRATA_LAKE_URL",
+                &lake_url,
+                "expected file:///path or s3://bucket/prefix",
+            ));
         }
         if url::Url::parse(&lake_url).is_err() {
             return Err(invalid("STRATA_LAKE_URL", &lake_url, "not a valid URL"));
         }
 
-        let compression = match get("STRATA_PARQUET_COMPRESSION").to_ascii_lowercase().as_str() {
+        let compression = match get("STRATA_PARQUET_COMPRESSION")
+            .to_ascii_lowercase()
+            .as_str()
+        {
             "zstd" => Compression::Zstd,
             "snappy" => Compression::Snappy,
             "none" | "uncompressed" => Compression::None,
-            other => return Err(invalid("STRATA_PARQUET_COMPRESSION", other, "expected zstd, snappy or none")),
+            other => {
+                return Err(invalid(
+                    "STRATA_PARQUET_COMPRESSION",
+                    other,
+                    "expected zstd, snappy or none",
+                ))
+            }
         };
         let metrics_addr_text = get("STRATA_METRICS_ADDR");
-        let metrics_addr = metrics_addr_text
-            .parse()
-            .map_err(|_| invalid("STRATA_METRICS_ADDR", &metrics_addr_text, "expected host:port, e.g. 0.0.0.0:9898"))?;
+        let metrics_addr = metrics_addr_text.parse().map_err(|_| {
+            invalid(
+                "STRATA_METRICS_ADDR",
+                &metrics_addr_text,
+                "expected host:port, e.g. 0.0.0.0:9898",
+            )
+        })?;
 
         Ok(Config {
             brokers: required("STRATA_KAFKA_BROKERS")?,
@@ -301,11 +397,19 @@ mod tests {
         assert_eq!(config.flush_interval, Duration::from_secs(30));
         assert_eq!(config.compression, Compression::Zstd);
         assert_eq!(config.lake_url, "s3://lake/prefix");
-        assert_eq!(config.kafka_properties.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
+        assert_eq!(
+            config
+                .kafka_properties
+                .get("security.protocol")
+                .map(String::as_str),
+            Some("SASL_SSL")
+        );
         assert!(!config.kafka_properties.contains_key("brokers"));
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2"), "secret leaked: {shown}");
-        assert!(matches!(config.registry, RegistrySource::Confluent { ref url, .. } if url == "http://registry:8081"));
+        assert!(
+            matches!(config.registry, RegistrySource::Confluent { ref url, .. } if url == "http://registry:8081")
+        );
     }
 
     #[test]
@@ -326,7 +430,10 @@ mod tests {
         }
         let mut vars = base();
         vars.remove("STRATA_TOPICS");
-        assert!(Config::from_vars(vars).expect_err("missing").to_string().contains("STRATA_TOPICS"));
+        assert!(Config::from_vars(vars)
+            .expect_err("missing")
+            .to_string()
+            .contains("STRATA_TOPICS"));
     }
 
     #[test]

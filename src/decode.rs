@@ -11,7 +11,8 @@ use std::sync::Arc;
 use arrow_avro::reader::{Decoder, ReaderBuilder};
 use arrow_avro::schema::{AvroSchema, Fingerprint, FingerprintAlgorithm, SchemaStore};
 use deltalake::arrow::array::{
-    Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
+    Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray,
+    TimestampMicrosecondArray,
 };
 use deltalake::arrow::compute::{cast, concat_batches, filter_record_batch};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
@@ -21,7 +22,14 @@ use crate::registry::RegistryError;
 use crate::wire;
 
 /// Lineage columns appended to every Silver row, in this order.
-pub const LINEAGE_COLUMNS: [&str; 6] = ["_topic", "_partition", "_offset", "_kafka_timestamp", "_schema_id", "_ingested_at"];
+pub const LINEAGE_COLUMNS: [&str; 6] = [
+    "_topic",
+    "_partition",
+    "_offset",
+    "_kafka_timestamp",
+    "_schema_id",
+    "_ingested_at",
+];
 
 const UTC: &str = "UTC";
 
@@ -60,17 +68,27 @@ pub struct BatchDecoder {
 
 impl BatchDecoder {
     /// `reader_json` is the table's reader schema; `event_time_field` one of its timestamp fields.
-    pub fn new(reader_json: &str, event_time_field: &str, batch_size: usize) -> Result<Self, DecoderSetupError> {
-        apache_avro::Schema::parse_str(reader_json).map_err(|e| DecoderSetupError::ReaderSchema(e.to_string()))?;
+    pub fn new(
+        reader_json: &str,
+        event_time_field: &str,
+        batch_size: usize,
+    ) -> Result<Self, DecoderSetupError> {
+        apache_avro::Schema::parse_str(reader_json)
+            .map_err(|e| DecoderSetupError::ReaderSchema(e.to_string()))?;
         // The reader schema read as its own writer gives the Arrow shape of every decoded batch.
         let probe = build_decoder(reader_json, [(0u32, reader_json)], 1)
             .map_err(|e| DecoderSetupError::ReaderSchema(e.to_string()))?;
         let decoded_schema = probe.schema();
-        let event_time_index = decoded_schema.index_of(event_time_field).map_err(|_| DecoderSetupError::EventTime {
-            field: event_time_field.to_string(),
-            reason: "no such field in the reader schema".to_string(),
+        let event_time_index = decoded_schema.index_of(event_time_field).map_err(|_| {
+            DecoderSetupError::EventTime {
+                field: event_time_field.to_string(),
+                reason: "no such field in the reader schema".to_string(),
+            }
         })?;
-        if !matches!(decoded_schema.field(event_time_index).data_type(), DataType::Timestamp(_, _)) {
+        if !matches!(
+            decoded_schema.field(event_time_index).data_type(),
+            DataType::Timestamp(_, _)
+        ) {
             return Err(DecoderSetupError::EventTime {
                 field: event_time_field.to_string(),
                 reason: format!(
@@ -119,8 +137,12 @@ impl BatchDecoder {
                 }
                 Err(rejection) => rejection,
             },
-            Err(e @ RegistryError::NotFound { .. }) => Rejection::new(ErrorKind::UnknownSchema, e.to_string()),
-            Err(e @ RegistryError::NotAvro { .. }) => Rejection::new(ErrorKind::UnsupportedSchemaType, e.to_string()),
+            Err(e @ RegistryError::NotFound { .. }) => {
+                Rejection::new(ErrorKind::UnknownSchema, e.to_string())
+            }
+            Err(e @ RegistryError::NotAvro { .. }) => {
+                Rejection::new(ErrorKind::UnsupportedSchemaType, e.to_string())
+            }
             Err(_) => return,
         };
         self.refused.insert(schema_id, verdict);
@@ -128,24 +150,35 @@ impl BatchDecoder {
 
     fn check_resolves(&self, schema_id: u32, writer_json: &str) -> Result<(), Rejection> {
         if let Err(e) = apache_avro::Schema::parse_str(writer_json) {
-            return Err(Rejection::new(ErrorKind::IncompatibleSchema, format!("writer schema {schema_id} is not valid Avro: {e}")));
-        }
-        build_decoder(&self.reader_json, [(schema_id, writer_json)], 1).map(|_| ()).map_err(|e| {
-            Rejection::new(
+            return Err(Rejection::new(
                 ErrorKind::IncompatibleSchema,
-                format!("writer schema {schema_id} cannot be resolved to the reader schema: {e}"),
-            )
-        })
+                format!("writer schema {schema_id} is not valid Avro: {e}"),
+            ));
+        }
+        build_decoder(&self.reader_json, [(schema_id, writer_json)], 1)
+            .map(|_| ())
+            .map_err(|e| {
+                Rejection::new(
+                    ErrorKind::IncompatibleSchema,
+                    format!(
+                        "writer schema {schema_id} cannot be resolved to the reader schema: {e}"
+                    ),
+                )
+            })
     }
 
     fn decoder(&mut self) -> Result<&mut Decoder, Rejection> {
         if self.decoder.is_none() {
             let writers = self.writers.iter().map(|(id, json)| (*id, json.as_str()));
-            let built = build_decoder(&self.reader_json, writers, self.batch_size)
-                .map_err(|e| Rejection::new(ErrorKind::DecodeError, format!("building decoder: {e}")))?;
+            let built =
+                build_decoder(&self.reader_json, writers, self.batch_size).map_err(|e| {
+                    Rejection::new(ErrorKind::DecodeError, format!("building decoder: {e}"))
+                })?;
             self.decoder = Some(built);
         }
-        self.decoder.as_mut().ok_or_else(|| Rejection::new(ErrorKind::DecodeError, "no decoder".to_string()))
+        self.decoder
+            .as_mut()
+            .ok_or_else(|| Rejection::new(ErrorKind::DecodeError, "no decoder".to_string()))
     }
 
     /// Decodes a chunk of records. Every input index ends up either as a row of `batch` (rows keep
@@ -166,7 +199,12 @@ impl BatchDecoder {
                     self.decoder = None;
                     let replay = std::mem::take(&mut pending_rows);
                     for good in replay {
-                        match self.decode_one(&records[good], &mut batches, &mut flushed_rows, &mut pending_rows) {
+                        match self.decode_one(
+                            &records[good],
+                            &mut batches,
+                            &mut flushed_rows,
+                            &mut pending_rows,
+                        ) {
                             Ok(()) => pending_rows.push(good),
                             Err(again) => {
                                 self.decoder = None;
@@ -177,7 +215,8 @@ impl BatchDecoder {
                 }
             }
         }
-        if let Err(rejection) = self.flush_into(&mut batches, &mut flushed_rows, &mut pending_rows) {
+        if let Err(rejection) = self.flush_into(&mut batches, &mut flushed_rows, &mut pending_rows)
+        {
             // Cannot happen for rows that decoded; reject them all rather than lose them.
             for index in pending_rows.drain(..) {
                 rejected.push((index, rejection.clone()));
@@ -203,7 +242,11 @@ impl BatchDecoder {
                 if batch.num_rows() != pending_rows.len() {
                     return Err(Rejection::new(
                         ErrorKind::DecodeError,
-                        format!("decoder returned {} rows for {} records", batch.num_rows(), pending_rows.len()),
+                        format!(
+                            "decoder returned {} rows for {} records",
+                            batch.num_rows(),
+                            pending_rows.len()
+                        ),
                     ));
                 }
                 batches.push(batch);
@@ -211,7 +254,10 @@ impl BatchDecoder {
                 Ok(())
             }
             Ok(None) if pending_rows.is_empty() => Ok(()),
-            Ok(None) => Err(Rejection::new(ErrorKind::DecodeError, "decoder lost rows".to_string())),
+            Ok(None) => Err(Rejection::new(
+                ErrorKind::DecodeError,
+                "decoder lost rows".to_string(),
+            )),
             Err(e) => Err(Rejection::new(ErrorKind::DecodeError, e.to_string())),
         }
     }
@@ -237,7 +283,10 @@ impl BatchDecoder {
         if !self.writers.contains_key(&framed.schema_id) {
             return Err(Rejection::new(
                 ErrorKind::UnknownSchema,
-                format!("schema id {} was not resolved before decoding", framed.schema_id),
+                format!(
+                    "schema id {} was not resolved before decoding",
+                    framed.schema_id
+                ),
             ));
         }
         if self.decoder()?.batch_is_full() {
@@ -246,14 +295,20 @@ impl BatchDecoder {
         let mut offset = 0;
         loop {
             let decoder = self.decoder()?;
-            offset += decoder.decode(&value[offset..]).map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
+            offset += decoder
+                .decode(&value[offset..])
+                .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
             if offset == value.len() {
                 break;
             }
             if !decoder.batch_is_full() {
                 return Err(Rejection::new(
                     ErrorKind::DecodeError,
-                    format!("truncated Avro body: {} of {} bytes decoded", offset, value.len()),
+                    format!(
+                        "truncated Avro body: {} of {} bytes decoded",
+                        offset,
+                        value.len()
+                    ),
                 ));
             }
             // A header with a new writer schema makes the decoder ask for a flush before the body.
@@ -263,7 +318,10 @@ impl BatchDecoder {
         if decoder_rows != pending_rows.len() + 1 {
             return Err(Rejection::new(
                 ErrorKind::DecodeError,
-                format!("value of {} bytes did not decode to exactly one record", value.len()),
+                format!(
+                    "value of {} bytes did not decode to exactly one record",
+                    value.len()
+                ),
             ));
         }
         self.check_no_trailing_frame(framed.schema_id, framed.body)
@@ -281,7 +339,11 @@ impl BatchDecoder {
         if !self.writers.contains_key(&tail_id) {
             return Ok(());
         }
-        let writer_json = self.writers.get(&schema_id).map(String::as_str).unwrap_or_default();
+        let writer_json = self
+            .writers
+            .get(&schema_id)
+            .map(String::as_str)
+            .unwrap_or_default();
         let schema = apache_avro::Schema::parse_str(writer_json)
             .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
         let mut reader = body;
@@ -292,7 +354,10 @@ impl BatchDecoder {
         if reader.is_empty() {
             Ok(())
         } else {
-            Err(Rejection::new(ErrorKind::DecodeError, format!("{} bytes after the Avro record", reader.len())))
+            Err(Rejection::new(
+                ErrorKind::DecodeError,
+                format!("{} bytes after the Avro record", reader.len()),
+            ))
         }
     }
 
@@ -310,7 +375,10 @@ impl BatchDecoder {
         let decoded = match concat_batches(&self.decoded_schema, &batches) {
             Ok(batch) => batch,
             Err(e) => {
-                rejected.extend(rows.iter().map(|&i| (i, Rejection::new(ErrorKind::DecodeError, e.to_string()))));
+                rejected.extend(
+                    rows.iter()
+                        .map(|&i| (i, Rejection::new(ErrorKind::DecodeError, e.to_string()))),
+                );
                 rejected.sort_by_key(|(index, _)| *index);
                 return None;
             }
@@ -323,15 +391,25 @@ impl BatchDecoder {
                 for &row in &missing_time {
                     rejected.push((
                         rows[row],
-                        Rejection::new(ErrorKind::MissingEventTime, "event time field is null".to_string()),
+                        Rejection::new(
+                            ErrorKind::MissingEventTime,
+                            "event time field is null".to_string(),
+                        ),
                     ));
                 }
                 rejected.sort_by_key(|(index, _)| *index);
-                let keep: BooleanArray = (0..batch.num_rows()).map(|r| Some(missing_time.binary_search(&r).is_err())).collect();
-                filter_record_batch(&batch, &keep).ok().filter(|b| b.num_rows() > 0)
+                let keep: BooleanArray = (0..batch.num_rows())
+                    .map(|r| Some(missing_time.binary_search(&r).is_err()))
+                    .collect();
+                filter_record_batch(&batch, &keep)
+                    .ok()
+                    .filter(|b| b.num_rows() > 0)
             }
             Err(e) => {
-                rejected.extend(rows.iter().map(|&i| (i, Rejection::new(ErrorKind::DecodeError, e.to_string()))));
+                rejected.extend(
+                    rows.iter()
+                        .map(|&i| (i, Rejection::new(ErrorKind::DecodeError, e.to_string()))),
+                );
                 rejected.sort_by_key(|(index, _)| *index);
                 None
             }
@@ -346,24 +424,45 @@ impl BatchDecoder {
     ) -> Result<(RecordBatch, Vec<usize>), deltalake::arrow::error::ArrowError> {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.output_schema.fields().len());
         for (column, field) in decoded.columns().iter().zip(self.output_schema.fields()) {
-            columns.push(if column.data_type() == field.data_type() { column.clone() } else { cast(column, field.data_type())? });
+            columns.push(if column.data_type() == field.data_type() {
+                column.clone()
+            } else {
+                cast(column, field.data_type())?
+            });
         }
-        let missing_time: Vec<usize> =
-            (0..decoded.num_rows()).filter(|&r| columns[self.event_time_index].is_null(r)).collect();
+        let missing_time: Vec<usize> = (0..decoded.num_rows())
+            .filter(|&r| columns[self.event_time_index].is_null(r))
+            .collect();
         let picked = || rows.iter().map(|&i| &records[i]);
         let ingested_at = chrono::Utc::now().timestamp_micros();
-        columns.push(Arc::new(StringArray::from_iter_values(picked().map(|r| r.topic.as_ref()))));
-        columns.push(Arc::new(Int32Array::from_iter_values(picked().map(|r| r.partition))));
-        columns.push(Arc::new(Int64Array::from_iter_values(picked().map(|r| r.offset))));
+        columns.push(Arc::new(StringArray::from_iter_values(
+            picked().map(|r| r.topic.as_ref()),
+        )));
+        columns.push(Arc::new(Int32Array::from_iter_values(
+            picked().map(|r| r.partition),
+        )));
+        columns.push(Arc::new(Int64Array::from_iter_values(
+            picked().map(|r| r.offset),
+        )));
         columns.push(Arc::new(
-            TimestampMicrosecondArray::from_iter(picked().map(|r| r.timestamp_ms.map(|ms| ms.saturating_mul(1000))))
-                .with_timezone(UTC),
+            TimestampMicrosecondArray::from_iter(
+                picked().map(|r| r.timestamp_ms.map(|ms| ms.saturating_mul(1000))),
+            )
+            .with_timezone(UTC),
         ));
         columns.push(Arc::new(Int64Array::from_iter(picked().map(|r| {
-            r.value.as_deref().and_then(|v| wire::parse(v).ok()).map(|f| i64::from(f.schema_id))
+            r.value
+                .as_deref()
+                .and_then(|v| wire::parse(v).ok())
+                .map(|f| i64::from(f.schema_id))
         }))));
-        columns.push(Arc::new(TimestampMicrosecondArray::from_value(ingested_at, rows.len()).with_timezone(UTC)));
-        Ok((RecordBatch::try_new(self.output_schema.clone(), columns)?, missing_time))
+        columns.push(Arc::new(
+            TimestampMicrosecondArray::from_value(ingested_at, rows.len()).with_timezone(UTC),
+        ));
+        Ok((
+            RecordBatch::try_new(self.output_schema.clone(), columns)?,
+            missing_time,
+        ))
     }
 }
 
@@ -389,7 +488,9 @@ fn build_decoder<'a>(
 fn lake_type(data_type: &DataType) -> DataType {
     match data_type {
         DataType::Dictionary(_, value) => lake_type(value),
-        DataType::FixedSizeBinary(_) | DataType::BinaryView | DataType::LargeBinary => DataType::Binary,
+        DataType::FixedSizeBinary(_) | DataType::BinaryView | DataType::LargeBinary => {
+            DataType::Binary
+        }
         DataType::Utf8View | DataType::LargeUtf8 => DataType::Utf8,
         DataType::Timestamp(_, _) => DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())),
         DataType::Time32(_) | DataType::Time64(_) => DataType::Int64,
@@ -441,7 +542,10 @@ mod tests {
             ("id".to_string(), Value::Long(n)),
             ("customer".to_string(), Value::String(format!("c{n}"))),
             ("amount".to_string(), Value::Double(n as f64 / 2.0)),
-            ("event_time".to_string(), Value::TimestampMillis(1_700_000_000_000 + n)),
+            (
+                "event_time".to_string(),
+                Value::TimestampMillis(1_700_000_000_000 + n),
+            ),
         ];
         if schema_json.contains("coupon") {
             let value = match coupon {
@@ -450,7 +554,10 @@ mod tests {
             };
             fields.push(("coupon".to_string(), value));
         }
-        wire::frame(id, &crate::demo::avro_body(&schema, Value::Record(fields)).expect("encode"))
+        wire::frame(
+            id,
+            &crate::demo::avro_body(&schema, Value::Record(fields)).expect("encode"),
+        )
     }
 
     fn record(offset: i64, value: Vec<u8>) -> SourceRecord {
@@ -474,27 +581,57 @@ mod tests {
 
     fn offsets(batch: &RecordBatch) -> Vec<i64> {
         let column = batch.column_by_name("_offset").expect("_offset");
-        column.as_any().downcast_ref::<Int64Array>().expect("i64").values().to_vec()
+        column
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("i64")
+            .values()
+            .to_vec()
     }
 
     #[test]
     fn decodes_two_writer_versions_into_the_reader_shape() {
         let mut d = decoder(V2);
         let records: Vec<_> = (0..10)
-            .map(|n| if n % 3 == 0 { record(n, encode(V1, 1, n, None)) } else { record(n, encode(V2, 2, n, Some("X"))) })
+            .map(|n| {
+                if n % 3 == 0 {
+                    record(n, encode(V1, 1, n, None))
+                } else {
+                    record(n, encode(V2, 2, n, Some("X")))
+                }
+            })
             .collect();
         let out = d.decode(&records);
         assert!(out.rejected.is_empty(), "{:?}", out.rejected);
         let batch = out.batch.expect("rows");
         assert_eq!(offsets(&batch), (0..10).collect::<Vec<_>>());
-        let ids = batch.column_by_name("id").expect("id").as_any().downcast_ref::<Int64Array>().expect("i64").clone();
+        let ids = batch
+            .column_by_name("id")
+            .expect("id")
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("i64")
+            .clone();
         assert_eq!(ids.values().to_vec(), (0..10).collect::<Vec<_>>());
         let coupon = batch.column_by_name("coupon").expect("coupon");
         assert!(coupon.is_null(0) && coupon.is_null(3) && !coupon.is_null(1));
-        let schema_ids = batch.column_by_name("_schema_id").expect("id").as_any().downcast_ref::<Int64Array>().expect("i64").clone();
+        let schema_ids = batch
+            .column_by_name("_schema_id")
+            .expect("id")
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .expect("i64")
+            .clone();
         assert_eq!(schema_ids.value(0), 1);
         assert_eq!(schema_ids.value(1), 2);
-        assert_eq!(batch.schema().field_with_name("event_time").expect("f").data_type(), &DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into())));
+        assert_eq!(
+            batch
+                .schema()
+                .field_with_name("event_time")
+                .expect("f")
+                .data_type(),
+            &DataType::Timestamp(TimeUnit::Microsecond, Some(UTC.into()))
+        );
     }
 
     #[test]
@@ -516,7 +653,13 @@ mod tests {
             record(7, Vec::new()),
             good(8),
         ];
-        d.register(99, Err(&RegistryError::NotFound { id: 99, message: "Schema not found".into() }));
+        d.register(
+            99,
+            Err(&RegistryError::NotFound {
+                id: 99,
+                message: "Schema not found".into(),
+            }),
+        );
         let out = d.decode(&records);
         let kinds: Vec<_> = out.rejected.iter().map(|(i, r)| (*i, r.kind)).collect();
         assert_eq!(
@@ -548,10 +691,22 @@ mod tests {
         let mut d = BatchDecoder::new(reader, "event_time", 8).expect("decoder");
         d.register(1, Ok(reader));
         let schema = apache_avro::Schema::parse_str(reader).expect("schema");
-        let body = |v: Value| crate::demo::avro_body(&schema, Value::Record(vec![("event_time".into(), v)])).expect("enc");
+        let body = |v: Value| {
+            crate::demo::avro_body(&schema, Value::Record(vec![("event_time".into(), v)]))
+                .expect("enc")
+        };
         let records = vec![
-            record(0, wire::frame(1, &body(Value::Union(1, Box::new(Value::TimestampMicros(5)))))),
-            record(1, wire::frame(1, &body(Value::Union(0, Box::new(Value::Null))))),
+            record(
+                0,
+                wire::frame(
+                    1,
+                    &body(Value::Union(1, Box::new(Value::TimestampMicros(5)))),
+                ),
+            ),
+            record(
+                1,
+                wire::frame(1, &body(Value::Union(0, Box::new(Value::Null)))),
+            ),
         ];
         let out = d.decode(&records);
         assert_eq!(out.rejected.len(), 1);
@@ -561,8 +716,14 @@ mod tests {
 
     #[test]
     fn event_time_field_is_checked_at_setup() {
-        assert!(matches!(BatchDecoder::new(V1, "nope", 8), Err(DecoderSetupError::EventTime { .. })));
-        assert!(matches!(BatchDecoder::new(V1, "amount", 8), Err(DecoderSetupError::EventTime { .. })));
+        assert!(matches!(
+            BatchDecoder::new(V1, "nope", 8),
+            Err(DecoderSetupError::EventTime { .. })
+        ));
+        assert!(matches!(
+            BatchDecoder::new(V1, "amount", 8),
+            Err(DecoderSetupError::EventTime { .. })
+        ));
     }
 
     proptest! {

@@ -44,7 +44,9 @@ pub const ORDER_V2: &str = r#"{"type":"record","name":"Order","namespace":"shop"
   {"name":"coupon","type":["null","string"],"default":null},
   {"name":"quantity","type":"int","default":1}]}"#;
 
-const PRODUCTS: [&str; 8] = ["keyboard", "mouse", "monitor", "laptop", "cable", "dock", "headset", "webcam"];
+const PRODUCTS: [&str; 8] = [
+    "keyboard", "mouse", "monitor", "laptop", "cable", "dock", "headset", "webcam",
+];
 
 /// A generator of order events: Zipf-like customer skew, two writer schema versions, event times
 /// spread over the last few hours, and about one in `bad_every` records undecodable.
@@ -93,7 +95,11 @@ impl OrderGenerator {
                 1 => wire::frame(999, &[2, 4, 6]), // unknown schema id
                 _ => wire::frame(1, &[0x80]),      // truncated varint
             };
-            return Ok(Generated { key: customer, value, decodable: false });
+            return Ok(Generated {
+                key: customer,
+                value,
+                decodable: false,
+            });
         }
         let event_time = self.now_ms - self.rng.random_range(0..3 * 3_600_000);
         let product = PRODUCTS[self.rng.random_range(0..PRODUCTS.len())];
@@ -108,18 +114,34 @@ impl OrderGenerator {
         let value = if n % 2 == 0 {
             wire::frame(1, &avro_body(&self.v1, Value::Record(fields))?)
         } else {
-            let coupon = if n % 5 == 0 { Value::Union(1, Box::new(Value::String("WELCOME10".into()))) } else { Value::Union(0, Box::new(Value::Null)) };
+            let coupon = if n % 5 == 0 {
+                Value::Union(1, Box::new(Value::String("WELCOME10".into())))
+            } else {
+                Value::Union(0, Box::new(Value::Null))
+            };
             fields.push(("coupon".to_string(), coupon));
-            fields.push(("quantity".to_string(), Value::Int(self.rng.random_range(1..5))));
+            fields.push((
+                "quantity".to_string(),
+                Value::Int(self.rng.random_range(1..5)),
+            ));
             wire::frame(2, &avro_body(&self.v2, Value::Record(fields))?)
         };
-        Ok(Generated { key: customer, value, decodable: true })
+        Ok(Generated {
+            key: customer,
+            value,
+            decodable: true,
+        })
     }
 }
 
 /// The Avro binary encoding of `value` (no framing).
-pub fn avro_body(schema: &apache_avro::Schema, value: Value) -> Result<Vec<u8>, apache_avro::Error> {
-    apache_avro::writer::datum::GenericDatumWriter::builder(schema).build()?.write_value_to_vec(value)
+pub fn avro_body(
+    schema: &apache_avro::Schema,
+    value: Value,
+) -> Result<Vec<u8>, apache_avro::Error> {
+    apache_avro::writer::datum::GenericDatumWriter::builder(schema)
+        .build()?
+        .write_value_to_vec(value)
 }
 
 /// Demo settings (environment: `STRATA_DEMO_EVENTS`, `STRATA_DEMO_DIR`).
@@ -133,8 +155,13 @@ pub struct DemoOptions {
 impl DemoOptions {
     pub fn from_env() -> Self {
         Self {
-            events: std::env::var("STRATA_DEMO_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(200_000),
-            dir: std::env::var("STRATA_DEMO_DIR").map(PathBuf::from).unwrap_or_else(|_| PathBuf::from("target/strata-demo")),
+            events: std::env::var("STRATA_DEMO_EVENTS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(200_000),
+            dir: std::env::var("STRATA_DEMO_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| PathBuf::from("target/strata-demo")),
             partitions: 6,
             deadline: Duration::from_secs(100),
         }
@@ -150,17 +177,24 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let started = Instant::now();
     let topic = "orders";
     if options.dir.exists() {
-        std::fs::remove_dir_all(&options.dir).with_context(|| format!("clearing {}", options.dir.display()))?;
+        std::fs::remove_dir_all(&options.dir)
+            .with_context(|| format!("clearing {}", options.dir.display()))?;
     }
     let schemas = options.dir.join("schemas");
-    let lake = std::fs::canonicalize(std::fs::create_dir_all(options.dir.join("lake")).map(|_| options.dir.join("lake"))?)?;
+    let lake = std::fs::canonicalize(
+        std::fs::create_dir_all(options.dir.join("lake")).map(|_| options.dir.join("lake"))?,
+    )?;
     std::fs::create_dir_all(&schemas)?;
     std::fs::write(schemas.join("1.avsc"), ORDER_V1)?;
     std::fs::write(schemas.join("2.avsc"), ORDER_V2)?;
     let reader = options.dir.join("order.avsc");
     std::fs::write(&reader, ORDER_V2)?;
 
-    println!("strata demo: embedded Kafka (3 mock brokers), {} events, lake at {}", options.events, lake.display());
+    println!(
+        "strata demo: embedded Kafka (3 mock brokers), {} events, lake at {}",
+        options.events,
+        lake.display()
+    );
     let cluster = MockCluster::new(3).context("starting the embedded Kafka")?;
     cluster.create_topic(topic, options.partitions, 1)?;
     cluster.create_topic(&format!("{topic}.dlq"), 1, 1)?;
@@ -181,11 +215,20 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     while remaining > 0 {
         let n = remaining.min(20_000);
         remaining -= n;
-        let records: Vec<Generated> = (0..n).map(|_| generator.next_record()).collect::<anyhow::Result<_>>()?;
-        let sends = records.iter().map(|r| producer.send(FutureRecord::to(topic).key(&r.key).payload(&r.value), Duration::from_secs(30)));
+        let records: Vec<Generated> = (0..n)
+            .map(|_| generator.next_record())
+            .collect::<anyhow::Result<_>>()?;
+        let sends = records.iter().map(|r| {
+            producer.send(
+                FutureRecord::to(topic).key(&r.key).payload(&r.value),
+                Duration::from_secs(30),
+            )
+        });
         let delivered = futures::future::join_all(sends).await;
         for (record, result) in records.iter().zip(delivered) {
-            let delivery = result.map_err(|(e, _)| e).context("producing a demo event")?;
+            let delivery = result
+                .map_err(|(e, _)| e)
+                .context("producing a demo event")?;
             let slot = last_offsets.entry(delivery.partition).or_insert(-1);
             *slot = (*slot).max(delivery.offset);
             if record.decodable {
@@ -196,14 +239,20 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         }
     }
     let produce_secs = produce_started.elapsed().as_secs_f64();
-    println!("produced {} events ({} undecodable) in {:.1}s", options.events, bad, produce_secs);
+    println!(
+        "produced {} events ({} undecodable) in {:.1}s",
+        options.events, bad, produce_secs
+    );
 
     // Run one replica until every partition's progress reaches its last produced offset.
     let vars: HashMap<String, String> = [
         ("STRATA_KAFKA_BROKERS", brokers.clone()),
         ("STRATA_GROUP_ID", "strata-demo".to_string()),
         ("STRATA_TOPICS", topic.to_string()),
-        ("STRATA_SCHEMA_REGISTRY_URL", format!("file://{}", schemas.display())),
+        (
+            "STRATA_SCHEMA_REGISTRY_URL",
+            format!("file://{}", schemas.display()),
+        ),
         ("STRATA_READER_SCHEMA", reader.display().to_string()),
         ("STRATA_EVENT_TIME_FIELD", "event_time".to_string()),
         ("STRATA_LAKE_URL", format!("file://{}", lake.display())),
@@ -218,10 +267,18 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let consume_started = Instant::now();
-    let replica = tokio::spawn(crate::pipeline::run(config, metrics.clone(), shutdown.clone()));
+    let replica = tokio::spawn(crate::pipeline::run(
+        config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let caught_up = loop {
         let done = last_offsets.iter().all(|(p, last)| {
-            metrics.committed_offset.with_label_values(&[topic, &p.to_string()]).get() == *last
+            metrics
+                .committed_offset
+                .with_label_values(&[topic, &p.to_string()])
+                .get()
+                == *last
         });
         if done || replica.is_finished() {
             break done;
@@ -239,29 +296,48 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     }
 
     // Check.
-    let table_url = crate::lake::table_url(&format!("file://{}", lake.display()), "silver", "order")?;
+    let table_url =
+        crate::lake::table_url(&format!("file://{}", lake.display()), "silver", "order")?;
     let contents = verify::read_table(table_url).await?;
-    let report = verify::exactly_once(verify::lineage(&contents.batches)?, expected.iter().cloned());
+    let report = verify::exactly_once(
+        verify::lineage(&contents.batches)?,
+        expected.iter().cloned(),
+    );
     let dlq_topic = format!("{topic}.dlq");
-    let dead_letters = tokio::task::spawn_blocking(move || count_messages(&brokers, &dlq_topic)).await??;
+    let dead_letters =
+        tokio::task::spawn_blocking(move || count_messages(&brokers, &dlq_topic)).await??;
 
     println!();
     println!("  events produced        {:>10}", options.events);
-    println!("  silver rows            {:>10}   (expected {})", report.found, report.expected);
-    println!("  dead-lettered          {:>10}   (expected {bad}, found {dead_letters} in {topic}.dlq)", summary.dead_lettered);
+    println!(
+        "  silver rows            {:>10}   (expected {})",
+        report.found, report.expected
+    );
+    println!(
+        "  dead-lettered          {:>10}   (expected {bad}, found {dead_letters} in {topic}.dlq)",
+        summary.dead_lettered
+    );
     println!("  parquet files          {:>10}", contents.files);
-    println!("  delta commits          {:>10}   (table version {})", summary.commits, contents.version);
+    println!(
+        "  delta commits          {:>10}   (table version {})",
+        summary.commits, contents.version
+    );
     println!(
         "  throughput             {:>10.0} events/s from first poll to last commit ({consume_secs:.1}s, incl. group join)",
         options.events as f64 / consume_secs.max(0.001)
     );
-    let exact = report.is_exact() && caught_up && dead_letters == bad && summary.dead_lettered == bad;
+    let exact =
+        report.is_exact() && caught_up && dead_letters == bad && summary.dead_lettered == bad;
     if exact {
         println!("\nexactly once: every produced offset is in Silver once or in the dead-letter topic once. OK");
     } else {
         println!("\nNOT EXACT: {report}; dead letters {dead_letters} of {bad}");
     }
-    println!("(total {:.1}s; inspect the table at {})", started.elapsed().as_secs_f64(), lake.join("silver/order").display());
+    println!(
+        "(total {:.1}s; inspect the table at {})",
+        started.elapsed().as_secs_f64(),
+        lake.join("silver/order").display()
+    );
     if !exact && report.found == 0 {
         bail!("Silver table is empty");
     }

@@ -34,7 +34,11 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    pub fn new(brokers: &str, properties: &std::collections::BTreeMap<String, String>, suffix: &str) -> Result<Self, KafkaError> {
+    pub fn new(
+        brokers: &str,
+        properties: &std::collections::BTreeMap<String, String>,
+        suffix: &str,
+    ) -> Result<Self, KafkaError> {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", brokers)
@@ -44,11 +48,17 @@ impl DeadLetters {
             .set("message.timeout.ms", "60000");
         for (key, value) in properties {
             // Consumer-only properties would make the producer refuse to start.
-            if !key.starts_with("group.") && !key.starts_with("partition.assignment") && !key.starts_with("auto.") {
+            if !key.starts_with("group.")
+                && !key.starts_with("partition.assignment")
+                && !key.starts_with("auto.")
+            {
                 config.set(key, value);
             }
         }
-        Ok(Self { producer: config.create()?, suffix: suffix.to_string() })
+        Ok(Self {
+            producer: config.create()?,
+            suffix: suffix.to_string(),
+        })
     }
 
     pub fn topic_for(&self, source_topic: &str) -> String {
@@ -58,7 +68,9 @@ impl DeadLetters {
     /// Publishes all rejections and waits until every one is acknowledged. Retries a failed send
     /// until it succeeds: a dead letter is never dropped, and the offset never moves past it.
     pub async fn publish(&self, rejected: &[(&SourceRecord, &Rejection)]) {
-        let sends = rejected.iter().map(|(record, rejection)| self.publish_one(record, rejection));
+        let sends = rejected
+            .iter()
+            .map(|(record, rejection)| self.publish_one(record, rejection));
         join_all(sends).await;
     }
 
@@ -68,19 +80,44 @@ impl DeadLetters {
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 6);
             for (key, value) in &record.headers {
-                headers = headers.insert(Header { key, value: value.as_deref() });
+                headers = headers.insert(Header {
+                    key,
+                    value: value.as_deref(),
+                });
             }
             let partition = record.partition.to_string();
             let offset = record.offset.to_string();
-            let schema_id = record.value.as_deref().and_then(|v| wire::parse(v).ok()).map(|f| f.schema_id.to_string());
+            let schema_id = record
+                .value
+                .as_deref()
+                .and_then(|v| wire::parse(v).ok())
+                .map(|f| f.schema_id.to_string());
             headers = headers
-                .insert(Header { key: HEADER_KIND, value: Some(rejection.kind.as_str()) })
-                .insert(Header { key: HEADER_MESSAGE, value: Some(rejection.message.as_str()) })
-                .insert(Header { key: HEADER_TOPIC, value: Some(record.topic.as_ref()) })
-                .insert(Header { key: HEADER_PARTITION, value: Some(partition.as_str()) })
-                .insert(Header { key: HEADER_OFFSET, value: Some(offset.as_str()) });
+                .insert(Header {
+                    key: HEADER_KIND,
+                    value: Some(rejection.kind.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_MESSAGE,
+                    value: Some(rejection.message.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_TOPIC,
+                    value: Some(record.topic.as_ref()),
+                })
+                .insert(Header {
+                    key: HEADER_PARTITION,
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: HEADER_OFFSET,
+                    value: Some(offset.as_str()),
+                });
             if let Some(id) = &schema_id {
-                headers = headers.insert(Header { key: HEADER_SCHEMA_ID, value: Some(id.as_str()) });
+                headers = headers.insert(Header {
+                    key: HEADER_SCHEMA_ID,
+                    value: Some(id.as_str()),
+                });
             }
             let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&topic).headers(headers);
             if let Some(key) = record.key.as_deref() {

@@ -9,7 +9,9 @@ static HITS: AtomicUsize = AtomicUsize::new(0);
 /// `STRATA_FAILPOINT_REACHED name`, then freezes the calling thread forever, or for
 /// `STRATA_FAILPOINT_PAUSE_SECS` seconds of wall time when that is set (to model a stalled replica).
 pub fn hit(name: &str) {
-    let Ok(wanted) = std::env::var("STRATA_FAILPOINT") else { return };
+    let Ok(wanted) = std::env::var("STRATA_FAILPOINT") else {
+        return;
+    };
     let (wanted_name, nth) = match wanted.split_once(':') {
         Some((n, count)) => (n.to_string(), count.parse::<usize>().unwrap_or(1)),
         None => (wanted, 1),
@@ -19,7 +21,10 @@ pub fn hit(name: &str) {
     }
     if HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
         eprintln!("STRATA_FAILPOINT_REACHED {name}");
-        if let Some(secs) = std::env::var("STRATA_FAILPOINT_PAUSE_SECS").ok().and_then(|s| s.parse::<u64>().ok()) {
+        if let Some(secs) = std::env::var("STRATA_FAILPOINT_PAUSE_SECS")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+        {
             let until = std::time::SystemTime::now() + std::time::Duration::from_secs(secs);
             // Wall time, so a SIGSTOP during the pause counts towards it.
             while std::time::SystemTime::now() < until {

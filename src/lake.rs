@@ -23,7 +23,8 @@ pub fn register_object_stores() {
 pub fn table_url(lake_url: &str, layer: &str, name: &str) -> Result<Url, DeltaTableError> {
     let text = format!("{}/{layer}/{name}", lake_url.trim_end_matches('/'));
     if let Some(path) = text.strip_prefix("file://") {
-        std::fs::create_dir_all(path).map_err(|e| DeltaTableError::InvalidTableLocation(format!("{text}: {e}")))?;
+        std::fs::create_dir_all(path)
+            .map_err(|e| DeltaTableError::InvalidTableLocation(format!("{text}: {e}")))?;
     }
     Url::parse(&text).map_err(|e| DeltaTableError::InvalidTableLocation(format!("{text}: {e}")))
 }
@@ -35,7 +36,8 @@ pub fn snake_case(record_name: &str) -> String {
     let chars: Vec<char> = short.chars().collect();
     for (i, &c) in chars.iter().enumerate() {
         if c.is_ascii_uppercase() {
-            let prev_lower = i > 0 && (chars[i - 1].is_ascii_lowercase() || chars[i - 1].is_ascii_digit());
+            let prev_lower =
+                i > 0 && (chars[i - 1].is_ascii_lowercase() || chars[i - 1].is_ascii_digit());
             let next_lower = chars.get(i + 1).is_some_and(|n| n.is_ascii_lowercase());
             if i > 0 && (prev_lower || (next_lower && chars[i - 1].is_ascii_uppercase())) {
                 out.push('_');
@@ -52,14 +54,22 @@ pub fn snake_case(record_name: &str) -> String {
 
 /// Opens the table at `url`, creating it with `data_schema` plus the partition columns when it does
 /// not exist yet. Several replicas may race to create it: the loser loads the winner's table.
-pub async fn open_or_create(url: Url, data_schema: &Schema, table_name: &str) -> Result<DeltaTable, DeltaTableError> {
+pub async fn open_or_create(
+    url: Url,
+    data_schema: &Schema,
+    table_name: &str,
+) -> Result<DeltaTable, DeltaTableError> {
     let mut last_error = None;
     for _ in 0..5 {
         let table = DeltaTable::try_from_url(url.clone()).await?;
         if table.version().is_some() {
             return Ok(table);
         }
-        let mut fields: Vec<Field> = data_schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+        let mut fields: Vec<Field> = data_schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
         fields.push(Field::new(PARTITION_COLUMNS[0], DataType::Date32, false));
         fields.push(Field::new(PARTITION_COLUMNS[1], DataType::Int32, false));
         let delta_schema: StructType = Arc::new(Schema::new(fields)).as_ref().try_into_kernel()?;
@@ -76,7 +86,8 @@ pub async fn open_or_create(url: Url, data_schema: &Schema, table_name: &str) ->
             Err(e) => last_error = Some(e), // lost the creation race: load again
         }
     }
-    Err(last_error.unwrap_or_else(|| DeltaTableError::Generic("table creation did not settle".into())))
+    Err(last_error
+        .unwrap_or_else(|| DeltaTableError::Generic("table creation did not settle".into())))
 }
 
 #[cfg(test)]

@@ -7,10 +7,14 @@ use strata::config::{help_text, Config};
 use tokio_util::sync::CancellationToken;
 
 fn init_tracing(default_filter: &str, default_format: &str) {
-    let filter =
-        std::env::var("STRATA_LOG").or_else(|_| std::env::var("RUST_LOG")).unwrap_or_else(|_| default_filter.into());
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = std::env::var("STRATA_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| default_filter.into());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let format = std::env::var("STRATA_LOG_FORMAT").unwrap_or_else(|_| default_format.into());
     if format == "text" {
         builder.init();
@@ -22,7 +26,11 @@ fn init_tracing(default_filter: &str, default_format: &str) {
 /// First SIGTERM/SIGINT cancels the token (graceful drain); a second one exits at once.
 fn install_signals(shutdown: CancellationToken) {
     tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else { return };
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            return;
+        };
         let mut signals = 0;
         loop {
             tokio::select! {
@@ -52,7 +60,10 @@ fn main() -> ExitCode {
         eprintln!("strata: unknown command {command:?}\n\n{}", help_text());
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("strata: cannot start the runtime: {e}");

@@ -12,8 +12,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -48,20 +48,34 @@ pub struct Metrics {
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    let metric =
+        IntCounterVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str], buckets: Vec<f64>) -> HistogramVec {
-    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels).expect("static metric definition");
-    registry.register(Box::new(metric.clone())).expect("metric registered once");
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> HistogramVec {
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)
+        .expect("static metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
     metric
 }
 
@@ -69,28 +83,69 @@ impl Metrics {
     #[allow(clippy::new_without_default)]
     pub fn new() -> Self {
         let registry = Registry::new();
-        let seconds = vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+        let seconds = vec![
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        ];
         let sizes = prometheus::exponential_buckets(64.0 * 1024.0, 4.0, 8).expect("static buckets");
-        let build = IntGaugeVec::new(Opts::new("strata_build_info", "Build of this replica (always 1)."), &["version", "git_sha"])
-            .expect("static metric definition");
-        registry.register(Box::new(build.clone())).expect("metric registered once");
-        build.with_label_values(&[env!("CARGO_PKG_VERSION"), option_env!("STRATA_GIT_SHA").unwrap_or("unknown")]).set(1);
+        let build = IntGaugeVec::new(
+            Opts::new("strata_build_info", "Build of this replica (always 1)."),
+            &["version", "git_sha"],
+        )
+        .expect("static metric definition");
+        registry
+            .register(Box::new(build.clone()))
+            .expect("metric registered once");
+        build
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                option_env!("STRATA_GIT_SHA").unwrap_or("unknown"),
+            ])
+            .set(1);
         let single_gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("static metric definition");
-            registry.register(Box::new(g.clone())).expect("metric registered once");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
             g
         };
-        let kafka_errors = IntCounter::new("strata_kafka_errors_total", "Errors reported by the Kafka client.").expect("static");
-        registry.register(Box::new(kafka_errors.clone())).expect("metric registered once");
-        let flush_duration = Histogram::with_opts(
-            HistogramOpts::new("strata_flush_duration_seconds", "Time from starting a flush to its Delta commit.").buckets(seconds.clone()),
+        let kafka_errors = IntCounter::new(
+            "strata_kafka_errors_total",
+            "Errors reported by the Kafka client.",
         )
         .expect("static");
-        registry.register(Box::new(flush_duration.clone())).expect("metric registered once");
+        registry
+            .register(Box::new(kafka_errors.clone()))
+            .expect("metric registered once");
+        let flush_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "strata_flush_duration_seconds",
+                "Time from starting a flush to its Delta commit.",
+            )
+            .buckets(seconds.clone()),
+        )
+        .expect("static");
+        registry
+            .register(Box::new(flush_duration.clone()))
+            .expect("metric registered once");
         Self {
-            records_consumed: counter(&registry, "strata_records_consumed_total", "Bronze records read from Kafka.", &["topic"]),
-            bytes_consumed: counter(&registry, "strata_bytes_consumed_total", "Bytes of Bronze record values read.", &["topic"]),
-            records_written: counter(&registry, "strata_records_written_total", "Rows committed to a table.", &["table"]),
+            records_consumed: counter(
+                &registry,
+                "strata_records_consumed_total",
+                "Bronze records read from Kafka.",
+                &["topic"],
+            ),
+            bytes_consumed: counter(
+                &registry,
+                "strata_bytes_consumed_total",
+                "Bytes of Bronze record values read.",
+                &["topic"],
+            ),
+            records_written: counter(
+                &registry,
+                "strata_records_written_total",
+                "Rows committed to a table.",
+                &["table"],
+            ),
             records_dead_lettered: counter(
                 &registry,
                 "strata_records_dead_lettered_total",
@@ -103,7 +158,12 @@ impl Metrics {
                 "Records skipped because the table already holds their offset (replays).",
                 &["topic"],
             ),
-            commits: counter(&registry, "strata_commits_total", "Delta commits made.", &["table"]),
+            commits: counter(
+                &registry,
+                "strata_commits_total",
+                "Delta commits made.",
+                &["table"],
+            ),
             commit_duration: histogram(
                 &registry,
                 "strata_commit_duration_seconds",
@@ -111,23 +171,71 @@ impl Metrics {
                 &["table"],
                 seconds,
             ),
-            commit_conflicts: counter(&registry, "strata_commit_conflicts_total", "Delta commits that lost a race and were retried.", &["table"]),
+            commit_conflicts: counter(
+                &registry,
+                "strata_commit_conflicts_total",
+                "Delta commits that lost a race and were retried.",
+                &["table"],
+            ),
             commits_fenced: counter(
                 &registry,
                 "strata_commits_fenced_total",
                 "Partitions whose buffered work was refused because another replica owns them.",
                 &["table", "topic"],
             ),
-            files_written: counter(&registry, "strata_files_written_total", "Parquet files committed.", &["table"]),
-            file_bytes: histogram(&registry, "strata_file_size_bytes", "Size of committed Parquet files.", &["table"], sizes),
-            consumer_lag: gauge(&registry, "strata_consumer_lag", "Records between the high watermark and the committed offset.", &["topic", "partition"]),
-            committed_offset: gauge(&registry, "strata_committed_offset", "Last offset committed to the table, per partition.", &["topic", "partition"]),
-            assigned_partitions: single_gauge("strata_assigned_partitions", "Partitions assigned to this replica."),
-            rebalances: counter(&registry, "strata_rebalances_total", "Partition assignments and revocations.", &["kind"]),
-            buffered_bytes: single_gauge("strata_buffered_bytes", "Bytes of decoded rows waiting for the next commit."),
-            buffered_bytes_limit: single_gauge("strata_buffered_bytes_limit", "Memory budget of the buffer (STRATA_FILE_MAX_BYTES)."),
-            registry_errors: counter(&registry, "strata_schema_registry_errors_total", "Failed schema registry requests.", &["kind"]),
-            schema_ids_seen: single_gauge("strata_schema_ids_seen", "Distinct writer schema ids met."),
+            files_written: counter(
+                &registry,
+                "strata_files_written_total",
+                "Parquet files committed.",
+                &["table"],
+            ),
+            file_bytes: histogram(
+                &registry,
+                "strata_file_size_bytes",
+                "Size of committed Parquet files.",
+                &["table"],
+                sizes,
+            ),
+            consumer_lag: gauge(
+                &registry,
+                "strata_consumer_lag",
+                "Records between the high watermark and the committed offset.",
+                &["topic", "partition"],
+            ),
+            committed_offset: gauge(
+                &registry,
+                "strata_committed_offset",
+                "Last offset committed to the table, per partition.",
+                &["topic", "partition"],
+            ),
+            assigned_partitions: single_gauge(
+                "strata_assigned_partitions",
+                "Partitions assigned to this replica.",
+            ),
+            rebalances: counter(
+                &registry,
+                "strata_rebalances_total",
+                "Partition assignments and revocations.",
+                &["kind"],
+            ),
+            buffered_bytes: single_gauge(
+                "strata_buffered_bytes",
+                "Bytes of decoded rows waiting for the next commit.",
+            ),
+            buffered_bytes_limit: single_gauge(
+                "strata_buffered_bytes_limit",
+                "Memory budget of the buffer (STRATA_FILE_MAX_BYTES).",
+            ),
+            registry_errors: counter(
+                &registry,
+                "strata_schema_registry_errors_total",
+                "Failed schema registry requests.",
+                &["kind"],
+            ),
+            schema_ids_seen: single_gauge(
+                "strata_schema_ids_seen",
+                "Distinct writer schema ids met.",
+            ),
             flush_duration,
             kafka_errors,
             registry,
@@ -159,26 +267,63 @@ impl Metrics {
     // ---- Observable events: each logs and counts in one call. ----
 
     pub fn dead_lettered(&self, tp: &TopicPartition, offset: i64, kind: ErrorKind, message: &str) {
-        self.records_dead_lettered.with_label_values(&[tp.topic.as_ref(), kind.as_str()]).inc();
+        self.records_dead_lettered
+            .with_label_values(&[tp.topic.as_ref(), kind.as_str()])
+            .inc();
         tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, reason = kind.as_str(), message, "record dead-lettered");
     }
 
-    pub fn committed(&self, table: &str, version: i64, rows: u64, files: &[i64], elapsed: Duration, attempts: usize) {
+    pub fn committed(
+        &self,
+        table: &str,
+        version: i64,
+        rows: u64,
+        files: &[i64],
+        elapsed: Duration,
+        attempts: usize,
+    ) {
         self.commits.with_label_values(&[table]).inc();
-        self.records_written.with_label_values(&[table]).inc_by(rows);
-        self.files_written.with_label_values(&[table]).inc_by(files.len() as u64);
+        self.records_written
+            .with_label_values(&[table])
+            .inc_by(rows);
+        self.files_written
+            .with_label_values(&[table])
+            .inc_by(files.len() as u64);
         for size in files {
-            self.file_bytes.with_label_values(&[table]).observe(*size as f64);
+            self.file_bytes
+                .with_label_values(&[table])
+                .observe(*size as f64);
         }
-        self.commit_duration.with_label_values(&[table]).observe(elapsed.as_secs_f64());
+        self.commit_duration
+            .with_label_values(&[table])
+            .observe(elapsed.as_secs_f64());
         if attempts > 1 {
-            self.commit_conflicts.with_label_values(&[table]).inc_by(attempts as u64 - 1);
+            self.commit_conflicts
+                .with_label_values(&[table])
+                .inc_by(attempts as u64 - 1);
         }
-        tracing::info!(table, version, rows, files = files.len(), attempts, elapsed_ms = elapsed.as_millis() as u64, "delta commit");
+        tracing::info!(
+            table,
+            version,
+            rows,
+            files = files.len(),
+            attempts,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "delta commit"
+        );
     }
 
-    pub fn fenced(&self, table: &str, tp: &TopicPartition, expected: Option<i64>, stored: Option<i64>, dropped_rows: usize) {
-        self.commits_fenced.with_label_values(&[table, tp.topic.as_ref()]).inc();
+    pub fn fenced(
+        &self,
+        table: &str,
+        tp: &TopicPartition,
+        expected: Option<i64>,
+        stored: Option<i64>,
+        dropped_rows: usize,
+    ) {
+        self.commits_fenced
+            .with_label_values(&[table, tp.topic.as_ref()])
+            .inc();
         tracing::warn!(
             table,
             topic = %tp.topic,
@@ -190,7 +335,12 @@ impl Metrics {
         );
     }
 
-    pub fn rebalanced(&self, kind: &'static str, partitions: &[TopicPartition], assigned_now: usize) {
+    pub fn rebalanced(
+        &self,
+        kind: &'static str,
+        partitions: &[TopicPartition],
+        assigned_now: usize,
+    ) {
         self.rebalances.with_label_values(&[kind]).inc();
         self.assigned_partitions.set(assigned_now as i64);
         let list: Vec<String> = partitions.iter().map(ToString::to_string).collect();
@@ -219,12 +369,18 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
-                let metrics = metrics.clone();
-                async move { Ok::<_, std::convert::Infallible>(route(&metrics, request.uri().path())) }
-            });
+            let service =
+                hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let metrics = metrics.clone();
+                    async move {
+                        Ok::<_, std::convert::Infallible>(route(&metrics, request.uri().path()))
+                    }
+                });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
                 tracing::debug!(error = %e, "metrics connection ended");
             }
         });
@@ -233,17 +389,37 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Cance
 
 fn route(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
-        "/healthz" if metrics.alive.load(Ordering::Relaxed) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
-        "/healthz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not alive\n".to_string()),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
+        "/healthz" if metrics.alive.load(Ordering::Relaxed) => {
+            (StatusCode::OK, "text/plain", "ok\n".to_string())
+        }
+        "/healthz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not alive\n".to_string(),
+        ),
         "/readyz" if metrics.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
-        "/readyz" => (StatusCode::SERVICE_UNAVAILABLE, "text/plain", "not ready\n".to_string()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_string()),
+        "/readyz" => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            "not ready\n".to_string(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_string(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = hyper::header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
 }

@@ -71,13 +71,21 @@ struct PartitionState {
 
 /// Reads the reader schema and returns its JSON and the table name (its record name, snake_case).
 pub fn reader_schema(path: &std::path::Path) -> Result<(String, String), PipelineError> {
-    let json = std::fs::read_to_string(path)
-        .map_err(|e| PipelineError::Config(format!("STRATA_READER_SCHEMA={}: {e}", path.display())))?;
-    let schema = apache_avro::Schema::parse_str(&json)
-        .map_err(|e| PipelineError::Config(format!("STRATA_READER_SCHEMA={}: not a valid Avro schema: {e}", path.display())))?;
+    let json = std::fs::read_to_string(path).map_err(|e| {
+        PipelineError::Config(format!("STRATA_READER_SCHEMA={}: {e}", path.display()))
+    })?;
+    let schema = apache_avro::Schema::parse_str(&json).map_err(|e| {
+        PipelineError::Config(format!(
+            "STRATA_READER_SCHEMA={}: not a valid Avro schema: {e}",
+            path.display()
+        ))
+    })?;
     match schema {
         apache_avro::Schema::Record(record) => Ok((json, lake::snake_case(record.name.name()))),
-        _ => Err(PipelineError::Config(format!("STRATA_READER_SCHEMA={}: top-level type must be a record", path.display()))),
+        _ => Err(PipelineError::Config(format!(
+            "STRATA_READER_SCHEMA={}: top-level type must be a record",
+            path.display()
+        ))),
     }
 }
 
@@ -101,28 +109,47 @@ struct Replica {
 
 /// Runs one replica until `shutdown` is cancelled, then flushes, commits, leaves the group and
 /// returns what it did. `ready` receives the bound metrics address once serving.
-pub async fn run(config: Config, metrics: Arc<Metrics>, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, PipelineError> {
     lake::register_object_stores();
     let (reader_json, table_name) = reader_schema(&config.reader_schema_path)?;
     let decoder = BatchDecoder::new(&reader_json, &config.event_time_field, 8192)
         .map_err(|e| PipelineError::Config(e.to_string()))?;
-    let registry = SchemaRegistry::from_config(&config.registry).map_err(|e| PipelineError::Config(e.to_string()))?;
+    let registry = SchemaRegistry::from_config(&config.registry)
+        .map_err(|e| PipelineError::Config(e.to_string()))?;
     let url = lake::table_url(&config.lake_url, "silver", &table_name)?;
     let table = lake::open_or_create(url, &decoder.output_schema(), &table_name).await?;
     let writer = SilverWriter::new(
         decoder.output_schema(),
         decoder.event_time_index(),
-        FilePolicy { max_rows: config.file_max_rows, max_bytes: config.file_max_bytes, compression: config.compression },
+        FilePolicy {
+            max_rows: config.file_max_rows,
+            max_bytes: config.file_max_bytes,
+            compression: config.compression,
+        },
         table.object_store(),
     );
     let committer = TableCommitter::new(table, &config.group_id, config.commit_retries);
-    let dead_letters = DeadLetters::new(&config.brokers, &config.kafka_properties, &config.dlq_suffix)?;
-    metrics.buffered_bytes_limit.set(config.file_max_bytes as i64);
+    let dead_letters = DeadLetters::new(
+        &config.brokers,
+        &config.kafka_properties,
+        &config.dlq_suffix,
+    )?;
+    metrics
+        .buffered_bytes_limit
+        .set(config.file_max_bytes as i64);
 
     let (listener, bound) = crate::metrics::bind(config.metrics_addr).await?;
     tracing::info!(addr = %bound, table = %table_name, "serving /metrics, /healthz and /readyz");
     let server_stop = CancellationToken::new();
-    let server = tokio::spawn(crate::metrics::serve(listener, metrics.clone(), server_stop.clone()));
+    let server = tokio::spawn(crate::metrics::serve(
+        listener,
+        metrics.clone(),
+        server_stop.clone(),
+    ));
 
     let (events_tx, mut events) = mpsc::channel(16);
     let source = Source::start(
@@ -158,7 +185,9 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, shutdown: CancellationTo
     metrics.set_ready(false);
     let grace = replica.config.shutdown_grace;
     let drained = match result {
-        Ok(()) => tokio::time::timeout(grace, replica.drain(&mut events)).await.map_err(|_| PipelineError::GraceExceeded(grace)),
+        Ok(()) => tokio::time::timeout(grace, replica.drain(&mut events))
+            .await
+            .map_err(|_| PipelineError::GraceExceeded(grace)),
         Err(e) => Err(e),
     };
     replica.source.stop();
@@ -169,7 +198,9 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, shutdown: CancellationTo
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(15), closing).await;
-    let Replica { source, summary, .. } = replica;
+    let Replica {
+        source, summary, ..
+    } = replica;
     let _ = tokio::task::spawn_blocking(move || source.join()).await;
     server_stop.cancel();
     let _ = server.await;
@@ -177,7 +208,10 @@ pub async fn run(config: Config, metrics: Arc<Metrics>, shutdown: CancellationTo
 }
 
 impl Replica {
-    async fn consume(&mut self, events: &mut mpsc::Receiver<SourceEvent>) -> Result<(), PipelineError> {
+    async fn consume(
+        &mut self,
+        events: &mut mpsc::Receiver<SourceEvent>,
+    ) -> Result<(), PipelineError> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -197,7 +231,10 @@ impl Replica {
     }
 
     /// After shutdown: commit everything complete.
-    async fn drain(&mut self, events: &mut mpsc::Receiver<SourceEvent>) -> Result<(), PipelineError> {
+    async fn drain(
+        &mut self,
+        events: &mut mpsc::Receiver<SourceEvent>,
+    ) -> Result<(), PipelineError> {
         // Records already handed over are processed, so their offsets can commit with the rest.
         while let Ok(event) = events.try_recv() {
             self.handle(event).await?;
@@ -207,7 +244,9 @@ impl Replica {
 
     fn answer_while_closing(&mut self, event: SourceEvent) {
         match event {
-            SourceEvent::Revoked { partitions, done, .. } => {
+            SourceEvent::Revoked {
+                partitions, done, ..
+            } => {
                 // Everything complete was committed by `drain`; what is left is dropped, not lost:
                 // the next owner resumes from the table.
                 self.forget(&partitions);
@@ -224,15 +263,28 @@ impl Replica {
             SourceEvent::Assigned { partitions, reply } => {
                 let claimed = self.claim_with_retry(&partitions).await?;
                 for (tp, stored) in &claimed {
-                    self.parts.insert(tp.clone(), PartitionState { next_offset: stored.map(|v| v + 1), ..Default::default() });
+                    self.parts.insert(
+                        tp.clone(),
+                        PartitionState {
+                            next_offset: stored.map(|v| v + 1),
+                            ..Default::default()
+                        },
+                    );
                     if let Some(version) = stored {
-                        self.metrics.committed_offset.with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()]).set(*version);
+                        self.metrics
+                            .committed_offset
+                            .with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
+                            .set(*version);
                     }
                 }
                 let _ = reply.send(claimed.into_iter().collect());
                 Ok(())
             }
-            SourceEvent::Revoked { partitions, lost, done } => {
+            SourceEvent::Revoked {
+                partitions,
+                lost,
+                done,
+            } => {
                 if lost {
                     self.drop_work(&partitions);
                 } else {
@@ -251,7 +303,10 @@ impl Replica {
         }
     }
 
-    async fn claim_with_retry(&mut self, partitions: &[TopicPartition]) -> Result<Vec<(TopicPartition, Option<i64>)>, PipelineError> {
+    async fn claim_with_retry(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<(TopicPartition, Option<i64>)>, PipelineError> {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.committer.claim(partitions).await {
@@ -267,7 +322,9 @@ impl Replica {
     }
 
     async fn on_records(&mut self, records: Vec<SourceRecord>) -> Result<(), PipelineError> {
-        let Some(first) = records.first() else { return Ok(()) };
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
         let tp = TopicPartition::new(first.topic.clone(), first.partition);
         let Some(state) = self.parts.get(&tp) else {
             return Ok(()); // not ours (any more): the owner reads these from the table's progress
@@ -277,21 +334,34 @@ impl Replica {
         }
         let next = state.next_offset;
         let before = records.len();
-        let records: Vec<SourceRecord> = records.into_iter().filter(|r| next.is_none_or(|n| r.offset >= n)).collect();
+        let records: Vec<SourceRecord> = records
+            .into_iter()
+            .filter(|r| next.is_none_or(|n| r.offset >= n))
+            .collect();
         let skipped = (before - records.len()) as u64;
         if skipped > 0 {
             self.summary.duplicates_skipped += skipped;
-            self.metrics.records_skipped_duplicate.with_label_values(&[tp.topic.as_ref()]).inc_by(skipped);
+            self.metrics
+                .records_skipped_duplicate
+                .with_label_values(&[tp.topic.as_ref()])
+                .inc_by(skipped);
         }
-        let Some(last) = records.last().map(|r| r.offset) else { return Ok(()) };
+        let Some(last) = records.last().map(|r| r.offset) else {
+            return Ok(());
+        };
         self.summary.records_consumed += records.len() as u64;
 
         self.resolve_schemas(&records).await;
         let decoded = self.decoder.decode(&records);
         if !decoded.rejected.is_empty() {
-            let letters: Vec<(&SourceRecord, &Rejection)> = decoded.rejected.iter().map(|(i, r)| (&records[*i], r)).collect();
+            let letters: Vec<(&SourceRecord, &Rejection)> = decoded
+                .rejected
+                .iter()
+                .map(|(i, r)| (&records[*i], r))
+                .collect();
             for (record, rejection) in &letters {
-                self.metrics.dead_lettered(&tp, record.offset, rejection.kind, &rejection.message);
+                self.metrics
+                    .dead_lettered(&tp, record.offset, rejection.kind, &rejection.message);
             }
             self.dead_letters.publish(&letters).await;
             self.summary.dead_lettered += letters.len() as u64;
@@ -309,7 +379,9 @@ impl Replica {
         state.next_offset = Some(last + 1);
         self.oldest.get_or_insert_with(Instant::now);
         self.metrics.buffered_bytes.set(self.buffered_bytes as i64);
-        if self.buffered_rows >= self.config.file_max_rows || self.buffered_bytes >= self.config.file_max_bytes {
+        if self.buffered_rows >= self.config.file_max_rows
+            || self.buffered_bytes >= self.config.file_max_bytes
+        {
             self.flush().await?;
         }
         Ok(())
@@ -320,7 +392,12 @@ impl Replica {
     async fn resolve_schemas(&mut self, records: &[SourceRecord]) {
         let mut ids: Vec<u32> = records
             .iter()
-            .filter_map(|r| r.value.as_deref().and_then(|v| wire::parse(v).ok()).map(|f| f.schema_id))
+            .filter_map(|r| {
+                r.value
+                    .as_deref()
+                    .and_then(|v| wire::parse(v).ok())
+                    .map(|f| f.schema_id)
+            })
             .filter(|id| !self.decoder.knows(*id))
             .collect();
         ids.sort_unstable();
@@ -340,7 +417,8 @@ impl Replica {
                         break;
                     }
                     Err(e) => {
-                        self.metrics.registry_error(registry_error_kind(&e), id, &e.to_string());
+                        self.metrics
+                            .registry_error(registry_error_kind(&e), id, &e.to_string());
                         self.metrics.set_ready(false);
                         if self.shutdown.is_cancelled() {
                             // Leave the id unknown: its records are dead-lettered only if the
@@ -390,15 +468,27 @@ impl Replica {
     async fn on_fenced(&mut self, fenced: Vec<Fenced>) -> Result<(), PipelineError> {
         for f in fenced {
             let dropped = self.drop_work(std::slice::from_ref(&f.partition));
-            self.metrics.fenced(&self.table_name, &f.partition, f.expected, f.stored, dropped);
+            self.metrics.fenced(
+                &self.table_name,
+                &f.partition,
+                f.expected,
+                f.stored,
+                dropped,
+            );
             self.summary.fenced_partitions += 1;
-            let claimed = self.committer.claim(std::slice::from_ref(&f.partition)).await?;
+            let claimed = self
+                .committer
+                .claim(std::slice::from_ref(&f.partition))
+                .await?;
             let stored = claimed.first().and_then(|(_, v)| *v);
             if let Some(state) = self.parts.get_mut(&f.partition) {
                 state.next_offset = stored.map(|v| v + 1);
                 state.awaiting_reseek = true;
             }
-            self.source.command(SourceCommand::Seek(f.partition.clone(), stored.map_or(0, |v| v + 1)));
+            self.source.command(SourceCommand::Seek(
+                f.partition.clone(),
+                stored.map_or(0, |v| v + 1),
+            ));
         }
         Ok(())
     }
@@ -423,8 +513,12 @@ impl Replica {
     async fn try_flush(&mut self) -> Result<(), PipelineError> {
         let started = Instant::now();
         loop {
-            let partitions: Vec<TopicPartition> =
-                self.parts.iter().filter(|(_, s)| s.pending_last.is_some()).map(|(tp, _)| tp.clone()).collect();
+            let partitions: Vec<TopicPartition> = self
+                .parts
+                .iter()
+                .filter(|(_, s)| s.pending_last.is_some())
+                .map(|(tp, _)| tp.clone())
+                .collect();
             if partitions.is_empty() {
                 self.oldest = None;
                 return Ok(());
@@ -458,19 +552,34 @@ impl Replica {
                 }
                 CommitOutcome::Committed { version, attempts } => {
                     crate::failpoint!("after_delta_commit");
-                    self.metrics.committed(&self.table_name, version, rows, &sizes, started.elapsed(), attempts);
-                    self.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
+                    self.metrics.committed(
+                        &self.table_name,
+                        version,
+                        rows,
+                        &sizes,
+                        started.elapsed(),
+                        attempts,
+                    );
+                    self.metrics
+                        .flush_duration
+                        .observe(started.elapsed().as_secs_f64());
                     self.summary.commits += 1;
                     self.summary.rows_committed += rows;
                     self.summary.files += sizes.len() as u64;
                     for (tp, last) in &last_offsets {
-                        self.metrics.committed_offset.with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()]).set(*last);
+                        self.metrics
+                            .committed_offset
+                            .with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
+                            .set(*last);
                     }
                     let committed: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
                     self.drop_work(&committed);
                     // Advisory group commit, so standard tools see the lag.
                     self.source.command(SourceCommand::CommitOffsets(
-                        last_offsets.into_iter().map(|(tp, last)| (tp, last + 1)).collect(),
+                        last_offsets
+                            .into_iter()
+                            .map(|(tp, last)| (tp, last + 1))
+                            .collect(),
                     ));
                     self.oldest = None;
                     return Ok(());

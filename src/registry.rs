@@ -29,13 +29,20 @@ pub enum RegistryError {
     Unavailable(String),
     /// Any other refusal (bad credentials, malformed answer): retried, but needs an operator.
     #[error("schema registry answered HTTP {status} (error code {code:?}): {message}")]
-    Unexpected { status: u16, code: Option<i64>, message: String },
+    Unexpected {
+        status: u16,
+        code: Option<i64>,
+        message: String,
+    },
 }
 
 impl RegistryError {
     /// Whether waiting and asking again can help. Record-level errors are not retryable.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, RegistryError::NotFound { .. } | RegistryError::NotAvro { .. })
+        !matches!(
+            self,
+            RegistryError::NotFound { .. } | RegistryError::NotAvro { .. }
+        )
     }
 }
 
@@ -72,19 +79,33 @@ impl ConfluentClient {
             Some((user, pass)) => (user.to_string(), pass.to_string()),
             None => (u.to_string(), String::new()),
         });
-        Ok(Self { base_url: base_url.trim_end_matches('/').to_string(), user_info, http })
+        Ok(Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            user_info,
+            http,
+        })
     }
 
     pub async fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
         let url = format!("{}/schemas/ids/{id}", self.base_url);
-        let mut request = self.http.get(&url).header("Accept", "application/vnd.schemaregistry.v1+json");
+        let mut request = self
+            .http
+            .get(&url)
+            .header("Accept", "application/vnd.schemaregistry.v1+json");
         if let Some((user, pass)) = &self.user_info {
             request = request.basic_auth(user, Some(pass));
         }
-        let mut response = request.send().await.map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        let mut response = request
+            .send()
+            .await
+            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
         let status = response.status().as_u16();
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| RegistryError::Unavailable(e.to_string()))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| RegistryError::Unavailable(e.to_string()))?
+        {
             if body.len() + chunk.len() > MAX_RESPONSE_BYTES {
                 return Err(RegistryError::Unexpected {
                     status,
@@ -95,14 +116,18 @@ impl ConfluentClient {
             body.extend_from_slice(&chunk);
         }
         if status == 200 {
-            let parsed: SchemaResponse = serde_json::from_slice(&body).map_err(|e| RegistryError::Unexpected {
-                status,
-                code: None,
-                message: format!("malformed schema answer: {e}"),
-            })?;
+            let parsed: SchemaResponse =
+                serde_json::from_slice(&body).map_err(|e| RegistryError::Unexpected {
+                    status,
+                    code: None,
+                    message: format!("malformed schema answer: {e}"),
+                })?;
             return match parsed.schema_type.as_deref() {
                 None | Some("AVRO") => Ok(parsed.schema),
-                Some(other) => Err(RegistryError::NotAvro { id, schema_type: other.to_string() }),
+                Some(other) => Err(RegistryError::NotAvro {
+                    id,
+                    schema_type: other.to_string(),
+                }),
             };
         }
         let error: Option<ErrorResponse> = serde_json::from_slice(&body).ok();
@@ -112,8 +137,14 @@ impl ConfluentClient {
             .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned());
         match (status, code) {
             (404, Some(40403)) | (404, None) => Err(RegistryError::NotFound { id, message }),
-            (408 | 429, _) | (500..=599, _) => Err(RegistryError::Unavailable(format!("HTTP {status}: {message}"))),
-            _ => Err(RegistryError::Unexpected { status, code, message }),
+            (408 | 429, _) | (500..=599, _) => Err(RegistryError::Unavailable(format!(
+                "HTTP {status}: {message}"
+            ))),
+            _ => Err(RegistryError::Unexpected {
+                status,
+                code,
+                message,
+            }),
         }
     }
 }
@@ -132,10 +163,14 @@ impl DirectorySource {
         let path = self.dir.join(format!("{id}.avsc"));
         match tokio::fs::read_to_string(&path).await {
             Ok(text) => Ok(text),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Err(RegistryError::NotFound { id, message: format!("no file {}", path.display()) })
-            }
-            Err(e) => Err(RegistryError::Unavailable(format!("reading {}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(RegistryError::NotFound {
+                id,
+                message: format!("no file {}", path.display()),
+            }),
+            Err(e) => Err(RegistryError::Unavailable(format!(
+                "reading {}: {e}",
+                path.display()
+            ))),
         }
     }
 }
@@ -159,7 +194,10 @@ impl SchemaRegistry {
             }
             RegistrySource::Directory(dir) => Source::Directory(DirectorySource::new(dir)),
         };
-        Ok(Self { source, cache: RwLock::new(HashMap::new()) })
+        Ok(Self {
+            source,
+            cache: RwLock::new(HashMap::new()),
+        })
     }
 
     /// One attempt: the cached schema, or one request to the source.

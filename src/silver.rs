@@ -51,7 +51,10 @@ pub fn date_hour(micros: i64) -> (i32, i32) {
     let seconds = micros.div_euclid(1_000_000);
     let days = seconds.div_euclid(86_400);
     let hour = seconds.rem_euclid(86_400) / 3_600;
-    (days.clamp(i32::MIN as i64, i32::MAX as i64) as i32, hour as i32)
+    (
+        days.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+        hour as i32,
+    )
 }
 
 fn date_string(days: i32) -> String {
@@ -63,8 +66,18 @@ fn date_string(days: i32) -> String {
 
 impl SilverWriter {
     /// `store` must be rooted at the table (paths are relative to it).
-    pub fn new(schema: SchemaRef, event_time_index: usize, policy: FilePolicy, store: Arc<dyn ObjectStore>) -> Self {
-        Self { schema, event_time_index, policy, store }
+    pub fn new(
+        schema: SchemaRef,
+        event_time_index: usize,
+        policy: FilePolicy,
+        store: Arc<dyn ObjectStore>,
+    ) -> Self {
+        Self {
+            schema,
+            event_time_index,
+            policy,
+            store,
+        }
     }
 
     /// Writes `batches` as Parquet files, one or more per (event_date, event_hour), and returns their
@@ -74,15 +87,27 @@ impl SilverWriter {
         if all.num_rows() == 0 {
             return Ok(Vec::new());
         }
-        let times = all.column(self.event_time_index).as_primitive::<TimestampMicrosecondType>();
+        let times = all
+            .column(self.event_time_index)
+            .as_primitive::<TimestampMicrosecondType>();
         let mut groups: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
         for row in 0..all.num_rows() {
             // Rows without event time were rejected by the decoder; treat a null defensively as epoch.
-            let micros = if times.is_null(row) { 0 } else { times.value(row) };
-            groups.entry(date_hour(micros)).or_default().push(row as u32);
+            let micros = if times.is_null(row) {
+                0
+            } else {
+                times.value(row)
+            };
+            groups
+                .entry(date_hour(micros))
+                .or_default()
+                .push(row as u32);
         }
         let bytes_per_row = (all.get_array_memory_size() / all.num_rows()).max(1);
-        let rows_per_file = self.policy.max_rows.min((self.policy.max_bytes / bytes_per_row).max(1));
+        let rows_per_file = self
+            .policy
+            .max_rows
+            .min((self.policy.max_bytes / bytes_per_row).max(1));
 
         let mut adds = Vec::new();
         for ((days, hour), rows) in groups {
@@ -94,11 +119,17 @@ impl SilverWriter {
         Ok(adds)
     }
 
-    async fn write_file(&self, batch: RecordBatch, days: i32, hour: i32) -> Result<Add, SilverError> {
+    async fn write_file(
+        &self,
+        batch: RecordBatch,
+        days: i32,
+        hour: i32,
+    ) -> Result<Add, SilverError> {
         let rows = batch.num_rows();
         let compression = self.policy.compression;
         // Parquet encoding is CPU work: keep it off the async workers.
-        let bytes = tokio::task::spawn_blocking(move || encode_parquet(&batch, compression)).await??;
+        let bytes =
+            tokio::task::spawn_blocking(move || encode_parquet(&batch, compression)).await??;
         let date = date_string(days);
         let extension = match compression {
             Compression::Zstd => "zstd.parquet",
@@ -112,7 +143,9 @@ impl SilverWriter {
             uuid::Uuid::new_v4()
         );
         let size = bytes.len() as i64;
-        self.store.put(&Path::from(relative.as_str()), bytes.into()).await?;
+        self.store
+            .put(&Path::from(relative.as_str()), bytes.into())
+            .await?;
         crate::failpoint!("after_upload");
         let partition_values: HashMap<String, Option<String>> = [
             (PARTITION_COLUMNS[0].to_string(), Some(date)),

@@ -38,10 +38,17 @@ pub enum SourceEvent {
     /// Consecutive records of one partition.
     Records(Vec<SourceRecord>),
     /// New partitions: the pipeline answers with the last offset already in the table (or `None`).
-    Assigned { partitions: Vec<TopicPartition>, reply: oneshot::Sender<HashMap<TopicPartition, Option<i64>>> },
+    Assigned {
+        partitions: Vec<TopicPartition>,
+        reply: oneshot::Sender<HashMap<TopicPartition, Option<i64>>>,
+    },
     /// Partitions taken away; the rebalance waits for `done`. `lost` means another member may
     /// already own them, so their work must not be committed blindly.
-    Revoked { partitions: Vec<TopicPartition>, lost: bool, done: oneshot::Sender<()> },
+    Revoked {
+        partitions: Vec<TopicPartition>,
+        lost: bool,
+        done: oneshot::Sender<()>,
+    },
     /// A seek the pipeline asked for has happened: records of this partition from now on follow it.
     Reseeked(TopicPartition),
 }
@@ -65,7 +72,10 @@ impl ClientContext for SourceContext {
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
-                    self.metrics.consumer_lag.with_label_values(&[topic.as_str(), &partition.to_string()]).set(p.consumer_lag);
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(p.consumer_lag);
                 }
             }
         }
@@ -78,17 +88,35 @@ impl ClientContext for SourceContext {
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
-    tpl.elements().iter().map(|e| TopicPartition::new(e.topic(), e.partition())).collect()
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
 }
 
 impl ConsumerContext for SourceContext {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
-        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions = partitions_of(tpl);
                 let (reply, answer) = oneshot::channel();
-                let resume = if self.events.blocking_send(SourceEvent::Assigned { partitions: partitions.clone(), reply }).is_ok() {
+                let resume = if self
+                    .events
+                    .blocking_send(SourceEvent::Assigned {
+                        partitions: partitions.clone(),
+                        reply,
+                    })
+                    .is_ok()
+                {
                     answer.blocking_recv().ok()
                 } else {
                     None
@@ -107,29 +135,57 @@ impl ConsumerContext for SourceContext {
                         tracing::error!(partition = %tp, error = %e, "setting resume offset");
                     }
                 }
-                let result = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions");
                 }
                 let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                *assigned = if cooperative { *assigned + partitions.len() } else { partitions.len() };
+                *assigned = if cooperative {
+                    *assigned + partitions.len()
+                } else {
+                    partitions.len()
+                };
                 self.metrics.rebalanced("assign", &partitions, *assigned);
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
                 let lost = consumer.assignment_lost();
                 let (done, finished) = oneshot::channel();
-                if self.events.blocking_send(SourceEvent::Revoked { partitions: partitions.clone(), lost, done }).is_ok() {
+                if self
+                    .events
+                    .blocking_send(SourceEvent::Revoked {
+                        partitions: partitions.clone(),
+                        lost,
+                        done,
+                    })
+                    .is_ok()
+                {
                     // The rebalance completes only after the pipeline finished or dropped the work.
                     let _ = finished.blocking_recv();
                 }
-                let result = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
                 if let Err(e) = result {
                     tracing::error!(error = %e, "unassigning partitions");
                 }
                 let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                *assigned = if cooperative { assigned.saturating_sub(partitions.len()) } else { 0 };
-                self.metrics.rebalanced(if lost { "lost" } else { "revoke" }, &partitions, *assigned);
+                *assigned = if cooperative {
+                    assigned.saturating_sub(partitions.len())
+                } else {
+                    0
+                };
+                self.metrics.rebalanced(
+                    if lost { "lost" } else { "revoke" },
+                    &partitions,
+                    *assigned,
+                );
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
@@ -182,7 +238,11 @@ impl Source {
         for (key, value) in &settings.properties {
             config.set(key, value);
         }
-        let context = SourceContext { events: events.clone(), metrics: metrics.clone(), assigned: Mutex::new(0) };
+        let context = SourceContext {
+            events: events.clone(),
+            metrics: metrics.clone(),
+            assigned: Mutex::new(0),
+        };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
@@ -194,7 +254,11 @@ impl Source {
             .name("strata-source".into())
             .spawn(move || poll_loop(consumer, events, command_rx, stop_flag, metrics))
             .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?;
-        Ok(Self { commands, stop, thread: Some(thread) })
+        Ok(Self {
+            commands,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     pub fn command(&self, command: SourceCommand) {
@@ -218,7 +282,11 @@ impl Source {
 fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
     let headers = message
         .headers()
-        .map(|h| h.iter().map(|header| (header.key.to_string(), header.value.map(<[u8]>::to_vec))).collect())
+        .map(|h| {
+            h.iter()
+                .map(|header| (header.key.to_string(), header.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
         .unwrap_or_default();
     SourceRecord {
         topic: message.topic().into(),
@@ -247,10 +315,19 @@ fn poll_loop(
                     // Only seek what we still own; otherwise the new owner resumes from the table.
                     let owned = consumer
                         .assignment()
-                        .map(|a| a.elements().iter().any(|e| e.topic() == tp.topic.as_ref() && e.partition() == tp.partition))
+                        .map(|a| {
+                            a.elements().iter().any(|e| {
+                                e.topic() == tp.topic.as_ref() && e.partition() == tp.partition
+                            })
+                        })
                         .unwrap_or(false);
                     if owned {
-                        if let Err(e) = consumer.seek(&tp.topic, tp.partition, Offset::Offset(offset), Duration::from_secs(10)) {
+                        if let Err(e) = consumer.seek(
+                            &tp.topic,
+                            tp.partition,
+                            Offset::Offset(offset),
+                            Duration::from_secs(10),
+                        ) {
                             tracing::warn!(partition = %tp, offset, error = %e, "seek failed");
                         }
                         let _ = events.blocking_send(SourceEvent::Reseeked(tp));
@@ -259,7 +336,11 @@ fn poll_loop(
                 SourceCommand::CommitOffsets(offsets) => {
                     let mut tpl = TopicPartitionList::new();
                     for (tp, next) in &offsets {
-                        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next));
+                        let _ = tpl.add_partition_offset(
+                            &tp.topic,
+                            tp.partition,
+                            Offset::Offset(*next),
+                        );
                     }
                     if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
                         tracing::debug!(error = %e, "group offset commit not sent");
@@ -273,8 +354,9 @@ fn poll_loop(
             match consumer.poll(timeout) {
                 Some(Ok(message)) => {
                     let record = to_record(&message);
-                    let same_partition =
-                        chunk.last().is_none_or(|last| last.partition == record.partition && last.topic == record.topic);
+                    let same_partition = chunk.last().is_none_or(|last| {
+                        last.partition == record.partition && last.topic == record.topic
+                    });
                     if !same_partition {
                         send_chunk(&events, &mut chunk, &mut chunk_bytes, &metrics);
                     }
@@ -302,20 +384,36 @@ fn poll_loop(
     // Leave the group: the final revocation goes through the rebalance callback as usual.
     consumer.unsubscribe();
     let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until && consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
+    while Instant::now() < until
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
         let _ = consumer.poll(Duration::from_millis(100));
     }
     drop(consumer);
 }
 
-fn send_chunk(events: &mpsc::Sender<SourceEvent>, chunk: &mut Vec<SourceRecord>, bytes: &mut usize, metrics: &Metrics) {
+fn send_chunk(
+    events: &mpsc::Sender<SourceEvent>,
+    chunk: &mut Vec<SourceRecord>,
+    bytes: &mut usize,
+    metrics: &Metrics,
+) {
     if chunk.is_empty() {
         return;
     }
     let records = std::mem::take(chunk);
     if let Some(first) = records.first() {
-        metrics.records_consumed.with_label_values(&[first.topic.as_ref()]).inc_by(records.len() as u64);
-        metrics.bytes_consumed.with_label_values(&[first.topic.as_ref()]).inc_by(*bytes as u64);
+        metrics
+            .records_consumed
+            .with_label_values(&[first.topic.as_ref()])
+            .inc_by(records.len() as u64);
+        metrics
+            .bytes_consumed
+            .with_label_values(&[first.topic.as_ref()])
+            .inc_by(*bytes as u64);
     }
     *bytes = 0;
     // Blocks when the pipeline is behind: that is the backpressure on fetching.

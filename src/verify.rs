@@ -42,10 +42,19 @@ pub async fn read_table(url: Url) -> Result<TableContents, VerifyError> {
     crate::lake::register_object_stores();
     let table = DeltaTable::try_from_url(url).await?;
     let Some(version) = table.version() else {
-        return Ok(TableContents { version: -1, files: 0, batches: Vec::new() });
+        return Ok(TableContents {
+            version: -1,
+            files: 0,
+            batches: Vec::new(),
+        });
     };
     let store = table.object_store();
-    let paths: Vec<_> = table.snapshot()?.log_data().into_iter().map(|f| f.object_store_path()).collect();
+    let paths: Vec<_> = table
+        .snapshot()?
+        .log_data()
+        .into_iter()
+        .map(|f| f.object_store_path())
+        .collect();
     let mut batches = Vec::new();
     for path in &paths {
         let bytes = store.get(path).await?.bytes().await?;
@@ -53,16 +62,25 @@ pub async fn read_table(url: Url) -> Result<TableContents, VerifyError> {
             batches.push(batch?);
         }
     }
-    Ok(TableContents { version: version as i64, files: paths.len(), batches })
+    Ok(TableContents {
+        version: version as i64,
+        files: paths.len(),
+        batches,
+    })
 }
 
 /// `(topic, partition, offset)` of every row, from the lineage columns.
 pub fn lineage(batches: &[RecordBatch]) -> Result<Vec<(String, i32, i64)>, VerifyError> {
     let mut out = Vec::new();
     for batch in batches {
-        let topics = batch.column_by_name("_topic").ok_or(VerifyError::Column("_topic"))?;
-        let topics = deltalake::arrow::compute::cast(topics, &deltalake::arrow::datatypes::DataType::Utf8)?;
-        let topics = topics.as_string_opt::<i32>().ok_or(VerifyError::Column("_topic"))?;
+        let topics = batch
+            .column_by_name("_topic")
+            .ok_or(VerifyError::Column("_topic"))?;
+        let topics =
+            deltalake::arrow::compute::cast(topics, &deltalake::arrow::datatypes::DataType::Utf8)?;
+        let topics = topics
+            .as_string_opt::<i32>()
+            .ok_or(VerifyError::Column("_topic"))?;
         let partitions = batch
             .column_by_name("_partition")
             .and_then(|c| c.as_primitive_opt::<Int32Type>())
@@ -75,7 +93,11 @@ pub fn lineage(batches: &[RecordBatch]) -> Result<Vec<(String, i32, i64)>, Verif
             if topics.is_null(row) {
                 return Err(VerifyError::Column("_topic"));
             }
-            out.push((topics.value(row).to_string(), partitions.value(row), offsets.value(row)));
+            out.push((
+                topics.value(row).to_string(),
+                partitions.value(row),
+                offsets.value(row),
+            ));
         }
     }
     Ok(out)
@@ -129,10 +151,28 @@ pub fn exactly_once(
         found_rows += 1;
         *counts.entry(key).or_default() += 1;
     }
-    let missing = expected.iter().filter(|k| !counts.contains_key(*k)).cloned().collect();
-    let duplicated = counts.iter().filter(|(_, n)| **n > 1).map(|(k, n)| (k.clone(), *n)).collect();
-    let unexpected = counts.keys().filter(|k| !expected.contains(*k)).cloned().collect();
-    ExactlyOnce { expected: expected.len(), found: found_rows, missing, duplicated, unexpected }
+    let missing = expected
+        .iter()
+        .filter(|k| !counts.contains_key(*k))
+        .cloned()
+        .collect();
+    let duplicated = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, n)| (k.clone(), *n))
+        .collect();
+    let unexpected = counts
+        .keys()
+        .filter(|k| !expected.contains(*k))
+        .cloned()
+        .collect();
+    ExactlyOnce {
+        expected: expected.len(),
+        found: found_rows,
+        missing,
+        duplicated,
+        unexpected,
+    }
 }
 
 #[cfg(test)]

@@ -26,9 +26,10 @@ pub fn parse(value: &[u8]) -> Result<Framed<'_>, WireError> {
     match value {
         [] => Err(WireError::Empty),
         [magic, ..] if *magic != MAGIC => Err(WireError::BadMagic(*magic)),
-        [_, id0, id1, id2, id3, body @ ..] => {
-            Ok(Framed { schema_id: u32::from_be_bytes([*id0, *id1, *id2, *id3]), body })
-        }
+        [_, id0, id1, id2, id3, body @ ..] => Ok(Framed {
+            schema_id: u32::from_be_bytes([*id0, *id1, *id2, *id3]),
+            body,
+        }),
         short => Err(WireError::Truncated(short.len())),
     }
 }
@@ -50,8 +51,20 @@ mod tests {
     #[test]
     fn parses_header() {
         let framed = frame(0x0102_0304, b"body");
-        assert_eq!(parse(&framed), Ok(Framed { schema_id: 0x0102_0304, body: b"body" }));
-        assert_eq!(parse(&[0, 0, 0, 0, 7]), Ok(Framed { schema_id: 7, body: &[] }));
+        assert_eq!(
+            parse(&framed),
+            Ok(Framed {
+                schema_id: 0x0102_0304,
+                body: b"body"
+            })
+        );
+        assert_eq!(
+            parse(&[0, 0, 0, 0, 7]),
+            Ok(Framed {
+                schema_id: 7,
+                body: &[]
+            })
+        );
     }
 
     #[test]

@@ -15,14 +15,28 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
     let produced = produce(&setup.topic, 100_000, 500, 1).await;
     assert_eq!(produced.good.len() + produced.bad.len(), 100_000);
     let replica = setup.spawn(&[("STRATA_FLUSH_INTERVAL", "3s")]);
-    assert!(setup.wait_for(&produced, CATCH_UP).await, "did not catch up; log:\n{}", replica.tail(40));
-    let written = replica.metric("strata_records_written_total").await.expect("metric");
-    let dead = replica.metric("strata_records_dead_lettered_total").await.expect("metric");
+    assert!(
+        setup.wait_for(&produced, CATCH_UP).await,
+        "did not catch up; log:\n{}",
+        replica.tail(40)
+    );
+    let written = replica
+        .metric("strata_records_written_total")
+        .await
+        .expect("metric");
+    let dead = replica
+        .metric("strata_records_dead_lettered_total")
+        .await
+        .expect("metric");
     replica.stop(Duration::from_secs(30));
     let contents = setup.assert_exact(&produced).await;
     assert_eq!(written as usize, produced.good.len());
     assert_eq!(dead as usize, produced.bad.len());
-    assert!(contents.files >= 6, "event hours spread rows over several files, found {}", contents.files);
+    assert!(
+        contents.files >= 6,
+        "event hours spread rows over several files, found {}",
+        contents.files
+    );
 }
 
 /// SIGKILL after the Parquet upload but before the Delta commit, after the Delta commit but before
@@ -31,10 +45,24 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
 async fn sigkill_at_every_commit_step_then_restart_is_exact() {
     let setup = Setup::new("kill", 4).await;
     let produced = produce(&setup.topic, 20_000, 300, 2).await;
-    for failpoint in ["after_upload:2", "after_delta_commit:2", "after_upload:1", "after_delta_commit:1"] {
-        let replica = setup.spawn(&[("STRATA_FAILPOINT", failpoint), ("STRATA_FILE_MAX_ROWS", "3000")]);
-        let reached = replica.wait_log("STRATA_FAILPOINT_REACHED", Duration::from_secs(120)).await;
-        assert!(reached, "failpoint {failpoint} not reached; log:\n{}", replica.tail(40));
+    for failpoint in [
+        "after_upload:2",
+        "after_delta_commit:2",
+        "after_upload:1",
+        "after_delta_commit:1",
+    ] {
+        let replica = setup.spawn(&[
+            ("STRATA_FAILPOINT", failpoint),
+            ("STRATA_FILE_MAX_ROWS", "3000"),
+        ]);
+        let reached = replica
+            .wait_log("STRATA_FAILPOINT_REACHED", Duration::from_secs(120))
+            .await;
+        assert!(
+            reached,
+            "failpoint {failpoint} not reached; log:\n{}",
+            replica.tail(40)
+        );
         replica.sigkill();
     }
     // A kill at an arbitrary moment mid-run.
@@ -43,7 +71,11 @@ async fn sigkill_at_every_commit_step_then_restart_is_exact() {
     replica.sigkill();
 
     let replica = setup.spawn(&[]);
-    assert!(setup.wait_for(&produced, CATCH_UP).await, "did not catch up; log:\n{}", replica.tail(40));
+    assert!(
+        setup.wait_for(&produced, CATCH_UP).await,
+        "did not catch up; log:\n{}",
+        replica.tail(40)
+    );
     replica.stop(Duration::from_secs(30));
     setup.assert_exact(&produced).await;
 }
@@ -60,7 +92,12 @@ async fn replica_leaves_and_rejoins_mid_run_is_exact() {
     produced.extend(produce(&setup.topic, 10_000, 250, 4).await);
     let b = setup.spawn(&[("STRATA_FILE_MAX_ROWS", "2000")]);
     produced.extend(produce(&setup.topic, 10_000, 250, 5).await);
-    assert!(setup.wait_for(&produced, CATCH_UP).await, "did not catch up; a:\n{}\nb:\n{}", a.tail(20), b.tail(20));
+    assert!(
+        setup.wait_for(&produced, CATCH_UP).await,
+        "did not catch up; a:\n{}\nb:\n{}",
+        a.tail(20),
+        b.tail(20)
+    );
     a.stop(Duration::from_secs(40));
     b.stop(Duration::from_secs(40));
     setup.assert_exact(&produced).await;
@@ -74,9 +111,17 @@ async fn zombie_replica_cannot_commit_stale_work() {
     let mut produced = produce(&setup.topic, 4_000, 200, 6).await;
     // The zombie stops right before its first commit (the pause only holds it there until the
     // test has frozen the whole process).
-    let zombie = setup.spawn(&[("STRATA_FAILPOINT", "before_commit"), ("STRATA_FAILPOINT_PAUSE_SECS", "3")]);
+    let zombie = setup.spawn(&[
+        ("STRATA_FAILPOINT", "before_commit"),
+        ("STRATA_FAILPOINT_PAUSE_SECS", "3"),
+    ]);
     assert!(
-        zombie.wait_log("STRATA_FAILPOINT_REACHED before_commit", Duration::from_secs(120)).await,
+        zombie
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED before_commit",
+                Duration::from_secs(120)
+            )
+            .await,
         "zombie never reached its commit:\n{}",
         zombie.tail(30)
     );
@@ -85,13 +130,22 @@ async fn zombie_replica_cannot_commit_stale_work() {
     // The survivor takes the partitions once the zombie's session expires, and commits.
     let survivor = setup.spawn(&[]);
     produced.extend(produce(&setup.topic, 2_000, 200, 7).await);
-    assert!(setup.wait_for(&produced, CATCH_UP).await, "survivor did not catch up:\n{}", survivor.tail(30));
-    let version_before = strata::verify::read_table(setup.table_url()).await.expect("table").version;
+    assert!(
+        setup.wait_for(&produced, CATCH_UP).await,
+        "survivor did not catch up:\n{}",
+        survivor.tail(30)
+    );
+    let version_before = strata::verify::read_table(setup.table_url())
+        .await
+        .expect("table")
+        .version;
 
     // Wake the zombie: it goes straight on to commit its stale files, and must be refused.
     zombie.signal("CONT");
     assert!(
-        zombie.wait_log("commit refused", Duration::from_secs(60)).await,
+        zombie
+            .wait_log("commit refused", Duration::from_secs(60))
+            .await,
         "zombie's stale commit was not refused:\n{}",
         zombie.tail(40)
     );
@@ -107,29 +161,63 @@ async fn restart_commits_nothing_without_new_data_and_resumes_at_txn_plus_one() 
     let setup = Setup::new("restart", 3).await;
     let mut produced = produce(&setup.topic, 6_000, 100, 8).await;
     let replica = setup.spawn(&[]);
-    assert!(setup.wait_for(&produced, CATCH_UP).await, "did not catch up:\n{}", replica.tail(30));
+    assert!(
+        setup.wait_for(&produced, CATCH_UP).await,
+        "did not catch up:\n{}",
+        replica.tail(30)
+    );
     replica.stop(Duration::from_secs(30));
-    let table = strata::verify::read_table(setup.table_url()).await.expect("table");
+    let table = strata::verify::read_table(setup.table_url())
+        .await
+        .expect("table");
 
     // No new data: the table version must not move.
     let replica = setup.spawn(&[]);
-    assert!(replica.wait_log("\"kind\":\"assign\"", Duration::from_secs(60)).await, "no assignment:\n{}", replica.tail(20));
+    assert!(
+        replica
+            .wait_log("\"kind\":\"assign\"", Duration::from_secs(60))
+            .await,
+        "no assignment:\n{}",
+        replica.tail(20)
+    );
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let consumed = replica.metric("strata_records_consumed_total").await.unwrap_or(0.0);
+    let consumed = replica
+        .metric("strata_records_consumed_total")
+        .await
+        .unwrap_or(0.0);
     replica.stop(Duration::from_secs(30));
-    let after = strata::verify::read_table(setup.table_url()).await.expect("table");
-    assert_eq!(after.version, table.version, "a restart without data committed something");
+    let after = strata::verify::read_table(setup.table_url())
+        .await
+        .expect("table");
+    assert_eq!(
+        after.version, table.version,
+        "a restart without data committed something"
+    );
     assert_eq!(consumed, 0.0, "a restart without data re-read records");
 
     // New data: consumption starts exactly at txn + 1 (nothing re-read, nothing skipped).
     let more = produce(&setup.topic, 3_000, 100, 9).await;
     let replica = setup.spawn(&[]);
     produced.extend(more.clone());
-    assert!(setup.wait_for(&produced, CATCH_UP).await, "did not catch up:\n{}", replica.tail(30));
-    let consumed = replica.metric("strata_records_consumed_total").await.unwrap_or(0.0);
-    let duplicates = replica.metric("strata_records_skipped_duplicate_total").await.unwrap_or(0.0);
+    assert!(
+        setup.wait_for(&produced, CATCH_UP).await,
+        "did not catch up:\n{}",
+        replica.tail(30)
+    );
+    let consumed = replica
+        .metric("strata_records_consumed_total")
+        .await
+        .unwrap_or(0.0);
+    let duplicates = replica
+        .metric("strata_records_skipped_duplicate_total")
+        .await
+        .unwrap_or(0.0);
     replica.stop(Duration::from_secs(30));
-    assert_eq!(consumed as usize, more.good.len() + more.bad.len(), "resumed somewhere else than txn + 1");
+    assert_eq!(
+        consumed as usize,
+        more.good.len() + more.bad.len(),
+        "resumed somewhere else than txn + 1"
+    );
     assert_eq!(duplicates, 0.0);
     setup.assert_exact(&produced).await;
 }

@@ -30,12 +30,22 @@ fn records(topic: &str, partition: i32, offsets: std::ops::Range<i64>) -> Vec<So
         .collect()
 }
 
-async fn open(url: &url::Url, decoder: &BatchDecoder, group: &str) -> (TableCommitter, SilverWriter) {
-    let table = strata::lake::open_or_create(url.clone(), &decoder.output_schema(), "order").await.expect("table");
+async fn open(
+    url: &url::Url,
+    decoder: &BatchDecoder,
+    group: &str,
+) -> (TableCommitter, SilverWriter) {
+    let table = strata::lake::open_or_create(url.clone(), &decoder.output_schema(), "order")
+        .await
+        .expect("table");
     let writer = SilverWriter::new(
         decoder.output_schema(),
         decoder.event_time_index(),
-        FilePolicy { max_rows: 1_000_000, max_bytes: 1 << 30, compression: Compression::Zstd },
+        FilePolicy {
+            max_rows: 1_000_000,
+            max_bytes: 1 << 30,
+            compression: Compression::Zstd,
+        },
         table.object_store(),
     );
     (TableCommitter::new(table, group, 20), writer)
@@ -53,23 +63,47 @@ async fn stale_owner_is_refused_and_the_table_keeps_only_the_new_owners_rows() {
 
     // The zombie claimed the partition first and buffered offsets 0..100.
     let (mut zombie, zombie_writer) = open(&url, &decoder, "g").await;
-    assert_eq!(zombie.claim(std::slice::from_ref(&tp)).await.expect("claim"), vec![(tp.clone(), None)]);
-    let zombie_rows = decoder.decode(&records("orders", 0, 0..100)).batch.expect("rows");
+    assert_eq!(
+        zombie
+            .claim(std::slice::from_ref(&tp))
+            .await
+            .expect("claim"),
+        vec![(tp.clone(), None)]
+    );
+    let zombie_rows = decoder
+        .decode(&records("orders", 0, 0..100))
+        .batch
+        .expect("rows");
 
     // Meanwhile the partition moved to a new owner, which committed offsets 0..150.
     let (mut owner, owner_writer) = open(&url, &decoder, "g").await;
     owner.claim(std::slice::from_ref(&tp)).await.expect("claim");
-    let owner_rows = decoder.decode(&records("orders", 0, 0..150)).batch.expect("rows");
+    let owner_rows = decoder
+        .decode(&records("orders", 0, 0..150))
+        .batch
+        .expect("rows");
     let files = owner_writer.write(&[owner_rows]).await.expect("write");
-    let outcome = owner.commit(files, &BTreeMap::from([(tp.clone(), 149)])).await.expect("commit");
-    assert!(matches!(outcome, CommitOutcome::Committed { .. }), "{outcome:?}");
+    let outcome = owner
+        .commit(files, &BTreeMap::from([(tp.clone(), 149)]))
+        .await
+        .expect("commit");
+    assert!(
+        matches!(outcome, CommitOutcome::Committed { .. }),
+        "{outcome:?}"
+    );
 
     // The zombie's check and its commit are both refused, naming what it expected and what is stored.
-    let fenced = zombie.check(std::slice::from_ref(&tp)).await.expect("check");
+    let fenced = zombie
+        .check(std::slice::from_ref(&tp))
+        .await
+        .expect("check");
     assert_eq!(fenced.len(), 1);
     assert_eq!((fenced[0].expected, fenced[0].stored), (None, Some(149)));
     let files = zombie_writer.write(&[zombie_rows]).await.expect("write");
-    let outcome = zombie.commit(files, &BTreeMap::from([(tp.clone(), 99)])).await.expect("commit call");
+    let outcome = zombie
+        .commit(files, &BTreeMap::from([(tp.clone(), 99)]))
+        .await
+        .expect("commit call");
     match outcome {
         CommitOutcome::Fenced(fenced) => assert_eq!(fenced[0].stored, Some(149)),
         other => panic!("stale commit was not refused: {other:?}"),
@@ -77,7 +111,10 @@ async fn stale_owner_is_refused_and_the_table_keeps_only_the_new_owners_rows() {
 
     let contents = strata::verify::read_table(url).await.expect("read");
     let expected = (0..150).map(|o| ("orders".to_string(), 0, o));
-    let report = strata::verify::exactly_once(strata::verify::lineage(&contents.batches).expect("lineage"), expected);
+    let report = strata::verify::exactly_once(
+        strata::verify::lineage(&contents.batches).expect("lineage"),
+        expected,
+    );
     assert!(report.is_exact(), "{report}");
 }
 
@@ -92,17 +129,28 @@ async fn concurrent_commits_for_one_partition_have_one_winner() {
     decoder.register(1, Ok(ORDER_V1));
     decoder.register(2, Ok(ORDER_V2));
     let tp = TopicPartition::new("orders", 1);
-    let rows = Arc::new(decoder.decode(&records("orders", 1, 0..50)).batch.expect("rows"));
+    let rows = Arc::new(
+        decoder
+            .decode(&records("orders", 1, 0..50))
+            .batch
+            .expect("rows"),
+    );
 
     let mut tasks = Vec::new();
     for _ in 0..2 {
         let (mut committer, writer) = open(&url, &decoder, "g").await;
-        committer.claim(std::slice::from_ref(&tp)).await.expect("claim");
+        committer
+            .claim(std::slice::from_ref(&tp))
+            .await
+            .expect("claim");
         let rows = rows.clone();
         let tp = tp.clone();
         tasks.push(tokio::spawn(async move {
             let files = writer.write(&[(*rows).clone()]).await.expect("write");
-            committer.commit(files, &BTreeMap::from([(tp, 49)])).await.expect("commit call")
+            committer
+                .commit(files, &BTreeMap::from([(tp, 49)]))
+                .await
+                .expect("commit call")
         }));
     }
     let mut committed = 0;
@@ -116,6 +164,9 @@ async fn concurrent_commits_for_one_partition_have_one_winner() {
     assert_eq!((committed, fenced), (1, 1));
     let contents = strata::verify::read_table(url).await.expect("read");
     let expected = (0..50).map(|o| ("orders".to_string(), 1, o));
-    let report = strata::verify::exactly_once(strata::verify::lineage(&contents.batches).expect("lineage"), expected);
+    let report = strata::verify::exactly_once(
+        strata::verify::lineage(&contents.batches).expect("lineage"),
+        expected,
+    );
     assert!(report.is_exact(), "{report}");
 }

@@ -16,10 +16,12 @@ use tokio::net::TcpListener;
 /// Recorded from the Confluent Schema Registry API reference: `GET /schemas/ids/1`.
 const RECORDED_SCHEMA_1: &str = r#"{"schema": "{\"type\": \"record\", \"name\": \"Order\", \"fields\": [{\"name\": \"id\", \"type\": \"long\"}]}"}"#;
 /// A PROTOBUF schema as the registry returns it (with `schemaType`).
-const RECORDED_PROTOBUF: &str = r#"{"schemaType": "PROTOBUF", "schema": "syntax = \"proto3\"; message M { int64 id = 1; }"}"#;
+const RECORDED_PROTOBUF: &str =
+    r#"{"schemaType": "PROTOBUF", "schema": "syntax = \"proto3\"; message M { int64 id = 1; }"}"#;
 /// Recorded error bodies.
 const RECORDED_40403: &str = r#"{"error_code": 40403, "message": "Schema not found"}"#;
-const RECORDED_50001: &str = r#"{"error_code": 50001, "message": "Error in the backend data store"}"#;
+const RECORDED_50001: &str =
+    r#"{"error_code": 50001, "message": "Error in the backend data store"}"#;
 const RECORDED_40101: &str = r#"{"error_code": 40101, "message": "Unauthorized"}"#;
 
 /// Serves `routes` (path → status, body); counts requests.
@@ -30,7 +32,9 @@ async fn serve(routes: HashMap<&'static str, (u16, &'static str)>) -> (String, A
     let counter = hits.clone();
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
             counter.fetch_add(1, Ordering::SeqCst);
             let routes = routes.clone();
             tokio::spawn(async move {
@@ -44,11 +48,16 @@ async fn serve(routes: HashMap<&'static str, (u16, &'static str)>) -> (String, A
                 }
                 let request = String::from_utf8_lossy(&buffer[..read]);
                 let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let auth_ok = request.to_ascii_lowercase().contains("authorization: basic");
+                let auth_ok = request
+                    .to_ascii_lowercase()
+                    .contains("authorization: basic");
                 let (status, body) = match routes.get(path.as_str()) {
                     Some((401, _)) if auth_ok => (200, RECORDED_SCHEMA_1),
                     Some(found) => *found,
-                    None => (404, r#"{"error_code": 404, "message": "HTTP 404 Not Found"}"#),
+                    None => (
+                        404,
+                        r#"{"error_code": 404, "message": "HTTP 404 Not Found"}"#,
+                    ),
                 };
                 let reply = format!(
                     "HTTP/1.1 {status} X\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -78,33 +87,73 @@ async fn documented_answers_are_classified_by_what_the_caller_should_do() {
     let client = ConfluentClient::new(&url, None).expect("client");
 
     let schema = client.schema_by_id(1).await.expect("schema 1");
-    assert!(apache_avro::Schema::parse_str(&schema).is_ok(), "returned text is the schema itself: {schema}");
+    assert!(
+        apache_avro::Schema::parse_str(&schema).is_ok(),
+        "returned text is the schema itself: {schema}"
+    );
 
     let not_avro = client.schema_by_id(2).await.expect_err("protobuf");
-    assert_eq!(not_avro, RegistryError::NotAvro { id: 2, schema_type: "PROTOBUF".into() });
+    assert_eq!(
+        not_avro,
+        RegistryError::NotAvro {
+            id: 2,
+            schema_type: "PROTOBUF".into()
+        }
+    );
     assert!(!not_avro.is_retryable());
 
     let missing = client.schema_by_id(3).await.expect_err("40403");
-    assert_eq!(missing, RegistryError::NotFound { id: 3, message: "Schema not found".into() });
-    assert!(!missing.is_retryable(), "40403 is the record's problem: unknown_schema");
+    assert_eq!(
+        missing,
+        RegistryError::NotFound {
+            id: 3,
+            message: "Schema not found".into()
+        }
+    );
+    assert!(
+        !missing.is_retryable(),
+        "40403 is the record's problem: unknown_schema"
+    );
 
     let backend = client.schema_by_id(4).await.expect_err("50001");
-    assert!(matches!(backend, RegistryError::Unavailable(ref m) if m.contains("50001") || m.contains("backend")), "{backend:?}");
-    assert!(backend.is_retryable(), "a registry outage must be retried, never dead-lettered");
+    assert!(
+        matches!(backend, RegistryError::Unavailable(ref m) if m.contains("50001") || m.contains("backend")),
+        "{backend:?}"
+    );
+    assert!(
+        backend.is_retryable(),
+        "a registry outage must be retried, never dead-lettered"
+    );
 
     let unauthorized = client.schema_by_id(5).await.expect_err("40101");
-    assert!(matches!(unauthorized, RegistryError::Unexpected { status: 401, code: Some(40101), .. }), "{unauthorized:?}");
+    assert!(
+        matches!(
+            unauthorized,
+            RegistryError::Unexpected {
+                status: 401,
+                code: Some(40101),
+                ..
+            }
+        ),
+        "{unauthorized:?}"
+    );
     assert!(unauthorized.is_retryable());
 
     let garbage = client.schema_by_id(6).await.expect_err("malformed");
-    assert!(matches!(garbage, RegistryError::Unexpected { status: 200, .. }), "{garbage:?}");
+    assert!(
+        matches!(garbage, RegistryError::Unexpected { status: 200, .. }),
+        "{garbage:?}"
+    );
 }
 
 #[tokio::test]
 async fn basic_auth_is_sent_when_configured() {
     let (url, _) = serve(routes()).await;
     let client = ConfluentClient::new(&url, Some("svc:secret")).expect("client");
-    assert!(client.schema_by_id(5).await.is_ok(), "credentials were not sent");
+    assert!(
+        client.schema_by_id(5).await.is_ok(),
+        "credentials were not sent"
+    );
 }
 
 #[tokio::test]
@@ -122,18 +171,34 @@ async fn unreachable_registry_is_retryable() {
 #[tokio::test]
 async fn answers_are_cached_by_id() {
     let (url, hits) = serve(routes()).await;
-    let registry = SchemaRegistry::from_config(&RegistrySource::Confluent { url, user_info: None }).expect("registry");
+    let registry = SchemaRegistry::from_config(&RegistrySource::Confluent {
+        url,
+        user_info: None,
+    })
+    .expect("registry");
     for _ in 0..5 {
         registry.schema_by_id(1).await.expect("schema");
     }
-    assert_eq!(hits.load(Ordering::SeqCst), 1, "one request for five look-ups");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "one request for five look-ups"
+    );
 }
 
 #[tokio::test]
 async fn directory_source_reads_id_files_and_reports_missing_ids() {
     let dir = tempfile::tempdir().expect("dir");
     std::fs::write(dir.path().join("7.avsc"), r#""string""#).expect("write");
-    let registry = SchemaRegistry::from_config(&RegistrySource::Directory(dir.path().to_path_buf())).expect("registry");
-    assert_eq!(registry.schema_by_id(7).await.expect("7").as_ref(), r#""string""#);
-    assert!(matches!(registry.schema_by_id(8).await, Err(RegistryError::NotFound { id: 8, .. })));
+    let registry =
+        SchemaRegistry::from_config(&RegistrySource::Directory(dir.path().to_path_buf()))
+            .expect("registry");
+    assert_eq!(
+        registry.schema_by_id(7).await.expect("7").as_ref(),
+        r#""string""#
+    );
+    assert!(matches!(
+        registry.schema_by_id(8).await,
+        Err(RegistryError::NotFound { id: 8, .. })
+    ));
 }

@@ -16,16 +16,22 @@ use rdkafka::ClientConfig;
 use strata::demo::{Generated, OrderGenerator, ORDER_V1, ORDER_V2};
 
 pub fn brokers() -> String {
-    std::env::var("STRATA_TEST_BROKERS").expect("STRATA_TEST_BROKERS is not set: run the integration tests with `make test`")
+    std::env::var("STRATA_TEST_BROKERS")
+        .expect("STRATA_TEST_BROKERS is not set: run the integration tests with `make test`")
 }
 
 pub fn bucket() -> String {
-    std::env::var("STRATA_TEST_S3_BUCKET").expect("STRATA_TEST_S3_BUCKET is not set: run with `make test`")
+    std::env::var("STRATA_TEST_S3_BUCKET")
+        .expect("STRATA_TEST_S3_BUCKET is not set: run with `make test`")
 }
 
 /// A name unique to this test run, for topics, groups and table prefixes.
 pub fn unique(name: &str) -> String {
-    format!("{name}-{}-{}", std::process::id(), uuid::Uuid::new_v4().simple().to_string().split_at(8).0)
+    format!(
+        "{name}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple().to_string().split_at(8).0
+    )
 }
 
 pub fn free_port() -> u16 {
@@ -34,10 +40,15 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn create_topic(topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin client");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
     let results = admin
-        .create_topics(&[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))], &AdminOptions::new())
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
         .await
         .expect("create topics");
     for result in results {
@@ -88,10 +99,15 @@ pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Prod
     while remaining > 0 {
         let n = remaining.min(10_000);
         remaining -= n;
-        let records: Vec<Generated> = (0..n).map(|_| generator.next_record().expect("generate")).collect();
-        let sends = records
-            .iter()
-            .map(|r| producer.send(FutureRecord::to(topic).key(&r.key).payload(&r.value), Duration::from_secs(60)));
+        let records: Vec<Generated> = (0..n)
+            .map(|_| generator.next_record().expect("generate"))
+            .collect();
+        let sends = records.iter().map(|r| {
+            producer.send(
+                FutureRecord::to(topic).key(&r.key).payload(&r.value),
+                Duration::from_secs(60),
+            )
+        });
         let delivered = futures::future::join_all(sends).await;
         for (record, result) in records.iter().zip(delivered) {
             let delivery = result.map_err(|(e, _)| e).expect("delivered");
@@ -99,7 +115,9 @@ pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Prod
             if record.decodable {
                 produced.good.push(key);
                 let fields = order_fields(&record.value).expect("generated records decode");
-                produced.values.insert((delivery.partition, delivery.offset), fields);
+                produced
+                    .values
+                    .insert((delivery.partition, delivery.offset), fields);
             } else {
                 produced.bad.push(key);
             }
@@ -111,10 +129,21 @@ pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Prod
 /// `(order_id, amount)` of a generated value, decoded independently with apache-avro.
 fn order_fields(value: &[u8]) -> Option<(i64, f64)> {
     let framed = strata::wire::parse(value).ok()?;
-    let schema = apache_avro::Schema::parse_str(if framed.schema_id == 1 { ORDER_V1 } else { ORDER_V2 }).ok()?;
+    let schema = apache_avro::Schema::parse_str(if framed.schema_id == 1 {
+        ORDER_V1
+    } else {
+        ORDER_V2
+    })
+    .ok()?;
     let mut body = framed.body;
-    let decoded = apache_avro::reader::datum::GenericDatumReader::builder(&schema).build().ok()?.read_value(&mut body).ok()?;
-    let apache_avro::types::Value::Record(fields) = decoded else { return None };
+    let decoded = apache_avro::reader::datum::GenericDatumReader::builder(&schema)
+        .build()
+        .ok()?
+        .read_value(&mut body)
+        .ok()?;
+    let apache_avro::types::Value::Record(fields) = decoded else {
+        return None;
+    };
     let mut order_id = None;
     let mut amount = None;
     for (name, value) in fields {
@@ -169,7 +198,10 @@ impl Setup {
             ("STRATA_KAFKA_BROKERS", brokers()),
             ("STRATA_GROUP_ID", self.group.clone()),
             ("STRATA_TOPICS", self.topic.clone()),
-            ("STRATA_SCHEMA_REGISTRY_URL", format!("file://{}", self.schemas.display())),
+            (
+                "STRATA_SCHEMA_REGISTRY_URL",
+                format!("file://{}", self.schemas.display()),
+            ),
             ("STRATA_READER_SCHEMA", self.reader.display().to_string()),
             ("STRATA_EVENT_TIME_FIELD", "event_time".to_string()),
             ("STRATA_LAKE_URL", self.lake.clone()),
@@ -190,7 +222,11 @@ impl Setup {
     pub fn spawn(&self, extra: &[(&str, &str)]) -> Replica {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_strata"));
-        command.arg("run").envs(self.env(port)).stdout(Stdio::null()).stderr(Stdio::piped());
+        command
+            .arg("run")
+            .envs(self.env(port))
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         for (k, v) in extra {
             command.env(k, v);
         }
@@ -203,17 +239,28 @@ impl Setup {
                 sink.lock().expect("log").push(line);
             }
         });
-        Replica { child, log, metrics_port: port }
+        Replica {
+            child,
+            log,
+            metrics_port: port,
+        }
     }
 
     /// Stored `txn` versions of the table per partition of this topic.
     pub async fn progress(&self) -> BTreeMap<i32, i64> {
         let mut out = BTreeMap::new();
-        let Ok(table) = deltalake::DeltaTable::try_from_url(self.table_url()).await else { return out };
-        let Ok(snapshot) = table.snapshot() else { return out };
+        let Ok(table) = deltalake::DeltaTable::try_from_url(self.table_url()).await else {
+            return out;
+        };
+        let Ok(snapshot) = table.snapshot() else {
+            return out;
+        };
         for partition in 0..64 {
             let app_id = format!("strata/{}/{}/{partition}", self.group, self.topic);
-            if let Ok(Some(version)) = snapshot.transaction_version(table.log_store().as_ref(), app_id).await {
+            if let Ok(Some(version)) = snapshot
+                .transaction_version(table.log_store().as_ref(), app_id)
+                .await
+            {
                 out.insert(partition, version);
             }
         }
@@ -226,7 +273,10 @@ impl Setup {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             let progress = self.progress().await;
-            if target.iter().all(|(p, last)| progress.get(p).is_some_and(|v| v >= last)) {
+            if target
+                .iter()
+                .all(|(p, last)| progress.get(p).is_some_and(|v| v >= last))
+            {
                 return true;
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -236,7 +286,9 @@ impl Setup {
 
     /// Reads the table and asserts the exactly-once invariant and intact values.
     pub async fn assert_exact(&self, produced: &Produced) -> strata::verify::TableContents {
-        let contents = strata::verify::read_table(self.table_url()).await.expect("read table");
+        let contents = strata::verify::read_table(self.table_url())
+            .await
+            .expect("read table");
         let lineage = strata::verify::lineage(&contents.batches).expect("lineage");
         let report = strata::verify::exactly_once(lineage, produced.good.iter().cloned());
         assert!(report.is_exact(), "{report}");
@@ -244,16 +296,32 @@ impl Setup {
         let mut checked = 0;
         for batch in &contents.batches {
             use deltalake::arrow::array::AsArray;
-            use deltalake::arrow::datatypes::{Float64Type, Int64Type};
             use deltalake::arrow::datatypes::Int32Type;
-            let ids = batch.column_by_name("order_id").expect("order_id").as_primitive::<Int64Type>();
-            let amounts = batch.column_by_name("amount").expect("amount").as_primitive::<Float64Type>();
-            let partitions = batch.column_by_name("_partition").expect("_partition").as_primitive::<Int32Type>();
-            let offsets = batch.column_by_name("_offset").expect("_offset").as_primitive::<Int64Type>();
+            use deltalake::arrow::datatypes::{Float64Type, Int64Type};
+            let ids = batch
+                .column_by_name("order_id")
+                .expect("order_id")
+                .as_primitive::<Int64Type>();
+            let amounts = batch
+                .column_by_name("amount")
+                .expect("amount")
+                .as_primitive::<Float64Type>();
+            let partitions = batch
+                .column_by_name("_partition")
+                .expect("_partition")
+                .as_primitive::<Int32Type>();
+            let offsets = batch
+                .column_by_name("_offset")
+                .expect("_offset")
+                .as_primitive::<Int64Type>();
             for row in 0..batch.num_rows() {
                 let at = (partitions.value(row), offsets.value(row));
                 let expected = produced.values.get(&at).expect("produced offset");
-                assert_eq!((ids.value(row), amounts.value(row)), *expected, "values of the record at {at:?}");
+                assert_eq!(
+                    (ids.value(row), amounts.value(row)),
+                    *expected,
+                    "values of the record at {at:?}"
+                );
                 checked += 1;
             }
         }
@@ -275,7 +343,11 @@ impl Replica {
     }
 
     pub fn signal(&self, signal: &str) {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().expect("kill");
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
         assert!(status.success(), "kill -{signal} failed");
     }
 
@@ -290,16 +362,28 @@ impl Replica {
         let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                assert!(status.success(), "strata exited with {status}; log tail:\n{}", self.tail(30));
+                assert!(
+                    status.success(),
+                    "strata exited with {status}; log tail:\n{}",
+                    self.tail(30)
+                );
                 return;
             }
-            assert!(Instant::now() < deadline, "strata did not stop within {within:?}; log tail:\n{}", self.tail(30));
+            assert!(
+                Instant::now() < deadline,
+                "strata did not stop within {within:?}; log tail:\n{}",
+                self.tail(30)
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
-        self.log.lock().expect("log").iter().any(|l| l.contains(needle))
+        self.log
+            .lock()
+            .expect("log")
+            .iter()
+            .any(|l| l.contains(needle))
     }
 
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
@@ -320,7 +404,12 @@ impl Replica {
 
     /// The value of an unlabelled-or-summed metric from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.ok()?.text().await.ok()?;
+        let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         let mut total = None;
         for line in body.lines() {
             if line.starts_with('#') {
