@@ -26,15 +26,20 @@ test: tools
 	set -a; source $(STRATA_CACHE)/services/env; set +a; \
 	status=0; \
 	cargo clippy --all-targets $(FEATURES) -- -D warnings || status=$$?; \
-	if [ $$status -eq 0 ]; then cargo test $(FEATURES) -- --test-threads=2 || status=$$?; fi; \
+	if [ $$status -eq 0 ]; then \
+	  cargo test $(FEATURES) -- --test-threads=2 2>&1 | tee $(STRATA_CACHE)/last-test.log; status=$${PIPESTATUS[0]}; \
+	  awk '/^test result:/ { p += $$4; f += $$6 } END { printf "all suites: %d passed, %d failed\n", p, f }' $(STRATA_CACHE)/last-test.log; \
+	fi; \
 	scripts/services.sh stop; \
 	exit $$status
 
 unit:
 	cargo test --lib $(FEATURES)
 
-bench: tools build
-	scripts/bench.sh
+# Release builds get their own target directory, so they never hold the lock of the test build.
+bench: tools
+	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo bench --bench decode
+	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release scripts/bench.sh
 
 build:
-	cargo build --release --bin strata
+	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo build --release --bin strata

@@ -59,20 +59,21 @@ pub async fn open_or_create(
     data_schema: &Schema,
     table_name: &str,
 ) -> Result<DeltaTable, DeltaTableError> {
+    let mut fields: Vec<Field> = data_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(PARTITION_COLUMNS[0], DataType::Date32, false));
+    fields.push(Field::new(PARTITION_COLUMNS[1], DataType::Int32, false));
+    let delta_schema: StructType = Arc::new(Schema::new(fields)).as_ref().try_into_kernel()?;
     let mut last_error = None;
     for _ in 0..5 {
         let table = DeltaTable::try_from_url(url.clone()).await?;
         if table.version().is_some() {
+            check_schema(&table, &delta_schema)?;
             return Ok(table);
         }
-        let mut fields: Vec<Field> = data_schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone())
-            .collect();
-        fields.push(Field::new(PARTITION_COLUMNS[0], DataType::Date32, false));
-        fields.push(Field::new(PARTITION_COLUMNS[1], DataType::Int32, false));
-        let delta_schema: StructType = Arc::new(Schema::new(fields)).as_ref().try_into_kernel()?;
         let created = table
             .create()
             .with_table_name(table_name)
@@ -88,6 +89,26 @@ pub async fn open_or_create(
     }
     Err(last_error
         .unwrap_or_else(|| DeltaTableError::Generic("table creation did not settle".into())))
+}
+
+/// Refuses to write into a table whose columns are not the ones this reader schema produces: the
+/// files would carry columns the table does not know (readers would silently ignore them).
+fn check_schema(table: &DeltaTable, expected: &StructType) -> Result<(), DeltaTableError> {
+    let actual = table.snapshot()?.schema();
+    let shape = |s: &StructType| -> Vec<(String, String)> {
+        s.fields().map(|f| (f.name().to_string(), format!("{:?}", f.data_type()))).collect()
+    };
+    let (have, want) = (shape(&actual), shape(expected));
+    if have != want {
+        let missing: Vec<_> = want.iter().filter(|f| !have.contains(f)).map(|(n, t)| format!("{n}: {t}")).collect();
+        let extra: Vec<_> = have.iter().filter(|f| !want.contains(f)).map(|(n, t)| format!("{n}: {t}")).collect();
+        return Err(DeltaTableError::Generic(format!(
+            "table {} has other columns than STRATA_READER_SCHEMA gives (not in table: {missing:?}; only in table: {extra:?}); \
+             schema evolution is not supported yet",
+            table.table_url()
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
