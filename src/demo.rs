@@ -188,7 +188,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     std::fs::write(schemas.join("1.avsc"), ORDER_V1)?;
     std::fs::write(schemas.join("2.avsc"), ORDER_V2)?;
     let reader = options.dir.join("order.avsc");
-    std::fs::write(&reader, ORDER_V2)?;
+    std::fs::write(&reader, include_str!("../schemas/order.avsc"))?;
 
     println!(
         "strata demo: embedded Kafka (3 mock brokers), {} events, lake at {}",

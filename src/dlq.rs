@@ -20,14 +20,6 @@ pub const HEADER_PARTITION: &str = "strata.source.partition";
 pub const HEADER_OFFSET: &str = "strata.source.offset";
 pub const HEADER_SCHEMA_ID: &str = "strata.source.schema_id";
 
-#[derive(Debug, thiserror::Error)]
-#[error("dead-letter write to {topic} failed: {source}")]
-pub struct DeadLetterError {
-    pub topic: String,
-    #[source]
-    pub source: KafkaError,
-}
-
 pub struct DeadLetters {
     producer: FutureProducer,
     suffix: String,

@@ -499,9 +499,16 @@ impl Replica {
         let mut backoff = Duration::from_millis(200);
         loop {
             match self.try_flush().await {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    if backoff > Duration::from_millis(200) && !self.shutdown.is_cancelled() {
+                        self.metrics.set_ready(true);
+                    }
+                    return Ok(());
+                }
                 Err(e) if self.shutdown.is_cancelled() => return Err(e),
                 Err(e) => {
+                    // Not ready while the lake refuses writes; nothing is lost, the work stays buffered.
+                    self.metrics.set_ready(false);
                     tracing::warn!(error = %e, "flush failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(10));
