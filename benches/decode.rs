@@ -31,9 +31,11 @@ fn decode(c: &mut Criterion) {
         decoder.register(1, Ok(ORDER_V1));
         decoder.register(2, Ok(ORDER_V2));
         group.throughput(Throughput::Elements(input.len() as u64));
-        group.bench_with_input(BenchmarkId::new("chunk_of_2000", name), &input, |b, input| {
-            b.iter(|| decoder.decode(input))
-        });
+        group.bench_with_input(
+            BenchmarkId::new("chunk_of_2000", name),
+            &input,
+            |b, input| b.iter(|| decoder.decode(input)),
+        );
     }
     group.finish();
 }
@@ -43,7 +45,13 @@ fn wire(c: &mut Criterion) {
     let mut group = c.benchmark_group("wire");
     group.throughput(Throughput::Elements(input.len() as u64));
     group.bench_function("parse_2000", |b| {
-        b.iter(|| input.iter().filter_map(|r| r.value.as_deref()).filter(|v| strata::wire::parse(v).is_ok()).count())
+        b.iter(|| {
+            input
+                .iter()
+                .filter_map(|r| r.value.as_deref())
+                .filter(|v| strata::wire::parse(v).is_ok())
+                .count()
+        })
     });
     group.finish();
 }

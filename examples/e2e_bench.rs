@@ -2,20 +2,15 @@
 //! run a bare rdkafka consumer reading it and a Strata replica turning it into a committed Silver
 //! table on the test S3, and prints both rates and their ratio. Run by `make bench`.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Message};
 use strata::config::Config;
-use strata::demo::{OrderGenerator, ORDER_V1, ORDER_V2};
-use strata::metrics::Metrics;
-use tokio_util::sync::CancellationToken;
+use strata::demo::{ORDER_V1, ORDER_V2};
 
 fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run `make bench`"))
@@ -48,35 +43,9 @@ async fn main() -> anyhow::Result<()> {
     }
 
     // Fill.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let mut generator = OrderGenerator::new(7, 1)?;
-    let mut last: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut bytes = 0usize;
     let fill = Instant::now();
-    let mut remaining = events;
-    while remaining > 0 {
-        let n = remaining.min(20_000);
-        remaining -= n;
-        let batch: Vec<_> = (0..n)
-            .map(|_| generator.next_record())
-            .collect::<anyhow::Result<_>>()?;
-        bytes += batch.iter().map(|r| r.value.len()).sum::<usize>();
-        let sends = batch.iter().map(|r| {
-            producer.send(
-                FutureRecord::to(&topic).key(&r.key).payload(&r.value),
-                Duration::from_secs(60),
-            )
-        });
-        for result in futures::future::join_all(sends).await {
-            let d = result.map_err(|(e, _)| e)?;
-            let slot = last.entry(d.partition).or_insert(-1);
-            *slot = (*slot).max(d.offset);
-        }
-    }
+    let produced = strata::demo::produce_orders(&brokers, &topic, events, 1, 7).await?;
+    let bytes: usize = produced.records.iter().map(|r| r.value.len()).sum();
     println!(
         "filled {topic}: {events} events, {:.1} MiB of Avro in {:.1}s",
         bytes as f64 / 1048576.0,
@@ -116,56 +85,29 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("1.avsc"), ORDER_V1)?;
     std::fs::write(dir.path().join("2.avsc"), ORDER_V2)?;
-    let vars: HashMap<String, String> = [
-        ("STRATA_KAFKA_BROKERS", brokers.clone()),
-        ("STRATA_GROUP_ID", format!("strata-{topic}")),
-        ("STRATA_TOPICS", topic.clone()),
-        (
-            "STRATA_SCHEMA_REGISTRY_URL",
-            format!("file://{}", dir.path().display()),
-        ),
-        (
-            "STRATA_READER_SCHEMA",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/order.avsc").to_string(),
-        ),
-        ("STRATA_EVENT_TIME_FIELD", "event_time".to_string()),
-        ("STRATA_LAKE_URL", format!("s3://{bucket}/{topic}")),
-        ("STRATA_FLUSH_INTERVAL", "5s".to_string()),
-        ("STRATA_FILE_MAX_ROWS", "500000".to_string()),
-        ("STRATA_METRICS_ADDR", "127.0.0.1:0".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let started = Instant::now();
-    let replica = tokio::spawn(strata::pipeline::run(
+    let reader = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/order.avsc"));
+    let vars = strata::demo::replica_vars(
+        &brokers,
+        &format!("strata-{topic}"),
+        &topic,
+        dir.path(),
+        reader,
+        &format!("s3://{bucket}/{topic}"),
+        &[
+            ("STRATA_FLUSH_INTERVAL", "5s"),
+            ("STRATA_FILE_MAX_ROWS", "500000"),
+        ],
+    );
+    let run = strata::demo::run_until_caught_up(
         Config::from_vars(vars)?,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    loop {
-        let done = last.iter().all(|(p, l)| {
-            metrics
-                .committed_offset
-                .with_label_values(&[&topic, &p.to_string()])
-                .get()
-                == *l
-        });
-        if done {
-            break;
-        }
-        anyhow::ensure!(!replica.is_finished(), "replica stopped early");
-        anyhow::ensure!(
-            started.elapsed() < Duration::from_secs(900),
-            "strata stalled"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let strata_secs = started.elapsed().as_secs_f64();
-    shutdown.cancel();
-    let summary = replica.await??;
+        &topic,
+        &produced.last_offsets(),
+        Duration::from_secs(900),
+    )
+    .await?;
+    anyhow::ensure!(run.caught_up, "strata did not catch up");
+    let strata_secs = run.elapsed.as_secs_f64();
+    let summary = run.summary;
 
     let raw_rate = events as f64 / raw_secs;
     let strata_rate = events as f64 / strata_secs;

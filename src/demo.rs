@@ -144,6 +144,171 @@ pub fn avro_body(
         .write_value_to_vec(value)
 }
 
+/// One record produced by [`produce_orders`], with where it landed.
+pub struct ProducedRecord {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub value: Vec<u8>,
+    /// Whether Strata should accept it (false: it belongs in the dead-letter topic).
+    pub decodable: bool,
+}
+
+impl ProducedRecord {
+    pub fn position(&self) -> (String, i32, i64) {
+        (self.topic.clone(), self.partition, self.offset)
+    }
+}
+
+/// What a producer run left in Kafka.
+#[derive(Default)]
+pub struct ProducedOrders {
+    pub records: Vec<ProducedRecord>,
+}
+
+impl ProducedOrders {
+    pub fn good(&self) -> impl Iterator<Item = &ProducedRecord> {
+        self.records.iter().filter(|r| r.decodable)
+    }
+
+    pub fn bad(&self) -> impl Iterator<Item = &ProducedRecord> {
+        self.records.iter().filter(|r| !r.decodable)
+    }
+
+    /// Last offset per partition: where the table's progress ends once everything is handled.
+    pub fn last_offsets(&self) -> BTreeMap<i32, i64> {
+        let mut out = BTreeMap::new();
+        for r in &self.records {
+            let slot = out.entry(r.partition).or_insert(-1);
+            *slot = (*slot).max(r.offset);
+        }
+        out
+    }
+}
+
+/// Produces `count` generated orders (one in `bad_every` undecodable) to `topic` and records where
+/// each landed.
+pub async fn produce_orders(
+    brokers: &str,
+    topic: &str,
+    count: u64,
+    bad_every: u64,
+    seed: u64,
+) -> anyhow::Result<ProducedOrders> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("linger.ms", "20")
+        .set("enable.idempotence", "true")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let mut generator = OrderGenerator::new(seed, bad_every)?;
+    let mut produced = ProducedOrders::default();
+    let mut remaining = count;
+    while remaining > 0 {
+        let n = remaining.min(20_000);
+        remaining -= n;
+        let batch: Vec<Generated> = (0..n)
+            .map(|_| generator.next_record())
+            .collect::<anyhow::Result<_>>()?;
+        let sends = batch.iter().map(|r| {
+            producer.send(
+                FutureRecord::to(topic).key(&r.key).payload(&r.value),
+                Duration::from_secs(60),
+            )
+        });
+        let delivered = futures::future::join_all(sends).await;
+        for (record, result) in batch.into_iter().zip(delivered) {
+            let delivery = result.map_err(|(e, _)| e).context("producing an order")?;
+            produced.records.push(ProducedRecord {
+                topic: topic.to_string(),
+                partition: delivery.partition,
+                offset: delivery.offset,
+                value: record.value,
+                decodable: record.decodable,
+            });
+        }
+    }
+    Ok(produced)
+}
+
+/// The environment of a replica reading `topic` with a file-backed schema source.
+pub fn replica_vars(
+    brokers: &str,
+    group: &str,
+    topic: &str,
+    schemas: &std::path::Path,
+    reader: &std::path::Path,
+    lake_url: &str,
+    extra: &[(&str, &str)],
+) -> HashMap<String, String> {
+    let mut vars: HashMap<String, String> = [
+        ("STRATA_KAFKA_BROKERS", brokers.to_string()),
+        ("STRATA_GROUP_ID", group.to_string()),
+        ("STRATA_TOPICS", topic.to_string()),
+        (
+            "STRATA_SCHEMA_REGISTRY_URL",
+            format!("file://{}", schemas.display()),
+        ),
+        ("STRATA_READER_SCHEMA", reader.display().to_string()),
+        ("STRATA_EVENT_TIME_FIELD", "event_time".to_string()),
+        ("STRATA_LAKE_URL", lake_url.to_string()),
+        ("STRATA_METRICS_ADDR", "127.0.0.1:0".to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    vars.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    vars
+}
+
+/// A replica run in-process by [`run_until_caught_up`].
+pub struct CaughtUp {
+    pub summary: crate::pipeline::RunSummary,
+    /// Whether every partition's committed progress reached its target before the deadline.
+    pub caught_up: bool,
+    /// From start to the last needed commit (or the deadline).
+    pub elapsed: Duration,
+}
+
+/// Runs one replica in-process until its committed progress on `topic` reaches `last_offsets`
+/// (or `deadline` passes), then shuts it down gracefully.
+pub async fn run_until_caught_up(
+    config: Config,
+    topic: &str,
+    last_offsets: &BTreeMap<i32, i64>,
+    deadline: Duration,
+) -> anyhow::Result<CaughtUp> {
+    let metrics = Arc::new(Metrics::new());
+    let shutdown = CancellationToken::new();
+    let started = Instant::now();
+    let replica = tokio::spawn(crate::pipeline::run(
+        config,
+        metrics.clone(),
+        shutdown.clone(),
+    ));
+    let caught_up = loop {
+        let done = last_offsets.iter().all(|(p, last)| {
+            metrics
+                .committed_offset
+                .with_label_values(&[topic, &p.to_string()])
+                .get()
+                == *last
+        });
+        if done || replica.is_finished() || started.elapsed() > deadline {
+            break done;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let elapsed = started.elapsed();
+    shutdown.cancel();
+    let summary = replica.await.context("replica task")??;
+    Ok(CaughtUp {
+        summary,
+        caught_up,
+        elapsed,
+    })
+}
+
 /// Demo settings (environment: `STRATA_DEMO_EVENTS`, `STRATA_DEMO_DIR`).
 pub struct DemoOptions {
     pub events: u64,
@@ -200,100 +365,43 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     cluster.create_topic(&format!("{topic}.dlq"), 1, 1)?;
     let brokers = cluster.bootstrap_servers();
 
-    // Produce.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("linger.ms", "20")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
-    let mut generator = OrderGenerator::new(42, 200)?;
-    let mut expected = Vec::new();
-    let mut bad = 0u64;
-    let mut last_offsets: BTreeMap<i32, i64> = BTreeMap::new();
     let produce_started = Instant::now();
-    let mut remaining = options.events;
-    while remaining > 0 {
-        let n = remaining.min(20_000);
-        remaining -= n;
-        let records: Vec<Generated> = (0..n)
-            .map(|_| generator.next_record())
-            .collect::<anyhow::Result<_>>()?;
-        let sends = records.iter().map(|r| {
-            producer.send(
-                FutureRecord::to(topic).key(&r.key).payload(&r.value),
-                Duration::from_secs(30),
-            )
-        });
-        let delivered = futures::future::join_all(sends).await;
-        for (record, result) in records.iter().zip(delivered) {
-            let delivery = result
-                .map_err(|(e, _)| e)
-                .context("producing a demo event")?;
-            let slot = last_offsets.entry(delivery.partition).or_insert(-1);
-            *slot = (*slot).max(delivery.offset);
-            if record.decodable {
-                expected.push((topic.to_string(), delivery.partition, delivery.offset));
-            } else {
-                bad += 1;
-            }
-        }
-    }
-    let produce_secs = produce_started.elapsed().as_secs_f64();
+    let produced = produce_orders(&brokers, topic, options.events, 200, 42).await?;
+    let bad = produced.bad().count() as u64;
     println!(
         "produced {} events ({} undecodable) in {:.1}s",
-        options.events, bad, produce_secs
+        options.events,
+        bad,
+        produce_started.elapsed().as_secs_f64()
     );
 
-    // Run one replica until every partition's progress reaches its last produced offset.
-    let vars: HashMap<String, String> = [
-        ("STRATA_KAFKA_BROKERS", brokers.clone()),
-        ("STRATA_GROUP_ID", "strata-demo".to_string()),
-        ("STRATA_TOPICS", topic.to_string()),
-        (
-            "STRATA_SCHEMA_REGISTRY_URL",
-            format!("file://{}", schemas.display()),
-        ),
-        ("STRATA_READER_SCHEMA", reader.display().to_string()),
-        ("STRATA_EVENT_TIME_FIELD", "event_time".to_string()),
-        ("STRATA_LAKE_URL", format!("file://{}", lake.display())),
-        ("STRATA_FLUSH_INTERVAL", "2s".to_string()),
-        ("STRATA_FILE_MAX_ROWS", "100000".to_string()),
-        ("STRATA_METRICS_ADDR", "127.0.0.1:0".to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
-    let config = Config::from_vars(vars)?;
-    let metrics = Arc::new(Metrics::new());
-    let shutdown = CancellationToken::new();
-    let consume_started = Instant::now();
-    let replica = tokio::spawn(crate::pipeline::run(
-        config,
-        metrics.clone(),
-        shutdown.clone(),
-    ));
-    let caught_up = loop {
-        let done = last_offsets.iter().all(|(p, last)| {
-            metrics
-                .committed_offset
-                .with_label_values(&[topic, &p.to_string()])
-                .get()
-                == *last
-        });
-        if done || replica.is_finished() {
-            break done;
-        }
-        if started.elapsed() > options.deadline {
-            break false;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    };
-    let consume_secs = consume_started.elapsed().as_secs_f64();
-    shutdown.cancel();
-    let summary = replica.await.context("replica task")??;
+    let vars = replica_vars(
+        &brokers,
+        "strata-demo",
+        topic,
+        &schemas,
+        &reader,
+        &format!("file://{}", lake.display()),
+        &[
+            ("STRATA_FLUSH_INTERVAL", "2s"),
+            ("STRATA_FILE_MAX_ROWS", "100000"),
+        ],
+    );
+    let remaining = options.deadline.saturating_sub(started.elapsed());
+    let run = run_until_caught_up(
+        Config::from_vars(vars)?,
+        topic,
+        &produced.last_offsets(),
+        remaining,
+    )
+    .await?;
+    let summary = run.summary;
+    let caught_up = run.caught_up;
+    let consume_secs = run.elapsed.as_secs_f64();
     if !caught_up {
         println!("the replica did not catch up within {:?}", options.deadline);
     }
+    let expected: Vec<_> = produced.good().map(|r| r.position()).collect();
 
     // Check.
     let table_url =

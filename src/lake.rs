@@ -96,12 +96,22 @@ pub async fn open_or_create(
 fn check_schema(table: &DeltaTable, expected: &StructType) -> Result<(), DeltaTableError> {
     let actual = table.snapshot()?.schema();
     let shape = |s: &StructType| -> Vec<(String, String)> {
-        s.fields().map(|f| (f.name().to_string(), format!("{:?}", f.data_type()))).collect()
+        s.fields()
+            .map(|f| (f.name().to_string(), format!("{:?}", f.data_type())))
+            .collect()
     };
     let (have, want) = (shape(&actual), shape(expected));
     if have != want {
-        let missing: Vec<_> = want.iter().filter(|f| !have.contains(f)).map(|(n, t)| format!("{n}: {t}")).collect();
-        let extra: Vec<_> = have.iter().filter(|f| !want.contains(f)).map(|(n, t)| format!("{n}: {t}")).collect();
+        let missing: Vec<_> = want
+            .iter()
+            .filter(|f| !have.contains(f))
+            .map(|(n, t)| format!("{n}: {t}"))
+            .collect();
+        let extra: Vec<_> = have
+            .iter()
+            .filter(|f| !want.contains(f))
+            .map(|(n, t)| format!("{n}: {t}"))
+            .collect();
         return Err(DeltaTableError::Generic(format!(
             "table {} has other columns than STRATA_READER_SCHEMA gives (not in table: {missing:?}; only in table: {extra:?}); \
              schema evolution is not supported yet",

@@ -5,12 +5,19 @@ use std::process::Command;
 
 fn strata(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_strata"));
-    command.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default());
     for (k, v) in env {
         command.env(k, v);
     }
     let output = command.output().expect("run strata");
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     (output.status.code().unwrap_or(-1), text)
 }
 
@@ -54,6 +61,12 @@ fn an_unreadable_reader_schema_is_named_and_fatal() {
     env.push(("STRATA_SCHEMA_REGISTRY_URL", "http://127.0.0.1:1"));
     let (code, text) = strata(&["run"], &env);
     assert_ne!(code, 0, "{text}");
-    assert!(text.contains("STRATA_READER_SCHEMA=/nonexistent/order.avsc"), "{text}");
-    assert!(!text.contains("hunter2"), "a secret reached the log: {text}");
+    assert!(
+        text.contains("STRATA_READER_SCHEMA=/nonexistent/order.avsc"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("hunter2"),
+        "a secret reached the log: {text}"
+    );
 }

@@ -28,6 +28,20 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
         .metric("strata_records_dead_lettered_total")
         .await
         .expect("metric");
+    // Group offsets follow the table, so the usual lag tooling (and our lag gauge) reaches zero.
+    let mut lag = None;
+    for _ in 0..60 {
+        lag = replica.metric("strata_consumer_lag").await;
+        if lag == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        lag,
+        Some(0.0),
+        "consumer lag per partition is exported and reaches zero"
+    );
     replica.stop(Duration::from_secs(30));
     let contents = setup.assert_exact(&produced).await;
     assert_eq!(written as usize, produced.good.len());

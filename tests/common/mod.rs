@@ -11,9 +11,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
-use strata::demo::{Generated, OrderGenerator, ORDER_V1, ORDER_V2};
+use strata::demo::{ORDER_V1, ORDER_V2};
 
 pub fn brokers() -> String {
     std::env::var("STRATA_TEST_BROKERS")
@@ -84,43 +83,21 @@ impl Produced {
 }
 
 /// Produces `count` generated order events (one in `bad_every` undecodable) and records where
-/// each landed. `seed` makes runs reproducible.
+/// each landed, with the values of the good ones decoded independently (apache-avro).
 pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Produced {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("linger.ms", "10")
-        .set("enable.idempotence", "true")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()
-        .expect("producer");
-    let mut generator = OrderGenerator::new(seed, bad_every).expect("generator");
+    let orders = strata::demo::produce_orders(&brokers(), topic, count, bad_every, seed)
+        .await
+        .expect("produce");
     let mut produced = Produced::default();
-    let mut remaining = count;
-    while remaining > 0 {
-        let n = remaining.min(10_000);
-        remaining -= n;
-        let records: Vec<Generated> = (0..n)
-            .map(|_| generator.next_record().expect("generate"))
-            .collect();
-        let sends = records.iter().map(|r| {
-            producer.send(
-                FutureRecord::to(topic).key(&r.key).payload(&r.value),
-                Duration::from_secs(60),
-            )
-        });
-        let delivered = futures::future::join_all(sends).await;
-        for (record, result) in records.iter().zip(delivered) {
-            let delivery = result.map_err(|(e, _)| e).expect("delivered");
-            let key = (topic.to_string(), delivery.partition, delivery.offset);
-            if record.decodable {
-                produced.good.push(key);
-                let fields = order_fields(&record.value).expect("generated records decode");
-                produced
-                    .values
-                    .insert((delivery.partition, delivery.offset), fields);
-            } else {
-                produced.bad.push(key);
-            }
+    for record in orders.records {
+        if record.decodable {
+            let fields = order_fields(&record.value).expect("generated records decode");
+            produced
+                .values
+                .insert((record.partition, record.offset), fields);
+            produced.good.push(record.position());
+        } else {
+            produced.bad.push(record.position());
         }
     }
     produced
