@@ -50,6 +50,17 @@ pub struct Decoded {
     pub rejected: Vec<(usize, Rejection)>,
 }
 
+/// The state of one [`BatchDecoder::decode`] call.
+struct Chunk<'a> {
+    records: &'a [SourceRecord],
+    /// Decoded batches, and the input index of each of their rows.
+    batches: Vec<RecordBatch>,
+    flushed: Vec<usize>,
+    /// Input indices of the rows still inside the Arrow decoder.
+    pending: Vec<usize>,
+    rejected: Vec<(usize, Rejection)>,
+}
+
 /// Decodes chunks of Kafka records of one table.
 pub struct BatchDecoder {
     reader_json: String,
@@ -58,6 +69,8 @@ pub struct BatchDecoder {
     /// Writer ids that can never be decoded, and why (cached verdicts).
     refused: HashMap<u32, Rejection>,
     decoder: Option<Decoder>,
+    /// Bumped whenever the decoder is dropped, so a half-read record knows to start over.
+    generation: u64,
     batch_size: usize,
     /// Schema of the decoder's output (the reader schema as Arrow).
     decoded_schema: SchemaRef,
@@ -103,6 +116,7 @@ impl BatchDecoder {
             writers: BTreeMap::new(),
             refused: HashMap::new(),
             decoder: None,
+            generation: 0,
             batch_size: batch_size.max(1),
             decoded_schema,
             output_schema,
@@ -132,7 +146,7 @@ impl BatchDecoder {
             Ok(writer_json) => match self.check_resolves(schema_id, writer_json) {
                 Ok(()) => {
                     self.writers.insert(schema_id, writer_json.to_string());
-                    self.decoder = None;
+                    self.reset();
                     return;
                 }
                 Err(rejection) => rejection,
@@ -184,91 +198,114 @@ impl BatchDecoder {
     /// Decodes a chunk of records. Every input index ends up either as a row of `batch` (rows keep
     /// the input order) or in `rejected`.
     pub fn decode(&mut self, records: &[SourceRecord]) -> Decoded {
-        let mut rejected = Vec::new();
-        let mut batches: Vec<RecordBatch> = Vec::new();
-        // Input indices of the rows in `batches`, then of the rows still inside the decoder.
-        let mut flushed_rows: Vec<usize> = Vec::new();
-        let mut pending_rows: Vec<usize> = Vec::new();
-
-        for (index, record) in records.iter().enumerate() {
-            match self.decode_one(record, &mut batches, &mut flushed_rows, &mut pending_rows) {
-                Ok(()) => pending_rows.push(index),
+        let mut chunk = Chunk {
+            records,
+            batches: Vec::new(),
+            flushed: Vec::new(),
+            pending: Vec::new(),
+            rejected: Vec::new(),
+        };
+        for index in 0..records.len() {
+            match self.decode_one(index, &mut chunk) {
+                Ok(()) => chunk.pending.push(index),
                 Err(rejection) => {
-                    rejected.push((index, rejection));
+                    chunk.rejected.push((index, rejection));
                     // The decoder may hold half a row now: start over and replay the good ones.
-                    self.decoder = None;
-                    let replay = std::mem::take(&mut pending_rows);
-                    for good in replay {
-                        match self.decode_one(
-                            &records[good],
-                            &mut batches,
-                            &mut flushed_rows,
-                            &mut pending_rows,
-                        ) {
-                            Ok(()) => pending_rows.push(good),
+                    self.reset();
+                    for good in std::mem::take(&mut chunk.pending) {
+                        match self.decode_one(good, &mut chunk) {
+                            Ok(()) => chunk.pending.push(good),
                             Err(again) => {
-                                self.decoder = None;
-                                rejected.push((good, again));
+                                self.reset();
+                                chunk.rejected.push((good, again));
                             }
                         }
                     }
                 }
             }
         }
-        if let Err(rejection) = self.flush_into(&mut batches, &mut flushed_rows, &mut pending_rows)
-        {
-            // Cannot happen for rows that decoded; reject them all rather than lose them.
-            for index in pending_rows.drain(..) {
-                rejected.push((index, rejection.clone()));
-            }
-            self.decoder = None;
-        }
+        self.flush_pending(&mut chunk);
+        let Chunk {
+            batches,
+            flushed,
+            mut rejected,
+            ..
+        } = chunk;
         rejected.sort_by_key(|(index, _)| *index);
-        let batch = self.finish(records, batches, &flushed_rows, &mut rejected);
+        let batch = self.finish(records, batches, &flushed, &mut rejected);
         Decoded { batch, rejected }
     }
 
-    fn flush_into(
-        &mut self,
-        batches: &mut Vec<RecordBatch>,
-        flushed_rows: &mut Vec<usize>,
-        pending_rows: &mut Vec<usize>,
-    ) -> Result<(), Rejection> {
-        let Some(decoder) = self.decoder.as_mut() else {
-            return Ok(());
+    /// Drops the Arrow decoder (it is rebuilt on next use).
+    fn reset(&mut self) {
+        self.decoder = None;
+        self.generation += 1;
+    }
+
+    /// Moves the rows inside the decoder into a batch. Some faults only show when Arrow arrays are
+    /// built (invalid UTF-8 in a string, say), so a failed flush is not blamed on every row: each
+    /// pending record is decoded alone, and only the ones that fail alone are rejected.
+    fn flush_pending(&mut self, chunk: &mut Chunk<'_>) {
+        let flushed = match self.decoder.as_mut() {
+            None => Ok(None),
+            Some(decoder) => decoder.flush(),
         };
-        match decoder.flush() {
-            Ok(Some(batch)) => {
-                if batch.num_rows() != pending_rows.len() {
-                    return Err(Rejection::new(
-                        ErrorKind::DecodeError,
-                        format!(
-                            "decoder returned {} rows for {} records",
-                            batch.num_rows(),
-                            pending_rows.len()
-                        ),
-                    ));
-                }
-                batches.push(batch);
-                flushed_rows.append(pending_rows);
-                Ok(())
+        match flushed {
+            Ok(Some(batch)) if batch.num_rows() == chunk.pending.len() => {
+                chunk.batches.push(batch);
+                chunk.flushed.append(&mut chunk.pending);
+                return;
             }
-            Ok(None) if pending_rows.is_empty() => Ok(()),
-            Ok(None) => Err(Rejection::new(
+            Ok(None) if chunk.pending.is_empty() => return,
+            _ => {}
+        }
+        for index in std::mem::take(&mut chunk.pending) {
+            match self.decode_alone(&chunk.records[index]) {
+                Ok(batch) => {
+                    chunk.batches.push(batch);
+                    chunk.flushed.push(index);
+                }
+                Err(rejection) => chunk.rejected.push((index, rejection)),
+            }
+        }
+        self.reset();
+    }
+
+    /// Decodes one record with a fresh decoder into a batch of its own (the slow, exact path).
+    fn decode_alone(&mut self, record: &SourceRecord) -> Result<RecordBatch, Rejection> {
+        self.reset();
+        let value = self.admit(record)?;
+        let batch_size = self.batch_size;
+        let decoder = self.decoder()?;
+        let consumed = decoder
+            .decode(value)
+            .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
+        if consumed != value.len() || decoder.capacity() + 1 != batch_size {
+            return Err(Rejection::new(
                 ErrorKind::DecodeError,
-                "decoder lost rows".to_string(),
+                format!(
+                    "value of {} bytes did not decode to exactly one record",
+                    value.len()
+                ),
+            ));
+        }
+        match decoder.flush() {
+            Ok(Some(batch)) if batch.num_rows() == 1 => {
+                let framed = wire::parse(value)
+                    .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
+                self.check_no_trailing_frame(framed.schema_id, framed.body)?;
+                Ok(batch)
+            }
+            Ok(_) => Err(Rejection::new(
+                ErrorKind::DecodeError,
+                "record produced no row".to_string(),
             )),
             Err(e) => Err(Rejection::new(ErrorKind::DecodeError, e.to_string())),
         }
     }
 
-    fn decode_one(
-        &mut self,
-        record: &SourceRecord,
-        batches: &mut Vec<RecordBatch>,
-        flushed_rows: &mut Vec<usize>,
-        pending_rows: &mut Vec<usize>,
-    ) -> Result<(), Rejection> {
+    /// Checks the framing and the writer schema of a record; returns its value.
+    fn admit<'r>(&self, record: &'r SourceRecord) -> Result<&'r [u8], Rejection> {
         let value = record.value.as_deref().unwrap_or_default();
         let framed = wire::parse(value).map_err(|e| {
             let kind = match e {
@@ -289,11 +326,23 @@ impl BatchDecoder {
                 ),
             ));
         }
+        Ok(value)
+    }
+
+    fn decode_one(&mut self, index: usize, chunk: &mut Chunk<'_>) -> Result<(), Rejection> {
+        let record = &chunk.records[index];
+        let value = self.admit(record)?;
         if self.decoder()?.batch_is_full() {
-            self.flush_into(batches, flushed_rows, pending_rows)?;
+            self.flush_pending(chunk);
         }
+        let mut generation = self.generation;
         let mut offset = 0;
         loop {
+            if generation != self.generation {
+                // The decoder was rebuilt while this record was half read: read it again.
+                generation = self.generation;
+                offset = 0;
+            }
             let decoder = self.decoder()?;
             offset += decoder
                 .decode(&value[offset..])
@@ -312,10 +361,10 @@ impl BatchDecoder {
                 ));
             }
             // A header with a new writer schema makes the decoder ask for a flush before the body.
-            self.flush_into(batches, flushed_rows, pending_rows)?;
+            self.flush_pending(chunk);
         }
         let decoder_rows = self.batch_size - self.decoder()?.capacity();
-        if decoder_rows != pending_rows.len() + 1 {
+        if decoder_rows != chunk.pending.len() + 1 {
             return Err(Rejection::new(
                 ErrorKind::DecodeError,
                 format!(
@@ -324,6 +373,8 @@ impl BatchDecoder {
                 ),
             ));
         }
+        let framed = wire::parse(value)
+            .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
         self.check_no_trailing_frame(framed.schema_id, framed.body)
     }
 
@@ -676,6 +727,25 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_is_rejected_alone() {
+        let mut d = decoder(V1);
+        let good = |n| record(n, encode(V1, 1, n, None));
+        // A V1 record whose customer string holds the bytes ff fe: valid Avro, invalid UTF-8,
+        // which arrow only notices when it builds the string array at flush.
+        let mut body = vec![0x02, 0x04, 0xff, 0xfe, 0x00];
+        body.extend_from_slice(&1.5f64.to_le_bytes());
+        body.push(0x02);
+        let records = vec![good(0), record(1, wire::frame(1, &body)), good(2), good(3)];
+        let out = d.decode(&records);
+        assert_eq!(out.rejected.len(), 1, "{:?}", out.rejected);
+        assert_eq!(out.rejected[0].0, 1);
+        assert_eq!(offsets(&out.batch.expect("rows")), vec![0, 2, 3]);
+        // The decoder is healthy afterwards.
+        let again = d.decode(&[good(4), good(5)]);
+        assert_eq!(offsets(&again.batch.expect("rows")), vec![4, 5]);
+    }
+
+    #[test]
     fn incompatible_writer_is_refused() {
         let mut d = decoder(V1);
         let incompatible = r#"{"type":"record","name":"Order","namespace":"shop","fields":[{"name":"id","type":"string"}]}"#;
@@ -727,7 +797,11 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+        // 512 cases in `make test`; PROPTEST_CASES=100000 for a long hunt.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512),
+            ..ProptestConfig::default()
+        })]
         /// Hostile bodies: never a panic, and every input is accounted for exactly once.
         #[test]
         fn every_record_is_a_row_or_a_rejection(bodies in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 1..12), good_every in 1usize..4) {

@@ -46,6 +46,35 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
     let contents = setup.assert_exact(&produced).await;
     assert_eq!(written as usize, produced.good.len());
     assert_eq!(dead as usize, produced.bad.len());
+    // Every rejected record is in the dead-letter topic once, byte for byte, with its reason.
+    let letters = common::dead_letters(
+        &format!("{}.dlq", setup.topic),
+        produced.bad.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut sources: Vec<_> = letters.iter().map(|l| l.source.clone()).collect();
+    sources.sort();
+    let mut expected = produced.bad.clone();
+    expected.sort();
+    assert_eq!(
+        sources, expected,
+        "dead-letter topic holds exactly the rejected offsets"
+    );
+    for letter in &letters {
+        let original = &produced.bad_values[&(letter.source.1, letter.source.2)];
+        assert_eq!(
+            letter.value.as_ref(),
+            Some(original),
+            "value kept byte for byte"
+        );
+        assert!(letter.key.is_some(), "key kept");
+        assert!(
+            ["bad_magic", "unknown_schema", "decode_error"].contains(&letter.kind.as_str()),
+            "{letter:?}"
+        );
+        assert!(!letter.message.is_empty());
+    }
     assert!(
         contents.files >= 6,
         "event hours spread rows over several files, found {}",

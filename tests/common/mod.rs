@@ -60,6 +60,8 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 pub struct Produced {
     pub good: Vec<(String, i32, i64)>,
     pub bad: Vec<(String, i32, i64)>,
+    /// (partition, offset) → original value of every undecodable record.
+    pub bad_values: HashMap<(i32, i64), Vec<u8>>,
     /// (partition, offset) → (order_id, amount) of every good record, to check values survived intact.
     pub values: HashMap<(i32, i64), (i64, f64)>,
 }
@@ -68,6 +70,7 @@ impl Produced {
     pub fn extend(&mut self, other: Produced) {
         self.good.extend(other.good);
         self.bad.extend(other.bad);
+        self.bad_values.extend(other.bad_values);
         self.values.extend(other.values);
     }
 
@@ -98,6 +101,9 @@ pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Prod
             produced.good.push(record.position());
         } else {
             produced.bad.push(record.position());
+            produced
+                .bad_values
+                .insert((record.partition, record.offset), record.value);
         }
     }
     produced
@@ -131,6 +137,61 @@ fn order_fields(value: &[u8]) -> Option<(i64, f64)> {
         }
     }
     Some((order_id?, amount?))
+}
+
+/// A record read back from a dead-letter topic.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub source: (String, i32, i64),
+    pub kind: String,
+    pub message: String,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Reads `count` records of the (single-partition) dead-letter topic `topic`, or all there are
+/// within `timeout`.
+pub async fn dead_letters(topic: &str, count: usize, timeout: Duration) -> Vec<DeadLetter> {
+    let topic = topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        use rdkafka::message::{Headers, Message};
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("dlq-reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&topic]).expect("subscribe");
+        let header = |m: &rdkafka::message::BorrowedMessage<'_>, name: &str| -> String {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        let mut out = Vec::new();
+        let deadline = Instant::now() + timeout;
+        while out.len() < count && Instant::now() < deadline {
+            let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            out.push(DeadLetter {
+                source: (
+                    header(&m, "strata.source.topic"),
+                    header(&m, "strata.source.partition").parse().unwrap_or(-1),
+                    header(&m, "strata.source.offset").parse().unwrap_or(-1),
+                ),
+                kind: header(&m, "strata.error.kind"),
+                message: header(&m, "strata.error.message"),
+                key: m.key().map(<[u8]>::to_vec),
+                value: m.payload().map(<[u8]>::to_vec),
+            });
+        }
+        out
+    })
+    .await
+    .expect("dead-letter reader")
 }
 
 /// A pipeline under test: its topic, group, lake and schema folder.
