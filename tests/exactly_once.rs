@@ -28,6 +28,12 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
         .metric("strata_records_dead_lettered_total")
         .await
         .expect("metric");
+    for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
+        let response = reqwest::get(format!("http://127.0.0.1:{}{path}", replica.metrics_port))
+            .await
+            .expect("http");
+        assert_eq!(response.status().as_u16(), status, "{path}");
+    }
     // Group offsets follow the table, so the usual lag tooling (and our lag gauge) reaches zero.
     let mut lag = None;
     for _ in 0..60 {
@@ -107,11 +113,13 @@ async fn sigkill_at_every_commit_step_then_restart_is_exact() {
             replica.tail(40)
         );
         replica.sigkill();
+        common::outlive_dead_member().await;
     }
     // A kill at an arbitrary moment mid-run.
     let replica = setup.spawn(&[("STRATA_FILE_MAX_ROWS", "2000")]);
     tokio::time::sleep(Duration::from_millis(4_500)).await;
     replica.sigkill();
+    common::outlive_dead_member().await;
 
     let replica = setup.spawn(&[]);
     assert!(
@@ -169,6 +177,7 @@ async fn zombie_replica_cannot_commit_stale_work() {
         zombie.tail(30)
     );
     zombie.signal("STOP");
+    common::outlive_dead_member().await;
 
     // The survivor takes the partitions once the zombie's session expires, and commits.
     let survivor = setup.spawn(&[]);

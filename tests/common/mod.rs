@@ -139,6 +139,18 @@ fn order_fields(value: &[u8]) -> Option<(i64, f64)> {
     Some((order_id?, amount?))
 }
 
+/// Session timeout the test replicas use (`STRATA_KAFKA_SESSION_TIMEOUT_MS`).
+pub const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Waits until the session of a member that died without leaving the group (SIGKILL, SIGSTOP) has
+/// expired. tansu, the test broker, does not start a new rebalance when a member of a stable group
+/// expires: a replica that joins while a dead member still counts can be handed an empty
+/// assignment and wait forever. Apache Kafka rebalances on expiry, so this is a test-broker
+/// workaround, not something production replicas need.
+pub async fn outlive_dead_member() {
+    tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(2)).await;
+}
+
 /// A record read back from a dead-letter topic.
 #[derive(Debug)]
 pub struct DeadLetter {
@@ -245,7 +257,10 @@ impl Setup {
             ("STRATA_LAKE_URL", self.lake.clone()),
             ("STRATA_FLUSH_INTERVAL", "1s".to_string()),
             ("STRATA_METRICS_ADDR", format!("127.0.0.1:{metrics_port}")),
-            ("STRATA_KAFKA_SESSION_TIMEOUT_MS", "15000".to_string()),
+            (
+                "STRATA_KAFKA_SESSION_TIMEOUT_MS",
+                SESSION_TIMEOUT.as_millis().to_string(),
+            ),
             ("STRATA_KAFKA_HEARTBEAT_INTERVAL_MS", "1000".to_string()),
             // tansu waits up to the rebalance timeout for members that died without leaving.
             ("STRATA_KAFKA_MAX_POLL_INTERVAL_MS", "15000".to_string()),
@@ -272,8 +287,17 @@ impl Setup {
         let log = Arc::new(Mutex::new(Vec::<String>::new()));
         let stderr = child.stderr.take().expect("stderr");
         let sink = log.clone();
+        // With STRATA_TEST_LOG_DIR set, each replica's whole log is also kept in a file.
+        let mut file = std::env::var("STRATA_TEST_LOG_DIR").ok().and_then(|dir| {
+            std::fs::create_dir_all(&dir).ok()?;
+            std::fs::File::create(format!("{dir}/{}-{}.log", self.topic, child.id())).ok()
+        });
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = file.as_mut() {
+                    use std::io::Write;
+                    let _ = writeln!(f, "{line}");
+                }
                 sink.lock().expect("log").push(line);
             }
         });
