@@ -184,10 +184,12 @@ pub async fn run(
     let result = replica.consume(&mut events).await;
     metrics.set_ready(false);
     let grace = replica.config.shutdown_grace;
+    let deadline = tokio::time::Instant::now() + grace;
     let drained = match result {
-        Ok(()) => tokio::time::timeout(grace, replica.drain(&mut events))
+        Ok(()) => tokio::time::timeout_at(deadline, replica.drain(&mut events))
             .await
-            .map_err(|_| PipelineError::GraceExceeded(grace)),
+            .map_err(|_| PipelineError::GraceExceeded(grace))
+            .and_then(|drain| drain),
         Err(e) => Err(e),
     };
     replica.source.stop();
@@ -197,14 +199,17 @@ pub async fn run(
             replica.answer_while_closing(event);
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(15), closing).await;
+    let leave_by = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
+    let _ = tokio::time::timeout_at(leave_by, closing).await;
+    // Closing the channel unblocks the source thread if it still waits to hand something over.
+    drop(events);
     let Replica {
         source, summary, ..
     } = replica;
     let _ = tokio::task::spawn_blocking(move || source.join()).await;
     server_stop.cancel();
     let _ = server.await;
-    drained.and(Ok(summary))
+    drained.map(|()| summary)
 }
 
 impl Replica {
