@@ -14,7 +14,7 @@ use deltalake::arrow::array::{
     Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
-use deltalake::arrow::compute::{cast, concat_batches, filter_record_batch};
+use deltalake::arrow::compute::{cast, filter_record_batch, interleave_record_batch};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::models::{ErrorKind, Rejection, SourceRecord};
@@ -53,11 +53,11 @@ pub struct Decoded {
 /// The state of one [`BatchDecoder::decode`] call.
 struct Chunk<'a> {
     records: &'a [SourceRecord],
-    /// Decoded batches, and the input index of each of their rows.
+    /// Decoded batches, and for each the input index of each of its rows.
     batches: Vec<RecordBatch>,
-    flushed: Vec<usize>,
-    /// Input indices of the rows still inside the Arrow decoder.
-    pending: Vec<usize>,
+    rows: Vec<Vec<usize>>,
+    /// Per writer schema id: input indices of the rows still inside its decoder.
+    pending: HashMap<u32, Vec<usize>>,
     rejected: Vec<(usize, Rejection)>,
 }
 
@@ -68,12 +68,9 @@ pub struct BatchDecoder {
     writers: BTreeMap<u32, String>,
     /// Writer ids that can never be decoded, and why (cached verdicts).
     refused: HashMap<u32, Rejection>,
-    decoder: Option<Decoder>,
-    /// Bumped whenever the decoder is dropped, so a half-read record knows to start over.
-    generation: u64,
+    /// One Arrow decoder per writer schema: records of interleaved versions never force a flush.
+    decoders: HashMap<u32, Decoder>,
     batch_size: usize,
-    /// Schema of the decoder's output (the reader schema as Arrow).
-    decoded_schema: SchemaRef,
     /// Schema of the output rows: normalized for Delta, lineage columns appended.
     output_schema: SchemaRef,
     event_time_index: usize,
@@ -115,10 +112,8 @@ impl BatchDecoder {
             reader_json: reader_json.to_string(),
             writers: BTreeMap::new(),
             refused: HashMap::new(),
-            decoder: None,
-            generation: 0,
+            decoders: HashMap::new(),
             batch_size: batch_size.max(1),
-            decoded_schema,
             output_schema,
             event_time_index,
         })
@@ -146,7 +141,7 @@ impl BatchDecoder {
             Ok(writer_json) => match self.check_resolves(schema_id, writer_json) {
                 Ok(()) => {
                     self.writers.insert(schema_id, writer_json.to_string());
-                    self.reset();
+                    self.decoders.remove(&schema_id);
                     return;
                 }
                 Err(rejection) => rejection,
@@ -181,17 +176,27 @@ impl BatchDecoder {
             })
     }
 
-    fn decoder(&mut self) -> Result<&mut Decoder, Rejection> {
-        if self.decoder.is_none() {
-            let writers = self.writers.iter().map(|(id, json)| (*id, json.as_str()));
-            let built =
-                build_decoder(&self.reader_json, writers, self.batch_size).map_err(|e| {
-                    Rejection::new(ErrorKind::DecodeError, format!("building decoder: {e}"))
-                })?;
-            self.decoder = Some(built);
+    /// The decoder of one writer schema, built on first use.
+    fn decoder(&mut self, schema_id: u32) -> Result<&mut Decoder, Rejection> {
+        if !self.decoders.contains_key(&schema_id) {
+            let writer = self.writers.get(&schema_id).ok_or_else(|| {
+                Rejection::new(
+                    ErrorKind::UnknownSchema,
+                    format!("schema id {schema_id} is not resolved"),
+                )
+            })?;
+            let built = build_decoder(
+                &self.reader_json,
+                [(schema_id, writer.as_str())],
+                self.batch_size,
+            )
+            .map_err(|e| {
+                Rejection::new(ErrorKind::DecodeError, format!("building decoder: {e}"))
+            })?;
+            self.decoders.insert(schema_id, built);
         }
-        self.decoder
-            .as_mut()
+        self.decoders
+            .get_mut(&schema_id)
             .ok_or_else(|| Rejection::new(ErrorKind::DecodeError, "no decoder".to_string()))
     }
 
@@ -201,22 +206,29 @@ impl BatchDecoder {
         let mut chunk = Chunk {
             records,
             batches: Vec::new(),
-            flushed: Vec::new(),
-            pending: Vec::new(),
+            rows: Vec::new(),
+            pending: HashMap::new(),
             rejected: Vec::new(),
         };
-        for index in 0..records.len() {
-            match self.decode_one(index, &mut chunk) {
-                Ok(()) => chunk.pending.push(index),
+        for (index, record) in records.iter().enumerate() {
+            let schema_id = match self.admit(record) {
+                Ok((schema_id, _)) => schema_id,
                 Err(rejection) => {
                     chunk.rejected.push((index, rejection));
-                    // The decoder may hold half a row now: start over and replay the good ones.
-                    self.reset();
-                    for good in std::mem::take(&mut chunk.pending) {
-                        match self.decode_one(good, &mut chunk) {
-                            Ok(()) => chunk.pending.push(good),
+                    continue;
+                }
+            };
+            match self.decode_one(schema_id, index, &mut chunk) {
+                Ok(()) => chunk.pending.entry(schema_id).or_default().push(index),
+                Err(rejection) => {
+                    chunk.rejected.push((index, rejection));
+                    // The decoder may hold half a row now: rebuild it and replay its good rows.
+                    self.decoders.remove(&schema_id);
+                    for good in chunk.pending.remove(&schema_id).unwrap_or_default() {
+                        match self.decode_one(schema_id, good, &mut chunk) {
+                            Ok(()) => chunk.pending.entry(schema_id).or_default().push(good),
                             Err(again) => {
-                                self.reset();
+                                self.decoders.remove(&schema_id);
                                 chunk.rejected.push((good, again));
                             }
                         }
@@ -224,78 +236,59 @@ impl BatchDecoder {
                 }
             }
         }
-        self.flush_pending(&mut chunk);
+        let ids: Vec<u32> = chunk.pending.keys().copied().collect();
+        for schema_id in ids {
+            self.flush_pending(schema_id, &mut chunk);
+        }
         let Chunk {
             batches,
-            flushed,
+            rows,
             mut rejected,
             ..
         } = chunk;
         rejected.sort_by_key(|(index, _)| *index);
-        let batch = self.finish(records, batches, &flushed, &mut rejected);
+        let batch = self.finish(records, &batches, &rows, &mut rejected);
         Decoded { batch, rejected }
     }
 
-    /// Drops the Arrow decoder (it is rebuilt on next use).
-    fn reset(&mut self) {
-        self.decoder = None;
-        self.generation += 1;
-    }
-
-    /// Moves the rows inside the decoder into a batch. Some faults only show when Arrow arrays are
+    /// Moves the rows inside one decoder into a batch. Some faults only show when Arrow arrays are
     /// built (invalid UTF-8 in a string, say), so a failed flush is not blamed on every row: each
     /// pending record is decoded alone, and only the ones that fail alone are rejected.
-    fn flush_pending(&mut self, chunk: &mut Chunk<'_>) {
-        let flushed = match self.decoder.as_mut() {
-            None => Ok(None),
-            Some(decoder) => decoder.flush(),
-        };
-        match flushed {
-            Ok(Some(batch)) if batch.num_rows() == chunk.pending.len() => {
+    fn flush_pending(&mut self, schema_id: u32, chunk: &mut Chunk<'_>) {
+        let pending = chunk.pending.remove(&schema_id).unwrap_or_default();
+        if pending.is_empty() {
+            return;
+        }
+        if let Some(Ok(Some(batch))) = self.decoders.get_mut(&schema_id).map(Decoder::flush) {
+            if batch.num_rows() == pending.len() {
                 chunk.batches.push(batch);
-                chunk.flushed.append(&mut chunk.pending);
+                chunk.rows.push(pending);
                 return;
             }
-            Ok(None) if chunk.pending.is_empty() => return,
-            _ => {}
         }
-        for index in std::mem::take(&mut chunk.pending) {
-            match self.decode_alone(&chunk.records[index]) {
+        for index in pending {
+            match self.decode_alone(schema_id, &chunk.records[index]) {
                 Ok(batch) => {
                     chunk.batches.push(batch);
-                    chunk.flushed.push(index);
+                    chunk.rows.push(vec![index]);
                 }
                 Err(rejection) => chunk.rejected.push((index, rejection)),
             }
         }
-        self.reset();
+        self.decoders.remove(&schema_id);
     }
 
     /// Decodes one record with a fresh decoder into a batch of its own (the slow, exact path).
-    fn decode_alone(&mut self, record: &SourceRecord) -> Result<RecordBatch, Rejection> {
-        self.reset();
-        let value = self.admit(record)?;
-        let batch_size = self.batch_size;
-        let decoder = self.decoder()?;
-        let consumed = decoder
-            .decode(value)
-            .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
-        if consumed != value.len() || decoder.capacity() + 1 != batch_size {
-            return Err(Rejection::new(
-                ErrorKind::DecodeError,
-                format!(
-                    "value of {} bytes did not decode to exactly one record",
-                    value.len()
-                ),
-            ));
-        }
-        match decoder.flush() {
-            Ok(Some(batch)) if batch.num_rows() == 1 => {
-                let framed = wire::parse(value)
-                    .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
-                self.check_no_trailing_frame(framed.schema_id, framed.body)?;
-                Ok(batch)
-            }
+    fn decode_alone(
+        &mut self,
+        schema_id: u32,
+        record: &SourceRecord,
+    ) -> Result<RecordBatch, Rejection> {
+        self.decoders.remove(&schema_id);
+        let value = record.value.as_deref().unwrap_or_default();
+        self.decode_into(schema_id, value, 0)?;
+        match self.decoder(schema_id)?.flush() {
+            Ok(Some(batch)) if batch.num_rows() == 1 => Ok(batch),
             Ok(_) => Err(Rejection::new(
                 ErrorKind::DecodeError,
                 "record produced no row".to_string(),
@@ -304,8 +297,8 @@ impl BatchDecoder {
         }
     }
 
-    /// Checks the framing and the writer schema of a record; returns its value.
-    fn admit<'r>(&self, record: &'r SourceRecord) -> Result<&'r [u8], Rejection> {
+    /// Checks the framing and the writer schema of a record; returns its schema id and value.
+    fn admit<'r>(&self, record: &'r SourceRecord) -> Result<(u32, &'r [u8]), Rejection> {
         let value = record.value.as_deref().unwrap_or_default();
         let framed = wire::parse(value).map_err(|e| {
             let kind = match e {
@@ -326,45 +319,46 @@ impl BatchDecoder {
                 ),
             ));
         }
-        Ok(value)
+        Ok((framed.schema_id, value))
     }
 
-    fn decode_one(&mut self, index: usize, chunk: &mut Chunk<'_>) -> Result<(), Rejection> {
-        let record = &chunk.records[index];
-        let value = self.admit(record)?;
-        if self.decoder()?.batch_is_full() {
-            self.flush_pending(chunk);
+    fn decode_one(
+        &mut self,
+        schema_id: u32,
+        index: usize,
+        chunk: &mut Chunk<'_>,
+    ) -> Result<(), Rejection> {
+        if self.decoder(schema_id)?.batch_is_full() {
+            self.flush_pending(schema_id, chunk);
         }
-        let mut generation = self.generation;
-        let mut offset = 0;
-        loop {
-            if generation != self.generation {
-                // The decoder was rebuilt while this record was half read: read it again.
-                generation = self.generation;
-                offset = 0;
-            }
-            let decoder = self.decoder()?;
-            offset += decoder
-                .decode(&value[offset..])
-                .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
-            if offset == value.len() {
-                break;
-            }
-            if !decoder.batch_is_full() {
-                return Err(Rejection::new(
-                    ErrorKind::DecodeError,
-                    format!(
-                        "truncated Avro body: {} of {} bytes decoded",
-                        offset,
-                        value.len()
-                    ),
-                ));
-            }
-            // A header with a new writer schema makes the decoder ask for a flush before the body.
-            self.flush_pending(chunk);
+        let value = chunk.records[index].value.as_deref().unwrap_or_default();
+        let pending = chunk.pending.get(&schema_id).map_or(0, Vec::len);
+        self.decode_into(schema_id, value, pending)
+    }
+
+    /// Feeds one framed value to its schema's decoder, which holds `pending` rows, and checks that
+    /// exactly this value became exactly one more row.
+    fn decode_into(
+        &mut self,
+        schema_id: u32,
+        value: &[u8],
+        pending: usize,
+    ) -> Result<(), Rejection> {
+        let batch_size = self.batch_size;
+        let decoder = self.decoder(schema_id)?;
+        let consumed = decoder
+            .decode(value)
+            .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
+        if consumed != value.len() {
+            return Err(Rejection::new(
+                ErrorKind::DecodeError,
+                format!(
+                    "truncated or trailing bytes: {consumed} of {} bytes decoded",
+                    value.len()
+                ),
+            ));
         }
-        let decoder_rows = self.batch_size - self.decoder()?.capacity();
-        if decoder_rows != chunk.pending.len() + 1 {
+        if batch_size - decoder.capacity() != pending + 1 {
             return Err(Rejection::new(
                 ErrorKind::DecodeError,
                 format!(
@@ -416,14 +410,29 @@ impl BatchDecoder {
     fn finish(
         &self,
         records: &[SourceRecord],
-        batches: Vec<RecordBatch>,
-        rows: &[usize],
+        batches: &[RecordBatch],
+        rows_of: &[Vec<usize>],
         rejected: &mut Vec<(usize, Rejection)>,
     ) -> Option<RecordBatch> {
-        if rows.is_empty() {
+        // Back into input order: (input index, batch, row) sorted by input index.
+        let mut order: Vec<(usize, usize, usize)> = rows_of
+            .iter()
+            .enumerate()
+            .flat_map(|(b, rows)| {
+                rows.iter()
+                    .enumerate()
+                    .map(move |(r, &input)| (input, b, r))
+            })
+            .collect();
+        if order.is_empty() {
             return None;
         }
-        let decoded = match concat_batches(&self.decoded_schema, &batches) {
+        order.sort_unstable();
+        let rows: Vec<usize> = order.iter().map(|(input, _, _)| *input).collect();
+        let rows = rows.as_slice();
+        let picks: Vec<(usize, usize)> = order.iter().map(|(_, b, r)| (*b, *r)).collect();
+        let refs: Vec<&RecordBatch> = batches.iter().collect();
+        let decoded = match interleave_record_batch(&refs, &picks) {
             Ok(batch) => batch,
             Err(e) => {
                 rejected.extend(
