@@ -367,9 +367,8 @@ impl BatchDecoder {
                 ),
             ));
         }
-        let framed = wire::parse(value)
-            .map_err(|e| Rejection::new(ErrorKind::DecodeError, e.to_string()))?;
-        self.check_no_trailing_frame(framed.schema_id, framed.body)
+        // `admit` checked the header already.
+        self.check_no_trailing_frame(schema_id, value.get(wire::HEADER_LEN..).unwrap_or_default())
     }
 
     /// The Arrow decoder reads bytes after a record as the next record's header. When the last five
