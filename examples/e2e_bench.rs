@@ -94,7 +94,7 @@ async fn main() -> anyhow::Result<()> {
         reader,
         &format!("s3://{bucket}/{topic}"),
         &[
-            ("STRATA_FLUSH_INTERVAL", "5s"),
+            ("STRATA_FLUSH_INTERVAL", "1s"),
             ("STRATA_FILE_MAX_ROWS", "500000"),
         ],
     );
