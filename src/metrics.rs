@@ -18,7 +18,9 @@ use prometheus::{
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::models::{ErrorKind, TopicPartition};
+use std::collections::BTreeMap;
+
+use crate::models::{Rejection, SourceRecord, TopicPartition};
 
 pub struct Metrics {
     pub registry: Registry,
@@ -266,11 +268,31 @@ impl Metrics {
 
     // ---- Observable events: each logs and counts in one call. ----
 
-    pub fn dead_lettered(&self, tp: &TopicPartition, offset: i64, kind: ErrorKind, message: &str) {
-        self.records_dead_lettered
-            .with_label_values(&[tp.topic.as_ref(), kind.as_str()])
-            .inc();
-        tracing::warn!(topic = %tp.topic, partition = tp.partition, offset, reason = kind.as_str(), message, "record dead-lettered");
+    /// Rejected records of one chunk, acknowledged by the dead-letter topic: the counter moves by
+    /// one per record and reason; one log line per chunk keeps a burst of bad input readable.
+    pub fn dead_lettered(&self, tp: &TopicPartition, letters: &[(&SourceRecord, &Rejection)]) {
+        let Some((first, why)) = letters.first() else {
+            return;
+        };
+        let mut by_reason: BTreeMap<&'static str, u64> = BTreeMap::new();
+        for (_, rejection) in letters {
+            *by_reason.entry(rejection.kind.as_str()).or_default() += 1;
+        }
+        for (reason, count) in &by_reason {
+            self.records_dead_lettered
+                .with_label_values(&[tp.topic.as_ref(), reason])
+                .inc_by(*count);
+        }
+        tracing::warn!(
+            topic = %tp.topic,
+            partition = tp.partition,
+            count = letters.len(),
+            reasons = ?by_reason,
+            first_offset = first.offset,
+            first_reason = why.kind.as_str(),
+            first_message = %why.message,
+            "records dead-lettered"
+        );
     }
 
     pub fn committed(

@@ -364,11 +364,8 @@ impl Replica {
                 .iter()
                 .map(|(i, r)| (&records[*i], r))
                 .collect();
-            for (record, rejection) in &letters {
-                self.metrics
-                    .dead_lettered(&tp, record.offset, rejection.kind, &rejection.message);
-            }
             self.dead_letters.publish(&letters).await;
+            self.metrics.dead_lettered(&tp, &letters);
             self.summary.dead_lettered += letters.len() as u64;
         }
         let state = self.parts.entry(tp).or_default();

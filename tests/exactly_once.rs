@@ -81,10 +81,26 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
         );
         assert!(!letter.message.is_empty());
     }
+    // A file holds one event hour, so there are at least as many files as hours in the data.
+    let mut hours = std::collections::BTreeSet::new();
+    for batch in &contents.batches {
+        use deltalake::arrow::array::AsArray;
+        use deltalake::arrow::datatypes::TimestampMicrosecondType;
+        let times = batch
+            .column_by_name("event_time")
+            .expect("event_time")
+            .as_primitive::<TimestampMicrosecondType>();
+        hours.extend(times.values().iter().map(|t| strata::silver::date_hour(*t)));
+    }
     assert!(
-        contents.files >= 6,
-        "event hours spread rows over several files, found {}",
-        contents.files
+        hours.len() > 1,
+        "the generator spreads events over several hours"
+    );
+    assert!(
+        contents.files >= hours.len(),
+        "{} files for {} event hours",
+        contents.files,
+        hours.len()
     );
 }
 
