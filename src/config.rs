@@ -23,6 +23,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_SCHEMA_REGISTRY_URL", default: "", help: "http(s)://host:port of a Confluent Schema Registry, or file://DIR holding <id>.avsc files (required)." },
     Setting { var: "STRATA_SCHEMA_REGISTRY_USER_INFO", default: "", help: "user:password for registry basic auth (secret, never logged)." },
     Setting { var: "STRATA_READER_SCHEMA", default: "", help: "Path of the reader schema (.avsc); the Silver table is named after its record name in snake_case (required)." },
+    Setting { var: "STRATA_SCHEMA_COMPATIBILITY", default: "BACKWARD", help: "Check of each writer schema against the reader schema (and, transitive, earlier writers), with Confluent's meaning: BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE." },
     Setting { var: "STRATA_EVENT_TIME_FIELD", default: "", help: "Reader-schema field holding event time (timestamp-millis or timestamp-micros) (required)." },
     Setting { var: "STRATA_LAKE_URL", default: "", help: "file:///path or s3://bucket/prefix; Silver tables live at <lake>/silver/<table> (required). S3 uses the AWS_* variables." },
     Setting { var: "STRATA_DLQ_SUFFIX", default: ".dlq", help: "Dead-letter topic of topic T is T followed by this suffix." },
@@ -88,6 +89,7 @@ pub struct Config {
     pub kafka_properties: BTreeMap<String, String>,
     pub registry: RegistrySource,
     pub reader_schema_path: PathBuf,
+    pub compatibility: crate::compat::Compatibility,
     pub event_time_field: String,
     pub lake_url: String,
     pub dlq_suffix: String,
@@ -325,6 +327,10 @@ impl Config {
             return Err(invalid("STRATA_LAKE_URL", &lake_url, "not a valid URL"));
         }
 
+        let compatibility_text = get("STRATA_SCHEMA_COMPATIBILITY");
+        let compatibility = compatibility_text.parse().map_err(|reason: String| {
+            invalid("STRATA_SCHEMA_COMPATIBILITY", &compatibility_text, reason)
+        })?;
         let compression = match get("STRATA_PARQUET_COMPRESSION")
             .to_ascii_lowercase()
             .as_str()
@@ -356,6 +362,7 @@ impl Config {
             kafka_properties,
             registry,
             reader_schema_path: PathBuf::from(required("STRATA_READER_SCHEMA")?),
+            compatibility,
             event_time_field: required("STRATA_EVENT_TIME_FIELD")?,
             lake_url: lake_url.trim_end_matches('/').to_string(),
             dlq_suffix: required("STRATA_DLQ_SUFFIX")?,
@@ -421,6 +428,7 @@ mod tests {
             ("STRATA_LAKE_URL", "/tmp/lake"),
             ("STRATA_SCHEMA_REGISTRY_URL", "registry:8081"),
             ("STRATA_METRICS_ADDR", "nine"),
+            ("STRATA_SCHEMA_COMPATIBILITY", "SIDEWAYS"),
             ("STRATA_TOPICS", "a b"),
         ] {
             let mut vars = base();

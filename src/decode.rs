@@ -17,6 +17,7 @@ use deltalake::arrow::array::{
 use deltalake::arrow::compute::{cast, filter_record_batch, interleave_record_batch};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
+use crate::compat::Compatibility;
 use crate::models::{ErrorKind, Rejection, SourceRecord};
 use crate::registry::RegistryError;
 use crate::wire;
@@ -68,6 +69,10 @@ pub struct BatchDecoder {
     writers: BTreeMap<u32, String>,
     /// Writer ids that can never be decoded, and why (cached verdicts).
     refused: HashMap<u32, Rejection>,
+    reader_schema: apache_avro::Schema,
+    compatibility: Compatibility,
+    /// Accepted writer schemas in the order they were met (for the transitive modes).
+    history: Vec<(u32, apache_avro::Schema)>,
     /// One Arrow decoder per writer schema: records of interleaved versions never force a flush.
     decoders: HashMap<u32, Decoder>,
     batch_size: usize,
@@ -83,7 +88,7 @@ impl BatchDecoder {
         event_time_field: &str,
         batch_size: usize,
     ) -> Result<Self, DecoderSetupError> {
-        apache_avro::Schema::parse_str(reader_json)
+        let reader_schema = apache_avro::Schema::parse_str(reader_json)
             .map_err(|e| DecoderSetupError::ReaderSchema(e.to_string()))?;
         // The reader schema read as its own writer gives the Arrow shape of every decoded batch.
         let probe = build_decoder(reader_json, [(0u32, reader_json)], 1)
@@ -112,11 +117,21 @@ impl BatchDecoder {
             reader_json: reader_json.to_string(),
             writers: BTreeMap::new(),
             refused: HashMap::new(),
+            reader_schema,
+            compatibility: Compatibility::Backward,
+            history: Vec::new(),
             decoders: HashMap::new(),
             batch_size: batch_size.max(1),
             output_schema,
             event_time_index,
         })
+    }
+
+    /// Sets the compatibility mode writer schemas must pass (BACKWARD unless set). Verdicts already
+    /// made are kept.
+    pub fn with_compatibility(mut self, compatibility: Compatibility) -> Self {
+        self.compatibility = compatibility;
+        self
     }
 
     /// Schema of the rows [`Self::decode`] returns.
@@ -139,7 +154,8 @@ impl BatchDecoder {
     pub fn register(&mut self, schema_id: u32, answer: Result<&str, &RegistryError>) {
         let verdict = match answer {
             Ok(writer_json) => match self.check_resolves(schema_id, writer_json) {
-                Ok(()) => {
+                Ok(writer) => {
+                    self.history.push((schema_id, writer));
                     self.writers.insert(schema_id, writer_json.to_string());
                     self.decoders.remove(&schema_id);
                     return;
@@ -157,15 +173,36 @@ impl BatchDecoder {
         self.refused.insert(schema_id, verdict);
     }
 
-    fn check_resolves(&self, schema_id: u32, writer_json: &str) -> Result<(), Rejection> {
-        if let Err(e) = apache_avro::Schema::parse_str(writer_json) {
-            return Err(Rejection::new(
+    /// A writer schema is accepted when it passes the configured compatibility check and arrow-avro
+    /// can resolve it to the reader schema.
+    fn check_resolves(
+        &self,
+        schema_id: u32,
+        writer_json: &str,
+    ) -> Result<apache_avro::Schema, Rejection> {
+        let writer = apache_avro::Schema::parse_str(writer_json).map_err(|e| {
+            Rejection::new(
                 ErrorKind::IncompatibleSchema,
                 format!("writer schema {schema_id} is not valid Avro: {e}"),
-            ));
-        }
+            )
+        })?;
+        // Earlier writer versions first, the reader schema (the table's last version) last.
+        let mut previous: Vec<(String, &apache_avro::Schema)> = self
+            .history
+            .iter()
+            .map(|(id, s)| (format!("writer schema {id}"), s))
+            .collect();
+        previous.push(("the reader schema".to_string(), &self.reader_schema));
+        self.compatibility
+            .check(&writer, &previous)
+            .map_err(|reason| {
+                Rejection::new(
+                    ErrorKind::IncompatibleSchema,
+                    format!("writer schema {schema_id} is {reason}"),
+                )
+            })?;
         build_decoder(&self.reader_json, [(schema_id, writer_json)], 1)
-            .map(|_| ())
+            .map(|_| writer)
             .map_err(|e| {
                 Rejection::new(
                     ErrorKind::IncompatibleSchema,
@@ -761,6 +798,51 @@ mod tests {
         let out = d.decode(&[record(0, wire::frame(7, b"\x02a"))]);
         assert_eq!(out.rejected[0].1.kind, ErrorKind::IncompatibleSchema);
         assert!(out.batch.is_none());
+    }
+
+    #[test]
+    fn compatibility_mode_decides_with_confluent_meaning() {
+        // A writer that adds a required field: readable by the reader (it ignores the field), so
+        // arrow-avro resolves it, but BACKWARD forbids it (the writer cannot read older data).
+        let adds_required = V1.replace(
+            r#"{"name":"amount","type":"double"},"#,
+            r#"{"name":"amount","type":"double"},{"name":"channel","type":"string"},"#,
+        );
+        let mut strict = BatchDecoder::new(V1, "event_time", 8).expect("decoder");
+        strict.register(5, Ok(&adds_required));
+        let out = strict.decode(&[record(0, wire::frame(5, b""))]);
+        assert_eq!(out.rejected[0].1.kind, ErrorKind::IncompatibleSchema);
+        assert!(
+            out.rejected[0].1.message.contains("channel"),
+            "{}",
+            out.rejected[0].1.message
+        );
+        assert!(
+            out.rejected[0].1.message.contains("BACKWARD"),
+            "{}",
+            out.rejected[0].1.message
+        );
+
+        let mut forward = BatchDecoder::new(V1, "event_time", 8)
+            .expect("decoder")
+            .with_compatibility(Compatibility::Forward);
+        forward.register(5, Ok(&adds_required));
+        assert!(forward.knows(5));
+        let schema = apache_avro::Schema::parse_str(&adds_required).expect("schema");
+        let body = crate::demo::avro_body(
+            &schema,
+            Value::Record(vec![
+                ("id".into(), Value::Long(7)),
+                ("customer".into(), Value::String("c".into())),
+                ("amount".into(), Value::Double(1.0)),
+                ("channel".into(), Value::String("web".into())),
+                ("event_time".into(), Value::TimestampMillis(5)),
+            ]),
+        )
+        .expect("encode");
+        let out = forward.decode(&[record(0, wire::frame(5, &body))]);
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        assert_eq!(offsets(&out.batch.expect("rows")), vec![0]);
     }
 
     #[test]

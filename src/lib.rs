@@ -6,6 +6,7 @@
 //! - [`source`]: the Kafka consumer thread; rebalances as messages with an acknowledgement.
 //! - [`wire`]: the Confluent wire format (magic byte, schema id, body).
 //! - [`registry`]: writer schemas by id (Confluent Schema Registry or a folder), cached.
+//! - [`compat`]: schema compatibility modes with Confluent's meaning.
 //! - [`decode`]: Avro straight into Arrow, writer resolved to reader; one verdict per record.
 //! - [`dlq`]: rejected records to the dead-letter topic, with the reason in headers.
 //! - [`silver`]: Parquet files partitioned by event date and hour.
@@ -18,6 +19,7 @@
 //! - [`models`]: the small types passed between stages.
 
 pub mod commit;
+pub mod compat;
 pub mod config;
 pub mod decode;
 pub mod demo;

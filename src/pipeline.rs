@@ -117,7 +117,8 @@ pub async fn run(
     lake::register_object_stores();
     let (reader_json, table_name) = reader_schema(&config.reader_schema_path)?;
     let decoder = BatchDecoder::new(&reader_json, &config.event_time_field, 8192)
-        .map_err(|e| PipelineError::Config(e.to_string()))?;
+        .map_err(|e| PipelineError::Config(e.to_string()))?
+        .with_compatibility(config.compatibility);
     let registry = SchemaRegistry::from_config(&config.registry)
         .map_err(|e| PipelineError::Config(e.to_string()))?;
     let url = lake::table_url(&config.lake_url, "silver", &table_name)?;

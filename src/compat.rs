@@ -1,0 +1,239 @@
+//! Schema compatibility with exactly Confluent's meanings, decided by `apache-avro`'s checker (no
+//! hand-written rules). "New" is a writer schema met on a topic; "previous" is the table's reader
+//! schema (the last version), plus, for the transitive modes, every earlier writer version seen.
+//!
+//! - BACKWARD: a consumer using the new schema can read data written with the previous one.
+//! - FORWARD: data written with the new schema can be read by a consumer using the previous one.
+//! - FULL: both. The `_TRANSITIVE` modes check against all previous versions, not just the last.
+
+use std::fmt;
+use std::str::FromStr;
+
+use apache_avro::schema_compatibility::SchemaCompatibility;
+use apache_avro::Schema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compatibility {
+    None,
+    Backward,
+    BackwardTransitive,
+    Forward,
+    ForwardTransitive,
+    Full,
+    FullTransitive,
+}
+
+impl FromStr for Compatibility {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Ok(match text.trim().to_ascii_uppercase().as_str() {
+            "NONE" => Compatibility::None,
+            "BACKWARD" => Compatibility::Backward,
+            "BACKWARD_TRANSITIVE" => Compatibility::BackwardTransitive,
+            "FORWARD" => Compatibility::Forward,
+            "FORWARD_TRANSITIVE" => Compatibility::ForwardTransitive,
+            "FULL" => Compatibility::Full,
+            "FULL_TRANSITIVE" => Compatibility::FullTransitive,
+            other => {
+                return Err(format!(
+                    "unknown mode {other:?} (BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE)"
+                ))
+            }
+        })
+    }
+}
+
+impl fmt::Display for Compatibility {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Compatibility::None => "NONE",
+            Compatibility::Backward => "BACKWARD",
+            Compatibility::BackwardTransitive => "BACKWARD_TRANSITIVE",
+            Compatibility::Forward => "FORWARD",
+            Compatibility::ForwardTransitive => "FORWARD_TRANSITIVE",
+            Compatibility::Full => "FULL",
+            Compatibility::FullTransitive => "FULL_TRANSITIVE",
+        })
+    }
+}
+
+impl Compatibility {
+    pub fn is_transitive(self) -> bool {
+        matches!(
+            self,
+            Compatibility::BackwardTransitive
+                | Compatibility::ForwardTransitive
+                | Compatibility::FullTransitive
+        )
+    }
+
+    fn backward(self) -> bool {
+        matches!(
+            self,
+            Compatibility::Backward
+                | Compatibility::BackwardTransitive
+                | Compatibility::Full
+                | Compatibility::FullTransitive
+        )
+    }
+
+    fn forward(self) -> bool {
+        matches!(
+            self,
+            Compatibility::Forward
+                | Compatibility::ForwardTransitive
+                | Compatibility::Full
+                | Compatibility::FullTransitive
+        )
+    }
+
+    /// Checks `new` against `previous`, oldest first and the last version last. Non-transitive
+    /// modes look at the last one only. The error names the offending version and field.
+    pub fn check(self, new: &Schema, previous: &[(String, &Schema)]) -> Result<(), String> {
+        let against: &[(String, &Schema)] = if self.is_transitive() {
+            previous
+        } else {
+            previous
+                .last()
+                .map(std::slice::from_ref)
+                .unwrap_or_default()
+        };
+        for (name, old) in against {
+            if self.backward() {
+                // The new schema reads what the old one wrote.
+                SchemaCompatibility::can_read(old, new)
+                    .map_err(|e| format!("not {self} compatible with {name}: {}", describe(&e)))?;
+            }
+            if self.forward() {
+                // The old schema reads what the new one writes.
+                SchemaCompatibility::can_read(new, old)
+                    .map_err(|e| format!("not {self} compatible with {name}: {}", describe(&e)))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The checker's message plus its causes (the nested cause names the inner field).
+fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schema(fields: &str) -> Schema {
+        Schema::parse_str(&format!(
+            r#"{{"type":"record","name":"Order","fields":[{fields}]}}"#
+        ))
+        .expect("schema")
+    }
+
+    const ID: &str = r#"{"name":"id","type":"long"}"#;
+
+    fn check(mode: Compatibility, new: &Schema, previous: &[&Schema]) -> Result<(), String> {
+        let named: Vec<(String, &Schema)> = previous
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (format!("v{}", i + 1), *s))
+            .collect();
+        mode.check(new, &named)
+    }
+
+    #[test]
+    fn parses_every_mode() {
+        for text in [
+            "NONE",
+            "BACKWARD",
+            "backward_transitive",
+            "FORWARD",
+            "FORWARD_TRANSITIVE",
+            "FULL",
+            "FULL_TRANSITIVE",
+        ] {
+            let mode: Compatibility = text.parse().expect(text);
+            assert_eq!(mode.to_string(), text.to_ascii_uppercase());
+        }
+        assert!("SIDEWAYS".parse::<Compatibility>().is_err());
+    }
+
+    /// Confluent's documented cases for adding and deleting fields.
+    #[test]
+    fn adding_and_deleting_fields_follow_confluent() {
+        let v1 = schema(ID);
+        let with_default = schema(&format!(
+            r#"{ID},{{"name":"coupon","type":["null","string"],"default":null}}"#
+        ));
+        let without_default = schema(&format!(r#"{ID},{{"name":"coupon","type":"string"}}"#));
+
+        // Add a field with a default: allowed by all modes.
+        for mode in [
+            Compatibility::Backward,
+            Compatibility::Forward,
+            Compatibility::Full,
+        ] {
+            assert_eq!(check(mode, &with_default, &[&v1]), Ok(()), "{mode}");
+        }
+        // Add a field without a default: FORWARD only (the new reader has no value for old data).
+        assert_eq!(
+            check(Compatibility::Forward, &without_default, &[&v1]),
+            Ok(())
+        );
+        let error = check(Compatibility::Backward, &without_default, &[&v1]).expect_err("backward");
+        assert!(
+            error.contains("coupon") && error.contains("BACKWARD"),
+            "{error}"
+        );
+        assert!(check(Compatibility::Full, &without_default, &[&v1]).is_err());
+        // Delete a field without a default: BACKWARD only (the old reader needs it).
+        assert_eq!(
+            check(Compatibility::Backward, &v1, &[&without_default]),
+            Ok(())
+        );
+        let error = check(Compatibility::Forward, &v1, &[&without_default]).expect_err("forward");
+        assert!(error.contains("coupon"), "{error}");
+        // NONE accepts anything.
+        assert_eq!(
+            check(
+                Compatibility::None,
+                &schema(r#"{"name":"id","type":"string"}"#),
+                &[&v1]
+            ),
+            Ok(())
+        );
+    }
+
+    /// Transitive modes look at every earlier version; the plain ones at the last only.
+    #[test]
+    fn transitive_modes_check_every_earlier_version() {
+        let v1 = schema(ID);
+        let v2 = schema(&format!(
+            r#"{ID},{{"name":"coupon","type":"string","default":""}}"#
+        ));
+        let v3 = schema(&format!(r#"{ID},{{"name":"coupon","type":"string"}}"#));
+        // v3 reads v2's data (coupon present) but not v1's (no coupon, no default).
+        assert_eq!(check(Compatibility::Backward, &v3, &[&v1, &v2]), Ok(()));
+        let error =
+            check(Compatibility::BackwardTransitive, &v3, &[&v1, &v2]).expect_err("transitive");
+        assert!(error.contains("v1") && error.contains("coupon"), "{error}");
+
+        // FORWARD with history [v3 (named "v1"), plain id (named "v2", the last)]: data written by
+        // a plain-id schema is readable by the last version, but not by v3 (coupon, no default).
+        let v4 = schema(ID);
+        assert_eq!(check(Compatibility::Forward, &v4, &[&v3, &v1]), Ok(()));
+        let error = check(Compatibility::ForwardTransitive, &v4, &[&v3, &v1])
+            .expect_err("forward transitive");
+        assert!(error.contains("v1") && error.contains("coupon"), "{error}");
+        assert!(check(Compatibility::FullTransitive, &v4, &[&v3, &v1]).is_err());
+        assert_eq!(check(Compatibility::Full, &v4, &[&v3, &v1]), Ok(()));
+    }
+}
