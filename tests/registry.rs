@@ -4,13 +4,14 @@
 //! documented in the Schema Registry API reference (GET /schemas/ids/{id}, and the error bodies with
 //! `error_code` 40403, 50001, 40101). These are RECORDED responses, labelled as such.
 
+mod common;
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use strata::config::RegistrySource;
 use strata::registry::{ConfluentClient, RegistryError, SchemaRegistry};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 /// Recorded from the Confluent Schema Registry API reference: `GET /schemas/ids/1`.
@@ -24,50 +25,29 @@ const RECORDED_50001: &str =
     r#"{"error_code": 50001, "message": "Error in the backend data store"}"#;
 const RECORDED_40101: &str = r#"{"error_code": 40101, "message": "Unauthorized"}"#;
 
-/// Serves `routes` (path → status, body); counts requests.
+/// Serves `routes` (path → status, body); counts requests. A route answering 401 answers 200
+/// with schema 1 when the request carries basic auth.
 async fn serve(routes: HashMap<&'static str, (u16, &'static str)>) -> (String, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let hits = Arc::new(AtomicUsize::new(0));
-    let counter = hits.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((mut stream, _)) = listener.accept().await else {
-                return;
-            };
-            counter.fetch_add(1, Ordering::SeqCst);
-            let routes = routes.clone();
-            tokio::spawn(async move {
-                let mut buffer = vec![0u8; 8192];
-                let mut read = 0;
-                while !buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") && read < buffer.len() {
-                    match stream.read(&mut buffer[read..]).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => read += n,
-                    }
-                }
-                let request = String::from_utf8_lossy(&buffer[..read]);
-                let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
-                let auth_ok = request
-                    .to_ascii_lowercase()
-                    .contains("authorization: basic");
-                let (status, body) = match routes.get(path.as_str()) {
-                    Some((401, _)) if auth_ok => (200, RECORDED_SCHEMA_1),
-                    Some(found) => *found,
-                    None => (
-                        404,
-                        r#"{"error_code": 404, "message": "HTTP 404 Not Found"}"#,
-                    ),
-                };
-                let reply = format!(
-                    "HTTP/1.1 {status} X\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = stream.write_all(reply.as_bytes()).await;
-            });
-        }
+    let handler: common::Handler = Arc::new(move |path: &str, request: &str| {
+        let auth = request
+            .to_ascii_lowercase()
+            .contains("authorization: basic");
+        let (status, body) = match routes.get(path) {
+            Some((401, _)) if auth => (200, RECORDED_SCHEMA_1),
+            Some(found) => *found,
+            None => (
+                404,
+                r#"{"error_code": 404, "message": "HTTP 404 Not Found"}"#,
+            ),
+        };
+        (status, body.to_string())
     });
-    (format!("http://{addr}"), hits)
+    (
+        format!("http://{addr}"),
+        common::serve_http(listener, handler),
+    )
 }
 
 fn routes() -> HashMap<&'static str, (u16, &'static str)> {

@@ -139,6 +139,45 @@ fn order_fields(value: &[u8]) -> Option<(i64, f64)> {
     Some((order_id?, amount?))
 }
 
+/// Answers of a tiny HTTP/1.1 server: `(path, whole request head) -> (status, body)`.
+pub type Handler = Arc<dyn Fn(&str, &str) -> (u16, String) + Send + Sync>;
+
+/// Serves HTTP on `listener` with `handler` (one request per connection) until the runtime ends;
+/// returns the count of connections served. Used to replay recorded Schema Registry answers.
+pub fn serve_http(
+    listener: tokio::net::TcpListener,
+    handler: Handler,
+) -> Arc<std::sync::atomic::AtomicUsize> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 8192];
+                let mut read = 0;
+                while !buffer[..read].windows(4).any(|w| w == b"\r\n\r\n") && read < buffer.len() {
+                    match stream.read(&mut buffer[read..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => read += n,
+                    }
+                }
+                let request = String::from_utf8_lossy(&buffer[..read]).into_owned();
+                let path = request.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let (status, body) = handler(&path, &request);
+                let reply = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/vnd.schemaregistry.v1+json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = stream.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    hits
+}
+
 /// Session timeout the test replicas use (`STRATA_KAFKA_SESSION_TIMEOUT_MS`).
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 
