@@ -19,6 +19,7 @@ use deltalake::kernel::{Action, Add, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableError};
 
+use crate::backoff::Backoff;
 use crate::lake::PARTITION_COLUMNS;
 use crate::models::TopicPartition;
 
@@ -72,16 +73,8 @@ impl TableCommitter {
         }
     }
 
-    pub fn table(&self) -> &DeltaTable {
-        &self.table
-    }
-
     pub fn app_id(&self, tp: &TopicPartition) -> String {
         format!("{}/{}/{}", self.app_prefix, tp.topic, tp.partition)
-    }
-
-    pub fn owns(&self, tp: &TopicPartition) -> bool {
-        self.owned.contains_key(tp)
     }
 
     async fn refresh(&mut self) -> Result<(), DeltaTableError> {
@@ -154,7 +147,7 @@ impl TableCommitter {
         last_offsets: &BTreeMap<TopicPartition, i64>,
     ) -> Result<CommitOutcome, CommitError> {
         let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
-        let mut backoff = Duration::from_millis(20);
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         for attempt in 1..=self.max_attempts {
             self.refresh().await?;
             let fenced = self.compare(&partitions).await?;
@@ -195,8 +188,7 @@ impl TableCommitter {
                 }
                 Err(e) if is_lost_race(&e) => {
                     tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");
-                    tokio::time::sleep(backoff + jitter(backoff)).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    backoff.wait().await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -218,8 +210,4 @@ fn is_lost_race(error: &DeltaTableError) -> bool {
         ),
         _ => false,
     }
-}
-
-fn jitter(base: Duration) -> Duration {
-    Duration::from_millis(rand::random_range(0..=base.as_millis().max(1) as u64))
 }

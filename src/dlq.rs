@@ -10,6 +10,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
+use crate::backoff::Backoff;
 use crate::models::{Rejection, SourceRecord};
 use crate::wire;
 
@@ -68,7 +69,7 @@ impl DeadLetters {
 
     async fn publish_one(&self, record: &SourceRecord, rejection: &Rejection) {
         let topic = self.topic_for(&record.topic);
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
         loop {
             let mut headers = OwnedHeaders::new_with_capacity(record.headers.len() + 6);
             for (key, value) in &record.headers {
@@ -125,8 +126,7 @@ impl DeadLetters {
                 Ok(_) => return,
                 Err((e, _)) => {
                     tracing::warn!(topic, error = %e, "dead-letter write failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff.wait().await;
                 }
             }
         }

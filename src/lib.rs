@@ -17,7 +17,9 @@
 //! - [`demo`]: the self-contained demo (embedded Kafka, generator, verification).
 //! - [`verify`]: reads a table back, for the demo, tests and operators.
 //! - [`models`]: the small types passed between stages.
+//! - [`backoff`]: the retry pacing for every outside dependency.
 
+pub mod backoff;
 pub mod commit;
 pub mod compat;
 pub mod config;

@@ -4,7 +4,7 @@
 //! metrics never drift apart. Labels are bounded: topic, partition, table, reason; never a key.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,8 +45,36 @@ pub struct Metrics {
     pub schema_ids_seen: IntGauge,
     pub flush_duration: Histogram,
     pub kafka_errors: IntCounter,
-    ready: AtomicBool,
-    alive: AtomicBool,
+    /// Bits of [`NotReady`] that currently hold; ready when none does.
+    not_ready: AtomicU8,
+}
+
+/// Why a replica is not ready. Several can hold at once and each clears on its own, so one
+/// recovering dependency cannot report ready while another is still down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    Starting = 1,
+    Registry = 2,
+    Lake = 4,
+    ShuttingDown = 8,
+}
+
+impl NotReady {
+    const ALL: [NotReady; 4] = [
+        NotReady::Starting,
+        NotReady::Registry,
+        NotReady::Lake,
+        NotReady::ShuttingDown,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            NotReady::Starting => "starting",
+            NotReady::Registry => "schema registry unreachable",
+            NotReady::Lake => "object store refuses writes",
+            NotReady::ShuttingDown => "shutting down",
+        }
+    }
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -241,21 +269,31 @@ impl Metrics {
             flush_duration,
             kafka_errors,
             registry,
-            ready: AtomicBool::new(false),
-            alive: AtomicBool::new(true),
+            not_ready: AtomicU8::new(NotReady::Starting as u8),
         }
     }
 
-    pub fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Relaxed);
+    /// Marks `reason` as holding (`true`) or cleared (`false`).
+    pub fn not_ready(&self, reason: NotReady, holds: bool) {
+        if holds {
+            self.not_ready.fetch_or(reason as u8, Ordering::Relaxed);
+        } else {
+            self.not_ready.fetch_and(!(reason as u8), Ordering::Relaxed);
+        }
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.not_ready.load(Ordering::Relaxed) == 0
     }
 
-    pub fn set_alive(&self, alive: bool) {
-        self.alive.store(alive, Ordering::Relaxed);
+    /// The reasons that currently hold, for `/readyz`.
+    pub fn not_ready_reasons(&self) -> Vec<&'static str> {
+        let bits = self.not_ready.load(Ordering::Relaxed);
+        NotReady::ALL
+            .iter()
+            .filter(|r| bits & (**r as u8) != 0)
+            .map(|r| r.as_str())
+            .collect()
     }
 
     pub fn render(&self) -> String {
@@ -369,6 +407,13 @@ impl Metrics {
         tracing::info!(kind, partitions = ?list, assigned_now, "rebalance");
     }
 
+    /// The last offset held by the table for a partition (read on assignment, or just committed).
+    pub fn progress(&self, tp: &TopicPartition, last_offset: i64) {
+        self.committed_offset
+            .with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
+            .set(last_offset);
+    }
+
     pub fn registry_error(&self, kind: &'static str, schema_id: u32, error: &str) {
         self.registry_errors.with_label_values(&[kind]).inc();
         tracing::warn!(schema_id, kind, error, "schema registry request failed");
@@ -416,19 +461,13 @@ fn route(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
             "text/plain; version=0.0.4",
             metrics.render(),
         ),
-        "/healthz" if metrics.alive.load(Ordering::Relaxed) => {
-            (StatusCode::OK, "text/plain", "ok\n".to_string())
-        }
-        "/healthz" => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "text/plain",
-            "not alive\n".to_string(),
-        ),
+        // Alive as long as this endpoint answers.
+        "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/readyz" if metrics.is_ready() => (StatusCode::OK, "text/plain", "ready\n".to_string()),
         "/readyz" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "not ready\n".to_string(),
+            format!("not ready: {}\n", metrics.not_ready_reasons().join(", ")),
         ),
         _ => (
             StatusCode::NOT_FOUND,
@@ -451,4 +490,35 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
     let listener = TcpListener::bind(addr).await?;
     let local = listener.local_addr()?;
     Ok((listener, local))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_needs_every_reason_cleared() {
+        let metrics = Metrics::new();
+        assert!(!metrics.is_ready(), "not ready before start-up finished");
+        metrics.not_ready(NotReady::Starting, false);
+        assert!(metrics.is_ready());
+        metrics.not_ready(NotReady::Registry, true);
+        metrics.not_ready(NotReady::Lake, true);
+        // The registry recovering does not make a replica ready whose lake is still down.
+        metrics.not_ready(NotReady::Registry, false);
+        assert!(!metrics.is_ready());
+        assert_eq!(
+            metrics.not_ready_reasons(),
+            vec!["object store refuses writes"]
+        );
+        metrics.not_ready(NotReady::Lake, false);
+        assert!(metrics.is_ready());
+        assert_eq!(route(&metrics, "/readyz").status(), StatusCode::OK);
+        metrics.not_ready(NotReady::ShuttingDown, true);
+        assert_eq!(
+            route(&metrics, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(route(&metrics, "/healthz").status(), StatusCode::OK);
+    }
 }

@@ -64,16 +64,6 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    pub const ALL: [ErrorKind; 7] = [
-        ErrorKind::BadMagic,
-        ErrorKind::EmptyValue,
-        ErrorKind::UnknownSchema,
-        ErrorKind::UnsupportedSchemaType,
-        ErrorKind::IncompatibleSchema,
-        ErrorKind::DecodeError,
-        ErrorKind::MissingEventTime,
-    ];
-
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::BadMagic => "bad_magic",

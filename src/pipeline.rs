@@ -13,12 +13,13 @@ use deltalake::arrow::array::RecordBatch;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::Backoff;
 use crate::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::config::Config;
 use crate::decode::BatchDecoder;
 use crate::dlq::DeadLetters;
 use crate::lake;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NotReady};
 use crate::models::{Rejection, SourceRecord, TopicPartition};
 use crate::registry::{RegistryError, SchemaRegistry};
 use crate::silver::{FilePolicy, SilverError, SilverWriter};
@@ -108,7 +109,7 @@ struct Replica {
 }
 
 /// Runs one replica until `shutdown` is cancelled, then flushes, commits, leaves the group and
-/// returns what it did. `ready` receives the bound metrics address once serving.
+/// returns what it did.
 pub async fn run(
     config: Config,
     metrics: Arc<Metrics>,
@@ -163,7 +164,7 @@ pub async fn run(
         metrics.clone(),
         events_tx,
     )?;
-    metrics.set_ready(true);
+    metrics.not_ready(NotReady::Starting, false);
 
     let mut replica = Replica {
         config,
@@ -183,7 +184,7 @@ pub async fn run(
         shutdown: shutdown.clone(),
     };
     let result = replica.consume(&mut events).await;
-    metrics.set_ready(false);
+    metrics.not_ready(NotReady::ShuttingDown, true);
     let grace = replica.config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
     let drained = match result {
@@ -277,10 +278,7 @@ impl Replica {
                         },
                     );
                     if let Some(version) = stored {
-                        self.metrics
-                            .committed_offset
-                            .with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
-                            .set(*version);
+                        self.metrics.progress(tp, *version);
                     }
                 }
                 let _ = reply.send(claimed.into_iter().collect());
@@ -291,9 +289,8 @@ impl Replica {
                 lost,
                 done,
             } => {
-                if lost {
-                    self.drop_work(&partitions);
-                } else {
+                // A lost assignment may already be someone else's: its work is only dropped.
+                if !lost {
                     self.flush().await?;
                 }
                 self.forget(&partitions);
@@ -313,14 +310,13 @@ impl Replica {
         &mut self,
         partitions: &[TopicPartition],
     ) -> Result<Vec<(TopicPartition, Option<i64>)>, PipelineError> {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             match self.committer.claim(partitions).await {
                 Ok(claimed) => return Ok(claimed),
                 Err(e) if !self.shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, "reading table progress failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff.wait().await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -406,37 +402,33 @@ impl Replica {
         ids.sort_unstable();
         ids.dedup();
         for id in ids {
-            let mut backoff = Duration::from_millis(100);
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
             loop {
-                match self.registry.schema_by_id(id).await {
+                let answer = self.registry.schema_by_id(id).await;
+                if let Err(e) = &answer {
+                    self.metrics
+                        .registry_error(registry_error_kind(e), id, &e.to_string());
+                }
+                match answer {
                     Ok(text) => {
                         self.decoder.register(id, Ok(&text));
                         self.metrics.schema_ids_seen.inc();
                         break;
                     }
                     Err(e) if !e.is_retryable() => {
-                        self.metrics.registry_error("not_found", id, &e.to_string());
                         self.decoder.register(id, Err(&e));
                         break;
                     }
-                    Err(e) => {
-                        self.metrics
-                            .registry_error(registry_error_kind(&e), id, &e.to_string());
-                        self.metrics.set_ready(false);
-                        if self.shutdown.is_cancelled() {
-                            // Leave the id unknown: its records are dead-lettered only if the
-                            // decoder says so, and a shutdown must not wait for the registry.
-                            break;
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    // Leave the id unknown: a shutdown must not wait for the registry.
+                    Err(_) if self.shutdown.is_cancelled() => return,
+                    Err(_) => {
+                        self.metrics.not_ready(NotReady::Registry, true);
+                        backoff.wait().await;
                     }
                 }
             }
         }
-        if !self.shutdown.is_cancelled() {
-            self.metrics.set_ready(true);
-        }
+        self.metrics.not_ready(NotReady::Registry, false);
     }
 
     /// Drops buffered, uncommitted work of these partitions (the table does not have it, so the
@@ -499,22 +491,19 @@ impl Replica {
     /// Writes and commits everything buffered. Retries storage errors with backoff until it
     /// succeeds or shutdown is requested (then the work is left uncommitted, which loses nothing).
     async fn flush(&mut self) -> Result<(), PipelineError> {
-        let mut backoff = Duration::from_millis(200);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             match self.try_flush().await {
                 Ok(()) => {
-                    if backoff > Duration::from_millis(200) && !self.shutdown.is_cancelled() {
-                        self.metrics.set_ready(true);
-                    }
+                    self.metrics.not_ready(NotReady::Lake, false);
                     return Ok(());
                 }
                 Err(e) if self.shutdown.is_cancelled() => return Err(e),
                 Err(e) => {
                     // Not ready while the lake refuses writes; nothing is lost, the work stays buffered.
-                    self.metrics.set_ready(false);
+                    self.metrics.not_ready(NotReady::Lake, true);
                     tracing::warn!(error = %e, "flush failed; retrying");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    backoff.wait().await;
                 }
             }
         }
@@ -577,10 +566,7 @@ impl Replica {
                     self.summary.rows_committed += rows;
                     self.summary.files += sizes.len() as u64;
                     for (tp, last) in &last_offsets {
-                        self.metrics
-                            .committed_offset
-                            .with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
-                            .set(*last);
+                        self.metrics.progress(tp, *last);
                     }
                     let committed: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
                     self.drop_work(&committed);
@@ -601,7 +587,8 @@ impl Replica {
 
 fn registry_error_kind(error: &RegistryError) -> &'static str {
     match error {
-        RegistryError::NotFound { .. } | RegistryError::NotAvro { .. } => "not_found",
+        RegistryError::NotFound { .. } => "not_found",
+        RegistryError::NotAvro { .. } => "not_avro",
         RegistryError::Unavailable(_) => "unavailable",
         RegistryError::Unexpected { .. } => "unexpected",
     }

@@ -11,7 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::sync::{mpsc as std_mpsc, Arc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -64,7 +64,6 @@ pub enum SourceCommand {
 struct SourceContext {
     events: mpsc::Sender<SourceEvent>,
     metrics: Arc<Metrics>,
-    assigned: Mutex<usize>,
 }
 
 impl ClientContext for SourceContext {
@@ -85,6 +84,10 @@ impl ClientContext for SourceContext {
         self.metrics.kafka_errors.inc();
         tracing::warn!(error = %error, reason, "kafka client error");
     }
+}
+
+fn assigned_count(consumer: &BaseConsumer<SourceContext>) -> usize {
+    consumer.assignment().map(|a| a.count()).unwrap_or(0)
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -143,13 +146,8 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions");
                 }
-                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                *assigned = if cooperative {
-                    *assigned + partitions.len()
-                } else {
-                    partitions.len()
-                };
-                self.metrics.rebalanced("assign", &partitions, *assigned);
+                self.metrics
+                    .rebalanced("assign", &partitions, assigned_count(consumer));
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
@@ -175,16 +173,10 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "unassigning partitions");
                 }
-                let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
-                *assigned = if cooperative {
-                    assigned.saturating_sub(partitions.len())
-                } else {
-                    0
-                };
                 self.metrics.rebalanced(
                     if lost { "lost" } else { "revoke" },
                     &partitions,
-                    *assigned,
+                    assigned_count(consumer),
                 );
             }
             other => {
@@ -241,7 +233,6 @@ impl Source {
         let context = SourceContext {
             events: events.clone(),
             metrics: metrics.clone(),
-            assigned: Mutex::new(0),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -380,7 +371,6 @@ fn poll_loop(
         }
         send_chunk(&events, &mut chunk, &mut chunk_bytes, &metrics);
     }
-    send_chunk(&events, &mut chunk, &mut chunk_bytes, &metrics);
     // Leave the group: the final revocation goes through the rebalance callback as usual.
     consumer.unsubscribe();
     let until = Instant::now() + Duration::from_secs(10);

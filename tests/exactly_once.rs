@@ -7,19 +7,13 @@ use std::time::Duration;
 
 use common::{produce, Setup};
 
-const CATCH_UP: Duration = Duration::from_secs(240);
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
     let setup = Setup::new("bulk", 6).await;
     let produced = produce(&setup.topic, 100_000, 500, 1).await;
     assert_eq!(produced.good.len() + produced.bad.len(), 100_000);
     let replica = setup.spawn(&[("STRATA_FLUSH_INTERVAL", "3s")]);
-    assert!(
-        setup.wait_for(&produced, CATCH_UP).await,
-        "did not catch up; log:\n{}",
-        replica.tail(40)
-    );
+    setup.catch_up(&produced, &[&replica]).await;
     let written = replica
         .metric("strata_records_written_total")
         .await
@@ -29,10 +23,7 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
         .await
         .expect("metric");
     for (path, status) in [("/healthz", 200), ("/readyz", 200), ("/nope", 404)] {
-        let response = reqwest::get(format!("http://127.0.0.1:{}{path}", replica.metrics_port))
-            .await
-            .expect("http");
-        assert_eq!(response.status().as_u16(), status, "{path}");
+        assert_eq!(replica.http_status(path).await, status, "{path}");
     }
     // Group offsets follow the table, so the usual lag tooling (and our lag gauge) reaches zero.
     let mut lag = None;
@@ -138,11 +129,7 @@ async fn sigkill_at_every_commit_step_then_restart_is_exact() {
     common::outlive_dead_member().await;
 
     let replica = setup.spawn(&[]);
-    assert!(
-        setup.wait_for(&produced, CATCH_UP).await,
-        "did not catch up; log:\n{}",
-        replica.tail(40)
-    );
+    setup.catch_up(&produced, &[&replica]).await;
     replica.stop(Duration::from_secs(30));
     setup.assert_exact(&produced).await;
 }
@@ -159,12 +146,7 @@ async fn replica_leaves_and_rejoins_mid_run_is_exact() {
     produced.extend(produce(&setup.topic, 10_000, 250, 4).await);
     let b = setup.spawn(&[("STRATA_FILE_MAX_ROWS", "2000")]);
     produced.extend(produce(&setup.topic, 10_000, 250, 5).await);
-    assert!(
-        setup.wait_for(&produced, CATCH_UP).await,
-        "did not catch up; a:\n{}\nb:\n{}",
-        a.tail(20),
-        b.tail(20)
-    );
+    setup.catch_up(&produced, &[&a, &b]).await;
     a.stop(Duration::from_secs(40));
     b.stop(Duration::from_secs(40));
     setup.assert_exact(&produced).await;
@@ -198,11 +180,7 @@ async fn zombie_replica_cannot_commit_stale_work() {
     // The survivor takes the partitions once the zombie's session expires, and commits.
     let survivor = setup.spawn(&[]);
     produced.extend(produce(&setup.topic, 2_000, 200, 7).await);
-    assert!(
-        setup.wait_for(&produced, CATCH_UP).await,
-        "survivor did not catch up:\n{}",
-        survivor.tail(30)
-    );
+    setup.catch_up(&produced, &[&survivor]).await;
     let version_before = strata::verify::read_table(setup.table_url())
         .await
         .expect("table")
@@ -220,7 +198,10 @@ async fn zombie_replica_cannot_commit_stale_work() {
     zombie.stop(Duration::from_secs(40));
     survivor.stop(Duration::from_secs(40));
     let contents = setup.assert_exact(&produced).await;
-    assert!(contents.version >= version_before);
+    assert_eq!(
+        contents.version, version_before,
+        "the refused zombie changed the table"
+    );
 }
 
 /// Restarting with no new data commits nothing; with new data it resumes at `txn + 1`.
@@ -229,11 +210,7 @@ async fn restart_commits_nothing_without_new_data_and_resumes_at_txn_plus_one() 
     let setup = Setup::new("restart", 3).await;
     let mut produced = produce(&setup.topic, 6_000, 100, 8).await;
     let replica = setup.spawn(&[]);
-    assert!(
-        setup.wait_for(&produced, CATCH_UP).await,
-        "did not catch up:\n{}",
-        replica.tail(30)
-    );
+    setup.catch_up(&produced, &[&replica]).await;
     replica.stop(Duration::from_secs(30));
     let table = strata::verify::read_table(setup.table_url())
         .await
@@ -249,6 +226,8 @@ async fn restart_commits_nothing_without_new_data_and_resumes_at_txn_plus_one() 
         replica.tail(20)
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
+    // The endpoint answers, so an absent counter really means nothing was consumed.
+    assert!(replica.metric("strata_build_info").await.is_some());
     let consumed = replica
         .metric("strata_records_consumed_total")
         .await
@@ -267,11 +246,7 @@ async fn restart_commits_nothing_without_new_data_and_resumes_at_txn_plus_one() 
     let more = produce(&setup.topic, 3_000, 100, 9).await;
     let replica = setup.spawn(&[]);
     produced.extend(more.clone());
-    assert!(
-        setup.wait_for(&produced, CATCH_UP).await,
-        "did not catch up:\n{}",
-        replica.tail(30)
-    );
+    setup.catch_up(&produced, &[&replica]).await;
     let consumed = replica
         .metric("strata_records_consumed_total")
         .await

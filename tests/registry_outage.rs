@@ -60,11 +60,8 @@ async fn registry_outage_loses_nothing_and_dead_letters_nothing() {
         "no registry errors seen:\n{}",
         replica.tail(30)
     );
-    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", replica.metrics_port))
-        .await
-        .expect("readyz");
     assert_eq!(
-        ready.status().as_u16(),
+        replica.http_status("/readyz").await,
         503,
         "ready during a registry outage"
     );
@@ -81,19 +78,12 @@ async fn registry_outage_loses_nothing_and_dead_letters_nothing() {
     );
 
     up.store(true, Ordering::SeqCst);
-    assert!(
-        setup.wait_for(&produced, Duration::from_secs(240)).await,
-        "did not catch up after the registry came back:\n{}",
-        replica.tail(30)
-    );
+    setup.catch_up(&produced, &[&replica]).await;
     let dead = replica
         .metric("strata_records_dead_lettered_total")
         .await
         .unwrap_or(0.0);
-    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", replica.metrics_port))
-        .await
-        .expect("readyz");
-    assert_eq!(ready.status().as_u16(), 200, "ready again");
+    assert_eq!(replica.http_status("/readyz").await, 200, "ready again");
     replica.stop(Duration::from_secs(30));
     assert_eq!(
         dead as usize,

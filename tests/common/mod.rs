@@ -178,6 +178,9 @@ pub fn serve_http(
     hits
 }
 
+/// How long a test waits for a replica to commit everything produced.
+pub const CATCH_UP: Duration = Duration::from_secs(240);
+
 /// Session timeout the test replicas use (`STRATA_KAFKA_SESSION_TIMEOUT_MS`).
 pub const SESSION_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -385,6 +388,18 @@ impl Setup {
         false
     }
 
+    /// Asserts that the table's progress covers `produced` within [`CATCH_UP`], showing the
+    /// replicas' logs otherwise.
+    pub async fn catch_up(&self, produced: &Produced, replicas: &[&Replica]) {
+        if !self.wait_for(produced, CATCH_UP).await {
+            let logs: Vec<String> = replicas.iter().map(|r| r.tail(30)).collect();
+            panic!(
+                "did not catch up within {CATCH_UP:?}; logs:\n{}",
+                logs.join("\n---\n")
+            );
+        }
+    }
+
     /// Reads the table and asserts the exactly-once invariant and intact values.
     pub async fn assert_exact(&self, produced: &Produced) -> strata::verify::TableContents {
         let contents = strata::verify::read_table(self.table_url())
@@ -501,6 +516,15 @@ impl Replica {
     pub fn tail(&self, n: usize) -> String {
         let log = self.log.lock().expect("log");
         log[log.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// Status of a GET on the replica's metrics endpoint.
+    pub async fn http_status(&self, path: &str) -> u16 {
+        reqwest::get(format!("http://127.0.0.1:{}{path}", self.metrics_port))
+            .await
+            .expect("metrics endpoint answers")
+            .status()
+            .as_u16()
     }
 
     /// The value of an unlabelled-or-summed metric from `/metrics`.
