@@ -15,12 +15,13 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, TransactionError};
-use deltalake::kernel::{Action, Add, Transaction};
+use deltalake::arrow::datatypes::Schema;
+use deltalake::kernel::{Action, Add, MetadataExt, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::backoff::Backoff;
-use crate::lake::PARTITION_COLUMNS;
+use crate::lake::{Evolution, PARTITION_COLUMNS};
 use crate::models::TopicPartition;
 
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,8 @@ pub enum CommitError {
     TooManyConflicts(usize),
     #[error("partition {0} is not owned by this replica")]
     NotOwned(TopicPartition),
+    #[error("the table cannot take the reader schema's rows: {0}")]
+    Schema(String),
 }
 
 /// A partition whose stored progress is not what this replica last saw: someone else wrote it.
@@ -197,6 +200,52 @@ impl TableCommitter {
     }
 }
 
+impl TableCommitter {
+    /// Makes the table able to hold `rows` (a reader's decoded rows): columns it lacks are added,
+    /// nullable, in one metadata commit. Replicas may race to do it; the loser re-plans against the
+    /// winner's schema. Returns the schema files must have from now on.
+    pub async fn evolve(&mut self, rows: &Schema) -> Result<Evolution, CommitError> {
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        for _ in 0..self.max_attempts {
+            self.refresh().await?;
+            let snapshot = self.table.snapshot()?;
+            let plan =
+                crate::lake::plan_evolution(&snapshot.schema(), rows).map_err(CommitError::Schema)?;
+            if plan.added.is_empty() {
+                return Ok(plan);
+            }
+            let mut fields: Vec<_> = snapshot.schema().fields().cloned().collect();
+            fields.extend(plan.added.iter().cloned());
+            let schema = deltalake::kernel::StructType::try_new(fields)
+                .map_err(|e| CommitError::Schema(e.to_string()))?;
+            let metadata = snapshot
+                .metadata()
+                .clone()
+                .with_schema(&schema)
+                .map_err(|e| CommitError::Schema(e.to_string()))?;
+            let operation = DeltaOperation::AddColumn {
+                fields: plan.added.clone(),
+            };
+            let result = CommitBuilder::default()
+                .with_actions(vec![Action::Metadata(metadata)])
+                .with_max_retries(0)
+                .build(Some(snapshot), self.table.log_store(), operation)
+                .await;
+            match result {
+                Ok(done) => {
+                    let added: Vec<&String> = plan.added.iter().map(|f| f.name()).collect();
+                    tracing::info!(version = done.version(), ?added, "table schema evolved");
+                    self.refresh().await?;
+                    return Ok(plan);
+                }
+                Err(e) if is_lost_race(&e) => backoff.wait().await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CommitError::TooManyConflicts(self.max_attempts))
+    }
+}
+
 /// Errors after which comparing again and retrying is right: another writer committed first.
 fn is_lost_race(error: &DeltaTableError) -> bool {
     match error {
@@ -207,6 +256,7 @@ fn is_lost_race(error: &DeltaTableError) -> bool {
                 | TransactionError::MaxCommitAttempts(_)
                 | TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction)
                 | TransactionError::CommitConflict(CommitConflictError::ConcurrentAppend)
+                | TransactionError::CommitConflict(CommitConflictError::MetadataChanged)
         ),
         _ => false,
     }

@@ -22,7 +22,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_KAFKA_<PROPERTY>", default: "", help: "Any librdkafka property, e.g. STRATA_KAFKA_SECURITY_PROTOCOL=SSL sets security.protocol." },
     Setting { var: "STRATA_SCHEMA_REGISTRY_URL", default: "", help: "http(s)://host:port of a Confluent Schema Registry, or file://DIR holding <id>.avsc files (required)." },
     Setting { var: "STRATA_SCHEMA_REGISTRY_USER_INFO", default: "", help: "user:password for registry basic auth (secret, never logged)." },
-    Setting { var: "STRATA_READER_SCHEMA", default: "", help: "Path of the reader schema (.avsc); the Silver table is named after its record name in snake_case (required)." },
+    Setting { var: "STRATA_READER_SCHEMA", default: "", help: "Reader schema(s): an .avsc file, a comma-separated list of files, a folder of .avsc files, or `latest` (the newest version of each subject in the registry, followed as it evolves). One Silver table per record name, named in snake_case (required)." },
+    Setting { var: "STRATA_SUBJECT_NAME_STRATEGY", default: "topic", help: "How subjects are named, as Confluent's serializers do: topic (<topic>-value), topic_record (<topic>-<record full name>) or record (<record full name>). Used by `latest` and `strata schemas check`." },
     Setting { var: "STRATA_SCHEMA_COMPATIBILITY", default: "BACKWARD", help: "Check of each writer schema against the reader schema (and, transitive, earlier writers), with Confluent's meaning: BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE." },
     Setting { var: "STRATA_EVENT_TIME_FIELD", default: "", help: "Reader-schema field holding event time (timestamp-millis or timestamp-micros) (required)." },
     Setting { var: "STRATA_LAKE_URL", default: "", help: "file:///path or s3://bucket/prefix; Silver tables live at <lake>/silver/<table> (required). S3 uses the AWS_* variables." },
@@ -68,6 +69,63 @@ pub enum Compression {
     None,
 }
 
+/// Where reader schemas come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaderSchemas {
+    /// Fixed `.avsc` files, one table per record name.
+    Files(Vec<PathBuf>),
+    /// The newest version of each subject in the registry, followed as it evolves.
+    Latest,
+}
+
+/// Confluent's subject name strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectStrategy {
+    /// `<topic>-value`: one record type per topic.
+    Topic,
+    /// `<topic>-<record full name>`: several record types per topic.
+    TopicRecord,
+    /// `<record full name>`: a record type shared by topics.
+    Record,
+}
+
+impl SubjectStrategy {
+    /// The subject of a topic's values of record `record` (a full name).
+    pub fn subject(self, topic: &str, record: &str) -> String {
+        match self {
+            SubjectStrategy::Topic => format!("{topic}-value"),
+            SubjectStrategy::TopicRecord => format!("{topic}-{record}"),
+            SubjectStrategy::Record => record.to_string(),
+        }
+    }
+}
+
+/// `.avsc` files named by `STRATA_READER_SCHEMA`-style text: files, comma lists and folders.
+pub fn schema_files(text: &str) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(part);
+        if path.is_dir() {
+            let entries = std::fs::read_dir(&path).map_err(|e| format!("{part}: {e}"))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "avsc"))
+                .collect();
+            if found.is_empty() {
+                return Err(format!("{part}: no .avsc files in this folder"));
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err("no schema file given".to_string());
+    }
+    Ok(files)
+}
+
 /// Where writer schemas come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrySource {
@@ -88,7 +146,8 @@ pub struct Config {
     /// librdkafka properties passed through from `STRATA_KAFKA_<PROPERTY>`.
     pub kafka_properties: BTreeMap<String, String>,
     pub registry: RegistrySource,
-    pub reader_schema_path: PathBuf,
+    pub reader_schemas: ReaderSchemas,
+    pub subject_strategy: SubjectStrategy,
     pub compatibility: crate::compat::Compatibility,
     pub event_time_field: String,
     pub lake_url: String,
@@ -126,7 +185,8 @@ impl std::fmt::Debug for Config {
             .field("topics", &self.topics)
             .field("kafka_properties", &props)
             .field("registry", &registry)
-            .field("reader_schema_path", &self.reader_schema_path)
+            .field("reader_schemas", &self.reader_schemas)
+            .field("subject_strategy", &self.subject_strategy)
             .field("event_time_field", &self.event_time_field)
             .field("lake_url", &self.lake_url)
             .field("flush_interval", &self.flush_interval)
@@ -327,6 +387,38 @@ impl Config {
             return Err(invalid("STRATA_LAKE_URL", &lake_url, "not a valid URL"));
         }
 
+        let reader_text = required("STRATA_READER_SCHEMA")?;
+        let reader_schemas = if reader_text.trim().eq_ignore_ascii_case("latest") {
+            if matches!(registry, RegistrySource::Directory(_)) {
+                return Err(invalid(
+                    "STRATA_READER_SCHEMA",
+                    &reader_text,
+                    "`latest` reads subjects, which needs STRATA_SCHEMA_REGISTRY_URL=http(s)://…",
+                ));
+            }
+            ReaderSchemas::Latest
+        } else {
+            ReaderSchemas::Files(
+                schema_files(&reader_text)
+                    .map_err(|reason| invalid("STRATA_READER_SCHEMA", &reader_text, reason))?,
+            )
+        };
+        let strategy_text = get("STRATA_SUBJECT_NAME_STRATEGY");
+        let subject_strategy = match strategy_text.to_ascii_lowercase().replace('-', "_").as_str() {
+            "topic" | "topic_name" | "topicnamestrategy" => SubjectStrategy::Topic,
+            "topic_record" | "topic_record_name" | "topicrecordnamestrategy" => {
+                SubjectStrategy::TopicRecord
+            }
+            "record" | "record_name" | "recordnamestrategy" => SubjectStrategy::Record,
+            _ => {
+                return Err(invalid(
+                    "STRATA_SUBJECT_NAME_STRATEGY",
+                    &strategy_text,
+                    "expected topic, topic_record or record",
+                ))
+            }
+        };
+
         let compatibility_text = get("STRATA_SCHEMA_COMPATIBILITY");
         let compatibility = compatibility_text.parse().map_err(|reason: String| {
             invalid("STRATA_SCHEMA_COMPATIBILITY", &compatibility_text, reason)
@@ -361,7 +453,8 @@ impl Config {
             topics,
             kafka_properties,
             registry,
-            reader_schema_path: PathBuf::from(required("STRATA_READER_SCHEMA")?),
+            reader_schemas,
+            subject_strategy,
             compatibility,
             event_time_field: required("STRATA_EVENT_TIME_FIELD")?,
             lake_url: lake_url.trim_end_matches('/').to_string(),

@@ -53,7 +53,7 @@ pub struct Decoded {
 
 /// The state of one [`BatchDecoder::decode`] call.
 struct Chunk<'a> {
-    records: &'a [SourceRecord],
+    records: &'a [&'a SourceRecord],
     /// Decoded batches, and for each the input index of each of its rows.
     batches: Vec<RecordBatch>,
     rows: Vec<Vec<usize>>,
@@ -65,6 +65,11 @@ struct Chunk<'a> {
 /// Decodes chunks of Kafka records of one table.
 pub struct BatchDecoder {
     reader_json: String,
+    event_time_field: String,
+    /// Every writer schema the registry gave, in the order met (to re-judge them on a new reader).
+    met: Vec<(u32, String)>,
+    /// Writer ids the registry refused (unknown, not Avro): no reader change can help them.
+    registry_refused: HashMap<u32, Rejection>,
     /// Writer schemas known to resolve to the reader schema, by id.
     writers: BTreeMap<u32, String>,
     /// Writer ids that can never be decoded, and why (cached verdicts).
@@ -115,6 +120,9 @@ impl BatchDecoder {
         let output_schema = output_schema(&decoded_schema);
         Ok(Self {
             reader_json: reader_json.to_string(),
+            event_time_field: event_time_field.to_string(),
+            met: Vec::new(),
+            registry_refused: HashMap::new(),
             writers: BTreeMap::new(),
             refused: HashMap::new(),
             reader_schema,
@@ -125,6 +133,33 @@ impl BatchDecoder {
             output_schema,
             event_time_index,
         })
+    }
+
+    /// A decoder for a new reader schema (the table evolved) that has judged again every writer
+    /// schema this one met, in the same order, under the same compatibility mode.
+    pub fn with_reader(&self, reader_json: &str) -> Result<Self, DecoderSetupError> {
+        let mut next = Self::new(reader_json, &self.event_time_field, self.batch_size)?
+            .with_compatibility(self.compatibility);
+        next.registry_refused = self.registry_refused.clone();
+        next.refused = self.registry_refused.clone();
+        for (id, json) in &self.met {
+            next.register(*id, Ok(json));
+        }
+        Ok(next)
+    }
+
+    /// The reader schema's JSON.
+    pub fn reader_json(&self) -> &str {
+        &self.reader_json
+    }
+
+    /// The verdict on a writer schema id, if any: `Some(None)` accepted, `Some(Some(why))` refused.
+    pub fn verdict(&self, schema_id: u32) -> Option<Option<&Rejection>> {
+        if self.writers.contains_key(&schema_id) {
+            Some(None)
+        } else {
+            self.refused.get(&schema_id).map(Some)
+        }
     }
 
     /// Sets the compatibility mode writer schemas must pass (BACKWARD unless set). Verdicts already
@@ -152,6 +187,11 @@ impl BatchDecoder {
     /// Records the registry's answer for a writer schema id. Only record-level answers are accepted:
     /// a retryable registry error must be retried by the caller, never turned into a verdict.
     pub fn register(&mut self, schema_id: u32, answer: Result<&str, &RegistryError>) {
+        if let Ok(writer_json) = answer {
+            if !self.met.iter().any(|(id, _)| *id == schema_id) {
+                self.met.push((schema_id, writer_json.to_string()));
+            }
+        }
         let verdict = match answer {
             Ok(writer_json) => match self.check_resolves(schema_id, writer_json) {
                 Ok(writer) => {
@@ -170,6 +210,9 @@ impl BatchDecoder {
             }
             Err(_) => return,
         };
+        if answer.is_err() {
+            self.registry_refused.insert(schema_id, verdict.clone());
+        }
         self.refused.insert(schema_id, verdict);
     }
 
@@ -240,6 +283,12 @@ impl BatchDecoder {
     /// Decodes a chunk of records. Every input index ends up either as a row of `batch` (rows keep
     /// the input order) or in `rejected`.
     pub fn decode(&mut self, records: &[SourceRecord]) -> Decoded {
+        let refs: Vec<&SourceRecord> = records.iter().collect();
+        self.decode_refs(&refs)
+    }
+
+    /// [`Self::decode`] over borrowed records (the pipeline routes one chunk to several tables).
+    pub fn decode_refs(&mut self, records: &[&SourceRecord]) -> Decoded {
         let mut chunk = Chunk {
             records,
             batches: Vec::new(),
@@ -445,7 +494,7 @@ impl BatchDecoder {
     /// Normalizes the decoded batches for Delta, adds lineage, and rejects rows without event time.
     fn finish(
         &self,
-        records: &[SourceRecord],
+        records: &[&SourceRecord],
         batches: &[RecordBatch],
         rows_of: &[Vec<usize>],
         rejected: &mut Vec<(usize, Rejection)>,
@@ -514,7 +563,7 @@ impl BatchDecoder {
 
     fn lake_rows(
         &self,
-        records: &[SourceRecord],
+        records: &[&SourceRecord],
         decoded: &RecordBatch,
         rows: &[usize],
     ) -> Result<(RecordBatch, Vec<usize>), deltalake::arrow::error::ArrowError> {
@@ -529,7 +578,7 @@ impl BatchDecoder {
         let missing_time: Vec<usize> = (0..decoded.num_rows())
             .filter(|&r| columns[self.event_time_index].is_null(r))
             .collect();
-        let picked = || rows.iter().map(|&i| &records[i]);
+        let picked = || rows.iter().map(|&i| records[i]);
         let ingested_at = chrono::Utc::now().timestamp_micros();
         columns.push(Arc::new(StringArray::from_iter_values(
             picked().map(|r| r.topic.as_ref()),

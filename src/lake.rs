@@ -3,9 +3,12 @@
 
 use std::sync::Arc;
 
-use deltalake::arrow::datatypes::{DataType, Field, Schema};
-use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
-use deltalake::kernel::StructType;
+use deltalake::arrow::array::{new_null_array, ArrayRef, RecordBatch};
+use deltalake::arrow::compute::cast;
+use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use deltalake::arrow::error::ArrowError;
+use deltalake::kernel::engine::arrow_conversion::{TryFromKernel, TryIntoKernel};
+use deltalake::kernel::{StructField, StructType};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
@@ -54,6 +57,7 @@ pub fn snake_case(record_name: &str) -> String {
 
 /// Opens the table at `url`, creating it with `data_schema` plus the partition columns when it does
 /// not exist yet. Several replicas may race to create it: the loser loads the winner's table.
+/// An existing table is returned as it is: [`plan_evolution`] decides how it meets the reader.
 pub async fn open_or_create(
     url: Url,
     data_schema: &Schema,
@@ -71,7 +75,6 @@ pub async fn open_or_create(
     for _ in 0..5 {
         let table = DeltaTable::try_from_url(url.clone()).await?;
         if table.version().is_some() {
-            check_schema(&table, &delta_schema)?;
             return Ok(table);
         }
         let created = table
@@ -91,34 +94,92 @@ pub async fn open_or_create(
         .unwrap_or_else(|| DeltaTableError::Generic("table creation did not settle".into())))
 }
 
-/// Refuses to write into a table whose columns are not the ones this reader schema produces: the
-/// files would carry columns the table does not know (readers would silently ignore them).
-fn check_schema(table: &DeltaTable, expected: &StructType) -> Result<(), DeltaTableError> {
-    let actual = table.snapshot()?.schema();
-    let shape = |s: &StructType| -> Vec<(String, String)> {
-        s.fields()
-            .map(|f| (f.name().to_string(), format!("{:?}", f.data_type())))
-            .collect()
-    };
-    let (have, want) = (shape(&actual), shape(expected));
-    if have != want {
-        let missing: Vec<_> = want
-            .iter()
-            .filter(|f| !have.contains(f))
-            .map(|(n, t)| format!("{n}: {t}"))
-            .collect();
-        let extra: Vec<_> = have
-            .iter()
-            .filter(|f| !want.contains(f))
-            .map(|(n, t)| format!("{n}: {t}"))
-            .collect();
-        return Err(DeltaTableError::Generic(format!(
-            "table {} has other columns than STRATA_READER_SCHEMA gives (not in table: {missing:?}; only in table: {extra:?}); \
-             schema evolution is not supported yet",
-            table.table_url()
-        )));
+/// How a reader's rows meet an existing table.
+#[derive(Debug, Clone)]
+pub struct Evolution {
+    /// The Arrow schema of the files to write: the reader's columns (those new to the table made
+    /// nullable), then the table's columns the reader does not know (written as nulls).
+    pub file_schema: SchemaRef,
+    /// Columns the table must gain first, in one metadata commit (all nullable).
+    pub added: Vec<StructField>,
+}
+
+/// Plans the table schema for a reader's decoded rows (`rows`: data columns, then lineage).
+/// Refused, with every offending column named: a column whose type differs, or a required table
+/// column the reader cannot fill.
+pub fn plan_evolution(table: &StructType, rows: &Schema) -> Result<Evolution, String> {
+    let mut problems = Vec::new();
+    let mut file_fields: Vec<Field> = Vec::with_capacity(rows.fields().len());
+    let mut added = Vec::new();
+    for field in rows.fields() {
+        let kernel: StructField = match field.as_ref().try_into_kernel() {
+            Ok(kernel) => kernel,
+            Err(e) => {
+                problems.push(format!("column {}: {e}", field.name()));
+                continue;
+            }
+        };
+        match table.field(field.name()) {
+            Some(existing) if existing.data_type() != kernel.data_type() => problems.push(format!(
+                "column {} has type {} in the table but {} in the reader schema",
+                field.name(),
+                existing.data_type(),
+                kernel.data_type()
+            )),
+            Some(_) => file_fields.push(field.as_ref().clone()),
+            None => {
+                file_fields.push(field.as_ref().clone().with_nullable(true));
+                added.push(StructField::new(
+                    field.name(),
+                    kernel.data_type().clone(),
+                    true,
+                ));
+            }
+        }
     }
-    Ok(())
+    for existing in table.fields() {
+        if PARTITION_COLUMNS.contains(&existing.name().as_str())
+            || rows.field_with_name(existing.name()).is_ok()
+        {
+            continue;
+        }
+        if !existing.is_nullable() {
+            problems.push(format!(
+                "column {} is required in the table but the reader schema has no such field",
+                existing.name()
+            ));
+            continue;
+        }
+        match Field::try_from_kernel(existing) {
+            Ok(field) => file_fields.push(field.with_nullable(true)),
+            Err(e) => problems.push(format!("column {}: {e}", existing.name())),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems.join("; "));
+    }
+    Ok(Evolution {
+        file_schema: Arc::new(Schema::new(file_fields)),
+        added,
+    })
+}
+
+/// `batch` in the shape of `schema`: columns matched by name, cast where the type differs, and
+/// nulls for columns the batch does not have (rows decoded before the table gained them).
+pub fn conform(batch: &RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+    if batch.schema() == *schema {
+        return Ok(batch.clone());
+    }
+    let columns = schema
+        .fields()
+        .iter()
+        .map(|field| match batch.column_by_name(field.name()) {
+            Some(column) if column.data_type() == field.data_type() => Ok(column.clone()),
+            Some(column) => cast(column, field.data_type()),
+            None => Ok(new_null_array(field.data_type(), batch.num_rows())),
+        })
+        .collect::<Result<Vec<ArrayRef>, ArrowError>>()?;
+    RecordBatch::try_new(schema.clone(), columns)
 }
 
 #[cfg(test)]
@@ -131,6 +192,64 @@ mod tests {
         assert_eq!(snake_case("HTTPRequest"), "http_request");
         assert_eq!(snake_case("Order"), "order");
         assert_eq!(snake_case("page_view2"), "page_view2");
+    }
+
+    fn table_of(fields: Vec<Field>) -> StructType {
+        (&Schema::new(fields)).try_into_kernel().expect("kernel schema")
+    }
+
+    #[test]
+    fn evolution_adds_nullable_columns_and_keeps_unknown_ones() {
+        let table = table_of(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("note", DataType::Utf8, true),
+            Field::new(PARTITION_COLUMNS[0], DataType::Date32, false),
+            Field::new(PARTITION_COLUMNS[1], DataType::Int32, false),
+        ]);
+        let rows = Schema::new(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("quantity", DataType::Int32, false),
+        ]);
+        let plan = plan_evolution(&table, &rows).expect("compatible");
+        let names: Vec<_> = plan.added.iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names, ["quantity"]);
+        assert!(plan.added[0].is_nullable(), "old rows read the new column as null");
+        let file: Vec<_> = plan
+            .file_schema
+            .fields()
+            .iter()
+            .map(|f| (f.name().clone(), f.is_nullable()))
+            .collect();
+        assert_eq!(
+            file,
+            [
+                ("id".to_string(), false),
+                ("quantity".to_string(), true),
+                ("note".to_string(), true)
+            ]
+        );
+
+        let batch = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)])),
+            vec![Arc::new(deltalake::arrow::array::Int64Array::from(vec![1, 2]))],
+        )
+        .expect("batch");
+        let widened = conform(&batch, &plan.file_schema).expect("conform");
+        assert_eq!(widened.num_columns(), 3);
+        assert_eq!(widened.column(1).null_count(), 2);
+        assert_eq!(widened.column(2).null_count(), 2);
+    }
+
+    #[test]
+    fn evolution_refuses_type_changes_and_unfillable_columns() {
+        let table = table_of(vec![
+            Field::new("id", DataType::Int64, false),
+            Field::new("sku", DataType::Utf8, false),
+        ]);
+        let rows = Schema::new(vec![Field::new("id", DataType::Utf8, false)]);
+        let error = plan_evolution(&table, &rows).expect_err("refused");
+        assert!(error.contains("column id has type long"), "{error}");
+        assert!(error.contains("column sku is required"), "{error}");
     }
 
     #[test]

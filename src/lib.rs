@@ -35,6 +35,7 @@ pub mod pipeline;
 pub mod registry;
 pub mod silver;
 pub mod source;
+pub mod tables;
 pub mod verify;
 pub mod wire;
 

@@ -29,6 +29,9 @@ pub struct Metrics {
     pub records_written: IntCounterVec,
     pub records_dead_lettered: IntCounterVec,
     pub records_skipped_duplicate: IntCounterVec,
+    pub records_dropped: IntCounterVec,
+    pub records_buffered: IntGaugeVec,
+    pub schema_evolutions: IntCounterVec,
     pub commits: IntCounterVec,
     pub commit_duration: HistogramVec,
     pub commit_conflicts: IntCounterVec,
@@ -174,7 +177,25 @@ impl Metrics {
                 &registry,
                 "strata_records_written_total",
                 "Rows committed to a table.",
-                &["table"],
+                &["table", "topic"],
+            ),
+            records_dropped: counter(
+                &registry,
+                "strata_records_dropped_total",
+                "Records read but let go uncommitted, to be read again by their owner (fenced, revoked, lost, not owned, seek back, shutdown).",
+                &["topic", "reason"],
+            ),
+            records_buffered: gauge(
+                &registry,
+                "strata_records_buffered",
+                "Decoded rows waiting for their commit. At any quiet moment, per topic: consumed = written + dead_lettered + skipped_duplicate + dropped + buffered.",
+                &["topic", "table"],
+            ),
+            schema_evolutions: counter(
+                &registry,
+                "strata_schema_evolutions_total",
+                "Newer reader schema versions met under STRATA_READER_SCHEMA=latest, by result (evolved, refused).",
+                &["table", "result"],
             ),
             records_dead_lettered: counter(
                 &registry,
@@ -333,19 +354,56 @@ impl Metrics {
         );
     }
 
+    /// A chunk of records read from Kafka.
+    pub fn consumed(&self, tp: &TopicPartition, records: usize, bytes: usize) {
+        self.records_consumed
+            .with_label_values(&[tp.topic.as_ref()])
+            .inc_by(records as u64);
+        self.bytes_consumed
+            .with_label_values(&[tp.topic.as_ref()])
+            .inc_by(bytes as u64);
+    }
+
+    /// Records let go without a commit; their owner reads them again.
+    pub fn dropped(&self, tp: &TopicPartition, reason: &'static str, records: usize) {
+        if records == 0 {
+            return;
+        }
+        self.records_dropped
+            .with_label_values(&[tp.topic.as_ref(), reason])
+            .inc_by(records as u64);
+        tracing::info!(topic = %tp.topic, partition = tp.partition, reason, records, "uncommitted records let go; they are read again");
+    }
+
+    /// Rows buffered (`rows > 0`) or leaving the buffer (`rows < 0`).
+    pub fn buffered(&self, tp: &TopicPartition, table: &str, rows: i64) {
+        self.records_buffered
+            .with_label_values(&[tp.topic.as_ref(), table])
+            .add(rows);
+    }
+
+    pub fn schema_evolved(&self, table: &str, result: &'static str) {
+        self.schema_evolutions
+            .with_label_values(&[table, result])
+            .inc();
+    }
+
     pub fn committed(
         &self,
         table: &str,
+        rows_by_topic: &BTreeMap<&str, u64>,
         version: i64,
-        rows: u64,
         files: &[i64],
         elapsed: Duration,
         attempts: usize,
     ) {
         self.commits.with_label_values(&[table]).inc();
-        self.records_written
-            .with_label_values(&[table])
-            .inc_by(rows);
+        for (topic, rows) in rows_by_topic {
+            self.records_written
+                .with_label_values(&[table, topic])
+                .inc_by(*rows);
+        }
+        let rows: u64 = rows_by_topic.values().sum();
         self.files_written
             .with_label_values(&[table])
             .inc_by(files.len() as u64);
@@ -414,9 +472,9 @@ impl Metrics {
             .set(last_offset);
     }
 
-    pub fn registry_error(&self, kind: &'static str, schema_id: u32, error: &str) {
+    pub fn registry_error(&self, kind: &'static str, asked: &str, error: &str) {
         self.registry_errors.with_label_values(&[kind]).inc();
-        tracing::warn!(schema_id, kind, error, "schema registry request failed");
+        tracing::warn!(asked, kind, error, "schema registry request failed");
     }
 }
 

@@ -59,6 +59,7 @@ pub enum ErrorKind {
     UnknownSchema,
     UnsupportedSchemaType,
     IncompatibleSchema,
+    UnknownRecordType,
     DecodeError,
     MissingEventTime,
 }
@@ -71,6 +72,7 @@ impl ErrorKind {
             ErrorKind::UnknownSchema => "unknown_schema",
             ErrorKind::UnsupportedSchemaType => "unsupported_schema_type",
             ErrorKind::IncompatibleSchema => "incompatible_schema",
+            ErrorKind::UnknownRecordType => "unknown_record_type",
             ErrorKind::DecodeError => "decode_error",
             ErrorKind::MissingEventTime => "missing_event_time",
         }

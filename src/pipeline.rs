@@ -9,20 +9,19 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::RecordBatch;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
-use crate::config::Config;
-use crate::decode::BatchDecoder;
+use crate::commit::{CommitError, CommitOutcome, Fenced};
+use crate::config::{Config, ReaderSchemas, SubjectStrategy};
 use crate::dlq::DeadLetters;
 use crate::lake;
 use crate::metrics::{Metrics, NotReady};
-use crate::models::{Rejection, SourceRecord, TopicPartition};
-use crate::registry::{RegistryError, SchemaRegistry};
-use crate::silver::{FilePolicy, SilverError, SilverWriter};
+use crate::models::{ErrorKind, Rejection, SourceRecord, TopicPartition};
+use crate::registry::{RegistryError, SchemaRegistry, SubjectVersion};
+use crate::silver::SilverError;
+use crate::tables::{EvolveError, ReaderSchema, SilverTable, Tables};
 use crate::source::{Source, SourceCommand, SourceEvent, SourceSettings};
 use crate::wire;
 
@@ -56,53 +55,33 @@ pub struct RunSummary {
     pub fenced_partitions: u64,
 }
 
-/// Per owned partition: what is buffered and where consumption stands.
+/// Per owned partition: where consumption stands (the rows themselves are buffered per table).
 #[derive(Default)]
 struct PartitionState {
-    /// Records below this offset are already in the table or the buffer (a replay): skipped.
-    next_offset: Option<i64>,
-    batches: Vec<RecordBatch>,
-    rows: usize,
-    bytes: usize,
+    /// Records below this offset were handled in this run already (a replay after a seek): skipped.
+    position: Option<i64>,
     /// Last offset handled (a buffered row or an acknowledged dead letter) and not yet committed.
     pending_last: Option<i64>,
     /// After fencing, records are ignored until the source confirms the seek back.
     awaiting_reseek: bool,
 }
 
-/// Reads the reader schema and returns its JSON and the table name (its record name, snake_case).
-pub fn reader_schema(path: &std::path::Path) -> Result<(String, String), PipelineError> {
-    let json = std::fs::read_to_string(path).map_err(|e| {
-        PipelineError::Config(format!("STRATA_READER_SCHEMA={}: {e}", path.display()))
-    })?;
-    let schema = apache_avro::Schema::parse_str(&json).map_err(|e| {
-        PipelineError::Config(format!(
-            "STRATA_READER_SCHEMA={}: not a valid Avro schema: {e}",
-            path.display()
-        ))
-    })?;
-    match schema {
-        apache_avro::Schema::Record(record) => Ok((json, lake::snake_case(record.name.name()))),
-        _ => Err(PipelineError::Config(format!(
-            "STRATA_READER_SCHEMA={}: top-level type must be a record",
-            path.display()
-        ))),
-    }
+/// Where the records of one writer schema id go.
+#[derive(Debug, Clone)]
+enum Route {
+    Table(usize),
+    Refused(Rejection),
 }
 
 struct Replica {
     config: Config,
     metrics: Arc<Metrics>,
-    table_name: String,
     registry: SchemaRegistry,
-    decoder: BatchDecoder,
-    writer: SilverWriter,
-    committer: TableCommitter,
+    tables: Tables,
+    routes: HashMap<u32, Route>,
     dead_letters: DeadLetters,
     source: Source,
     parts: HashMap<TopicPartition, PartitionState>,
-    buffered_rows: usize,
-    buffered_bytes: usize,
     oldest: Option<Instant>,
     summary: RunSummary,
     shutdown: CancellationToken,
@@ -116,25 +95,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<RunSummary, PipelineError> {
     lake::register_object_stores();
-    let (reader_json, table_name) = reader_schema(&config.reader_schema_path)?;
-    let decoder = BatchDecoder::new(&reader_json, &config.event_time_field, 8192)
-        .map_err(|e| PipelineError::Config(e.to_string()))?
-        .with_compatibility(config.compatibility);
     let registry = SchemaRegistry::from_config(&config.registry)
         .map_err(|e| PipelineError::Config(e.to_string()))?;
-    let url = lake::table_url(&config.lake_url, "silver", &table_name)?;
-    let table = lake::open_or_create(url, &decoder.output_schema(), &table_name).await?;
-    let writer = SilverWriter::new(
-        decoder.output_schema(),
-        decoder.event_time_index(),
-        FilePolicy {
-            max_rows: config.file_max_rows,
-            max_bytes: config.file_max_bytes,
-            compression: config.compression,
-        },
-        table.object_store(),
-    );
-    let committer = TableCommitter::new(table, &config.group_id, config.commit_retries);
     let dead_letters = DeadLetters::new(
         &config.brokers,
         &config.kafka_properties,
@@ -145,13 +107,21 @@ pub async fn run(
         .set(config.file_max_bytes as i64);
 
     let (listener, bound) = crate::metrics::bind(config.metrics_addr).await?;
-    tracing::info!(addr = %bound, table = %table_name, "serving /metrics, /healthz and /readyz");
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
     let server_stop = CancellationToken::new();
     let server = tokio::spawn(crate::metrics::serve(
         listener,
         metrics.clone(),
         server_stop.clone(),
     ));
+    let tables = match open_tables(&config, &registry, &metrics, &shutdown).await {
+        Ok(tables) => tables,
+        Err(e) => {
+            server_stop.cancel();
+            let _ = server.await;
+            return Err(e);
+        }
+    };
 
     let (events_tx, mut events) = mpsc::channel(16);
     let source = Source::start(
@@ -169,16 +139,12 @@ pub async fn run(
     let mut replica = Replica {
         config,
         metrics: metrics.clone(),
-        table_name,
         registry,
-        decoder,
-        writer,
-        committer,
+        tables,
+        routes: HashMap::new(),
         dead_letters,
         source,
         parts: HashMap::new(),
-        buffered_rows: 0,
-        buffered_bytes: 0,
         oldest: None,
         summary: RunSummary::default(),
         shutdown: shutdown.clone(),
@@ -256,11 +222,19 @@ impl Replica {
             } => {
                 // Everything complete was committed by `drain`; what is left is dropped, not lost:
                 // the next owner resumes from the table.
-                self.forget(&partitions);
+                self.forget(&partitions, "shutdown");
                 let _ = done.send(());
             }
             SourceEvent::Assigned { reply, .. } => drop(reply),
-            SourceEvent::Records(_) | SourceEvent::Reseeked(_) => {}
+            SourceEvent::Records(records) => {
+                if let Some(first) = records.first() {
+                    let tp = TopicPartition::new(first.topic.clone(), first.partition);
+                    let bytes = records.iter().map(|r| r.value.as_ref().map_or(0, Vec::len)).sum();
+                    self.metrics.consumed(&tp, records.len(), bytes);
+                    self.metrics.dropped(&tp, "shutdown", records.len());
+                }
+            }
+            SourceEvent::Reseeked(_) => {}
         }
     }
 
@@ -268,20 +242,23 @@ impl Replica {
         match event {
             SourceEvent::Records(records) => self.on_records(records).await,
             SourceEvent::Assigned { partitions, reply } => {
-                let claimed = self.claim_with_retry(&partitions).await?;
-                for (tp, stored) in &claimed {
+                self.claim_with_retry(&partitions).await?;
+                let mut resume = HashMap::new();
+                for tp in partitions {
+                    let after = self.tables.resume_after(&tp);
+                    if let Some(version) = after {
+                        self.metrics.progress(&tp, version);
+                    }
                     self.parts.insert(
                         tp.clone(),
                         PartitionState {
-                            next_offset: stored.map(|v| v + 1),
+                            position: after.map(|v| v + 1),
                             ..Default::default()
                         },
                     );
-                    if let Some(version) = stored {
-                        self.metrics.progress(tp, *version);
-                    }
+                    resume.insert(tp, after);
                 }
-                let _ = reply.send(claimed.into_iter().collect());
+                let _ = reply.send(resume);
                 Ok(())
             }
             SourceEvent::Revoked {
@@ -293,7 +270,7 @@ impl Replica {
                 if !lost {
                     self.flush().await?;
                 }
-                self.forget(&partitions);
+                self.forget(&partitions, if lost { "lost" } else { "revoked" });
                 let _ = done.send(());
                 Ok(())
             }
@@ -306,16 +283,31 @@ impl Replica {
         }
     }
 
-    async fn claim_with_retry(
+    /// Reads every table's progress for `partitions` and makes it the fencing baseline.
+    async fn claim_with_retry(&mut self, partitions: &[TopicPartition]) -> Result<(), PipelineError> {
+        for index in 0..self.tables.list.len() {
+            self.claim_table(index, partitions).await?;
+        }
+        Ok(())
+    }
+
+    async fn claim_table(
         &mut self,
+        index: usize,
         partitions: &[TopicPartition],
-    ) -> Result<Vec<(TopicPartition, Option<i64>)>, PipelineError> {
+    ) -> Result<(), PipelineError> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let table = &mut self.tables.list[index];
         loop {
-            match self.committer.claim(partitions).await {
-                Ok(claimed) => return Ok(claimed),
+            match table.committer.claim(partitions).await {
+                Ok(claimed) => {
+                    for (tp, stored) in claimed {
+                        table.parts.entry(tp).or_default().committed = stored;
+                    }
+                    return Ok(());
+                }
                 Err(e) if !self.shutdown.is_cancelled() => {
-                    tracing::warn!(error = %e, "reading table progress failed; retrying");
+                    tracing::warn!(table = %table.name, error = %e, "reading table progress failed; retrying");
                     backoff.wait().await;
                 }
                 Err(e) => return Err(e.into()),
@@ -328,162 +320,347 @@ impl Replica {
             return Ok(());
         };
         let tp = TopicPartition::new(first.topic.clone(), first.partition);
+        let bytes: usize = records.iter().map(|r| r.value.as_ref().map_or(0, Vec::len)).sum();
+        self.metrics.consumed(&tp, records.len(), bytes);
         let Some(state) = self.parts.get(&tp) else {
-            return Ok(()); // not ours (any more): the owner reads these from the table's progress
+            // Not ours (any more): the owner reads these from the table's progress.
+            self.metrics.dropped(&tp, "not_owned", records.len());
+            return Ok(());
         };
         if state.awaiting_reseek {
+            self.metrics.dropped(&tp, "reseek", records.len());
             return Ok(());
         }
-        let next = state.next_offset;
-        let before = records.len();
-        let records: Vec<SourceRecord> = records
+        let position = state.position;
+        let (replayed, records): (Vec<SourceRecord>, Vec<SourceRecord>) = records
             .into_iter()
-            .filter(|r| next.is_none_or(|n| r.offset >= n))
-            .collect();
-        let skipped = (before - records.len()) as u64;
-        if skipped > 0 {
-            self.summary.duplicates_skipped += skipped;
-            self.metrics
-                .records_skipped_duplicate
-                .with_label_values(&[tp.topic.as_ref()])
-                .inc_by(skipped);
-        }
+            .partition(|r| position.is_some_and(|p| r.offset < p));
+        self.skipped(&tp, replayed.len());
         let Some(last) = records.last().map(|r| r.offset) else {
             return Ok(());
         };
         self.summary.records_consumed += records.len() as u64;
 
-        self.resolve_schemas(&records).await;
-        let decoded = self.decoder.decode(&records);
-        if !decoded.rejected.is_empty() {
-            let letters: Vec<(&SourceRecord, &Rejection)> = decoded
-                .rejected
-                .iter()
-                .map(|(i, r)| (&records[*i], r))
-                .collect();
-            self.dead_letters.publish(&letters).await;
-            self.metrics.dead_lettered(&tp, &letters);
-            self.summary.dead_lettered += letters.len() as u64;
+        if !self.resolve_schemas(&records).await? {
+            // A table found on the way needs older offsets of this partition: they come again.
+            self.metrics.dropped(&tp, "reseek", records.len());
+            return Ok(());
+        }
+        // Route each record to its table, or straight to the dead letters.
+        let mut per_table: Vec<Vec<&SourceRecord>> = vec![Vec::new(); self.tables.list.len()];
+        let mut letters: Vec<(&SourceRecord, Rejection)> = Vec::new();
+        let mut skipped = 0;
+        let highest = self.tables.highest_committed(&tp);
+        for record in &records {
+            let route = match record.value.as_deref().map(wire::parse) {
+                Some(Ok(frame)) => self.routes.get(&frame.schema_id).cloned().unwrap_or_else(|| {
+                    Route::Refused(Rejection::new(
+                        ErrorKind::UnknownSchema,
+                        format!("schema id {} was not resolved", frame.schema_id),
+                    ))
+                }),
+                Some(Err(e)) => Route::Refused(frame_rejection(&e)),
+                None => Route::Refused(frame_rejection(&wire::WireError::Empty)),
+            };
+            match route {
+                Route::Table(index) => {
+                    let held = self.tables.list[index]
+                        .parts
+                        .get(&tp)
+                        .and_then(|p| p.committed);
+                    if held.is_some_and(|h| record.offset <= h) {
+                        skipped += 1;
+                    } else {
+                        per_table[index].push(record);
+                    }
+                }
+                Route::Refused(rejection) => {
+                    if highest.is_some_and(|h| record.offset <= h) {
+                        skipped += 1;
+                    } else {
+                        letters.push((record, rejection));
+                    }
+                }
+            }
+        }
+        self.skipped(&tp, skipped);
+        for (index, group) in per_table.iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let table = &mut self.tables.list[index];
+            let decoded = table.decoder.decode_refs(group);
+            letters.extend(decoded.rejected.into_iter().map(|(i, r)| (group[i], r)));
+            if let Some(batch) = decoded.batch {
+                let part = table.parts.entry(tp.clone()).or_default();
+                part.rows += batch.num_rows();
+                part.bytes += batch.get_array_memory_size();
+                self.metrics
+                    .buffered(&tp, &table.name, batch.num_rows() as i64);
+                part.batches.push(batch);
+            }
+        }
+        if !letters.is_empty() {
+            letters.sort_by_key(|(r, _)| r.offset);
+            let refs: Vec<(&SourceRecord, &Rejection)> =
+                letters.iter().map(|(r, why)| (*r, why)).collect();
+            // Returns only once the dead-letter topic acknowledged every one of them.
+            self.dead_letters.publish(&refs).await;
+            self.metrics.dead_lettered(&tp, &refs);
+            self.summary.dead_lettered += refs.len() as u64;
         }
         let state = self.parts.entry(tp).or_default();
-        if let Some(batch) = decoded.batch {
-            let bytes = batch.get_array_memory_size();
-            state.rows += batch.num_rows();
-            state.bytes += bytes;
-            self.buffered_rows += batch.num_rows();
-            self.buffered_bytes += bytes;
-            state.batches.push(batch);
-        }
         state.pending_last = Some(last);
-        state.next_offset = Some(last + 1);
+        state.position = Some(last + 1);
         self.oldest.get_or_insert_with(Instant::now);
-        self.metrics.buffered_bytes.set(self.buffered_bytes as i64);
-        if self.buffered_rows >= self.config.file_max_rows
-            || self.buffered_bytes >= self.config.file_max_bytes
-        {
+        let (rows, bytes) = self.tables.buffered();
+        self.metrics.buffered_bytes.set(bytes as i64);
+        if rows >= self.config.file_max_rows || bytes >= self.config.file_max_bytes {
             self.flush().await?;
         }
         Ok(())
     }
 
-    /// Fetches every writer schema of `records` that the decoder has no verdict on. A registry
-    /// outage is waited out (with backoff, not ready meanwhile): it is never the record's fault.
-    async fn resolve_schemas(&mut self, records: &[SourceRecord]) {
-        let mut ids: Vec<u32> = records
-            .iter()
-            .filter_map(|r| {
-                r.value
-                    .as_deref()
-                    .and_then(|v| wire::parse(v).ok())
-                    .map(|f| f.schema_id)
-            })
-            .filter(|id| !self.decoder.knows(*id))
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        for id in ids {
-            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
-            loop {
-                let answer = self.registry.schema_by_id(id).await;
-                if let Err(e) = &answer {
-                    self.metrics
-                        .registry_error(registry_error_kind(e), id, &e.to_string());
-                }
-                match answer {
-                    Ok(text) => {
-                        self.decoder.register(id, Ok(&text));
-                        self.metrics.schema_ids_seen.inc();
-                        break;
-                    }
-                    Err(e) if !e.is_retryable() => {
-                        self.decoder.register(id, Err(&e));
-                        break;
-                    }
-                    // Leave the id unknown: a shutdown must not wait for the registry.
-                    Err(_) if self.shutdown.is_cancelled() => return,
-                    Err(_) => {
-                        self.metrics.not_ready(NotReady::Registry, true);
-                        backoff.wait().await;
-                    }
-                }
-            }
+    fn skipped(&mut self, tp: &TopicPartition, count: usize) {
+        if count > 0 {
+            self.summary.duplicates_skipped += count as u64;
+            self.metrics
+                .records_skipped_duplicate
+                .with_label_values(&[tp.topic.as_ref()])
+                .inc_by(count as u64);
         }
-        self.metrics.not_ready(NotReady::Registry, false);
     }
 
-    /// Drops buffered, uncommitted work of these partitions (the table does not have it, so the
-    /// next owner reads it again).
-    fn drop_work(&mut self, partitions: &[TopicPartition]) -> usize {
-        let mut dropped = 0;
-        for tp in partitions {
-            if let Some(state) = self.parts.get_mut(tp) {
-                dropped += state.rows;
-                self.buffered_rows -= state.rows;
-                self.buffered_bytes -= state.bytes;
-                state.batches.clear();
-                state.rows = 0;
-                state.bytes = 0;
-                state.pending_last = None;
+    /// Routes every writer schema id of `records` not routed yet: fetches the schema, finds (or,
+    /// under `latest`, opens) its table, follows the table's subject to its newest version, and has
+    /// the table's decoder judge it. A registry outage is waited out (not ready meanwhile): it is
+    /// never the record's fault. Returns false when a table opened on the way made this partition
+    /// seek back (the records will come again).
+    async fn resolve_schemas(&mut self, records: &[SourceRecord]) -> Result<bool, PipelineError> {
+        let mut ids: Vec<(u32, &SourceRecord)> = Vec::new();
+        for record in records {
+            if let Some(frame) = record.value.as_deref().and_then(|v| wire::parse(v).ok()) {
+                if !self.routes.contains_key(&frame.schema_id)
+                    && !ids.iter().any(|(id, _)| *id == frame.schema_id)
+                {
+                    ids.push((frame.schema_id, record));
+                }
             }
         }
-        self.metrics.buffered_bytes.set(self.buffered_bytes as i64);
+        let mut in_order = true;
+        for (id, record) in ids {
+            let writer = match self.ask(Ask::Id(id)).await {
+                Answer::Schema(text) => text,
+                Answer::Refused(e) => {
+                    let kind = match e {
+                        RegistryError::NotAvro { .. } => ErrorKind::UnsupportedSchemaType,
+                        _ => ErrorKind::UnknownSchema,
+                    };
+                    self.routes
+                        .insert(id, Route::Refused(Rejection::new(kind, e.to_string())));
+                    continue;
+                }
+                // Leave the id unrouted: a shutdown must not wait for the registry.
+                _ => return Ok(in_order),
+            };
+            self.metrics.schema_ids_seen.inc();
+            let tp = TopicPartition::new(record.topic.clone(), record.partition);
+            let route = self.route(id, &tp, &writer).await?;
+            if let Route::Table(index) = route {
+                in_order &= self.follow_latest(index, &tp).await?;
+                self.tables.list[index].decoder.register(id, Ok(&writer));
+                let route = match self.tables.list[index].decoder.verdict(id) {
+                    Some(Some(refused)) => Route::Refused(refused.clone()),
+                    _ => Route::Table(index),
+                };
+                self.routes.insert(id, route);
+            } else {
+                self.routes.insert(id, route);
+            }
+        }
+        Ok(in_order)
+    }
+
+    /// The table of a writer schema: by its record name; under `latest` with a record-based
+    /// subject strategy, a record name met for the first time opens its table.
+    async fn route(
+        &mut self,
+        id: u32,
+        tp: &TopicPartition,
+        writer_json: &str,
+    ) -> Result<Route, PipelineError> {
+        let record = match apache_avro::Schema::parse_str(writer_json) {
+            Ok(apache_avro::Schema::Record(r)) => Some(r.name.fullname(None)),
+            _ => None,
+        };
+        if let Some(name) = &record {
+            if let Some(index) = self.tables.by_record(name) {
+                return Ok(Route::Table(index));
+            }
+            if self.config.reader_schemas == ReaderSchemas::Latest
+                && self.config.subject_strategy != SubjectStrategy::Topic
+            {
+                let subject = self.config.subject_strategy.subject(&tp.topic, name);
+                match self.ask(Ask::Latest(&subject)).await {
+                    Answer::Version(version) => {
+                        let reader = reader_from_version(&version)
+                            .map_err(PipelineError::Config)?;
+                        let table = SilverTable::open(&self.config, reader)
+                            .await
+                            .map_err(PipelineError::Config)?;
+                        self.tables.list.push(table);
+                        let index = self.tables.list.len() - 1;
+                        let owned: Vec<TopicPartition> = self.parts.keys().cloned().collect();
+                        self.claim_table(index, &owned).await?;
+                        self.reseek_behind(index);
+                        return Ok(Route::Table(index));
+                    }
+                    Answer::Refused(e) => tracing::warn!(schema_id = id, %subject, error = %e, "no subject for record type"),
+                    _ => {}
+                }
+            }
+        }
+        if self.tables.list.len() == 1 {
+            // One table per topic (TopicNameStrategy): the compatibility check decides.
+            return Ok(Route::Table(0));
+        }
+        Ok(Route::Refused(Rejection::new(
+            ErrorKind::UnknownRecordType,
+            format!(
+                "writer schema {id} is {}; no Silver table is fed by it (tables: {})",
+                record.map_or("not a record".to_string(), |r| format!("record {r}")),
+                self.tables.names().join(", ")
+            ),
+        )))
+    }
+
+    /// A table opened mid-run may hold less of an owned partition than has been handled: that
+    /// partition seeks back, and the other tables skip what they already hold.
+    fn reseek_behind(&mut self, index: usize) {
+        for (tp, state) in self.parts.iter_mut() {
+            let held = self.tables.list[index]
+                .parts
+                .get(tp)
+                .and_then(|p| p.committed);
+            let Some(position) = state.position else {
+                continue;
+            };
+            let from = held.map_or(0, |h| h + 1);
+            if from < position && held.is_some() {
+                tracing::warn!(table = %self.tables.list[index].name, partition = %tp, from, position, "new table is behind: seeking back");
+                state.position = Some(from);
+                state.awaiting_reseek = true;
+                self.source.command(SourceCommand::Seek(tp.clone(), from));
+            }
+        }
+    }
+
+    /// Under `latest`: moves the table to its subject's newest version if that is new. Returns
+    /// false when that made a partition seek back (never, today: evolving keeps progress).
+    async fn follow_latest(&mut self, index: usize, tp: &TopicPartition) -> Result<bool, PipelineError> {
+        if self.config.reader_schemas != ReaderSchemas::Latest {
+            return Ok(true);
+        }
+        let record = self.tables.list[index].reader.record.clone();
+        let subject = self.tables.list[index]
+            .reader
+            .subject
+            .clone()
+            .unwrap_or_else(|| self.config.subject_strategy.subject(&tp.topic, &record));
+        let version = match self.ask(Ask::Latest(&subject)).await {
+            Answer::Version(version) => version,
+            _ => return Ok(true),
+        };
+        if !self.tables.list[index].wants_version(version.id) {
+            return Ok(true);
+        }
+        let next = reader_from_version(&version).map_err(PipelineError::Config);
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            let table = &mut self.tables.list[index];
+            let result = match &next {
+                Ok(next) => table.evolve(next.clone()).await,
+                Err(e) => Err(EvolveError::Refused(e.to_string())),
+            };
+            match result {
+                Ok(()) => {
+                    self.metrics.schema_evolved(&table.name, "evolved");
+                    return Ok(true);
+                }
+                Err(EvolveError::Refused(why)) => {
+                    self.metrics.schema_evolved(&table.name, "refused");
+                    tracing::error!(table = %table.name, subject = %subject, schema_id = version.id, reason = %why,
+                        "newest reader schema refused; the table keeps its schema");
+                    return Ok(true);
+                }
+                Err(EvolveError::Storage(e)) if !self.shutdown.is_cancelled() => {
+                    self.metrics.not_ready(NotReady::Lake, true);
+                    tracing::warn!(table = %table.name, error = %e, "evolving the table failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(EvolveError::Storage(e)) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// One registry question, retried while the registry is unavailable (not ready meanwhile).
+    async fn ask(&self, question: Ask<'_>) -> Answer {
+        ask_registry(&self.registry, &self.metrics, &self.shutdown, question).await
+    }
+
+    /// Drops buffered, uncommitted work of these partitions (the tables do not have it, so the
+    /// next owner reads it again).
+    fn drop_work(&mut self, partitions: &[TopicPartition], reason: &'static str) -> usize {
+        let mut dropped = 0;
+        for tp in partitions {
+            for table in &mut self.tables.list {
+                let rows = table.drop_work(tp);
+                self.metrics.buffered(tp, &table.name, -(rows as i64));
+                dropped += rows;
+            }
+            if let Some(state) = self.parts.get_mut(tp) {
+                state.pending_last = None;
+            }
+            self.metrics.dropped(tp, reason, dropped);
+        }
+        let (_, bytes) = self.tables.buffered();
+        self.metrics.buffered_bytes.set(bytes as i64);
         dropped
     }
 
-    fn forget(&mut self, partitions: &[TopicPartition]) {
-        self.drop_work(partitions);
+    fn forget(&mut self, partitions: &[TopicPartition], reason: &'static str) {
+        self.drop_work(partitions, reason);
         for tp in partitions {
             self.parts.remove(tp);
+            for table in &mut self.tables.list {
+                table.parts.remove(tp);
+                table.committer.release(std::slice::from_ref(tp));
+            }
         }
-        self.committer.release(partitions);
     }
 
-    /// Fenced partitions lose their buffered work, then resume from the table's progress (if the
-    /// source still owns them; otherwise their revocation follows).
-    async fn on_fenced(&mut self, fenced: Vec<Fenced>) -> Result<(), PipelineError> {
+    /// Fenced partitions lose their buffered work in every table, then resume from the tables'
+    /// progress (if the source still owns them; otherwise their revocation follows).
+    async fn on_fenced(&mut self, table: usize, fenced: Vec<Fenced>) -> Result<(), PipelineError> {
         for f in fenced {
-            let dropped = self.drop_work(std::slice::from_ref(&f.partition));
+            let tp = f.partition.clone();
+            let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
             self.metrics.fenced(
-                &self.table_name,
-                &f.partition,
+                &self.tables.list[table].name,
+                &tp,
                 f.expected,
                 f.stored,
                 dropped,
             );
             self.summary.fenced_partitions += 1;
-            let claimed = self
-                .committer
-                .claim(std::slice::from_ref(&f.partition))
-                .await?;
-            let stored = claimed.first().and_then(|(_, v)| *v);
-            if let Some(state) = self.parts.get_mut(&f.partition) {
-                state.next_offset = stored.map(|v| v + 1);
+            self.claim_with_retry(std::slice::from_ref(&tp)).await?;
+            let after = self.tables.resume_after(&tp);
+            if let Some(state) = self.parts.get_mut(&tp) {
+                state.position = after.map(|v| v + 1);
                 state.awaiting_reseek = true;
             }
-            self.source.command(SourceCommand::Seek(
-                f.partition.clone(),
-                stored.map_or(0, |v| v + 1),
-            ));
+            self.source
+                .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
         }
         Ok(())
     }
@@ -509,87 +686,254 @@ impl Replica {
         }
     }
 
+    /// One flush: per table, check ownership, write its files and commit them with the `txn` of
+    /// every partition it has not recorded yet. A table whose commit landed is not redone when a
+    /// later table's commit is fenced (its progress moved, so the retry finds nothing to do there).
     async fn try_flush(&mut self) -> Result<(), PipelineError> {
         let started = Instant::now();
-        loop {
-            let partitions: Vec<TopicPartition> = self
+        'again: loop {
+            let pending: BTreeMap<TopicPartition, i64> = self
                 .parts
                 .iter()
-                .filter(|(_, s)| s.pending_last.is_some())
-                .map(|(tp, _)| tp.clone())
+                .filter_map(|(tp, s)| s.pending_last.map(|last| (tp.clone(), last)))
                 .collect();
-            if partitions.is_empty() {
+            if pending.is_empty() {
                 self.oldest = None;
                 return Ok(());
             }
-            // Check ownership before writing, so fenced work costs no upload.
-            let fenced = self.committer.check(&partitions).await?;
-            if !fenced.is_empty() {
-                self.on_fenced(fenced).await?;
-                continue;
-            }
-            let mut batches = Vec::new();
-            let mut last_offsets = BTreeMap::new();
-            let mut rows = 0u64;
-            for tp in &partitions {
-                if let Some(state) = self.parts.get(tp) {
-                    batches.extend(state.batches.iter().cloned());
-                    rows += state.rows as u64;
-                    if let Some(last) = state.pending_last {
-                        last_offsets.insert(tp.clone(), last);
+            for index in 0..self.tables.list.len() {
+                let table = &mut self.tables.list[index];
+                let mut last_offsets = BTreeMap::new();
+                let mut batches = Vec::new();
+                let mut rows = 0u64;
+                for (tp, last) in &pending {
+                    let part = table.parts.entry(tp.clone()).or_default();
+                    if part.committed.is_none_or(|held| held < *last) {
+                        last_offsets.insert(tp.clone(), *last);
+                        batches.extend(part.batches.iter().cloned());
+                        rows += part.rows as u64;
+                    }
+                }
+                if last_offsets.is_empty() {
+                    continue;
+                }
+                let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
+                // Check ownership before writing, so fenced work costs no upload.
+                let fenced = table.committer.check(&partitions).await?;
+                if !fenced.is_empty() {
+                    self.on_fenced(index, fenced).await?;
+                    continue 'again;
+                }
+                let files = table.writer.write(&batches).await?;
+                let sizes: Vec<i64> = files.iter().map(|f| f.size).collect();
+                crate::failpoint!("before_commit");
+                match table.committer.commit(files, &last_offsets).await? {
+                    CommitOutcome::Fenced(fenced) => {
+                        // Lost a race for ownership after the upload: those files stay unreferenced
+                        // (vacuum removes them); the rest is written again.
+                        self.on_fenced(index, fenced).await?;
+                        continue 'again;
+                    }
+                    CommitOutcome::Committed { version, attempts } => {
+                        crate::failpoint!("after_delta_commit");
+                        let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
+                        for (tp, last) in &last_offsets {
+                            if let Some(part) = table.parts.get_mut(tp) {
+                                *by_topic.entry(tp.topic.as_ref()).or_default() += part.rows as u64;
+                                self.metrics.buffered(tp, &table.name, -(part.rows as i64));
+                                part.committed = Some(*last);
+                                part.batches.clear();
+                                part.rows = 0;
+                                part.bytes = 0;
+                            }
+                        }
+                        self.metrics.committed(
+                            &table.name,
+                            &by_topic,
+                            version,
+                            &sizes,
+                            started.elapsed(),
+                            attempts,
+                        );
+                        self.summary.commits += 1;
+                        self.summary.rows_committed += rows;
+                        self.summary.files += sizes.len() as u64;
                     }
                 }
             }
-            let files = self.writer.write(&batches).await?;
-            let sizes: Vec<i64> = files.iter().map(|f| f.size).collect();
-            crate::failpoint!("before_commit");
-            match self.committer.commit(files, &last_offsets).await? {
-                CommitOutcome::Fenced(fenced) => {
-                    // Lost a race for ownership after the upload: those files stay unreferenced
-                    // (vacuum removes them); rewrite without the fenced partitions.
-                    self.on_fenced(fenced).await?;
+            self.metrics
+                .flush_duration
+                .observe(started.elapsed().as_secs_f64());
+            for (tp, last) in &pending {
+                self.metrics.progress(tp, *last);
+                if let Some(state) = self.parts.get_mut(tp) {
+                    state.pending_last = None;
                 }
-                CommitOutcome::Committed { version, attempts } => {
-                    crate::failpoint!("after_delta_commit");
-                    self.metrics.committed(
-                        &self.table_name,
-                        version,
-                        rows,
-                        &sizes,
-                        started.elapsed(),
-                        attempts,
-                    );
-                    self.metrics
-                        .flush_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    self.summary.commits += 1;
-                    self.summary.rows_committed += rows;
-                    self.summary.files += sizes.len() as u64;
-                    for (tp, last) in &last_offsets {
-                        self.metrics.progress(tp, *last);
-                    }
-                    let committed: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
-                    self.drop_work(&committed);
-                    // Advisory group commit, so standard tools see the lag.
-                    self.source.command(SourceCommand::CommitOffsets(
-                        last_offsets
-                            .into_iter()
-                            .map(|(tp, last)| (tp, last + 1))
-                            .collect(),
-                    ));
-                    self.oldest = None;
-                    return Ok(());
+            }
+            let (_, bytes) = self.tables.buffered();
+            self.metrics.buffered_bytes.set(bytes as i64);
+            // Advisory group commit, so standard tools see the lag.
+            self.source.command(SourceCommand::CommitOffsets(
+                pending.into_iter().map(|(tp, last)| (tp, last + 1)).collect(),
+            ));
+            self.oldest = None;
+            return Ok(());
+        }
+    }
+}
+
+/// The rejection of a value whose Confluent framing is broken.
+fn frame_rejection(error: &wire::WireError) -> Rejection {
+    let kind = match error {
+        wire::WireError::Empty => ErrorKind::EmptyValue,
+        _ => ErrorKind::BadMagic,
+    };
+    Rejection::new(kind, error.to_string())
+}
+
+/// A registry question.
+enum Ask<'a> {
+    Id(u32),
+    Latest(&'a str),
+    Subjects,
+}
+
+/// Its answer: what was asked for, a refusal that is a fact (not found, not Avro), or nothing
+/// because the replica is shutting down during an outage.
+enum Answer {
+    Schema(Arc<str>),
+    Version(SubjectVersion),
+    Subjects(Vec<String>),
+    Refused(RegistryError),
+    ShuttingDown,
+}
+
+async fn ask_registry(
+    registry: &SchemaRegistry,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+    question: Ask<'_>,
+) -> Answer {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    loop {
+        let (answer, what) = match &question {
+            Ask::Id(id) => (
+                registry.schema_by_id(*id).await.map(Answer::Schema),
+                format!("schema id {id}"),
+            ),
+            Ask::Latest(subject) => (
+                registry.latest(subject).await.map(Answer::Version),
+                format!("subject {subject}"),
+            ),
+            Ask::Subjects => (
+                registry.subjects().await.map(Answer::Subjects),
+                "subjects".to_string(),
+            ),
+        };
+        match answer {
+            Ok(answer) => {
+                metrics.not_ready(NotReady::Registry, false);
+                return answer;
+            }
+            Err(e) => {
+                metrics.registry_error(e.kind(), &what, &e.to_string());
+                if !e.is_retryable() {
+                    metrics.not_ready(NotReady::Registry, false);
+                    return Answer::Refused(e);
                 }
+                if shutdown.is_cancelled() {
+                    return Answer::ShuttingDown;
+                }
+                metrics.not_ready(NotReady::Registry, true);
+                backoff.wait().await;
             }
         }
     }
 }
 
-fn registry_error_kind(error: &RegistryError) -> &'static str {
-    match error {
-        RegistryError::NotFound { .. } => "not_found",
-        RegistryError::NotAvro { .. } => "not_avro",
-        RegistryError::Unavailable(_) => "unavailable",
-        RegistryError::Unexpected { .. } => "unexpected",
+fn reader_from_version(version: &SubjectVersion) -> Result<ReaderSchema, String> {
+    let mut reader = ReaderSchema::parse(
+        &version.schema,
+        &format!("subject {} version {}", version.subject, version.version),
+    )?;
+    reader.subject = Some(version.subject.clone());
+    reader.id = Some(version.id);
+    Ok(reader)
+}
+
+/// The tables known at start-up: one per reader schema file, or under `latest` one per subject of
+/// the configured topics (more may open later, as record types are met).
+async fn open_tables(
+    config: &Config,
+    registry: &SchemaRegistry,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Tables, PipelineError> {
+    let mut readers: Vec<ReaderSchema> = Vec::new();
+    match &config.reader_schemas {
+        ReaderSchemas::Files(paths) => {
+            for path in paths {
+                readers.push(ReaderSchema::read(path).map_err(PipelineError::Config)?);
+            }
+        }
+        ReaderSchemas::Latest => {
+            let subjects: Vec<String> = match config.subject_strategy {
+                SubjectStrategy::Topic => config
+                    .topics
+                    .iter()
+                    .map(|t| config.subject_strategy.subject(t, ""))
+                    .collect(),
+                SubjectStrategy::TopicRecord => {
+                    match ask_registry(registry, metrics, shutdown, Ask::Subjects).await {
+                        Answer::Subjects(all) => all
+                            .into_iter()
+                            .filter(|s| {
+                                config.topics.iter().any(|t| {
+                                    s.strip_prefix(t.as_str())
+                                        .is_some_and(|rest| rest.starts_with('-') && rest != "-value" && rest != "-key")
+                                })
+                            })
+                            .collect(),
+                        Answer::Refused(e) => return Err(PipelineError::Config(e.to_string())),
+                        _ => return Err(PipelineError::Config("shut down while starting".into())),
+                    }
+                }
+                // Subjects are record names: tables open as their records are met.
+                SubjectStrategy::Record => Vec::new(),
+            };
+            for subject in subjects {
+                match ask_registry(registry, metrics, shutdown, Ask::Latest(&subject)).await {
+                    Answer::Version(version) => {
+                        readers.push(reader_from_version(&version).map_err(PipelineError::Config)?)
+                    }
+                    Answer::Refused(e) => {
+                        return Err(PipelineError::Config(format!(
+                            "STRATA_READER_SCHEMA=latest: {e}"
+                        )))
+                    }
+                    _ => return Err(PipelineError::Config("shut down while starting".into())),
+                }
+            }
+        }
     }
+    let mut tables = Tables::default();
+    for reader in readers {
+        if tables.by_record(&reader.record).is_some() {
+            continue; // two topics' subjects with one record type feed one table
+        }
+        if let Some(other) = tables.list.iter().find(|t| t.name == reader.table_name()) {
+            return Err(PipelineError::Config(format!(
+                "records {} and {} would share the table {}",
+                other.reader.record,
+                reader.record,
+                reader.table_name()
+            )));
+        }
+        tables.list.push(
+            SilverTable::open(config, reader)
+                .await
+                .map_err(PipelineError::Config)?,
+        );
+    }
+    Ok(tables)
 }

@@ -24,6 +24,12 @@ pub enum RegistryError {
     /// The schema exists but is not Avro (e.g. PROTOBUF or JSON).
     #[error("schema id {id} has type {schema_type}, only AVRO is supported")]
     NotAvro { id: u32, schema_type: String },
+    /// The registry has no such subject or version (404 with 40401 or 40402).
+    #[error("subject {subject:?} not found: {message}")]
+    SubjectNotFound { subject: String, message: String },
+    /// The operation needs a Confluent registry (a folder of `<id>.avsc` files has no subjects).
+    #[error("{0} needs a Confluent schema registry, not a folder of schema files")]
+    NoSubjects(&'static str),
     /// Network error, timeout, 5xx or throttling: try again later.
     #[error("schema registry unavailable: {0}")]
     Unavailable(String),
@@ -37,11 +43,26 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// A short label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryError::NotFound { .. } => "not_found",
+            RegistryError::NotAvro { .. } => "not_avro",
+            RegistryError::SubjectNotFound { .. } => "subject_not_found",
+            RegistryError::NoSubjects(_) => "no_subjects",
+            RegistryError::Unavailable(_) => "unavailable",
+            RegistryError::Unexpected { .. } => "unexpected",
+        }
+    }
+
     /// Whether waiting and asking again can help. Record-level errors are not retryable.
     pub fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            RegistryError::NotFound { .. } | RegistryError::NotAvro { .. }
+            RegistryError::NotFound { .. }
+                | RegistryError::NotAvro { .. }
+                | RegistryError::SubjectNotFound { .. }
+                | RegistryError::NoSubjects(_)
         )
     }
 }
@@ -52,6 +73,17 @@ struct SchemaResponse {
     schema: String,
     #[serde(rename = "schemaType")]
     schema_type: Option<String>,
+}
+
+/// Confluent's `GET /subjects/{subject}/versions/{version}` answer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct SubjectVersion {
+    pub subject: String,
+    pub version: i32,
+    pub id: u32,
+    pub schema: String,
+    #[serde(rename = "schemaType", default)]
+    pub schema_type: Option<String>,
 }
 
 /// Confluent's error body, e.g. `{"error_code": 40403, "message": "Schema not found"}`.
@@ -86,8 +118,9 @@ impl ConfluentClient {
         })
     }
 
-    pub async fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
-        let url = format!("{}/schemas/ids/{id}", self.base_url);
+    /// `GET path` with the registry's media type and auth; returns the status and a bounded body.
+    async fn get(&self, path: &str) -> Result<(u16, Vec<u8>), RegistryError> {
+        let url = format!("{}{path}", self.base_url);
         let mut request = self
             .http
             .get(&url)
@@ -115,20 +148,23 @@ impl ConfluentClient {
             }
             body.extend_from_slice(&chunk);
         }
+        Ok((status, body))
+    }
+
+    /// A 200 answer parsed as `T`, or the error its status and body mean. `not_found` builds the
+    /// error for a 404 (a record-level or subject-level fact, never retried).
+    async fn get_json<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        not_found: impl FnOnce(String) -> RegistryError,
+    ) -> Result<T, RegistryError> {
+        let (status, body) = self.get(path).await?;
         if status == 200 {
-            let parsed: SchemaResponse =
-                serde_json::from_slice(&body).map_err(|e| RegistryError::Unexpected {
-                    status,
-                    code: None,
-                    message: format!("malformed schema answer: {e}"),
-                })?;
-            return match parsed.schema_type.as_deref() {
-                None | Some("AVRO") => Ok(parsed.schema),
-                Some(other) => Err(RegistryError::NotAvro {
-                    id,
-                    schema_type: other.to_string(),
-                }),
-            };
+            return serde_json::from_slice(&body).map_err(|e| RegistryError::Unexpected {
+                status,
+                code: None,
+                message: format!("malformed answer to {path}: {e}"),
+            });
         }
         let error: Option<ErrorResponse> = serde_json::from_slice(&body).ok();
         let code = error.as_ref().and_then(|e| e.error_code);
@@ -136,7 +172,8 @@ impl ConfluentClient {
             .and_then(|e| e.message)
             .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(256)]).into_owned());
         match (status, code) {
-            (404, Some(40403)) | (404, None) => Err(RegistryError::NotFound { id, message }),
+            // 40401 subject, 40402 version, 40403 schema not found.
+            (404, Some(40401..=40403)) | (404, None) => Err(not_found(message)),
             (408 | 429, _) | (500..=599, _) => Err(RegistryError::Unavailable(format!(
                 "HTTP {status}: {message}"
             ))),
@@ -147,6 +184,74 @@ impl ConfluentClient {
             }),
         }
     }
+
+    pub async fn schema_by_id(&self, id: u32) -> Result<String, RegistryError> {
+        let parsed: SchemaResponse = self
+            .get_json(&format!("/schemas/ids/{id}"), |message| {
+                RegistryError::NotFound { id, message }
+            })
+            .await?;
+        match parsed.schema_type.as_deref() {
+            None | Some("AVRO") => Ok(parsed.schema),
+            Some(other) => Err(RegistryError::NotAvro {
+                id,
+                schema_type: other.to_string(),
+            }),
+        }
+    }
+
+    /// `GET /subjects`: every subject name.
+    pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
+        self.get_json("/subjects", |message| RegistryError::Unexpected {
+            status: 404,
+            code: None,
+            message,
+        })
+        .await
+    }
+
+    /// `GET /subjects/{subject}/versions`: the subject's version numbers, oldest first.
+    pub async fn versions(&self, subject: &str) -> Result<Vec<i32>, RegistryError> {
+        let path = format!("/subjects/{}/versions", encode_segment(subject));
+        self.get_json(&path, |message| RegistryError::SubjectNotFound {
+            subject: subject.to_string(),
+            message,
+        })
+        .await
+    }
+
+    /// `GET /subjects/{subject}/versions/{version}` (`version` is a number or `latest`).
+    pub async fn version(
+        &self,
+        subject: &str,
+        version: &str,
+    ) -> Result<SubjectVersion, RegistryError> {
+        let path = format!(
+            "/subjects/{}/versions/{}",
+            encode_segment(subject),
+            encode_segment(version)
+        );
+        let parsed: SubjectVersion = self
+            .get_json(&path, |message| RegistryError::SubjectNotFound {
+                subject: subject.to_string(),
+                message,
+            })
+            .await?;
+        match parsed.schema_type.as_deref() {
+            None | Some("AVRO") => Ok(parsed),
+            Some(other) => Err(RegistryError::NotAvro {
+                id: parsed.id,
+                schema_type: other.to_string(),
+            }),
+        }
+    }
+}
+
+/// One path segment, percent-encoded (subject names may hold any character).
+fn encode_segment(text: &str) -> String {
+    url::form_urlencoded::byte_serialize(text.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// Schemas as files `<dir>/<id>.avsc`: the demo and air-gapped deployments.
@@ -212,5 +317,39 @@ impl SchemaRegistry {
         .into();
         self.cache.write().await.insert(id, text.clone());
         Ok(text)
+    }
+
+    fn confluent(&self, what: &'static str) -> Result<&ConfluentClient, RegistryError> {
+        match &self.source {
+            Source::Confluent(client) => Ok(client),
+            Source::Directory(_) => Err(RegistryError::NoSubjects(what)),
+        }
+    }
+
+    /// The subject's newest version (never cached: it is how new versions are found).
+    pub async fn latest(&self, subject: &str) -> Result<SubjectVersion, RegistryError> {
+        let found = self
+            .confluent("STRATA_READER_SCHEMA=latest")?
+            .version(subject, "latest")
+            .await?;
+        self.cache
+            .write()
+            .await
+            .insert(found.id, found.schema.as_str().into());
+        Ok(found)
+    }
+
+    /// Every version of a subject, oldest first (for `strata schemas check`).
+    pub async fn all_versions(&self, subject: &str) -> Result<Vec<SubjectVersion>, RegistryError> {
+        let client = self.confluent("listing subject versions")?;
+        let mut out = Vec::new();
+        for version in client.versions(subject).await? {
+            out.push(client.version(subject, &version.to_string()).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn subjects(&self) -> Result<Vec<String>, RegistryError> {
+        self.confluent("listing subjects")?.subjects().await
     }
 }

@@ -40,8 +40,9 @@ pub struct FilePolicy {
 
 /// Writes Silver files for one table.
 pub struct SilverWriter {
+    /// The files' schema: the table's columns as this replica writes them (see `lake::plan_evolution`).
     schema: SchemaRef,
-    event_time_index: usize,
+    event_time_field: String,
     policy: FilePolicy,
     store: Arc<dyn ObjectStore>,
 }
@@ -68,28 +69,45 @@ impl SilverWriter {
     /// `store` must be rooted at the table (paths are relative to it).
     pub fn new(
         schema: SchemaRef,
-        event_time_index: usize,
+        event_time_field: &str,
         policy: FilePolicy,
         store: Arc<dyn ObjectStore>,
     ) -> Self {
         Self {
             schema,
-            event_time_index,
+            event_time_field: event_time_field.to_string(),
             policy,
             store,
         }
     }
 
+    /// Changes the files' schema (the table evolved). Batches already buffered in the old shape
+    /// are widened when written, so they share files with the new rows.
+    pub fn set_schema(&mut self, schema: SchemaRef) {
+        self.schema = schema;
+    }
+
     /// Writes `batches` as Parquet files, one or more per (event_date, event_hour), and returns their
     /// `add` actions. Files are rolled at `max_rows` rows and roughly `max_bytes` of Arrow memory.
+    /// Batches may have any earlier shape of the table: they are conformed to the current one.
     pub async fn write(&self, batches: &[RecordBatch]) -> Result<Vec<Add>, SilverError> {
-        let all = concat_batches(&self.schema, batches)?;
+        let conformed = batches
+            .iter()
+            .map(|b| crate::lake::conform(b, &self.schema))
+            .collect::<Result<Vec<_>, _>>()?;
+        let all = concat_batches(&self.schema, &conformed)?;
         if all.num_rows() == 0 {
             return Ok(Vec::new());
         }
         let times = all
-            .column(self.event_time_index)
-            .as_primitive::<TimestampMicrosecondType>();
+            .column_by_name(&self.event_time_field)
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            .ok_or_else(|| {
+                deltalake::arrow::error::ArrowError::SchemaError(format!(
+                    "event time column {} missing or not a timestamp",
+                    self.event_time_field
+                ))
+            })?;
         let mut groups: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
         for row in 0..all.num_rows() {
             // Rows without event time were rejected by the decoder; treat a null defensively as epoch.
@@ -220,7 +238,7 @@ mod tests {
         let writer = |max_rows, max_bytes| {
             SilverWriter::new(
                 decoder.output_schema(),
-                decoder.event_time_index(),
+                "event_time",
                 FilePolicy {
                     max_rows,
                     max_bytes,

@@ -349,12 +349,12 @@ fn poll_loop(
                         last.partition == record.partition && last.topic == record.topic
                     });
                     if !same_partition {
-                        send_chunk(&events, &mut chunk, &mut chunk_bytes, &metrics);
+                        send_chunk(&events, &mut chunk, &mut chunk_bytes);
                     }
                     chunk_bytes += record.size();
                     chunk.push(record);
                     if chunk.len() >= CHUNK_RECORDS || chunk_bytes >= CHUNK_BYTES {
-                        send_chunk(&events, &mut chunk, &mut chunk_bytes, &metrics);
+                        send_chunk(&events, &mut chunk, &mut chunk_bytes);
                     }
                     timeout = Duration::ZERO;
                     if Instant::now() >= deadline {
@@ -369,7 +369,7 @@ fn poll_loop(
                 None => break,
             }
         }
-        send_chunk(&events, &mut chunk, &mut chunk_bytes, &metrics);
+        send_chunk(&events, &mut chunk, &mut chunk_bytes);
     }
     // Leave the group: the final revocation goes through the rebalance callback as usual.
     consumer.unsubscribe();
@@ -389,22 +389,12 @@ fn send_chunk(
     events: &mpsc::Sender<SourceEvent>,
     chunk: &mut Vec<SourceRecord>,
     bytes: &mut usize,
-    metrics: &Metrics,
 ) {
     if chunk.is_empty() {
         return;
     }
+    // Counted as consumed by the pipeline when it takes them (one place keeps the accounting).
     let records = std::mem::take(chunk);
-    if let Some(first) = records.first() {
-        metrics
-            .records_consumed
-            .with_label_values(&[first.topic.as_ref()])
-            .inc_by(records.len() as u64);
-        metrics
-            .bytes_consumed
-            .with_label_values(&[first.topic.as_ref()])
-            .inc_by(*bytes as u64);
-    }
     *bytes = 0;
     // Blocks when the pipeline is behind: that is the backpressure on fetching.
     let _ = events.blocking_send(SourceEvent::Records(records));

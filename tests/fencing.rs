@@ -40,7 +40,7 @@ async fn open(
         .expect("table");
     let writer = SilverWriter::new(
         decoder.output_schema(),
-        decoder.event_time_index(),
+        "event_time",
         FilePolicy {
             max_rows: 1_000_000,
             max_bytes: 1 << 30,
