@@ -280,8 +280,12 @@ impl Setup {
     }
 
     pub fn table_url(&self) -> url::Url {
+        self.table_url_of("order")
+    }
+
+    pub fn table_url_of(&self, table: &str) -> url::Url {
         strata::lake::register_object_stores();
-        strata::lake::table_url(&self.lake, "silver", "order").expect("table url")
+        strata::lake::table_url(&self.lake, "silver", table).expect("table url")
     }
 
     /// Environment of a `strata` process for this setup.
@@ -352,8 +356,13 @@ impl Setup {
 
     /// Stored `txn` versions of the table per partition of this topic.
     pub async fn progress(&self) -> BTreeMap<i32, i64> {
+        self.progress_of("order").await
+    }
+
+    /// Stored `txn` versions of table `table` per partition of this topic.
+    pub async fn progress_of(&self, table: &str) -> BTreeMap<i32, i64> {
         let mut out = BTreeMap::new();
-        let Ok(table) = deltalake::DeltaTable::try_from_url(self.table_url()).await else {
+        let Ok(table) = deltalake::DeltaTable::try_from_url(self.table_url_of(table)).await else {
             return out;
         };
         let Ok(snapshot) = table.snapshot() else {
@@ -529,6 +538,11 @@ impl Replica {
 
     /// The value of an unlabelled-or-summed metric from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
+        self.metric_where(name, "").await
+    }
+
+    /// The sum of the series of metric `name` whose label text contains `labels`.
+    pub async fn metric_where(&self, name: &str, labels: &str) -> Option<f64> {
         let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
             .await
             .ok()?
@@ -542,7 +556,7 @@ impl Replica {
             }
             let (series, value) = line.rsplit_once(' ')?;
             let metric_name = series.split('{').next()?;
-            if metric_name == name {
+            if metric_name == name && series.contains(labels) {
                 *total.get_or_insert(0.0) += value.parse::<f64>().ok()?;
             }
         }
@@ -555,4 +569,152 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A Schema Registry stand-in that answers the Confluent REST calls Strata makes, with the
+/// documented bodies and error codes, from state the test can change while a replica runs.
+#[derive(Default)]
+pub struct FakeRegistry {
+    /// Schema id → schema JSON.
+    pub ids: Mutex<BTreeMap<u32, String>>,
+    /// Subject → schema ids of its versions (version n is element n-1).
+    pub subjects: Mutex<BTreeMap<String, Vec<u32>>>,
+}
+
+impl FakeRegistry {
+    /// Registers `schema` under `id` as the next version of `subject`.
+    pub fn register(&self, subject: &str, id: u32, schema: &str) {
+        self.ids
+            .lock()
+            .expect("ids")
+            .insert(id, schema.to_string());
+        self.subjects
+            .lock()
+            .expect("subjects")
+            .entry(subject.to_string())
+            .or_default()
+            .push(id);
+    }
+
+    /// Serves the registry on a loopback port; returns its URL.
+    pub async fn serve(self: &Arc<Self>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let this = self.clone();
+        serve_http(listener, Arc::new(move |path: &str, _| this.answer(path)));
+        url
+    }
+
+    fn answer(&self, path: &str) -> (u16, String) {
+        let not_found = |code: u32, what: &str| {
+            (
+                404,
+                serde_json::json!({ "error_code": code, "message": format!("{what} not found") })
+                    .to_string(),
+            )
+        };
+        let segments: Vec<String> = path
+            .trim_start_matches('/')
+            .split('/')
+            .map(|s| {
+                url::form_urlencoded::parse(format!("x={s}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            })
+            .collect();
+        let ids = self.ids.lock().expect("ids");
+        let subjects = self.subjects.lock().expect("subjects");
+        match segments.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+            ["schemas", "ids", id] => match id.parse().ok().and_then(|id: u32| ids.get(&id)) {
+                Some(schema) => (200, serde_json::json!({ "schema": schema }).to_string()),
+                None => not_found(40403, "Schema"),
+            },
+            ["subjects"] => (200, serde_json::json!(subjects.keys().collect::<Vec<_>>()).to_string()),
+            ["subjects", subject, "versions"] => match subjects.get(*subject) {
+                Some(versions) => (
+                    200,
+                    serde_json::json!((1..=versions.len()).collect::<Vec<_>>()).to_string(),
+                ),
+                None => not_found(40401, "Subject"),
+            },
+            ["subjects", subject, "versions", version] => {
+                let Some(versions) = subjects.get(*subject) else {
+                    return not_found(40401, "Subject");
+                };
+                let index = if *version == "latest" {
+                    versions.len()
+                } else {
+                    version.parse().unwrap_or(0)
+                };
+                match index.checked_sub(1).and_then(|i| versions.get(i)) {
+                    Some(id) => (
+                        200,
+                        serde_json::json!({
+                            "subject": subject,
+                            "version": index,
+                            "id": id,
+                            "schema": ids.get(id).cloned().unwrap_or_default(),
+                        })
+                        .to_string(),
+                    ),
+                    None => not_found(40402, "Version"),
+                }
+            }
+            _ => (404, r#"{"error_code": 404, "message": "HTTP 404 Not Found"}"#.to_string()),
+        }
+    }
+}
+
+/// Produces `values` (key, value) to partition 0 of `topic`, in order; returns their offsets.
+pub async fn produce_raw(topic: &str, values: Vec<(Option<Vec<u8>>, Vec<u8>)>) -> Vec<i64> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .create()
+        .expect("producer");
+    let mut offsets = Vec::with_capacity(values.len());
+    for (key, value) in values {
+        let mut record: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(topic).partition(0).payload(&value);
+        if let Some(key) = key.as_deref() {
+            record = record.key(key);
+        }
+        let delivered = producer
+            .send(record, Duration::from_secs(30))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered");
+        offsets.push(delivered.offset);
+    }
+    offsets
+}
+
+/// A Confluent-framed Avro value of `schema` (registered as `id`).
+pub fn framed(id: u32, schema: &str, value: apache_avro::types::Value) -> Vec<u8> {
+    let schema = apache_avro::Schema::parse_str(schema).expect("schema");
+    strata::wire::frame(
+        id,
+        &strata::demo::avro_body(&schema, value).expect("encodes"),
+    )
+}
+
+/// The accounting identity a quiet replica must show, per its `/metrics`: every record read is
+/// written, dead-lettered, skipped as already held, let go to be read again, or still buffered.
+pub async fn assert_accounting(replica: &Replica) {
+    let value = |name: &'static str| async move { replica.metric(name).await.unwrap_or(0.0) };
+    let consumed = value("strata_records_consumed_total").await;
+    let accounted = value("strata_records_written_total").await
+        + value("strata_records_dead_lettered_total").await
+        + value("strata_records_skipped_duplicate_total").await
+        + value("strata_records_dropped_total").await
+        + value("strata_records_buffered").await;
+    assert!(consumed > 0.0, "nothing consumed");
+    assert_eq!(
+        consumed, accounted,
+        "consumed = written + dead-lettered + skipped + dropped + buffered"
+    );
 }
