@@ -91,6 +91,14 @@ impl Compatibility {
     /// Checks `new` against `previous`, oldest first and the last version last. Non-transitive
     /// modes look at the last one only. The error names the offending version and field.
     pub fn check(self, new: &Schema, previous: &[(String, &Schema)]) -> Result<(), String> {
+        match self.problems(new, previous).into_iter().next() {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
+    }
+
+    /// Every version `new` is incompatible with under this mode, each with the checker's reason.
+    pub fn problems(self, new: &Schema, previous: &[(String, &Schema)]) -> Vec<String> {
         let against: &[(String, &Schema)] = if self.is_transitive() {
             previous
         } else {
@@ -99,20 +107,63 @@ impl Compatibility {
                 .map(std::slice::from_ref)
                 .unwrap_or_default()
         };
+        let mut out = Vec::new();
         for (name, old) in against {
-            if self.backward() {
-                // The new schema reads what the old one wrote.
-                SchemaCompatibility::can_read(old, new)
-                    .map_err(|e| format!("not {self} compatible with {name}: {}", describe(&e)))?;
-            }
-            if self.forward() {
-                // The old schema reads what the new one writes.
-                SchemaCompatibility::can_read(new, old)
-                    .map_err(|e| format!("not {self} compatible with {name}: {}", describe(&e)))?;
+            // BACKWARD: the new schema reads what the old one wrote.
+            let backward = self
+                .backward()
+                .then(|| SchemaCompatibility::can_read(old, new).err())
+                .flatten();
+            // FORWARD: the old schema reads what the new one writes.
+            let forward = self
+                .forward()
+                .then(|| SchemaCompatibility::can_read(new, old).err())
+                .flatten();
+            if let Some(e) = backward.or(forward) {
+                out.push(format!("not {self} compatible with {name}: {}", describe(&e)));
             }
         }
-        Ok(())
+        out
     }
+}
+
+/// The field-level changes from `old` to `new` of two record schemas, in words (for people; the
+/// verdict is always the checker's).
+pub fn field_changes(old: &Schema, new: &Schema) -> Vec<String> {
+    let (Schema::Record(old), Schema::Record(new)) = (old, new) else {
+        return vec!["the top-level type changed".to_string()];
+    };
+    let mut out = Vec::new();
+    for field in &new.fields {
+        match old.fields.iter().find(|f| f.name == field.name) {
+            None if field.default.is_some() => {
+                out.push(format!("field {} added, with a default", field.name))
+            }
+            None => out.push(format!("field {} added, without a default", field.name)),
+            Some(before) if before.schema != field.schema => out.push(format!(
+                "field {} changed type from {} to {}",
+                field.name,
+                kind(&before.schema),
+                kind(&field.schema)
+            )),
+            Some(_) => {}
+        }
+    }
+    for field in &old.fields {
+        if !new.fields.iter().any(|f| f.name == field.name) {
+            let default = if field.default.is_some() {
+                "it had a default"
+            } else {
+                "it had no default"
+            };
+            out.push(format!("field {} removed ({default})", field.name));
+        }
+    }
+    out
+}
+
+fn kind(schema: &Schema) -> String {
+    serde_json::to_string(schema).unwrap_or_else(|_| format!("{:?}", schema))
 }
 
 /// The checker's message plus its causes (the nested cause names the inner field).

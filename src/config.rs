@@ -33,6 +33,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_FILE_MAX_BYTES", default: "134217728", help: "A flush starts, and a file rolls, at this many buffered bytes (the memory budget of the Silver buffer)." },
     Setting { var: "STRATA_PARQUET_COMPRESSION", default: "zstd", help: "Parquet compression: zstd, snappy or none." },
     Setting { var: "STRATA_METRICS_ADDR", default: "0.0.0.0:9898", help: "Address of the /metrics, /healthz and /readyz endpoint." },
+    Setting { var: "STRATA_MAX_VALUE_BYTES", default: "8388608", help: "Record values longer than this are dead-lettered as value_too_large before decoding (bounds the memory one record can claim)." },
     Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },
     Setting { var: "STRATA_SHUTDOWN_GRACE", default: "30s", help: "After SIGTERM, how long the replica may take to flush and commit before it aborts." },
     Setting { var: "STRATA_LOG", default: "info", help: "Log filter (tracing EnvFilter syntax); RUST_LOG is used when unset." },
@@ -158,6 +159,7 @@ pub struct Config {
     pub compression: Compression,
     pub metrics_addr: std::net::SocketAddr,
     pub commit_retries: usize,
+    pub max_value_bytes: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -465,6 +467,7 @@ impl Config {
             compression,
             metrics_addr,
             commit_retries: parse_usize("STRATA_COMMIT_RETRIES")?,
+            max_value_bytes: parse_usize("STRATA_MAX_VALUE_BYTES")?,
             shutdown_grace: duration("STRATA_SHUTDOWN_GRACE")?,
         })
     }

@@ -14,7 +14,7 @@ use deltalake::arrow::array::{
     Array, ArrayRef, BooleanArray, Int32Array, Int64Array, RecordBatch, StringArray,
     TimestampMicrosecondArray,
 };
-use deltalake::arrow::compute::{cast, filter_record_batch, interleave_record_batch};
+use deltalake::arrow::compute::{cast, interleave_record_batch};
 use deltalake::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 
 use crate::compat::Compatibility;
@@ -33,6 +33,9 @@ pub const LINEAGE_COLUMNS: [&str; 6] = [
 ];
 
 const UTC: &str = "UTC";
+
+/// Default of `STRATA_MAX_VALUE_BYTES`: Kafka's default `message.max.bytes` is about 1 MiB.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecoderSetupError {
@@ -81,6 +84,9 @@ pub struct BatchDecoder {
     /// One Arrow decoder per writer schema: records of interleaved versions never force a flush.
     decoders: HashMap<u32, Decoder>,
     batch_size: usize,
+    /// Values longer than this are refused before decoding: with Avro's rule that every length
+    /// prefix must be backed by bytes, it bounds what one record can make the decoder hold.
+    max_value_bytes: usize,
     /// Schema of the output rows: normalized for Delta, lineage columns appended.
     output_schema: SchemaRef,
     event_time_index: usize,
@@ -130,6 +136,7 @@ impl BatchDecoder {
             history: Vec::new(),
             decoders: HashMap::new(),
             batch_size: batch_size.max(1),
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             output_schema,
             event_time_index,
         })
@@ -139,7 +146,8 @@ impl BatchDecoder {
     /// schema this one met, in the same order, under the same compatibility mode.
     pub fn with_reader(&self, reader_json: &str) -> Result<Self, DecoderSetupError> {
         let mut next = Self::new(reader_json, &self.event_time_field, self.batch_size)?
-            .with_compatibility(self.compatibility);
+            .with_compatibility(self.compatibility)
+            .with_max_value_bytes(self.max_value_bytes);
         next.registry_refused = self.registry_refused.clone();
         next.refused = self.registry_refused.clone();
         for (id, json) in &self.met {
@@ -160,6 +168,12 @@ impl BatchDecoder {
         } else {
             self.refused.get(&schema_id).map(Some)
         }
+    }
+
+    /// Sets the largest value accepted (`STRATA_MAX_VALUE_BYTES`).
+    pub fn with_max_value_bytes(mut self, max: usize) -> Self {
+        self.max_value_bytes = max.max(wire::HEADER_LEN);
+        self
     }
 
     /// Sets the compatibility mode writer schemas must pass (BACKWARD unless set). Verdicts already
@@ -386,6 +400,16 @@ impl BatchDecoder {
     /// Checks the framing and the writer schema of a record; returns its schema id and value.
     fn admit<'r>(&self, record: &'r SourceRecord) -> Result<(u32, &'r [u8]), Rejection> {
         let value = record.value.as_deref().unwrap_or_default();
+        if value.len() > self.max_value_bytes {
+            return Err(Rejection::new(
+                ErrorKind::ValueTooLarge,
+                format!(
+                    "value of {} bytes exceeds STRATA_MAX_VALUE_BYTES={}",
+                    value.len(),
+                    self.max_value_bytes
+                ),
+            ));
+        }
         let framed = wire::parse(value).map_err(|e| {
             let kind = match e {
                 wire::WireError::Empty => ErrorKind::EmptyValue,
@@ -529,26 +553,10 @@ impl BatchDecoder {
             }
         };
         match self.lake_rows(records, &decoded, rows) {
-            Ok((batch, missing_time)) => {
-                if missing_time.is_empty() {
-                    return Some(batch);
-                }
-                for &row in &missing_time {
-                    rejected.push((
-                        rows[row],
-                        Rejection::new(
-                            ErrorKind::MissingEventTime,
-                            "event time field is null".to_string(),
-                        ),
-                    ));
-                }
+            Ok((batch, bad)) => {
+                rejected.extend(bad.into_iter().map(|(row, why)| (rows[row], why)));
                 rejected.sort_by_key(|(index, _)| *index);
-                let keep: BooleanArray = (0..batch.num_rows())
-                    .map(|r| Some(missing_time.binary_search(&r).is_err()))
-                    .collect();
-                filter_record_batch(&batch, &keep)
-                    .ok()
-                    .filter(|b| b.num_rows() > 0)
+                batch.filter(|b| b.num_rows() > 0)
             }
             Err(e) => {
                 rejected.extend(
@@ -561,23 +569,57 @@ impl BatchDecoder {
         }
     }
 
+    /// The decoded rows in the lake's types, lineage added. Rows that cannot be lake rows are
+    /// returned apart (by row index) with their reason: no event time, or a value that does not
+    /// fit its lake type (a timestamp beyond the microsecond range, say), which a cast turns into
+    /// a null where the column allows none.
     fn lake_rows(
         &self,
         records: &[&SourceRecord],
         decoded: &RecordBatch,
         rows: &[usize],
-    ) -> Result<(RecordBatch, Vec<usize>), deltalake::arrow::error::ArrowError> {
+    ) -> Result<(Option<RecordBatch>, Vec<(usize, Rejection)>), deltalake::arrow::error::ArrowError>
+    {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.output_schema.fields().len());
-        for (column, field) in decoded.columns().iter().zip(self.output_schema.fields()) {
-            columns.push(if column.data_type() == field.data_type() {
+        let mut bad: BTreeMap<usize, Rejection> = BTreeMap::new();
+        for (index, (column, field)) in decoded
+            .columns()
+            .iter()
+            .zip(self.output_schema.fields())
+            .enumerate()
+        {
+            let lake = if column.data_type() == field.data_type() {
                 column.clone()
             } else {
                 cast(column, field.data_type())?
-            });
+            };
+            let event_time = index == self.event_time_index;
+            if (event_time || !field.is_nullable()) && lake.null_count() > column.null_count() {
+                for row in (0..lake.len()).filter(|&r| lake.is_null(r) && !column.is_null(r)) {
+                    bad.entry(row).or_insert_with(|| {
+                        Rejection::new(
+                            ErrorKind::DecodeError,
+                            format!(
+                                "field {}: value out of range for the table type {}",
+                                field.name(),
+                                field.data_type()
+                            ),
+                        )
+                    });
+                }
+            }
+            if event_time {
+                for row in (0..column.len()).filter(|&r| column.is_null(r)) {
+                    bad.entry(row).or_insert_with(|| {
+                        Rejection::new(
+                            ErrorKind::MissingEventTime,
+                            "event time field is null".to_string(),
+                        )
+                    });
+                }
+            }
+            columns.push(lake);
         }
-        let missing_time: Vec<usize> = (0..decoded.num_rows())
-            .filter(|&r| columns[self.event_time_index].is_null(r))
-            .collect();
         let picked = || rows.iter().map(|&i| records[i]);
         let ingested_at = chrono::Utc::now().timestamp_micros();
         columns.push(Arc::new(StringArray::from_iter_values(
@@ -604,10 +646,17 @@ impl BatchDecoder {
         columns.push(Arc::new(
             TimestampMicrosecondArray::from_value(ingested_at, rows.len()).with_timezone(UTC),
         ));
-        Ok((
-            RecordBatch::try_new(self.output_schema.clone(), columns)?,
-            missing_time,
-        ))
+        if !bad.is_empty() {
+            let keep: BooleanArray = (0..rows.len())
+                .map(|r| Some(!bad.contains_key(&r)))
+                .collect();
+            columns = columns
+                .iter()
+                .map(|c| deltalake::arrow::compute::filter(c, &keep))
+                .collect::<Result<_, _>>()?;
+        }
+        let batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
+        Ok((Some(batch), bad.into_iter().collect()))
     }
 }
 

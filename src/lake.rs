@@ -126,7 +126,19 @@ pub fn plan_evolution(table: &StructType, rows: &Schema) -> Result<Evolution, St
                 existing.data_type(),
                 kernel.data_type()
             )),
-            Some(_) => file_fields.push(field.as_ref().clone()),
+            Some(existing) if !existing.is_nullable() && field.is_nullable() => {
+                problems.push(format!(
+                    "column {} is required in the table but may be null in the reader schema",
+                    field.name()
+                ))
+            }
+            // The table's nullability rules: rows of older readers may hold nulls there.
+            Some(existing) => file_fields.push(
+                field
+                    .as_ref()
+                    .clone()
+                    .with_nullable(existing.is_nullable()),
+            ),
             None => {
                 file_fields.push(field.as_ref().clone().with_nullable(true));
                 added.push(StructField::new(

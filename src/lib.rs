@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod models;
 pub mod pipeline;
 pub mod registry;
+pub mod schemas_check;
 pub mod silver;
 pub mod source;
 pub mod tables;

@@ -56,7 +56,7 @@ fn main() -> ExitCode {
         print!("{}", help_text());
         return ExitCode::SUCCESS;
     }
-    if !matches!(command, "run" | "demo") {
+    if !matches!(command, "run" | "demo" | "schemas") {
         eprintln!("strata: unknown command {command:?}\n\n{}", help_text());
         return ExitCode::from(2);
     }
@@ -71,6 +71,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        if command == "schemas" {
+            return schemas_command(&args[1..]).await;
+        }
         if command == "demo" {
             init_tracing("error", "text");
             return match strata::demo::run(strata::demo::DemoOptions::from_env()).await {
@@ -105,4 +108,23 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `strata schemas check [FILE|DIR ...]`
+async fn schemas_command(args: &[String]) -> ExitCode {
+    if args.first().map(String::as_str) != Some("check") {
+        eprintln!("usage: strata schemas check [FILE.avsc|DIR ...]   (default: schemas/)");
+        return ExitCode::from(2);
+    }
+    let settings = match strata::schemas_check::CheckSettings::from_env(&args[1..]) {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("strata schemas check: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut report = String::new();
+    let code = strata::schemas_check::run(&settings, &mut report).await;
+    print!("{report}");
+    ExitCode::from(code)
 }

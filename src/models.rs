@@ -60,6 +60,7 @@ pub enum ErrorKind {
     UnsupportedSchemaType,
     IncompatibleSchema,
     UnknownRecordType,
+    ValueTooLarge,
     DecodeError,
     MissingEventTime,
 }
@@ -73,6 +74,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedSchemaType => "unsupported_schema_type",
             ErrorKind::IncompatibleSchema => "incompatible_schema",
             ErrorKind::UnknownRecordType => "unknown_record_type",
+            ErrorKind::ValueTooLarge => "value_too_large",
             ErrorKind::DecodeError => "decode_error",
             ErrorKind::MissingEventTime => "missing_event_time",
         }

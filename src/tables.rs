@@ -97,7 +97,8 @@ impl SilverTable {
         let name = reader.table_name();
         let decoder = BatchDecoder::new(&reader.json, &config.event_time_field, 8192)
             .map_err(|e| format!("table {name}: {e}"))?
-            .with_compatibility(config.compatibility);
+            .with_compatibility(config.compatibility)
+            .with_max_value_bytes(config.max_value_bytes);
         let url = lake::table_url(&config.lake_url, "silver", &name)
             .map_err(|e| format!("table {name}: {e}"))?;
         let table = lake::open_or_create(url, &decoder.output_schema(), &name)

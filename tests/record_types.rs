@@ -1,0 +1,237 @@
+//! One topic carrying several record types (Confluent's TopicRecordNameStrategy) on a real broker
+//! (tansu) and S3 API (moto): each record type reaches its own Silver table, exactly once across a
+//! restart, and corrupt, truncated and hostile values each reach the dead-letter topic with their
+//! reason.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use common::{framed, produce_raw, FakeRegistry, Setup};
+use deltalake::arrow::array::AsArray;
+use deltalake::arrow::datatypes::Int64Type;
+use strata::demo::{ORDER_V1, ORDER_V2};
+
+const PAYMENT: &str = r#"{"type":"record","name":"Payment","namespace":"shop","fields":[
+  {"name":"payment_id","type":"long"},
+  {"name":"method","type":"string"},
+  {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+
+/// A record type with no subject: no table may take it.
+const REFUND: &str = r#"{"type":"record","name":"Refund","namespace":"shop","fields":[
+  {"name":"refund_id","type":"long"},
+  {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+
+const T0: i64 = 1_764_100_800_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Order,
+    Payment,
+    Dead(&'static str),
+}
+
+fn order(n: i64, v1: bool) -> Vec<u8> {
+    let mut fields = vec![
+        ("order_id".to_string(), Value::Long(n)),
+        ("customer_id".to_string(), Value::String("c".into())),
+        ("product".to_string(), Value::String("cable".into())),
+        ("amount".to_string(), Value::Double(1.5)),
+        ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
+    ];
+    if v1 {
+        return framed(1, ORDER_V1, Value::Record(fields));
+    }
+    fields.push(("coupon".to_string(), Value::Union(0, Box::new(Value::Null))));
+    fields.push(("quantity".to_string(), Value::Int(2)));
+    framed(2, ORDER_V2, Value::Record(fields))
+}
+
+fn payment(n: i64) -> Vec<u8> {
+    framed(
+        10,
+        PAYMENT,
+        Value::Record(vec![
+            ("payment_id".to_string(), Value::Long(n)),
+            ("method".to_string(), Value::String("card".into())),
+            ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
+        ]),
+    )
+}
+
+/// The n-th record of a deterministic mix: orders (two writer versions), payments, and one in
+/// ten something no table may take.
+fn record(n: i64) -> (Kind, Vec<u8>) {
+    match n % 20 {
+        3 => (Kind::Dead("bad_magic"), {
+            let mut v = payment(n);
+            v[0] = 7;
+            v
+        }),
+        7 => (Kind::Dead("empty_value"), Vec::new()),
+        9 => (Kind::Dead("decode_error"), {
+            let v = order(n, false);
+            v[..v.len() / 2].to_vec() // truncated
+        }),
+        11 => (Kind::Dead("unknown_schema"), {
+            let mut v = order(n, false);
+            v[1..5].copy_from_slice(&999u32.to_be_bytes());
+            v
+        }),
+        13 => (Kind::Dead("decode_error"), {
+            // A payment whose string length prefix claims 2^62 bytes.
+            let mut v = strata::wire::frame(10, &[]);
+            v.push(2); // payment_id = 1
+            v.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01]);
+            v.extend_from_slice(b"card");
+            v
+        }),
+        15 => (Kind::Dead("unknown_record_type"), {
+            framed(
+                20,
+                REFUND,
+                Value::Record(vec![
+                    ("refund_id".to_string(), Value::Long(n)),
+                    ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
+                ]),
+            )
+        }),
+        17 => (Kind::Dead("decode_error"), {
+            let mut v = order(n, true);
+            v.extend_from_slice(&[1, 2, 3]); // trailing bytes
+            v
+        }),
+        m if m % 2 == 0 => (Kind::Order, order(n, m % 4 == 0)),
+        _ => (Kind::Payment, payment(n)),
+    }
+}
+
+/// Produces records `range` of the mix; returns each offset's kind and the id it carries.
+async fn produce_mix(topic: &str, range: std::ops::Range<i64>) -> BTreeMap<i64, (Kind, i64)> {
+    let records: Vec<(Kind, Vec<u8>)> = range.clone().map(record).collect();
+    let offsets = produce_raw(
+        topic,
+        records.iter().map(|(_, v)| (None, v.clone())).collect(),
+    )
+    .await;
+    offsets
+        .into_iter()
+        .zip(range.zip(records))
+        .map(|(offset, (n, (kind, _)))| (offset, (kind, n)))
+        .collect()
+}
+
+/// Offsets and ids of the rows of table `name`, read back from the lake.
+async fn rows(setup: &Setup, name: &str, id_column: &str) -> Vec<(i64, i64)> {
+    let contents = strata::verify::read_table(setup.table_url_of(name))
+        .await
+        .expect("read");
+    let mut out = Vec::new();
+    for batch in &contents.batches {
+        let offsets = batch
+            .column_by_name("_offset")
+            .expect("_offset")
+            .as_primitive::<Int64Type>();
+        let ids = batch
+            .column_by_name(id_column)
+            .expect("id column")
+            .as_primitive::<Int64Type>();
+        out.extend((0..batch.num_rows()).map(|r| (offsets.value(r), ids.value(r))));
+    }
+    out.sort_unstable();
+    out
+}
+
+async fn wait_both(setup: &Setup, last: i64, replica: &common::Replica) {
+    let deadline = Instant::now() + common::CATCH_UP;
+    while Instant::now() < deadline {
+        let order = setup.progress_of("order").await.get(&0).copied();
+        let payment = setup.progress_of("payment").await.get(&0).copied();
+        if order >= Some(last) && payment >= Some(last) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("tables did not reach offset {last}:\n{}", replica.tail(40));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_types_of_one_topic_reach_their_own_tables_and_hostile_values_the_dead_letters() {
+    let setup = Setup::new("types", 1).await;
+    let registry = Arc::new(FakeRegistry::default());
+    registry.register(&format!("{}-shop.Order", setup.topic), 2, ORDER_V2);
+    registry.register(&format!("{}-shop.Payment", setup.topic), 10, PAYMENT);
+    // Known ids without a subject of their own: an older order writer, and a refund.
+    registry.ids.lock().expect("ids").insert(1, ORDER_V1.into());
+    registry.ids.lock().expect("ids").insert(20, REFUND.into());
+    let url = registry.serve().await;
+    let env = [
+        ("STRATA_SCHEMA_REGISTRY_URL", url.as_str()),
+        ("STRATA_READER_SCHEMA", "latest"),
+        ("STRATA_SUBJECT_NAME_STRATEGY", "topic_record"),
+    ];
+
+    let mut produced = produce_mix(&setup.topic, 0..1_000).await;
+    let replica = setup.spawn(&env);
+    wait_both(&setup, 999, &replica).await;
+    replica.stop(Duration::from_secs(30));
+
+    // A restart resumes where both tables are, and the new records go where they belong.
+    produced.extend(produce_mix(&setup.topic, 1_000..2_000).await);
+    let replica = setup.spawn(&env);
+    wait_both(&setup, 1_999, &replica).await;
+    assert_eq!(
+        replica
+            .metric("strata_records_skipped_duplicate_total")
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "resumed exactly after the committed offsets"
+    );
+    common::assert_accounting(&replica).await;
+
+    let expect = |kind: Kind| -> Vec<(i64, i64)> {
+        produced
+            .iter()
+            .filter(|(_, (k, _))| *k == kind)
+            .map(|(o, (_, n))| (*o, *n))
+            .collect()
+    };
+    assert_eq!(rows(&setup, "order", "order_id").await, expect(Kind::Order));
+    assert_eq!(
+        rows(&setup, "payment", "payment_id").await,
+        expect(Kind::Payment)
+    );
+
+    let dead: BTreeMap<i64, &'static str> = produced
+        .iter()
+        .filter_map(|(o, (k, _))| match k {
+            Kind::Dead(reason) => Some((*o, *reason)),
+            _ => None,
+        })
+        .collect();
+    let letters = common::dead_letters(
+        &format!("{}.dlq", setup.topic),
+        dead.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let got: BTreeMap<i64, String> = letters
+        .iter()
+        .map(|l| (l.source.2, l.kind.clone()))
+        .collect();
+    assert_eq!(letters.len(), dead.len(), "each dead letter once");
+    assert_eq!(
+        got,
+        dead.iter()
+            .map(|(o, r)| (*o, r.to_string()))
+            .collect::<BTreeMap<_, _>>()
+    );
+    let reasons: BTreeSet<&str> = dead.values().copied().collect();
+    assert_eq!(reasons.len(), 6, "every kind of bad input is covered");
+    assert_eq!(replica.http_status("/healthz").await, 200);
+    replica.stop(Duration::from_secs(30));
+}
