@@ -180,7 +180,8 @@ pub async fn check_one(
                 message: format!("version {} of {subject} is not valid Avro: {e}", version.version),
             }
         })?;
-        if schema.canonical_form() == candidate.canonical_form() {
+        // The same JSON (defaults included: Avro's canonical form drops them).
+        if json_eq(&version.schema, &reader.json) {
             return Ok(Verdict::Registered(version.version));
         }
         parsed.push((format!("version {}", version.version), schema));
@@ -201,4 +202,14 @@ pub async fn check_one(
         .map(|(_, latest)| field_changes(latest, &candidate))
         .unwrap_or_default();
     Ok(Verdict::Incompatible { reasons, changes })
+}
+
+fn json_eq(a: &str, b: &str) -> bool {
+    match (
+        serde_json::from_str::<serde_json::Value>(a),
+        serde_json::from_str::<serde_json::Value>(b),
+    ) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
