@@ -14,8 +14,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, TransactionError};
 use deltalake::arrow::datatypes::Schema;
+use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, TransactionError};
 use deltalake::kernel::{Action, Add, MetadataExt, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
 use deltalake::{DeltaTable, DeltaTableError};
@@ -209,8 +209,8 @@ impl TableCommitter {
         for _ in 0..self.max_attempts {
             self.refresh().await?;
             let snapshot = self.table.snapshot()?;
-            let plan =
-                crate::lake::plan_evolution(&snapshot.schema(), rows).map_err(CommitError::Schema)?;
+            let plan = crate::lake::plan_evolution(&snapshot.schema(), rows)
+                .map_err(CommitError::Schema)?;
             if plan.added.is_empty() {
                 return Ok(plan);
             }

@@ -120,7 +120,10 @@ impl Compatibility {
                 .then(|| SchemaCompatibility::can_read(new, old).err())
                 .flatten();
             if let Some(e) = backward.or(forward) {
-                out.push(format!("not {self} compatible with {name}: {}", describe(&e)));
+                out.push(format!(
+                    "not {self} compatible with {name}: {}",
+                    describe(&e)
+                ));
             }
         }
         out

@@ -254,6 +254,7 @@ pub fn help_text() -> String {
         "strata: Bronze Kafka topics (Confluent Avro) into exactly-once Delta Lake tables\n\n\
          USAGE:\n  strata [run]    start a replica (configured by the environment variables below)\n  \
          strata demo     run the whole pipeline on an embedded Kafka and a local lake, then verify it\n  \
+         strata schemas check [FILE|DIR ...]\n                  compare .avsc files (default: schemas/) with the registry's subjects under\n                  STRATA_SCHEMA_COMPATIBILITY; exit 1 on an incompatible change, 2 if it cannot check\n  \
          strata --help   this text\n\nENVIRONMENT:\n",
     );
     for s in SETTINGS {
@@ -406,7 +407,11 @@ impl Config {
             )
         };
         let strategy_text = get("STRATA_SUBJECT_NAME_STRATEGY");
-        let subject_strategy = match strategy_text.to_ascii_lowercase().replace('-', "_").as_str() {
+        let subject_strategy = match strategy_text
+            .to_ascii_lowercase()
+            .replace('-', "_")
+            .as_str()
+        {
             "topic" | "topic_name" | "topicnamestrategy" => SubjectStrategy::Topic,
             "topic_record" | "topic_record_name" | "topicrecordnamestrategy" => {
                 SubjectStrategy::TopicRecord
@@ -547,6 +552,67 @@ mod tests {
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("99999999999999999999h").is_err());
+    }
+
+    #[test]
+    fn reader_schemas_files_folders_and_latest() {
+        let mut vars = base();
+        vars.insert("STRATA_READER_SCHEMA".into(), "latest".into());
+        let config = Config::from_vars(vars.clone()).expect("latest with a registry");
+        assert_eq!(config.reader_schemas, ReaderSchemas::Latest);
+        assert_eq!(config.subject_strategy, SubjectStrategy::Topic);
+
+        vars.insert(
+            "STRATA_SCHEMA_REGISTRY_URL".into(),
+            "file:///schemas".into(),
+        );
+        let error = Config::from_vars(vars.clone()).expect_err("latest needs subjects");
+        assert!(
+            error.to_string().contains("STRATA_READER_SCHEMA"),
+            "{error}"
+        );
+
+        let dir = tempfile::tempdir().expect("dir");
+        std::fs::write(dir.path().join("b.avsc"), "{}").expect("write");
+        std::fs::write(dir.path().join("a.avsc"), "{}").expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "").expect("write");
+        let files = schema_files(&format!("{}, x.avsc", dir.path().display())).expect("files");
+        assert_eq!(
+            files,
+            vec![
+                dir.path().join("a.avsc"),
+                dir.path().join("b.avsc"),
+                "x.avsc".into()
+            ]
+        );
+        let empty = tempfile::tempdir().expect("dir");
+        assert!(schema_files(&empty.path().display().to_string()).is_err());
+
+        let mut vars = base();
+        vars.insert(
+            "STRATA_SUBJECT_NAME_STRATEGY".into(),
+            "TopicRecordNameStrategy".into(),
+        );
+        let config = Config::from_vars(vars.clone()).expect("strategy");
+        assert_eq!(config.subject_strategy, SubjectStrategy::TopicRecord);
+        assert_eq!(
+            config.subject_strategy.subject("orders", "shop.Order"),
+            "orders-shop.Order"
+        );
+        assert_eq!(
+            SubjectStrategy::Topic.subject("orders", "shop.Order"),
+            "orders-value"
+        );
+        assert_eq!(
+            SubjectStrategy::Record.subject("orders", "shop.Order"),
+            "shop.Order"
+        );
+        vars.insert("STRATA_SUBJECT_NAME_STRATEGY".into(), "by_color".into());
+        let error = Config::from_vars(vars).expect_err("unknown strategy");
+        assert!(
+            error.to_string().contains("STRATA_SUBJECT_NAME_STRATEGY"),
+            "{error}"
+        );
     }
 
     #[test]

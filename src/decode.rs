@@ -367,7 +367,7 @@ impl BatchDecoder {
             }
         }
         for index in pending {
-            match self.decode_alone(schema_id, &chunk.records[index]) {
+            match self.decode_alone(schema_id, chunk.records[index]) {
                 Ok(batch) => {
                     chunk.batches.push(batch);
                     chunk.rows.push(vec![index]);
@@ -556,7 +556,7 @@ impl BatchDecoder {
             Ok((batch, bad)) => {
                 rejected.extend(bad.into_iter().map(|(row, why)| (rows[row], why)));
                 rejected.sort_by_key(|(index, _)| *index);
-                batch.filter(|b| b.num_rows() > 0)
+                Some(batch).filter(|b| b.num_rows() > 0)
             }
             Err(e) => {
                 rejected.extend(
@@ -578,8 +578,7 @@ impl BatchDecoder {
         records: &[&SourceRecord],
         decoded: &RecordBatch,
         rows: &[usize],
-    ) -> Result<(Option<RecordBatch>, Vec<(usize, Rejection)>), deltalake::arrow::error::ArrowError>
-    {
+    ) -> Result<(RecordBatch, Vec<(usize, Rejection)>), deltalake::arrow::error::ArrowError> {
         let mut columns: Vec<ArrayRef> = Vec::with_capacity(self.output_schema.fields().len());
         let mut bad: BTreeMap<usize, Rejection> = BTreeMap::new();
         for (index, (column, field)) in decoded
@@ -656,7 +655,7 @@ impl BatchDecoder {
                 .collect::<Result<_, _>>()?;
         }
         let batch = RecordBatch::try_new(self.output_schema.clone(), columns)?;
-        Ok((Some(batch), bad.into_iter().collect()))
+        Ok((batch, bad.into_iter().collect()))
     }
 }
 
@@ -970,6 +969,80 @@ mod tests {
         assert_eq!(out.rejected.len(), 1);
         assert_eq!(out.rejected[0].1.kind, ErrorKind::MissingEventTime);
         assert_eq!(offsets(&out.batch.expect("rows")), vec![0]);
+    }
+
+    #[test]
+    fn a_new_reader_judges_every_writer_again() {
+        const V3: &str = r#"{"type":"record","name":"Order","namespace":"shop","fields":[
+            {"name":"id","type":"long"},
+            {"name":"customer","type":"string"},
+            {"name":"amount","type":"string"},
+            {"name":"event_time","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#;
+        let mut d = BatchDecoder::new(V1, "event_time", 4).expect("decoder");
+        d.register(1, Ok(V1));
+        d.register(2, Ok(V2));
+        d.register(3, Ok(V3));
+        d.register(
+            4,
+            Err(&RegistryError::NotFound {
+                id: 4,
+                message: "gone".into(),
+            }),
+        );
+        assert_eq!(d.verdict(2), Some(None));
+        assert!(
+            d.verdict(3).is_some_and(|r| r.is_some()),
+            "amount changed type"
+        );
+        assert!(d.output_schema().field_with_name("coupon").is_err());
+
+        let mut next = d.with_reader(V2).expect("v2 reader");
+        assert_eq!(next.verdict(1), Some(None));
+        assert_eq!(next.verdict(2), Some(None));
+        assert_eq!(
+            next.verdict(3).flatten().map(|r| r.kind),
+            Some(ErrorKind::IncompatibleSchema)
+        );
+        assert_eq!(
+            next.verdict(4).flatten().map(|r| r.kind),
+            Some(ErrorKind::UnknownSchema)
+        );
+        let out = next.decode(&[
+            record(0, encode(V1, 1, 0, None)),
+            record(1, encode(V2, 2, 1, Some("SAVE"))),
+        ]);
+        assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+        let batch = out.batch.expect("rows");
+        let coupons = batch.column_by_name("coupon").expect("coupon");
+        assert!(coupons.is_null(0), "v1 rows read the default (null)");
+        assert!(!coupons.is_null(1));
+    }
+
+    #[test]
+    fn an_event_time_beyond_the_table_range_is_rejected_alone() {
+        let mut d = decoder(V2);
+        let schema = apache_avro::Schema::parse_str(V2).expect("schema");
+        let far = crate::demo::avro_body(
+            &schema,
+            Value::Record(vec![
+                ("id".into(), Value::Long(1)),
+                ("customer".into(), Value::String("c".into())),
+                ("amount".into(), Value::Double(1.0)),
+                // Milliseconds whose microseconds overflow an i64.
+                ("event_time".into(), Value::TimestampMillis(i64::MAX / 999)),
+                ("coupon".into(), Value::Union(0, Box::new(Value::Null))),
+            ]),
+        )
+        .expect("encode");
+        let out = d.decode(&[
+            record(0, encode(V2, 2, 0, None)),
+            record(1, wire::frame(2, &far)),
+            record(2, encode(V2, 2, 2, None)),
+        ]);
+        assert_eq!(out.rejected.len(), 1, "{:?}", out.rejected);
+        assert_eq!(out.rejected[0].0, 1);
+        assert!(out.rejected[0].1.message.contains("out of range"));
+        assert_eq!(offsets(&out.batch.expect("rows")), vec![0, 2]);
     }
 
     #[test]

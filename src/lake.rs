@@ -133,12 +133,9 @@ pub fn plan_evolution(table: &StructType, rows: &Schema) -> Result<Evolution, St
                 ))
             }
             // The table's nullability rules: rows of older readers may hold nulls there.
-            Some(existing) => file_fields.push(
-                field
-                    .as_ref()
-                    .clone()
-                    .with_nullable(existing.is_nullable()),
-            ),
+            Some(existing) => {
+                file_fields.push(field.as_ref().clone().with_nullable(existing.is_nullable()))
+            }
             None => {
                 file_fields.push(field.as_ref().clone().with_nullable(true));
                 added.push(StructField::new(
@@ -207,7 +204,9 @@ mod tests {
     }
 
     fn table_of(fields: Vec<Field>) -> StructType {
-        (&Schema::new(fields)).try_into_kernel().expect("kernel schema")
+        (&Schema::new(fields))
+            .try_into_kernel()
+            .expect("kernel schema")
     }
 
     #[test]
@@ -225,7 +224,10 @@ mod tests {
         let plan = plan_evolution(&table, &rows).expect("compatible");
         let names: Vec<_> = plan.added.iter().map(|f| f.name().clone()).collect();
         assert_eq!(names, ["quantity"]);
-        assert!(plan.added[0].is_nullable(), "old rows read the new column as null");
+        assert!(
+            plan.added[0].is_nullable(),
+            "old rows read the new column as null"
+        );
         let file: Vec<_> = plan
             .file_schema
             .fields()
@@ -243,7 +245,9 @@ mod tests {
 
         let batch = RecordBatch::try_new(
             Arc::new(Schema::new(vec![Field::new("id", DataType::Int64, false)])),
-            vec![Arc::new(deltalake::arrow::array::Int64Array::from(vec![1, 2]))],
+            vec![Arc::new(deltalake::arrow::array::Int64Array::from(vec![
+                1, 2,
+            ]))],
         )
         .expect("batch");
         let widened = conform(&batch, &plan.file_schema).expect("conform");

@@ -21,8 +21,8 @@ use crate::metrics::{Metrics, NotReady};
 use crate::models::{ErrorKind, Rejection, SourceRecord, TopicPartition};
 use crate::registry::{RegistryError, SchemaRegistry, SubjectVersion};
 use crate::silver::SilverError;
-use crate::tables::{EvolveError, ReaderSchema, SilverTable, Tables};
 use crate::source::{Source, SourceCommand, SourceEvent, SourceSettings};
+use crate::tables::{EvolveError, ReaderSchema, SilverTable, Tables};
 use crate::wire;
 
 #[derive(Debug, thiserror::Error)]
@@ -229,7 +229,10 @@ impl Replica {
             SourceEvent::Records(records) => {
                 if let Some(first) = records.first() {
                     let tp = TopicPartition::new(first.topic.clone(), first.partition);
-                    let bytes = records.iter().map(|r| r.value.as_ref().map_or(0, Vec::len)).sum();
+                    let bytes = records
+                        .iter()
+                        .map(|r| r.value.as_ref().map_or(0, Vec::len))
+                        .sum();
                     self.metrics.consumed(&tp, records.len(), bytes);
                     self.metrics.dropped(&tp, "shutdown", records.len());
                 }
@@ -284,7 +287,10 @@ impl Replica {
     }
 
     /// Reads every table's progress for `partitions` and makes it the fencing baseline.
-    async fn claim_with_retry(&mut self, partitions: &[TopicPartition]) -> Result<(), PipelineError> {
+    async fn claim_with_retry(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<(), PipelineError> {
         for index in 0..self.tables.list.len() {
             self.claim_table(index, partitions).await?;
         }
@@ -320,7 +326,10 @@ impl Replica {
             return Ok(());
         };
         let tp = TopicPartition::new(first.topic.clone(), first.partition);
-        let bytes: usize = records.iter().map(|r| r.value.as_ref().map_or(0, Vec::len)).sum();
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.value.as_ref().map_or(0, Vec::len))
+            .sum();
         self.metrics.consumed(&tp, records.len(), bytes);
         let Some(state) = self.parts.get(&tp) else {
             // Not ours (any more): the owner reads these from the table's progress.
@@ -353,12 +362,17 @@ impl Replica {
         let highest = self.tables.highest_committed(&tp);
         for record in &records {
             let route = match record.value.as_deref().map(wire::parse) {
-                Some(Ok(frame)) => self.routes.get(&frame.schema_id).cloned().unwrap_or_else(|| {
-                    Route::Refused(Rejection::new(
-                        ErrorKind::UnknownSchema,
-                        format!("schema id {} was not resolved", frame.schema_id),
-                    ))
-                }),
+                Some(Ok(frame)) => {
+                    self.routes
+                        .get(&frame.schema_id)
+                        .cloned()
+                        .unwrap_or_else(|| {
+                            Route::Refused(Rejection::new(
+                                ErrorKind::UnknownSchema,
+                                format!("schema id {} was not resolved", frame.schema_id),
+                            ))
+                        })
+                }
                 Some(Err(e)) => Route::Refused(frame_rejection(&e)),
                 None => Route::Refused(frame_rejection(&wire::WireError::Empty)),
             };
@@ -503,8 +517,8 @@ impl Replica {
                 let subject = self.config.subject_strategy.subject(&tp.topic, name);
                 match self.ask(Ask::Latest(&subject)).await {
                     Answer::Version(version) => {
-                        let reader = reader_from_version(&version)
-                            .map_err(PipelineError::Config)?;
+                        let reader =
+                            reader_from_version(&version).map_err(PipelineError::Config)?;
                         let table = SilverTable::open(&self.config, reader)
                             .await
                             .map_err(PipelineError::Config)?;
@@ -515,7 +529,9 @@ impl Replica {
                         self.reseek_behind(index);
                         return Ok(Route::Table(index));
                     }
-                    Answer::Refused(e) => tracing::warn!(schema_id = id, %subject, error = %e, "no subject for record type"),
+                    Answer::Refused(e) => {
+                        tracing::warn!(schema_id = id, %subject, error = %e, "no subject for record type")
+                    }
                     _ => {}
                 }
             }
@@ -557,7 +573,11 @@ impl Replica {
 
     /// Under `latest`: moves the table to its subject's newest version if that is new. Returns
     /// false when that made a partition seek back (never, today: evolving keeps progress).
-    async fn follow_latest(&mut self, index: usize, tp: &TopicPartition) -> Result<bool, PipelineError> {
+    async fn follow_latest(
+        &mut self,
+        index: usize,
+        tp: &TopicPartition,
+    ) -> Result<bool, PipelineError> {
         if self.config.reader_schemas != ReaderSchemas::Latest {
             return Ok(true);
         }
@@ -774,7 +794,10 @@ impl Replica {
             self.metrics.buffered_bytes.set(bytes as i64);
             // Advisory group commit, so standard tools see the lag.
             self.source.command(SourceCommand::CommitOffsets(
-                pending.into_iter().map(|(tp, last)| (tp, last + 1)).collect(),
+                pending
+                    .into_iter()
+                    .map(|(tp, last)| (tp, last + 1))
+                    .collect(),
             ));
             self.oldest = None;
             return Ok(());
@@ -889,8 +912,9 @@ async fn open_tables(
                             .into_iter()
                             .filter(|s| {
                                 config.topics.iter().any(|t| {
-                                    s.strip_prefix(t.as_str())
-                                        .is_some_and(|rest| rest.starts_with('-') && rest != "-value" && rest != "-key")
+                                    s.strip_prefix(t.as_str()).is_some_and(|rest| {
+                                        rest.starts_with('-') && rest != "-value" && rest != "-key"
+                                    })
                                 })
                             })
                             .collect(),

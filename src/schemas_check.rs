@@ -164,20 +164,22 @@ pub async fn check_one(
         Err(RegistryError::SubjectNotFound { .. }) => return Ok(Verdict::NewSubject),
         Err(e) => return Err(e),
     };
-    let candidate = apache_avro::Schema::parse_str(&reader.json).map_err(|e| {
-        RegistryError::Unexpected {
+    let candidate =
+        apache_avro::Schema::parse_str(&reader.json).map_err(|e| RegistryError::Unexpected {
             status: 0,
             code: None,
             message: format!("reader schema: {e}"),
-        }
-    })?;
+        })?;
     let mut parsed = Vec::with_capacity(versions.len());
     for version in &versions {
         let schema = apache_avro::Schema::parse_str(&version.schema).map_err(|e| {
             RegistryError::Unexpected {
                 status: 200,
                 code: None,
-                message: format!("version {} of {subject} is not valid Avro: {e}", version.version),
+                message: format!(
+                    "version {} of {subject} is not valid Avro: {e}",
+                    version.version
+                ),
             }
         })?;
         // The same JSON (defaults included: Avro's canonical form drops them).

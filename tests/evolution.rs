@@ -31,7 +31,10 @@ const HOUR_START_MS: i64 = 1_764_100_800_000; // 2025-11-25T20:00:00Z
 fn order(version: u8, n: i64) -> Vec<u8> {
     let mut fields = vec![
         ("order_id".to_string(), Value::Long(n)),
-        ("customer_id".to_string(), Value::String(format!("c{}", n % 7))),
+        (
+            "customer_id".to_string(),
+            Value::String(format!("c{}", n % 7)),
+        ),
         ("product".to_string(), Value::String("dock".to_string())),
     ];
     if version == 3 {
@@ -88,7 +91,11 @@ async fn latest_evolves_the_table_once_without_extra_files_and_refuses_an_incomp
     ]);
 
     // 300 v1 rows are buffered under the v1 table...
-    let v1 = produce_raw(&setup.topic, (0..300).map(|n| (None, order(1, n))).collect()).await;
+    let v1 = produce_raw(
+        &setup.topic,
+        (0..300).map(|n| (None, order(1, n))).collect(),
+    )
+    .await;
     wait_metric(&replica, "strata_records_buffered", 300.0).await;
     assert!(setup.progress().await.is_empty(), "nothing committed yet");
 
@@ -173,7 +180,10 @@ async fn latest_evolves_the_table_once_without_extra_files_and_refuses_an_incomp
     registry.register(&subject, 3, ORDER_V3);
     let mut values = Vec::new();
     for n in 600..1_300 {
-        values.push((Some(n.to_string().into_bytes()), order(if n % 7 == 0 { 3 } else { 2 }, n)));
+        values.push((
+            Some(n.to_string().into_bytes()),
+            order(if n % 7 == 0 { 3 } else { 2 }, n),
+        ));
     }
     let offsets = produce_raw(&setup.topic, values).await;
     let (bad, good): (Vec<i64>, Vec<i64>) = offsets.iter().partition(|o| *o % 7 == 0);
@@ -228,7 +238,10 @@ async fn latest_evolves_the_table_once_without_extra_files_and_refuses_an_incomp
         .collect();
     let report = strata::verify::exactly_once(lineage, committed.into_iter());
     assert!(report.is_exact(), "{report}");
-    assert!(replica.http_status("/healthz").await == 200, "still running");
+    assert!(
+        replica.http_status("/healthz").await == 200,
+        "still running"
+    );
     common::assert_accounting(&replica).await;
     replica.stop(Duration::from_secs(30));
 }

@@ -35,13 +35,9 @@ const WIDE: &str = r#"{"type":"record","name":"Order","namespace":"shop","fields
   {"name":"attrs","type":{"type":"map","values":"string"},"default":{}}]}"#;
 
 fn decoder() -> BatchDecoder {
-    let mut decoder = BatchDecoder::new(
-        include_str!("../schemas/order.avsc"),
-        "event_time",
-        1024,
-    )
-    .expect("decoder")
-    .with_max_value_bytes(64 * 1024);
+    let mut decoder = BatchDecoder::new(include_str!("../schemas/order.avsc"), "event_time", 1024)
+        .expect("decoder")
+        .with_max_value_bytes(64 * 1024);
     decoder.register(1, Ok(ORDER_V1));
     decoder.register(2, Ok(ORDER_V2));
     decoder.register(5, Ok(WIDE));
@@ -89,7 +85,10 @@ fn valid_order(n: i64) -> Vec<u8> {
             ("customer_id".into(), Value::String(format!("c{n}"))),
             ("product".into(), Value::String("mouse".into())),
             ("amount".into(), Value::Double(2.0)),
-            ("event_time".into(), Value::TimestampMillis(1_764_100_800_000)),
+            (
+                "event_time".into(),
+                Value::TimestampMillis(1_764_100_800_000),
+            ),
             ("coupon".into(), Value::Union(0, Box::new(Value::Null))),
             ("quantity".into(), Value::Int(1)),
         ]),
@@ -163,11 +162,21 @@ fn crafted_lengths_and_counts_are_rejected_within_a_fixed_memory_budget() {
         v
     };
     let empty = || zigzag(0);
-    cases.push(("array block count 2^40", tail(zigzag(1 << 40), empty(), empty())));
-    cases.push(("array block count 2^28, no items", tail(zigzag(1 << 28), empty(), empty())));
+    cases.push((
+        "array block count 2^40",
+        tail(zigzag(1 << 40), empty(), empty()),
+    ));
+    cases.push((
+        "array block count 2^28, no items",
+        tail(zigzag(1 << 28), empty(), empty()),
+    ));
     cases.push((
         "negative array block count with a huge byte size",
-        tail([zigzag(-(1 << 40)), zigzag(huge)].concat(), empty(), empty()),
+        tail(
+            [zigzag(-(1 << 40)), zigzag(huge)].concat(),
+            empty(),
+            empty(),
+        ),
     ));
     cases.push(("bytes length 2^62", tail(empty(), zigzag(huge), empty())));
     cases.push(("map count 2^40", tail(empty(), empty(), zigzag(1 << 40))));

@@ -182,3 +182,96 @@ async fn directory_source_reads_id_files_and_reports_missing_ids() {
         Err(RegistryError::NotFound { id: 8, .. })
     ));
 }
+
+/// Recorded from the API reference: `GET /subjects/{subject}/versions/latest` and `.../versions`.
+const RECORDED_LATEST: &str = r#"{"subject": "orders-shop.Order", "id": 7, "version": 2, "schema": "{\"type\": \"record\", \"name\": \"Order\", \"fields\": [{\"name\": \"id\", \"type\": \"long\"}]}"}"#;
+const RECORDED_VERSIONS: &str = "[1, 2]";
+const RECORDED_SUBJECTS: &str = r#"["orders-shop.Order", "orders-shop.Payment"]"#;
+const RECORDED_40401: &str = r#"{"error_code": 40401, "message": "Subject 'nope' not found."}"#;
+const RECORDED_40402: &str = r#"{"error_code": 40402, "message": "Version 9 not found."}"#;
+
+#[tokio::test]
+async fn subject_versions_and_their_errors() {
+    let (url, _) = serve(HashMap::from([
+        ("/subjects", (200, RECORDED_SUBJECTS)),
+        (
+            "/subjects/orders-shop.Order/versions",
+            (200, RECORDED_VERSIONS),
+        ),
+        (
+            "/subjects/orders-shop.Order/versions/latest",
+            (200, RECORDED_LATEST),
+        ),
+        (
+            "/subjects/orders-shop.Order/versions/1",
+            (200, RECORDED_LATEST),
+        ),
+        (
+            "/subjects/orders-shop.Order/versions/2",
+            (200, RECORDED_LATEST),
+        ),
+        ("/subjects/nope/versions/latest", (404, RECORDED_40401)),
+        (
+            "/subjects/orders-shop.Order/versions/9",
+            (404, RECORDED_40402),
+        ),
+        ("/subjects/a%2Fb%20c/versions/latest", (404, RECORDED_40401)),
+        ("/subjects/down/versions/latest", (500, RECORDED_50001)),
+    ]))
+    .await;
+    let client = ConfluentClient::new(&url, None).expect("client");
+    assert_eq!(
+        client.subjects().await.expect("subjects"),
+        ["orders-shop.Order", "orders-shop.Payment"]
+    );
+    assert_eq!(
+        client
+            .versions("orders-shop.Order")
+            .await
+            .expect("versions"),
+        [1, 2]
+    );
+    let latest = client
+        .version("orders-shop.Order", "latest")
+        .await
+        .expect("latest");
+    assert_eq!((latest.id, latest.version), (7, 2));
+    assert!(latest.schema.contains("Order"));
+    for (subject, version) in [
+        ("nope", "latest"),
+        ("orders-shop.Order", "9"),
+        ("a/b c", "latest"),
+    ] {
+        let error = client.version(subject, version).await.expect_err(subject);
+        assert!(
+            matches!(error, RegistryError::SubjectNotFound { .. }) && !error.is_retryable(),
+            "{subject}: {error:?}"
+        );
+    }
+    let error = client.version("down", "latest").await.expect_err("down");
+    assert!(error.is_retryable(), "{error:?}");
+
+    let registry = SchemaRegistry::from_config(&RegistrySource::Confluent {
+        url: url.clone(),
+        user_info: None,
+    })
+    .expect("registry");
+    let all = registry
+        .all_versions("orders-shop.Order")
+        .await
+        .expect("all versions");
+    assert_eq!(all.len(), 2);
+    // `latest` seeds the id cache: the schema of id 7 needs no request of its own.
+    registry.latest("orders-shop.Order").await.expect("latest");
+    assert!(registry
+        .schema_by_id(7)
+        .await
+        .expect("cached")
+        .contains("Order"));
+    let files = SchemaRegistry::from_config(&RegistrySource::Directory("/nonexistent".into()))
+        .expect("files");
+    assert!(matches!(
+        files.latest("orders-value").await,
+        Err(RegistryError::NoSubjects(_))
+    ));
+}

@@ -56,7 +56,10 @@ async fn modes_accept_and_refuse_as_confluent_documents() {
     let without_default = record(&format!(r#"{ID},{{"name":"gift","type":"string"}}"#));
     let (code, text) = check(&url, "BACKWARD", &with_default).await;
     assert_eq!(code, 0, "{text}");
-    assert!(text.contains("compatible (BACKWARD, checked against 1 version)"), "{text}");
+    assert!(
+        text.contains("compatible (BACKWARD, checked against 1 version)"),
+        "{text}"
+    );
     let (code, text) = check(&url, "BACKWARD", &without_default).await;
     assert_eq!(code, 1, "{text}");
     assert!(text.contains("INCOMPATIBLE under BACKWARD"), "{text}");
@@ -74,7 +77,10 @@ async fn modes_accept_and_refuse_as_confluent_documents() {
     ));
     let (code, text) = check(&url, "FORWARD", &noted).await;
     assert_eq!(code, 1, "{text}");
-    assert!(text.contains("field gift removed (it had no default)"), "{text}");
+    assert!(
+        text.contains("field gift removed (it had no default)"),
+        "{text}"
+    );
     assert!(text.contains("field note added, with a default"), "{text}");
     let (code, text) = check(&url, "BACKWARD", &noted).await;
     assert_eq!(code, 0, "{text}");

@@ -65,8 +65,14 @@ async fn tables_evolve_once_by_metadata_commit_and_refuse_type_changes() {
     assert_eq!(added, ["coupon", "quantity"], "one of them added both");
     assert_eq!(add_column_commits(&url).await, 1);
     for plan in [&plan_a, &plan_b] {
-        let quantity = plan.file_schema.field_with_name("quantity").expect("quantity");
-        assert!(quantity.is_nullable(), "rows of older writers are null there");
+        let quantity = plan
+            .file_schema
+            .field_with_name("quantity")
+            .expect("quantity");
+        assert!(
+            quantity.is_nullable(),
+            "rows of older writers are null there"
+        );
     }
 
     // Again: nothing to add, no commit.

@@ -584,10 +584,7 @@ pub struct FakeRegistry {
 impl FakeRegistry {
     /// Registers `schema` under `id` as the next version of `subject`.
     pub fn register(&self, subject: &str, id: u32, schema: &str) {
-        self.ids
-            .lock()
-            .expect("ids")
-            .insert(id, schema.to_string());
+        self.ids.lock().expect("ids").insert(id, schema.to_string());
         self.subjects
             .lock()
             .expect("subjects")
@@ -627,12 +624,20 @@ impl FakeRegistry {
             .collect();
         let ids = self.ids.lock().expect("ids");
         let subjects = self.subjects.lock().expect("subjects");
-        match segments.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
+        match segments
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
             ["schemas", "ids", id] => match id.parse().ok().and_then(|id: u32| ids.get(&id)) {
                 Some(schema) => (200, serde_json::json!({ "schema": schema }).to_string()),
                 None => not_found(40403, "Schema"),
             },
-            ["subjects"] => (200, serde_json::json!(subjects.keys().collect::<Vec<_>>()).to_string()),
+            ["subjects"] => (
+                200,
+                serde_json::json!(subjects.keys().collect::<Vec<_>>()).to_string(),
+            ),
             ["subjects", subject, "versions"] => match subjects.get(*subject) {
                 Some(versions) => (
                     200,
@@ -663,7 +668,10 @@ impl FakeRegistry {
                     None => not_found(40402, "Version"),
                 }
             }
-            _ => (404, r#"{"error_code": 404, "message": "HTTP 404 Not Found"}"#.to_string()),
+            _ => (
+                404,
+                r#"{"error_code": 404, "message": "HTTP 404 Not Found"}"#.to_string(),
+            ),
         }
     }
 }
