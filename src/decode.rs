@@ -68,6 +68,8 @@ struct Chunk<'a> {
 /// Decodes chunks of Kafka records of one table.
 pub struct BatchDecoder {
     reader_json: String,
+    /// The reader's registry id, when it came from the registry (orders it among the writers).
+    reader_id: Option<u32>,
     event_time_field: String,
     /// Every writer schema the registry gave, in the order met (to re-judge them on a new reader).
     met: Vec<(u32, String)>,
@@ -126,6 +128,7 @@ impl BatchDecoder {
         let output_schema = output_schema(&decoded_schema);
         Ok(Self {
             reader_json: reader_json.to_string(),
+            reader_id: None,
             event_time_field: event_time_field.to_string(),
             met: Vec::new(),
             registry_refused: HashMap::new(),
@@ -144,10 +147,15 @@ impl BatchDecoder {
 
     /// A decoder for a new reader schema (the table evolved) that has judged again every writer
     /// schema this one met, in the same order, under the same compatibility mode.
-    pub fn with_reader(&self, reader_json: &str) -> Result<Self, DecoderSetupError> {
+    pub fn with_reader(
+        &self,
+        reader_json: &str,
+        reader_id: Option<u32>,
+    ) -> Result<Self, DecoderSetupError> {
         let mut next = Self::new(reader_json, &self.event_time_field, self.batch_size)?
             .with_compatibility(self.compatibility)
-            .with_max_value_bytes(self.max_value_bytes);
+            .with_max_value_bytes(self.max_value_bytes)
+            .with_reader_id(reader_id);
         next.registry_refused = self.registry_refused.clone();
         next.refused = self.registry_refused.clone();
         for (id, json) in &self.met {
@@ -168,6 +176,13 @@ impl BatchDecoder {
         } else {
             self.refused.get(&schema_id).map(Some)
         }
+    }
+
+    /// Sets the reader's registry id (under `STRATA_READER_SCHEMA=latest`). Set it before any
+    /// writer is registered.
+    pub fn with_reader_id(mut self, reader_id: Option<u32>) -> Self {
+        self.reader_id = reader_id;
+        self
     }
 
     /// Sets the largest value accepted (`STRATA_MAX_VALUE_BYTES`).
@@ -243,21 +258,39 @@ impl BatchDecoder {
                 format!("writer schema {schema_id} is not valid Avro: {e}"),
             )
         })?;
-        // Earlier writer versions first, the reader schema (the table's last version) last.
-        let mut previous: Vec<(String, &apache_avro::Schema)> = self
-            .history
-            .iter()
-            .map(|(id, s)| (format!("writer schema {id}"), s))
-            .collect();
-        previous.push(("the reader schema".to_string(), &self.reader_schema));
-        self.compatibility
-            .check(&writer, &previous)
-            .map_err(|reason| {
-                Rejection::new(
-                    ErrorKind::IncompatibleSchema,
-                    format!("writer schema {schema_id} is {reason}"),
-                )
-            })?;
+        // Which of the two is newer decides the direction of the check, as in a registry where
+        // versions are ordered by registration (ids grow with it). A reader from a file has no id:
+        // it counts as the newest, the consumer that upgraded first.
+        let reader_is_newer = self.reader_id.is_none_or(|reader| reader > schema_id);
+        let incompatible = |reason: String| {
+            Rejection::new(
+                ErrorKind::IncompatibleSchema,
+                format!("writer schema {schema_id}: {reason}"),
+            )
+        };
+        if reader_is_newer {
+            let previous = [(format!("writer schema {schema_id}"), &writer)];
+            self.compatibility
+                .check(&self.reader_schema, &previous)
+                .map_err(|reason| incompatible(format!("the reader schema is {reason}")))?;
+        } else {
+            let previous = [("the reader schema".to_string(), &self.reader_schema)];
+            self.compatibility
+                .check(&writer, &previous)
+                .map_err(|reason| incompatible(format!("it is {reason}")))?;
+        }
+        // Transitive modes: also against every earlier writer version seen.
+        if self.compatibility.is_transitive() {
+            let earlier: Vec<(String, &apache_avro::Schema)> = self
+                .history
+                .iter()
+                .filter(|(id, _)| *id < schema_id)
+                .map(|(id, s)| (format!("writer schema {id}"), s))
+                .collect();
+            self.compatibility
+                .check(&writer, &earlier)
+                .map_err(|reason| incompatible(format!("it is {reason}")))?;
+        }
         build_decoder(&self.reader_json, [(schema_id, writer_json)], 1)
             .map(|_| writer)
             .map_err(|e| {
@@ -899,32 +932,12 @@ mod tests {
 
     #[test]
     fn compatibility_mode_decides_with_confluent_meaning() {
-        // A writer that adds a required field: readable by the reader (it ignores the field), so
-        // arrow-avro resolves it, but BACKWARD forbids it (the writer cannot read older data).
+        // A writer that adds a required field. The reader ignores the field, so arrow-avro could
+        // decode it; whether the mode allows it depends on which of the two is newer.
         let adds_required = V1.replace(
             r#"{"name":"amount","type":"double"},"#,
             r#"{"name":"amount","type":"double"},{"name":"channel","type":"string"},"#,
         );
-        let mut strict = BatchDecoder::new(V1, "event_time", 8).expect("decoder");
-        strict.register(5, Ok(&adds_required));
-        let out = strict.decode(&[record(0, wire::frame(5, b""))]);
-        assert_eq!(out.rejected[0].1.kind, ErrorKind::IncompatibleSchema);
-        assert!(
-            out.rejected[0].1.message.contains("channel"),
-            "{}",
-            out.rejected[0].1.message
-        );
-        assert!(
-            out.rejected[0].1.message.contains("BACKWARD"),
-            "{}",
-            out.rejected[0].1.message
-        );
-
-        let mut forward = BatchDecoder::new(V1, "event_time", 8)
-            .expect("decoder")
-            .with_compatibility(Compatibility::Forward);
-        forward.register(5, Ok(&adds_required));
-        assert!(forward.knows(5));
         let schema = apache_avro::Schema::parse_str(&adds_required).expect("schema");
         let body = crate::demo::avro_body(
             &schema,
@@ -937,9 +950,35 @@ mod tests {
             ]),
         )
         .expect("encode");
-        let out = forward.decode(&[record(0, wire::frame(5, &body))]);
+        let judged = |mode: Compatibility, reader_id: Option<u32>| {
+            let mut d = BatchDecoder::new(V1, "event_time", 8)
+                .expect("decoder")
+                .with_compatibility(mode)
+                .with_reader_id(reader_id);
+            d.register(5, Ok(&adds_required));
+            d.decode(&[record(0, wire::frame(5, &body))])
+        };
+        // The writer is newer (id 5 after the reader's 3): BACKWARD asks the writer to read the
+        // reader's data, which lacks `channel`: refused, naming the field. FORWARD asks the reader to
+        // read the writer's data: accepted.
+        let out = judged(Compatibility::Backward, Some(3));
+        assert_eq!(out.rejected[0].1.kind, ErrorKind::IncompatibleSchema);
+        let message = &out.rejected[0].1.message;
+        assert!(
+            message.contains("channel") && message.contains("BACKWARD"),
+            "{message}"
+        );
+        let out = judged(Compatibility::Forward, Some(3));
         assert!(out.rejected.is_empty(), "{:?}", out.rejected);
         assert_eq!(offsets(&out.batch.expect("rows")), vec![0]);
+        // The reader is newer (a file, or a later id): the other way round.
+        for reader_id in [None, Some(9)] {
+            assert!(judged(Compatibility::Backward, reader_id)
+                .rejected
+                .is_empty());
+            assert_eq!(judged(Compatibility::Forward, reader_id).rejected.len(), 1);
+            assert_eq!(judged(Compatibility::Full, reader_id).rejected.len(), 1);
+        }
     }
 
     #[test]
@@ -996,7 +1035,7 @@ mod tests {
         );
         assert!(d.output_schema().field_with_name("coupon").is_err());
 
-        let mut next = d.with_reader(V2).expect("v2 reader");
+        let mut next = d.with_reader(V2, None).expect("v2 reader");
         assert_eq!(next.verdict(1), Some(None));
         assert_eq!(next.verdict(2), Some(None));
         assert_eq!(
@@ -1016,6 +1055,65 @@ mod tests {
         let coupons = batch.column_by_name("coupon").expect("coupon");
         assert!(coupons.is_null(0), "v1 rows read the default (null)");
         assert!(!coupons.is_null(1));
+    }
+
+    /// Avro's promotions: int → long, float → double, string ↔ bytes; and what they do not allow.
+    #[test]
+    fn promotions_follow_avro_rules() {
+        let schema = |amount: &str, name: &str| {
+            format!(
+                r#"{{"type":"record","name":"P","fields":[
+                {{"name":"n","type":"{amount}"}},
+                {{"name":"x","type":"{name}"}},
+                {{"name":"event_time","type":{{"type":"long","logicalType":"timestamp-millis"}}}}]}}"#
+            )
+        };
+        let reader = schema("long", "bytes");
+        let mut d = BatchDecoder::new(&reader, "event_time", 8).expect("decoder");
+        let narrow = schema("int", "string");
+        d.register(1, Ok(&narrow));
+        assert_eq!(
+            d.verdict(1),
+            Some(None),
+            "int → long and string → bytes promote"
+        );
+        let body = crate::demo::avro_body(
+            &apache_avro::Schema::parse_str(&narrow).expect("schema"),
+            Value::Record(vec![
+                ("n".into(), Value::Int(-7)),
+                ("x".into(), Value::String("hé".into())),
+                ("event_time".into(), Value::TimestampMillis(1)),
+            ]),
+        )
+        .expect("encode");
+        let out = d.decode(&[record(0, wire::frame(1, &body))]);
+        let batch = out.batch.expect("row");
+        let n = batch.column_by_name("n").expect("n");
+        assert_eq!(
+            n.as_any()
+                .downcast_ref::<Int64Array>()
+                .expect("long")
+                .value(0),
+            -7
+        );
+        let x = batch.column_by_name("x").expect("x");
+        assert_eq!(x.data_type(), &DataType::Binary);
+
+        let doubles = schema("double", "string");
+        let mut d = BatchDecoder::new(&doubles, "event_time", 8).expect("decoder");
+        d.register(2, Ok(&schema("float", "bytes")));
+        assert_eq!(
+            d.verdict(2),
+            Some(None),
+            "float → double and bytes → string promote"
+        );
+        // No demotion: a long cannot be read as an int.
+        let mut d = BatchDecoder::new(&schema("int", "string"), "event_time", 8).expect("decoder");
+        d.register(3, Ok(&schema("long", "string")));
+        assert_eq!(
+            d.verdict(3).flatten().map(|r| r.kind),
+            Some(ErrorKind::IncompatibleSchema)
+        );
     }
 
     #[test]

@@ -70,7 +70,17 @@ struct PartitionState {
 #[derive(Debug, Clone)]
 enum Route {
     Table(usize),
+    /// A top-level union: per branch, the table whose decoder knows the branch (under the union's
+    /// id), or why no table takes it.
+    Union(Vec<Result<usize, Rejection>>),
     Refused(Rejection),
+}
+
+/// Where one record goes.
+enum Destination {
+    /// A table; `Some(i)`: decode `reframed[i]` (a union value without its branch index).
+    Table(usize, Option<usize>),
+    Letter(Rejection),
 }
 
 struct Replica {
@@ -355,29 +365,21 @@ impl Replica {
             self.metrics.dropped(&tp, "reseek", records.len());
             return Ok(());
         }
-        // Route each record to its table, or straight to the dead letters.
-        let mut per_table: Vec<Vec<&SourceRecord>> = vec![Vec::new(); self.tables.list.len()];
+        // Route each record to its table, or straight to the dead letters. Union values lose
+        // their branch index here (`reframed`), so the branch's table decodes a plain record.
+        let mut reframed: Vec<SourceRecord> = Vec::new();
+        let destinations: Vec<Destination> = records
+            .iter()
+            .map(|record| self.destination(record, &mut reframed))
+            .collect();
+        let mut per_table: Vec<Vec<(&SourceRecord, &SourceRecord)>> =
+            vec![Vec::new(); self.tables.list.len()];
         let mut letters: Vec<(&SourceRecord, Rejection)> = Vec::new();
         let mut skipped = 0;
         let highest = self.tables.highest_committed(&tp);
-        for record in &records {
-            let route = match record.value.as_deref().map(wire::parse) {
-                Some(Ok(frame)) => {
-                    self.routes
-                        .get(&frame.schema_id)
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            Route::Refused(Rejection::new(
-                                ErrorKind::UnknownSchema,
-                                format!("schema id {} was not resolved", frame.schema_id),
-                            ))
-                        })
-                }
-                Some(Err(e)) => Route::Refused(frame_rejection(&e)),
-                None => Route::Refused(frame_rejection(&wire::WireError::Empty)),
-            };
-            match route {
-                Route::Table(index) => {
+        for (record, destination) in records.iter().zip(destinations) {
+            match destination {
+                Destination::Table(index, body) => {
                     let held = self.tables.list[index]
                         .parts
                         .get(&tp)
@@ -385,10 +387,11 @@ impl Replica {
                     if held.is_some_and(|h| record.offset <= h) {
                         skipped += 1;
                     } else {
-                        per_table[index].push(record);
+                        let decoded = body.and_then(|i| reframed.get(i)).unwrap_or(record);
+                        per_table[index].push((decoded, record));
                     }
                 }
-                Route::Refused(rejection) => {
+                Destination::Letter(rejection) => {
                     if highest.is_some_and(|h| record.offset <= h) {
                         skipped += 1;
                     } else {
@@ -403,8 +406,10 @@ impl Replica {
                 continue;
             }
             let table = &mut self.tables.list[index];
-            let decoded = table.decoder.decode_refs(group);
-            letters.extend(decoded.rejected.into_iter().map(|(i, r)| (group[i], r)));
+            let inputs: Vec<&SourceRecord> = group.iter().map(|(decoded, _)| *decoded).collect();
+            let decoded = table.decoder.decode_refs(&inputs);
+            // Dead letters carry the record as it was consumed.
+            letters.extend(decoded.rejected.into_iter().map(|(i, r)| (group[i].1, r)));
             if let Some(batch) = decoded.batch {
                 let part = table.parts.entry(tp.clone()).or_default();
                 part.rows += batch.num_rows();
@@ -433,6 +438,51 @@ impl Replica {
             self.flush().await?;
         }
         Ok(())
+    }
+
+    /// Where one record goes, by its writer schema id's route.
+    fn destination(&self, record: &SourceRecord, reframed: &mut Vec<SourceRecord>) -> Destination {
+        let frame = match record.value.as_deref().map(wire::parse) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return Destination::Letter(frame_rejection(&e)),
+            None => return Destination::Letter(frame_rejection(&wire::WireError::Empty)),
+        };
+        match self.routes.get(&frame.schema_id) {
+            Some(Route::Table(index)) => Destination::Table(*index, None),
+            Some(Route::Refused(rejection)) => Destination::Letter(rejection.clone()),
+            Some(Route::Union(branches)) => {
+                let Some((branch, used)) = wire::read_long(frame.body) else {
+                    return Destination::Letter(Rejection::new(
+                        ErrorKind::DecodeError,
+                        "union branch index truncated or overlong".to_string(),
+                    ));
+                };
+                match usize::try_from(branch).ok().and_then(|b| branches.get(b)) {
+                    Some(Ok(index)) => {
+                        let mut body = record.clone();
+                        body.value = Some(wire::frame(
+                            frame.schema_id,
+                            frame.body.get(used..).unwrap_or_default(),
+                        ));
+                        reframed.push(body);
+                        Destination::Table(*index, Some(reframed.len() - 1))
+                    }
+                    Some(Err(rejection)) => Destination::Letter(rejection.clone()),
+                    None => Destination::Letter(Rejection::new(
+                        ErrorKind::DecodeError,
+                        format!(
+                            "union branch {branch} does not exist in writer schema {} ({} branches)",
+                            frame.schema_id,
+                            branches.len()
+                        ),
+                    )),
+                }
+            }
+            None => Destination::Letter(Rejection::new(
+                ErrorKind::UnknownSchema,
+                format!("schema id {} was not resolved", frame.schema_id),
+            )),
+        }
     }
 
     fn skipped(&mut self, tp: &TopicPartition, count: usize) {
@@ -479,20 +529,73 @@ impl Replica {
             };
             self.metrics.schema_ids_seen.inc();
             let tp = TopicPartition::new(record.topic.clone(), record.partition);
-            let route = self.route(id, &tp, &writer).await?;
-            if let Route::Table(index) = route {
-                in_order &= self.follow_latest(index, &tp).await?;
-                self.tables.list[index].decoder.register(id, Ok(&writer));
-                let route = match self.tables.list[index].decoder.verdict(id) {
-                    Some(Some(refused)) => Route::Refused(refused.clone()),
-                    _ => Route::Table(index),
-                };
-                self.routes.insert(id, route);
-            } else {
-                self.routes.insert(id, route);
-            }
+            let variants = match apache_avro::Schema::parse_str(&writer) {
+                Ok(apache_avro::Schema::Union(union)) => Some(union.variants().to_vec()),
+                _ => None,
+            };
+            let route = match variants {
+                None => match self.route_record(id, &tp, &writer, &mut in_order).await? {
+                    Ok(index) => Route::Table(index),
+                    Err(rejection) => Route::Refused(rejection),
+                },
+                Some(variants) => {
+                    let mut branches: Vec<Result<usize, Rejection>> = Vec::new();
+                    for (branch, variant) in variants.iter().enumerate() {
+                        let Some(json) = crate::tables::branch_json(variant) else {
+                            branches.push(Err(Rejection::new(
+                                ErrorKind::UnknownRecordType,
+                                format!("writer schema {id}: union branch {branch} is not a standalone record"),
+                            )));
+                            continue;
+                        };
+                        let routed = self.route_record(id, &tp, &json, &mut in_order).await?;
+                        // One branch per table: a table's decoder knows one schema per id.
+                        let taken = routed
+                            .as_ref()
+                            .is_ok_and(|t| branches.iter().any(|b| b.as_ref() == Ok(t)));
+                        branches.push(if taken {
+                            Err(Rejection::new(
+                                ErrorKind::UnknownRecordType,
+                                format!("writer schema {id}: union branch {branch} has no table of its own"),
+                            ))
+                        } else {
+                            routed
+                        });
+                    }
+                    Route::Union(branches)
+                }
+            };
+            self.routes.insert(id, route);
         }
         Ok(in_order)
+    }
+
+    /// Routes one record schema (a writer, or a union branch registered under the union's id):
+    /// its table, after following the table's subject and judging the schema there.
+    async fn route_record(
+        &mut self,
+        id: u32,
+        tp: &TopicPartition,
+        json: &str,
+        in_order: &mut bool,
+    ) -> Result<Result<usize, Rejection>, PipelineError> {
+        let index = match self.route(id, tp, json).await? {
+            Route::Table(index) => index,
+            Route::Refused(rejection) => return Ok(Err(rejection)),
+            Route::Union(_) => {
+                return Ok(Err(Rejection::new(
+                    ErrorKind::UnknownRecordType,
+                    format!("writer schema {id}: nested unions are not routed"),
+                )))
+            }
+        };
+        *in_order &= self.follow_latest(index, tp).await?;
+        let decoder = &mut self.tables.list[index].decoder;
+        decoder.register(id, Ok(json));
+        Ok(match decoder.verdict(id) {
+            Some(Some(refused)) => Err(refused.clone()),
+            _ => Ok(index),
+        })
     }
 
     /// The table of a writer schema: by its record name; under `latest` with a record-based
@@ -518,7 +621,7 @@ impl Replica {
                 match self.ask(Ask::Latest(&subject)).await {
                     Answer::Version(version) => {
                         let reader =
-                            reader_from_version(&version).map_err(PipelineError::Config)?;
+                            reader_from_version(&version, name).map_err(PipelineError::Config)?;
                         let table = SilverTable::open(&self.config, reader)
                             .await
                             .map_err(PipelineError::Config)?;
@@ -594,7 +697,7 @@ impl Replica {
         if !self.tables.list[index].wants_version(version.id) {
             return Ok(true);
         }
-        let next = reader_from_version(&version).map_err(PipelineError::Config);
+        let next = reader_from_version(&version, &record).map_err(PipelineError::Config);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
         loop {
             let table = &mut self.tables.list[index];
@@ -874,14 +977,31 @@ async fn ask_registry(
     }
 }
 
-fn reader_from_version(version: &SubjectVersion) -> Result<ReaderSchema, String> {
-    let mut reader = ReaderSchema::parse(
+/// The reader schemas of a subject version (several when it is a union of records), each
+/// remembering the subject and id it came from.
+fn readers_from_version(version: &SubjectVersion) -> Result<Vec<ReaderSchema>, String> {
+    let mut readers = ReaderSchema::parse_all(
         &version.schema,
         &format!("subject {} version {}", version.subject, version.version),
     )?;
-    reader.subject = Some(version.subject.clone());
-    reader.id = Some(version.id);
-    Ok(reader)
+    for reader in &mut readers {
+        reader.subject = Some(version.subject.clone());
+        reader.id = Some(version.id);
+    }
+    Ok(readers)
+}
+
+/// The reader schema of record `record` in a subject version.
+fn reader_from_version(version: &SubjectVersion, record: &str) -> Result<ReaderSchema, String> {
+    readers_from_version(version)?
+        .into_iter()
+        .find(|r| r.record == record)
+        .ok_or_else(|| {
+            format!(
+                "subject {} version {} has no record {record}",
+                version.subject, version.version
+            )
+        })
 }
 
 /// The tables known at start-up: one per reader schema file, or under `latest` one per subject of
@@ -896,7 +1016,7 @@ async fn open_tables(
     match &config.reader_schemas {
         ReaderSchemas::Files(paths) => {
             for path in paths {
-                readers.push(ReaderSchema::read(path).map_err(PipelineError::Config)?);
+                readers.extend(ReaderSchema::read(path).map_err(PipelineError::Config)?);
             }
         }
         ReaderSchemas::Latest => {
@@ -927,9 +1047,8 @@ async fn open_tables(
             };
             for subject in subjects {
                 match ask_registry(registry, metrics, shutdown, Ask::Latest(&subject)).await {
-                    Answer::Version(version) => {
-                        readers.push(reader_from_version(&version).map_err(PipelineError::Config)?)
-                    }
+                    Answer::Version(version) => readers
+                        .extend(readers_from_version(&version).map_err(PipelineError::Config)?),
                     Answer::Refused(e) => {
                         return Err(PipelineError::Config(format!(
                             "STRATA_READER_SCHEMA=latest: {e}"

@@ -95,7 +95,16 @@ pub async fn run(settings: &CheckSettings, out: &mut String) -> u8 {
     let mut worst = 0;
     for file in &settings.files {
         let reader = match ReaderSchema::read(file) {
-            Ok(reader) => reader,
+            Ok(mut readers) if readers.len() == 1 => readers.remove(0),
+            Ok(_) => {
+                let _ = writeln!(
+                    out,
+                    "error: {}: a union of records; check one file per record type",
+                    file.display()
+                );
+                worst = 2;
+                continue;
+            }
             Err(e) => {
                 let _ = writeln!(out, "error: {e}");
                 worst = 2;

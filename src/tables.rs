@@ -45,17 +45,50 @@ impl ReaderSchema {
         }
     }
 
-    /// Reads a reader schema file.
-    pub fn read(path: &std::path::Path) -> Result<Self, String> {
+    /// The record types of `json`: the record itself, or each record branch of a top-level union
+    /// (one topic, several record types: each gets its own table).
+    pub fn parse_all(json: &str, origin: &str) -> Result<Vec<Self>, String> {
+        let Ok(apache_avro::Schema::Union(union)) = apache_avro::Schema::parse_str(json) else {
+            return Self::parse(json, origin).map(|one| vec![one]);
+        };
+        let mut out = Vec::new();
+        for (index, variant) in union.variants().iter().enumerate() {
+            if let Some(branch) = branch_json(variant) {
+                out.push(Self::parse(
+                    &branch,
+                    &format!("{origin}, union branch {index}"),
+                )?);
+            }
+        }
+        if out.is_empty() {
+            return Err(format!(
+                "{origin}: a top-level union without a record branch"
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Reads a reader schema file (a record, or a union of records).
+    pub fn read(path: &std::path::Path) -> Result<Vec<Self>, String> {
         let origin = format!("STRATA_READER_SCHEMA={}", path.display());
         let json = std::fs::read_to_string(path).map_err(|e| format!("{origin}: {e}"))?;
-        Self::parse(&json, &origin)
+        Self::parse_all(&json, &origin)
     }
 
     /// The table name: the record's short name in snake_case.
     pub fn table_name(&self) -> String {
         lake::snake_case(&self.record)
     }
+}
+
+/// A union branch as a standalone record schema, if it is a record that does not depend on types
+/// defined in other branches.
+pub fn branch_json(variant: &apache_avro::Schema) -> Option<String> {
+    if !matches!(variant, apache_avro::Schema::Record(_)) {
+        return None;
+    }
+    let json = serde_json::to_string(variant).ok()?;
+    apache_avro::Schema::parse_str(&json).ok().map(|_| json)
 }
 
 /// Buffered work of one source partition for one table.
@@ -98,7 +131,8 @@ impl SilverTable {
         let decoder = BatchDecoder::new(&reader.json, &config.event_time_field, 8192)
             .map_err(|e| format!("table {name}: {e}"))?
             .with_compatibility(config.compatibility)
-            .with_max_value_bytes(config.max_value_bytes);
+            .with_max_value_bytes(config.max_value_bytes)
+            .with_reader_id(reader.id);
         let url = lake::table_url(&config.lake_url, "silver", &name)
             .map_err(|e| format!("table {name}: {e}"))?;
         let table = lake::open_or_create(url, &decoder.output_schema(), &name)
@@ -153,7 +187,7 @@ impl SilverTable {
             );
             return refuse(self, why);
         }
-        let decoder = match self.decoder.with_reader(&next.json) {
+        let decoder = match self.decoder.with_reader(&next.json, next.id) {
             Ok(decoder) => decoder,
             Err(e) => return refuse(self, e.to_string()),
         };

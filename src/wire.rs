@@ -35,6 +35,20 @@ pub fn parse(value: &[u8]) -> Result<Framed<'_>, WireError> {
 }
 
 /// Frames an Avro body (used by producers in tests, the demo generator and benches).
+/// Reads an Avro `long` (zigzag varint, at most 10 bytes) from the start of `bytes`; returns it and
+/// the bytes it took. `None` when it is truncated or overlong.
+pub fn read_long(bytes: &[u8]) -> Option<(i64, usize)> {
+    let mut value: u64 = 0;
+    for (i, byte) in bytes.iter().take(10).enumerate() {
+        value |= u64::from(byte & 0x7f) << (7 * i);
+        if byte & 0x80 == 0 {
+            let decoded = (value >> 1) as i64 ^ -((value & 1) as i64);
+            return Some((decoded, i + 1));
+        }
+    }
+    None
+}
+
 pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_LEN + body.len());
     out.push(MAGIC);
@@ -46,6 +60,17 @@ pub fn frame(schema_id: u32, body: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_avro_longs() {
+        assert_eq!(read_long(&[0x00]), Some((0, 1)));
+        assert_eq!(read_long(&[0x01]), Some((-1, 1)));
+        assert_eq!(read_long(&[0x04, 0xff]), Some((2, 1)));
+        assert_eq!(read_long(&[0x80, 0x01]), Some((64, 2)));
+        assert_eq!(read_long(&[0x80]), None, "truncated");
+        assert_eq!(read_long(&[0xff; 11]), None, "overlong");
+        assert_eq!(read_long(&[]), None);
+    }
     use proptest::prelude::*;
 
     #[test]

@@ -235,3 +235,129 @@ async fn record_types_of_one_topic_reach_their_own_tables_and_hostile_values_the
     assert_eq!(replica.http_status("/healthz").await, 200);
     replica.stop(Duration::from_secs(30));
 }
+
+/// The order and payment records as branches of one union (TopicNameStrategy with a union).
+fn union_of(first: &str, second: &str) -> String {
+    format!(r#"["null", {first}, {second}]"#)
+}
+
+fn order_fields(n: i64) -> Value {
+    Value::Record(vec![
+        ("order_id".to_string(), Value::Long(n)),
+        ("customer_id".to_string(), Value::String("c".into())),
+        ("product".to_string(), Value::String("cable".into())),
+        ("amount".to_string(), Value::Double(1.5)),
+        ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
+        ("coupon".to_string(), Value::Union(0, Box::new(Value::Null))),
+        ("quantity".to_string(), Value::Int(2)),
+    ])
+}
+
+fn payment_fields(n: i64) -> Value {
+    Value::Record(vec![
+        ("payment_id".to_string(), Value::Long(n)),
+        ("method".to_string(), Value::String("card".into())),
+        ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_union_of_record_types_fills_one_table_per_branch() {
+    let setup = Setup::new("union", 1).await;
+    let registry = Arc::new(FakeRegistry::default());
+    // The subject's union, and another producer's union with the branches the other way round.
+    let ours = union_of(ORDER_V2, PAYMENT);
+    let theirs = union_of(PAYMENT, ORDER_V2);
+    registry.register(&format!("{}-value", setup.topic), 30, &ours);
+    registry.ids.lock().expect("ids").insert(31, theirs.clone());
+    let url = registry.serve().await;
+
+    let mut expected: BTreeMap<i64, (Kind, i64)> = BTreeMap::new();
+    let mut values = Vec::new();
+    for n in 0..1_200i64 {
+        let (kind, value) = match n % 10 {
+            0..=2 => (
+                Kind::Order,
+                framed(30, &ours, Value::Union(1, Box::new(order_fields(n)))),
+            ),
+            3..=4 => (
+                Kind::Payment,
+                framed(30, &ours, Value::Union(2, Box::new(payment_fields(n)))),
+            ),
+            5 => (
+                Kind::Payment,
+                framed(31, &theirs, Value::Union(1, Box::new(payment_fields(n)))),
+            ),
+            6 => (
+                Kind::Order,
+                framed(31, &theirs, Value::Union(2, Box::new(order_fields(n)))),
+            ),
+            7 => (
+                Kind::Dead("unknown_record_type"),
+                framed(30, &ours, Value::Union(0, Box::new(Value::Null))),
+            ),
+            8 => (Kind::Dead("decode_error"), {
+                let mut v = strata::wire::frame(30, &[14]); // branch 7 of 3
+                v.extend_from_slice(&[0; 8]);
+                v
+            }),
+            _ => (Kind::Dead("decode_error"), strata::wire::frame(30, &[0x80])), // truncated index
+        };
+        values.push((kind, n, value));
+    }
+    let offsets = produce_raw(
+        &setup.topic,
+        values.iter().map(|(_, _, v)| (None, v.clone())).collect(),
+    )
+    .await;
+    for (offset, (kind, n, _)) in offsets.iter().zip(&values) {
+        expected.insert(*offset, (*kind, *n));
+    }
+
+    let replica = setup.spawn(&[
+        ("STRATA_SCHEMA_REGISTRY_URL", url.as_str()),
+        ("STRATA_READER_SCHEMA", "latest"),
+    ]);
+    wait_both(&setup, 1_199, &replica).await;
+    common::assert_accounting(&replica).await;
+
+    let expect = |kind: Kind| -> Vec<(i64, i64)> {
+        expected
+            .iter()
+            .filter(|(_, (k, _))| *k == kind)
+            .map(|(o, (_, n))| (*o, *n))
+            .collect()
+    };
+    assert_eq!(rows(&setup, "order", "order_id").await, expect(Kind::Order));
+    assert_eq!(
+        rows(&setup, "payment", "payment_id").await,
+        expect(Kind::Payment)
+    );
+    let dead: BTreeMap<i64, String> = expected
+        .iter()
+        .filter_map(|(o, (k, _))| match k {
+            Kind::Dead(reason) => Some((*o, reason.to_string())),
+            _ => None,
+        })
+        .collect();
+    let letters = common::dead_letters(
+        &format!("{}.dlq", setup.topic),
+        dead.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let got: BTreeMap<i64, String> = letters
+        .iter()
+        .map(|l| (l.source.2, l.kind.clone()))
+        .collect();
+    assert_eq!(got, dead);
+    for letter in &letters {
+        let produced = &values[letter.source.2 as usize].2;
+        assert_eq!(
+            letter.value.as_ref(),
+            Some(produced),
+            "dead letters keep the consumed bytes"
+        );
+    }
+    replica.stop(Duration::from_secs(30));
+}
