@@ -3,7 +3,10 @@
 # a second run (and CI on the same machine) reuses them:
 #   - tansu 0.6.0 (Kafka-protocol broker, sqlite storage via the libsql feature), from crates.io
 #   - moto 5.2.5 (S3 API server), from PyPI, in its own virtualenv
-# Needs only the Rust toolchain, Python 3 and the network to crates.io / PyPI.
+#   - Prometheus and promtool from Debian's `prometheus` package (downloaded and unpacked into the
+#     cache with apt-get download + dpkg-deb: no root, nothing installed system-wide)
+#   - kubernetes-validate and PyYAML from PyPI, in a virtualenv (checks of deploy/)
+# Needs only the Rust toolchain, Python 3, apt-get and the network to crates.io / PyPI / Debian.
 set -euo pipefail
 
 CACHE="${STRATA_CACHE:-$HOME/.cache/strata}"
@@ -11,6 +14,9 @@ TANSU_VERSION=0.6.0
 MOTO_VERSION=5.2.5
 TANSU_ROOT="$CACHE/tansu-$TANSU_VERSION"
 MOTO_VENV="$CACHE/moto-$MOTO_VERSION"
+PROMETHEUS_ROOT="$CACHE/prometheus-deb"
+TOOLS_VENV="$CACHE/deploy-tools"
+KUBERNETES_VALIDATE_VERSION=1.37.0
 mkdir -p "$CACHE"
 
 if [ ! -x "$TANSU_ROOT/bin/tansu" ]; then
@@ -28,5 +34,24 @@ if [ ! -x "$MOTO_VENV/bin/moto_server" ]; then
   "$MOTO_VENV/bin/pip" install --quiet "moto[server]==$MOTO_VERSION"
 fi
 
+if [ ! -x "$PROMETHEUS_ROOT/usr/bin/promtool" ]; then
+  echo "install-tools: unpacking Debian's prometheus package into $PROMETHEUS_ROOT" >&2
+  rm -rf "$PROMETHEUS_ROOT" "$CACHE/prometheus-download"
+  mkdir -p "$CACHE/prometheus-download"
+  (cd "$CACHE/prometheus-download" && apt-get download prometheus >/dev/null)
+  dpkg-deb -x "$CACHE"/prometheus-download/prometheus_*.deb "$PROMETHEUS_ROOT"
+  rm -rf "$CACHE/prometheus-download"
+fi
+
+if [ ! -x "$TOOLS_VENV/bin/kubernetes-validate" ]; then
+  echo "install-tools: installing kubernetes-validate $KUBERNETES_VALIDATE_VERSION into $TOOLS_VENV" >&2
+  rm -rf "$TOOLS_VENV"
+  python3 -m venv "$TOOLS_VENV"
+  "$TOOLS_VENV/bin/pip" install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "pyyaml==6.0.3"
+fi
+
 echo "TANSU=$TANSU_ROOT/bin/tansu"
+echo "PROMETHEUS=$PROMETHEUS_ROOT/usr/bin/prometheus"
+echo "PROMTOOL=$PROMETHEUS_ROOT/usr/bin/promtool"
+echo "DEPLOY_TOOLS_PYTHON=$TOOLS_VENV/bin/python"
 echo "MOTO_SERVER=$MOTO_VENV/bin/moto_server"

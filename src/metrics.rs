@@ -11,9 +11,11 @@ use std::time::Duration;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::TimestampMicrosecondType;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +32,11 @@ pub struct Metrics {
     pub records_dead_lettered: IntCounterVec,
     pub records_skipped_duplicate: IntCounterVec,
     pub records_dropped: IntCounterVec,
+    pub bytes_written: IntCounterVec,
+    pub end_to_end_latency: HistogramVec,
+    pub watermark_lag: GaugeVec,
+    pub last_commit: GaugeVec,
+    pub ready: IntGauge,
     pub records_buffered: IntGaugeVec,
     pub schema_evolutions: IntCounterVec,
     pub commits: IntCounterVec,
@@ -72,13 +79,16 @@ impl NotReady {
 
     fn as_str(self) -> &'static str {
         match self {
-            NotReady::Starting => "starting",
+            NotReady::Starting => "starting (no assignment from the consumer group yet)",
             NotReady::Registry => "schema registry unreachable",
             NotReady::Lake => "object store refuses writes",
             NotReady::ShuttingDown => "shutting down",
         }
     }
 }
+
+/// Why records are let go uncommitted (`strata_records_dropped_total{reason}`).
+pub const DROP_REASONS: [&str; 6] = ["fenced", "revoked", "lost", "not_owned", "reseek", "shutdown"];
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric =
@@ -91,6 +101,14 @@ fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntC
 
 fn gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("metric registered once");
+    metric
+}
+
+fn float_gauge(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> GaugeVec {
+    let metric = GaugeVec::new(Opts::new(name, help), labels).expect("static metric definition");
     registry
         .register(Box::new(metric.clone()))
         .expect("metric registered once");
@@ -184,6 +202,38 @@ impl Metrics {
                 "strata_records_dropped_total",
                 "Records read but let go uncommitted, to be read again by their owner (fenced, revoked, lost, not owned, seek back, shutdown).",
                 &["topic", "reason"],
+            ),
+            bytes_written: counter(
+                &registry,
+                "strata_bytes_written_total",
+                "Bytes of Parquet files committed.",
+                &["table"],
+            ),
+            end_to_end_latency: histogram(
+                &registry,
+                "strata_end_to_end_latency_seconds",
+                "From a record's Kafka timestamp (from=kafka_timestamp) or event time (from=event_time) to the commit that made it visible in the table.",
+                &["table", "from"],
+                vec![
+                    0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                    7200.0, 21600.0, 86400.0,
+                ],
+            ),
+            watermark_lag: float_gauge(
+                &registry,
+                "strata_watermark_lag_seconds",
+                "Now minus the table's watermark: the lowest, over owned partitions, of the newest event time committed.",
+                &["table"],
+            ),
+            last_commit: float_gauge(
+                &registry,
+                "strata_last_commit_timestamp_seconds",
+                "Unix time of the table's last commit by this replica.",
+                &["table"],
+            ),
+            ready: single_gauge(
+                "strata_ready",
+                "1 when /readyz answers 200 (assigned, registry and object store reachable, not shutting down).",
             ),
             records_buffered: gauge(
                 &registry,
@@ -318,6 +368,7 @@ impl Metrics {
     }
 
     pub fn render(&self) -> String {
+        self.ready.set(i64::from(self.is_ready()));
         let mut buffer = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buffer) {
             tracing::warn!(error = %e, "encoding metrics");
@@ -364,6 +415,78 @@ impl Metrics {
             .inc_by(bytes as u64);
     }
 
+    /// Creates every bounded label set a pipeline can use, at zero, so rates and alerts see the
+    /// series before the first event (a counter that appears at 1 hides its first increase).
+    pub fn initialize(&self, topics: &[String], tables: &[String]) {
+        for topic in topics {
+            let topic = topic.as_str();
+            self.records_consumed.with_label_values(&[topic]);
+            self.bytes_consumed.with_label_values(&[topic]);
+            self.records_skipped_duplicate.with_label_values(&[topic]);
+            for kind in crate::models::ErrorKind::ALL {
+                self.records_dead_lettered
+                    .with_label_values(&[topic, kind.as_str()]);
+            }
+            for reason in DROP_REASONS {
+                self.records_dropped.with_label_values(&[topic, reason]);
+            }
+            for table in tables {
+                self.records_written.with_label_values(&[table, topic]);
+                self.commits_fenced.with_label_values(&[table, topic]);
+            }
+        }
+        for table in tables {
+            let table = table.as_str();
+            self.commits.with_label_values(&[table]);
+            self.commit_conflicts.with_label_values(&[table]);
+            self.files_written.with_label_values(&[table]);
+            self.bytes_written.with_label_values(&[table]);
+            for result in ["evolved", "refused"] {
+                self.schema_evolutions.with_label_values(&[table, result]);
+            }
+        }
+        for kind in ["assign", "revoke", "lost"] {
+            self.rebalances.with_label_values(&[kind]);
+        }
+        for kind in crate::registry::RegistryError::KINDS {
+            self.registry_errors.with_label_values(&[kind]);
+        }
+    }
+
+    /// How long the rows of `batches` took to become visible (they were just committed).
+    pub fn visible(&self, table: &str, batches: &[RecordBatch], event_time_field: &str) {
+        let now = chrono::Utc::now().timestamp_micros();
+        for (from, column) in [
+            ("kafka_timestamp", "_kafka_timestamp"),
+            ("event_time", event_time_field),
+        ] {
+            let histogram = self.end_to_end_latency.with_label_values(&[table, from]);
+            for batch in batches {
+                let Some(times) = batch
+                    .column_by_name(column)
+                    .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                else {
+                    continue;
+                };
+                for row in 0..times.len() {
+                    if times.is_valid(row) {
+                        let seconds = (now - times.value(row)) as f64 / 1e6;
+                        histogram.observe(seconds.max(0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    /// The table's watermark (the lowest newest-event-time over its owned partitions, in
+    /// microseconds since the epoch).
+    pub fn watermark(&self, table: &str, watermark_micros: i64) {
+        let now = chrono::Utc::now().timestamp_micros();
+        self.watermark_lag
+            .with_label_values(&[table])
+            .set((now - watermark_micros) as f64 / 1e6);
+    }
+
     /// Records let go without a commit; their owner reads them again.
     pub fn dropped(&self, tp: &TopicPartition, reason: &'static str, records: usize) {
         if records == 0 {
@@ -404,6 +527,12 @@ impl Metrics {
                 .inc_by(*rows);
         }
         let rows: u64 = rows_by_topic.values().sum();
+        self.bytes_written
+            .with_label_values(&[table])
+            .inc_by(files.iter().map(|s| (*s).max(0) as u64).sum());
+        self.last_commit
+            .with_label_values(&[table])
+            .set(chrono::Utc::now().timestamp_millis() as f64 / 1000.0);
         self.files_written
             .with_label_values(&[table])
             .inc_by(files.len() as u64);

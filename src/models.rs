@@ -66,6 +66,18 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
+    pub const ALL: [ErrorKind; 9] = [
+        ErrorKind::BadMagic,
+        ErrorKind::EmptyValue,
+        ErrorKind::UnknownSchema,
+        ErrorKind::UnsupportedSchemaType,
+        ErrorKind::IncompatibleSchema,
+        ErrorKind::UnknownRecordType,
+        ErrorKind::ValueTooLarge,
+        ErrorKind::DecodeError,
+        ErrorKind::MissingEventTime,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorKind::BadMagic => "bad_magic",

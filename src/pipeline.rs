@@ -144,7 +144,7 @@ pub async fn run(
         metrics.clone(),
         events_tx,
     )?;
-    metrics.not_ready(NotReady::Starting, false);
+    metrics.initialize(&config.topics, &tables.names());
 
     let mut replica = Replica {
         config,
@@ -256,6 +256,8 @@ impl Replica {
             SourceEvent::Records(records) => self.on_records(records).await,
             SourceEvent::Assigned { partitions, reply } => {
                 self.claim_with_retry(&partitions).await?;
+                // Ready once the group has given this replica its share (possibly none).
+                self.metrics.not_ready(NotReady::Starting, false);
                 let mut resume = HashMap::new();
                 for tp in partitions {
                     let after = self.tables.resume_after(&tp);
@@ -625,6 +627,8 @@ impl Replica {
                         let table = SilverTable::open(&self.config, reader)
                             .await
                             .map_err(PipelineError::Config)?;
+                        self.metrics
+                            .initialize(&self.config.topics, std::slice::from_ref(&table.name));
                         self.tables.list.push(table);
                         let index = self.tables.list.len() - 1;
                         let owned: Vec<TopicPartition> = self.parts.keys().cloned().collect();
@@ -859,9 +863,20 @@ impl Replica {
                     }
                     CommitOutcome::Committed { version, attempts } => {
                         crate::failpoint!("after_delta_commit");
+                        self.metrics.visible(
+                            &table.name,
+                            &batches,
+                            &self.config.event_time_field,
+                        );
                         let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
                         for (tp, last) in &last_offsets {
                             if let Some(part) = table.parts.get_mut(tp) {
+                                if let Some(newest) =
+                                    newest_event_time(&part.batches, &self.config.event_time_field)
+                                {
+                                    let high = table.event_high.entry(tp.clone()).or_insert(newest);
+                                    *high = (*high).max(newest);
+                                }
                                 *by_topic.entry(tp.topic.as_ref()).or_default() += part.rows as u64;
                                 self.metrics.buffered(tp, &table.name, -(part.rows as i64));
                                 part.committed = Some(*last);
@@ -869,6 +884,15 @@ impl Replica {
                                 part.rows = 0;
                                 part.bytes = 0;
                             }
+                        }
+                        if let Some(watermark) = self
+                            .parts
+                            .keys()
+                            .map(|tp| table.event_high.get(tp).copied())
+                            .collect::<Option<Vec<i64>>>()
+                            .and_then(|highs| highs.into_iter().min())
+                        {
+                            self.metrics.watermark(&table.name, watermark);
                         }
                         self.metrics.committed(
                             &table.name,
@@ -906,6 +930,20 @@ impl Replica {
             return Ok(());
         }
     }
+}
+
+/// The newest event time (microseconds) among `batches`.
+fn newest_event_time(batches: &[deltalake::arrow::array::RecordBatch], field: &str) -> Option<i64> {
+    use deltalake::arrow::array::AsArray;
+    use deltalake::arrow::datatypes::TimestampMicrosecondType;
+    batches
+        .iter()
+        .filter_map(|b| {
+            b.column_by_name(field)
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                .and_then(deltalake::arrow::compute::max)
+        })
+        .max()
 }
 
 /// The rejection of a value whose Confluent framing is broken.

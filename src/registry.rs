@@ -43,6 +43,16 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// Every value of [`Self::kind`].
+    pub const KINDS: [&'static str; 6] = [
+        "not_found",
+        "not_avro",
+        "subject_not_found",
+        "no_subjects",
+        "unavailable",
+        "unexpected",
+    ];
+
     /// A short label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {

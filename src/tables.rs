@@ -120,6 +120,9 @@ pub struct SilverTable {
     pub writer: SilverWriter,
     pub committer: TableCommitter,
     pub parts: HashMap<TopicPartition, TablePart>,
+    /// Newest event time committed per partition (microseconds): the table's watermark is their
+    /// minimum over the owned partitions.
+    pub event_high: HashMap<TopicPartition, i64>,
     /// Registry versions this table refused to evolve to (asked once each).
     refused_versions: HashSet<u32>,
 }
@@ -162,6 +165,7 @@ impl SilverTable {
             writer,
             committer,
             parts: HashMap::new(),
+            event_high: HashMap::new(),
             refused_versions: HashSet::new(),
         })
     }
