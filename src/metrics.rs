@@ -8,14 +8,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use deltalake::arrow::array::{Array, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::TimestampMicrosecondType;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use deltalake::arrow::array::{Array, AsArray, RecordBatch};
-use deltalake::arrow::datatypes::TimestampMicrosecondType;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
-    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -88,7 +88,14 @@ impl NotReady {
 }
 
 /// Why records are let go uncommitted (`strata_records_dropped_total{reason}`).
-pub const DROP_REASONS: [&str; 6] = ["fenced", "revoked", "lost", "not_owned", "reseek", "shutdown"];
+pub const DROP_REASONS: [&str; 6] = [
+    "fenced",
+    "revoked",
+    "lost",
+    "not_owned",
+    "reseek",
+    "shutdown",
+];
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
     let metric =

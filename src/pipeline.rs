@@ -863,11 +863,8 @@ impl Replica {
                     }
                     CommitOutcome::Committed { version, attempts } => {
                         crate::failpoint!("after_delta_commit");
-                        self.metrics.visible(
-                            &table.name,
-                            &batches,
-                            &self.config.event_time_field,
-                        );
+                        self.metrics
+                            .visible(&table.name, &batches, &self.config.event_time_field);
                         let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
                         for (tp, last) in &last_offsets {
                             if let Some(part) = table.parts.get_mut(tp) {
