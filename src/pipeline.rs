@@ -22,7 +22,7 @@ use crate::models::{ErrorKind, Rejection, SourceRecord, TopicPartition};
 use crate::registry::{RegistryError, SchemaRegistry, SubjectVersion};
 use crate::silver::SilverError;
 use crate::source::{Source, SourceCommand, SourceEvent, SourceSettings};
-use crate::tables::{EvolveError, ReaderSchema, SilverTable, Tables};
+use crate::tables::{EvolveError, OpenError, ReaderSchema, SilverTable, Tables};
 use crate::wire;
 
 #[derive(Debug, thiserror::Error)]
@@ -622,11 +622,25 @@ impl Replica {
                 let subject = self.config.subject_strategy.subject(&tp.topic, name);
                 match self.ask(Ask::Latest(&subject)).await {
                     Answer::Version(version) => {
-                        let reader =
-                            reader_from_version(&version, name).map_err(PipelineError::Config)?;
-                        let table = SilverTable::open(&self.config, reader)
-                            .await
-                            .map_err(PipelineError::Config)?;
+                        // A record type no table can be made for is dead-lettered; the replica
+                        // goes on with the others.
+                        let opened = match reader_from_version(&version, name) {
+                            Ok(reader) => {
+                                open_table(&self.config, reader, &self.metrics, &self.shutdown)
+                                    .await?
+                            }
+                            Err(why) => Err(why),
+                        };
+                        let table = match opened {
+                            Ok(table) => table,
+                            Err(why) => {
+                                tracing::error!(schema_id = id, %subject, reason = %why, "no table for this record type");
+                                return Ok(Route::Refused(Rejection::new(
+                                    ErrorKind::IncompatibleSchema,
+                                    format!("writer schema {id}: no table can be made for record {name}: {why}"),
+                                )));
+                            }
+                        };
                         self.metrics
                             .initialize(&self.config.topics, std::slice::from_ref(&table.name));
                         self.tables.list.push(table);
@@ -1107,11 +1121,40 @@ async fn open_tables(
                 reader.table_name()
             )));
         }
-        tables.list.push(
-            SilverTable::open(config, reader)
-                .await
-                .map_err(PipelineError::Config)?,
-        );
+        let table = open_table(config, reader, metrics, shutdown)
+            .await?
+            .map_err(PipelineError::Config)?;
+        tables.list.push(table);
     }
     Ok(tables)
+}
+
+/// Opens a table, waiting out an unreachable lake (not ready meanwhile). The inner error is a
+/// schema that cannot make the table; the outer one a shutdown during the wait.
+async fn open_table(
+    config: &Config,
+    reader: ReaderSchema,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Result<SilverTable, String>, PipelineError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        match SilverTable::open(config, reader.clone()).await {
+            Ok(table) => {
+                metrics.not_ready(NotReady::Lake, false);
+                return Ok(Ok(table));
+            }
+            Err(OpenError::Schema(why)) => return Ok(Err(why)),
+            Err(OpenError::Storage(why)) => {
+                if shutdown.is_cancelled() {
+                    return Err(PipelineError::Config(format!(
+                        "shut down while the lake was unreachable: {why}"
+                    )));
+                }
+                metrics.not_ready(NotReady::Lake, true);
+                tracing::warn!(error = %why, "opening the table failed; retrying");
+                backoff.wait().await;
+            }
+        }
+    }
 }

@@ -102,6 +102,18 @@ pub struct TablePart {
     pub bytes: usize,
 }
 
+/// Why a table could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The reader schema cannot make this table (no event time field, a column of another type in
+    /// the existing table, …): retrying cannot help.
+    #[error("{0}")]
+    Schema(String),
+    /// The lake could not be reached: try again.
+    #[error("{0}")]
+    Storage(String),
+}
+
 /// Why a reader schema could not be adopted.
 #[derive(Debug, thiserror::Error)]
 pub enum EvolveError {
@@ -129,24 +141,27 @@ pub struct SilverTable {
 
 impl SilverTable {
     /// Opens (or creates) the table of `reader` and makes it able to hold the reader's rows.
-    pub async fn open(config: &Config, reader: ReaderSchema) -> Result<Self, String> {
+    pub async fn open(config: &Config, reader: ReaderSchema) -> Result<Self, OpenError> {
         let name = reader.table_name();
         let decoder = BatchDecoder::new(&reader.json, &config.event_time_field, 8192)
-            .map_err(|e| format!("table {name}: {e}"))?
+            .map_err(|e| OpenError::Schema(format!("table {name}: {e}")))?
             .with_compatibility(config.compatibility)
             .with_max_value_bytes(config.max_value_bytes)
             .with_reader_id(reader.id);
         let url = lake::table_url(&config.lake_url, "silver", &name)
-            .map_err(|e| format!("table {name}: {e}"))?;
+            .map_err(|e| OpenError::Schema(format!("table {name}: {e}")))?;
         let table = lake::open_or_create(url, &decoder.output_schema(), &name)
             .await
-            .map_err(|e| format!("table {name}: {e}"))?;
+            .map_err(|e| OpenError::Storage(format!("table {name}: {e}")))?;
         let store = table.object_store();
         let mut committer = TableCommitter::new(table, &config.group_id, config.commit_retries);
         let evolution = committer
             .evolve(&decoder.output_schema())
             .await
-            .map_err(|e| format!("table {name}: {e}"))?;
+            .map_err(|e| match e {
+                CommitError::Schema(why) => OpenError::Schema(format!("table {name}: {why}")),
+                other => OpenError::Storage(format!("table {name}: {other}")),
+            })?;
         let writer = SilverWriter::new(
             evolution.file_schema,
             &config.event_time_field,
