@@ -38,7 +38,7 @@ unit:
 
 # Release builds get their own target directory, so they never hold the lock of the test build.
 bench: tools
-	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo bench --bench decode
+	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo bench --bench decode --bench gold
 	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release scripts/bench.sh
 
 build:

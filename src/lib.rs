@@ -28,6 +28,7 @@ pub mod demo;
 pub mod dlq;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
+pub mod gold;
 pub mod lake;
 pub mod metrics;
 pub mod models;

@@ -1,0 +1,68 @@
+//! Gold stage 1: window assignment + local pre-aggregation of decoded order rows, per core.
+//! `make bench` runs it; the figures go into the closing notes.
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use strata::gold::aggregate::parse_aggregates;
+use strata::gold::stage1::{GoldSpec, PreAggregator};
+
+fn rows(n: usize) -> deltalake::arrow::array::RecordBatch {
+    let mut decoder = strata::decode::BatchDecoder::new(
+        include_str!("../schemas/order.avsc"),
+        "event_time",
+        8192,
+    )
+    .expect("decoder");
+    decoder.register(1, Ok(strata::demo::ORDER_V1));
+    decoder.register(2, Ok(strata::demo::ORDER_V2));
+    let mut generator = strata::demo::OrderGenerator::new(7, u64::MAX).expect("generator");
+    let records: Vec<_> = (0..n)
+        .map(|i| strata::models::SourceRecord {
+            topic: "orders".into(),
+            partition: 0,
+            offset: i as i64,
+            timestamp_ms: None,
+            key: None,
+            value: Some(generator.next_record().expect("record").value),
+            headers: Vec::new(),
+        })
+        .collect();
+    decoder.decode(&records).batch.expect("rows")
+}
+
+fn preaggregate(c: &mut Criterion) {
+    let batch = rows(20_000);
+    let mut group = c.benchmark_group("gold_stage1");
+    group.throughput(Throughput::Elements(batch.num_rows() as u64));
+    for (name, window, aggregates) in [
+        ("tumbling_1m_count_sum", "1m", "count, sum(amount)"),
+        (
+            "tumbling_1m_all_six",
+            "1m",
+            "count, sum(amount), min(amount), max(amount), avg(amount), approx_distinct(product)",
+        ),
+        (
+            "hopping_5m_every_1m_all_six",
+            "5m every 1m",
+            "count, sum(amount), min(amount), max(amount), avg(amount), approx_distinct(product)",
+        ),
+    ] {
+        let spec = GoldSpec {
+            key_fields: vec!["customer_id".into()],
+            window: window.parse().expect("window"),
+            aggregates: parse_aggregates(aggregates).expect("aggregates"),
+            event_time_field: "event_time".into(),
+        };
+        spec.check(&batch.schema()).expect("spec fits the rows");
+        group.bench_with_input(BenchmarkId::from_parameter(name), &spec, |b, spec| {
+            b.iter(|| {
+                let mut pre = PreAggregator::new(64);
+                pre.add_batch(spec, &batch, |_, _| true).expect("fold");
+                pre.into_groups().len()
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, preaggregate);
+criterion_main!(benches);

@@ -1,0 +1,18 @@
+//! Gold: event-time windowed aggregates. This module holds the pure cores, each testable alone:
+//!
+//! - [`window`]: tumbling and hopping windows, and which windows an event time falls in;
+//! - [`aggregate`]: the aggregate functions, their mergeable accumulators and final values
+//!   (`count`, `sum`, `min`, `max`, `avg` exact whatever the merge order; `approx_distinct` with a
+//!   HyperLogLog);
+//! - [`hll`]: the HyperLogLog sketch and the stable hash everything here uses;
+//! - [`heavy`]: a Space-Saving heavy-hitter sketch that finds hot keys;
+//! - [`watermark`]: per-partition watermarks with an idle timeout, and the operator's minimum;
+//! - [`partial`]: a partial aggregate as it travels between stages (binary, versioned, bounded).
+
+pub mod aggregate;
+pub mod heavy;
+pub mod hll;
+pub mod partial;
+pub mod stage1;
+pub mod watermark;
+pub mod window;

@@ -1,0 +1,360 @@
+//! Stage 1 of Gold: local pre-aggregation. Decoded rows of one source partition are assigned to
+//! their event-time windows and folded into one accumulator per (window, key), so what leaves a
+//! replica is bounded by the number of (window, key) pairs, not by the event rate. A Space-Saving
+//! sketch over the same rows names the hot keys of the epoch.
+
+use std::collections::HashMap;
+
+use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int32Type, Int64Type, Schema, TimestampMicrosecondType,
+};
+
+use super::aggregate::{Accumulator, Aggregate, Function, Input};
+use super::heavy::SpaceSaving;
+use super::partial::KeyValue;
+use super::window::WindowSpec;
+
+/// What Gold computes.
+#[derive(Debug, Clone)]
+pub struct GoldSpec {
+    pub key_fields: Vec<String>,
+    pub window: WindowSpec,
+    pub aggregates: Vec<Aggregate>,
+    pub event_time_field: String,
+}
+
+impl GoldSpec {
+    /// Checks the spec against the Silver rows' schema: key fields must be strings or integers,
+    /// numeric aggregates need numbers, event time a timestamp. Errors name the field.
+    pub fn check(&self, schema: &Schema) -> Result<(), String> {
+        let field = |name: &str| {
+            schema
+                .field_with_name(name)
+                .map_err(|_| format!("field {name} is not in the table"))
+        };
+        for key in &self.key_fields {
+            let f = field(key)?;
+            if !matches!(
+                f.data_type(),
+                DataType::Utf8 | DataType::Int32 | DataType::Int64
+            ) {
+                return Err(format!(
+                    "STRATA_GOLD_KEY field {key} has type {}, expected a string or an integer",
+                    f.data_type()
+                ));
+            }
+        }
+        for aggregate in &self.aggregates {
+            let Some(name) = &aggregate.field else {
+                continue;
+            };
+            let f = field(name)?;
+            let numeric = matches!(
+                f.data_type(),
+                DataType::Int32 | DataType::Int64 | DataType::Float32 | DataType::Float64
+            );
+            if aggregate.numeric() && !numeric {
+                return Err(format!(
+                    "{aggregate} needs a number, field {name} has type {}",
+                    f.data_type()
+                ));
+            }
+            if aggregate.function == Function::ApproxDistinct
+                && !numeric
+                && !matches!(f.data_type(), DataType::Utf8 | DataType::Binary)
+            {
+                return Err(format!(
+                    "{aggregate}: field {name} has type {}, expected a string, bytes or a number",
+                    f.data_type()
+                ));
+            }
+        }
+        match field(&self.event_time_field)?.data_type() {
+            DataType::Timestamp(_, _) => Ok(()),
+            other => Err(format!(
+                "event time field {} has type {other}",
+                self.event_time_field
+            )),
+        }
+    }
+}
+
+/// The pre-aggregated state of one source partition's epoch.
+#[derive(Debug)]
+pub struct PreAggregator {
+    keys: HashMap<Vec<KeyValue>, u32>,
+    key_list: Vec<Vec<KeyValue>>,
+    groups: HashMap<(i64, u32), Accumulator>,
+    heavy: SpaceSaving,
+    events: u64,
+    /// Newest event time seen (microseconds).
+    pub max_event_time: Option<i64>,
+}
+
+impl PreAggregator {
+    pub fn new(heavy_hitter_capacity: usize) -> Self {
+        Self {
+            keys: HashMap::new(),
+            key_list: Vec::new(),
+            groups: HashMap::new(),
+            heavy: SpaceSaving::new(heavy_hitter_capacity),
+            events: 0,
+            max_event_time: None,
+        }
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Folds the rows of `batch` (Silver rows). `keep(row)` says whether a row counts (late rows
+    /// are set apart by the caller). Returns the rows folded.
+    pub fn add_batch(
+        &mut self,
+        spec: &GoldSpec,
+        batch: &RecordBatch,
+        mut keep: impl FnMut(usize, i64) -> bool,
+    ) -> Result<usize, String> {
+        let column = |name: &str| -> Result<&ArrayRef, String> {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| format!("column {name} missing"))
+        };
+        let times = column(&spec.event_time_field)?
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or("event time is not a microsecond timestamp")?;
+        let keys: Vec<&ArrayRef> = spec
+            .key_fields
+            .iter()
+            .map(|k| column(k))
+            .collect::<Result<_, _>>()?;
+        let inputs: Vec<Option<&ArrayRef>> = spec
+            .aggregates
+            .iter()
+            .map(|a| a.field.as_deref().map(column).transpose())
+            .collect::<Result<_, _>>()?;
+        let mut folded = 0;
+        let mut row_inputs: Vec<Input<'_>> = Vec::with_capacity(inputs.len());
+        for row in 0..batch.num_rows() {
+            if times.is_null(row) {
+                continue;
+            }
+            let t = times.value(row);
+            if !keep(row, t) {
+                continue;
+            }
+            let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
+            let id = match self.keys.get(&key) {
+                Some(id) => *id,
+                None => {
+                    let id = self.key_list.len() as u32;
+                    self.keys.insert(key.clone(), id);
+                    self.key_list.push(key.clone());
+                    id
+                }
+            };
+            self.heavy.add(&id.to_le_bytes(), 1);
+            row_inputs.clear();
+            for input in &inputs {
+                row_inputs.push(match input {
+                    None => Input::Null,
+                    Some(c) if c.is_null(row) => Input::Null,
+                    Some(c) => match c.data_type() {
+                        DataType::Utf8 => Input::Bytes(c.as_string::<i32>().value(row).as_bytes()),
+                        DataType::Binary => Input::Bytes(c.as_binary::<i32>().value(row)),
+                        DataType::Int32 => {
+                            Input::Int(i64::from(c.as_primitive::<Int32Type>().value(row)))
+                        }
+                        DataType::Int64 => Input::Int(c.as_primitive::<Int64Type>().value(row)),
+                        _ => number(c, row).map_or(Input::Null, Input::Number),
+                    },
+                });
+            }
+            for start in spec.window.starts(t) {
+                self.groups
+                    .entry((start, id))
+                    .or_insert_with(|| Accumulator::new(&spec.aggregates))
+                    .add(&row_inputs);
+            }
+            self.events += 1;
+            self.max_event_time = Some(self.max_event_time.map_or(t, |m| m.max(t)));
+            folded += 1;
+        }
+        Ok(folded)
+    }
+
+    /// Keys holding at least `share` of this epoch's events (at least `min_events` of them).
+    pub fn hot_keys(&self, share: f64, min_events: u64) -> Vec<Vec<KeyValue>> {
+        self.heavy
+            .hot(share)
+            .into_iter()
+            .filter(|(_, count)| *count >= min_events)
+            .filter_map(|(id, _)| {
+                let id = u32::from_le_bytes(id.try_into().ok()?);
+                self.key_list.get(id as usize).cloned()
+            })
+            .collect()
+    }
+
+    /// The (window start, key, accumulator) groups, in a deterministic order (window, then key),
+    /// so a replay of the same rows emits the same partials in the same order.
+    pub fn into_groups(self) -> Vec<(i64, Vec<KeyValue>, Accumulator)> {
+        let mut out: Vec<(i64, Vec<KeyValue>, Accumulator)> = self
+            .groups
+            .into_iter()
+            .map(|((start, id), acc)| (start, self.key_list[id as usize].clone(), acc))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        out
+    }
+}
+
+fn key_value(column: &ArrayRef, row: usize) -> KeyValue {
+    if column.is_null(row) {
+        return KeyValue::Null;
+    }
+    match column.data_type() {
+        DataType::Utf8 => KeyValue::Str(column.as_string::<i32>().value(row).to_string()),
+        DataType::Int32 => KeyValue::Int(i64::from(column.as_primitive::<Int32Type>().value(row))),
+        DataType::Int64 => KeyValue::Int(column.as_primitive::<Int64Type>().value(row)),
+        _ => KeyValue::Null,
+    }
+}
+
+fn number(column: &ArrayRef, row: usize) -> Option<f64> {
+    Some(match column.data_type() {
+        DataType::Float32 => f64::from(column.as_primitive::<Float32Type>().value(row)),
+        DataType::Float64 => column.as_primitive::<Float64Type>().value(row),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gold::aggregate::{parse_aggregates, Output};
+    use deltalake::arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
+    use deltalake::arrow::datatypes::{Field, TimeUnit};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    fn spec(window: &str) -> GoldSpec {
+        GoldSpec {
+            key_fields: vec!["customer".into()],
+            window: window.parse().expect("window"),
+            aggregates: parse_aggregates(
+                "count, sum(amount), min(amount), max(amount), avg(amount)",
+            )
+            .expect("aggregates"),
+            event_time_field: "event_time".into(),
+        }
+    }
+
+    fn batch(rows: &[(u8, f64, i64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("customer", DataType::Utf8, false),
+            Field::new("amount", DataType::Float64, true),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| format!("c{}", r.0)),
+                )),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.2))
+                        .with_timezone("UTC"),
+                ),
+            ],
+        )
+        .expect("batch")
+    }
+
+    #[test]
+    fn spec_is_checked_against_the_table() {
+        let b = batch(&[]);
+        assert!(spec("1m").check(&b.schema()).is_ok());
+        let mut wrong = spec("1m");
+        wrong.aggregates = parse_aggregates("sum(customer)").expect("aggregates");
+        assert!(wrong
+            .check(&b.schema())
+            .expect_err("not a number")
+            .contains("customer"));
+        wrong.key_fields = vec!["nope".into()];
+        assert!(wrong.check(&b.schema()).is_err());
+    }
+
+    proptest! {
+        /// Pre-aggregation equals computing each (window, key) from its events one by one.
+        #[test]
+        fn preaggregation_equals_per_event_computation(
+            rows in prop::collection::vec((0u8..6, -1e4f64..1e4, 0i64..600_000_000), 0..400),
+            hopping in any::<bool>(),
+        ) {
+            let spec = spec(if hopping { "2m every 1m" } else { "1m" });
+            let mut pre = PreAggregator::new(8);
+            let folded = pre.add_batch(&spec, &batch(&rows), |_, _| true).expect("fold");
+            prop_assert_eq!(folded, rows.len());
+            let mut expected: BTreeMap<(i64, String), (u64, Vec<f64>)> = BTreeMap::new();
+            for (c, amount, t) in &rows {
+                for start in spec.window.starts(*t) {
+                    let e = expected.entry((start, format!("c{c}"))).or_default();
+                    e.0 += 1;
+                    e.1.push(*amount);
+                }
+            }
+            let groups = pre.into_groups();
+            prop_assert_eq!(groups.len(), expected.len());
+            for (start, key, acc) in groups {
+                let KeyValue::Str(name) = &key[0] else { panic!("string key") };
+                let (count, amounts) = &expected[&(start, name.clone())];
+                let out = acc.finish();
+                prop_assert_eq!(out[0], Output::Int(*count as i64));
+                let mut exact = crate::gold::aggregate::ExactSum::default();
+                amounts.iter().for_each(|a| exact.add(*a));
+                prop_assert_eq!(out[1], Output::Float(Some(exact.value())));
+                let min = amounts.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = amounts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                prop_assert_eq!(out[2], Output::Float(Some(min)));
+                prop_assert_eq!(out[3], Output::Float(Some(max)));
+                prop_assert_eq!(out[4], Output::Float(Some(exact.value() / *count as f64)));
+            }
+        }
+    }
+
+    #[test]
+    fn hot_keys_of_an_epoch() {
+        let rows: Vec<(u8, f64, i64)> = (0..1_000)
+            .map(|i| {
+                (
+                    if i % 5 < 2 { 0 } else { 1 + (i % 50) as u8 },
+                    1.0,
+                    i as i64,
+                )
+            })
+            .collect();
+        let mut pre = PreAggregator::new(16);
+        pre.add_batch(&spec("1m"), &batch(&rows), |_, _| true)
+            .expect("fold");
+        assert_eq!(
+            pre.hot_keys(0.2, 10),
+            vec![vec![KeyValue::Str("c0".into())]]
+        );
+        assert!(
+            pre.hot_keys(0.2, 10_000).is_empty(),
+            "too few events to salt"
+        );
+    }
+}
