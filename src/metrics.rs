@@ -33,6 +33,7 @@ pub struct Metrics {
     pub records_skipped_duplicate: IntCounterVec,
     pub records_dropped: IntCounterVec,
     pub bytes_written: IntCounterVec,
+    pub records_late: IntCounterVec,
     pub end_to_end_latency: HistogramVec,
     pub watermark_lag: GaugeVec,
     pub last_commit: GaugeVec,
@@ -214,6 +215,12 @@ impl Metrics {
                 &registry,
                 "strata_bytes_written_total",
                 "Bytes of Parquet files committed.",
+                &["table"],
+            ),
+            records_late: counter(
+                &registry,
+                "strata_records_late_total",
+                "Rows committed with an event time older than the table's watermark (every owned partition had already committed newer events): they change event hours readers may have taken as complete.",
                 &["table"],
             ),
             end_to_end_latency: histogram(
@@ -448,6 +455,7 @@ impl Metrics {
             self.commit_conflicts.with_label_values(&[table]);
             self.files_written.with_label_values(&[table]);
             self.bytes_written.with_label_values(&[table]);
+            self.records_late.with_label_values(&[table]);
             for result in ["evolved", "refused"] {
                 self.schema_evolutions.with_label_values(&[table, result]);
             }
@@ -460,9 +468,38 @@ impl Metrics {
         }
     }
 
-    /// How long the rows of `batches` took to become visible (they were just committed).
-    pub fn visible(&self, table: &str, batches: &[RecordBatch], event_time_field: &str) {
+    /// How long the rows of `batches` took to become visible (they were just committed), and how
+    /// many of them are late: older than `watermark` (microseconds), which every owned partition
+    /// had already passed, so they change hours readers may have taken as complete.
+    pub fn visible(
+        &self,
+        table: &str,
+        batches: &[RecordBatch],
+        event_time_field: &str,
+        watermark: Option<i64>,
+    ) {
         let now = chrono::Utc::now().timestamp_micros();
+        if let Some(watermark) = watermark {
+            let late: usize = batches
+                .iter()
+                .filter_map(|b| {
+                    b.column_by_name(event_time_field)
+                        .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                })
+                .map(|times| times.iter().flatten().filter(|t| *t < watermark).count())
+                .sum();
+            if late > 0 {
+                self.records_late
+                    .with_label_values(&[table])
+                    .inc_by(late as u64);
+                tracing::info!(
+                    table,
+                    late,
+                    watermark,
+                    "late rows committed behind the watermark"
+                );
+            }
+        }
         for (from, column) in [
             ("kafka_timestamp", "_kafka_timestamp"),
             ("event_time", event_time_field),
@@ -689,6 +726,52 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<(TcpListener, SocketAddr)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commits_record_latency_and_late_rows() {
+        use deltalake::arrow::array::TimestampMicrosecondArray;
+        use deltalake::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
+        let metrics = Metrics::new();
+        metrics.initialize(&["orders".to_string()], &["order".to_string()]);
+        let now = chrono::Utc::now().timestamp_micros();
+        let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("event_time", ts.clone(), false),
+            Field::new("_kafka_timestamp", ts, true),
+        ]));
+        let column = |values: Vec<i64>| {
+            Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
+                as deltalake::arrow::array::ArrayRef
+        };
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                column(vec![now - 7_200_000_000, now - 60_000_000, now - 1_000_000]),
+                column(vec![now - 2_000_000, now - 2_000_000, now - 2_000_000]),
+            ],
+        )
+        .expect("batch");
+        // One row (two hours old) is older than a watermark of ten minutes ago.
+        metrics.visible("order", &[batch], "event_time", Some(now - 600_000_000));
+        let text = metrics.render();
+        assert!(
+            text.contains("strata_records_late_total{table=\"order\"} 1"),
+            "{text}"
+        );
+        let kafka = metrics
+            .end_to_end_latency
+            .with_label_values(&["order", "kafka_timestamp"]);
+        assert_eq!(kafka.get_sample_count(), 3);
+        assert!((kafka.get_sample_sum() - 6.0).abs() < 1.0);
+        let event = metrics
+            .end_to_end_latency
+            .with_label_values(&["order", "event_time"]);
+        assert!(event.get_sample_sum() > 7_200.0);
+        // Initialized series exist at zero before anything happens.
+        assert!(text.contains(
+            "strata_records_dead_lettered_total{reason=\"incompatible_schema\",topic=\"orders\"} 0"
+        ));
+    }
 
     #[test]
     fn readiness_needs_every_reason_cleared() {

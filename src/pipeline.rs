@@ -877,8 +877,19 @@ impl Replica {
                     }
                     CommitOutcome::Committed { version, attempts } => {
                         crate::failpoint!("after_delta_commit");
-                        self.metrics
-                            .visible(&table.name, &batches, &self.config.event_time_field);
+                        // Late: behind the watermark every owned partition had already passed.
+                        let watermark_before = self
+                            .parts
+                            .keys()
+                            .map(|tp| table.event_high.get(tp).copied())
+                            .collect::<Option<Vec<i64>>>()
+                            .and_then(|highs| highs.into_iter().min());
+                        self.metrics.visible(
+                            &table.name,
+                            &batches,
+                            &self.config.event_time_field,
+                            watermark_before,
+                        );
                         let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
                         for (tp, last) in &last_offsets {
                             if let Some(part) = table.parts.get_mut(tp) {

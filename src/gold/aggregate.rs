@@ -105,9 +105,11 @@ impl FromStr for Aggregate {
             "max" => Function::Max,
             "avg" => Function::Avg,
             "approx_distinct" => Function::ApproxDistinct,
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "{item:?}: unknown function {other:?} (count, sum, min, max, avg, approx_distinct)"
-            )),
+            ))
+            }
         };
         Ok(Aggregate {
             function,
