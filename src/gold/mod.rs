@@ -7,12 +7,15 @@
 //! - [`hll`]: the HyperLogLog sketch and the stable hash everything here uses;
 //! - [`heavy`]: a Space-Saving heavy-hitter sketch that finds hot keys;
 //! - [`watermark`]: per-partition watermarks with an idle timeout, and the operator's minimum;
-//! - [`partial`]: a partial aggregate as it travels between stages (binary, versioned, bounded).
+//! - [`partial`]: a partial aggregate as it travels between stages (binary, versioned, bounded);
+//! - [`stage1`]: local pre-aggregation of one source partition's epoch, with its hot keys;
+//! - [`stage2`]: merging partials, dropping replays, closing windows by watermark.
 
 pub mod aggregate;
 pub mod heavy;
 pub mod hll;
 pub mod partial;
 pub mod stage1;
+pub mod stage2;
 pub mod watermark;
 pub mod window;
