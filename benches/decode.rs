@@ -2,34 +2,13 @@
 //! reader resolution, per record (`cargo bench --bench decode`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use strata::decode::BatchDecoder;
-use strata::demo::{OrderGenerator, ORDER_V1, ORDER_V2};
-use strata::models::SourceRecord;
-
-const READER: &str = include_str!("../schemas/order.avsc");
-
-fn records(n: usize, bad_every: u64) -> Vec<SourceRecord> {
-    let mut generator = OrderGenerator::new(1, bad_every).expect("generator");
-    (0..n)
-        .map(|i| SourceRecord {
-            topic: "orders".into(),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: Some(1_700_000_000_000),
-            key: None,
-            value: Some(generator.next_record().expect("record").value),
-            headers: Vec::new(),
-        })
-        .collect()
-}
+use strata::demo::{generated_records, order_decoder};
 
 fn decode(c: &mut Criterion) {
     let mut group = c.benchmark_group("decode");
     for (name, bad_every) in [("clean", 1), ("one_bad_in_200", 200)] {
-        let input = records(2_000, bad_every);
-        let mut decoder = BatchDecoder::new(READER, "event_time", 8192).expect("decoder");
-        decoder.register(1, Ok(ORDER_V1));
-        decoder.register(2, Ok(ORDER_V2));
+        let input = generated_records(2_000, 1, bad_every).expect("records");
+        let mut decoder = order_decoder(8192).expect("decoder");
         group.throughput(Throughput::Elements(input.len() as u64));
         group.bench_with_input(
             BenchmarkId::new("chunk_of_2000", name),
@@ -41,7 +20,7 @@ fn decode(c: &mut Criterion) {
 }
 
 fn wire(c: &mut Criterion) {
-    let input = records(2_000, 1);
+    let input = generated_records(2_000, 1, 1).expect("records");
     let mut group = c.benchmark_group("wire");
     group.throughput(Throughput::Elements(input.len() as u64));
     group.bench_function("parse_2000", |b| {

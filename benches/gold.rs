@@ -6,26 +6,8 @@ use strata::gold::aggregate::parse_aggregates;
 use strata::gold::stage1::{GoldSpec, PreAggregator};
 
 fn rows(n: usize) -> deltalake::arrow::array::RecordBatch {
-    let mut decoder = strata::decode::BatchDecoder::new(
-        include_str!("../schemas/order.avsc"),
-        "event_time",
-        8192,
-    )
-    .expect("decoder");
-    decoder.register(1, Ok(strata::demo::ORDER_V1));
-    decoder.register(2, Ok(strata::demo::ORDER_V2));
-    let mut generator = strata::demo::OrderGenerator::new(7, u64::MAX).expect("generator");
-    let records: Vec<_> = (0..n)
-        .map(|i| strata::models::SourceRecord {
-            topic: "orders".into(),
-            partition: 0,
-            offset: i as i64,
-            timestamp_ms: None,
-            key: None,
-            value: Some(generator.next_record().expect("record").value),
-            headers: Vec::new(),
-        })
-        .collect();
+    let records = strata::demo::generated_records(n, 7, 1).expect("records");
+    let mut decoder = strata::demo::order_decoder(8192).expect("decoder");
     decoder.decode(&records).batch.expect("rows")
 }
 

@@ -44,6 +44,40 @@ pub const ORDER_V2: &str = r#"{"type":"record","name":"Order","namespace":"shop"
   {"name":"coupon","type":["null","string"],"default":null},
   {"name":"quantity","type":"int","default":1}]}"#;
 
+/// The reader schema of the demo's table (`schemas/order.avsc`).
+pub const ORDER_READER: &str = include_str!("../schemas/order.avsc");
+
+/// `n` generated order records of partition 0 of `orders`, as the source hands them over (for
+/// tests and benches).
+pub fn generated_records(
+    n: usize,
+    seed: u64,
+    bad_every: u64,
+) -> anyhow::Result<Vec<crate::models::SourceRecord>> {
+    let mut generator = OrderGenerator::new(seed, bad_every)?;
+    (0..n)
+        .map(|i| {
+            Ok(crate::models::SourceRecord {
+                topic: "orders".into(),
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: Some(1_700_000_000_000),
+                key: None,
+                value: Some(generator.next_record()?.value),
+                headers: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// A decoder for the demo's table that knows both writer versions (ids 1 and 2).
+pub fn order_decoder(batch_size: usize) -> anyhow::Result<crate::decode::BatchDecoder> {
+    let mut decoder = crate::decode::BatchDecoder::new(ORDER_READER, "event_time", batch_size)?;
+    decoder.register(1, Ok(ORDER_V1));
+    decoder.register(2, Ok(ORDER_V2));
+    Ok(decoder)
+}
+
 const PRODUCTS: [&str; 8] = [
     "keyboard", "mouse", "monitor", "laptop", "cable", "dock", "headset", "webcam",
 ];
@@ -353,7 +387,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     std::fs::write(schemas.join("1.avsc"), ORDER_V1)?;
     std::fs::write(schemas.join("2.avsc"), ORDER_V2)?;
     let reader = options.dir.join("order.avsc");
-    std::fs::write(&reader, include_str!("../schemas/order.avsc"))?;
+    std::fs::write(&reader, ORDER_READER)?;
 
     println!(
         "strata demo: embedded Kafka (3 mock brokers), {} events, lake at {}",

@@ -207,26 +207,8 @@ mod tests {
     use proptest::prelude::*;
 
     fn decoded_orders(n: usize) -> (crate::decode::BatchDecoder, RecordBatch) {
-        let mut decoder = crate::decode::BatchDecoder::new(
-            include_str!("../schemas/order.avsc"),
-            "event_time",
-            4096,
-        )
-        .expect("decoder");
-        decoder.register(1, Ok(crate::demo::ORDER_V1));
-        decoder.register(2, Ok(crate::demo::ORDER_V2));
-        let mut generator = crate::demo::OrderGenerator::new(3, 1).expect("generator");
-        let records: Vec<_> = (0..n)
-            .map(|i| crate::models::SourceRecord {
-                topic: "t".into(),
-                partition: 0,
-                offset: i as i64,
-                timestamp_ms: None,
-                key: None,
-                value: Some(generator.next_record().expect("record").value),
-                headers: Vec::new(),
-            })
-            .collect();
+        let mut decoder = crate::demo::order_decoder(4096).expect("decoder");
+        let records = crate::demo::generated_records(n, 3, 1).expect("records");
         let batch = decoder.decode(&records).batch.expect("rows");
         (decoder, batch)
     }
