@@ -61,19 +61,6 @@ fn order(version: u8, n: i64) -> Vec<u8> {
     framed(id, schema, Value::Record(fields))
 }
 
-async fn wait_metric(replica: &common::Replica, name: &str, at_least: f64) {
-    for _ in 0..240 {
-        if replica.metric(name).await.unwrap_or(0.0) >= at_least {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!(
-        "{name} never reached {at_least}; log:\n{}",
-        replica.tail(40)
-    );
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn latest_evolves_the_table_once_without_extra_files_and_refuses_an_incompatible_version() {
     let setup = Setup::new("evolve", 1).await;
@@ -96,7 +83,9 @@ async fn latest_evolves_the_table_once_without_extra_files_and_refuses_an_incomp
         (0..300).map(|n| (None, order(1, n))).collect(),
     )
     .await;
-    wait_metric(&replica, "strata_records_buffered", 300.0).await;
+    replica
+        .wait_metric("strata_records_buffered", 300.0, "v1 rows buffered")
+        .await;
     assert!(setup.progress().await.is_empty(), "nothing committed yet");
 
     // ...then the producers move to v2 (coupon and quantity added, with defaults).

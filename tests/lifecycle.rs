@@ -9,22 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::{produce, Setup};
 
-/// Waits until the replica has written at least `rows` rows.
-async fn wait_written(replica: &common::Replica, rows: f64) {
-    for _ in 0..600 {
-        if replica
-            .metric("strata_records_written_total")
-            .await
-            .unwrap_or(0.0)
-            >= rows
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("never wrote {rows} rows:\n{}", replica.tail(30));
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
     let setup = Setup::new("sigterm", 3).await;
@@ -34,25 +18,19 @@ async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
         ("STRATA_SHUTDOWN_GRACE", "20s"),
         ("STRATA_FLUSH_INTERVAL", "5s"),
     ]);
-    wait_written(&replica, 1.0).await;
+    replica
+        .wait_metric("strata_records_written_total", 1.0, "first commit")
+        .await;
     // Producers keep going while the replica is told to stop: it is busy when the signal lands.
     let topic = setup.topic.clone();
     let more = tokio::spawn(async move { produce(&topic, 40_000, 400, 32).await });
-    let mut buffered = 0.0;
-    for _ in 0..300 {
-        buffered = replica
-            .metric("strata_records_buffered")
-            .await
-            .unwrap_or(0.0);
-        if buffered >= 1_000.0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        buffered >= 1_000.0,
-        "rows are waiting for a commit when SIGTERM lands"
-    );
+    replica
+        .wait_metric(
+            "strata_records_buffered",
+            1_000.0,
+            "rows are waiting for a commit when SIGTERM lands",
+        )
+        .await;
     let before = setup.progress().await;
 
     let asked = Instant::now();
@@ -98,7 +76,16 @@ async fn rolling_restart_of_every_replica_loses_and_duplicates_nothing() {
     let mut produced = produce(&setup.topic, 10_000, 500, 41).await;
     let env = [("STRATA_SHUTDOWN_GRACE", "20s")];
     let mut replicas = vec![setup.spawn(&env), setup.spawn(&env)];
-    wait_written(&replicas[0], 1.0).await;
+    // Either replica's first commit: the group has settled and work flows.
+    let deadline = Instant::now() + common::CATCH_UP;
+    while setup.progress().await.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no commit:\n{}",
+            replicas[0].tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
 
     // Restart each replica in turn, as a rolling update does, while producers keep going.
     let mut stops = BTreeMap::new();

@@ -541,6 +541,24 @@ impl Replica {
         self.metric_where(name, "").await
     }
 
+    /// Waits (polling every 50 ms, up to a minute) until metric `name` reaches `at_least`; panics
+    /// with `what` and the log tail otherwise.
+    pub async fn wait_metric(&self, name: &str, at_least: f64, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut value = 0.0;
+        while Instant::now() < deadline {
+            value = self.metric(name).await.unwrap_or(0.0);
+            if value >= at_least {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "{what}: {name} is {value}, never reached {at_least}; log:\n{}",
+            self.tail(40)
+        );
+    }
+
     /// The sum of the series of metric `name` whose label text contains `labels`.
     pub async fn metric_where(&self, name: &str, labels: &str) -> Option<f64> {
         let body = reqwest::get(format!("http://127.0.0.1:{}/metrics", self.metrics_port))
