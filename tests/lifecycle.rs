@@ -113,3 +113,44 @@ async fn rolling_restart_of_every_replica_loses_and_duplicates_nothing() {
         );
     }
 }
+
+/// A replica the group gives no partition (more replicas than partitions) is still ready: a
+/// readiness probe that never passed would block rolling updates of the whole Deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_partitions_is_ready() {
+    let setup = Setup::new("idle", 1).await;
+    let produced = produce(&setup.topic, 1_000, 500, 51).await;
+    let first = setup.spawn(&[]);
+    setup.catch_up(&produced, &[&first]).await;
+    let second = setup.spawn(&[]);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut statuses = (0, 0);
+    while Instant::now() < deadline {
+        let ready = |port: u16| async move {
+            match reqwest::get(format!("http://127.0.0.1:{port}/readyz")).await {
+                Ok(answer) => answer.status().as_u16(),
+                Err(_) => 0, // not listening yet
+            }
+        };
+        statuses = (
+            ready(first.metrics_port).await,
+            ready(second.metrics_port).await,
+        );
+        if statuses == (200, 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(statuses, (200, 200), "{}", second.tail(30));
+    let assigned = first
+        .metric("strata_assigned_partitions")
+        .await
+        .unwrap_or(0.0)
+        + second
+            .metric("strata_assigned_partitions")
+            .await
+            .unwrap_or(0.0);
+    assert_eq!(assigned, 1.0, "one partition between the two");
+    first.stop(Duration::from_secs(30));
+    second.stop(Duration::from_secs(30));
+}

@@ -132,27 +132,34 @@ async fn prometheus_scrapes_strata_and_every_named_metric_is_exported() {
         Some(produced.bad.len() as f64)
     );
     assert_eq!(prometheus.query("min(strata_ready)").await, Some(1.0));
-    // The rules load into the server and evaluate without error.
+    // The rules load into the server and evaluate without error (the recording group runs every
+    // 30 s, so the first evaluation can take that long).
     let mut healthy = false;
-    for _ in 0..30 {
+    let mut unhealthy = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(75);
+    while Instant::now() < deadline {
         if let Some(rules) = prometheus.get("/api/v1/rules").await {
             let groups = rules["data"]["groups"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
-            let all: Vec<&serde_json::Value> = groups
+            unhealthy = groups
                 .iter()
-                .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .filter(|r| r["health"] != "ok")
+                .map(|r| format!("{} ({}: {})", r["name"], r["health"], r["lastError"]))
                 .collect();
-            healthy =
-                groups.len() == 2 && !all.is_empty() && all.iter().all(|r| r["health"] == "ok");
+            healthy = groups.len() == 2 && unhealthy.is_empty();
             if healthy {
                 break;
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    assert!(healthy, "the rules load and evaluate in Prometheus");
+    assert!(
+        healthy,
+        "the rules load and evaluate in Prometheus; not yet ok: {unhealthy:?}"
+    );
 
     // Every metric named by the rules and the dashboard is exported by the running replica.
     let exposition = reqwest::get(format!("http://127.0.0.1:{}/metrics", replica.metrics_port))
