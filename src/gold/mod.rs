@@ -8,10 +8,12 @@
 //! - [`heavy`]: a Space-Saving heavy-hitter sketch that finds hot keys;
 //! - [`watermark`]: per-partition watermarks with an idle timeout, and the operator's minimum;
 //! - [`partial`]: a partial aggregate as it travels between stages (binary, versioned, bounded);
+//! - [`epoch`]: an epoch's partials, salted when a key is hot, with partitions and sequences;
 //! - [`stage1`]: local pre-aggregation of one source partition's epoch, with its hot keys;
 //! - [`stage2`]: merging partials, dropping replays, closing windows by watermark.
 
 pub mod aggregate;
+pub mod epoch;
 pub mod heavy;
 pub mod hll;
 pub mod partial;
