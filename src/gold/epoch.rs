@@ -27,18 +27,7 @@ pub struct Salting {
 pub fn key_bytes(key: &[KeyValue], salt: u16) -> Vec<u8> {
     let mut out = Vec::with_capacity(16);
     for value in key {
-        match value {
-            KeyValue::Null => out.push(0),
-            KeyValue::Int(v) => {
-                out.push(1);
-                out.extend_from_slice(&v.to_le_bytes());
-            }
-            KeyValue::Str(s) => {
-                out.push(2);
-                out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-            }
-        }
+        value.encode(&mut out);
     }
     if salt != 0 {
         out.push(0xff);
@@ -105,13 +94,9 @@ pub fn epoch_partials(
 mod tests {
     use super::*;
     use crate::gold::aggregate::{parse_aggregates, Accumulator};
+    use crate::gold::stage1::tests::orders_batch;
     use crate::gold::stage1::GoldSpec;
-    use deltalake::arrow::array::{
-        Float64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
-    };
-    use deltalake::arrow::datatypes::{DataType, Field, Schema, TimeUnit};
     use std::collections::HashMap;
-    use std::sync::Arc;
 
     fn spec() -> GoldSpec {
         GoldSpec {
@@ -120,32 +105,6 @@ mod tests {
             aggregates: parse_aggregates("count, sum(amount)").expect("aggregates"),
             event_time_field: "event_time".into(),
         }
-    }
-
-    fn batch(rows: &[(String, f64, i64)]) -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("customer", DataType::Utf8, false),
-            Field::new("amount", DataType::Float64, false),
-            Field::new(
-                "event_time",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                false,
-            ),
-        ]));
-        RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| r.0.clone()),
-                )),
-                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(
-                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.2))
-                        .with_timezone("UTC"),
-                ),
-            ],
-        )
-        .expect("batch")
     }
 
     /// Rows of one epoch: (customer, amount, event time).
@@ -181,7 +140,7 @@ mod tests {
         let mut out = Vec::new();
         for (partition, epoch_end, rows) in stream() {
             let mut pre = PreAggregator::new(64);
-            pre.add_batch(&spec, &batch(&rows), |_, _| true)
+            pre.add_batch(&spec, &orders_batch(&rows), |_, _| true)
                 .expect("fold");
             let source = TopicPartition::new("orders", partition);
             out.extend(epoch_partials(pre, &source, epoch_end, 8, salting));

@@ -16,7 +16,8 @@ pub enum KeyValue {
 }
 
 impl KeyValue {
-    fn encode(&self, out: &mut Vec<u8>) {
+    /// Appends the value's bytes (tag, then payload); also what partitioning hashes.
+    pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
             KeyValue::Null => out.push(0),
             KeyValue::Int(v) => {

@@ -235,7 +235,7 @@ fn number(column: &ArrayRef, row: usize) -> Option<f64> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::gold::aggregate::{parse_aggregates, Output};
     use deltalake::arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
@@ -256,7 +256,8 @@ mod tests {
         }
     }
 
-    fn batch(rows: &[(u8, f64, i64)]) -> RecordBatch {
+    /// Silver-like rows (customer, amount, event time) for the Gold tests.
+    pub(crate) fn orders_batch(rows: &[(String, f64, i64)]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
             Field::new("customer", DataType::Utf8, false),
             Field::new("amount", DataType::Float64, true),
@@ -270,7 +271,7 @@ mod tests {
             schema,
             vec![
                 Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| format!("c{}", r.0)),
+                    rows.iter().map(|r| r.0.clone()),
                 )),
                 Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
                 Arc::new(
@@ -280,6 +281,14 @@ mod tests {
             ],
         )
         .expect("batch")
+    }
+
+    fn batch(rows: &[(u8, f64, i64)]) -> RecordBatch {
+        let named: Vec<(String, f64, i64)> = rows
+            .iter()
+            .map(|(c, a, t)| (format!("c{c}"), *a, *t))
+            .collect();
+        orders_batch(&named)
     }
 
     #[test]
