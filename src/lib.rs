@@ -5,7 +5,9 @@
 //! - [`config`]: the one typed configuration, from environment variables.
 //! - [`source`]: the Kafka consumer thread; rebalances as messages with an acknowledgement.
 //! - [`wire`]: the Confluent wire format (magic byte, schema id, body).
-//! - [`registry`]: writer schemas by id (Confluent Schema Registry or a folder), cached.
+//! - [`registry`]: writer schemas by id and subjects (Confluent Schema Registry or a folder), cached.
+//! - [`catalog`]: registry questions retried through outages, reader schemas, opening tables.
+//! - [`tables`]: one Silver table per record type: decoder, writer, committer, buffers, evolution.
 //! - [`compat`]: schema compatibility modes with Confluent's meaning.
 //! - [`decode`]: Avro straight into Arrow, writer resolved to reader; one verdict per record.
 //! - [`dlq`]: rejected records to the dead-letter topic, with the reason in headers.
@@ -13,13 +15,16 @@
 //! - [`commit`]: the commit protocol (files + `txn` offsets in one Delta commit, fenced).
 //! - [`pipeline`]: the topology, the only module that knows how the others connect.
 //! - [`metrics`]: Prometheus metrics, `/healthz`, `/readyz`.
-//! - [`lake`]: table locations, creation.
+//! - [`lake`]: table locations, creation, schema evolution plans.
+//! - [`schemas_check`]: `strata schemas check`, for the people who own the schemas.
+//! - [`gold`]: the pure cores of the Gold stage (windows, aggregates, sketches, partials).
 //! - [`demo`]: the self-contained demo (embedded Kafka, generator, verification).
 //! - [`verify`]: reads a table back, for the demo, tests and operators.
 //! - [`models`]: the small types passed between stages.
 //! - [`backoff`]: the retry pacing for every outside dependency.
 
 pub mod backoff;
+pub mod catalog;
 pub mod commit;
 pub mod compat;
 pub mod config;
