@@ -1,9 +1,11 @@
 //! The topology of one replica, and the only module that knows it:
-//! source → decode (+ dead letters) → per-partition buffers → Silver files → commit → group offsets.
+//! source → route to a table (+ dead letters) → decode → per-table, per-partition buffers →
+//! Silver files → commit → group offsets.
 //!
-//! Buffers are kept per source partition so that work of a fenced or lost partition can be dropped
-//! without touching the others. A flush writes one set of files for all owned partitions and makes
-//! one Delta commit (see `commit` for the rule that makes it exactly once).
+//! Buffers are kept per table and source partition, so that work of a fenced or lost partition can
+//! be dropped without touching the others. A flush writes, per table, one set of files for all
+//! owned partitions and makes one Delta commit (see `commit` for the rule that makes it exactly
+//! once, and ARCHITECTURE.md for how several tables fed by one partition stay consistent).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
