@@ -407,7 +407,7 @@ impl Replica {
                 }
             }
         }
-        self.skipped(&tp, skipped);
+        let mut replayed_letters = 0;
         for (index, group) in per_table.iter().enumerate() {
             if group.is_empty() {
                 continue;
@@ -415,8 +415,17 @@ impl Replica {
             let table = &mut self.tables.list[index];
             let inputs: Vec<&SourceRecord> = group.iter().map(|(decoded, _)| *decoded).collect();
             let decoded = table.decoder.decode_refs(&inputs);
-            // Dead letters carry the record as it was consumed.
-            letters.extend(decoded.rejected.into_iter().map(|(i, r)| (group[i].1, r)));
+            // Dead letters carry the record as it was consumed. A rejection at or below an offset
+            // some table holds was dead-lettered (and acknowledged) before that table's commit: a
+            // replay for a table that is behind must not send it twice.
+            for (i, rejection) in decoded.rejected {
+                let record = group[i].1;
+                if highest.is_some_and(|h| record.offset <= h) {
+                    replayed_letters += 1;
+                } else {
+                    letters.push((record, rejection));
+                }
+            }
             if let Some(batch) = decoded.batch {
                 let part = table.parts.entry(tp.clone()).or_default();
                 part.rows += batch.num_rows();
@@ -426,6 +435,7 @@ impl Replica {
                 part.batches.push(batch);
             }
         }
+        self.skipped(&tp, skipped + replayed_letters);
         if !letters.is_empty() {
             letters.sort_by_key(|(r, _)| r.offset);
             let refs: Vec<(&SourceRecord, &Rejection)> =

@@ -336,3 +336,57 @@ async fn a_union_of_record_types_fills_one_table_per_branch() {
     }
     replica.stop(Duration::from_secs(30));
 }
+
+/// SIGKILL after the first table's commit and before the second's: the next replica resumes at the
+/// table that is behind, the other table skips what it holds, and nothing is dead-lettered twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_two_table_commits_loses_and_duplicates_nothing() {
+    let setup = Setup::new("between", 1).await;
+    let registry = Arc::new(FakeRegistry::default());
+    registry.register(&format!("{}-shop.Order", setup.topic), 2, ORDER_V2);
+    registry.register(&format!("{}-shop.Payment", setup.topic), 10, PAYMENT);
+    registry.ids.lock().expect("ids").insert(1, ORDER_V1.into());
+    registry.ids.lock().expect("ids").insert(20, REFUND.into());
+    let url = registry.serve().await;
+    let env = [
+        ("STRATA_SCHEMA_REGISTRY_URL", url.as_str()),
+        ("STRATA_READER_SCHEMA", "latest"),
+        ("STRATA_SUBJECT_NAME_STRATEGY", "topic_record"),
+    ];
+    let produced = produce_mix(&setup.topic, 0..1_000).await;
+
+    // The tables commit in order (order, then payment): the first commit's failpoint freezes the
+    // replica with the order table ahead.
+    let mut crashing = env.to_vec();
+    crashing.push(("STRATA_FAILPOINT", "after_delta_commit:1"));
+    let doomed = setup.spawn(&crashing);
+    assert!(
+        doomed
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED after_delta_commit",
+                Duration::from_secs(120)
+            )
+            .await,
+        "failpoint not reached:\n{}",
+        doomed.tail(30)
+    );
+    let order_ahead = setup.progress_of("order").await.get(&0).copied();
+    let payment_behind = setup.progress_of("payment").await.get(&0).copied();
+    assert!(
+        order_ahead.is_some() && payment_behind.is_none(),
+        "{order_ahead:?} {payment_behind:?}"
+    );
+    doomed.sigkill();
+    common::outlive_dead_member().await;
+
+    let replica = setup.spawn(&env);
+    wait_both(&setup, 999, &replica).await;
+    let skipped = replica
+        .metric("strata_records_skipped_duplicate_total")
+        .await
+        .unwrap_or(0.0);
+    assert!(skipped > 0.0, "the order table skipped what it held");
+    common::assert_accounting(&replica).await;
+    assert_tables_and_dead_letters(&setup, &produced).await;
+    replica.stop(Duration::from_secs(30));
+}
