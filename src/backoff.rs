@@ -19,4 +19,12 @@ impl Backoff {
         tokio::time::sleep(self.next + Duration::from_millis(jitter)).await;
         self.next = (self.next * 2).min(self.max);
     }
+
+    /// [`Self::wait`], cut short by `stop`; returns false when it was.
+    pub async fn wait_unless(&mut self, stop: &tokio_util::sync::CancellationToken) -> bool {
+        tokio::select! {
+            _ = self.wait() => true,
+            _ = stop.cancelled() => false,
+        }
+    }
 }

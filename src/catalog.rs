@@ -76,11 +76,10 @@ pub async fn ask_registry(
                     metrics.not_ready(NotReady::Registry, false);
                     return Answer::Refused(e);
                 }
-                if shutdown.is_cancelled() {
+                metrics.not_ready(NotReady::Registry, true);
+                if !backoff.wait_unless(shutdown).await {
                     return Answer::ShuttingDown;
                 }
-                metrics.not_ready(NotReady::Registry, true);
-                backoff.wait().await;
             }
         }
     }
@@ -148,7 +147,7 @@ pub async fn open_tables(
                             })
                             .collect(),
                         Answer::Refused(e) => return Err(PipelineError::Config(e.to_string())),
-                        _ => return Err(PipelineError::Config("shut down while starting".into())),
+                        _ => return Err(PipelineError::Interrupted),
                     }
                 }
                 // Subjects are record names: tables open as their records are met.
@@ -163,7 +162,7 @@ pub async fn open_tables(
                             "STRATA_READER_SCHEMA=latest: {e}"
                         )))
                     }
-                    _ => return Err(PipelineError::Config("shut down while starting".into())),
+                    _ => return Err(PipelineError::Interrupted),
                 }
             }
         }
@@ -199,21 +198,24 @@ pub async fn open_table(
 ) -> Result<Result<SilverTable, String>, PipelineError> {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
-        match SilverTable::open(config, reader.clone()).await {
+        // One attempt can take minutes against an unreachable store (the client's own retries):
+        // a signal must not wait for it.
+        let attempt = tokio::select! {
+            attempt = SilverTable::open(config, reader.clone()) => attempt,
+            _ = shutdown.cancelled() => return Err(PipelineError::Interrupted),
+        };
+        match attempt {
             Ok(table) => {
                 metrics.not_ready(NotReady::Lake, false);
                 return Ok(Ok(table));
             }
             Err(OpenError::Schema(why)) => return Ok(Err(why)),
             Err(OpenError::Storage(why)) => {
-                if shutdown.is_cancelled() {
-                    return Err(PipelineError::Config(format!(
-                        "shut down while the lake was unreachable: {why}"
-                    )));
-                }
                 metrics.not_ready(NotReady::Lake, true);
                 tracing::warn!(error = %why, "opening the table failed; retrying");
-                backoff.wait().await;
+                if !backoff.wait_unless(shutdown).await {
+                    return Err(PipelineError::Interrupted);
+                }
             }
         }
     }

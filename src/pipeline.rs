@@ -46,6 +46,8 @@ pub enum PipelineError {
     Io(#[from] std::io::Error),
     #[error("shutdown did not finish within the grace period of {0:?}")]
     GraceExceeded(Duration),
+    #[error("shut down before start-up finished")]
+    Interrupted,
 }
 
 /// What a replica did, for the demo's summary and for tests.
@@ -134,6 +136,12 @@ pub async fn run(
         Err(e) => {
             server_stop.cancel();
             let _ = server.await;
+            // A signal while start-up waited for the registry or the lake: nothing was consumed,
+            // so there is nothing to drain; that is a clean stop.
+            if matches!(e, PipelineError::Interrupted) {
+                tracing::info!("shut down before start-up finished");
+                return Ok(RunSummary::default());
+            }
             return Err(e);
         }
     };
@@ -164,7 +172,11 @@ pub async fn run(
         summary: RunSummary::default(),
         shutdown: shutdown.clone(),
     };
-    let result = replica.consume(&mut events).await;
+    let result = match replica.consume(&mut events).await {
+        // A signal while a table opening mid-run waited for the lake: drain what is complete.
+        Err(PipelineError::Interrupted) => Ok(()),
+        other => other,
+    };
     metrics.not_ready(NotReady::ShuttingDown, true);
     let grace = replica.config.shutdown_grace;
     let deadline = tokio::time::Instant::now() + grace;
