@@ -10,12 +10,14 @@
 //! - [`partial`]: a partial aggregate as it travels between stages (binary, versioned, bounded);
 //! - [`epoch`]: an epoch's partials, salted when a key is hot, with partitions and sequences;
 //! - [`stage1`]: local pre-aggregation of one source partition's epoch, with its hot keys;
-//! - [`stage2`]: merging partials, dropping replays, closing windows by watermark.
+//! - [`stage2`]: merging partials, dropping replays, closing windows by watermark;
+//! - [`output`]: closed windows as Gold rows (no salt), and the Gold table's schema.
 
 pub mod aggregate;
 pub mod epoch;
 pub mod heavy;
 pub mod hll;
+pub mod output;
 pub mod partial;
 pub mod stage1;
 pub mod stage2;
