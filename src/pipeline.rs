@@ -67,7 +67,9 @@ pub struct RunSummary {
 struct PartitionState {
     /// Records below this offset were handled in this run already (a replay after a seek): skipped.
     position: Option<i64>,
-    /// Last offset handled (a buffered row or an acknowledged dead letter) and not yet committed.
+    /// First and last offset handled (a buffered row or an acknowledged dead letter) and not yet
+    /// committed: every table's uncommitted work of this partition lies in between.
+    pending_first: Option<i64>,
     pending_last: Option<i64>,
     /// After fencing, records are ignored until the source confirms the seek back.
     awaiting_reseek: bool,
@@ -374,13 +376,17 @@ impl Replica {
             .into_iter()
             .partition(|r| position.is_some_and(|p| r.offset < p));
         self.skipped(&tp, replayed.len());
-        let Some(last) = records.last().map(|r| r.offset) else {
+        let (Some(first_offset), Some(last)) = (
+            records.first().map(|r| r.offset),
+            records.last().map(|r| r.offset),
+        ) else {
             return Ok(());
         };
         self.summary.records_consumed += records.len() as u64;
 
-        if !self.resolve_schemas(&records).await? {
-            // A table found on the way needs older offsets of this partition: they come again.
+        self.resolve_schemas(&records).await?;
+        if self.parts.get(&tp).is_some_and(|s| s.awaiting_reseek) {
+            // A table opened on the way needs older offsets of this partition: they come again.
             self.metrics.dropped(&tp, "reseek", records.len());
             return Ok(());
         }
@@ -458,6 +464,7 @@ impl Replica {
             self.summary.dead_lettered += refs.len() as u64;
         }
         let state = self.parts.entry(tp).or_default();
+        state.pending_first.get_or_insert(first_offset);
         state.pending_last = Some(last);
         state.position = Some(last + 1);
         self.oldest.get_or_insert_with(Instant::now);
@@ -527,9 +534,9 @@ impl Replica {
     /// Routes every writer schema id of `records` not routed yet: fetches the schema, finds (or,
     /// under `latest`, opens) its table, follows the table's subject to its newest version, and has
     /// the table's decoder judge it. A registry outage is waited out (not ready meanwhile): it is
-    /// never the record's fault. Returns false when a table opened on the way made this partition
-    /// seek back (the records will come again).
-    async fn resolve_schemas(&mut self, records: &[SourceRecord]) -> Result<bool, PipelineError> {
+    /// never the record's fault. A table opened on the way may make a partition seek back
+    /// (`reseek_behind`); the caller checks.
+    async fn resolve_schemas(&mut self, records: &[SourceRecord]) -> Result<(), PipelineError> {
         let mut ids: Vec<(u32, &SourceRecord)> = Vec::new();
         for record in records {
             if let Some(frame) = record.value.as_deref().and_then(|v| wire::parse(v).ok()) {
@@ -540,7 +547,6 @@ impl Replica {
                 }
             }
         }
-        let mut in_order = true;
         for (id, record) in ids {
             let writer = match self.ask(Ask::Id(id)).await {
                 Answer::Schema(text) => text,
@@ -554,7 +560,7 @@ impl Replica {
                     continue;
                 }
                 // Leave the id unrouted: a shutdown must not wait for the registry.
-                _ => return Ok(in_order),
+                _ => return Ok(()),
             };
             self.metrics.schema_ids_seen.inc();
             let tp = TopicPartition::new(record.topic.clone(), record.partition);
@@ -563,7 +569,7 @@ impl Replica {
                 _ => None,
             };
             let route = match variants {
-                None => match self.route_record(id, &tp, &writer, &mut in_order).await? {
+                None => match self.route_record(id, &tp, &writer).await? {
                     Ok(index) => Route::Table(index),
                     Err(rejection) => Route::Refused(rejection),
                 },
@@ -577,7 +583,7 @@ impl Replica {
                             )));
                             continue;
                         };
-                        let routed = self.route_record(id, &tp, &json, &mut in_order).await?;
+                        let routed = self.route_record(id, &tp, &json).await?;
                         // One branch per table: a table's decoder knows one schema per id.
                         let taken = routed
                             .as_ref()
@@ -596,7 +602,7 @@ impl Replica {
             };
             self.routes.insert(id, route);
         }
-        Ok(in_order)
+        Ok(())
     }
 
     /// Routes one record schema (a writer, or a union branch registered under the union's id):
@@ -606,7 +612,6 @@ impl Replica {
         id: u32,
         tp: &TopicPartition,
         json: &str,
-        in_order: &mut bool,
     ) -> Result<Result<usize, Rejection>, PipelineError> {
         let index = match self.route(id, tp, json).await? {
             Route::Table(index) => index,
@@ -618,7 +623,7 @@ impl Replica {
                 )))
             }
         };
-        *in_order &= self.follow_latest(index, tp).await?;
+        self.follow_latest(index, tp).await?;
         let decoder = &mut self.tables.list[index].decoder;
         decoder.register(id, Ok(json));
         Ok(match decoder.verdict(id) {
@@ -701,33 +706,37 @@ impl Replica {
     /// A table opened mid-run may hold less of an owned partition than has been handled: that
     /// partition seeks back, and the other tables skip what they already hold.
     fn reseek_behind(&mut self, index: usize) {
-        for (tp, state) in self.parts.iter_mut() {
-            let held = self.tables.list[index]
-                .parts
-                .get(tp)
-                .and_then(|p| p.committed);
-            let Some(position) = state.position else {
-                continue;
-            };
-            let from = held.map_or(0, |h| h + 1);
-            if from < position && held.is_some() {
-                tracing::warn!(table = %self.tables.list[index].name, partition = %tp, from, position, "new table is behind: seeking back");
+        let behind: Vec<(TopicPartition, i64)> = self
+            .parts
+            .iter()
+            .filter_map(|(tp, state)| {
+                let held = self.tables.list[index].parts.get(tp)?.committed?;
+                let position = state.position?;
+                // Back to the new table's progress, or further to the first uncommitted offset:
+                // the buffered work of every table is dropped and read again.
+                let from = state.pending_first.map_or(held + 1, |f| f.min(held + 1));
+                (held + 1 < position).then_some((tp.clone(), from))
+            })
+            .collect();
+        for (tp, from) in behind {
+            tracing::warn!(table = %self.tables.list[index].name, partition = %tp, from, "new table is behind: seeking back");
+            self.drop_work(std::slice::from_ref(&tp), "reseek");
+            if let Some(state) = self.parts.get_mut(&tp) {
                 state.position = Some(from);
                 state.awaiting_reseek = true;
-                self.source.command(SourceCommand::Seek(tp.clone(), from));
             }
+            self.source.command(SourceCommand::Seek(tp, from));
         }
     }
 
-    /// Under `latest`: moves the table to its subject's newest version if that is new. Returns
-    /// false when that made a partition seek back (never, today: evolving keeps progress).
+    /// Under `latest`: moves the table to its subject's newest version if that is new.
     async fn follow_latest(
         &mut self,
         index: usize,
         tp: &TopicPartition,
-    ) -> Result<bool, PipelineError> {
+    ) -> Result<(), PipelineError> {
         if self.config.reader_schemas != ReaderSchemas::Latest {
-            return Ok(true);
+            return Ok(());
         }
         let record = self.tables.list[index].reader.record.clone();
         let subject = self.tables.list[index]
@@ -737,10 +746,10 @@ impl Replica {
             .unwrap_or_else(|| self.config.subject_strategy.subject(&tp.topic, &record));
         let version = match self.ask(Ask::Latest(&subject)).await {
             Answer::Version(version) => version,
-            _ => return Ok(true),
+            _ => return Ok(()),
         };
         if !self.tables.list[index].wants_version(version.id) {
-            return Ok(true);
+            return Ok(());
         }
         let next = reader_from_version(&version, &record).map_err(PipelineError::Config);
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
@@ -753,13 +762,13 @@ impl Replica {
             match result {
                 Ok(()) => {
                     self.metrics.schema_evolved(&table.name, "evolved");
-                    return Ok(true);
+                    return Ok(());
                 }
                 Err(EvolveError::Refused(why)) => {
                     self.metrics.schema_evolved(&table.name, "refused");
                     tracing::error!(table = %table.name, subject = %subject, schema_id = version.id, reason = %why,
                         "newest reader schema refused; the table keeps its schema");
-                    return Ok(true);
+                    return Ok(());
                 }
                 Err(EvolveError::Storage(e)) if !self.shutdown.is_cancelled() => {
                     self.metrics.not_ready(NotReady::Lake, true);
@@ -787,6 +796,7 @@ impl Replica {
                 dropped += rows;
             }
             if let Some(state) = self.parts.get_mut(tp) {
+                state.pending_first = None;
                 state.pending_last = None;
             }
             self.metrics.dropped(tp, reason, dropped);
@@ -963,6 +973,7 @@ impl Replica {
             for (tp, last) in &pending {
                 self.metrics.progress(tp, *last);
                 if let Some(state) = self.parts.get_mut(tp) {
+                    state.pending_first = None;
                     state.pending_last = None;
                 }
             }

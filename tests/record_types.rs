@@ -34,7 +34,8 @@ enum Kind {
     Dead(&'static str),
 }
 
-fn order(n: i64, v1: bool) -> Vec<u8> {
+/// Order `n` as written by v2 (the v1 writer lacks the last two fields).
+fn order_fields(n: i64, v1: bool) -> Value {
     let mut fields = vec![
         ("order_id".to_string(), Value::Long(n)),
         ("customer_id".to_string(), Value::String("c".into())),
@@ -42,24 +43,44 @@ fn order(n: i64, v1: bool) -> Vec<u8> {
         ("amount".to_string(), Value::Double(1.5)),
         ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
     ];
-    if v1 {
-        return framed(1, ORDER_V1, Value::Record(fields));
+    if !v1 {
+        fields.push(("coupon".to_string(), Value::Union(0, Box::new(Value::Null))));
+        fields.push(("quantity".to_string(), Value::Int(2)));
     }
-    fields.push(("coupon".to_string(), Value::Union(0, Box::new(Value::Null))));
-    fields.push(("quantity".to_string(), Value::Int(2)));
-    framed(2, ORDER_V2, Value::Record(fields))
+    Value::Record(fields)
+}
+
+fn payment_fields(n: i64) -> Value {
+    Value::Record(vec![
+        ("payment_id".to_string(), Value::Long(n)),
+        ("method".to_string(), Value::String("card".into())),
+        ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
+    ])
+}
+
+fn order(n: i64, v1: bool) -> Vec<u8> {
+    if v1 {
+        framed(1, ORDER_V1, order_fields(n, true))
+    } else {
+        framed(2, ORDER_V2, order_fields(n, false))
+    }
 }
 
 fn payment(n: i64) -> Vec<u8> {
-    framed(
-        10,
-        PAYMENT,
-        Value::Record(vec![
-            ("payment_id".to_string(), Value::Long(n)),
-            ("method".to_string(), Value::String("card".into())),
-            ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
-        ]),
-    )
+    framed(10, PAYMENT, payment_fields(n))
+}
+
+/// A registry as TopicRecordNameStrategy producers leave it: subjects for orders and payments,
+/// plus ids without a subject of their own (an older order writer, and a refund). Returns it and
+/// its URL.
+async fn topic_record_registry(setup: &Setup) -> (Arc<FakeRegistry>, String) {
+    let registry = Arc::new(FakeRegistry::default());
+    registry.register(&format!("{}-shop.Order", setup.topic), 2, ORDER_V2);
+    registry.register(&format!("{}-shop.Payment", setup.topic), 10, PAYMENT);
+    registry.ids.lock().expect("ids").insert(1, ORDER_V1.into());
+    registry.ids.lock().expect("ids").insert(20, REFUND.into());
+    let url = registry.serve().await;
+    (registry, url)
 }
 
 /// The n-th record of a deterministic mix: orders (two writer versions), payments, and one in
@@ -201,13 +222,7 @@ async fn wait_both(setup: &Setup, last: i64, replica: &common::Replica) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn record_types_of_one_topic_reach_their_own_tables_and_hostile_values_the_dead_letters() {
     let setup = Setup::new("types", 1).await;
-    let registry = Arc::new(FakeRegistry::default());
-    registry.register(&format!("{}-shop.Order", setup.topic), 2, ORDER_V2);
-    registry.register(&format!("{}-shop.Payment", setup.topic), 10, PAYMENT);
-    // Known ids without a subject of their own: an older order writer, and a refund.
-    registry.ids.lock().expect("ids").insert(1, ORDER_V1.into());
-    registry.ids.lock().expect("ids").insert(20, REFUND.into());
-    let url = registry.serve().await;
+    let (_registry, url) = topic_record_registry(&setup).await;
     let env = [
         ("STRATA_SCHEMA_REGISTRY_URL", url.as_str()),
         ("STRATA_READER_SCHEMA", "latest"),
@@ -245,26 +260,6 @@ fn union_of(first: &str, second: &str) -> String {
     format!(r#"["null", {first}, {second}]"#)
 }
 
-fn order_fields(n: i64) -> Value {
-    Value::Record(vec![
-        ("order_id".to_string(), Value::Long(n)),
-        ("customer_id".to_string(), Value::String("c".into())),
-        ("product".to_string(), Value::String("cable".into())),
-        ("amount".to_string(), Value::Double(1.5)),
-        ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
-        ("coupon".to_string(), Value::Union(0, Box::new(Value::Null))),
-        ("quantity".to_string(), Value::Int(2)),
-    ])
-}
-
-fn payment_fields(n: i64) -> Value {
-    Value::Record(vec![
-        ("payment_id".to_string(), Value::Long(n)),
-        ("method".to_string(), Value::String("card".into())),
-        ("event_time".to_string(), Value::TimestampMillis(T0 + n)),
-    ])
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_union_of_record_types_fills_one_table_per_branch() {
     let setup = Setup::new("union", 1).await;
@@ -282,7 +277,7 @@ async fn a_union_of_record_types_fills_one_table_per_branch() {
         let (kind, value) = match n % 10 {
             0..=2 => (
                 Kind::Order,
-                framed(30, &ours, Value::Union(1, Box::new(order_fields(n)))),
+                framed(30, &ours, Value::Union(1, Box::new(order_fields(n, false)))),
             ),
             3..=4 => (
                 Kind::Payment,
@@ -294,7 +289,11 @@ async fn a_union_of_record_types_fills_one_table_per_branch() {
             ),
             6 => (
                 Kind::Order,
-                framed(31, &theirs, Value::Union(2, Box::new(order_fields(n)))),
+                framed(
+                    31,
+                    &theirs,
+                    Value::Union(2, Box::new(order_fields(n, false))),
+                ),
             ),
             7 => (
                 Kind::Dead("unknown_record_type"),
@@ -342,12 +341,7 @@ async fn a_union_of_record_types_fills_one_table_per_branch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_between_two_table_commits_loses_and_duplicates_nothing() {
     let setup = Setup::new("between", 1).await;
-    let registry = Arc::new(FakeRegistry::default());
-    registry.register(&format!("{}-shop.Order", setup.topic), 2, ORDER_V2);
-    registry.register(&format!("{}-shop.Payment", setup.topic), 10, PAYMENT);
-    registry.ids.lock().expect("ids").insert(1, ORDER_V1.into());
-    registry.ids.lock().expect("ids").insert(20, REFUND.into());
-    let url = registry.serve().await;
+    let (_registry, url) = topic_record_registry(&setup).await;
     let env = [
         ("STRATA_SCHEMA_REGISTRY_URL", url.as_str()),
         ("STRATA_READER_SCHEMA", "latest"),
@@ -387,6 +381,94 @@ async fn a_crash_between_two_table_commits_loses_and_duplicates_nothing() {
         .unwrap_or(0.0);
     assert!(skipped > 0.0, "the order table skipped what it held");
     common::assert_accounting(&replica).await;
+    assert_tables_and_dead_letters(&setup, &produced).await;
+    replica.stop(Duration::from_secs(30));
+}
+
+/// A table that opens mid-run behind the others: a crash left the payment table behind the order
+/// table, and the next replica starts while the payment subject is missing, so it resumes where the
+/// order table is. When the subject is back, the payment table opens holding less than was read:
+/// the partition seeks back to its progress, the order table skips what it holds, buffered rows are
+/// dropped and read again, and the payments the crash left uncommitted still land, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_that_opens_mid_run_behind_the_others_loses_and_duplicates_nothing() {
+    let setup = Setup::new("late-table", 1).await;
+    let (registry, url) = topic_record_registry(&setup).await;
+    let env = [
+        ("STRATA_SCHEMA_REGISTRY_URL", url.as_str()),
+        ("STRATA_READER_SCHEMA", "latest"),
+        ("STRATA_SUBJECT_NAME_STRATEGY", "topic_record"),
+    ];
+    let mut produced = produce_mix(&setup.topic, 0..1_000).await;
+    let replica = setup.spawn(&env);
+    wait_both(&setup, 999, &replica).await;
+    replica.stop(Duration::from_secs(30));
+
+    // A crash after the order table's commit: the payment table stays at 999.
+    produced.extend(produce_mix(&setup.topic, 1_000..2_000).await);
+    let mut crashing = env.to_vec();
+    crashing.push(("STRATA_FAILPOINT", "after_delta_commit:1"));
+    let doomed = setup.spawn(&crashing);
+    assert!(
+        doomed
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED after_delta_commit",
+                Duration::from_secs(120)
+            )
+            .await,
+        "failpoint not reached:\n{}",
+        doomed.tail(30)
+    );
+    doomed.sigkill();
+    let order_at = setup.progress_of("order").await.get(&0).copied();
+    assert_eq!(order_at, Some(1_999), "the order table committed the epoch");
+    assert_eq!(
+        setup.progress_of("payment").await.get(&0).copied(),
+        Some(999)
+    );
+    common::outlive_dead_member().await;
+
+    // The payment subject is missing when the next replica starts: it knows only the order table
+    // and resumes after 1999. Orders only arrive for a while.
+    let payment_subject = format!("{}-shop.Payment", setup.topic);
+    let versions = registry
+        .subjects
+        .lock()
+        .expect("subjects")
+        .remove(&payment_subject)
+        .expect("payment subject");
+    let orders_only: Vec<(Option<Vec<u8>>, Vec<u8>)> =
+        (2_000..2_500).map(|n| (None, order(n, false))).collect();
+    for (offset, n) in produce_raw(&setup.topic, orders_only)
+        .await
+        .into_iter()
+        .zip(2_000..2_500)
+    {
+        produced.insert(offset, (Kind::Order, n));
+    }
+    // A flush interval long enough that the seek back replays rows still buffered.
+    let mut slow = env.to_vec();
+    slow.push(("STRATA_FLUSH_INTERVAL", "6s"));
+    let replica = setup.spawn(&slow);
+    let deadline = Instant::now() + common::CATCH_UP;
+    while setup.progress_of("order").await.get(&0).copied() < Some(2_499) {
+        assert!(Instant::now() < deadline, "{}", replica.tail(30));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // The subject is back and payments flow again.
+    registry
+        .subjects
+        .lock()
+        .expect("subjects")
+        .insert(payment_subject, versions);
+    produced.extend(produce_mix(&setup.topic, 2_500..3_000).await);
+    wait_both(&setup, 2_999, &replica).await;
+    assert!(
+        replica.log_contains("new table is behind: seeking back"),
+        "the scenario seeks back:\n{}",
+        replica.tail(30)
+    );
     assert_tables_and_dead_letters(&setup, &produced).await;
     replica.stop(Duration::from_secs(30));
 }
