@@ -11,12 +11,15 @@
 //! - [`epoch`]: an epoch's partials, salted when a key is hot, with partitions and sequences;
 //! - [`stage1`]: local pre-aggregation of one source partition's epoch, with its hot keys;
 //! - [`stage2`]: merging partials, dropping replays, closing windows by watermark;
+//! - [`merge`]: stage 2 of one partials partition with the merge hop of salted keys, and its
+//!   snapshot;
 //! - [`output`]: closed windows as Gold rows (no salt), and the Gold table's schema.
 
 pub mod aggregate;
 pub mod epoch;
 pub mod heavy;
 pub mod hll;
+pub mod merge;
 pub mod output;
 pub mod partial;
 pub mod stage1;

@@ -2,10 +2,10 @@
 //! stage 2's deduplication), its window, key and salt, and the accumulators. Binary, versioned,
 //! and decoded defensively: a malformed message is an error, never a panic or a large allocation.
 
-use super::aggregate::{Accumulator, Aggregate};
+use super::aggregate::{Accumulator, Aggregate, Cursor};
 
 const MAGIC: [u8; 2] = *b"SP";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 
 /// A value of a grouping field.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,99 +63,222 @@ pub fn spec_fingerprint(aggregates: &[Aggregate], key_fields: &[String]) -> u64 
     super::hll::hash64(text.as_bytes())
 }
 
-impl Partial {
+const PARTIAL: u8 = 1;
+const MARKER: u8 = 2;
+const SUB_RESULT: u8 = 3;
+const CLOSED: u8 = 4;
+
+/// Everything that travels on the partials topic.
+#[derive(Debug, Clone)]
+pub enum Message {
+    /// Stage 1: one (window, key, salt) accumulator of an epoch.
+    Partial(Partial),
+    /// Stage 1 finished the epoch of a source partition ending at `epoch_end`; every partial of
+    /// that epoch for this partials partition came before it. `watermark` is the source
+    /// partition's watermark after the epoch (microseconds).
+    Marker {
+        source_topic: String,
+        source_partition: i32,
+        epoch_end: i64,
+        watermark: i64,
+    },
+    /// Stage 2 on partials partition `from` closed a salted sub-key's window: the key's own
+    /// partition merges it with the other sub-keys.
+    SubResult {
+        from: i32,
+        window_start: i64,
+        key: Vec<KeyValue>,
+        salt: u16,
+        accumulator: Accumulator,
+    },
+    /// Stage 2 on partials partition `from` closed, and forwarded, every window whose end plus the
+    /// allowed lateness is at or below `through`.
+    Closed { from: i32, through: i64 },
+}
+
+fn header(kind: u8, fingerprint: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(&MAGIC);
+    out.push(VERSION);
+    out.push(kind);
+    out.extend_from_slice(&fingerprint.to_le_bytes());
+    out
+}
+
+pub(crate) fn encode_key(key: &[KeyValue], out: &mut Vec<u8>) {
+    out.push(key.len() as u8);
+    for value in key {
+        value.encode(out);
+    }
+}
+
+pub(crate) fn decode_key(cursor: &mut Cursor<'_>) -> Result<Vec<KeyValue>, String> {
+    let fields = cursor.u8().ok_or("truncated key")? as usize;
+    let mut key = Vec::with_capacity(fields);
+    for _ in 0..fields {
+        key.push(match cursor.u8().ok_or("truncated key")? {
+            0 => KeyValue::Null,
+            1 => KeyValue::Int(cursor.i64().ok_or("truncated key")?),
+            2 => {
+                let len = cursor.u32().ok_or("truncated key")? as usize;
+                let bytes = cursor.take(len).ok_or("truncated key")?;
+                KeyValue::Str(String::from_utf8(bytes.to_vec()).map_err(|_| "key is not UTF-8")?)
+            }
+            tag => return Err(format!("unknown key tag {tag}")),
+        });
+    }
+    Ok(key)
+}
+
+fn decode_accumulator(
+    cursor: &mut Cursor<'_>,
+    aggregates: &[Aggregate],
+) -> Result<Accumulator, String> {
+    let (accumulator, used) = Accumulator::decode(aggregates, cursor.rest())
+        .ok_or_else(|| "malformed accumulators".to_string())?;
+    cursor.at += used;
+    Ok(accumulator)
+}
+
+impl Message {
     pub fn encode(&self, fingerprint: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64);
-        out.extend_from_slice(&MAGIC);
-        out.push(VERSION);
-        out.extend_from_slice(&fingerprint.to_le_bytes());
-        out.extend_from_slice(&(self.source_topic.len() as u16).to_le_bytes());
-        out.extend_from_slice(self.source_topic.as_bytes());
-        out.extend_from_slice(&self.source_partition.to_le_bytes());
-        out.extend_from_slice(&self.epoch_end.to_le_bytes());
-        out.extend_from_slice(&self.seq.to_le_bytes());
-        out.extend_from_slice(&self.window_start.to_le_bytes());
-        out.extend_from_slice(&self.salt.to_le_bytes());
-        out.push(self.key.len() as u8);
-        for value in &self.key {
-            value.encode(&mut out);
+        match self {
+            Message::Partial(p) => {
+                let mut out = header(PARTIAL, fingerprint);
+                out.extend_from_slice(&(p.source_topic.len() as u16).to_le_bytes());
+                out.extend_from_slice(p.source_topic.as_bytes());
+                out.extend_from_slice(&p.source_partition.to_le_bytes());
+                out.extend_from_slice(&p.epoch_end.to_le_bytes());
+                out.extend_from_slice(&p.seq.to_le_bytes());
+                out.extend_from_slice(&p.window_start.to_le_bytes());
+                out.extend_from_slice(&p.salt.to_le_bytes());
+                encode_key(&p.key, &mut out);
+                p.accumulator.encode(&mut out);
+                out
+            }
+            Message::Marker {
+                source_topic,
+                source_partition,
+                epoch_end,
+                watermark,
+            } => {
+                let mut out = header(MARKER, fingerprint);
+                out.extend_from_slice(&(source_topic.len() as u16).to_le_bytes());
+                out.extend_from_slice(source_topic.as_bytes());
+                out.extend_from_slice(&source_partition.to_le_bytes());
+                out.extend_from_slice(&epoch_end.to_le_bytes());
+                out.extend_from_slice(&watermark.to_le_bytes());
+                out
+            }
+            Message::SubResult {
+                from,
+                window_start,
+                key,
+                salt,
+                accumulator,
+            } => {
+                let mut out = header(SUB_RESULT, fingerprint);
+                out.extend_from_slice(&from.to_le_bytes());
+                out.extend_from_slice(&window_start.to_le_bytes());
+                out.extend_from_slice(&salt.to_le_bytes());
+                encode_key(key, &mut out);
+                accumulator.encode(&mut out);
+                out
+            }
+            Message::Closed { from, through } => {
+                let mut out = header(CLOSED, fingerprint);
+                out.extend_from_slice(&from.to_le_bytes());
+                out.extend_from_slice(&through.to_le_bytes());
+                out
+            }
         }
-        self.accumulator.encode(&mut out);
-        out
     }
 
-    pub fn decode(
-        bytes: &[u8],
-        aggregates: &[Aggregate],
-        fingerprint: u64,
-    ) -> Result<Self, String> {
-        let mut at = 0usize;
-        let mut take = |n: usize| -> Result<&[u8], String> {
-            let end = at.checked_add(n).ok_or("length overflow")?;
-            let slice = bytes
-                .get(at..end)
-                .ok_or_else(|| format!("truncated at byte {at} (needed {n})"))?;
-            at = end;
-            Ok(slice)
-        };
-        let array = |b: &[u8]| -> [u8; 8] {
-            let mut a = [0u8; 8];
-            a.copy_from_slice(&b[..8]);
-            a
-        };
-        if take(2)? != MAGIC {
-            return Err("not a Strata partial (bad magic)".into());
+    /// Decodes a message of this configuration. A malformed message is an error, never a panic
+    /// or an allocation beyond its own length.
+    pub fn decode(bytes: &[u8], aggregates: &[Aggregate], fingerprint: u64) -> Result<Self, String> {
+        let mut c = Cursor::new(bytes);
+        let truncated = || format!("truncated message ({} bytes)", bytes.len());
+        if c.take(2).ok_or_else(truncated)? != MAGIC {
+            return Err("not a Strata partials message (bad magic)".into());
         }
-        let version = take(1)?[0];
+        let version = c.u8().ok_or_else(truncated)?;
         if version != VERSION {
-            return Err(format!(
-                "partial format version {version}, expected {VERSION}"
-            ));
+            return Err(format!("partials format version {version}, expected {VERSION}"));
         }
-        let found = u64::from_le_bytes(array(take(8)?));
-        if found != fingerprint {
+        let kind = c.u8().ok_or_else(truncated)?;
+        if c.u64().ok_or_else(truncated)? != fingerprint {
             return Err("partial of another STRATA_GOLD_KEY/STRATA_GOLD_AGGREGATES".into());
         }
-        let topic_len = u16::from_le_bytes([take(1)?[0], take(1)?[0]]) as usize;
-        let source_topic = String::from_utf8(take(topic_len)?.to_vec())
-            .map_err(|_| "source topic is not UTF-8".to_string())?;
-        let source_partition = i32::from_le_bytes(take(4)?.try_into().map_err(|_| "i32")?);
-        let epoch_end = i64::from_le_bytes(array(take(8)?));
-        let seq = u32::from_le_bytes(take(4)?.try_into().map_err(|_| "u32")?);
-        let window_start = i64::from_le_bytes(array(take(8)?));
-        let salt = u16::from_le_bytes([take(1)?[0], take(1)?[0]]);
-        let fields = take(1)?[0] as usize;
-        let mut key = Vec::with_capacity(fields);
-        for _ in 0..fields {
-            key.push(match take(1)?[0] {
-                0 => KeyValue::Null,
-                1 => KeyValue::Int(i64::from_le_bytes(array(take(8)?))),
-                2 => {
-                    let len = u32::from_le_bytes(take(4)?.try_into().map_err(|_| "u32")?) as usize;
-                    KeyValue::Str(
-                        String::from_utf8(take(len)?.to_vec())
-                            .map_err(|_| "key is not UTF-8".to_string())?,
-                    )
+        let topic = |c: &mut Cursor<'_>| -> Result<String, String> {
+            let len = c.u16().ok_or_else(truncated)? as usize;
+            String::from_utf8(c.take(len).ok_or_else(truncated)?.to_vec())
+                .map_err(|_| "source topic is not UTF-8".to_string())
+        };
+        let message = match kind {
+            PARTIAL => {
+                let source_topic = topic(&mut c)?;
+                let source_partition = c.i32().ok_or_else(truncated)?;
+                let epoch_end = c.i64().ok_or_else(truncated)?;
+                let seq = c.u32().ok_or_else(truncated)?;
+                let window_start = c.i64().ok_or_else(truncated)?;
+                let salt = c.u16().ok_or_else(truncated)?;
+                let key = decode_key(&mut c)?;
+                let accumulator = decode_accumulator(&mut c, aggregates)?;
+                Message::Partial(Partial {
+                    source_topic,
+                    source_partition,
+                    epoch_end,
+                    seq,
+                    window_start,
+                    key,
+                    salt,
+                    accumulator,
+                })
+            }
+            MARKER => Message::Marker {
+                source_topic: topic(&mut c)?,
+                source_partition: c.i32().ok_or_else(truncated)?,
+                epoch_end: c.i64().ok_or_else(truncated)?,
+                watermark: c.i64().ok_or_else(truncated)?,
+            },
+            SUB_RESULT => {
+                let from = c.i32().ok_or_else(truncated)?;
+                let window_start = c.i64().ok_or_else(truncated)?;
+                let salt = c.u16().ok_or_else(truncated)?;
+                let key = decode_key(&mut c)?;
+                let accumulator = decode_accumulator(&mut c, aggregates)?;
+                Message::SubResult {
+                    from,
+                    window_start,
+                    key,
+                    salt,
+                    accumulator,
                 }
-                tag => return Err(format!("unknown key tag {tag}")),
-            });
+            }
+            CLOSED => Message::Closed {
+                from: c.i32().ok_or_else(truncated)?,
+                through: c.i64().ok_or_else(truncated)?,
+            },
+            other => return Err(format!("unknown message kind {other}")),
+        };
+        if c.at != bytes.len() {
+            return Err(format!("{} trailing bytes", bytes.len() - c.at));
         }
-        let rest = bytes.get(at..).unwrap_or_default();
-        let (accumulator, used) = Accumulator::decode(aggregates, rest)
-            .ok_or_else(|| "malformed accumulators".to_string())?;
-        if at + used != bytes.len() {
-            return Err(format!("{} trailing bytes", bytes.len() - at - used));
+        Ok(message)
+    }
+}
+
+impl Partial {
+    pub fn encode(&self, fingerprint: u64) -> Vec<u8> {
+        Message::Partial(self.clone()).encode(fingerprint)
+    }
+
+    pub fn decode(bytes: &[u8], aggregates: &[Aggregate], fingerprint: u64) -> Result<Self, String> {
+        match Message::decode(bytes, aggregates, fingerprint)? {
+            Message::Partial(p) => Ok(p),
+            _ => Err("not a partial".into()),
         }
-        Ok(Self {
-            source_topic,
-            source_partition,
-            epoch_end,
-            seq,
-            window_start,
-            key,
-            salt,
-            accumulator,
-        })
     }
 }
 

@@ -49,6 +49,9 @@ pub struct Merger {
     marks: HashMap<Source, Mark>,
     /// Windows whose end + lateness is at or below this are closed.
     closed_through: Option<i64>,
+    /// Source partitions that must have marked before any window closes (all partitions of the
+    /// Bronze topics): a source not heard from yet could still send partials for any window.
+    expected: Vec<Source>,
 }
 
 impl Merger {
@@ -61,7 +64,25 @@ impl Merger {
             seen: HashMap::new(),
             marks: HashMap::new(),
             closed_through: None,
+            expected: Vec::new(),
         }
+    }
+
+    /// Sets the source partitions every one of which must have marked before windows close.
+    pub fn expect(&mut self, sources: Vec<Source>) {
+        self.expected = sources;
+    }
+
+    pub fn closed_through(&self) -> Option<i64> {
+        self.closed_through
+    }
+
+    pub fn window(&self) -> WindowSpec {
+        self.window
+    }
+
+    pub fn lateness(&self) -> i64 {
+        self.lateness
     }
 
     /// Restores what a committed state says is closed (after a restart).
@@ -105,6 +126,9 @@ impl Merger {
 
     /// The operator watermark: the minimum over active sources (all idle: the largest).
     pub fn watermark(&self) -> Option<i64> {
+        if self.expected.iter().any(|s| !self.marks.contains_key(s)) {
+            return None;
+        }
         let active = self
             .marks
             .values()
@@ -143,6 +167,83 @@ impl Merger {
                 })
             })
             .collect()
+    }
+
+    /// Appends the merger's whole state (open windows, per-source high-water marks and
+    /// watermarks, what is closed) to `out`: stage 2 stores it with each commit.
+    pub fn snapshot(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.open.len() as u64).to_le_bytes());
+        for ((start, key, salt), acc) in &self.open {
+            out.extend_from_slice(&start.to_le_bytes());
+            super::partial::encode_key(key, out);
+            out.extend_from_slice(&salt.to_le_bytes());
+            acc.encode(out);
+        }
+        let mut sources: Vec<&Source> = self.seen.keys().chain(self.marks.keys()).collect();
+        sources.sort();
+        sources.dedup();
+        out.extend_from_slice(&(sources.len() as u64).to_le_bytes());
+        for source in sources {
+            out.extend_from_slice(&(source.0.len() as u16).to_le_bytes());
+            out.extend_from_slice(source.0.as_bytes());
+            out.extend_from_slice(&source.1.to_le_bytes());
+            match self.seen.get(source) {
+                Some((epoch, seq)) => {
+                    out.push(1);
+                    out.extend_from_slice(&epoch.to_le_bytes());
+                    out.extend_from_slice(&seq.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+            match self.marks.get(source) {
+                Some(mark) => {
+                    out.push(1 | if mark.idle { 2 } else { 0 });
+                    out.extend_from_slice(&mark.watermark.to_le_bytes());
+                }
+                None => out.push(0),
+            }
+        }
+        match self.closed_through {
+            Some(w) => {
+                out.push(1);
+                out.extend_from_slice(&w.to_le_bytes());
+            }
+            None => out.push(0),
+        }
+    }
+
+    /// Restores a [`Merger::snapshot`]; `None` when the bytes are malformed.
+    pub(crate) fn restore(&mut self, c: &mut super::aggregate::Cursor<'_>) -> Option<()> {
+        let open = c.u64()?;
+        for _ in 0..open {
+            let start = c.i64()?;
+            let key = super::partial::decode_key(c).ok()?;
+            let salt = c.u16()?;
+            let (acc, used) = Accumulator::decode(&self.aggregates, c.rest())?;
+            c.at += used;
+            self.open.insert((start, key, salt), acc);
+        }
+        let sources = c.u64()?;
+        for _ in 0..sources {
+            let len = c.u16()? as usize;
+            let topic = String::from_utf8(c.take(len)?.to_vec()).ok()?;
+            let source = (topic, c.i32()?);
+            if c.u8()? == 1 {
+                let position = (c.i64()?, c.u32()?);
+                self.seen.insert(source.clone(), position);
+            }
+            let flags = c.u8()?;
+            if flags & 1 == 1 {
+                let watermark = c.i64()?;
+                let idle = flags & 2 == 2;
+                self.marks.insert(source, Mark { watermark, idle });
+            }
+        }
+        self.closed_through = match c.u8()? {
+            1 => Some(c.i64()?),
+            _ => None,
+        };
+        Some(())
     }
 
     pub fn open_windows(&self) -> usize {
