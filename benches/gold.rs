@@ -38,7 +38,7 @@ fn preaggregate(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(name), &spec, |b, spec| {
             b.iter(|| {
                 let mut pre = PreAggregator::new(64);
-                pre.add_batch(spec, &batch, |_, _| true).expect("fold");
+                pre.add_batch(spec, &batch, |_, _, _| true).expect("fold");
                 pre.into_groups().len()
             })
         });

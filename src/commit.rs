@@ -84,11 +84,25 @@ impl TableCommitter {
         self.table.update_incremental(None).await
     }
 
+    /// A second progress value stored per partition beside its offset (Gold keeps a watermark).
+    pub fn side_app_id(&self, name: &str, tp: &TopicPartition) -> String {
+        format!("{}/{name}/{}/{}", self.app_prefix, tp.topic, tp.partition)
+    }
+
     async fn stored_version(&self, tp: &TopicPartition) -> Result<Option<i64>, DeltaTableError> {
+        self.stored(&self.app_id(tp)).await
+    }
+
+    /// The `txn` version stored under `app_id` in the snapshot last read.
+    pub async fn stored(&self, app_id: &str) -> Result<Option<i64>, DeltaTableError> {
         let snapshot = self.table.snapshot()?;
         snapshot
-            .transaction_version(self.table.log_store().as_ref(), self.app_id(tp))
+            .transaction_version(self.table.log_store().as_ref(), app_id)
             .await
+    }
+
+    pub fn object_store(&self) -> std::sync::Arc<dyn deltalake::ObjectStore> {
+        self.table.object_store()
     }
 
     /// Takes ownership of newly assigned partitions: reads their stored progress, remembers it as
@@ -149,6 +163,16 @@ impl TableCommitter {
         files: Vec<Add>,
         last_offsets: &BTreeMap<TopicPartition, i64>,
     ) -> Result<CommitOutcome, CommitError> {
+        self.commit_with(files, last_offsets, &[]).await
+    }
+
+    /// [`TableCommitter::commit`] with more `txn` actions (`(app id, version)`) in the same commit.
+    pub async fn commit_with(
+        &mut self,
+        files: Vec<Add>,
+        last_offsets: &BTreeMap<TopicPartition, i64>,
+        extra: &[(String, i64)],
+    ) -> Result<CommitOutcome, CommitError> {
         let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
         let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
         for attempt in 1..=self.max_attempts {
@@ -163,6 +187,13 @@ impl TableCommitter {
                 Action::Txn(Transaction::new_with_last_update(
                     self.app_id(tp),
                     *offset,
+                    Some(now),
+                ))
+            }));
+            actions.extend(extra.iter().map(|(app_id, version)| {
+                Action::Txn(Transaction::new_with_last_update(
+                    app_id.clone(),
+                    *version,
                     Some(now),
                 ))
             }));

@@ -36,6 +36,19 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_MAX_VALUE_BYTES", default: "8388608", help: "Record values longer than this are dead-lettered as value_too_large before decoding (bounds the memory one record can claim)." },
     Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },
     Setting { var: "STRATA_SHUTDOWN_GRACE", default: "30s", help: "After SIGTERM, how long the replica may take to flush and commit before it aborts." },
+    Setting { var: "STRATA_GOLD_KEY", default: "", help: "Gold: comma-separated grouping field(s) of the Gold source table (string or integer). Unset: no Gold." },
+    Setting { var: "STRATA_GOLD_WINDOW", default: "1m", help: "Gold: event-time window, tumbling (`1m`) or hopping (`5m every 1m`; the slide divides the size)." },
+    Setting { var: "STRATA_GOLD_AGGREGATES", default: "count", help: "Gold: comma-separated aggregates: count, sum(f), min(f), max(f), avg(f), approx_distinct(f) (HyperLogLog, about 1.6 % standard error)." },
+    Setting { var: "STRATA_GOLD_TABLE", default: "", help: "Gold: the Silver table it reads (a table name); default: the only table, or the first reader schema's." },
+    Setting { var: "STRATA_GOLD_NAME", default: "", help: "Gold: table name, at <lake>/gold/<name>, late events at <lake>/gold/<name>_late; default <table>_by_<keys>." },
+    Setting { var: "STRATA_GOLD_PARTIALS_TOPIC", default: "", help: "Gold: topic of the partial aggregates between the stages; default <group>.partials (created when missing)." },
+    Setting { var: "STRATA_GOLD_PARTITIONS", default: "8", help: "Gold: partitions of the partials topic when Strata creates it (the existing count is used otherwise)." },
+    Setting { var: "STRATA_WATERMARK_DELAY", default: "10s", help: "Gold: bounded out-of-orderness: a source partition's watermark is its newest event time minus this." },
+    Setting { var: "STRATA_ALLOWED_LATENESS", default: "0s", help: "Gold: a window is final when the watermark passes its end plus this; later events go to the late-events table." },
+    Setting { var: "STRATA_IDLE_TIMEOUT", default: "30s", help: "Gold: a caught-up source partition without records for this long moves its watermark with the clock (now minus the delay), so it does not hold windows open." },
+    Setting { var: "STRATA_HOT_KEY_SHARE", default: "0.1", help: "Gold: a key holding at least this share of an epoch's events (0 < share ≤ 1) is hot and salted." },
+    Setting { var: "STRATA_HOT_KEY_MIN_EVENTS", default: "100", help: "Gold: … and at least this many events of the epoch." },
+    Setting { var: "STRATA_HOT_KEY_SALTS", default: "4", help: "Gold: sub-keys a hot key is spread over (0 or 1: salting off); below the partials topic's partition count." },
     Setting { var: "STRATA_LOG", default: "info", help: "Log filter (tracing EnvFilter syntax); RUST_LOG is used when unset." },
     Setting { var: "STRATA_LOG_FORMAT", default: "json", help: "Log format: json or text." },
 ];
@@ -161,6 +174,24 @@ pub struct Config {
     pub commit_retries: usize,
     pub max_value_bytes: usize,
     pub shutdown_grace: Duration,
+    pub gold: Option<GoldConfig>,
+}
+
+/// Gold settings (present when `STRATA_GOLD_KEY` is set).
+#[derive(Debug, Clone)]
+pub struct GoldConfig {
+    pub keys: Vec<String>,
+    pub window: crate::gold::window::WindowSpec,
+    pub aggregates: Vec<crate::gold::aggregate::Aggregate>,
+    /// The Silver table it reads (`None`: the first).
+    pub table: Option<String>,
+    pub name: Option<String>,
+    pub partials_topic: String,
+    pub partitions: i32,
+    pub watermark_delay: Duration,
+    pub allowed_lateness: Duration,
+    pub idle_timeout: Duration,
+    pub salting: Option<crate::gold::epoch::Salting>,
 }
 
 impl std::fmt::Debug for Config {
@@ -454,7 +485,9 @@ impl Config {
             )
         })?;
 
+        let gold = Self::gold(&get)?;
         Ok(Config {
+            gold,
             brokers: required("STRATA_KAFKA_BROKERS")?,
             group_id: required("STRATA_GROUP_ID")?,
             topics,
@@ -475,6 +508,96 @@ impl Config {
             max_value_bytes: parse_usize("STRATA_MAX_VALUE_BYTES")?,
             shutdown_grace: duration("STRATA_SHUTDOWN_GRACE")?,
         })
+    }
+
+    fn gold(get: &dyn Fn(&'static str) -> String) -> Result<Option<GoldConfig>, ConfigError> {
+        let key_text = get("STRATA_GOLD_KEY");
+        if key_text.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<String> = key_text
+            .split(',')
+            .map(|k| k.trim().to_string())
+            .filter(|k| !k.is_empty())
+            .collect();
+        if keys.is_empty() {
+            return Err(invalid("STRATA_GOLD_KEY", &key_text, "no field named"));
+        }
+        let text = |var: &'static str| (var, get(var));
+        let (var, value) = text("STRATA_GOLD_WINDOW");
+        let window = value.parse().map_err(|e: String| invalid(var, &value, e))?;
+        let (var, value) = text("STRATA_GOLD_AGGREGATES");
+        let aggregates = crate::gold::aggregate::parse_aggregates(&value)
+            .map_err(|e| invalid(var, &value, e))?;
+        let span = |var: &'static str, zero_ok: bool| -> Result<Duration, ConfigError> {
+            let value = get(var);
+            match parse_duration(&value) {
+                Ok(d) if zero_ok || !d.is_zero() => Ok(d),
+                Ok(_) => Err(invalid(var, &value, "must be greater than zero")),
+                Err(reason) => Err(invalid(var, &value, reason)),
+            }
+        };
+        let number = |var: &'static str| -> Result<u64, ConfigError> {
+            let value = get(var);
+            value
+                .parse::<u64>()
+                .map_err(|_| invalid(var, &value, "expected a whole number"))
+        };
+        let (var, value) = text("STRATA_HOT_KEY_SHARE");
+        let share: f64 = match value.parse::<f64>() {
+            Ok(s) if s > 0.0 && s <= 1.0 => s,
+            _ => {
+                return Err(invalid(
+                    var,
+                    &value,
+                    "expected a share above 0 and at most 1",
+                ))
+            }
+        };
+        let salts = number("STRATA_HOT_KEY_SALTS")?;
+        let partitions = number("STRATA_GOLD_PARTITIONS")?;
+        if !(1..=1024).contains(&partitions) {
+            return Err(invalid(
+                "STRATA_GOLD_PARTITIONS",
+                &partitions.to_string(),
+                "expected 1 to 1024",
+            ));
+        }
+        if salts > 1 && salts >= partitions {
+            return Err(invalid(
+                "STRATA_HOT_KEY_SALTS",
+                &salts.to_string(),
+                format!("must be below STRATA_GOLD_PARTITIONS ({partitions}): each sub-key needs a partition other than the key's own"),
+            ));
+        }
+        let salting = (salts > 1).then(|| crate::gold::epoch::Salting {
+            share,
+            min_events: 0,
+            salts: salts.min(u64::from(u16::MAX)) as u16,
+        });
+        let salting = match salting {
+            Some(mut s) => {
+                s.min_events = number("STRATA_HOT_KEY_MIN_EVENTS")?;
+                Some(s)
+            }
+            None => None,
+        };
+        let optional = |var: &'static str| Some(get(var)).filter(|v| !v.is_empty());
+        let partials_topic = optional("STRATA_GOLD_PARTIALS_TOPIC")
+            .unwrap_or_else(|| format!("{}.partials", get("STRATA_GROUP_ID")));
+        Ok(Some(GoldConfig {
+            keys,
+            window,
+            aggregates,
+            table: optional("STRATA_GOLD_TABLE"),
+            name: optional("STRATA_GOLD_NAME"),
+            partials_topic,
+            partitions: partitions as i32,
+            watermark_delay: span("STRATA_WATERMARK_DELAY", true)?,
+            allowed_lateness: span("STRATA_ALLOWED_LATENESS", true)?,
+            idle_timeout: span("STRATA_IDLE_TIMEOUT", false)?,
+            salting,
+        }))
     }
 }
 

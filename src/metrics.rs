@@ -14,8 +14,8 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +56,7 @@ pub struct Metrics {
     pub schema_ids_seen: IntGauge,
     pub flush_duration: Histogram,
     pub kafka_errors: IntCounter,
+    pub gold: GoldMetrics,
     /// Bits of [`NotReady`] that currently hold; ready when none does.
     not_ready: AtomicU8,
 }
@@ -84,6 +85,78 @@ impl NotReady {
             NotReady::Registry => "schema registry unreachable",
             NotReady::Lake => "object store refuses writes",
             NotReady::ShuttingDown => "shutting down",
+        }
+    }
+}
+
+/// Gold's metrics (stage 1 and stage 2); all zero when Gold is off.
+pub struct GoldMetrics {
+    pub events: IntCounter,
+    pub partials: IntCounterVec,
+    pub partial_events: IntCounterVec,
+    pub hot_keys: IntGauge,
+    pub salted_partials: IntCounter,
+    pub late_events: IntCounter,
+    pub source_watermark_lag: Gauge,
+    pub windows_emitted: IntCounter,
+    pub watermark_lag: Gauge,
+    pub open_windows: IntGauge,
+    pub duplicates: IntCounter,
+    pub refused: IntCounterVec,
+    pub forwarded: IntCounter,
+    pub commits: IntCounter,
+}
+
+impl GoldMetrics {
+    fn new(registry: &Registry) -> Self {
+        let one = |name: &str, help: &str| {
+            let c = IntCounter::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("metric registered once");
+            c
+        };
+        let level = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        let seconds = |name: &str, help: &str| {
+            let g = Gauge::new(name, help).expect("static metric definition");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("metric registered once");
+            g
+        };
+        Self {
+            events: one("strata_gold_events_total", "Events stage 1 pre-aggregated into partials (late events excluded)."),
+            partials: counter(registry, "strata_gold_partials_total", "Partial aggregates sent, per partials-topic partition (pre-aggregation ratio: events / partials).", &["partition"]),
+            partial_events: counter(registry, "strata_gold_partial_events_total", "Events carried by the partials sent, per partials-topic partition (the load salting evens out).", &["partition"]),
+            hot_keys: level("strata_gold_hot_keys", "Keys salted in the latest epoch of the source partitions this replica owns."),
+            salted_partials: one("strata_gold_salted_partials_total", "Partials of salted sub-keys sent."),
+            late_events: one("strata_gold_late_events_total", "Events written to the late-events table (one per window missed)."),
+            source_watermark_lag: seconds("strata_gold_source_watermark_lag_seconds", "Now minus the lowest watermark among the source partitions this replica owns."),
+            windows_emitted: one("strata_gold_windows_emitted_total", "Gold rows committed (one per closed window and key)."),
+            watermark_lag: seconds("strata_gold_watermark_lag_seconds", "Now minus the lowest operator watermark among the partials partitions this replica merges."),
+            open_windows: level("strata_gold_open_windows", "(window, key, salt) groups open in stage 2 on this replica."),
+            duplicates: one("strata_gold_partials_duplicates_total", "Partials and sub-results stage 2 dropped as replays."),
+            refused: counter(registry, "strata_gold_partials_refused_total", "Partials-topic messages stage 2 could not use, by reason.", &["reason"]),
+            forwarded: one("strata_gold_subresults_forwarded_total", "Closed salted sub-results sent to their key's own partition."),
+            commits: one("strata_gold_commits_total", "Commits of the Gold table."),
+        }
+    }
+
+    /// Creates the per-partition series at zero.
+    pub fn initialize(&self, partitions: i32) {
+        for p in 0..partitions {
+            let p = p.to_string();
+            self.partials.with_label_values(&[p.as_str()]);
+            self.partial_events.with_label_values(&[p.as_str()]);
+        }
+        for reason in ["malformed", "window_closed"] {
+            self.refused.with_label_values(&[reason]);
         }
     }
 }
@@ -353,6 +426,7 @@ impl Metrics {
             ),
             flush_duration,
             kafka_errors,
+            gold: GoldMetrics::new(&registry),
             registry,
             not_ready: AtomicU8::new(NotReady::Starting as u8),
         }

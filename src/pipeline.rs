@@ -21,6 +21,7 @@ use crate::catalog::{
 use crate::commit::{CommitError, CommitOutcome, Fenced};
 use crate::config::{Config, ReaderSchemas, SubjectStrategy};
 use crate::dlq::DeadLetters;
+use crate::gold::emitter::Emitter;
 use crate::lake;
 use crate::metrics::{Metrics, NotReady};
 use crate::models::{ErrorKind, Rejection, SourceRecord, TopicPartition};
@@ -48,6 +49,46 @@ pub enum PipelineError {
     GraceExceeded(Duration),
     #[error("shut down before start-up finished")]
     Interrupted,
+    #[error("gold: {0}")]
+    Gold(String),
+}
+
+/// Opens Gold stage 1 on its source table.
+async fn open_gold(
+    config: &Config,
+    settings: &crate::config::GoldConfig,
+    tables: &Tables,
+    metrics: &Arc<Metrics>,
+) -> Result<Emitter, PipelineError> {
+    let index = match &settings.table {
+        Some(name) => tables
+            .list
+            .iter()
+            .position(|t| &t.name == name)
+            .ok_or_else(|| {
+                PipelineError::Config(format!(
+                    "STRATA_GOLD_TABLE={name} is not one of the tables ({})",
+                    tables.names().join(", ")
+                ))
+            })?,
+        None if tables.list.is_empty() => {
+            return Err(PipelineError::Config(
+                "Gold needs a Silver table at start-up (STRATA_GOLD_TABLE)".into(),
+            ))
+        }
+        None => 0,
+    };
+    let table = &tables.list[index];
+    Emitter::open(
+        config,
+        settings,
+        index,
+        &table.name,
+        &table.decoder.output_schema(),
+        metrics.clone(),
+    )
+    .await
+    .map_err(PipelineError::Config)
 }
 
 /// What a replica did, for the demo's summary and for tests.
@@ -104,6 +145,8 @@ struct Replica {
     oldest: Option<Instant>,
     summary: RunSummary,
     shutdown: CancellationToken,
+    /// Gold stage 1 (when Gold is on).
+    gold: Option<Emitter>,
 }
 
 /// Runs one replica until `shutdown` is cancelled, then flushes, commits, leaves the group and
@@ -148,6 +191,17 @@ pub async fn run(
         }
     };
 
+    let gold = match &config.gold {
+        Some(settings) => match open_gold(&config, settings, &tables, &metrics).await {
+            Ok(emitter) => Some(emitter),
+            Err(e) => {
+                server_stop.cancel();
+                let _ = server.await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let (events_tx, mut events) = mpsc::channel(16);
     let source = Source::start(
         SourceSettings {
@@ -173,6 +227,7 @@ pub async fn run(
         oldest: None,
         summary: RunSummary::default(),
         shutdown: shutdown.clone(),
+        gold,
     };
     let result = match replica.consume(&mut events).await {
         // A signal while a table opening mid-run waited for the lake: drain what is complete.
@@ -227,6 +282,7 @@ impl Replica {
                     if self.oldest.is_some_and(|t| t.elapsed() >= self.config.flush_interval) {
                         self.flush().await?;
                     }
+                    self.gold_idle().await?;
                 }
             }
         }
@@ -275,11 +331,12 @@ impl Replica {
             SourceEvent::Records(records) => self.on_records(records).await,
             SourceEvent::Assigned { partitions, reply } => {
                 self.claim_with_retry(&partitions).await?;
+                self.claim_gold(&partitions).await?;
                 // Ready once the group has given this replica its share (possibly none).
                 self.metrics.not_ready(NotReady::Starting, false);
                 let mut resume = HashMap::new();
                 for tp in partitions {
-                    let after = self.tables.resume_after(&tp);
+                    let after = self.resume_after(&tp);
                     if let Some(version) = after {
                         self.metrics.progress(&tp, version);
                     }
@@ -399,6 +456,12 @@ impl Replica {
             .collect();
         let mut per_table: Vec<Vec<(&SourceRecord, &SourceRecord)>> =
             vec![Vec::new(); self.tables.list.len()];
+        // Records Silver holds whose Gold epoch was not sent: decoded again for Gold only.
+        let mut gold_replay: Vec<&SourceRecord> = Vec::new();
+        let gold_table = self.gold.as_ref().map(|g| g.table);
+        if let Some(gold) = &mut self.gold {
+            gold.active(&tp);
+        }
         let mut letters: Vec<(&SourceRecord, Rejection)> = Vec::new();
         let mut skipped = 0;
         let highest = self.tables.highest_committed(&tp);
@@ -411,6 +474,14 @@ impl Replica {
                         .and_then(|p| p.committed);
                     if held.is_some_and(|h| record.offset <= h) {
                         skipped += 1;
+                        if gold_table == Some(index)
+                            && self
+                                .gold
+                                .as_ref()
+                                .is_some_and(|g| g.wants_replay(&tp, record.offset))
+                        {
+                            gold_replay.push(body.and_then(|i| reframed.get(i)).unwrap_or(record));
+                        }
                     } else {
                         let decoded = body.and_then(|i| reframed.get(i)).unwrap_or(record);
                         per_table[index].push((decoded, record));
@@ -452,6 +523,16 @@ impl Replica {
                     .buffered(&tp, &table.name, batch.num_rows() as i64);
                 part.batches.push(batch);
             }
+        }
+        if let (Some(index), false) = (gold_table, gold_replay.is_empty()) {
+            // Rejections were dead-lettered when Silver took these offsets.
+            let decoded = self.tables.list[index].decoder.decode_refs(&gold_replay);
+            if let (Some(batch), Some(gold)) = (decoded.batch, self.gold.as_mut()) {
+                gold.push_replay(&tp, batch);
+            }
+        }
+        if let Some(gold) = &mut self.gold {
+            gold.replay_read(&tp, last + 1);
         }
         self.skipped(&tp, skipped + replayed_letters);
         if !letters.is_empty() {
@@ -810,6 +891,9 @@ impl Replica {
         self.drop_work(partitions, reason);
         for tp in partitions {
             self.parts.remove(tp);
+            if let Some(gold) = &mut self.gold {
+                gold.release(tp);
+            }
             for table in &mut self.tables.list {
                 table.parts.remove(tp);
                 table.committer.release(std::slice::from_ref(tp));
@@ -832,7 +916,11 @@ impl Replica {
             );
             self.summary.fenced_partitions += 1;
             self.claim_with_retry(std::slice::from_ref(&tp)).await?;
-            let after = self.tables.resume_after(&tp);
+            if let Some(gold) = &mut self.gold {
+                gold.release(&tp);
+            }
+            self.claim_gold(std::slice::from_ref(&tp)).await?;
+            let after = self.resume_after(&tp);
             if let Some(state) = self.parts.get_mut(&tp) {
                 state.position = after.map(|v| v + 1);
                 state.awaiting_reseek = true;
@@ -841,6 +929,101 @@ impl Replica {
                 .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
         }
         Ok(())
+    }
+
+    /// Where a partition resumes: after what every table holds and what Gold has sent.
+    fn resume_after(&self, tp: &TopicPartition) -> Option<i64> {
+        let tables = self.tables.resume_after(tp)?;
+        match self.gold.as_ref().and_then(|g| g.resume_after(tp)) {
+            Some(sent) => Some(tables.min(sent)),
+            None => Some(tables),
+        }
+    }
+
+    /// Gold stage 1 takes over `partitions` (reads what was sent), retrying storage errors.
+    async fn claim_gold(&mut self, partitions: &[TopicPartition]) -> Result<(), PipelineError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        let table = &self.tables.list[gold.table];
+        let silver: HashMap<TopicPartition, Option<i64>> = partitions
+            .iter()
+            .map(|tp| (tp.clone(), table.parts.get(tp).and_then(|p| p.committed)))
+            .collect();
+        let held = |tp: &TopicPartition| silver.get(tp).copied().flatten();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match gold.claim(partitions, &held).await {
+                Ok(()) => return Ok(()),
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "reading Gold progress failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends Gold's queued epochs (after their Silver commit). A fence on the late table drops the
+    /// partition's work and reads it again, like a fence on a Silver table.
+    async fn send_gold(&mut self) -> Result<(), PipelineError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        let fenced = gold
+            .send()
+            .await
+            .map_err(|e| PipelineError::Gold(e.to_string()))?;
+        self.on_gold_fenced(fenced).await
+    }
+
+    async fn on_gold_fenced(
+        &mut self,
+        fenced: Vec<crate::commit::Fenced>,
+    ) -> Result<(), PipelineError> {
+        for f in fenced {
+            let tp = f.partition.clone();
+            tracing::warn!(partition = %tp, expected = ?f.expected, stored = ?f.stored, "Gold progress moved: another replica owns the partition");
+            let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
+            self.metrics
+                .fenced("gold_late", &tp, f.expected, f.stored, dropped);
+            self.claim_with_retry(std::slice::from_ref(&tp)).await?;
+            self.claim_gold(std::slice::from_ref(&tp)).await?;
+            let after = self.resume_after(&tp);
+            if let Some(state) = self.parts.get_mut(&tp) {
+                state.position = after.map(|v| v + 1);
+                state.awaiting_reseek = true;
+            }
+            self.source
+                .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
+        }
+        Ok(())
+    }
+
+    /// Idle source partitions move Gold's watermark with the clock (see `gold::emitter`).
+    async fn gold_idle(&mut self) -> Result<(), PipelineError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        let parts = &self.parts;
+        let metrics = &self.metrics;
+        let caught_up = |tp: &TopicPartition| {
+            parts
+                .get(tp)
+                .is_some_and(|s| s.pending_last.is_none() && !s.awaiting_reseek)
+                && metrics
+                    .consumer_lag
+                    .get_metric_with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
+                    .is_ok_and(|g| g.get() == 0)
+        };
+        let fenced = match gold.idle(&caught_up).await {
+            Ok(fenced) => fenced,
+            Err(e) => {
+                tracing::warn!(error = %e, "moving an idle partition's Gold watermark failed; retrying later");
+                return Ok(());
+            }
+        };
+        self.on_gold_fenced(fenced).await
     }
 
     /// Writes and commits everything buffered. Retries storage errors with backoff until it
@@ -869,6 +1052,8 @@ impl Replica {
     /// later table's commit is fenced (its progress moved, so the retry finds nothing to do there).
     async fn try_flush(&mut self) -> Result<(), PipelineError> {
         let started = Instant::now();
+        // An epoch Silver holds but Gold has not sent goes first: epochs are sent in order.
+        self.send_gold().await?;
         'again: loop {
             let pending: BTreeMap<TopicPartition, i64> = self
                 .parts
@@ -930,6 +1115,10 @@ impl Replica {
                         let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
                         for (tp, last) in &last_offsets {
                             if let Some(part) = table.parts.get_mut(tp) {
+                                if let Some(gold) = self.gold.as_mut().filter(|g| g.table == index)
+                                {
+                                    gold.committed(tp, *last, part.batches.clone());
+                                }
                                 if let Some(newest) =
                                     newest_event_time(&part.batches, &self.config.event_time_field)
                                 {
@@ -979,14 +1168,16 @@ impl Replica {
             }
             let (_, bytes) = self.tables.buffered();
             self.metrics.buffered_bytes.set(bytes as i64);
+            self.oldest = None;
+            self.send_gold().await?;
             // Advisory group commit, so standard tools see the lag.
             self.source.command(SourceCommand::CommitOffsets(
                 pending
                     .into_iter()
+                    .filter(|(tp, _)| self.parts.contains_key(tp))
                     .map(|(tp, last)| (tp, last + 1))
                     .collect(),
             ));
-            self.oldest = None;
             return Ok(());
         }
     }

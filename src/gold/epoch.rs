@@ -140,7 +140,7 @@ mod tests {
         let mut out = Vec::new();
         for (partition, epoch_end, rows) in stream() {
             let mut pre = PreAggregator::new(64);
-            pre.add_batch(&spec, &orders_batch(&rows), |_, _| true)
+            pre.add_batch(&spec, &orders_batch(&rows), |_, _, _| true)
                 .expect("fold");
             let source = TopicPartition::new("orders", partition);
             out.extend(epoch_partials(pre, &source, epoch_end, 8, salting));

@@ -263,7 +263,10 @@ impl PartitionMerge {
         if c.take(4) != Some(SNAPSHOT_MAGIC.as_slice()) {
             return Err(malformed());
         }
-        let (me, partitions) = (c.i32().ok_or_else(malformed)?, c.i32().ok_or_else(malformed)?);
+        let (me, partitions) = (
+            c.i32().ok_or_else(malformed)?,
+            c.i32().ok_or_else(malformed)?,
+        );
         if (me, partitions) != (self.me, self.partitions) {
             return Err(format!(
                 "Gold state of partition {me} of {partitions}, expected {} of {} (the partials topic changed)",
@@ -350,7 +353,16 @@ mod tests {
 
     impl Cluster {
         fn new(partitions: i32) -> Self {
-            let fresh = |p| PartitionMerge::new(p, partitions, "1m".parse().expect("window"), 0, aggregates(), sources());
+            let fresh = |p| {
+                PartitionMerge::new(
+                    p,
+                    partitions,
+                    "1m".parse().expect("window"),
+                    0,
+                    aggregates(),
+                    sources(),
+                )
+            };
             Self {
                 logs: vec![Vec::new(); partitions as usize],
                 merges: (0..partitions).map(fresh).collect(),
@@ -381,7 +393,14 @@ mod tests {
         }
 
         fn crash(&mut self, p: usize, partitions: i32) {
-            let mut fresh = PartitionMerge::new(p as i32, partitions, "1m".parse().expect("window"), 0, aggregates(), sources());
+            let mut fresh = PartitionMerge::new(
+                p as i32,
+                partitions,
+                "1m".parse().expect("window"),
+                0,
+                aggregates(),
+                sources(),
+            );
             fresh.restore(&self.snapshots[p].1).expect("restores");
             self.merges[p] = fresh;
             self.read[p] = self.snapshots[p].0;

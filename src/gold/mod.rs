@@ -16,6 +16,7 @@
 //! - [`output`]: closed windows as Gold rows (no salt), and the Gold table's schema.
 
 pub mod aggregate;
+pub mod emitter;
 pub mod epoch;
 pub mod heavy;
 pub mod hll;

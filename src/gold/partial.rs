@@ -196,7 +196,11 @@ impl Message {
 
     /// Decodes a message of this configuration. A malformed message is an error, never a panic
     /// or an allocation beyond its own length.
-    pub fn decode(bytes: &[u8], aggregates: &[Aggregate], fingerprint: u64) -> Result<Self, String> {
+    pub fn decode(
+        bytes: &[u8],
+        aggregates: &[Aggregate],
+        fingerprint: u64,
+    ) -> Result<Self, String> {
         let mut c = Cursor::new(bytes);
         let truncated = || format!("truncated message ({} bytes)", bytes.len());
         if c.take(2).ok_or_else(truncated)? != MAGIC {
@@ -204,7 +208,9 @@ impl Message {
         }
         let version = c.u8().ok_or_else(truncated)?;
         if version != VERSION {
-            return Err(format!("partials format version {version}, expected {VERSION}"));
+            return Err(format!(
+                "partials format version {version}, expected {VERSION}"
+            ));
         }
         let kind = c.u8().ok_or_else(truncated)?;
         if c.u64().ok_or_else(truncated)? != fingerprint {
@@ -274,7 +280,11 @@ impl Partial {
         Message::Partial(self.clone()).encode(fingerprint)
     }
 
-    pub fn decode(bytes: &[u8], aggregates: &[Aggregate], fingerprint: u64) -> Result<Self, String> {
+    pub fn decode(
+        bytes: &[u8],
+        aggregates: &[Aggregate],
+        fingerprint: u64,
+    ) -> Result<Self, String> {
         match Message::decode(bytes, aggregates, fingerprint)? {
             Message::Partial(p) => Ok(p),
             _ => Err("not a partial".into()),

@@ -112,13 +112,14 @@ impl PreAggregator {
         self.groups.len()
     }
 
-    /// Folds the rows of `batch` (Silver rows). `keep(row)` says whether a row counts (late rows
-    /// are set apart by the caller). Returns the rows folded.
+    /// Folds the rows of `batch` (Silver rows). `keep(row, event time, window start)` says whether
+    /// the row counts in that window (a window it is late for is set apart by the caller); a row
+    /// kept in no window is not folded. Returns the rows folded.
     pub fn add_batch(
         &mut self,
         spec: &GoldSpec,
         batch: &RecordBatch,
-        mut keep: impl FnMut(usize, i64) -> bool,
+        mut keep: impl FnMut(usize, i64, i64) -> bool,
     ) -> Result<usize, String> {
         let column = |name: &str| -> Result<&ArrayRef, String> {
             batch
@@ -140,12 +141,15 @@ impl PreAggregator {
             .collect::<Result<_, _>>()?;
         let mut folded = 0;
         let mut row_inputs: Vec<Input<'_>> = Vec::with_capacity(inputs.len());
+        let mut starts: Vec<i64> = Vec::new();
         for row in 0..batch.num_rows() {
             if times.is_null(row) {
                 continue;
             }
             let t = times.value(row);
-            if !keep(row, t) {
+            starts.clear();
+            starts.extend(spec.window.starts(t).filter(|start| keep(row, t, *start)));
+            if starts.is_empty() {
                 continue;
             }
             let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
@@ -175,9 +179,9 @@ impl PreAggregator {
                     },
                 });
             }
-            for start in spec.window.starts(t) {
+            for start in &starts {
                 self.groups
-                    .entry((start, id))
+                    .entry((*start, id))
                     .or_insert_with(|| Accumulator::new(&spec.aggregates))
                     .add(&row_inputs);
             }
@@ -314,7 +318,7 @@ pub(crate) mod tests {
         ) {
             let spec = spec(if hopping { "2m every 1m" } else { "1m" });
             let mut pre = PreAggregator::new(8);
-            let folded = pre.add_batch(&spec, &batch(&rows), |_, _| true).expect("fold");
+            let folded = pre.add_batch(&spec, &batch(&rows), |_, _, _| true).expect("fold");
             prop_assert_eq!(folded, rows.len());
             let mut expected: BTreeMap<(i64, String), (u64, Vec<f64>)> = BTreeMap::new();
             for (c, amount, t) in &rows {
@@ -355,7 +359,7 @@ pub(crate) mod tests {
             })
             .collect();
         let mut pre = PreAggregator::new(16);
-        pre.add_batch(&spec("1m"), &batch(&rows), |_, _| true)
+        pre.add_batch(&spec("1m"), &batch(&rows), |_, _, _| true)
             .expect("fold");
         assert_eq!(
             pre.hot_keys(0.2, 10),

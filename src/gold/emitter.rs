@@ -1,0 +1,720 @@
+//! Stage 1 of Gold as it runs in a replica: after the Gold source table commits a partition's
+//! offsets (prev, last], exactly those rows are one **epoch**. Stage 1 decides, row by row, which
+//! windows each row is late for (against that source partition's own watermark, carried from
+//! epoch to epoch), pre-aggregates the rest, sends the partials and a marker to every partials
+//! partition (idempotent producer, awaited), then commits the late rows to the late-events table
+//! with `txn` = `last` and the watermark after the epoch. That `txn` marks the epoch as sent.
+//!
+//! After a crash between the Silver commit (S) and the late commit (G < S), the next owner reads
+//! the epoch (G, S] again from Kafka (the pipeline routes those rows here, not to Silver, which
+//! holds them), starting from the watermark stored at G: the same rows, the same watermark, so the
+//! same partials with the same sequence numbers, which stage 2 recognises as replays.
+//!
+//! A caught-up source partition without records for the idle timeout moves its watermark with the
+//! clock (now minus the delay), commits it, and then marks every partials partition, so windows
+//! close when a partition goes quiet. Events it receives later behind that watermark are late.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, RecordBatch, TimestampMicrosecondArray, UInt32Array,
+};
+use deltalake::arrow::compute::take_record_batch;
+use deltalake::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+
+use super::epoch::{epoch_partials, key_bytes};
+use super::partial::{spec_fingerprint, Message};
+use super::stage1::{GoldSpec, PreAggregator};
+use crate::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
+use crate::config::{Config, GoldConfig};
+use crate::lake;
+use crate::metrics::Metrics;
+use crate::models::TopicPartition;
+use crate::silver::{FilePolicy, SilverError, SilverWriter};
+
+/// Heavy-hitter sketch size per epoch (keys tracked).
+const HEAVY_CAPACITY: usize = 256;
+
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("late-events table: {0}")]
+    Commit(#[from] CommitError),
+    #[error("late-events files: {0}")]
+    Files(#[from] SilverError),
+    #[error("{0}")]
+    Rows(String),
+}
+
+/// What Gold's table names are.
+pub fn gold_name(config: &Config, gold: &GoldConfig, source_table: &str) -> String {
+    gold.name.clone().unwrap_or_else(|| {
+        let _ = config;
+        format!("{source_table}_by_{}", gold.keys.join("_"))
+    })
+}
+
+/// A producer for the partials topic: idempotent and gapless, so a partition's messages arrive
+/// once each and in order (stage 2's replay detection relies on the order).
+pub fn partials_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("enable.idempotence", "true")
+        .set("enable.gapless.guarantee", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "300000");
+    for (key, value) in &config.kafka_properties {
+        if !key.starts_with("group.")
+            && !key.starts_with("partition.assignment")
+            && !key.starts_with("auto.")
+        {
+            client.set(key, value);
+        }
+    }
+    client.create()
+}
+
+/// Partition counts of `topic` (`None`: it does not exist).
+pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<Option<i32>, KafkaError> {
+    let metadata = producer
+        .client()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len() as i32)
+        .filter(|n| *n > 0))
+}
+
+/// The partials topic's partition count, creating the topic when it is missing.
+pub async fn ensure_partials_topic(
+    config: &Config,
+    gold: &GoldConfig,
+    producer: &FutureProducer,
+) -> Result<i32, KafkaError> {
+    if let Some(n) = partition_count(producer, &gold.partials_topic)? {
+        return Ok(n);
+    }
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", &config.brokers);
+    for (key, value) in &config.kafka_properties {
+        if key.starts_with("security.") || key.starts_with("sasl.") || key.starts_with("ssl.") {
+            client.set(key, value);
+        }
+    }
+    let admin: AdminClient<DefaultClientContext> = client.create()?;
+    let topic = NewTopic::new(
+        &gold.partials_topic,
+        gold.partitions,
+        TopicReplication::Fixed(1),
+    );
+    let results = admin.create_topics([&topic], &AdminOptions::new()).await?;
+    for result in results {
+        match result {
+            Ok(_) => {
+                tracing::info!(topic = %gold.partials_topic, partitions = gold.partitions, "partials topic created")
+            }
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, code)) => {
+                return Err(KafkaError::AdminOp(code)).inspect_err(
+                    |_| tracing::error!(topic = %name, "creating the partials topic failed"),
+                )
+            }
+        }
+    }
+    // Metadata may lag the creation a little.
+    for _ in 0..50 {
+        if let Some(n) = partition_count(producer, &gold.partials_topic)? {
+            return Ok(n);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(KafkaError::AdminOp(
+        RDKafkaErrorCode::UnknownTopicOrPartition,
+    ))
+}
+
+/// Sends `messages` in order (a queue-full is waited out, never reordered) and waits for every
+/// acknowledgement.
+pub async fn send_in_order(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: Vec<(i32, Option<Vec<u8>>, Vec<u8>)>,
+) -> Result<(), KafkaError> {
+    let mut deliveries = Vec::with_capacity(messages.len());
+    for (partition, key, value) in &messages {
+        loop {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).partition(*partition).payload(value);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e),
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(())
+}
+
+/// The late-events table's extra columns.
+pub fn late_schema(silver: &Schema) -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let mut fields: Vec<Field> = silver.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("window_start", ts.clone(), false));
+    fields.push(Field::new("window_end", ts.clone(), false));
+    fields.push(Field::new("watermark", ts, false));
+    fields.push(Field::new("lateness_seconds", DataType::Float64, false));
+    Arc::new(Schema::new(fields))
+}
+
+#[derive(Debug, Clone)]
+struct SourceState {
+    /// Last offset whose epoch was sent (the late table's `txn`).
+    emitted: i64,
+    /// Watermark after `emitted` (microseconds; `None`: no event yet).
+    watermark: Option<i64>,
+    /// Silver holds up to here and the epoch (emitted, this] was not sent: it is read again.
+    replay_through: Option<i64>,
+    replay: Vec<RecordBatch>,
+    last_activity: Instant,
+    hot: usize,
+}
+
+struct Epoch {
+    tp: TopicPartition,
+    end: i64,
+    batches: Vec<RecordBatch>,
+}
+
+/// One epoch's computed output.
+struct Computed {
+    messages: Vec<(i32, Option<Vec<u8>>, Vec<u8>)>,
+    late: Option<RecordBatch>,
+    watermark: Option<i64>,
+    events: u64,
+    hot: usize,
+    load: BTreeMap<i32, (u64, u64)>,
+    salted: u64,
+}
+
+pub struct Emitter {
+    spec: GoldSpec,
+    salting: Option<super::epoch::Salting>,
+    delay: i64,
+    lateness: i64,
+    idle_timeout: Duration,
+    fingerprint: u64,
+    topic: String,
+    partitions: i32,
+    producer: FutureProducer,
+    late: TableCommitter,
+    late_writer: SilverWriter,
+    late_schema: SchemaRef,
+    sources: HashMap<TopicPartition, SourceState>,
+    pending: Vec<Epoch>,
+    metrics: Arc<Metrics>,
+    /// Index of the Silver table Gold reads.
+    pub table: usize,
+}
+
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+impl Emitter {
+    /// Opens the late-events table and the partials topic. `silver` is the Gold source table's
+    /// row schema; an unusable spec (a key or aggregate field it lacks) is an error naming it.
+    pub async fn open(
+        config: &Config,
+        gold: &GoldConfig,
+        table: usize,
+        table_name: &str,
+        silver: &Schema,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
+        let spec = GoldSpec {
+            key_fields: gold.keys.clone(),
+            window: gold.window,
+            aggregates: gold.aggregates.clone(),
+            event_time_field: config.event_time_field.clone(),
+        };
+        spec.check(silver).map_err(|e| {
+            format!("STRATA_GOLD_KEY/STRATA_GOLD_AGGREGATES on table {table_name}: {e}")
+        })?;
+        let producer = partials_producer(config).map_err(|e| format!("partials producer: {e}"))?;
+        let partitions = ensure_partials_topic(config, gold, &producer)
+            .await
+            .map_err(|e| format!("partials topic {}: {e}", gold.partials_topic))?;
+        if let Some(s) = gold.salting {
+            if i32::from(s.salts) >= partitions {
+                return Err(format!(
+                    "STRATA_HOT_KEY_SALTS={} must be below the partition count of {} ({partitions})",
+                    s.salts, gold.partials_topic
+                ));
+            }
+        }
+        metrics.gold.initialize(partitions);
+        let name = format!("{}_late", gold_name(config, gold, table_name));
+        let schema = late_schema(silver);
+        let url = lake::table_url(&config.lake_url, "gold", &name).map_err(|e| e.to_string())?;
+        let delta = lake::open_or_create(url, &schema, &name)
+            .await
+            .map_err(|e| format!("late-events table {name}: {e}"))?;
+        let store = delta.object_store();
+        let late = TableCommitter::new(
+            delta,
+            &format!("{}-gold", config.group_id),
+            config.commit_retries,
+        );
+        let late_writer = SilverWriter::new(
+            schema.clone(),
+            &config.event_time_field,
+            FilePolicy {
+                max_rows: config.file_max_rows,
+                max_bytes: config.file_max_bytes,
+                compression: config.compression,
+            },
+            store,
+        );
+        Ok(Self {
+            fingerprint: spec_fingerprint(&spec.aggregates, &spec.key_fields),
+            spec,
+            salting: gold.salting,
+            delay: micros(gold.watermark_delay),
+            lateness: micros(gold.allowed_lateness),
+            idle_timeout: gold.idle_timeout,
+            topic: gold.partials_topic.clone(),
+            partitions,
+            producer,
+            late,
+            late_writer,
+            late_schema: schema,
+            sources: HashMap::new(),
+            pending: Vec::new(),
+            metrics,
+            table,
+        })
+    }
+
+    /// Takes over `partitions`: reads what was sent (the late table's `txn`) and the watermark
+    /// stored with it. A partition Gold never saw starts where Silver stands (`silver`): Gold of a
+    /// pipeline that ran without it begins now, not with a replay of the whole history.
+    pub async fn claim(
+        &mut self,
+        partitions: &[TopicPartition],
+        silver: &(dyn Fn(&TopicPartition) -> Option<i64> + Sync),
+    ) -> Result<(), CommitError> {
+        for _ in 0..10 {
+            let claimed = self.late.claim(partitions).await?;
+            let mut fresh = BTreeMap::new();
+            for (tp, stored) in &claimed {
+                if stored.is_none() {
+                    fresh.insert(tp.clone(), silver(tp).unwrap_or(-1));
+                }
+            }
+            if !fresh.is_empty() {
+                match self.late.commit(Vec::new(), &fresh).await? {
+                    CommitOutcome::Committed { .. } => {}
+                    // Another replica started the same partition first: read again.
+                    CommitOutcome::Fenced(_) => continue,
+                }
+            }
+            for (tp, stored) in claimed {
+                let emitted = stored.or_else(|| fresh.get(&tp).copied()).unwrap_or(-1);
+                let app = self.late.side_app_id("watermark", &tp);
+                let watermark = self.late.stored(&app).await?;
+                let through = silver(&tp).filter(|s| *s > emitted);
+                if let Some(s) = through {
+                    tracing::info!(partition = %tp, from = emitted + 1, through = s, "Gold epoch committed to Silver but not sent: reading it again");
+                }
+                self.sources.insert(
+                    tp,
+                    SourceState {
+                        emitted,
+                        watermark,
+                        replay_through: through,
+                        replay: Vec::new(),
+                        last_activity: Instant::now(),
+                        hot: 0,
+                    },
+                );
+            }
+            return Ok(());
+        }
+        Err(CommitError::TooManyConflicts(10))
+    }
+
+    /// The last offset whose epoch was sent: the partition must be read from after it.
+    pub fn resume_after(&self, tp: &TopicPartition) -> Option<i64> {
+        self.sources.get(tp).map(|s| s.emitted)
+    }
+
+    /// Whether the Silver-held record at `offset` belongs to an epoch that must be sent again.
+    pub fn wants_replay(&self, tp: &TopicPartition, offset: i64) -> bool {
+        self.sources
+            .get(tp)
+            .is_some_and(|s| offset > s.emitted && s.replay_through.is_some_and(|t| offset <= t))
+    }
+
+    pub fn push_replay(&mut self, tp: &TopicPartition, batch: RecordBatch) {
+        if let Some(s) = self.sources.get_mut(tp) {
+            s.replay.push(batch);
+        }
+    }
+
+    /// After a chunk: once the partition is read past the unsent epoch, it is queued to send.
+    /// Returns whether something was queued.
+    pub fn replay_read(&mut self, tp: &TopicPartition, position: i64) -> bool {
+        let Some(s) = self.sources.get_mut(tp) else {
+            return false;
+        };
+        match s.replay_through {
+            Some(through) if position > through => {
+                let batches = std::mem::take(&mut s.replay);
+                s.replay_through = None;
+                self.pending.push(Epoch {
+                    tp: tp.clone(),
+                    end: through,
+                    batches,
+                });
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Records arrived for `tp` (it is not idle).
+    pub fn active(&mut self, tp: &TopicPartition) {
+        if let Some(s) = self.sources.get_mut(tp) {
+            s.last_activity = Instant::now();
+        }
+    }
+
+    /// The Gold source table committed (prev, `end`] of `tp` holding `batches`: an epoch to send.
+    pub fn committed(&mut self, tp: &TopicPartition, end: i64, batches: Vec<RecordBatch>) {
+        if self.sources.get(tp).is_some_and(|s| end > s.emitted) {
+            self.pending.push(Epoch {
+                tp: tp.clone(),
+                end,
+                batches,
+            });
+        }
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Forgets a partition (revoked, lost, fenced): its unsent epochs are dropped (the next owner
+    /// reads them again from the tables' progress).
+    pub fn release(&mut self, tp: &TopicPartition) {
+        self.sources.remove(tp);
+        self.pending.retain(|e| &e.tp != tp);
+        self.late.release(std::slice::from_ref(tp));
+    }
+
+    /// Computes one epoch from the watermark `start`.
+    fn compute(&self, epoch: &Epoch, start: Option<i64>) -> Result<Computed, String> {
+        let window = self.spec.window;
+        let mut watermark = start;
+        let mut pre = PreAggregator::new(HEAVY_CAPACITY);
+        let mut late_parts: Vec<RecordBatch> = Vec::new();
+        for batch in &epoch.batches {
+            let times = batch
+                .column_by_name(&self.spec.event_time_field)
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                .ok_or("event time column missing")?;
+            // The watermark each row meets: the one after the rows before it.
+            let mut before: Vec<Option<i64>> = Vec::with_capacity(batch.num_rows());
+            for row in 0..batch.num_rows() {
+                before.push(watermark);
+                if !times.is_null(row) {
+                    let w = times.value(row).saturating_sub(self.delay);
+                    watermark = Some(watermark.map_or(w, |m| m.max(w)));
+                }
+            }
+            let mut late: Vec<(u32, i64)> = Vec::new();
+            pre.add_batch(&self.spec, batch, |row, _, start| {
+                let open =
+                    before[row].is_none_or(|w| window.end(start).saturating_add(self.lateness) > w);
+                if !open {
+                    late.push((row as u32, start));
+                }
+                open
+            })?;
+            if !late.is_empty() {
+                late_parts.push(
+                    self.late_rows(batch, &late, &before)
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        let events = pre.events();
+        let hot = self
+            .salting
+            .map_or(0, |s| pre.hot_keys(s.share, s.min_events).len());
+        let partials = epoch_partials(pre, &epoch.tp, epoch.end, self.partitions, self.salting);
+        let mut load: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
+        let mut salted = 0;
+        let mut messages = Vec::with_capacity(partials.len() + self.partitions as usize);
+        for (partition, partial) in partials {
+            let entry = load.entry(partition).or_default();
+            entry.0 += 1;
+            entry.1 += partial.accumulator.events();
+            if partial.salt != 0 {
+                salted += 1;
+            }
+            let key = key_bytes(&partial.key, partial.salt);
+            messages.push((partition, Some(key), partial.encode(self.fingerprint)));
+        }
+        let marker = Message::Marker {
+            source_topic: epoch.tp.topic.to_string(),
+            source_partition: epoch.tp.partition,
+            epoch_end: epoch.end,
+            watermark: watermark.unwrap_or(i64::MIN),
+        }
+        .encode(self.fingerprint);
+        for partition in 0..self.partitions {
+            messages.push((partition, None, marker.clone()));
+        }
+        let late = if late_parts.is_empty() {
+            None
+        } else {
+            Some(
+                deltalake::arrow::compute::concat_batches(&late_parts[0].schema(), &late_parts)
+                    .map_err(|e| e.to_string())?,
+            )
+        };
+        Ok(Computed {
+            messages,
+            late,
+            watermark,
+            events,
+            hot,
+            load,
+            salted,
+        })
+    }
+
+    /// The late rows of `batch`: the row, the window it missed, the watermark it met and by how
+    /// much the window was already final.
+    fn late_rows(
+        &self,
+        batch: &RecordBatch,
+        late: &[(u32, i64)],
+        before: &[Option<i64>],
+    ) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+        let indices = UInt32Array::from_iter_values(late.iter().map(|(row, _)| *row));
+        let rows = take_record_batch(batch, &indices)?;
+        let window = self.spec.window;
+        let watermarks: Vec<i64> = late
+            .iter()
+            .map(|(row, _)| before[*row as usize].unwrap_or(i64::MIN))
+            .collect();
+        let mut fields: Vec<Field> = rows
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut columns: Vec<ArrayRef> = rows.columns().to_vec();
+        let ts = |values: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
+        };
+        let extra = self.late_schema.fields();
+        let n = extra.len();
+        for field in extra.iter().skip(n - 4) {
+            fields.push(field.as_ref().clone());
+        }
+        columns.push(ts(late.iter().map(|(_, s)| *s).collect()));
+        columns.push(ts(late.iter().map(|(_, s)| window.end(*s)).collect()));
+        columns.push(ts(watermarks.clone()));
+        columns.push(Arc::new(Float64Array::from_iter_values(
+            late.iter().zip(&watermarks).map(|((_, s), w)| {
+                w.saturating_sub(window.end(*s).saturating_add(self.lateness)) as f64 / 1e6
+            }),
+        )));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    }
+
+    /// Sends every queued epoch and commits them to the late table. On a fence, those partitions'
+    /// epochs are dropped and returned (the caller re-reads them from the tables' progress).
+    pub async fn send(&mut self) -> Result<Vec<Fenced>, EmitError> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each partition's epochs in order, each from the watermark the previous one left.
+        let mut watermarks: HashMap<TopicPartition, Option<i64>> = HashMap::new();
+        let mut messages = Vec::new();
+        let mut late = Vec::new();
+        let mut computed_all = Vec::new();
+        for epoch in &self.pending {
+            let start = match watermarks.get(&epoch.tp) {
+                Some(w) => *w,
+                None => self.sources.get(&epoch.tp).and_then(|s| s.watermark),
+            };
+            let computed = self.compute(epoch, start).map_err(EmitError::Rows)?;
+            watermarks.insert(epoch.tp.clone(), computed.watermark);
+            messages.extend(computed.messages.iter().cloned());
+            if let Some(rows) = &computed.late {
+                late.push(rows.clone());
+            }
+            computed_all.push((epoch.tp.clone(), epoch.end, computed));
+        }
+        send_in_order(&self.producer, &self.topic, messages).await?;
+        let files = self.late_writer.write(&late).await?;
+        let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for (tp, end, _) in &computed_all {
+            last.insert(tp.clone(), *end);
+        }
+        let extra: Vec<(String, i64)> = watermarks
+            .iter()
+            .filter_map(|(tp, w)| w.map(|w| (self.late.side_app_id("watermark", tp), w)))
+            .collect();
+        match self.late.commit_with(files, &last, &extra).await? {
+            CommitOutcome::Fenced(fenced) => {
+                for f in &fenced {
+                    self.release(&f.partition);
+                }
+                Ok(fenced)
+            }
+            CommitOutcome::Committed { .. } => {
+                let gold = &self.metrics.gold;
+                let mut hot = 0;
+                for (tp, end, computed) in computed_all {
+                    gold.events.inc_by(computed.events);
+                    gold.salted_partials.inc_by(computed.salted);
+                    if let Some(rows) = &computed.late {
+                        gold.late_events.inc_by(rows.num_rows() as u64);
+                    }
+                    for (partition, (count, events)) in computed.load {
+                        let p = partition.to_string();
+                        gold.partials.with_label_values(&[p.as_str()]).inc_by(count);
+                        gold.partial_events
+                            .with_label_values(&[p.as_str()])
+                            .inc_by(events);
+                    }
+                    if let Some(s) = self.sources.get_mut(&tp) {
+                        s.emitted = end;
+                        s.watermark = computed.watermark;
+                        s.hot = computed.hot;
+                    }
+                }
+                for s in self.sources.values() {
+                    hot += s.hot;
+                }
+                gold.hot_keys.set(hot as i64);
+                self.pending.clear();
+                self.report_watermark();
+                Ok(Vec::new())
+            }
+        }
+    }
+
+    fn report_watermark(&self) {
+        let lowest = self.sources.values().filter_map(|s| s.watermark).min();
+        if let Some(w) = lowest {
+            let now = chrono::Utc::now().timestamp_micros();
+            self.metrics
+                .gold
+                .source_watermark_lag
+                .set(now.saturating_sub(w) as f64 / 1e6);
+        }
+    }
+
+    /// Moves the watermark of caught-up partitions that had no records for the idle timeout to
+    /// the clock (now minus the delay), commits it, then marks every partials partition.
+    /// `caught_up(tp)` says whether the consumer has read everything there is.
+    pub async fn idle(
+        &mut self,
+        caught_up: &(dyn Fn(&TopicPartition) -> bool + Sync),
+    ) -> Result<Vec<Fenced>, EmitError> {
+        if !self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = chrono::Utc::now()
+            .timestamp_micros()
+            .saturating_sub(self.delay);
+        let idle: Vec<TopicPartition> = self
+            .sources
+            .iter()
+            .filter(|(tp, s)| {
+                s.replay_through.is_none()
+                    && s.last_activity.elapsed() >= self.idle_timeout
+                    && s.watermark.is_none_or(|w| w < now)
+                    && caught_up(tp)
+            })
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        if idle.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = BTreeMap::new();
+        let mut extra = Vec::new();
+        for tp in &idle {
+            if let Some(s) = self.sources.get(tp) {
+                last.insert(tp.clone(), s.emitted);
+                extra.push((self.late.side_app_id("watermark", tp), now));
+            }
+        }
+        if let CommitOutcome::Fenced(fenced) =
+            self.late.commit_with(Vec::new(), &last, &extra).await?
+        {
+            for f in &fenced {
+                self.release(&f.partition);
+            }
+            return Ok(fenced);
+        }
+        let mut messages = Vec::new();
+        for tp in &idle {
+            let Some(s) = self.sources.get_mut(tp) else {
+                continue;
+            };
+            s.watermark = Some(now);
+            s.last_activity = Instant::now();
+            s.hot = 0;
+            tracing::debug!(partition = %tp, watermark = now, "idle source partition: watermark follows the clock");
+            let marker = Message::Marker {
+                source_topic: tp.topic.to_string(),
+                source_partition: tp.partition,
+                epoch_end: s.emitted,
+                watermark: now,
+            }
+            .encode(self.fingerprint);
+            for partition in 0..self.partitions {
+                messages.push((partition, None, marker.clone()));
+            }
+        }
+        send_in_order(&self.producer, &self.topic, messages).await?;
+        self.report_watermark();
+        Ok(Vec::new())
+    }
+}
