@@ -91,6 +91,9 @@ pub struct OrderGenerator {
     now_ms: i64,
     bad_every: u64,
     produced: u64,
+    /// `Some((step, jitter))`: event times advance `step` ms per record from three hours ago, each
+    /// up to `jitter` ms early (a stream for event-time windows); `None`: random over three hours.
+    ordered: Option<(i64, i64)>,
 }
 
 /// One generated Kafka record.
@@ -110,7 +113,14 @@ impl OrderGenerator {
             now_ms: chrono::Utc::now().timestamp_millis(),
             bad_every: bad_every.max(1),
             produced: 0,
+            ordered: None,
         })
+    }
+
+    /// Event times that advance `step_ms` per record, each up to `jitter_ms` out of order.
+    pub fn ordered(mut self, step_ms: i64, jitter_ms: i64) -> Self {
+        self.ordered = Some((step_ms, jitter_ms.max(1)));
+        self
     }
 
     /// Customer rank with a heavy head: rank 1 takes a large share of all orders.
@@ -135,7 +145,12 @@ impl OrderGenerator {
                 decodable: false,
             });
         }
-        let event_time = self.now_ms - self.rng.random_range(0..3 * 3_600_000);
+        let event_time = match self.ordered {
+            Some((step, jitter)) => {
+                self.now_ms - 3 * 3_600_000 + n as i64 * step - self.rng.random_range(0..jitter)
+            }
+            None => self.now_ms - self.rng.random_range(0..3 * 3_600_000),
+        };
         let product = PRODUCTS[self.rng.random_range(0..PRODUCTS.len())];
         let amount = (self.rng.random_range(100..100_000) as f64) / 100.0;
         let mut fields = vec![
@@ -229,13 +244,22 @@ pub async fn produce_orders(
     bad_every: u64,
     seed: u64,
 ) -> anyhow::Result<ProducedOrders> {
+    produce_generated(brokers, topic, count, OrderGenerator::new(seed, bad_every)?).await
+}
+
+/// Produces `count` records of `generator` to `topic` and records where each landed.
+pub async fn produce_generated(
+    brokers: &str,
+    topic: &str,
+    count: u64,
+    mut generator: OrderGenerator,
+) -> anyhow::Result<ProducedOrders> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "20")
         .set("enable.idempotence", "true")
         .set("queue.buffering.max.messages", "1000000")
         .create()?;
-    let mut generator = OrderGenerator::new(seed, bad_every)?;
     let mut produced = ProducedOrders::default();
     let mut remaining = count;
     while remaining > 0 {
@@ -298,6 +322,7 @@ pub fn replica_vars(
 /// A replica run in-process by [`run_until_caught_up`].
 pub struct CaughtUp {
     pub summary: crate::pipeline::RunSummary,
+    pub metrics: Arc<Metrics>,
     /// Whether every partition's committed progress reached its target before the deadline.
     pub caught_up: bool,
     /// From start to the last needed commit (or the deadline).
@@ -315,6 +340,7 @@ pub async fn run_until_caught_up(
     let metrics = Arc::new(Metrics::new());
     let shutdown = CancellationToken::new();
     let started = Instant::now();
+    let gold = config.gold.clone();
     let replica = tokio::spawn(crate::pipeline::run(
         config,
         metrics.clone(),
@@ -333,15 +359,41 @@ pub async fn run_until_caught_up(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    if let (true, Some(gold)) = (caught_up, &gold) {
+        // Gold is complete once every source partition went idle (its watermark follows the
+        // clock), no window is open any more, and a Gold commit followed.
+        let delay = gold.watermark_delay.as_secs_f64();
+        let mut settled: Option<u64> = None;
+        while !replica.is_finished() && started.elapsed() < deadline {
+            let g = &metrics.gold;
+            let quiet = g.open_windows.get() == 0
+                && g.windows_emitted.get() > 0
+                && g.watermark_lag.get() > 0.0
+                && g.watermark_lag.get() < delay + 30.0;
+            match (quiet, settled) {
+                (true, None) => settled = Some(g.commits.get()),
+                (true, Some(at)) if g.commits.get() > at + 1 => break,
+                (false, _) => settled = None,
+                _ => {}
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     let elapsed = started.elapsed();
     shutdown.cancel();
     let summary = replica.await.context("replica task")??;
     Ok(CaughtUp {
         summary,
+        metrics,
         caught_up,
         elapsed,
     })
 }
+
+const GOLD_PARTIALS: &str = "strata-demo.partials";
+const GOLD_PARTITIONS: i32 = 8;
+const GOLD_AGGREGATES: &str =
+    "count, sum(amount), min(amount), max(amount), avg(amount), approx_distinct(product)";
 
 /// Demo settings (environment: `STRATA_DEMO_EVENTS`, `STRATA_DEMO_DIR`).
 pub struct DemoOptions {
@@ -400,7 +452,10 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     let brokers = cluster.bootstrap_servers();
 
     let produce_started = Instant::now();
-    let produced = produce_orders(&brokers, topic, options.events, 200, 42).await?;
+    cluster.create_topic(GOLD_PARTIALS, GOLD_PARTITIONS, 1)?;
+    // Event times advance 10 ms per order, each up to 20 s early: a stream for 5-minute windows.
+    let generator = OrderGenerator::new(42, 200)?.ordered(10, 20_000);
+    let produced = produce_generated(&brokers, topic, options.events, generator).await?;
     let bad = produced.bad().count() as u64;
     println!(
         "produced {} events ({} undecodable) in {:.1}s",
@@ -419,6 +474,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         &[
             ("STRATA_FLUSH_INTERVAL", "2s"),
             ("STRATA_FILE_MAX_ROWS", "100000"),
+            ("STRATA_GOLD_KEY", "customer_id"),
+            ("STRATA_GOLD_WINDOW", "5m"),
+            ("STRATA_GOLD_AGGREGATES", GOLD_AGGREGATES),
+            ("STRATA_GOLD_PARTIALS_TOPIC", GOLD_PARTIALS),
+            ("STRATA_WATERMARK_DELAY", "30s"),
+            ("STRATA_IDLE_TIMEOUT", "3s"),
+            ("STRATA_HOT_KEY_SHARE", "0.2"),
+            ("STRATA_HOT_KEY_SALTS", "6"),
         ],
     );
     let remaining = options.deadline.saturating_sub(started.elapsed());
@@ -429,7 +492,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         remaining,
     )
     .await?;
-    let summary = run.summary;
+    let summary = run.summary.clone();
     let caught_up = run.caught_up;
     let consume_secs = run.elapsed.as_secs_f64();
     if !caught_up {
@@ -468,10 +531,14 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         "  throughput             {:>10.0} events/s from first poll to last commit ({consume_secs:.1}s, incl. group join)",
         options.events as f64 / consume_secs.max(0.001)
     );
-    let exact =
-        report.is_exact() && caught_up && dead_letters == bad && summary.dead_lettered == bad;
+    let gold_exact = print_gold(&lake, &contents.batches, &summary, &run.metrics).await?;
+    let exact = report.is_exact()
+        && caught_up
+        && dead_letters == bad
+        && summary.dead_lettered == bad
+        && gold_exact;
     if exact {
-        println!("\nexactly once: every produced offset is in Silver once or in the dead-letter topic once. OK");
+        println!("\nexactly once: every produced offset is in Silver once or in the dead-letter topic once, and Gold equals the aggregates of Silver. OK");
     } else {
         println!("\nNOT EXACT: {report}; dead letters {dead_letters} of {bad}");
     }
@@ -484,6 +551,140 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
         bail!("Silver table is empty");
     }
     Ok(DemoReport { exact })
+}
+
+/// Checks Gold against aggregates computed from the Silver rows, and prints the top customers
+/// of the first windows and what pre-aggregation and salting did. Returns whether Gold is exact.
+async fn print_gold(
+    lake: &std::path::Path,
+    silver: &[deltalake::arrow::array::RecordBatch],
+    summary: &crate::pipeline::RunSummary,
+    metrics: &Metrics,
+) -> anyhow::Result<bool> {
+    use deltalake::arrow::array::AsArray;
+    use deltalake::arrow::datatypes::{Float64Type, TimestampMicrosecondType};
+    let lake_url = format!("file://{}", lake.display());
+    let gold_url = crate::lake::table_url(&lake_url, "gold", "order_by_customer_id")?;
+    let late_url = crate::lake::table_url(&lake_url, "gold", "order_by_customer_id_late")?;
+    let gold = verify::read_table(gold_url).await?;
+    let late = verify::read_table(late_url).await?;
+    let columns: Vec<String> = crate::gold::aggregate::parse_aggregates(GOLD_AGGREGATES)
+        .map_err(anyhow::Error::msg)?
+        .iter()
+        .map(|a| a.column())
+        .collect();
+    let (rows, twice) = verify::gold_rows(&gold.batches, &["customer_id".to_string()], &columns)?;
+
+    // Expected, from Silver: count, sum, min, max per (5-minute window, customer).
+    const WINDOW: i64 = 300_000_000;
+    let mut expected: BTreeMap<verify::GoldKey, (f64, f64, f64, f64)> = BTreeMap::new();
+    for batch in silver {
+        let (Some(customers), Some(amounts), Some(times)) = (
+            batch
+                .column_by_name("customer_id")
+                .and_then(|c| c.as_string_opt::<i32>()),
+            batch
+                .column_by_name("amount")
+                .and_then(|c| c.as_primitive_opt::<Float64Type>()),
+            batch
+                .column_by_name("event_time")
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>()),
+        ) else {
+            bail!("Silver rows lack customer_id, amount or event_time");
+        };
+        for row in 0..batch.num_rows() {
+            let start = times.value(row).div_euclid(WINDOW) * WINDOW;
+            let amount = amounts.value(row);
+            let e = expected
+                .entry((start, vec![customers.value(row).to_string()]))
+                .or_insert((0.0, 0.0, f64::INFINITY, f64::NEG_INFINITY));
+            e.0 += 1.0;
+            e.1 += amount;
+            e.2 = e.2.min(amount);
+            e.3 = e.3.max(amount);
+        }
+    }
+    let mut wrong = 0usize;
+    for (slot, (count, sum, min, max)) in &expected {
+        let ok = rows.get(slot).is_some_and(|v| {
+            v[0] == Some(*count)
+                && v[1].is_some_and(|s| (s - sum).abs() <= 1e-9 * sum.abs().max(1.0))
+                && v[2] == Some(*min)
+                && v[3] == Some(*max)
+        });
+        if !ok {
+            wrong += 1;
+        }
+    }
+    let exact =
+        wrong == 0 && twice.is_empty() && rows.len() == expected.len() && late.num_rows() == 0;
+    let g = &metrics.gold;
+    let load: Vec<u64> = (0..GOLD_PARTITIONS)
+        .map(|p| {
+            g.partial_events
+                .with_label_values(&[p.to_string().as_str()])
+                .get()
+        })
+        .collect();
+    let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
+    let busiest = load.iter().copied().max().unwrap_or(0) as f64;
+    let partials: u64 = (0..GOLD_PARTITIONS)
+        .map(|p| {
+            g.partials
+                .with_label_values(&[p.to_string().as_str()])
+                .get()
+        })
+        .sum();
+    println!();
+    println!(
+        "  gold rows              {:>10}   (expected {} from Silver; {} wrong, {} twice)",
+        rows.len(),
+        expected.len(),
+        wrong,
+        twice.len()
+    );
+    println!("  late events            {:>10}", late.num_rows());
+    println!(
+        "  pre-aggregation        {:>10.0}x   ({} events into {} partials)",
+        g.events.get() as f64 / partials.max(1) as f64,
+        g.events.get(),
+        partials
+    );
+    println!(
+        "  salting                {:>10}   salted partials; busiest partials partition carries {:.2}x the mean ({} partitions)",
+        g.salted_partials.get(),
+        busiest / mean.max(1.0),
+        GOLD_PARTITIONS
+    );
+    if let Some(stage2) = &summary.gold {
+        println!(
+            "  gold commits           {:>10}   ({} replays dropped, {} salted sub-results merged back)",
+            stage2.commits, stage2.duplicates, stage2.forwarded
+        );
+    }
+    // Top customers of the first three windows.
+    type Top<'a> = Vec<(&'a Vec<String>, f64, f64)>;
+    let mut windows: BTreeMap<i64, Top<'_>> = BTreeMap::new();
+    for ((start, key), values) in &rows {
+        windows.entry(*start).or_default().push((
+            key,
+            values[0].unwrap_or(0.0),
+            values[1].unwrap_or(0.0),
+        ));
+    }
+    for (start, mut keys) in windows.into_iter().take(3) {
+        keys.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top: Vec<String> = keys
+            .iter()
+            .take(3)
+            .map(|(k, count, sum)| format!("{} {count:.0} orders {sum:.2}", k.join("/")))
+            .collect();
+        let when = chrono::DateTime::from_timestamp_micros(start)
+            .map(|t| t.format("%H:%M").to_string())
+            .unwrap_or_default();
+        println!("  window {when} top        {}", top.join(" | "));
+    }
+    Ok(exact)
 }
 
 /// Counts the messages of a single-partition topic from the beginning to its end.

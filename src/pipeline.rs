@@ -101,6 +101,8 @@ pub struct RunSummary {
     pub files: u64,
     pub commits: u64,
     pub fenced_partitions: u64,
+    /// What Gold stage 2 committed (when Gold is on).
+    pub gold: Option<crate::gold::job::GoldSummary>,
 }
 
 /// Per owned partition: where consumption stands (the rows themselves are buffered per table).
@@ -202,6 +204,32 @@ pub async fn run(
         },
         None => None,
     };
+    // Gold stage 2 runs beside the pipeline until the pipeline has drained (so the last epochs'
+    // markers can still be merged), then commits and stops. If it fails, the replica stops.
+    let gold_stop = CancellationToken::new();
+    let stage2 = match (&config.gold, &gold) {
+        (Some(settings), Some(emitter)) => {
+            let table = &tables.list[emitter.table];
+            let task = crate::gold::job::run(
+                config.clone(),
+                settings.clone(),
+                table.name.clone(),
+                table.decoder.output_schema(),
+                metrics.clone(),
+                gold_stop.clone(),
+            );
+            let stop_all = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let result = task.await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "Gold stage 2 failed; stopping the replica");
+                    stop_all.cancel();
+                }
+                result
+            }))
+        }
+        _ => None,
+    };
     let (events_tx, mut events) = mpsc::channel(16);
     let source = Source::start(
         SourceSettings {
@@ -256,12 +284,28 @@ pub async fn run(
     // Closing the channel unblocks the source thread if it still waits to hand something over.
     drop(events);
     let Replica {
-        source, summary, ..
+        source,
+        mut summary,
+        ..
     } = replica;
     let _ = tokio::task::spawn_blocking(move || source.join()).await;
+    gold_stop.cancel();
+    let mut gold_failed = None;
+    if let Some(stage2) = stage2 {
+        match tokio::time::timeout(grace, stage2).await {
+            Ok(Ok(Ok(gold))) => summary.gold = Some(gold),
+            Ok(Ok(Err(e))) => gold_failed = Some(PipelineError::Gold(e)),
+            Ok(Err(e)) => gold_failed = Some(PipelineError::Gold(e.to_string())),
+            Err(_) => gold_failed = Some(PipelineError::GraceExceeded(grace)),
+        }
+    }
     server_stop.cancel();
     let _ = server.await;
-    drained.map(|()| summary)
+    drained?;
+    match gold_failed {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
 }
 
 impl Replica {

@@ -175,6 +175,72 @@ pub fn exactly_once(
     }
 }
 
+/// One Gold table row, read back: (window start µs, key fields as text) and the aggregate columns
+/// in order (integers as f64; `None` for null).
+pub type GoldKey = (i64, Vec<String>);
+
+/// Gold rows by (window, key), each with its aggregate values.
+pub type GoldRows = BTreeMap<GoldKey, Vec<Option<f64>>>;
+
+/// Reads Gold rows: `key_fields` and `columns` (aggregate column names) of every row. Returns the
+/// rows by (window start, key) and the (window, key) pairs found more than once.
+pub fn gold_rows(
+    batches: &[RecordBatch],
+    key_fields: &[String],
+    columns: &[String],
+) -> Result<(GoldRows, Vec<GoldKey>), VerifyError> {
+    use deltalake::arrow::datatypes::{DataType, Float64Type, TimestampMicrosecondType};
+    let mut rows = BTreeMap::new();
+    let mut twice = Vec::new();
+    for batch in batches {
+        let starts = batch
+            .column_by_name("window_start")
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            .ok_or(VerifyError::Column("window_start"))?;
+        for row in 0..batch.num_rows() {
+            let mut key = Vec::with_capacity(key_fields.len());
+            for field in key_fields {
+                let column = batch
+                    .column_by_name(field)
+                    .ok_or(VerifyError::Column("gold key"))?;
+                key.push(if column.is_null(row) {
+                    "null".to_string()
+                } else {
+                    match column.data_type() {
+                        DataType::Utf8 => column.as_string::<i32>().value(row).to_string(),
+                        DataType::Int64 => {
+                            column.as_primitive::<Int64Type>().value(row).to_string()
+                        }
+                        _ => return Err(VerifyError::Column("gold key")),
+                    }
+                });
+            }
+            let mut values = Vec::with_capacity(columns.len());
+            for name in columns {
+                let column = batch
+                    .column_by_name(name)
+                    .ok_or(VerifyError::Column("gold aggregate"))?;
+                values.push(if column.is_null(row) {
+                    None
+                } else {
+                    match column.data_type() {
+                        DataType::Int64 => {
+                            Some(column.as_primitive::<Int64Type>().value(row) as f64)
+                        }
+                        DataType::Float64 => Some(column.as_primitive::<Float64Type>().value(row)),
+                        _ => return Err(VerifyError::Column("gold aggregate")),
+                    }
+                });
+            }
+            let slot = (starts.value(row), key);
+            if rows.insert(slot.clone(), values).is_some() {
+                twice.push(slot);
+            }
+        }
+    }
+    Ok((rows, twice))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

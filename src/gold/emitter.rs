@@ -31,18 +31,15 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::epoch::{epoch_partials, key_bytes};
+use super::epoch::{epoch_partials, key_bytes, preaggregate};
 use super::partial::{spec_fingerprint, Message};
-use super::stage1::{GoldSpec, PreAggregator};
+use super::stage1::GoldSpec;
 use crate::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::config::{Config, GoldConfig};
 use crate::lake;
 use crate::metrics::Metrics;
 use crate::models::TopicPartition;
 use crate::silver::{FilePolicy, SilverError, SilverWriter};
-
-/// Heavy-hitter sketch size per epoch (keys tracked).
-const HEAVY_CAPACITY: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmitError {
@@ -444,44 +441,51 @@ impl Emitter {
     /// Computes one epoch from the watermark `start`.
     fn compute(&self, epoch: &Epoch, start: Option<i64>) -> Result<Computed, String> {
         let window = self.spec.window;
+        // The watermark each row meets: the one after the rows before it (in offset order).
         let mut watermark = start;
-        let mut pre = PreAggregator::new(HEAVY_CAPACITY);
-        let mut late_parts: Vec<RecordBatch> = Vec::new();
+        let mut before: Vec<Vec<Option<i64>>> = Vec::with_capacity(epoch.batches.len());
         for batch in &epoch.batches {
             let times = batch
                 .column_by_name(&self.spec.event_time_field)
                 .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
                 .ok_or("event time column missing")?;
-            // The watermark each row meets: the one after the rows before it.
-            let mut before: Vec<Option<i64>> = Vec::with_capacity(batch.num_rows());
+            let mut rows = Vec::with_capacity(batch.num_rows());
             for row in 0..batch.num_rows() {
-                before.push(watermark);
+                rows.push(watermark);
                 if !times.is_null(row) {
                     let w = times.value(row).saturating_sub(self.delay);
                     watermark = Some(watermark.map_or(w, |m| m.max(w)));
                 }
             }
-            let mut late: Vec<(u32, i64)> = Vec::new();
-            pre.add_batch(&self.spec, batch, |row, _, start| {
-                let open =
-                    before[row].is_none_or(|w| window.end(start).saturating_add(self.lateness) > w);
+            before.push(rows);
+        }
+        let mut late: Vec<Vec<(u32, i64)>> = vec![Vec::new(); epoch.batches.len()];
+        let (pre, hot) = preaggregate(
+            &self.spec,
+            &epoch.batches,
+            &epoch.tp,
+            epoch.end,
+            self.salting,
+            |batch, row, _, start| {
+                let open = before[batch][row]
+                    .is_none_or(|w| window.end(start).saturating_add(self.lateness) > w);
                 if !open {
-                    late.push((row as u32, start));
+                    late[batch].push((row as u32, start));
                 }
                 open
-            })?;
-            if !late.is_empty() {
+            },
+        )?;
+        let mut late_parts: Vec<RecordBatch> = Vec::new();
+        for (index, pairs) in late.iter().enumerate() {
+            if !pairs.is_empty() {
                 late_parts.push(
-                    self.late_rows(batch, &late, &before)
+                    self.late_rows(&epoch.batches[index], pairs, &before[index])
                         .map_err(|e| e.to_string())?,
                 );
             }
         }
         let events = pre.events();
-        let hot = self
-            .salting
-            .map_or(0, |s| pre.hot_keys(s.share, s.min_events).len());
-        let partials = epoch_partials(pre, &epoch.tp, epoch.end, self.partitions, self.salting);
+        let partials = epoch_partials(pre, &epoch.tp, epoch.end, self.partitions);
         let mut load: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
         let mut salted = 0;
         let mut messages = Vec::with_capacity(partials.len() + self.partitions as usize);

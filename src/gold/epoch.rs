@@ -5,10 +5,13 @@
 //! before a Gold row is written. Everything here is a function of the epoch's rows, its source
 //! partition and its end offset, so a replay of the epoch produces identical messages.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
+
+use deltalake::arrow::array::RecordBatch;
 
 use super::hll::{fmix64, hash64};
 use super::partial::{KeyValue, Partial};
+use super::stage1::GoldSpec;
 use super::stage1::PreAggregator;
 use crate::models::TopicPartition;
 
@@ -44,6 +47,38 @@ pub fn partition_of(key: &[KeyValue], salt: u16, partitions: i32) -> i32 {
     ((base + i64::from(salt)) % partitions) as i32
 }
 
+/// Where a hot key's salts start in an epoch: fixed by (source partition, epoch end), so a replay
+/// salts identically while different epochs start on different sub-keys.
+pub fn salt_start(source: &TopicPartition, epoch_end: i64) -> u64 {
+    fmix64((source.partition as u64) ^ fmix64(epoch_end as u64))
+}
+
+/// Pre-aggregates an epoch's rows with salting: a first pass finds the hot keys, the second
+/// folds, spreading each hot key's events over its salts.
+pub fn preaggregate(
+    spec: &GoldSpec,
+    batches: &[RecordBatch],
+    source: &TopicPartition,
+    epoch_end: i64,
+    salting: Option<Salting>,
+    mut keep: impl FnMut(usize, usize, i64, i64) -> bool,
+) -> Result<(PreAggregator, usize), String> {
+    let mut pre = PreAggregator::new(HEAVY_CAPACITY);
+    let mut hot = 0;
+    if let Some(s) = salting.filter(|s| s.salts > 1) {
+        let keys = PreAggregator::scan_hot(spec, batches, HEAVY_CAPACITY, s.share, s.min_events)?;
+        hot = keys.len();
+        pre.salt(keys, s.salts, salt_start(source, epoch_end));
+    }
+    for (index, batch) in batches.iter().enumerate() {
+        pre.add_batch(spec, batch, |row, t, start| keep(index, row, t, start))?;
+    }
+    Ok((pre, hot))
+}
+
+/// Heavy-hitter sketch size per epoch (keys tracked).
+pub const HEAVY_CAPACITY: usize = 256;
+
 /// Turns an epoch's pre-aggregated groups into (partials partition, message) pairs, in a
 /// deterministic order, with per-partition sequence numbers.
 pub fn epoch_partials(
@@ -51,27 +86,11 @@ pub fn epoch_partials(
     source: &TopicPartition,
     epoch_end: i64,
     partitions: i32,
-    salting: Option<Salting>,
 ) -> Vec<(i32, Partial)> {
-    let hot: BTreeSet<Vec<KeyValue>> = salting
-        .map(|s| pre.hot_keys(s.share, s.min_events).into_iter().collect())
-        .unwrap_or_default();
-    let salts = salting.map_or(1, |s| s.salts.max(1));
     let mut sequences: BTreeMap<i32, u32> = BTreeMap::new();
-    // A hot key's windows take the salts in turn, from a start fixed by (source, epoch).
-    let start = fmix64((source.partition as u64) ^ fmix64(epoch_end as u64)) % u64::from(salts);
-    let mut turns: BTreeMap<Vec<KeyValue>, u64> = BTreeMap::new();
     pre.into_groups()
         .into_iter()
-        .map(|(window_start, key, accumulator)| {
-            let salt = if hot.contains(&key) && salts > 1 {
-                let turn = turns.entry(key.clone()).or_insert(start);
-                let salt = 1 + (*turn % u64::from(salts)) as u16;
-                *turn += 1;
-                salt
-            } else {
-                0
-            };
+        .map(|(window_start, key, salt, accumulator)| {
             let partition = partition_of(&key, salt, partitions);
             let seq = sequences.entry(partition).or_insert(0);
             let message = Partial {
@@ -95,7 +114,6 @@ mod tests {
     use super::*;
     use crate::gold::aggregate::{parse_aggregates, Accumulator};
     use crate::gold::stage1::tests::orders_batch;
-    use crate::gold::stage1::GoldSpec;
     use std::collections::HashMap;
 
     fn spec() -> GoldSpec {
@@ -139,11 +157,17 @@ mod tests {
         let spec = spec();
         let mut out = Vec::new();
         for (partition, epoch_end, rows) in stream() {
-            let mut pre = PreAggregator::new(64);
-            pre.add_batch(&spec, &orders_batch(&rows), |_, _, _| true)
-                .expect("fold");
             let source = TopicPartition::new("orders", partition);
-            out.extend(epoch_partials(pre, &source, epoch_end, 8, salting));
+            let (pre, _) = preaggregate(
+                &spec,
+                &[orders_batch(&rows)],
+                &source,
+                epoch_end,
+                salting,
+                |_, _, _, _| true,
+            )
+            .expect("fold");
+            out.extend(epoch_partials(pre, &source, epoch_end, 8));
         }
         out
     }

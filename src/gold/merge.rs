@@ -315,6 +315,9 @@ mod tests {
 
     const MINUTE: i64 = 60_000_000;
 
+    /// (source partition, event time, key, salt, amount).
+    type Event = (i32, i64, u8, u16, f64);
+
     fn aggregates() -> Vec<Aggregate> {
         parse_aggregates("count, sum(amount), min(amount)").expect("aggregates")
     }
@@ -421,7 +424,7 @@ mod tests {
             let partitions = 4;
             let mut cluster = Cluster::new(partitions);
             // Stage 1: one epoch per event; each source marks every partition after each epoch.
-            let mut per_source: Vec<VecDeque<(i64, &(i32, i64, u8, u16, f64))>> = vec![VecDeque::new(), VecDeque::new()];
+            let mut per_source: Vec<VecDeque<(i64, &Event)>> = vec![VecDeque::new(), VecDeque::new()];
             for (i, e) in events.iter().enumerate() {
                 per_source[e.0 as usize].push_back((i as i64, e));
             }

@@ -1,4 +1,5 @@
-//! Gold: event-time windowed aggregates. This module holds the pure cores, each testable alone:
+//! Gold: event-time windowed aggregates. [`emitter`] (stage 1) and [`job`] (stage 2) run them in a
+//! replica; the other modules are the pure cores, each testable alone:
 //!
 //! - [`window`]: tumbling and hopping windows, and which windows an event time falls in;
 //! - [`aggregate`]: the aggregate functions, their mergeable accumulators and final values
@@ -20,6 +21,7 @@ pub mod emitter;
 pub mod epoch;
 pub mod heavy;
 pub mod hll;
+pub mod job;
 pub mod merge;
 pub mod output;
 pub mod partial;

@@ -85,8 +85,12 @@ impl GoldSpec {
 pub struct PreAggregator {
     keys: HashMap<Vec<KeyValue>, u32>,
     key_list: Vec<Vec<KeyValue>>,
-    groups: HashMap<(i64, u32), Accumulator>,
+    groups: HashMap<(i64, u32, u16), Accumulator>,
     heavy: SpaceSaving,
+    /// Hot keys (by id) and the turn of their next event: events of a hot key take the salts
+    /// 1..=`salts` in turn, so its load spreads evenly over `salts` sub-keys.
+    salted: HashMap<u32, u64>,
+    salts: u16,
     events: u64,
     /// Newest event time seen (microseconds).
     pub max_event_time: Option<i64>,
@@ -99,6 +103,8 @@ impl PreAggregator {
             key_list: Vec::new(),
             groups: HashMap::new(),
             heavy: SpaceSaving::new(heavy_hitter_capacity),
+            salted: HashMap::new(),
+            salts: 1,
             events: 0,
             max_event_time: None,
         }
@@ -106,6 +112,78 @@ impl PreAggregator {
 
     pub fn events(&self) -> u64 {
         self.events
+    }
+
+    fn id_of(&mut self, key: Vec<KeyValue>) -> u32 {
+        match self.keys.get(&key) {
+            Some(id) => *id,
+            None => {
+                let id = self.key_list.len() as u32;
+                self.keys.insert(key.clone(), id);
+                self.key_list.push(key);
+                id
+            }
+        }
+    }
+
+    /// Salts `hot` keys: their events take the salts 1..=`salts` in turn, the first one `start`
+    /// (fixed by source partition and epoch, so a replay salts identically). Call before folding.
+    pub fn salt(&mut self, hot: Vec<Vec<KeyValue>>, salts: u16, start: u64) {
+        if salts < 2 {
+            return;
+        }
+        self.salts = salts;
+        for key in hot {
+            let id = self.id_of(key);
+            self.salted.insert(id, start);
+        }
+    }
+
+    /// Hot keys of `batches` without folding them: keys holding at least `share` of the rows (and
+    /// at least `min_events`), by a Space-Saving sketch of `capacity` keys.
+    pub fn scan_hot(
+        spec: &GoldSpec,
+        batches: &[RecordBatch],
+        capacity: usize,
+        share: f64,
+        min_events: u64,
+    ) -> Result<Vec<Vec<KeyValue>>, String> {
+        let mut ids: HashMap<Vec<KeyValue>, u32> = HashMap::new();
+        let mut list: Vec<Vec<KeyValue>> = Vec::new();
+        let mut heavy = SpaceSaving::new(capacity);
+        for batch in batches {
+            let keys: Vec<&ArrayRef> = spec
+                .key_fields
+                .iter()
+                .map(|k| {
+                    batch
+                        .column_by_name(k)
+                        .ok_or_else(|| format!("column {k} missing"))
+                })
+                .collect::<Result<_, _>>()?;
+            for row in 0..batch.num_rows() {
+                let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
+                let id = match ids.get(&key) {
+                    Some(id) => *id,
+                    None => {
+                        let id = list.len() as u32;
+                        ids.insert(key.clone(), id);
+                        list.push(key);
+                        id
+                    }
+                };
+                heavy.add(&id.to_le_bytes(), 1);
+            }
+        }
+        Ok(heavy
+            .hot(share)
+            .into_iter()
+            .filter(|(_, count)| *count >= min_events)
+            .filter_map(|(id, _)| {
+                let id = u32::from_le_bytes(id.try_into().ok()?);
+                list.get(id as usize).cloned()
+            })
+            .collect())
     }
 
     pub fn groups(&self) -> usize {
@@ -153,16 +231,16 @@ impl PreAggregator {
                 continue;
             }
             let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
-            let id = match self.keys.get(&key) {
-                Some(id) => *id,
-                None => {
-                    let id = self.key_list.len() as u32;
-                    self.keys.insert(key.clone(), id);
-                    self.key_list.push(key.clone());
-                    id
-                }
-            };
+            let id = self.id_of(key);
             self.heavy.add(&id.to_le_bytes(), 1);
+            let salt = match self.salted.get_mut(&id) {
+                Some(turn) => {
+                    let salt = 1 + (*turn % u64::from(self.salts)) as u16;
+                    *turn += 1;
+                    salt
+                }
+                None => 0,
+            };
             row_inputs.clear();
             for input in &inputs {
                 row_inputs.push(match input {
@@ -181,7 +259,7 @@ impl PreAggregator {
             }
             for start in &starts {
                 self.groups
-                    .entry((*start, id))
+                    .entry((*start, id, salt))
                     .or_insert_with(|| Accumulator::new(&spec.aggregates))
                     .add(&row_inputs);
             }
@@ -205,15 +283,19 @@ impl PreAggregator {
             .collect()
     }
 
-    /// The (window start, key, accumulator) groups, in a deterministic order (window, then key),
-    /// so a replay of the same rows emits the same partials in the same order.
-    pub fn into_groups(self) -> Vec<(i64, Vec<KeyValue>, Accumulator)> {
-        let mut out: Vec<(i64, Vec<KeyValue>, Accumulator)> = self
+    /// The (window start, key, salt, accumulator) groups, in a deterministic order (window, key,
+    /// salt), so a replay of the same rows emits the same partials in the same order.
+    pub fn into_groups(self) -> Vec<(i64, Vec<KeyValue>, u16, Accumulator)> {
+        let mut out: Vec<(i64, Vec<KeyValue>, u16, Accumulator)> = self
             .groups
             .into_iter()
-            .map(|((start, id), acc)| (start, self.key_list[id as usize].clone(), acc))
+            .map(|((start, id, salt), acc)| (start, self.key_list[id as usize].clone(), salt, acc))
             .collect();
-        out.sort_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+        out.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| a.1.cmp(&b.1))
+                .then_with(|| a.2.cmp(&b.2))
+        });
         out
     }
 }
@@ -330,7 +412,7 @@ pub(crate) mod tests {
             }
             let groups = pre.into_groups();
             prop_assert_eq!(groups.len(), expected.len());
-            for (start, key, acc) in groups {
+            for (start, key, _, acc) in groups {
                 let KeyValue::Str(name) = &key[0] else { panic!("string key") };
                 let (count, amounts) = &expected[&(start, name.clone())];
                 let out = acc.finish();

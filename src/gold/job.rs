@@ -1,0 +1,543 @@
+//! Stage 2 of Gold as it runs in a replica: a second consumer group (`<group>-gold`) on the
+//! partials topic. Each owned partials partition has a [`PartitionMerge`]; its sub-results and
+//! closed announcements are sent (and acknowledged) after every chunk. Final rows are committed to
+//! `<lake>/gold/<name>` with a `txn` per partials partition = the last offset handled, and the
+//! partition's whole merge state is stored beside the table first, under
+//! `_strata_state/<topic>/<partition>/<offset>.bin`. A new owner restores the state of the committed
+//! offset and reads on from there, so every row is committed once, by the same rule as Silver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deltalake::{ObjectStore, Path};
+use object_store::ObjectStoreExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::aggregate::Output;
+use super::emitter::{gold_name, partials_producer, partition_count, send_in_order};
+use super::merge::PartitionMerge;
+use super::output::{gold_rows, gold_schema, KeyType};
+use super::partial::{spec_fingerprint, KeyValue, Message};
+use super::stage2::{Closed, Source as SourcePartition};
+use crate::backoff::Backoff;
+use crate::commit::{CommitOutcome, Fenced, TableCommitter};
+use crate::config::{Config, GoldConfig};
+use crate::lake;
+use crate::metrics::Metrics;
+use crate::models::TopicPartition;
+use crate::silver::{FilePolicy, SilverWriter};
+use crate::source::{Source, SourceCommand, SourceEvent, SourceSettings};
+
+/// Gold rows kept in memory for the summary (the demo prints the top keys per window).
+const SUMMARY_ROWS: usize = 100_000;
+
+/// A committed Gold row, for summaries.
+#[derive(Debug, Clone)]
+pub struct GoldRow {
+    pub window_start: i64,
+    pub window_end: i64,
+    pub key: Vec<KeyValue>,
+    pub values: Vec<Output>,
+}
+
+/// What stage 2 did in this run.
+#[derive(Debug, Default, Clone)]
+pub struct GoldSummary {
+    pub rows: Vec<GoldRow>,
+    pub rows_committed: u64,
+    pub commits: u64,
+    pub duplicates: u64,
+    pub forwarded: u64,
+}
+
+struct Part {
+    merge: PartitionMerge,
+    /// Records below this offset were handled already.
+    next: Option<i64>,
+    /// Last offset handled and not committed.
+    pending: Option<i64>,
+    rows: Vec<Closed>,
+    /// The snapshot file of the committed state (deleted when a newer one commits).
+    committed_state: Option<Path>,
+    awaiting_reseek: bool,
+}
+
+struct Job {
+    topic: String,
+    partitions: i32,
+    fingerprint: u64,
+    settings: GoldConfig,
+    sources: Vec<SourcePartition>,
+    keys: Vec<(String, KeyType)>,
+    schema: deltalake::arrow::datatypes::SchemaRef,
+    producer: rdkafka::producer::FutureProducer,
+    committer: TableCommitter,
+    writer: SilverWriter,
+    store: Arc<dyn ObjectStore>,
+    parts: HashMap<i32, Part>,
+    source: Source,
+    metrics: Arc<Metrics>,
+    summary: GoldSummary,
+    commit_every: Duration,
+    last_commit: Instant,
+    shutdown: CancellationToken,
+}
+
+/// Runs stage 2 until `shutdown`; commits what is complete before it returns.
+pub async fn run(
+    config: Config,
+    settings: GoldConfig,
+    source_table: String,
+    silver: deltalake::arrow::datatypes::SchemaRef,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<GoldSummary, String> {
+    let producer = partials_producer(&config).map_err(|e| format!("partials producer: {e}"))?;
+    let topic = settings.partials_topic.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    // Stage 1 creates the partials topic; wait for it.
+    let partitions = loop {
+        match partition_count(&producer, &topic) {
+            Ok(Some(n)) => break n,
+            Ok(None) | Err(_) if !shutdown.is_cancelled() => backoff.wait().await,
+            _ => return Ok(GoldSummary::default()),
+        }
+    };
+    let mut sources = Vec::new();
+    for bronze in &config.topics {
+        let n = partition_count(&producer, bronze)
+            .map_err(|e| format!("metadata of {bronze}: {e}"))?
+            .ok_or_else(|| format!("topic {bronze} does not exist"))?;
+        sources.extend((0..n).map(|p| (bronze.clone(), p)));
+    }
+    let keys: Vec<(String, KeyType)> = settings
+        .keys
+        .iter()
+        .map(|k| {
+            let kind = match silver.field_with_name(k).map(|f| f.data_type().clone()) {
+                Ok(deltalake::arrow::datatypes::DataType::Utf8) => KeyType::Str,
+                _ => KeyType::Int,
+            };
+            (k.clone(), kind)
+        })
+        .collect();
+    let schema = gold_schema(&keys, &settings.aggregates);
+    let name = gold_name(&config, &settings, &source_table);
+    let url = lake::table_url(&config.lake_url, "gold", &name).map_err(|e| e.to_string())?;
+    let table = lake::open_or_create(url, &schema, &name)
+        .await
+        .map_err(|e| format!("Gold table {name}: {e}"))?;
+    let store = table.object_store();
+    let group = format!("{}-gold", config.group_id);
+    let committer = TableCommitter::new(table, &group, config.commit_retries);
+    let writer = SilverWriter::new(
+        schema.clone(),
+        "window_start",
+        FilePolicy {
+            max_rows: config.file_max_rows,
+            max_bytes: config.file_max_bytes,
+            compression: config.compression,
+        },
+        store.clone(),
+    );
+    let (events_tx, mut events) = mpsc::channel(16);
+    let source = Source::start(
+        SourceSettings {
+            brokers: config.brokers.clone(),
+            group_id: group,
+            topics: vec![topic.clone()],
+            properties: config.kafka_properties.clone(),
+        },
+        metrics.clone(),
+        events_tx,
+    )
+    .map_err(|e| format!("partials consumer: {e}"))?;
+    tracing::info!(table = %name, %topic, partitions, sources = sources.len(), "Gold stage 2 running");
+    let mut job = Job {
+        fingerprint: spec_fingerprint(&settings.aggregates, &settings.keys),
+        topic,
+        partitions,
+        settings,
+        sources,
+        keys,
+        schema,
+        producer,
+        committer,
+        writer,
+        store,
+        parts: HashMap::new(),
+        source,
+        metrics,
+        summary: GoldSummary::default(),
+        commit_every: config.flush_interval.min(Duration::from_secs(5)),
+        last_commit: Instant::now(),
+        shutdown: shutdown.clone(),
+    };
+    let result = job.consume(&mut events).await;
+    let drained = match result {
+        Ok(()) => job.commit_retrying().await,
+        Err(e) => Err(e),
+    };
+    job.source.stop();
+    let closing = async {
+        while let Some(event) = events.recv().await {
+            match event {
+                SourceEvent::Revoked { done, .. } => {
+                    let _ = done.send(());
+                }
+                SourceEvent::Assigned { reply, .. } => drop(reply),
+                _ => {}
+            }
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), closing).await;
+    drop(events);
+    let Job {
+        source, summary, ..
+    } = job;
+    let _ = tokio::task::spawn_blocking(move || source.join()).await;
+    drained.map(|()| summary)
+}
+
+impl Job {
+    async fn consume(&mut self, events: &mut mpsc::Receiver<SourceEvent>) -> Result<(), String> {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event).await?,
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {
+                    if self.last_commit.elapsed() >= self.commit_every {
+                        self.commit_retrying().await?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn new_merge(&self, partition: i32) -> PartitionMerge {
+        PartitionMerge::new(
+            partition,
+            self.partitions,
+            self.settings.window,
+            i64::try_from(self.settings.allowed_lateness.as_micros()).unwrap_or(i64::MAX),
+            self.settings.aggregates.clone(),
+            self.sources.clone(),
+        )
+    }
+
+    fn state_path(&self, partition: i32, offset: i64) -> Path {
+        Path::from(format!(
+            "_strata_state/{}/{partition}/{offset:020}.bin",
+            self.topic
+        ))
+    }
+
+    /// Takes over partials partitions: their committed offset and the state stored with it.
+    async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), String> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let claimed = loop {
+            match self.committer.claim(partitions).await {
+                Ok(claimed) => break claimed,
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "reading Gold progress failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        for (tp, stored) in claimed {
+            let mut merge = self.new_merge(tp.partition);
+            let mut committed_state = None;
+            if let Some(offset) = stored {
+                let path = self.state_path(tp.partition, offset);
+                let bytes = loop {
+                    match self.store.get(&path).await {
+                        Ok(got) => match got.bytes().await {
+                            Ok(bytes) => break bytes,
+                            Err(e) => tracing::warn!(error = %e, "reading Gold state failed; retrying"),
+                        },
+                        Err(deltalake::ObjectStoreError::NotFound { .. }) => {
+                            return Err(format!(
+                                "the Gold state of {tp} at offset {offset} ({path}) is missing: the table cannot resume exactly"
+                            ))
+                        }
+                        Err(e) if !self.shutdown.is_cancelled() => {
+                            tracing::warn!(error = %e, "reading Gold state failed; retrying")
+                        }
+                        Err(e) => return Err(e.to_string()),
+                    }
+                    backoff.wait().await;
+                };
+                merge.restore(&bytes)?;
+                committed_state = Some(path);
+            }
+            self.parts.insert(
+                tp.partition,
+                Part {
+                    merge,
+                    next: stored.map(|o| o + 1),
+                    pending: None,
+                    rows: Vec::new(),
+                    committed_state,
+                    awaiting_reseek: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, event: SourceEvent) -> Result<(), String> {
+        match event {
+            SourceEvent::Records(records) => {
+                let Some(first) = records.first() else {
+                    return Ok(());
+                };
+                let partition = first.partition;
+                let Some(part) = self.parts.get_mut(&partition) else {
+                    return Ok(());
+                };
+                if part.awaiting_reseek {
+                    return Ok(());
+                }
+                let mut send: Vec<(i32, Option<Vec<u8>>, Vec<u8>)> = Vec::new();
+                let gold = &self.metrics.gold;
+                for record in records {
+                    if part.next.is_some_and(|n| record.offset < n) {
+                        continue;
+                    }
+                    part.next = Some(record.offset + 1);
+                    part.pending = Some(record.offset);
+                    let message = match record
+                        .value
+                        .as_deref()
+                        .map(|v| Message::decode(v, &self.settings.aggregates, self.fingerprint))
+                    {
+                        Some(Ok(message)) => message,
+                        Some(Err(e)) => {
+                            gold.refused.with_label_values(&["malformed"]).inc();
+                            tracing::error!(partition, offset = record.offset, error = %e, "partials message refused");
+                            continue;
+                        }
+                        None => {
+                            gold.refused.with_label_values(&["malformed"]).inc();
+                            continue;
+                        }
+                    };
+                    let effects = part.merge.handle(message);
+                    gold.duplicates.inc_by(effects.duplicates);
+                    gold.forwarded.inc_by(effects.forwarded);
+                    self.summary.duplicates += effects.duplicates;
+                    self.summary.forwarded += effects.forwarded;
+                    if effects.too_late > 0 {
+                        gold.refused
+                            .with_label_values(&["window_closed"])
+                            .inc_by(effects.too_late);
+                        tracing::error!(
+                            partition,
+                            offset = record.offset,
+                            "partial for a window already closed"
+                        );
+                    }
+                    part.rows.extend(effects.rows);
+                    for (to, message) in effects.send {
+                        send.push((to, None, message.encode(self.fingerprint)));
+                    }
+                }
+                self.report();
+                if !send.is_empty() {
+                    send_in_order(&self.producer, &self.topic, send)
+                        .await
+                        .map_err(|e| format!("sending to {}: {e}", self.topic))?;
+                }
+                Ok(())
+            }
+            SourceEvent::Assigned { partitions, reply } => {
+                self.claim(&partitions).await?;
+                let resume = partitions
+                    .iter()
+                    .map(|tp| {
+                        let after = self
+                            .parts
+                            .get(&tp.partition)
+                            .and_then(|p| p.next)
+                            .map(|n| n - 1);
+                        (tp.clone(), after)
+                    })
+                    .collect();
+                let _ = reply.send(resume);
+                Ok(())
+            }
+            SourceEvent::Revoked {
+                partitions,
+                lost,
+                done,
+            } => {
+                if !lost {
+                    self.commit_retrying().await?;
+                }
+                for tp in &partitions {
+                    self.parts.remove(&tp.partition);
+                }
+                self.committer.release(&partitions);
+                let _ = done.send(());
+                Ok(())
+            }
+            SourceEvent::Reseeked(tp) => {
+                if let Some(part) = self.parts.get_mut(&tp.partition) {
+                    part.awaiting_reseek = false;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn report(&self) {
+        let gold = &self.metrics.gold;
+        let open: usize = self
+            .parts
+            .values()
+            .map(|p| p.merge.open().0 + p.merge.open().1)
+            .sum();
+        gold.open_windows.set(open as i64);
+        if let Some(w) = self
+            .parts
+            .values()
+            .filter_map(|p| p.merge.watermark())
+            .min()
+        {
+            let now = chrono::Utc::now().timestamp_micros();
+            gold.watermark_lag.set(now.saturating_sub(w) as f64 / 1e6);
+        }
+    }
+
+    async fn commit_retrying(&mut self) -> Result<(), String> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match self.commit().await {
+                Ok(()) => {
+                    self.last_commit = Instant::now();
+                    return Ok(());
+                }
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "Gold commit failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores the state of every partition with new progress, writes the final rows and commits
+    /// them with the partitions' offsets.
+    async fn commit(&mut self) -> Result<(), String> {
+        let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for (partition, part) in &self.parts {
+            if let Some(offset) = part.pending {
+                last.insert(TopicPartition::new(self.topic.as_str(), *partition), offset);
+            }
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        let partitions: Vec<TopicPartition> = last.keys().cloned().collect();
+        let fenced = self
+            .committer
+            .check(&partitions)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !fenced.is_empty() {
+            return self.on_fenced(fenced).await;
+        }
+        let mut states = Vec::new();
+        for (tp, offset) in &last {
+            let Some(part) = self.parts.get(&tp.partition) else {
+                continue;
+            };
+            let path = self.state_path(tp.partition, *offset);
+            self.store
+                .put(&path, part.merge.snapshot().into())
+                .await
+                .map_err(|e| format!("storing Gold state: {e}"))?;
+            states.push((tp.partition, path));
+        }
+        let closed: Vec<Closed> = last
+            .keys()
+            .filter_map(|tp| self.parts.get(&tp.partition))
+            .flat_map(|p| p.rows.iter().cloned())
+            .collect();
+        let files = if closed.is_empty() {
+            Vec::new()
+        } else {
+            let batch = gold_rows(&self.schema, &self.keys, &self.settings.aggregates, &closed)
+                .map_err(|e| e.to_string())?;
+            self.writer
+                .write(&[batch])
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        match self
+            .committer
+            .commit(files, &last)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            CommitOutcome::Fenced(fenced) => self.on_fenced(fenced).await,
+            CommitOutcome::Committed { .. } => {
+                let gold = &self.metrics.gold;
+                gold.commits.inc();
+                gold.windows_emitted.inc_by(closed.len() as u64);
+                self.summary.commits += 1;
+                self.summary.rows_committed += closed.len() as u64;
+                for c in &closed {
+                    if self.summary.rows.len() < SUMMARY_ROWS {
+                        self.summary.rows.push(GoldRow {
+                            window_start: c.window_start,
+                            window_end: c.window_end,
+                            key: c.key.clone(),
+                            values: c.accumulator.finish(),
+                        });
+                    }
+                }
+                for (partition, path) in states {
+                    if let Some(part) = self.parts.get_mut(&partition) {
+                        part.pending = None;
+                        part.rows.clear();
+                        if let Some(old) = part.committed_state.replace(path) {
+                            // Best effort: a leftover file is only clutter.
+                            let _ = self.store.delete(&old).await;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Partitions someone else committed: their state is dropped and restored from the table.
+    async fn on_fenced(&mut self, fenced: Vec<Fenced>) -> Result<(), String> {
+        for f in fenced {
+            tracing::warn!(partition = %f.partition, expected = ?f.expected, stored = ?f.stored, "Gold partition fenced: restoring from the table");
+            self.parts.remove(&f.partition.partition);
+            self.committer.release(std::slice::from_ref(&f.partition));
+            self.claim(std::slice::from_ref(&f.partition)).await?;
+            let next = self
+                .parts
+                .get(&f.partition.partition)
+                .and_then(|p| p.next)
+                .unwrap_or(0);
+            if let Some(part) = self.parts.get_mut(&f.partition.partition) {
+                part.awaiting_reseek = true;
+            }
+            self.source
+                .command(SourceCommand::Seek(f.partition.clone(), next));
+        }
+        Ok(())
+    }
+}
