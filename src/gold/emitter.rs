@@ -594,6 +594,7 @@ impl Emitter {
             computed_all.push((epoch.tp.clone(), epoch.end, computed));
         }
         send_in_order(&self.producer, &self.topic, messages).await?;
+        crate::failpoint!("after_gold_send");
         let files = self.late_writer.write(&late).await?;
         let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         for (tp, end, _) in &computed_all {

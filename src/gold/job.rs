@@ -213,7 +213,11 @@ impl Job {
                     None => return Ok(()),
                 },
                 _ = tick.tick() => {
-                    if self.last_commit.elapsed() >= self.commit_every {
+                    // Rows commit at the flush interval; progress alone (markers) less often,
+                    // since a restart merely reads those markers again.
+                    let rows = self.parts.values().any(|p| !p.rows.is_empty());
+                    let every = if rows { self.commit_every } else { self.commit_every * 10 };
+                    if self.last_commit.elapsed() >= every {
                         self.commit_retrying().await?;
                     }
                 }
@@ -482,6 +486,7 @@ impl Job {
                 .await
                 .map_err(|e| e.to_string())?
         };
+        crate::failpoint!("before_gold_commit");
         match self
             .committer
             .commit(files, &last)

@@ -1,0 +1,465 @@
+//! Gold end to end on tansu + moto with the real `strata` binary. Each test computes the expected
+//! Gold rows independently from the events it produced (its own watermark and lateness rule, its
+//! own exact sums) and compares them with the Gold table row by row, and the late-events table
+//! with the events it expects to be late.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use apache_avro::types::Value;
+use common::{brokers, outlive_dead_member, Setup};
+use deltalake::arrow::array::{Array, AsArray};
+use deltalake::arrow::datatypes::{Int64Type, TimestampMicrosecondType};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use strata::demo::ORDER_V1;
+
+const AGGREGATES: &str =
+    "count, sum(amount), min(amount), max(amount), avg(amount), approx_distinct(order_id)";
+const COLUMNS: [&str; 6] = [
+    "count",
+    "sum_amount",
+    "min_amount",
+    "max_amount",
+    "avg_amount",
+    "approx_distinct_order_id",
+];
+const SECOND: i64 = 1_000_000;
+
+/// One produced order.
+#[derive(Debug, Clone)]
+struct Event {
+    partition: i32,
+    order_id: i64,
+    customer: String,
+    /// Cents / 100, at least 1.00: a multiple of 2^-52, so sums are exact in i128 (see `exact_sum`).
+    amount: f64,
+    /// Event time, microseconds (whole milliseconds).
+    t: i64,
+}
+
+/// A tiny deterministic generator (xorshift).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// `per_partition` orders on each of `partitions` partitions: customer `hot` holds about 40 % of
+/// them, the rest a skewed tail over 60 customers (the biggest about 4 % of all events). Event times start `minutes_ago`
+/// minutes back and advance `step_ms` per order of a partition, each up to `jitter_ms` early.
+fn skewed(
+    partitions: i32,
+    per_partition: i64,
+    step_ms: i64,
+    jitter_ms: i64,
+    seed: u64,
+) -> Vec<Event> {
+    let mut rng = Rng(seed | 1);
+    let base = (chrono::Utc::now().timestamp_millis() - 40 * 60_000) / 60_000 * 60_000;
+    let mut events = Vec::new();
+    for i in 0..per_partition {
+        for partition in 0..partitions {
+            let customer = if rng.below(10) < 4 {
+                "hot".to_string()
+            } else {
+                let u = rng.below(10_000) as f64 / 10_000.0;
+                format!("c{}", 1 + (60.0 * u.powf(1.5)) as u64)
+            };
+            let t_ms = base + i * step_ms - rng.below(jitter_ms.max(1) as u64) as i64;
+            events.push(Event {
+                partition,
+                order_id: events.len() as i64,
+                customer,
+                amount: (100 + rng.below(99_900)) as f64 / 100.0,
+                t: t_ms * 1_000,
+            });
+        }
+    }
+    events
+}
+
+/// Produces `events` to their partitions, in order, as Confluent-framed Avro (schema id 1).
+async fn produce(topic: &str, events: &[Event]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "10")
+        .create()
+        .expect("producer");
+    for chunk in events.chunks(2_000) {
+        let values: Vec<(i32, String, Vec<u8>)> = chunk
+            .iter()
+            .map(|e| {
+                let value = common::framed(
+                    1,
+                    ORDER_V1,
+                    Value::Record(vec![
+                        ("order_id".into(), Value::Long(e.order_id)),
+                        ("customer_id".into(), Value::String(e.customer.clone())),
+                        ("product".into(), Value::String("dock".into())),
+                        ("amount".into(), Value::Double(e.amount)),
+                        ("event_time".into(), Value::TimestampMillis(e.t / 1_000)),
+                    ]),
+                );
+                (e.partition, e.customer.clone(), value)
+            })
+            .collect();
+        let sends = values.iter().map(|(p, key, value)| {
+            producer.send(
+                FutureRecord::to(topic)
+                    .partition(*p)
+                    .key(key)
+                    .payload(value),
+                Duration::from_secs(60),
+            )
+        });
+        for result in futures::future::join_all(sends).await {
+            result.map_err(|(e, _)| e).expect("delivered");
+        }
+    }
+}
+
+/// The exact (correctly rounded) sum of values that are multiples of 2^-52.
+fn exact_sum(values: &[f64]) -> f64 {
+    let scale = (1u64 << 52) as f64;
+    let total: i128 = values.iter().map(|v| (v * scale) as i128).sum();
+    total as f64 / scale
+}
+
+/// What Gold must hold, computed from the events alone.
+struct Expected {
+    /// (window start, customer) → the amounts and order ids counted there.
+    rows: BTreeMap<(i64, String), (Vec<f64>, BTreeSet<i64>)>,
+    /// (order id, window start) of every event too late for a window.
+    late: BTreeSet<(i64, i64)>,
+    /// Events counted although older than an event before them in their partition.
+    out_of_order_counted: usize,
+}
+
+/// Per partition, in produced order: an event is late for a window when the window's end plus
+/// the allowed lateness is at or below the partition's watermark before it (the largest event
+/// time so far minus the delay).
+fn expect(events: &[Event], size: i64, slide: i64, delay: i64, lateness: i64) -> Expected {
+    let mut rows: BTreeMap<(i64, String), (Vec<f64>, BTreeSet<i64>)> = BTreeMap::new();
+    let mut late = BTreeSet::new();
+    let mut out_of_order_counted = 0;
+    let mut watermark: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut newest: BTreeMap<i32, i64> = BTreeMap::new();
+    for e in events {
+        let before = watermark.get(&e.partition).copied();
+        let last = e.t.div_euclid(slide) * slide;
+        let mut counted = false;
+        for k in 0..size / slide {
+            let start = last - k * slide;
+            if before.is_some_and(|w| start + size + lateness <= w) {
+                late.insert((e.order_id, start));
+            } else {
+                counted = true;
+                let row = rows.entry((start, e.customer.clone())).or_default();
+                row.0.push(e.amount);
+                row.1.insert(e.order_id);
+            }
+        }
+        if counted && newest.get(&e.partition).is_some_and(|n| e.t < *n) {
+            out_of_order_counted += 1;
+        }
+        let n = newest.entry(e.partition).or_insert(e.t);
+        *n = (*n).max(e.t);
+        watermark.insert(e.partition, *n - delay);
+    }
+    Expected {
+        rows,
+        late,
+        out_of_order_counted,
+    }
+}
+
+fn gold_url(setup: &Setup, name: &str) -> url::Url {
+    strata::lake::register_object_stores();
+    strata::lake::table_url(&setup.lake, "gold", name).expect("gold url")
+}
+
+/// Waits until the Gold table holds `rows` rows (or the timeout), then a little longer so that
+/// a duplicate commit would show, and returns them.
+async fn read_gold(setup: &Setup, rows: usize, timeout: Duration) -> strata::verify::TableContents {
+    let deadline = Instant::now() + timeout;
+    let url = gold_url(setup, "order_by_customer_id");
+    loop {
+        let contents = strata::verify::read_table(url.clone()).await;
+        if let Ok(c) = &contents {
+            if c.num_rows() >= rows || Instant::now() > deadline {
+                break;
+            }
+        } else if Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    strata::verify::read_table(url).await.expect("gold table")
+}
+
+/// Compares Gold with `expected` row by row: count, sum, min, max, avg exact; approx_distinct
+/// within 5 % (HyperLogLog with 4096 registers: 1.6 % standard error).
+fn assert_gold(contents: &strata::verify::TableContents, expected: &Expected) {
+    let columns: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
+    let (rows, twice) =
+        strata::verify::gold_rows(&contents.batches, &["customer_id".to_string()], &columns)
+            .expect("gold rows");
+    assert!(twice.is_empty(), "rows written twice: {twice:?}");
+    let mut missing = Vec::new();
+    let mut wrong = Vec::new();
+    for ((start, customer), (amounts, ids)) in &expected.rows {
+        let Some(got) = rows.get(&(*start, vec![customer.clone()])) else {
+            missing.push((*start, customer.clone()));
+            continue;
+        };
+        let count = amounts.len() as f64;
+        let sum = exact_sum(amounts);
+        let min = amounts.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = amounts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let distinct = ids.len() as f64;
+        let approx = got[5].unwrap_or(-1.0);
+        let ok = got[0] == Some(count)
+            && got[1] == Some(sum)
+            && got[2] == Some(min)
+            && got[3] == Some(max)
+            && got[4] == Some(sum / count)
+            && (approx - distinct).abs() <= (0.05 * distinct).max(1.0);
+        if !ok {
+            wrong.push(format!(
+                "{start} {customer}: got {got:?}, expected count {count} sum {sum} min {min} max {max} avg {} distinct {distinct}",
+                sum / count
+            ));
+        }
+    }
+    let extra: Vec<_> = rows
+        .keys()
+        .filter(|(s, k)| !expected.rows.contains_key(&(*s, k[0].clone())))
+        .collect();
+    assert!(
+        missing.is_empty() && wrong.is_empty() && extra.is_empty(),
+        "Gold differs from the events: {} missing (first {:?}), {} wrong (first {:?}), {} unexpected (first {:?}) of {} expected",
+        missing.len(),
+        missing.first(),
+        wrong.len(),
+        wrong.first(),
+        extra.len(),
+        extra.first(),
+        expected.rows.len()
+    );
+}
+
+/// (order id, window start) of every row of the late-events table.
+async fn late_rows(setup: &Setup) -> Vec<(i64, i64)> {
+    let contents = strata::verify::read_table(gold_url(setup, "order_by_customer_id_late"))
+        .await
+        .expect("late table");
+    let mut out = Vec::new();
+    for batch in &contents.batches {
+        let ids = batch
+            .column_by_name("order_id")
+            .and_then(|c| c.as_primitive_opt::<Int64Type>())
+            .expect("order_id");
+        let starts = batch
+            .column_by_name("window_start")
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            .expect("window_start");
+        let lateness = batch.column_by_name("lateness_seconds").expect("lateness");
+        for row in 0..batch.num_rows() {
+            assert!(!lateness.is_null(row));
+            out.push((ids.value(row), starts.value(row)));
+        }
+    }
+    out
+}
+
+fn gold_env<'a>(window: &'a str, partitions: &'a str, salts: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("STRATA_GOLD_KEY", "customer_id"),
+        ("STRATA_GOLD_WINDOW", window),
+        ("STRATA_GOLD_AGGREGATES", AGGREGATES),
+        ("STRATA_GOLD_PARTITIONS", partitions),
+        ("STRATA_WATERMARK_DELAY", "5s"),
+        ("STRATA_ALLOWED_LATENESS", "0s"),
+        ("STRATA_IDLE_TIMEOUT", "4s"),
+        ("STRATA_HOT_KEY_SHARE", "0.1"),
+        ("STRATA_HOT_KEY_MIN_EVENTS", "20"),
+        ("STRATA_HOT_KEY_SALTS", salts),
+        ("STRATA_FILE_MAX_ROWS", "400"),
+    ]
+}
+
+/// Tumbling windows, 3 replicas, one key with about 40 % of the events. One replica freezes
+/// right after sending an epoch's partials and before recording it (failpoint
+/// `after_gold_send`), is SIGKILLed and restarted: the epoch is sent again from Kafka and
+/// stage 2 drops the copy. Gold is exact, and the late table is empty (all events in bounds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tumbling_gold_is_exact_under_skew_through_a_sigkill() {
+    let setup = Setup::new("gold-tumbling", 4).await;
+    let events = skewed(4, 1_500, 200, 3_000, 7);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    assert!(expected.late.is_empty(), "this stream has no late events");
+    produce(&setup.topic, &events).await;
+
+    let env = gold_env("1m", "6", "4");
+    // The first replica alone takes every partition and freezes after its first epoch's
+    // partials went out, before the epoch is recorded as sent.
+    let first =
+        setup.spawn(&[env.clone(), vec![("STRATA_FAILPOINT", "after_gold_send:1")]].concat());
+    assert!(
+        first
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED after_gold_send",
+                Duration::from_secs(120)
+            )
+            .await,
+        "the failpoint was not reached; log:\n{}",
+        first.tail(40)
+    );
+    let second = setup.spawn(&env);
+    let third = setup.spawn(&env);
+    first.sigkill();
+    outlive_dead_member().await;
+    let restarted = setup.spawn(&env);
+
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(240)).await;
+    assert_gold(&gold, &expected);
+    assert!(late_rows(&setup).await.is_empty());
+    let mut salted = 0.0;
+    for replica in [&second, &third, &restarted] {
+        salted += replica
+            .metric("strata_gold_salted_partials_total")
+            .await
+            .unwrap_or(0.0);
+    }
+    assert!(salted > 0.0, "the hot key was salted");
+}
+
+/// Hopping windows (2 minutes every minute), 3 replicas; one leaves the group (SIGTERM) while
+/// Gold is being computed and a new one joins. Gold is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hopping_gold_is_exact_when_a_replica_leaves_and_rejoins() {
+    let setup = Setup::new("gold-hopping", 4).await;
+    let events = skewed(4, 1_200, 250, 3_000, 11);
+    let expected = expect(&events, 120 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    produce(&setup.topic, &events).await;
+
+    let env = gold_env("2m every 1m", "6", "4");
+    let first = setup.spawn(&env);
+    let second = setup.spawn(&env);
+    let third = setup.spawn(&env);
+    second
+        .wait_metric(
+            "strata_gold_events_total",
+            1.0,
+            "stage 1 ran on the second replica",
+        )
+        .await;
+    second.stop(Duration::from_secs(20));
+    let rejoined = setup.spawn(&env);
+
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(240)).await;
+    assert_gold(&gold, &expected);
+    let late = late_rows(&setup).await;
+    let expected_late: Vec<(i64, i64)> = expected.late.iter().copied().collect();
+    assert_eq!(late.len(), expected_late.len());
+    drop((first, third, rejoined));
+}
+
+/// Out-of-order events: those within the delay and lateness count in their window; those beyond
+/// are exactly the rows of the late-events table (one per window missed), with the window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_events_are_exactly_the_late_table() {
+    let setup = Setup::new("gold-late", 2).await;
+    let mut events = skewed(2, 600, 300, 2_000, 23);
+    // Every 25th event of a partition jumps back: by 12 s (within delay 5 s + lateness 30 s of
+    // its window's end for most) or by 3 minutes (late for its window).
+    for (i, e) in events.iter_mut().enumerate() {
+        if i % 50 == 10 {
+            e.t -= 12 * SECOND;
+        } else if i % 50 == 35 {
+            e.t -= 180 * SECOND;
+        }
+    }
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 30 * SECOND);
+    assert!(!expected.late.is_empty() && expected.out_of_order_counted > 0);
+    produce(&setup.topic, &events).await;
+
+    let mut env = gold_env("1m", "4", "2");
+    env.retain(|(k, _)| *k != "STRATA_ALLOWED_LATENESS");
+    env.push(("STRATA_ALLOWED_LATENESS", "30s"));
+    let replica = setup.spawn(&env);
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
+    assert_gold(&gold, &expected);
+    let mut late = late_rows(&setup).await;
+    late.sort();
+    let expected_late: Vec<(i64, i64)> = expected.late.iter().copied().collect();
+    assert_eq!(
+        late, expected_late,
+        "the late table holds exactly the late events"
+    );
+    assert_eq!(
+        replica.metric("strata_gold_late_events_total").await,
+        Some(expected_late.len() as f64)
+    );
+}
+
+/// The same skewed input through one replica with salting off and one with 7 salts over 8
+/// partials partitions: unsalted, the hot key's partition carries far more than the mean;
+/// salted, the busiest partition carries at most 1.5× the mean. Both Gold tables are exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salting_evens_out_the_partials_partitions() {
+    let events = skewed(4, 1_500, 200, 3_000, 31);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    let mut ratios = Vec::new();
+    for salts in ["0", "7"] {
+        let setup = Setup::new(&format!("gold-salts{salts}"), 4).await;
+        produce(&setup.topic, &events).await;
+        let replica = setup.spawn(&gold_env("1m", "8", salts));
+        let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
+        assert_gold(&gold, &expected);
+        let mut load = Vec::new();
+        for p in 0..8 {
+            load.push(
+                replica
+                    .metric_where(
+                        "strata_gold_partial_events_total",
+                        &format!("partition=\"{p}\""),
+                    )
+                    .await
+                    .unwrap_or(0.0),
+            );
+        }
+        let total: f64 = load.iter().sum();
+        assert!(
+            total >= events.len() as f64,
+            "every event travelled in a partial: {load:?}"
+        );
+        let busiest = load.iter().copied().fold(0.0, f64::max);
+        ratios.push((salts, busiest / (total / 8.0), load));
+    }
+    eprintln!("busiest partials partition / mean: {ratios:?}");
+    assert!(
+        ratios[0].1 > 2.0,
+        "unsalted, the hot key's partition stands out: {:?}",
+        ratios[0]
+    );
+    assert!(
+        ratios[1].1 <= 1.5,
+        "salted, the load is even: {:?}",
+        ratios[1]
+    );
+}
