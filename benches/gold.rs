@@ -3,6 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use strata::gold::aggregate::parse_aggregates;
+use strata::gold::epoch::{self, Salting};
 use strata::gold::stage1::{GoldSpec, PreAggregator};
 
 fn rows(n: usize) -> deltalake::arrow::array::RecordBatch {
@@ -43,6 +44,32 @@ fn preaggregate(c: &mut Criterion) {
             })
         });
     }
+    // An epoch as stage 1 runs it with salting on: the hot-key pass, then folding with salts,
+    // then the partials (encoded for the topic).
+    let spec = GoldSpec {
+        key_fields: vec!["customer_id".into()],
+        window: "1m".parse().expect("window"),
+        aggregates: parse_aggregates("count, sum(amount)").expect("aggregates"),
+        event_time_field: "event_time".into(),
+    };
+    let source = strata::models::TopicPartition::new("orders", 0);
+    let salting = Some(Salting {
+        share: 0.1,
+        min_events: 100,
+        salts: 4,
+    });
+    let batches = vec![batch.clone()];
+    group.bench_function("epoch_1m_count_sum_salted_and_encoded", |b| {
+        b.iter(|| {
+            let (pre, _) =
+                epoch::preaggregate(&spec, &batches, &source, 19_999, salting, |_, _, _, _| true)
+                    .expect("fold");
+            epoch::epoch_partials(pre, &source, 19_999, 8)
+                .into_iter()
+                .map(|(_, p)| p.encode(1).len())
+                .sum::<usize>()
+        })
+    });
     group.finish();
 }
 

@@ -739,6 +739,57 @@ mod tests {
     }
 
     #[test]
+    fn gold_settings_parse_and_bad_ones_name_the_variable() {
+        let mut vars = base();
+        assert!(Config::from_vars(vars.clone())
+            .expect("valid")
+            .gold
+            .is_none());
+        vars.insert("STRATA_GOLD_KEY".into(), "customer_id".into());
+        vars.insert("STRATA_GOLD_WINDOW".into(), "5m every 1m".into());
+        vars.insert(
+            "STRATA_GOLD_AGGREGATES".into(),
+            "count, sum(amount), approx_distinct(user_id)".into(),
+        );
+        let gold = Config::from_vars(vars.clone())
+            .expect("valid")
+            .gold
+            .expect("gold on");
+        assert_eq!(
+            (gold.window.size, gold.window.slide),
+            (300_000_000, 60_000_000)
+        );
+        assert_eq!(gold.aggregates.len(), 3);
+        assert_eq!(gold.partials_topic, "strata.partials");
+        assert_eq!(gold.salting.map(|s| s.salts), Some(4));
+        for (var, value, needle) in [
+            ("STRATA_GOLD_WINDOW", "5m every 2m", "STRATA_GOLD_WINDOW"),
+            (
+                "STRATA_GOLD_AGGREGATES",
+                "median(amount)",
+                "STRATA_GOLD_AGGREGATES",
+            ),
+            ("STRATA_WATERMARK_DELAY", "soon", "STRATA_WATERMARK_DELAY"),
+            ("STRATA_IDLE_TIMEOUT", "0s", "STRATA_IDLE_TIMEOUT"),
+            ("STRATA_HOT_KEY_SHARE", "1.5", "STRATA_HOT_KEY_SHARE"),
+            ("STRATA_HOT_KEY_SALTS", "8", "STRATA_HOT_KEY_SALTS"),
+            ("STRATA_GOLD_PARTITIONS", "0", "STRATA_GOLD_PARTITIONS"),
+        ] {
+            let mut bad = vars.clone();
+            bad.insert(var.into(), value.into());
+            let error = Config::from_vars(bad).expect_err(var).to_string();
+            assert!(error.contains(needle), "{var}={value}: {error}");
+        }
+        vars.insert("STRATA_HOT_KEY_SALTS".into(), "0".into());
+        assert!(Config::from_vars(vars)
+            .expect("valid")
+            .gold
+            .expect("gold")
+            .salting
+            .is_none());
+    }
+
+    #[test]
     fn help_lists_every_variable() {
         let help = help_text();
         for s in SETTINGS {

@@ -327,6 +327,8 @@ pub struct CaughtUp {
     pub caught_up: bool,
     /// From start to the last needed commit (or the deadline).
     pub elapsed: Duration,
+    /// With Gold: from start until Gold had closed every window (or the deadline).
+    pub gold_elapsed: Option<Duration>,
 }
 
 /// Runs one replica in-process until its committed progress on `topic` reaches `last_offsets`
@@ -359,6 +361,7 @@ pub async fn run_until_caught_up(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    let elapsed = started.elapsed();
     if let (true, Some(gold)) = (caught_up, &gold) {
         // Gold is complete once every source partition went idle (its watermark follows the
         // clock), no window is open any more, and a Gold commit followed.
@@ -379,7 +382,7 @@ pub async fn run_until_caught_up(
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let elapsed = started.elapsed();
+    let gold_elapsed = gold.is_some().then(|| started.elapsed());
     shutdown.cancel();
     let summary = replica.await.context("replica task")??;
     Ok(CaughtUp {
@@ -387,6 +390,7 @@ pub async fn run_until_caught_up(
         metrics,
         caught_up,
         elapsed,
+        gold_elapsed,
     })
 }
 

@@ -107,7 +107,14 @@ fn metric_names(text: &str) -> BTreeSet<String> {
 async fn prometheus_scrapes_strata_and_every_named_metric_is_exported() {
     let setup = Setup::new("observe", 2).await;
     let produced = produce(&setup.topic, 3_000, 100, 21).await;
-    let replica = setup.spawn(&[]);
+    // Gold on, so its metrics are exported (and named by the rules and the dashboard).
+    let replica = setup.spawn(&[
+        ("STRATA_GOLD_KEY", "customer_id"),
+        ("STRATA_GOLD_WINDOW", "15m"),
+        ("STRATA_GOLD_AGGREGATES", "count, sum(amount)"),
+        ("STRATA_GOLD_PARTITIONS", "4"),
+        ("STRATA_HOT_KEY_SALTS", "2"),
+    ]);
     setup.catch_up(&produced, &[&replica]).await;
 
     let prometheus = Prometheus::start(replica.metrics_port);
