@@ -1051,14 +1051,14 @@ impl Replica {
         };
         let parts = &self.parts;
         let metrics = &self.metrics;
+        // Positions are reported every second or two while the source is quiet; an older report
+        // is not trusted.
         let caught_up = |tp: &TopicPartition| {
-            parts
-                .get(tp)
-                .is_some_and(|s| s.pending_last.is_none() && !s.awaiting_reseek)
-                && metrics
-                    .consumer_lag
-                    .get_metric_with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
-                    .is_ok_and(|g| g.get() == 0)
+            parts.get(tp).is_some_and(|s| {
+                s.pending_last.is_none()
+                    && !s.awaiting_reseek
+                    && metrics.caught_up(tp, s.position, Duration::from_secs(5))
+            })
         };
         let fenced = match gold.idle(&caught_up).await {
             Ok(fenced) => fenced,
