@@ -54,11 +54,10 @@ pub enum EmitError {
 }
 
 /// What Gold's table names are.
-pub fn gold_name(config: &Config, gold: &GoldConfig, source_table: &str) -> String {
-    gold.name.clone().unwrap_or_else(|| {
-        let _ = config;
-        format!("{source_table}_by_{}", gold.keys.join("_"))
-    })
+pub fn gold_name(gold: &GoldConfig, source_table: &str) -> String {
+    gold.name
+        .clone()
+        .unwrap_or_else(|| format!("{source_table}_by_{}", gold.keys.join("_")))
 }
 
 /// A producer for the partials topic: idempotent and gapless, so a partition's messages arrive
@@ -279,7 +278,7 @@ impl Emitter {
             }
         }
         metrics.gold.initialize(partitions);
-        let name = format!("{}_late", gold_name(config, gold, table_name));
+        let name = format!("{}_late", gold_name(gold, table_name));
         let schema = late_schema(silver);
         let url = lake::table_url(&config.lake_url, "gold", &name).map_err(|e| e.to_string())?;
         let delta = lake::open_or_create(url, &schema, &name)

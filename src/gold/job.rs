@@ -124,7 +124,7 @@ pub async fn run(
         })
         .collect();
     let schema = gold_schema(&keys, &settings.aggregates);
-    let name = gold_name(&config, &settings, &source_table);
+    let name = gold_name(&settings, &source_table);
     let url = lake::table_url(&config.lake_url, "gold", &name).map_err(|e| e.to_string())?;
     let table = lake::open_or_create(url, &schema, &name)
         .await
@@ -243,58 +243,65 @@ impl Job {
         ))
     }
 
-    /// Takes over partials partitions: their committed offset and the state stored with it.
+    /// Takes over partials partitions: their committed offset and the state stored with it. A
+    /// state file missing right after the offset was read means another replica committed (and
+    /// cleaned up) in between: the offset is read again.
     async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), String> {
         let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
-        let claimed = loop {
-            match self.committer.claim(partitions).await {
-                Ok(claimed) => break claimed,
+        let mut attempts = 0;
+        'claim: loop {
+            attempts += 1;
+            let claimed = match self.committer.claim(partitions).await {
+                Ok(claimed) => claimed,
                 Err(e) if !self.shutdown.is_cancelled() => {
                     tracing::warn!(error = %e, "reading Gold progress failed; retrying");
                     backoff.wait().await;
+                    continue;
                 }
                 Err(e) => return Err(e.to_string()),
-            }
-        };
-        for (tp, stored) in claimed {
-            let mut merge = self.new_merge(tp.partition);
-            let mut committed_state = None;
-            if let Some(offset) = stored {
-                let path = self.state_path(tp.partition, offset);
-                let bytes = loop {
-                    match self.store.get(&path).await {
-                        Ok(got) => match got.bytes().await {
-                            Ok(bytes) => break bytes,
-                            Err(e) => tracing::warn!(error = %e, "reading Gold state failed; retrying"),
-                        },
-                        Err(deltalake::ObjectStoreError::NotFound { .. }) => {
+            };
+            let mut restored = Vec::with_capacity(claimed.len());
+            for (tp, stored) in claimed {
+                let mut merge = self.new_merge(tp.partition);
+                let mut committed_state = None;
+                if let Some(offset) = stored {
+                    let path = self.state_path(tp.partition, offset);
+                    let bytes = match self.store.get(&path).await {
+                        Ok(got) => got.bytes().await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match bytes {
+                        Ok(bytes) => merge.restore(&bytes)?,
+                        Err(e) if attempts < 5 && !self.shutdown.is_cancelled() => {
+                            tracing::warn!(partition = %tp, offset, error = %e, "reading Gold state failed; reading the progress again");
+                            backoff.wait().await;
+                            continue 'claim;
+                        }
+                        Err(e) => {
                             return Err(format!(
-                                "the Gold state of {tp} at offset {offset} ({path}) is missing: the table cannot resume exactly"
+                                "the Gold state of {tp} at offset {offset} ({path}) cannot be read: {e}"
                             ))
                         }
-                        Err(e) if !self.shutdown.is_cancelled() => {
-                            tracing::warn!(error = %e, "reading Gold state failed; retrying")
-                        }
-                        Err(e) => return Err(e.to_string()),
                     }
-                    backoff.wait().await;
-                };
-                merge.restore(&bytes)?;
-                committed_state = Some(path);
+                    committed_state = Some(path);
+                }
+                restored.push((tp, stored, merge, committed_state));
             }
-            self.parts.insert(
-                tp.partition,
-                Part {
-                    merge,
-                    next: stored.map(|o| o + 1),
-                    pending: None,
-                    rows: Vec::new(),
-                    committed_state,
-                    awaiting_reseek: false,
-                },
-            );
+            for (tp, stored, merge, committed_state) in restored {
+                self.parts.insert(
+                    tp.partition,
+                    Part {
+                        merge,
+                        next: stored.map(|o| o + 1),
+                        pending: None,
+                        rows: Vec::new(),
+                        committed_state,
+                        awaiting_reseek: false,
+                    },
+                );
+            }
+            return Ok(());
         }
-        Ok(())
     }
 
     async fn handle(&mut self, event: SourceEvent) -> Result<(), String> {
