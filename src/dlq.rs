@@ -21,6 +21,34 @@ pub const HEADER_PARTITION: &str = "strata.source.partition";
 pub const HEADER_OFFSET: &str = "strata.source.offset";
 pub const HEADER_SCHEMA_ID: &str = "strata.source.schema_id";
 
+/// An idempotent producer's settings: acks from all replicas, the user's librdkafka properties
+/// except those only a consumer understands (they would be warned about or refused).
+pub fn producer_config(
+    brokers: &str,
+    properties: &std::collections::BTreeMap<String, String>,
+) -> ClientConfig {
+    const CONSUMER_ONLY: [&str; 6] = [
+        "group.",
+        "partition.assignment",
+        "auto.",
+        "session.timeout",
+        "heartbeat.interval",
+        "max.poll.interval",
+    ];
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5");
+    for (key, value) in properties {
+        if !CONSUMER_ONLY.iter().any(|prefix| key.starts_with(prefix)) {
+            config.set(key, value);
+        }
+    }
+    config
+}
+
 pub struct DeadLetters {
     producer: FutureProducer,
     suffix: String,
@@ -32,22 +60,8 @@ impl DeadLetters {
         properties: &std::collections::BTreeMap<String, String>,
         suffix: &str,
     ) -> Result<Self, KafkaError> {
-        let mut config = ClientConfig::new();
-        config
-            .set("bootstrap.servers", brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", "5")
-            .set("message.timeout.ms", "60000");
-        for (key, value) in properties {
-            // Consumer-only properties would make the producer refuse to start.
-            if !key.starts_with("group.")
-                && !key.starts_with("partition.assignment")
-                && !key.starts_with("auto.")
-            {
-                config.set(key, value);
-            }
-        }
+        let mut config = producer_config(brokers, properties);
+        config.set("message.timeout.ms", "60000");
         Ok(Self {
             producer: config.create()?,
             suffix: suffix.to_string(),

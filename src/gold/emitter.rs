@@ -63,23 +63,10 @@ pub fn gold_name(gold: &GoldConfig, source_table: &str) -> String {
 /// A producer for the partials topic: idempotent and gapless, so a partition's messages arrive
 /// once each and in order (stage 2's replay detection relies on the order).
 pub fn partials_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    let mut client = ClientConfig::new();
-    client
-        .set("bootstrap.servers", &config.brokers)
-        .set("enable.idempotence", "true")
+    crate::dlq::producer_config(&config.brokers, &config.kafka_properties)
         .set("enable.gapless.guarantee", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "300000");
-    for (key, value) in &config.kafka_properties {
-        if !key.starts_with("group.")
-            && !key.starts_with("partition.assignment")
-            && !key.starts_with("auto.")
-        {
-            client.set(key, value);
-        }
-    }
-    client.create()
+        .set("message.timeout.ms", "300000")
+        .create()
 }
 
 /// Partition counts of `topic` (`None`: it does not exist).
