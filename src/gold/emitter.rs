@@ -34,6 +34,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::epoch::{epoch_partials, key_bytes, preaggregate};
 use super::partial::{spec_fingerprint, Message};
 use super::stage1::GoldSpec;
+use super::watermark::{before_each, is_final};
 use crate::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::config::{Config, GoldConfig};
 use crate::lake;
@@ -435,15 +436,11 @@ impl Emitter {
                 .column_by_name(&self.spec.event_time_field)
                 .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
                 .ok_or("event time column missing")?;
-            let mut rows = Vec::with_capacity(batch.num_rows());
-            for row in 0..batch.num_rows() {
-                rows.push(watermark);
-                if !times.is_null(row) {
-                    let w = times.value(row).saturating_sub(self.delay);
-                    watermark = Some(watermark.map_or(w, |m| m.max(w)));
-                }
-            }
+            let rows =
+                (0..batch.num_rows()).map(|row| (!times.is_null(row)).then(|| times.value(row)));
+            let (rows, after) = before_each(watermark, rows, self.delay);
             before.push(rows);
+            watermark = after;
         }
         let mut late: Vec<Vec<(u32, i64)>> = vec![Vec::new(); epoch.batches.len()];
         let (pre, hot) = preaggregate(
@@ -453,8 +450,7 @@ impl Emitter {
             epoch.end,
             self.salting,
             |batch, row, _, start| {
-                let open = before[batch][row]
-                    .is_none_or(|w| window.end(start).saturating_add(self.lateness) > w);
+                let open = !is_final(window.end(start), self.lateness, before[batch][row]);
                 if !open {
                     late[batch].push((row as u32, start));
                 }

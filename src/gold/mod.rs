@@ -7,7 +7,7 @@
 //!   HyperLogLog);
 //! - [`hll`]: the HyperLogLog sketch and the stable hash everything here uses;
 //! - [`heavy`]: a Space-Saving heavy-hitter sketch that finds hot keys;
-//! - [`watermark`]: per-partition watermarks with an idle timeout, and the operator's minimum;
+//! - [`watermark`]: a source partition's watermark, row by row, and when a window is final;
 //! - [`partial`]: a partial aggregate as it travels between stages (binary, versioned, bounded);
 //! - [`epoch`]: an epoch's partials, salted when a key is hot, with partitions and sequences;
 //! - [`stage1`]: local pre-aggregation of one source partition's epoch, with its hot keys;

@@ -330,6 +330,19 @@ mod tests {
     }
 
     #[test]
+    fn nothing_closes_before_every_expected_source_marked() {
+        let mut m = merger();
+        m.expect(vec![("orders".into(), 0), ("orders".into(), 1)]);
+        assert_eq!(m.offer(partial(0, 10, 0, 0, "a", &[1.0])), Offered::Merged);
+        m.mark(("orders".into(), 0), 10 * MINUTE, false);
+        assert_eq!(m.watermark(), None, "source 1 has not spoken");
+        assert!(m.close().is_empty());
+        m.mark(("orders".into(), 1), 10 * MINUTE, false);
+        assert_eq!(m.watermark(), Some(10 * MINUTE));
+        assert_eq!(m.close().len(), 1);
+    }
+
+    #[test]
     fn idle_sources_do_not_hold_the_watermark() {
         let mut m = merger();
         m.mark(("orders".into(), 0), 10 * MINUTE, false);

@@ -1,67 +1,32 @@
-//! Watermarks in event time. Each source partition's watermark is the largest event time it has
-//! delivered minus the allowed out-of-orderness (`STRATA_WATERMARK_DELAY`); the operator's is the
-//! minimum over partitions that are not idle. A partition that delivered nothing for the idle
-//! timeout stops holding the others back, and counts again with its next record.
+//! Watermarks in event time, as stage 1 keeps them per source partition: the newest event time
+//! seen minus the allowed out-of-orderness (`STRATA_WATERMARK_DELAY`), never moving back. Each row
+//! meets the watermark left by the rows before it in offset order, so whether a row is late is a
+//! function of the partition's log alone (and a replay decides the same). The operator watermark,
+//! the minimum over every source partition, is stage 2's (`stage2::Merger::watermark`).
 
-use std::collections::HashMap;
-use std::time::{Duration, Instant};
-
-use crate::models::TopicPartition;
-
-#[derive(Debug)]
-pub struct Watermarks {
+/// The watermark each of `times` (event times in offset order, microseconds; `None` for a row
+/// without one) meets, starting from `start`, and the watermark after the last of them.
+pub fn before_each(
+    start: Option<i64>,
+    times: impl IntoIterator<Item = Option<i64>>,
     delay: i64,
-    idle_after: Duration,
-    partitions: HashMap<TopicPartition, (i64, Instant)>,
-    /// Never moves back, even when a partition joins with older data.
-    emitted: Option<i64>,
-}
-
-impl Watermarks {
-    pub fn new(delay: Duration, idle_after: Duration) -> Self {
-        Self {
-            delay: i64::try_from(delay.as_micros()).unwrap_or(i64::MAX),
-            idle_after,
-            partitions: HashMap::new(),
-            emitted: None,
+) -> (Vec<Option<i64>>, Option<i64>) {
+    let mut watermark = start;
+    let mut before = Vec::new();
+    for t in times {
+        before.push(watermark);
+        if let Some(t) = t {
+            let w = t.saturating_sub(delay);
+            watermark = Some(watermark.map_or(w, |m| m.max(w)));
         }
     }
+    (before, watermark)
+}
 
-    /// A partition delivered events up to `max_event_time` (microseconds) at `now`.
-    pub fn observe(&mut self, tp: &TopicPartition, max_event_time: i64, now: Instant) {
-        let entry = self
-            .partitions
-            .entry(tp.clone())
-            .or_insert((max_event_time, now));
-        entry.0 = entry.0.max(max_event_time);
-        entry.1 = now;
-    }
-
-    /// A partition was revoked: it no longer holds the watermark back.
-    pub fn forget(&mut self, tp: &TopicPartition) {
-        self.partitions.remove(tp);
-    }
-
-    /// The operator's watermark at `now`: events at or before it are complete, except for
-    /// allowed lateness. `None` until some partition delivered something.
-    pub fn current(&mut self, now: Instant) -> Option<i64> {
-        let active = self
-            .partitions
-            .values()
-            .filter(|(_, seen)| now.duration_since(*seen) < self.idle_after)
-            .map(|(max, _)| max.saturating_sub(self.delay))
-            .min();
-        // All idle: the newest of them stands (time does not run ahead of the data).
-        let candidate = active.or_else(|| {
-            self.partitions
-                .values()
-                .map(|(max, _)| max.saturating_sub(self.delay))
-                .max()
-        })?;
-        let next = self.emitted.map_or(candidate, |e| e.max(candidate));
-        self.emitted = Some(next);
-        Some(next)
-    }
+/// Whether a window ending at `window_end` is final for a row that meets `watermark`: the
+/// watermark has reached its end plus the allowed lateness.
+pub fn is_final(window_end: i64, lateness: i64, watermark: Option<i64>) -> bool {
+    watermark.is_some_and(|w| window_end.saturating_add(lateness) <= w)
 }
 
 #[cfg(test)]
@@ -69,52 +34,49 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn tp(p: i32) -> TopicPartition {
-        TopicPartition::new("t", p)
-    }
-
     #[test]
-    fn the_slowest_active_partition_decides_and_idle_ones_do_not_stall() {
-        let start = Instant::now();
-        let mut w = Watermarks::new(Duration::from_secs(5), Duration::from_secs(30));
-        assert_eq!(w.current(start), None);
-        w.observe(&tp(0), 100_000_000, start);
-        w.observe(&tp(1), 60_000_000, start);
-        assert_eq!(w.current(start), Some(55_000_000));
-        // Partition 1 goes quiet; after the idle timeout partition 0 alone decides.
-        w.observe(&tp(0), 200_000_000, start + Duration::from_secs(31));
-        assert_eq!(
-            w.current(start + Duration::from_secs(31)),
-            Some(195_000_000)
-        );
-        // Partition 1 wakes up with old data: the watermark never moves back.
-        w.observe(&tp(1), 70_000_000, start + Duration::from_secs(32));
-        assert_eq!(
-            w.current(start + Duration::from_secs(32)),
-            Some(195_000_000)
-        );
+    fn rows_meet_the_watermark_of_the_rows_before_them() {
+        let (before, after) = before_each(None, [Some(100), Some(50), None, Some(300)], 10);
+        assert_eq!(before, [None, Some(90), Some(90), Some(90)]);
+        assert_eq!(after, Some(290));
+        assert!(!is_final(100, 0, None));
+        assert!(is_final(90, 0, Some(90)));
+        assert!(!is_final(90, 1, Some(90)));
     }
 
     proptest! {
-        /// The watermark never decreases and never passes the slowest active partition's
-        /// events minus the delay (unless it was already there).
+        /// The watermark never moves back, is exactly the newest event so far minus the delay
+        /// (or the start), and splitting the rows into epochs (each starting from the previous
+        /// one's end) changes nothing.
         #[test]
-        fn progress_is_monotonic(steps in prop::collection::vec((0i32..4, 0i64..1_000_000_000, 0u64..40), 1..200)) {
-            let start = Instant::now();
-            let mut w = Watermarks::new(Duration::from_secs(1), Duration::from_secs(20));
-            let mut last: Option<i64> = None;
-            let mut clock = 0u64;
-            for (p, t, dt) in steps {
-                clock += dt;
-                let now = start + Duration::from_secs(clock);
-                w.observe(&tp(p), t, now);
-                let current = w.current(now);
-                prop_assert!(current.is_some());
-                if let (Some(a), Some(b)) = (last, current) {
-                    prop_assert!(b >= a, "watermark moved back from {} to {}", a, b);
+        fn progress_is_monotonic_and_epochs_do_not_matter(
+            times in prop::collection::vec(prop::option::weighted(0.9, -1_000_000i64..1_000_000_000), 0..300),
+            start in prop::option::of(-1_000_000i64..1_000_000_000),
+            delay in 0i64..10_000_000,
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let (before, after) = before_each(start, times.iter().copied(), delay);
+            let mut newest: Option<i64> = None;
+            let mut last = start;
+            for (t, w) in times.iter().zip(&before) {
+                let expected = match (start, newest) {
+                    (Some(s), Some(n)) => Some(s.max(n - delay)),
+                    (s, None) => s,
+                    (None, Some(n)) => Some(n - delay),
+                };
+                prop_assert_eq!(*w, expected);
+                prop_assert!(w.is_none() || last.is_none() || *w >= last);
+                last = *w;
+                if let Some(t) = t {
+                    newest = Some(newest.map_or(*t, |n| n.max(*t)));
                 }
-                last = current;
             }
+            prop_assert!(after >= last);
+            let at = if times.is_empty() { 0 } else { cut.index(times.len()) };
+            let (first, middle) = before_each(start, times[..at].iter().copied(), delay);
+            let (second, end) = before_each(middle, times[at..].iter().copied(), delay);
+            prop_assert_eq!([first, second].concat(), before);
+            prop_assert_eq!(end, after);
         }
     }
 }
