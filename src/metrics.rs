@@ -57,10 +57,6 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     pub kafka_errors: IntCounter,
     pub gold: GoldMetrics,
-    /// Per partition: the low and high watermarks last seen, and when (for Gold's idle
-    /// detection; not exported).
-    lag_reports:
-        std::sync::Mutex<std::collections::HashMap<TopicPartition, (i64, i64, std::time::Instant)>>,
     /// Bits of [`NotReady`] that currently hold; ready when none does.
     not_ready: AtomicU8,
 }
@@ -431,32 +427,9 @@ impl Metrics {
             flush_duration,
             kafka_errors,
             gold: GoldMetrics::new(&registry),
-            lag_reports: std::sync::Mutex::new(std::collections::HashMap::new()),
             registry,
             not_ready: AtomicU8::new(NotReady::Starting as u8),
         }
-    }
-
-    /// Records a partition's low and high watermarks (offsets) as the broker reported them.
-    pub fn watermarks_reported(&self, tp: TopicPartition, low: i64, high: i64) {
-        if let Ok(mut reports) = self.lag_reports.lock() {
-            reports.insert(tp, (low, high, std::time::Instant::now()));
-        }
-    }
-
-    /// Whether a report within `fresh` shows nothing in `tp` at or after `next` (the next offset
-    /// the pipeline expects; `None`: none handled yet). Unknown is not caught up.
-    pub fn caught_up(
-        &self,
-        tp: &TopicPartition,
-        next: Option<i64>,
-        fresh: std::time::Duration,
-    ) -> bool {
-        self.lag_reports.lock().is_ok_and(|reports| {
-            reports.get(tp).is_some_and(|(low, high, at)| {
-                at.elapsed() <= fresh && (next.is_some_and(|n| n >= *high) || low == high)
-            })
-        })
     }
 
     /// Marks `reason` as holding (`true`) or cleared (`false`).

@@ -1049,18 +1049,14 @@ impl Replica {
         let Some(gold) = &mut self.gold else {
             return Ok(());
         };
-        let parts = &self.parts;
-        let metrics = &self.metrics;
-        // Positions are reported every second or two while the source is quiet; an older report
-        // is not trusted.
-        let caught_up = |tp: &TopicPartition| {
-            parts.get(tp).is_some_and(|s| {
-                s.pending_last.is_none()
-                    && !s.awaiting_reseek
-                    && metrics.caught_up(tp, s.position, Duration::from_secs(5))
-            })
-        };
-        let fenced = match gold.idle(&caught_up).await {
+        // The next offset of each partition with nothing buffered or being re-read.
+        let next: HashMap<TopicPartition, Option<i64>> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| s.pending_last.is_none() && !s.awaiting_reseek)
+            .map(|(tp, s)| (tp.clone(), s.position))
+            .collect();
+        let fenced = match gold.idle(&next).await {
             Ok(fenced) => fenced,
             Err(e) => {
                 tracing::warn!(error = %e, "moving an idle partition's Gold watermark failed; retrying later");

@@ -299,8 +299,6 @@ fn poll_loop(
 ) {
     let mut chunk: Vec<SourceRecord> = Vec::new();
     let mut chunk_bytes = 0usize;
-    let mut last_positions = Instant::now();
-    let mut last_message = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(command) = commands.try_recv() {
             match command {
@@ -346,7 +344,6 @@ fn poll_loop(
         loop {
             match consumer.poll(timeout) {
                 Some(Ok(message)) => {
-                    last_message = Instant::now();
                     let record = to_record(&message);
                     let same_partition = chunk.last().is_none_or(|last| {
                         last.partition == record.partition && last.topic == record.topic
@@ -373,12 +370,6 @@ fn poll_loop(
             }
         }
         send_chunk(&events, &mut chunk, &mut chunk_bytes);
-        if last_message.elapsed() >= Duration::from_secs(1)
-            && last_positions.elapsed() >= Duration::from_secs(1)
-        {
-            last_positions = Instant::now();
-            report_positions(&consumer, &metrics);
-        }
     }
     // Leave the group: the final revocation goes through the rebalance callback as usual.
     consumer.unsubscribe();
@@ -392,26 +383,6 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(100));
     }
     drop(consumer);
-}
-
-/// Per assigned partition: its low and high watermarks, so Gold's idle detection can tell whether
-/// everything there is has been handed over. Asked only while the consumer is quiet (a request
-/// per partition), never on the busy path.
-fn report_positions(consumer: &BaseConsumer<SourceContext>, metrics: &Metrics) {
-    let Ok(assignment) = consumer.assignment() else {
-        return;
-    };
-    for element in assignment.elements() {
-        if let Ok((low, high)) =
-            consumer.fetch_watermarks(element.topic(), element.partition(), Duration::from_secs(2))
-        {
-            metrics.watermarks_reported(
-                TopicPartition::new(element.topic(), element.partition()),
-                low,
-                high,
-            );
-        }
-    }
 }
 
 fn send_chunk(

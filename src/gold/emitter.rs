@@ -189,6 +189,8 @@ struct SourceState {
     replay_through: Option<i64>,
     replay: Vec<RecordBatch>,
     last_activity: Instant,
+    /// When the broker was last asked whether the partition is caught up.
+    last_check: Instant,
     hot: usize,
 }
 
@@ -347,6 +349,7 @@ impl Emitter {
                         replay_through: through,
                         replay: Vec::new(),
                         last_activity: Instant::now(),
+                        last_check: Instant::now(),
                         hot: 0,
                     },
                 );
@@ -639,10 +642,12 @@ impl Emitter {
 
     /// Moves the watermark of caught-up partitions that had no records for the idle timeout to
     /// the clock (now minus the delay), commits it, then marks every partials partition.
-    /// `caught_up(tp)` says whether the consumer has read everything there is.
+    /// `next` holds the next offset of each partition with nothing buffered; a partition is caught
+    /// up when the broker's high watermark (asked on the producer's connection, only for
+    /// candidates, at most once per idle timeout) is not beyond it.
     pub async fn idle(
         &mut self,
-        caught_up: &(dyn Fn(&TopicPartition) -> bool + Sync),
+        next: &HashMap<TopicPartition, Option<i64>>,
     ) -> Result<Vec<Fenced>, EmitError> {
         if !self.pending.is_empty() {
             return Ok(Vec::new());
@@ -650,17 +655,36 @@ impl Emitter {
         let now = chrono::Utc::now()
             .timestamp_micros()
             .saturating_sub(self.delay);
-        let idle: Vec<TopicPartition> = self
+        let candidates: Vec<(TopicPartition, Option<i64>)> = self
             .sources
             .iter()
-            .filter(|(tp, s)| {
+            .filter(|(_, s)| {
                 s.replay_through.is_none()
                     && s.last_activity.elapsed() >= self.idle_timeout
+                    && s.last_check.elapsed() >= self.idle_timeout
                     && s.watermark.is_none_or(|w| w < now)
-                    && caught_up(tp)
             })
-            .map(|(tp, _)| tp.clone())
+            .filter_map(|(tp, _)| next.get(tp).map(|n| (tp.clone(), *n)))
             .collect();
+        let mut idle = Vec::new();
+        for (tp, next) in candidates {
+            if let Some(s) = self.sources.get_mut(&tp) {
+                s.last_check = Instant::now();
+            }
+            let producer = self.producer.clone();
+            let (topic, partition) = (tp.topic.to_string(), tp.partition);
+            let marks = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+            })
+            .await;
+            if let Ok(Ok((low, high))) = marks {
+                if next.is_some_and(|n| n >= high) || low == high {
+                    idle.push(tp);
+                }
+            }
+        }
         if idle.is_empty() {
             return Ok(Vec::new());
         }
