@@ -959,19 +959,26 @@ impl Replica {
                 dropped,
             );
             self.summary.fenced_partitions += 1;
-            self.claim_with_retry(std::slice::from_ref(&tp)).await?;
-            if let Some(gold) = &mut self.gold {
-                gold.release(&tp);
-            }
-            self.claim_gold(std::slice::from_ref(&tp)).await?;
-            let after = self.resume_after(&tp);
-            if let Some(state) = self.parts.get_mut(&tp) {
-                state.position = after.map(|v| v + 1);
-                state.awaiting_reseek = true;
-            }
-            self.source
-                .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
+            self.reclaim(tp).await?;
         }
+        Ok(())
+    }
+
+    /// After a fence: reads every table's (and Gold's) progress of `tp` again and seeks there;
+    /// records until the seek is confirmed are ignored.
+    async fn reclaim(&mut self, tp: TopicPartition) -> Result<(), PipelineError> {
+        self.claim_with_retry(std::slice::from_ref(&tp)).await?;
+        if let Some(gold) = &mut self.gold {
+            gold.release(&tp);
+        }
+        self.claim_gold(std::slice::from_ref(&tp)).await?;
+        let after = self.resume_after(&tp);
+        if let Some(state) = self.parts.get_mut(&tp) {
+            state.position = after.map(|v| v + 1);
+            state.awaiting_reseek = true;
+        }
+        self.source
+            .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
         Ok(())
     }
 
@@ -1031,15 +1038,8 @@ impl Replica {
             let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
             self.metrics
                 .fenced("gold_late", &tp, f.expected, f.stored, dropped);
-            self.claim_with_retry(std::slice::from_ref(&tp)).await?;
-            self.claim_gold(std::slice::from_ref(&tp)).await?;
-            let after = self.resume_after(&tp);
-            if let Some(state) = self.parts.get_mut(&tp) {
-                state.position = after.map(|v| v + 1);
-                state.awaiting_reseek = true;
-            }
-            self.source
-                .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
+            self.summary.fenced_partitions += 1;
+            self.reclaim(tp).await?;
         }
         Ok(())
     }

@@ -38,6 +38,18 @@ pub struct FilePolicy {
     pub compression: Compression,
 }
 
+impl FilePolicy {
+    /// The policy `STRATA_FILE_MAX_ROWS`, `STRATA_FILE_MAX_BYTES` and
+    /// `STRATA_PARQUET_COMPRESSION` set.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_rows: config.file_max_rows,
+            max_bytes: config.file_max_bytes,
+            compression: config.compression,
+        }
+    }
+}
+
 /// Writes Silver files for one table.
 pub struct SilverWriter {
     /// The files' schema: the table's columns as this replica writes them (see `lake::plan_evolution`).

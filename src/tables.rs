@@ -165,11 +165,7 @@ impl SilverTable {
         let writer = SilverWriter::new(
             evolution.file_schema,
             &config.event_time_field,
-            FilePolicy {
-                max_rows: config.file_max_rows,
-                max_bytes: config.file_max_bytes,
-                compression: config.compression,
-            },
+            FilePolicy::from_config(config),
             store,
         );
         tracing::info!(table = %name, record = %reader.record, subject = ?reader.subject, schema_id = ?reader.id, "table open");

@@ -283,11 +283,7 @@ impl Emitter {
         let late_writer = SilverWriter::new(
             schema.clone(),
             &config.event_time_field,
-            FilePolicy {
-                max_rows: config.file_max_rows,
-                max_bytes: config.file_max_bytes,
-                compression: config.compression,
-            },
+            FilePolicy::from_config(config),
             store,
         );
         Ok(Self {

@@ -135,11 +135,7 @@ pub async fn run(
     let writer = SilverWriter::new(
         schema.clone(),
         "window_start",
-        FilePolicy {
-            max_rows: config.file_max_rows,
-            max_bytes: config.file_max_bytes,
-            compression: config.compression,
-        },
+        FilePolicy::from_config(&config),
         store.clone(),
     );
     let (events_tx, mut events) = mpsc::channel(16);
