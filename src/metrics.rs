@@ -705,9 +705,12 @@ impl Metrics {
         kind: &'static str,
         partitions: &[TopicPartition],
         assigned_now: usize,
+        counted: bool,
     ) {
-        self.rebalances.with_label_values(&[kind]).inc();
-        self.assigned_partitions.set(assigned_now as i64);
+        if counted {
+            self.rebalances.with_label_values(&[kind]).inc();
+            self.assigned_partitions.set(assigned_now as i64);
+        }
         let list: Vec<String> = partitions.iter().map(ToString::to_string).collect();
         tracing::info!(kind, partitions = ?list, assigned_now, "rebalance");
     }

@@ -237,6 +237,7 @@ pub async fn run(
             group_id: config.group_id.clone(),
             topics: config.topics.clone(),
             properties: config.kafka_properties.clone(),
+            counts_assignments: true,
         },
         metrics.clone(),
         events_tx,

@@ -64,6 +64,9 @@ pub enum SourceCommand {
 struct SourceContext {
     events: mpsc::Sender<SourceEvent>,
     metrics: Arc<Metrics>,
+    /// Whether this consumer's rebalances are the replica's (`strata_assigned_partitions`,
+    /// `strata_rebalances_total`); Gold's partials consumer only logs its own.
+    counts_assignments: bool,
 }
 
 impl ClientContext for SourceContext {
@@ -146,8 +149,12 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions");
                 }
-                self.metrics
-                    .rebalanced("assign", &partitions, assigned_count(consumer));
+                self.metrics.rebalanced(
+                    "assign",
+                    &partitions,
+                    assigned_count(consumer),
+                    self.counts_assignments,
+                );
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
@@ -177,6 +184,7 @@ impl ConsumerContext for SourceContext {
                     if lost { "lost" } else { "revoke" },
                     &partitions,
                     assigned_count(consumer),
+                    self.counts_assignments,
                 );
             }
             other => {
@@ -200,6 +208,8 @@ pub struct SourceSettings {
     pub group_id: String,
     pub topics: Vec<String>,
     pub properties: BTreeMap<String, String>,
+    /// Whether this consumer's assignments count as the replica's in the metrics.
+    pub counts_assignments: bool,
 }
 
 /// Handle of the running source thread.
@@ -233,6 +243,7 @@ impl Source {
         let context = SourceContext {
             events: events.clone(),
             metrics: metrics.clone(),
+            counts_assignments: settings.counts_assignments,
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();

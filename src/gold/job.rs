@@ -145,6 +145,7 @@ pub async fn run(
             group_id: group,
             topics: vec![topic.clone()],
             properties: config.kafka_properties.clone(),
+            counts_assignments: false,
         },
         metrics.clone(),
         events_tx,
