@@ -38,7 +38,7 @@ fn preaggregate(c: &mut Criterion) {
         spec.check(&batch.schema()).expect("spec fits the rows");
         group.bench_with_input(BenchmarkId::from_parameter(name), &spec, |b, spec| {
             b.iter(|| {
-                let mut pre = PreAggregator::new(64);
+                let mut pre = PreAggregator::new();
                 pre.add_batch(spec, &batch, |_, _, _| true).expect("fold");
                 pre.into_groups().len()
             })

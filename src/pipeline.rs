@@ -28,7 +28,7 @@ use crate::models::{ErrorKind, Rejection, SourceRecord, TopicPartition};
 use crate::registry::{RegistryError, SchemaRegistry};
 use crate::silver::SilverError;
 use crate::source::{Source, SourceCommand, SourceEvent, SourceSettings};
-use crate::tables::{EvolveError, Tables};
+use crate::tables::{EvolveError, OpenError, Tables};
 use crate::wire;
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +59,7 @@ async fn open_gold(
     settings: &crate::config::GoldConfig,
     tables: &Tables,
     metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
 ) -> Result<Emitter, PipelineError> {
     let index = match &settings.table {
         Some(name) => tables
@@ -79,16 +80,33 @@ async fn open_gold(
         None => 0,
     };
     let table = &tables.list[index];
-    Emitter::open(
-        config,
-        settings,
-        index,
-        &table.name,
-        &table.decoder.output_schema(),
-        metrics.clone(),
-    )
-    .await
-    .map_err(PipelineError::Config)
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let opened = Emitter::open(
+            config,
+            settings,
+            index,
+            &table.name,
+            &table.decoder.output_schema(),
+            metrics.clone(),
+        )
+        .await;
+        match opened {
+            Ok(emitter) => {
+                metrics.not_ready(NotReady::Lake, false);
+                return Ok(emitter);
+            }
+            Err(OpenError::Schema(why)) => return Err(PipelineError::Config(why)),
+            // An unreachable broker or lake is waited out, not ready meanwhile, as for Silver.
+            Err(OpenError::Storage(why)) => {
+                metrics.not_ready(NotReady::Lake, true);
+                tracing::warn!(error = %why, "opening Gold failed; retrying");
+                if !backoff.wait_unless(shutdown).await {
+                    return Err(PipelineError::Interrupted);
+                }
+            }
+        }
+    }
 }
 
 /// What a replica did, for the demo's summary and for tests.
@@ -194,11 +212,15 @@ pub async fn run(
     };
 
     let gold = match &config.gold {
-        Some(settings) => match open_gold(&config, settings, &tables, &metrics).await {
+        Some(settings) => match open_gold(&config, settings, &tables, &metrics, &shutdown).await {
             Ok(emitter) => Some(emitter),
             Err(e) => {
                 server_stop.cancel();
                 let _ = server.await;
+                if matches!(e, PipelineError::Interrupted) {
+                    tracing::info!("shut down before start-up finished");
+                    return Ok(RunSummary::default());
+                }
                 return Err(e);
             }
         },

@@ -41,6 +41,7 @@ use crate::lake;
 use crate::metrics::Metrics;
 use crate::models::TopicPartition;
 use crate::silver::{FilePolicy, SilverError, SilverWriter};
+use crate::tables::OpenError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmitError {
@@ -237,7 +238,8 @@ fn micros(d: Duration) -> i64 {
 
 impl Emitter {
     /// Opens the late-events table and the partials topic. `silver` is the Gold source table's
-    /// row schema; an unusable spec (a key or aggregate field it lacks) is an error naming it.
+    /// row schema; an unusable spec (a key or aggregate field it lacks, too many salts) is a
+    /// `Schema` error naming it, an unreachable broker or lake a `Storage` one (worth retrying).
     pub async fn open(
         config: &Config,
         gold: &GoldConfig,
@@ -245,7 +247,7 @@ impl Emitter {
         table_name: &str,
         silver: &Schema,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, OpenError> {
         let spec = GoldSpec {
             key_fields: gold.keys.clone(),
             window: gold.window,
@@ -253,27 +255,33 @@ impl Emitter {
             event_time_field: config.event_time_field.clone(),
         };
         spec.check(silver).map_err(|e| {
-            format!("STRATA_GOLD_KEY/STRATA_GOLD_AGGREGATES on table {table_name}: {e}")
+            OpenError::Schema(format!(
+                "STRATA_GOLD_KEY/STRATA_GOLD_AGGREGATES on table {table_name}: {e}"
+            ))
         })?;
-        let producer = partials_producer(config).map_err(|e| format!("partials producer: {e}"))?;
+        let producer = partials_producer(config)
+            .map_err(|e| OpenError::Schema(format!("partials producer: {e}")))?;
         let partitions = ensure_partials_topic(config, gold, &producer)
             .await
-            .map_err(|e| format!("partials topic {}: {e}", gold.partials_topic))?;
+            .map_err(|e| {
+                OpenError::Storage(format!("partials topic {}: {e}", gold.partials_topic))
+            })?;
         if let Some(s) = gold.salting {
             if i32::from(s.salts) >= partitions {
-                return Err(format!(
+                return Err(OpenError::Schema(format!(
                     "STRATA_HOT_KEY_SALTS={} must be below the partition count of {} ({partitions})",
                     s.salts, gold.partials_topic
-                ));
+                )));
             }
         }
         metrics.gold.initialize(partitions);
         let name = format!("{}_late", gold_name(gold, table_name));
         let schema = late_schema(silver);
-        let url = lake::table_url(&config.lake_url, "gold", &name).map_err(|e| e.to_string())?;
+        let url = lake::table_url(&config.lake_url, "gold", &name)
+            .map_err(|e| OpenError::Schema(e.to_string()))?;
         let delta = lake::open_or_create(url, &schema, &name)
             .await
-            .map_err(|e| format!("late-events table {name}: {e}"))?;
+            .map_err(|e| OpenError::Storage(format!("late-events table {name}: {e}")))?;
         let store = delta.object_store();
         let late = TableCommitter::new(
             delta,
@@ -566,9 +574,9 @@ impl Emitter {
                 Some(w) => *w,
                 None => self.sources.get(&epoch.tp).and_then(|s| s.watermark),
             };
-            let computed = self.compute(epoch, start).map_err(EmitError::Rows)?;
+            let mut computed = self.compute(epoch, start).map_err(EmitError::Rows)?;
             watermarks.insert(epoch.tp.clone(), computed.watermark);
-            messages.extend(computed.messages.iter().cloned());
+            messages.append(&mut computed.messages);
             if let Some(rows) = &computed.late {
                 late.push(rows.clone());
             }

@@ -63,7 +63,7 @@ pub fn preaggregate(
     salting: Option<Salting>,
     mut keep: impl FnMut(usize, usize, i64, i64) -> bool,
 ) -> Result<(PreAggregator, usize), String> {
-    let mut pre = PreAggregator::new(HEAVY_CAPACITY);
+    let mut pre = PreAggregator::new();
     let mut hot = 0;
     if let Some(s) = salting.filter(|s| s.salts > 1) {
         let keys = PreAggregator::scan_hot(spec, batches, HEAVY_CAPACITY, s.share, s.min_events)?;

@@ -143,19 +143,7 @@ fn decode_accumulator(
 impl Message {
     pub fn encode(&self, fingerprint: u64) -> Vec<u8> {
         match self {
-            Message::Partial(p) => {
-                let mut out = header(PARTIAL, fingerprint);
-                out.extend_from_slice(&(p.source_topic.len() as u16).to_le_bytes());
-                out.extend_from_slice(p.source_topic.as_bytes());
-                out.extend_from_slice(&p.source_partition.to_le_bytes());
-                out.extend_from_slice(&p.epoch_end.to_le_bytes());
-                out.extend_from_slice(&p.seq.to_le_bytes());
-                out.extend_from_slice(&p.window_start.to_le_bytes());
-                out.extend_from_slice(&p.salt.to_le_bytes());
-                encode_key(&p.key, &mut out);
-                p.accumulator.encode(&mut out);
-                out
-            }
+            Message::Partial(p) => p.encode(fingerprint),
             Message::Marker {
                 source_topic,
                 source_partition,
@@ -277,7 +265,17 @@ impl Message {
 
 impl Partial {
     pub fn encode(&self, fingerprint: u64) -> Vec<u8> {
-        Message::Partial(self.clone()).encode(fingerprint)
+        let mut out = header(PARTIAL, fingerprint);
+        out.extend_from_slice(&(self.source_topic.len() as u16).to_le_bytes());
+        out.extend_from_slice(self.source_topic.as_bytes());
+        out.extend_from_slice(&self.source_partition.to_le_bytes());
+        out.extend_from_slice(&self.epoch_end.to_le_bytes());
+        out.extend_from_slice(&self.seq.to_le_bytes());
+        out.extend_from_slice(&self.window_start.to_le_bytes());
+        out.extend_from_slice(&self.salt.to_le_bytes());
+        encode_key(&self.key, &mut out);
+        self.accumulator.encode(&mut out);
+        out
     }
 
     pub fn decode(

@@ -86,27 +86,28 @@ pub struct PreAggregator {
     keys: HashMap<Vec<KeyValue>, u32>,
     key_list: Vec<Vec<KeyValue>>,
     groups: HashMap<(i64, u32, u16), Accumulator>,
-    heavy: SpaceSaving,
     /// Hot keys (by id) and the turn of their next event: events of a hot key take the salts
     /// 1..=`salts` in turn, so its load spreads evenly over `salts` sub-keys.
     salted: HashMap<u32, u64>,
     salts: u16,
     events: u64,
-    /// Newest event time seen (microseconds).
-    pub max_event_time: Option<i64>,
+}
+
+impl Default for PreAggregator {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl PreAggregator {
-    pub fn new(heavy_hitter_capacity: usize) -> Self {
+    pub fn new() -> Self {
         Self {
             keys: HashMap::new(),
             key_list: Vec::new(),
             groups: HashMap::new(),
-            heavy: SpaceSaving::new(heavy_hitter_capacity),
             salted: HashMap::new(),
             salts: 1,
             events: 0,
-            max_event_time: None,
         }
     }
 
@@ -232,7 +233,6 @@ impl PreAggregator {
             }
             let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
             let id = self.id_of(key);
-            self.heavy.add(&id.to_le_bytes(), 1);
             let salt = match self.salted.get_mut(&id) {
                 Some(turn) => {
                     let salt = 1 + (*turn % u64::from(self.salts)) as u16;
@@ -264,23 +264,9 @@ impl PreAggregator {
                     .add(&row_inputs);
             }
             self.events += 1;
-            self.max_event_time = Some(self.max_event_time.map_or(t, |m| m.max(t)));
             folded += 1;
         }
         Ok(folded)
-    }
-
-    /// Keys holding at least `share` of this epoch's events (at least `min_events` of them).
-    pub fn hot_keys(&self, share: f64, min_events: u64) -> Vec<Vec<KeyValue>> {
-        self.heavy
-            .hot(share)
-            .into_iter()
-            .filter(|(_, count)| *count >= min_events)
-            .filter_map(|(id, _)| {
-                let id = u32::from_le_bytes(id.try_into().ok()?);
-                self.key_list.get(id as usize).cloned()
-            })
-            .collect()
     }
 
     /// The (window start, key, salt, accumulator) groups, in a deterministic order (window, key,
@@ -399,7 +385,7 @@ pub(crate) mod tests {
             hopping in any::<bool>(),
         ) {
             let spec = spec(if hopping { "2m every 1m" } else { "1m" });
-            let mut pre = PreAggregator::new(8);
+            let mut pre = PreAggregator::new();
             let folded = pre.add_batch(&spec, &batch(&rows), |_, _, _| true).expect("fold");
             prop_assert_eq!(folded, rows.len());
             let mut expected: BTreeMap<(i64, String), (u64, Vec<f64>)> = BTreeMap::new();
@@ -440,15 +426,15 @@ pub(crate) mod tests {
                 )
             })
             .collect();
-        let mut pre = PreAggregator::new(16);
-        pre.add_batch(&spec("1m"), &batch(&rows), |_, _, _| true)
-            .expect("fold");
+        let rows = [batch(&rows)];
         assert_eq!(
-            pre.hot_keys(0.2, 10),
+            PreAggregator::scan_hot(&spec("1m"), &rows, 16, 0.2, 10).expect("scan"),
             vec![vec![KeyValue::Str("c0".into())]]
         );
         assert!(
-            pre.hot_keys(0.2, 10_000).is_empty(),
+            PreAggregator::scan_hot(&spec("1m"), &rows, 16, 0.2, 10_000)
+                .expect("scan")
+                .is_empty(),
             "too few events to salt"
         );
     }
