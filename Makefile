@@ -8,8 +8,14 @@ FEATURES := --features failpoints
 
 .PHONY: demo test lint unit integration bench services-start services-stop tools build
 
+# The first build compiles about 400 crates (arrow, parquet, deltalake, librdkafka): about 12 minutes
+# on 2 cores, once; later runs start in seconds. `make test` reuses the same compiled dependencies.
 demo:
-	cargo run --quiet --bin strata -- demo
+	@if [ ! -x "$(CARGO_TARGET_DIR)/debug/strata" ]; then \
+	  echo "make demo: first build of strata and its dependencies, about 12 minutes on 2 cores (once; progress below)"; \
+	fi
+	cargo build --bin strata
+	"$(CARGO_TARGET_DIR)/debug/strata" demo
 
 tools:
 	scripts/install-tools.sh

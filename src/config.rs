@@ -27,7 +27,10 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_SCHEMA_COMPATIBILITY", default: "BACKWARD", help: "Check of each writer schema against the reader schema (and, transitive, earlier writers), with Confluent's meaning: BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE." },
     Setting { var: "STRATA_EVENT_TIME_FIELD", default: "", help: "Reader-schema field holding event time (timestamp-millis or timestamp-micros) (required)." },
     Setting { var: "STRATA_LAKE_URL", default: "", help: "file:///path or s3://bucket/prefix; Silver tables live at <lake>/silver/<table> (required). S3 uses the AWS_* variables." },
-    Setting { var: "STRATA_DLQ_SUFFIX", default: ".dlq", help: "Dead-letter topic of topic T is T followed by this suffix." },
+    Setting { var: "STRATA_DLQ_TOPIC", default: "{topic}.dlq", help: "Name of a Bronze topic's dead-letter topic; {topic} stands for the Bronze topic (one shared topic when left out). Strata creates it at start-up when missing (the principal needs CREATE)." },
+    Setting { var: "STRATA_DLQ_SUFFIX", default: "", help: "Older form of STRATA_DLQ_TOPIC: the Bronze topic followed by this suffix. Used only when STRATA_DLQ_TOPIC is unset." },
+    Setting { var: "STRATA_DLQ_PARTITIONS", default: "source", help: "Partitions of a dead-letter topic Strata creates: `source` (as many as its Bronze topic, so a whole writer version refused can flow there as fast as it arrives) or a number." },
+    Setting { var: "STRATA_DLQ_REPLICATION", default: "cluster", help: "Replication factor of a dead-letter topic Strata creates: `cluster` (the broker's default.replication.factor) or a number." },
     Setting { var: "STRATA_FLUSH_INTERVAL", default: "30s", help: "Longest time a record waits in memory before its file is committed (ms, s, m, h)." },
     Setting { var: "STRATA_FILE_MAX_ROWS", default: "1000000", help: "A flush starts, and a file rolls, at this many buffered rows." },
     Setting { var: "STRATA_FILE_MAX_BYTES", default: "134217728", help: "A flush starts, and a file rolls, at this many buffered bytes (the memory budget of the Silver buffer)." },
@@ -165,7 +168,7 @@ pub struct Config {
     pub compatibility: crate::compat::Compatibility,
     pub event_time_field: String,
     pub lake_url: String,
-    pub dlq_suffix: String,
+    pub dead_letters: DeadLetterConfig,
     pub flush_interval: Duration,
     pub file_max_rows: usize,
     pub file_max_bytes: usize,
@@ -175,6 +178,77 @@ pub struct Config {
     pub max_value_bytes: usize,
     pub shutdown_grace: Duration,
     pub gold: Option<GoldConfig>,
+}
+
+/// Where rejected records go, and how Strata creates those topics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterConfig {
+    /// The topic name, `{topic}` standing for the Bronze topic.
+    pub template: String,
+    /// `None`: as many partitions as the Bronze topic.
+    pub partitions: Option<i32>,
+    /// `None`: the cluster's default replication factor.
+    pub replication: Option<i32>,
+}
+
+impl DeadLetterConfig {
+    pub fn topic_for(&self, source_topic: &str) -> String {
+        self.template.replace("{topic}", source_topic)
+    }
+
+    fn from_vars(
+        get: &dyn Fn(&'static str) -> String,
+        vars: &HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let set = |var: &str| vars.get(var).is_some_and(|v| !v.trim().is_empty());
+        let (var, template) = if !set("STRATA_DLQ_TOPIC") && set("STRATA_DLQ_SUFFIX") {
+            (
+                "STRATA_DLQ_SUFFIX",
+                format!("{{topic}}{}", get("STRATA_DLQ_SUFFIX")),
+            )
+        } else {
+            ("STRATA_DLQ_TOPIC", get("STRATA_DLQ_TOPIC"))
+        };
+        // Kafka's rule for topic names, checked here so a typo fails at start-up, not at the
+        // first bad record.
+        let fixed = template.replace("{topic}", "");
+        if let Some(c) = fixed
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+        {
+            return Err(invalid(
+                var,
+                &template,
+                format!("{c:?} cannot be part of a Kafka topic name (letters, digits, '.', '_' and '-' only)"),
+            ));
+        }
+        if fixed.is_empty() {
+            return Err(invalid(
+                var,
+                &template,
+                "dead letters need a topic of their own, not the Bronze topic (e.g. {topic}.dlq)",
+            ));
+        }
+        let count = |var: &'static str, auto: &str| -> Result<Option<i32>, ConfigError> {
+            let value = get(var);
+            if value.eq_ignore_ascii_case(auto) {
+                return Ok(None);
+            }
+            match value.parse::<i32>() {
+                Ok(n) if n > 0 => Ok(Some(n)),
+                _ => Err(invalid(
+                    var,
+                    &value,
+                    format!("expected `{auto}` or a positive integer"),
+                )),
+            }
+        };
+        Ok(Self {
+            template,
+            partitions: count("STRATA_DLQ_PARTITIONS", "source")?,
+            replication: count("STRATA_DLQ_REPLICATION", "cluster")?,
+        })
+    }
 }
 
 /// Gold settings (present when `STRATA_GOLD_KEY` is set).
@@ -498,7 +572,7 @@ impl Config {
             compatibility,
             event_time_field: required("STRATA_EVENT_TIME_FIELD")?,
             lake_url: lake_url.trim_end_matches('/').to_string(),
-            dlq_suffix: required("STRATA_DLQ_SUFFIX")?,
+            dead_letters: DeadLetterConfig::from_vars(&get, &vars)?,
             flush_interval: duration("STRATA_FLUSH_INTERVAL")?,
             file_max_rows: parse_usize("STRATA_FILE_MAX_ROWS")?,
             file_max_bytes: parse_usize("STRATA_FILE_MAX_BYTES")?,
@@ -654,6 +728,10 @@ mod tests {
             ("STRATA_METRICS_ADDR", "nine"),
             ("STRATA_SCHEMA_COMPATIBILITY", "SIDEWAYS"),
             ("STRATA_TOPICS", "a b"),
+            ("STRATA_DLQ_TOPIC", "{topic} dead"),
+            ("STRATA_DLQ_TOPIC", "{topic}"),
+            ("STRATA_DLQ_PARTITIONS", "0"),
+            ("STRATA_DLQ_REPLICATION", "two"),
         ] {
             let mut vars = base();
             vars.insert(var.into(), value.into());
@@ -666,6 +744,32 @@ mod tests {
             .expect_err("missing")
             .to_string()
             .contains("STRATA_TOPICS"));
+    }
+
+    #[test]
+    fn dead_letter_topics() {
+        let config = Config::from_vars(base()).expect("valid config");
+        assert_eq!(config.dead_letters.topic_for("orders"), "orders.dlq");
+        assert_eq!(config.dead_letters.partitions, None, "as the Bronze topic");
+        assert_eq!(
+            config.dead_letters.replication, None,
+            "the cluster's default"
+        );
+
+        let mut vars = base();
+        vars.insert("STRATA_DLQ_TOPIC".into(), "dlq.strata.{topic}".into());
+        vars.insert("STRATA_DLQ_PARTITIONS".into(), "3".into());
+        vars.insert("STRATA_DLQ_REPLICATION".into(), "3".into());
+        let config = Config::from_vars(vars).expect("valid config");
+        assert_eq!(config.dead_letters.topic_for("orders"), "dlq.strata.orders");
+        assert_eq!(config.dead_letters.partitions, Some(3));
+        assert_eq!(config.dead_letters.replication, Some(3));
+
+        // The older suffix form still works when the template is not set.
+        let mut vars = base();
+        vars.insert("STRATA_DLQ_SUFFIX".into(), "-errors".into());
+        let config = Config::from_vars(vars).expect("valid config");
+        assert_eq!(config.dead_letters.topic_for("orders"), "orders-errors");
     }
 
     #[test]

@@ -452,6 +452,8 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<DemoReport> {
     );
     let cluster = MockCluster::new(3).context("starting the embedded Kafka")?;
     cluster.create_topic(topic, options.partitions, 1)?;
+    // The mock cluster has no CreateTopics handler, so the topics Strata would create on a real
+    // cluster (dead letters, partials) are made here; Strata finds them and goes on.
     cluster.create_topic(&format!("{topic}.dlq"), 1, 1)?;
     let brokers = cluster.bootstrap_servers();
 

@@ -11,6 +11,7 @@
 //! - [`compat`]: schema compatibility modes with Confluent's meaning.
 //! - [`decode`]: Avro straight into Arrow, writer resolved to reader; one verdict per record.
 //! - [`dlq`]: rejected records to the dead-letter topic, with the reason in headers.
+//! - [`kafka`]: client settings shared by producers and the admin client; topic creation.
 //! - [`silver`]: Parquet files partitioned by event date and hour.
 //! - [`commit`]: the commit protocol (files + `txn` offsets in one Delta commit, fenced).
 //! - [`pipeline`]: the topology, the only module that knows how the others connect.
@@ -34,6 +35,7 @@ pub mod dlq;
 #[cfg(feature = "failpoints")]
 pub mod failpoints;
 pub mod gold;
+pub mod kafka;
 pub mod lake;
 pub mod metrics;
 pub mod models;

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch};
@@ -56,9 +56,13 @@ pub struct Metrics {
     pub schema_ids_seen: IntGauge,
     pub flush_duration: Histogram,
     pub kafka_errors: IntCounter,
+    dead_letter_write_failures: IntCounterVec,
+    dead_letter_blocked: IntGaugeVec,
     pub gold: GoldMetrics,
     /// Bits of [`NotReady`] that currently hold; ready when none does.
     not_ready: AtomicU8,
+    /// Dead-letter topics that cannot be written now, with why: each makes the replica not ready.
+    blocked_dead_letters: Mutex<BTreeMap<String, String>>,
 }
 
 /// Why a replica is not ready. Several can hold at once and each clears on its own, so one
@@ -426,9 +430,22 @@ impl Metrics {
             ),
             flush_duration,
             kafka_errors,
+            dead_letter_write_failures: counter(
+                &registry,
+                "strata_dead_letter_write_failures_total",
+                "Failed attempts to write a dead letter (each is retried; the partition waits meanwhile).",
+                &["topic"],
+            ),
+            dead_letter_blocked: gauge(
+                &registry,
+                "strata_dead_letter_topic_blocked",
+                "1 while a dead-letter topic cannot be created or written: records of its Bronze topic that need it wait, and nothing commits past them.",
+                &["topic"],
+            ),
             gold: GoldMetrics::new(&registry),
             registry,
             not_ready: AtomicU8::new(NotReady::Starting as u8),
+            blocked_dead_letters: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -442,17 +459,30 @@ impl Metrics {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.not_ready.load(Ordering::Relaxed) == 0
+        self.not_ready.load(Ordering::Relaxed) == 0 && self.blocked_dead_letters().is_empty()
+    }
+
+    fn blocked_dead_letters(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, String>> {
+        // The map stays consistent whatever a panicking holder did: every update is one call.
+        self.blocked_dead_letters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The reasons that currently hold, for `/readyz`.
-    pub fn not_ready_reasons(&self) -> Vec<&'static str> {
+    pub fn not_ready_reasons(&self) -> Vec<String> {
         let bits = self.not_ready.load(Ordering::Relaxed);
-        NotReady::ALL
+        let mut reasons: Vec<String> = NotReady::ALL
             .iter()
             .filter(|r| bits & (**r as u8) != 0)
-            .map(|r| r.as_str())
-            .collect()
+            .map(|r| r.as_str().to_string())
+            .collect();
+        reasons.extend(
+            self.blocked_dead_letters()
+                .iter()
+                .map(|(topic, why)| format!("dead-letter topic {topic} cannot be written ({why})")),
+        );
+        reasons
     }
 
     pub fn render(&self) -> String {
@@ -465,6 +495,50 @@ impl Metrics {
     }
 
     // ---- Observable events: each logs and counts in one call. ----
+
+    /// Exports a dead-letter topic's series at zero, so alerts and dashboards see them from the start.
+    pub fn dead_letter_topic(&self, topic: &str) {
+        self.dead_letter_write_failures.with_label_values(&[topic]);
+        self.dead_letter_blocked.with_label_values(&[topic]);
+    }
+
+    /// A dead-letter topic Strata created because it was missing.
+    pub fn dead_letter_topic_created(&self, topic: &str, partitions: i32, replication: &str) {
+        tracing::info!(topic, partitions, replication, "dead-letter topic created");
+    }
+
+    /// A dead-letter topic cannot be used: creating it was refused, or writes to it fail or hang.
+    /// The replica is not ready, naming the topic, until [`Self::dead_letter_writable`].
+    pub fn dead_letter_blocked(&self, topic: &str, why: &str) {
+        self.dead_letter_blocked.with_label_values(&[topic]).set(1);
+        let previous = self
+            .blocked_dead_letters()
+            .insert(topic.to_string(), why.to_string());
+        if previous.as_deref() != Some(why) {
+            tracing::error!(
+                topic,
+                reason = why,
+                "dead-letter topic cannot be written: records that need it wait, nothing commits past them, not ready"
+            );
+        }
+    }
+
+    /// One failed attempt to write a dead letter (it is retried).
+    pub fn dead_letter_write_failed(&self, topic: &str, error: &str) {
+        self.dead_letter_write_failures
+            .with_label_values(&[topic])
+            .inc();
+        tracing::warn!(topic, error, "dead-letter write failed; retrying");
+        self.dead_letter_blocked(topic, error);
+    }
+
+    /// A dead-letter topic exists and takes writes (again).
+    pub fn dead_letter_writable(&self, topic: &str) {
+        self.dead_letter_blocked.with_label_values(&[topic]).set(0);
+        if self.blocked_dead_letters().remove(topic).is_some() {
+            tracing::info!(topic, "dead-letter topic writable again");
+        }
+    }
 
     /// Rejected records of one chunk, acknowledged by the dead-letter topic: the counter moves by
     /// one per record and reason; one log line per chunk keeps a burst of bad input readable.

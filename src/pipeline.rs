@@ -134,6 +134,8 @@ struct PartitionState {
     pending_last: Option<i64>,
     /// After fencing, records are ignored until the source confirms the seek back.
     awaiting_reseek: bool,
+    /// Shutdown interrupted a dead letter of this partition: nothing after it may be buffered.
+    stopped: bool,
 }
 
 /// Where the records of one writer schema id go.
@@ -182,7 +184,9 @@ pub async fn run(
     let dead_letters = DeadLetters::new(
         &config.brokers,
         &config.kafka_properties,
-        &config.dlq_suffix,
+        &config.dead_letters,
+        metrics.clone(),
+        shutdown.clone(),
     )?;
     metrics
         .buffered_bytes_limit
@@ -196,6 +200,16 @@ pub async fn run(
         metrics.clone(),
         server_stop.clone(),
     ));
+    // Dead-letter topics exist before the first dead letter is due (or the replica says why not).
+    tokio::select! {
+        () = dead_letters.prepare(&config.topics) => {}
+        () = shutdown.cancelled() => {
+            server_stop.cancel();
+            let _ = server.await;
+            tracing::info!("shut down before start-up finished");
+            return Ok(RunSummary::default());
+        }
+    }
     let tables = match open_tables(&config, &registry, &metrics, &shutdown).await {
         Ok(tables) => tables,
         Err(e) => {
@@ -495,6 +509,10 @@ impl Replica {
             self.metrics.dropped(&tp, "reseek", records.len());
             return Ok(());
         }
+        if state.stopped {
+            self.metrics.dropped(&tp, "shutdown", records.len());
+            return Ok(());
+        }
         let position = state.position;
         let (replayed, records): (Vec<SourceRecord>, Vec<SourceRecord>) = records
             .into_iter()
@@ -564,6 +582,7 @@ impl Replica {
             }
         }
         let mut replayed_letters = 0;
+        let mut batches = Vec::new();
         for (index, group) in per_table.iter().enumerate() {
             if group.is_empty() {
                 continue;
@@ -583,34 +602,53 @@ impl Replica {
                 }
             }
             if let Some(batch) = decoded.batch {
-                let part = table.parts.entry(tp.clone()).or_default();
-                part.rows += batch.num_rows();
-                part.bytes += batch.get_array_memory_size();
-                self.metrics
-                    .buffered(&tp, &table.name, batch.num_rows() as i64);
-                part.batches.push(batch);
+                batches.push((index, batch));
             }
         }
-        if let (Some(index), false) = (gold_table, gold_replay.is_empty()) {
-            // Rejections were dead-lettered when Silver took these offsets.
-            let decoded = self.tables.list[index].decoder.decode_refs(&gold_replay);
-            if let (Some(batch), Some(gold)) = (decoded.batch, self.gold.as_mut()) {
-                gold.push_replay(&tp, batch);
+        // Rejections were dead-lettered when Silver took these offsets.
+        let replay = match (gold_table, gold_replay.is_empty()) {
+            (Some(index), false) => {
+                self.tables.list[index]
+                    .decoder
+                    .decode_refs(&gold_replay)
+                    .batch
             }
-        }
-        if let Some(gold) = &mut self.gold {
-            gold.replay_read(&tp, last + 1);
-        }
-        self.skipped(&tp, skipped + replayed_letters);
+            _ => None,
+        };
         if !letters.is_empty() {
             letters.sort_by_key(|(r, _)| r.offset);
             let refs: Vec<(&SourceRecord, &Rejection)> =
                 letters.iter().map(|(r, why)| (*r, why)).collect();
-            // Returns only once the dead-letter topic acknowledged every one of them.
-            self.dead_letters.publish(&refs).await;
+            // Returns only once the dead-letter topic acknowledged every one of them. Nothing of
+            // this chunk is buffered before that, so nothing commits past an unwritten letter.
+            if self.dead_letters.publish(&refs).await.is_err() {
+                // Shutdown while a letter waited: this chunk and the rest of the partition are
+                // left to the next owner.
+                self.metrics.dropped(&tp, "shutdown", records.len());
+                if let Some(state) = self.parts.get_mut(&tp) {
+                    state.stopped = true;
+                }
+                return Ok(());
+            }
             self.metrics.dead_lettered(&tp, &refs);
             self.summary.dead_lettered += refs.len() as u64;
         }
+        for (index, batch) in batches {
+            let table = &mut self.tables.list[index];
+            let part = table.parts.entry(tp.clone()).or_default();
+            part.rows += batch.num_rows();
+            part.bytes += batch.get_array_memory_size();
+            self.metrics
+                .buffered(&tp, &table.name, batch.num_rows() as i64);
+            part.batches.push(batch);
+        }
+        if let Some(gold) = &mut self.gold {
+            if let Some(batch) = replay {
+                gold.push_replay(&tp, batch);
+            }
+            gold.replay_read(&tp, last + 1);
+        }
+        self.skipped(&tp, skipped + replayed_letters);
         let state = self.parts.entry(tp).or_default();
         state.pending_first.get_or_insert(first_offset);
         state.pending_last = Some(last);
@@ -938,16 +976,19 @@ impl Replica {
     fn drop_work(&mut self, partitions: &[TopicPartition], reason: &'static str) -> usize {
         let mut dropped = 0;
         for tp in partitions {
+            // Counted per partition: the metric is per topic, and each partition's rows once.
+            let mut of_partition = 0;
             for table in &mut self.tables.list {
                 let rows = table.drop_work(tp);
                 self.metrics.buffered(tp, &table.name, -(rows as i64));
-                dropped += rows;
+                of_partition += rows;
             }
             if let Some(state) = self.parts.get_mut(tp) {
                 state.pending_first = None;
                 state.pending_last = None;
             }
-            self.metrics.dropped(tp, reason, dropped);
+            self.metrics.dropped(tp, reason, of_partition);
+            dropped += of_partition;
         }
         let (_, bytes) = self.tables.buffered();
         self.metrics.buffered_bytes.set(bytes as i64);

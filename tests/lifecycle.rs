@@ -154,3 +154,131 @@ async fn a_replica_without_partitions_is_ready() {
     first.stop(Duration::from_secs(30));
     second.stop(Duration::from_secs(30));
 }
+
+/// A dead-letter topic the cluster refuses to create (CreateTopics answered with
+/// TOPIC_AUTHORIZATION_FAILED, as for a principal without the CREATE ACL): the replica stays up but
+/// not ready, naming the topic and the permission; it counts the failed writes; nothing commits
+/// past a bad record; SIGTERM still stops it at once. When an operator then grants the permission,
+/// the replica creates the topic and resumes by itself, and the table and the dead letters are
+/// exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letter_topic_that_cannot_be_created_is_visible_and_bounded() {
+    let broker = common::acl_proxy::RefusingBroker::start().await;
+    // The Bronze topic exists, as the platform made it; Strata talks through the refusing proxy.
+    let mut setup = Setup::on(&broker.direct, "dlqrefused", 2).await;
+    setup.brokers = broker.brokers.clone();
+    broker.revoke_create();
+    let dlq = format!("{}.dlq", setup.topic);
+    let produced = common::produce_on(&broker.direct, &setup.topic, 3_000, 250, 51).await;
+    let first_bad: BTreeMap<i32, i64> = produced.bad.iter().fold(BTreeMap::new(), |mut m, b| {
+        let slot = m.entry(b.1).or_insert(b.2);
+        *slot = (*slot).min(b.2);
+        m
+    });
+    assert!(!first_bad.is_empty());
+    let env = [
+        ("STRATA_SHUTDOWN_GRACE", "30s"),
+        // librdkafka fails a message for a missing topic after this long (30 s by default).
+        ("STRATA_KAFKA_TOPIC_METADATA_PROPAGATION_MAX_MS", "2000"),
+    ];
+    let replica = setup.spawn(&env);
+    assert!(
+        replica
+            .wait_log("not allowed to create topic", Duration::from_secs(60))
+            .await,
+        "the refusal is not reported:\n{}",
+        replica.tail(30)
+    );
+    assert!(
+        replica.log_contains("CREATE on the topic or the cluster"),
+        "the log names the permission:\n{}",
+        replica.tail(30)
+    );
+    // Not ready, naming the topic.
+    let readyz = reqwest::get(format!("http://127.0.0.1:{}/readyz", replica.metrics_port))
+        .await
+        .expect("readyz");
+    assert_eq!(readyz.status().as_u16(), 503);
+    let body = readyz.text().await.expect("body");
+    assert!(body.contains(&dlq), "{body}");
+    assert_eq!(
+        replica
+            .metric_where(
+                "strata_dead_letter_topic_blocked",
+                &format!("topic=\"{dlq}\"")
+            )
+            .await,
+        Some(1.0)
+    );
+    replica
+        .wait_metric(
+            "strata_dead_letter_write_failures_total",
+            1.0,
+            "a failed dead-letter write counted",
+        )
+        .await;
+    assert_eq!(
+        common::partition_count_on(&broker.direct, &dlq),
+        None,
+        "nothing created the topic"
+    );
+    // Nothing is committed at or past a partition's first bad record.
+    let progress = setup.progress().await;
+    for (partition, bad) in &first_bad {
+        assert!(
+            progress.get(partition).is_none_or(|v| v < bad),
+            "partition {partition} committed {progress:?} past its bad record at {bad}"
+        );
+    }
+    // SIGTERM ends the retries at once: far inside the 30 s grace.
+    let asked = Instant::now();
+    replica.stop(Duration::from_secs(15));
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        asked.elapsed()
+    );
+
+    // An operator grants CREATE: the replica makes the topic by itself, and everything lands once.
+    let replica = setup.spawn(&env);
+    assert!(
+        replica
+            .wait_log("not allowed to create topic", Duration::from_secs(60))
+            .await
+    );
+    broker.grant_create();
+    setup.catch_up(&produced, &[&replica]).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while replica.http_status("/readyz").await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready:\n{}",
+            replica.tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_eq!(
+        replica
+            .metric_where(
+                "strata_dead_letter_topic_blocked",
+                &format!("topic=\"{dlq}\"")
+            )
+            .await,
+        Some(0.0)
+    );
+    common::assert_accounting(&replica).await;
+    replica.stop(Duration::from_secs(30));
+    setup.assert_exact(&produced).await;
+    let letters = common::dead_letters_on(
+        &broker.direct,
+        &dlq,
+        produced.bad.len(),
+        Duration::from_secs(60),
+    )
+    .await;
+    let mut sources: Vec<_> = letters.iter().map(|l| l.source.clone()).collect();
+    sources.sort();
+    let mut expected = produced.bad.clone();
+    expected.sort();
+    assert_eq!(sources, expected, "every bad record dead-lettered once");
+}

@@ -25,9 +25,6 @@ use deltalake::arrow::compute::take_record_batch;
 use deltalake::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
@@ -37,6 +34,7 @@ use super::stage1::GoldSpec;
 use super::watermark::{before_each, is_final};
 use crate::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::config::{Config, GoldConfig};
+use crate::kafka::admin::{Admin, Ensured, TopicError, TopicSpec};
 use crate::lake;
 use crate::metrics::Metrics;
 use crate::models::TopicPartition;
@@ -65,71 +63,31 @@ pub fn gold_name(gold: &GoldConfig, source_table: &str) -> String {
 /// A producer for the partials topic: idempotent and gapless, so a partition's messages arrive
 /// once each and in order (stage 2's replay detection relies on the order).
 pub fn partials_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    crate::dlq::producer_config(&config.brokers, &config.kafka_properties)
+    crate::kafka::producer_config(&config.brokers, &config.kafka_properties)
         .set("enable.gapless.guarantee", "true")
         .set("message.timeout.ms", "300000")
         .create()
 }
 
-/// Partition counts of `topic` (`None`: it does not exist).
-pub fn partition_count(producer: &FutureProducer, topic: &str) -> Result<Option<i32>, KafkaError> {
-    let metadata = producer
-        .client()
-        .fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    Ok(metadata
-        .topics()
-        .iter()
-        .find(|t| t.name() == topic && t.error().is_none())
-        .map(|t| t.partitions().len() as i32)
-        .filter(|n| *n > 0))
-}
-
 /// The partials topic's partition count, creating the topic when it is missing.
-pub async fn ensure_partials_topic(
-    config: &Config,
-    gold: &GoldConfig,
-    producer: &FutureProducer,
-) -> Result<i32, KafkaError> {
-    if let Some(n) = partition_count(producer, &gold.partials_topic)? {
-        return Ok(n);
-    }
-    let mut client = ClientConfig::new();
-    client.set("bootstrap.servers", &config.brokers);
-    for (key, value) in &config.kafka_properties {
-        if key.starts_with("security.") || key.starts_with("sasl.") || key.starts_with("ssl.") {
-            client.set(key, value);
+pub async fn ensure_partials_topic(config: &Config, gold: &GoldConfig) -> Result<i32, TopicError> {
+    let admin = Admin::new(&config.brokers, &config.kafka_properties).map_err(|source| {
+        TopicError::Unavailable {
+            topic: gold.partials_topic.clone(),
+            source,
         }
+    })?;
+    let spec = TopicSpec {
+        name: gold.partials_topic.clone(),
+        partitions: gold.partitions,
+        replication: Some(1),
+        config: Vec::new(),
+    };
+    let ensured = admin.ensure(&spec).await?;
+    if let Ensured::Created { partitions } = ensured {
+        tracing::info!(topic = %spec.name, partitions, "partials topic created");
     }
-    let admin: AdminClient<DefaultClientContext> = client.create()?;
-    let topic = NewTopic::new(
-        &gold.partials_topic,
-        gold.partitions,
-        TopicReplication::Fixed(1),
-    );
-    let results = admin.create_topics([&topic], &AdminOptions::new()).await?;
-    for result in results {
-        match result {
-            Ok(_) => {
-                tracing::info!(topic = %gold.partials_topic, partitions = gold.partitions, "partials topic created")
-            }
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((name, code)) => {
-                return Err(KafkaError::AdminOp(code)).inspect_err(
-                    |_| tracing::error!(topic = %name, "creating the partials topic failed"),
-                )
-            }
-        }
-    }
-    // Metadata may lag the creation a little.
-    for _ in 0..50 {
-        if let Some(n) = partition_count(producer, &gold.partials_topic)? {
-            return Ok(n);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err(KafkaError::AdminOp(
-        RDKafkaErrorCode::UnknownTopicOrPartition,
-    ))
+    Ok(ensured.partitions())
 }
 
 /// Sends `messages` in order (a queue-full is waited out, never reordered) and waits for every
@@ -261,11 +219,9 @@ impl Emitter {
         })?;
         let producer = partials_producer(config)
             .map_err(|e| OpenError::Schema(format!("partials producer: {e}")))?;
-        let partitions = ensure_partials_topic(config, gold, &producer)
-            .await
-            .map_err(|e| {
-                OpenError::Storage(format!("partials topic {}: {e}", gold.partials_topic))
-            })?;
+        let partitions = ensure_partials_topic(config, gold).await.map_err(|e| {
+            OpenError::Storage(format!("partials topic {}: {e}", gold.partials_topic))
+        })?;
         if let Some(s) = gold.salting {
             if i32::from(s.salts) >= partitions {
                 return Err(OpenError::Schema(format!(

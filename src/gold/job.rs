@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::aggregate::Output;
-use super::emitter::{gold_name, partials_producer, partition_count, send_in_order};
+use super::emitter::{gold_name, partials_producer, send_in_order};
 use super::merge::PartitionMerge;
 use super::output::{gold_rows, gold_schema, KeyType};
 use super::partial::{spec_fingerprint, KeyValue, Message};
@@ -24,6 +24,7 @@ use super::stage2::{Closed, Source as SourcePartition};
 use crate::backoff::Backoff;
 use crate::commit::{CommitOutcome, Fenced, TableCommitter};
 use crate::config::{Config, GoldConfig};
+use crate::kafka::admin::Admin;
 use crate::lake;
 use crate::metrics::Metrics;
 use crate::models::TopicPartition;
@@ -96,10 +97,12 @@ pub async fn run(
 ) -> Result<GoldSummary, String> {
     let producer = partials_producer(&config).map_err(|e| format!("partials producer: {e}"))?;
     let topic = settings.partials_topic.clone();
+    let admin = Admin::new(&config.brokers, &config.kafka_properties)
+        .map_err(|e| format!("admin client: {e}"))?;
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
     // Stage 1 creates the partials topic; wait for it.
     let partitions = loop {
-        match partition_count(&producer, &topic) {
+        match admin.partitions(&topic).await {
             Ok(Some(n)) => break n,
             Ok(None) | Err(_) if !shutdown.is_cancelled() => backoff.wait().await,
             _ => return Ok(GoldSummary::default()),
@@ -107,7 +110,9 @@ pub async fn run(
     };
     let mut sources = Vec::new();
     for bronze in &config.topics {
-        let n = partition_count(&producer, bronze)
+        let n = admin
+            .partitions(bronze)
+            .await
             .map_err(|e| format!("metadata of {bronze}: {e}"))?
             .ok_or_else(|| format!("topic {bronze} does not exist"))?;
         sources.extend((0..n).map(|p| (bronze.clone(), p)));

@@ -14,6 +14,8 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use strata::demo::{ORDER_V1, ORDER_V2};
 
+pub mod acl_proxy;
+
 pub fn brokers() -> String {
     std::env::var("STRATA_TEST_BROKERS")
         .expect("STRATA_TEST_BROKERS is not set: run the integration tests with `make test`")
@@ -39,8 +41,12 @@ pub fn free_port() -> u16 {
 }
 
 pub async fn create_topic(topic: &str, partitions: i32) {
+    create_topic_on(&brokers(), topic, partitions).await
+}
+
+pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .create()
         .expect("admin client");
     let results = admin
@@ -88,7 +94,17 @@ impl Produced {
 /// Produces `count` generated order events (one in `bad_every` undecodable) and records where
 /// each landed, with the values of the good ones decoded independently (apache-avro).
 pub async fn produce(topic: &str, count: u64, bad_every: u64, seed: u64) -> Produced {
-    let orders = strata::demo::produce_orders(&brokers(), topic, count, bad_every, seed)
+    produce_on(&brokers(), topic, count, bad_every, seed).await
+}
+
+pub async fn produce_on(
+    brokers: &str,
+    topic: &str,
+    count: u64,
+    bad_every: u64,
+    seed: u64,
+) -> Produced {
+    let orders = strata::demo::produce_orders(brokers, topic, count, bad_every, seed)
         .await
         .expect("produce");
     let mut produced = Produced::default();
@@ -203,33 +219,78 @@ pub struct DeadLetter {
     pub value: Option<Vec<u8>>,
 }
 
-/// Reads `count` records of the (single-partition) dead-letter topic `topic`, or all there are
-/// within `timeout`.
+/// Reads every record of the dead-letter topic `topic` (all partitions, to the end), once it
+/// holds at least `count` or `timeout` has passed. Duplicates are kept, so a test sees them.
 pub async fn dead_letters(topic: &str, count: usize, timeout: Duration) -> Vec<DeadLetter> {
+    dead_letters_on(&brokers(), topic, count, timeout).await
+}
+
+pub async fn dead_letters_on(
+    brokers: &str,
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<DeadLetter> {
     let topic = topic.to_string();
+    let brokers = brokers.to_string();
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::{Headers, Message};
+        use rdkafka::{Offset, TopicPartitionList};
         let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &brokers)
             .set("group.id", unique("dlq-reader"))
-            .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
             .create()
             .expect("consumer");
-        consumer.subscribe(&[&topic]).expect("subscribe");
+        let deadline = Instant::now() + timeout;
+        // The ends of every partition, once they add up to `count` (or the time is up).
+        let ends: BTreeMap<i32, (i64, i64)> = loop {
+            let partitions = consumer
+                .fetch_metadata(Some(&topic), Duration::from_secs(5))
+                .ok()
+                .and_then(|m| {
+                    m.topics()
+                        .iter()
+                        .find(|t| t.name() == topic && t.error().is_none())
+                        .map(|t| t.partitions().len() as i32)
+                })
+                .unwrap_or(0);
+            let ends: BTreeMap<i32, (i64, i64)> = (0..partitions)
+                .filter_map(|p| {
+                    consumer
+                        .fetch_watermarks(&topic, p, Duration::from_secs(5))
+                        .ok()
+                        .map(|w| (p, w))
+                })
+                .collect();
+            let held: i64 = ends.values().map(|(low, high)| high - low).sum();
+            if held as usize >= count || Instant::now() >= deadline {
+                break ends;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        };
+        let mut assignment = TopicPartitionList::new();
+        for p in ends.keys() {
+            assignment
+                .add_partition_offset(&topic, *p, Offset::Beginning)
+                .expect("assignment");
+        }
+        consumer.assign(&assignment).expect("assign");
         let header = |m: &rdkafka::message::BorrowedMessage<'_>, name: &str| -> String {
             m.headers()
                 .and_then(|h| h.iter().find(|x| x.key == name).and_then(|x| x.value))
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default()
         };
+        let mut next: BTreeMap<i32, i64> = ends.iter().map(|(p, (low, _))| (*p, *low)).collect();
         let mut out = Vec::new();
-        let deadline = Instant::now() + timeout;
-        while out.len() < count && Instant::now() < deadline {
+        let read_by = Instant::now().max(deadline) + Duration::from_secs(30);
+        while ends.iter().any(|(p, (_, high))| next[p] < *high) && Instant::now() < read_by {
             let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) else {
                 continue;
             };
+            next.insert(m.partition(), m.offset() + 1);
             out.push(DeadLetter {
                 source: (
                     header(&m, "strata.source.topic"),
@@ -248,8 +309,31 @@ pub async fn dead_letters(topic: &str, count: usize, timeout: Duration) -> Vec<D
     .expect("dead-letter reader")
 }
 
+/// Partition count of `topic` as the broker reports it (`None`: it does not exist).
+pub fn partition_count(topic: &str) -> Option<usize> {
+    partition_count_on(&brokers(), topic)
+}
+
+pub fn partition_count_on(brokers: &str, topic: &str) -> Option<usize> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(5))
+        .ok()?;
+    metadata
+        .topics()
+        .iter()
+        .find(|t| t.name() == topic && t.error().is_none())
+        .map(|t| t.partitions().len())
+        .filter(|n| *n > 0)
+}
+
 /// A pipeline under test: its topic, group, lake and schema folder.
 pub struct Setup {
+    pub brokers: String,
     pub topic: String,
     pub group: String,
     pub lake: String,
@@ -260,9 +344,14 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new(name: &str, partitions: i32) -> Self {
+        Self::on(&brokers(), name, partitions).await
+    }
+
+    /// A setup on another broker than the shared one.
+    pub async fn on(brokers: &str, name: &str, partitions: i32) -> Self {
         let topic = unique(name);
-        create_topic(&topic, partitions).await;
-        create_topic(&format!("{topic}.dlq"), 1).await;
+        // Only the Bronze topic, as a user's platform has it: Strata creates its dead-letter topic.
+        create_topic_on(brokers, &topic, partitions).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let schemas = dir.path().join("schemas");
         std::fs::create_dir_all(&schemas).expect("mkdir");
@@ -270,6 +359,7 @@ impl Setup {
         std::fs::write(schemas.join("2.avsc"), ORDER_V2).expect("write");
         let reader = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schemas/order.avsc");
         Self {
+            brokers: brokers.to_string(),
             group: format!("strata-{topic}"),
             lake: format!("s3://{}/{topic}", bucket()),
             topic,
@@ -291,7 +381,7 @@ impl Setup {
     /// Environment of a `strata` process for this setup.
     pub fn env(&self, metrics_port: u16) -> Vec<(String, String)> {
         [
-            ("STRATA_KAFKA_BROKERS", brokers()),
+            ("STRATA_KAFKA_BROKERS", self.brokers.clone()),
             ("STRATA_GROUP_ID", self.group.clone()),
             ("STRATA_TOPICS", self.topic.clone()),
             (
