@@ -4,7 +4,7 @@ STRATA_CACHE ?= $(HOME)/.cache/strata
 # Builds are cached outside the clone, so a fresh clone (and CI) reuses compiled dependencies.
 export CARGO_TARGET_DIR ?= $(STRATA_CACHE)/target
 export STRATA_CACHE
-FEATURES := --features failpoints
+FEATURES := --features failpoints,demo
 
 .PHONY: demo test lint unit integration bench services-start services-stop tools build
 
@@ -14,7 +14,7 @@ demo:
 	@if [ ! -x "$(CARGO_TARGET_DIR)/debug/strata" ]; then \
 	  echo "make demo: first build of strata and its dependencies, about 12 minutes on 2 cores (once; progress below)"; \
 	fi
-	cargo build --bin strata
+	cargo build --bin strata --features demo
 	"$(CARGO_TARGET_DIR)/debug/strata" demo
 
 tools:
@@ -44,7 +44,7 @@ unit:
 
 # Release builds get their own target directory, so they never hold the lock of the test build.
 bench: tools
-	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo bench --bench decode --bench gold
+	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo bench --features demo --bench decode --bench gold
 	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release scripts/bench.sh
 
 build:

@@ -28,7 +28,7 @@ fn wire(c: &mut Criterion) {
             input
                 .iter()
                 .filter_map(|r| r.value.as_deref())
-                .filter(|v| strata::wire::parse(v).is_ok())
+                .filter(|v| strata::schema::wire::parse(v).is_ok())
                 .count()
         })
     });

@@ -2,9 +2,9 @@
 //! `make bench` runs it; the figures go into the closing notes.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use strata::gold::aggregate::parse_aggregates;
-use strata::gold::epoch::{self, Salting};
-use strata::gold::stage1::{GoldSpec, PreAggregator};
+use strata::gold::core::aggregate::parse_aggregates;
+use strata::gold::core::epoch::{self, Salting};
+use strata::gold::core::preaggregate::{GoldSpec, PreAggregator};
 
 fn rows(n: usize) -> deltalake::arrow::array::RecordBatch {
     let records = strata::demo::generated_records(n, 7, 1).expect("records");

@@ -143,14 +143,8 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(gold_run.caught_up, "strata with Gold did not catch up");
     let gold_secs = gold_run.elapsed.as_secs_f64();
     let gold_final = gold_run.gold_elapsed.map_or(f64::NAN, |d| d.as_secs_f64());
-    let g = &gold_run.metrics.gold;
-    let partials: u64 = (0..8)
-        .map(|p| {
-            g.partials
-                .with_label_values(&[p.to_string().as_str()])
-                .get()
-        })
-        .sum();
+    let g = gold_run.metrics.gold().snapshot(8);
+    let partials: u64 = g.partials.iter().sum();
 
     let raw_rate = events as f64 / raw_secs;
     let strata_rate = events as f64 / strata_secs;
@@ -160,8 +154,8 @@ async fn main() -> anyhow::Result<()> {
     println!("strata -> Silver (S3) : {strata_rate:>10.0} events/s ({strata_secs:.1}s, group join and final commit included; {} commits, {} files)", summary.commits, summary.files);
     println!("ratio strata / raw    : {:>10.2}", strata_rate / raw_rate);
     let gold_rate = events as f64 / gold_secs;
-    println!("strata + Gold         : {gold_rate:>10.0} events/s (Silver committed and every epoch pre-aggregated and sent: {gold_secs:.1}s; {} events into {partials} partials)", g.events.get());
+    println!("strata + Gold         : {gold_rate:>10.0} events/s (Silver committed and every epoch pre-aggregated and sent: {gold_secs:.1}s; {} events into {partials} partials)", g.events);
     println!("ratio strata+Gold/raw : {:>10.2}", gold_rate / raw_rate);
-    println!("Gold final            : {gold_final:>10.1}s after start (every window closed and committed: {} rows; includes the 5 s idle timeout that closes the last windows)", g.windows_emitted.get());
+    println!("Gold final            : {gold_final:>10.1}s after start (every window closed and committed: {} rows; includes the 5 s idle timeout that closes the last windows)", g.windows_emitted);
     Ok(())
 }

@@ -6,4 +6,4 @@ CACHE="${STRATA_CACHE:-$HOME/.cache/strata}"
 scripts/services.sh start
 trap 'scripts/services.sh stop' EXIT
 set -a; source "$CACHE/services/env"; set +a
-cargo run --release --quiet --example e2e_bench
+cargo run --release --quiet --features demo --example e2e_bench

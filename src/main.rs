@@ -7,9 +7,14 @@ use strata::config::{help_text, Config};
 use tokio_util::sync::CancellationToken;
 
 fn init_tracing(default_filter: &str, default_format: &str) {
-    let filter = std::env::var("STRATA_LOG")
+    let mut filter = std::env::var("STRATA_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| default_filter.into());
+    // The Delta kernel logs every error it returns at ERROR level, "this table has no commits yet"
+    // included, before Strata creates the table. Strata reports the errors that matter itself.
+    if !filter.contains("buoyant_kernel") {
+        filter.push_str(",buoyant_kernel::snapshot=off");
+    }
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -49,6 +54,25 @@ fn install_signals(shutdown: CancellationToken) {
     });
 }
 
+#[cfg(feature = "demo")]
+async fn demo() -> ExitCode {
+    init_tracing("error", "text");
+    match strata::demo::run(strata::demo::DemoOptions::from_env()).await {
+        Ok(report) if report.exact => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("strata demo failed: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(not(feature = "demo"))]
+async fn demo() -> ExitCode {
+    eprintln!("strata: this build has no demo (build with `--features demo`, or run `make demo`)");
+    ExitCode::from(2)
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let command = args.first().map(String::as_str).unwrap_or("run");
@@ -75,15 +99,7 @@ fn main() -> ExitCode {
             return schemas_command(&args[1..]).await;
         }
         if command == "demo" {
-            init_tracing("error", "text");
-            return match strata::demo::run(strata::demo::DemoOptions::from_env()).await {
-                Ok(report) if report.exact => ExitCode::SUCCESS,
-                Ok(_) => ExitCode::FAILURE,
-                Err(e) => {
-                    eprintln!("strata demo failed: {e:#}");
-                    ExitCode::FAILURE
-                }
-            };
+            return demo().await;
         }
         let config = match Config::from_env() {
             Ok(config) => config,
@@ -96,8 +112,8 @@ fn main() -> ExitCode {
         tracing::info!(config = ?config, "starting replica");
         let shutdown = CancellationToken::new();
         install_signals(shutdown.clone());
-        let metrics = Arc::new(strata::metrics::Metrics::new());
-        match strata::pipeline::run(config, metrics, shutdown).await {
+        let metrics = Arc::new(strata::ops::Metrics::new());
+        match strata::app::run(config, metrics, shutdown).await {
             Ok(summary) => {
                 tracing::info!(?summary, "stopped cleanly");
                 ExitCode::SUCCESS
@@ -116,7 +132,7 @@ async fn schemas_command(args: &[String]) -> ExitCode {
         eprintln!("usage: strata schemas check [FILE.avsc|DIR ...]   (default: schemas/)");
         return ExitCode::from(2);
     }
-    let settings = match strata::schemas_check::CheckSettings::from_env(&args[1..]) {
+    let settings = match strata::schema::check::CheckSettings::from_env(&args[1..]) {
         Ok(settings) => settings,
         Err(e) => {
             eprintln!("strata schemas check: {e}");
@@ -124,7 +140,7 @@ async fn schemas_command(args: &[String]) -> ExitCode {
         }
     };
     let mut report = String::new();
-    let code = strata::schemas_check::run(&settings, &mut report).await;
+    let code = strata::schema::check::run(&settings, &mut report).await;
     print!("{report}");
     ExitCode::from(code)
 }

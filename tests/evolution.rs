@@ -105,7 +105,7 @@ async fn latest_evolves_the_table_once_without_extra_files_and_refuses_an_incomp
     };
     setup.catch_up(&first_flush, &[&replica]).await;
 
-    let contents = strata::verify::read_table(setup.table_url())
+    let contents = strata::lake::verify::read_table(setup.table_url())
         .await
         .expect("read");
     assert_eq!(
@@ -214,18 +214,18 @@ async fn latest_evolves_the_table_once_without_extra_files_and_refuses_an_incomp
         Some(1.0),
         "v3 cannot become the table's schema"
     );
-    let contents = strata::verify::read_table(setup.table_url())
+    let contents = strata::lake::verify::read_table(setup.table_url())
         .await
         .expect("read");
     assert_eq!(contents.files, 2, "one file per 600 rows");
-    let lineage = strata::verify::lineage(&contents.batches).expect("lineage");
+    let lineage = strata::lake::verify::lineage(&contents.batches).expect("lineage");
     let committed: Vec<(String, i32, i64)> = v1
         .iter()
         .chain(&v2)
         .chain(&good)
         .map(|o| (setup.topic.clone(), 0, *o))
         .collect();
-    let report = strata::verify::exactly_once(lineage, committed.into_iter());
+    let report = strata::lake::verify::exactly_once(lineage, committed.into_iter());
     assert!(report.is_exact(), "{report}");
     assert!(
         replica.http_status("/healthz").await == 200,

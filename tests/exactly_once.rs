@@ -81,7 +81,12 @@ async fn hundred_thousand_events_over_six_partitions_land_exactly_once() {
             .column_by_name("event_time")
             .expect("event_time")
             .as_primitive::<TimestampMicrosecondType>();
-        hours.extend(times.values().iter().map(|t| strata::silver::date_hour(*t)));
+        hours.extend(
+            times
+                .values()
+                .iter()
+                .map(|t| strata::lake::files::date_hour(*t)),
+        );
     }
     assert!(
         hours.len() > 1,
@@ -181,7 +186,7 @@ async fn zombie_replica_cannot_commit_stale_work() {
     let survivor = setup.spawn(&[]);
     produced.extend(produce(&setup.topic, 2_000, 200, 7).await);
     setup.catch_up(&produced, &[&survivor]).await;
-    let version_before = strata::verify::read_table(setup.table_url())
+    let version_before = strata::lake::verify::read_table(setup.table_url())
         .await
         .expect("table")
         .version;
@@ -212,7 +217,7 @@ async fn restart_commits_nothing_without_new_data_and_resumes_at_txn_plus_one() 
     let replica = setup.spawn(&[]);
     setup.catch_up(&produced, &[&replica]).await;
     replica.stop(Duration::from_secs(30));
-    let table = strata::verify::read_table(setup.table_url())
+    let table = strata::lake::verify::read_table(setup.table_url())
         .await
         .expect("table");
 
@@ -233,7 +238,7 @@ async fn restart_commits_nothing_without_new_data_and_resumes_at_txn_plus_one() 
         .await
         .unwrap_or(0.0);
     replica.stop(Duration::from_secs(30));
-    let after = strata::verify::read_table(setup.table_url())
+    let after = strata::lake::verify::read_table(setup.table_url())
         .await
         .expect("table");
     assert_eq!(

@@ -6,12 +6,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use strata::commit::{CommitOutcome, TableCommitter};
 use strata::config::Compression;
-use strata::decode::BatchDecoder;
 use strata::demo::{OrderGenerator, ORDER_V1, ORDER_V2};
+use strata::lake::commit::{CommitOutcome, TableCommitter};
+use strata::lake::files::{FilePolicy, SilverWriter};
 use strata::models::{SourceRecord, TopicPartition};
-use strata::silver::{FilePolicy, SilverWriter};
+use strata::silver::decode::BatchDecoder;
 
 const READER: &str = include_str!("../schemas/order.avsc");
 
@@ -109,10 +109,10 @@ async fn stale_owner_is_refused_and_the_table_keeps_only_the_new_owners_rows() {
         other => panic!("stale commit was not refused: {other:?}"),
     }
 
-    let contents = strata::verify::read_table(url).await.expect("read");
+    let contents = strata::lake::verify::read_table(url).await.expect("read");
     let expected = (0..150).map(|o| ("orders".to_string(), 0, o));
-    let report = strata::verify::exactly_once(
-        strata::verify::lineage(&contents.batches).expect("lineage"),
+    let report = strata::lake::verify::exactly_once(
+        strata::lake::verify::lineage(&contents.batches).expect("lineage"),
         expected,
     );
     assert!(report.is_exact(), "{report}");
@@ -162,10 +162,10 @@ async fn concurrent_commits_for_one_partition_have_one_winner() {
         }
     }
     assert_eq!((committed, fenced), (1, 1));
-    let contents = strata::verify::read_table(url).await.expect("read");
+    let contents = strata::lake::verify::read_table(url).await.expect("read");
     let expected = (0..50).map(|o| ("orders".to_string(), 1, o));
-    let report = strata::verify::exactly_once(
-        strata::verify::lineage(&contents.batches).expect("lineage"),
+    let report = strata::lake::verify::exactly_once(
+        strata::lake::verify::lineage(&contents.batches).expect("lineage"),
         expected,
     );
     assert!(report.is_exact(), "{report}");

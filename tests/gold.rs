@@ -193,11 +193,15 @@ fn gold_url(setup: &Setup, name: &str) -> url::Url {
 
 /// Waits until the Gold table holds `rows` rows (or the timeout), then a little longer so that
 /// a duplicate commit would show, and returns them.
-async fn read_gold(setup: &Setup, rows: usize, timeout: Duration) -> strata::verify::TableContents {
+async fn read_gold(
+    setup: &Setup,
+    rows: usize,
+    timeout: Duration,
+) -> strata::lake::verify::TableContents {
     let deadline = Instant::now() + timeout;
     let url = gold_url(setup, "order_by_customer_id");
     loop {
-        let contents = strata::verify::read_table(url.clone()).await;
+        let contents = strata::lake::verify::read_table(url.clone()).await;
         if let Ok(c) = &contents {
             if c.num_rows() >= rows || Instant::now() > deadline {
                 break;
@@ -208,15 +212,17 @@ async fn read_gold(setup: &Setup, rows: usize, timeout: Duration) -> strata::ver
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     tokio::time::sleep(Duration::from_secs(4)).await;
-    strata::verify::read_table(url).await.expect("gold table")
+    strata::lake::verify::read_table(url)
+        .await
+        .expect("gold table")
 }
 
 /// Compares Gold with `expected` row by row: count, sum, min, max, avg exact; approx_distinct
 /// within 5 % (HyperLogLog with 4096 registers: 1.6 % standard error).
-fn assert_gold(contents: &strata::verify::TableContents, expected: &Expected) {
+fn assert_gold(contents: &strata::lake::verify::TableContents, expected: &Expected) {
     let columns: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
     let (rows, twice) =
-        strata::verify::gold_rows(&contents.batches, &["customer_id".to_string()], &columns)
+        strata::lake::verify::gold_rows(&contents.batches, &["customer_id".to_string()], &columns)
             .expect("gold rows");
     assert!(twice.is_empty(), "rows written twice: {twice:?}");
     let mut missing = Vec::new();
@@ -264,7 +270,7 @@ fn assert_gold(contents: &strata::verify::TableContents, expected: &Expected) {
 
 /// (order id, window start) of every row of the late-events table.
 async fn late_rows(setup: &Setup) -> Vec<(i64, i64)> {
-    let contents = strata::verify::read_table(gold_url(setup, "order_by_customer_id_late"))
+    let contents = strata::lake::verify::read_table(gold_url(setup, "order_by_customer_id_late"))
         .await
         .expect("late table");
     let mut out = Vec::new();

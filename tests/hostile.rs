@@ -8,9 +8,9 @@ use std::sync::Mutex;
 use apache_avro::types::Value;
 use peak_alloc::PeakAlloc;
 use proptest::prelude::*;
-use strata::decode::BatchDecoder;
 use strata::demo::{ORDER_V1, ORDER_V2};
 use strata::models::SourceRecord;
+use strata::silver::decode::BatchDecoder;
 
 /// Counts live heap bytes and their high-water mark.
 #[global_allocator]
@@ -67,7 +67,7 @@ fn string(text: &str) -> Vec<u8> {
 
 /// A WIDE record up to and including `event_time`, with a chosen customer_id encoding.
 fn wide_head(customer: Vec<u8>) -> Vec<u8> {
-    let mut v = strata::wire::frame(5, &[]);
+    let mut v = strata::schema::wire::frame(5, &[]);
     v.extend(zigzag(42));
     v.extend(customer);
     v.extend(string("dock"));
@@ -94,7 +94,7 @@ fn valid_order(n: i64) -> Vec<u8> {
         ]),
     )
     .expect("encode");
-    strata::wire::frame(2, &body)
+    strata::schema::wire::frame(2, &body)
 }
 
 fn record(offset: i64, value: Vec<u8>) -> SourceRecord {
@@ -181,7 +181,7 @@ fn crafted_lengths_and_counts_are_rejected_within_a_fixed_memory_budget() {
     cases.push(("bytes length 2^62", tail(empty(), zigzag(huge), empty())));
     cases.push(("map count 2^40", tail(empty(), empty(), zigzag(1 << 40))));
     cases.push(("varint of 11 bytes", {
-        let mut v = strata::wire::frame(2, &[]);
+        let mut v = strata::schema::wire::frame(2, &[]);
         v.extend_from_slice(&[0xff; 11]);
         v
     }));
@@ -244,7 +244,7 @@ proptest! {
     /// Arbitrary bytes behind a valid header of each known schema.
     #[test]
     fn arbitrary_bodies_never_panic(id in prop::sample::select(vec![1u32, 2, 5, 9]), body in prop::collection::vec(any::<u8>(), 0..300)) {
-        let (_, rows, claimed) = decode_measured(&[strata::wire::frame(id, &body)]);
+        let (_, rows, claimed) = decode_measured(&[strata::schema::wire::frame(id, &body)]);
         prop_assert!(rows >= 2);
         prop_assert!(claimed < BUDGET, "claimed {} bytes", claimed);
     }

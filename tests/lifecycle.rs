@@ -56,11 +56,11 @@ async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
         values: produced.values.clone(),
         ..Default::default()
     };
-    let contents = strata::verify::read_table(setup.table_url())
+    let contents = strata::lake::verify::read_table(setup.table_url())
         .await
         .expect("read");
-    let lineage = strata::verify::lineage(&contents.batches).expect("lineage");
-    let report = strata::verify::exactly_once(lineage, prefix.good.iter().cloned());
+    let lineage = strata::lake::verify::lineage(&contents.batches).expect("lineage");
+    let report = strata::lake::verify::exactly_once(lineage, prefix.good.iter().cloned());
     assert!(report.is_exact(), "after SIGTERM: {report}");
 
     // The next replica finishes the job: exact.

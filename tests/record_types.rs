@@ -104,7 +104,7 @@ fn record(n: i64) -> (Kind, Vec<u8>) {
         }),
         13 => (Kind::Dead("decode_error"), {
             // A payment whose string length prefix claims 2^62 bytes.
-            let mut v = strata::wire::frame(10, &[]);
+            let mut v = strata::schema::wire::frame(10, &[]);
             v.push(2); // payment_id = 1
             v.extend_from_slice(&[0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01]);
             v.extend_from_slice(b"card");
@@ -147,7 +147,7 @@ async fn produce_mix(topic: &str, range: std::ops::Range<i64>) -> BTreeMap<i64, 
 
 /// Offsets and ids of the rows of table `name`, read back from the lake.
 async fn rows(setup: &Setup, name: &str, id_column: &str) -> Vec<(i64, i64)> {
-    let contents = strata::verify::read_table(setup.table_url_of(name))
+    let contents = strata::lake::verify::read_table(setup.table_url_of(name))
         .await
         .expect("read");
     let mut out = Vec::new();
@@ -300,11 +300,14 @@ async fn a_union_of_record_types_fills_one_table_per_branch() {
                 framed(30, &ours, Value::Union(0, Box::new(Value::Null))),
             ),
             8 => (Kind::Dead("decode_error"), {
-                let mut v = strata::wire::frame(30, &[14]); // branch 7 of 3
+                let mut v = strata::schema::wire::frame(30, &[14]); // branch 7 of 3
                 v.extend_from_slice(&[0; 8]);
                 v
             }),
-            _ => (Kind::Dead("decode_error"), strata::wire::frame(30, &[0x80])), // truncated index
+            _ => (
+                Kind::Dead("decode_error"),
+                strata::schema::wire::frame(30, &[0x80]),
+            ), // truncated index
         };
         values.push((kind, n, value));
     }

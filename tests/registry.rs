@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use strata::config::RegistrySource;
-use strata::registry::{ConfluentClient, RegistryError, SchemaRegistry};
+use strata::schema::registry::{ConfluentClient, RegistryError, SchemaRegistry};
 use tokio::net::TcpListener;
 
 /// Recorded from the Confluent Schema Registry API reference: `GET /schemas/ids/1`.

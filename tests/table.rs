@@ -3,9 +3,9 @@
 
 use deltalake::arrow::datatypes::{DataType, Field, Schema};
 use futures::StreamExt;
-use strata::commit::{CommitError, TableCommitter};
-use strata::decode::BatchDecoder;
 use strata::demo::{ORDER_V1, ORDER_V2};
+use strata::lake::commit::{CommitError, TableCommitter};
+use strata::silver::decode::BatchDecoder;
 
 async fn add_column_commits(url: &url::Url) -> usize {
     let table = deltalake::DeltaTable::try_from_url(url.clone())

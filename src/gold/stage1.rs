@@ -1,441 +1,677 @@
-//! Stage 1 of Gold: local pre-aggregation. Decoded rows of one source partition are assigned to
-//! their event-time windows and folded into one accumulator per (window, key), so what leaves a
-//! replica is bounded by the number of (window, key) pairs, not by the event rate. A Space-Saving
-//! sketch over the same rows names the hot keys of the epoch.
+//! Stage 1 of Gold as it runs in a replica: after the Gold source table commits a partition's
+//! offsets (prev, last], exactly those rows are one **epoch**. Stage 1 decides, row by row, which
+//! windows each row is late for (against that source partition's own watermark, carried from
+//! epoch to epoch), pre-aggregates the rest, sends the partials and a marker to every partials
+//! partition (idempotent producer, awaited), then commits the late rows to the late-events table
+//! with `txn` = `last` and the watermark after the epoch. That `txn` marks the epoch as sent.
+//!
+//! After a crash between the Silver commit (S) and the late commit (G < S), the next owner reads
+//! the epoch (G, S] again from Kafka (the pipeline routes those rows here, not to Silver, which
+//! holds them), starting from the watermark stored at G: the same rows, the same watermark, so the
+//! same partials with the same sequence numbers, which stage 2 recognises as replays.
+//!
+//! A caught-up source partition without records for the idle timeout moves its watermark with the
+//! clock (now minus the delay), commits it, and then marks every partials partition, so windows
+//! close when a partition goes quiet. Events it receives later behind that watermark are late.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
-use deltalake::arrow::datatypes::{
-    DataType, Float32Type, Float64Type, Int32Type, Int64Type, Schema, TimestampMicrosecondType,
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, Float64Array, RecordBatch, TimestampMicrosecondArray, UInt32Array,
 };
+use deltalake::arrow::compute::take_record_batch;
+use deltalake::arrow::datatypes::{
+    DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::aggregate::{Accumulator, Aggregate, Function, Input};
-use super::heavy::SpaceSaving;
-use super::partial::KeyValue;
-use super::window::WindowSpec;
+use super::core::epoch::{epoch_partials, key_bytes, preaggregate};
+use super::core::partial::{spec_fingerprint, Message};
+use super::core::preaggregate::GoldSpec;
+use super::core::watermark::{before_each, is_final};
+use crate::config::{Config, GoldConfig};
+use crate::kafka::admin::{Admin, Ensured, TopicError, TopicSpec};
+use crate::lake;
+use crate::lake::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
+use crate::lake::files::{FilePolicy, SilverError, SilverWriter};
+use crate::lake::OpenError;
+use crate::models::TopicPartition;
+use crate::ops::Metrics;
 
-/// What Gold computes.
+#[derive(Debug, thiserror::Error)]
+pub enum EmitError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("late-events table: {0}")]
+    Commit(#[from] CommitError),
+    #[error("late-events files: {0}")]
+    Files(#[from] SilverError),
+    #[error("{0}")]
+    Rows(String),
+}
+
+/// What Gold's table names are.
+pub fn gold_name(gold: &GoldConfig, source_table: &str) -> String {
+    gold.name
+        .clone()
+        .unwrap_or_else(|| format!("{source_table}_by_{}", gold.keys.join("_")))
+}
+
+/// A producer for the partials topic: idempotent and gapless, so a partition's messages arrive
+/// once each and in order (stage 2's replay detection relies on the order).
+pub fn partials_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
+    crate::kafka::producer_config(&config.brokers, &config.kafka_properties)
+        .set("enable.gapless.guarantee", "true")
+        .set("message.timeout.ms", "300000")
+        .create()
+}
+
+/// The partials topic's partition count, creating the topic when it is missing.
+pub async fn ensure_partials_topic(config: &Config, gold: &GoldConfig) -> Result<i32, TopicError> {
+    let admin = Admin::new(&config.brokers, &config.kafka_properties).map_err(|source| {
+        TopicError::Unavailable {
+            topic: gold.partials_topic.clone(),
+            source,
+        }
+    })?;
+    let spec = TopicSpec {
+        name: gold.partials_topic.clone(),
+        partitions: gold.partitions,
+        replication: Some(1),
+        config: Vec::new(),
+    };
+    let ensured = admin.ensure(&spec).await?;
+    if let Ensured::Created { partitions } = ensured {
+        tracing::info!(topic = %spec.name, partitions, "partials topic created");
+    }
+    Ok(ensured.partitions())
+}
+
+/// Sends `messages` in order (a queue-full is waited out, never reordered) and waits for every
+/// acknowledgement.
+pub async fn send_in_order(
+    producer: &FutureProducer,
+    topic: &str,
+    messages: Vec<(i32, Option<Vec<u8>>, Vec<u8>)>,
+) -> Result<(), KafkaError> {
+    let mut deliveries = Vec::with_capacity(messages.len());
+    for (partition, key, value) in &messages {
+        loop {
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(topic).partition(*partition).payload(value);
+            if let Some(key) = key {
+                record = record.key(key);
+            }
+            match producer.send_result(record) {
+                Ok(delivery) => {
+                    deliveries.push(delivery);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(e),
+            }
+        }
+    }
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(e),
+            Err(_) => return Err(KafkaError::Canceled),
+        }
+    }
+    Ok(())
+}
+
+/// The late-events table's extra columns.
+pub fn late_schema(silver: &Schema) -> SchemaRef {
+    let ts = DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into()));
+    let mut fields: Vec<Field> = silver.fields().iter().map(|f| f.as_ref().clone()).collect();
+    fields.push(Field::new("window_start", ts.clone(), false));
+    fields.push(Field::new("window_end", ts.clone(), false));
+    fields.push(Field::new("watermark", ts, false));
+    fields.push(Field::new("lateness_seconds", DataType::Float64, false));
+    Arc::new(Schema::new(fields))
+}
+
 #[derive(Debug, Clone)]
-pub struct GoldSpec {
-    pub key_fields: Vec<String>,
-    pub window: WindowSpec,
-    pub aggregates: Vec<Aggregate>,
-    pub event_time_field: String,
+struct SourceState {
+    /// Last offset whose epoch was sent (the late table's `txn`).
+    emitted: i64,
+    /// Watermark after `emitted` (microseconds; `None`: no event yet).
+    watermark: Option<i64>,
+    /// Silver holds up to here and the epoch (emitted, this] was not sent: it is read again.
+    replay_through: Option<i64>,
+    replay: Vec<RecordBatch>,
+    last_activity: Instant,
+    /// When the broker was last asked whether the partition is caught up.
+    last_check: Instant,
+    hot: usize,
 }
 
-impl GoldSpec {
-    /// Checks the spec against the Silver rows' schema: key fields must be strings or integers,
-    /// numeric aggregates need numbers, event time a timestamp. Errors name the field.
-    pub fn check(&self, schema: &Schema) -> Result<(), String> {
-        let field = |name: &str| {
-            schema
-                .field_with_name(name)
-                .map_err(|_| format!("field {name} is not in the table"))
-        };
-        for key in &self.key_fields {
-            let f = field(key)?;
-            if !matches!(
-                f.data_type(),
-                DataType::Utf8 | DataType::Int32 | DataType::Int64
-            ) {
-                return Err(format!(
-                    "STRATA_GOLD_KEY field {key} has type {}, expected a string or an integer",
-                    f.data_type()
-                ));
-            }
-        }
-        for aggregate in &self.aggregates {
-            let Some(name) = &aggregate.field else {
-                continue;
-            };
-            let f = field(name)?;
-            let numeric = matches!(
-                f.data_type(),
-                DataType::Int32 | DataType::Int64 | DataType::Float32 | DataType::Float64
-            );
-            if aggregate.numeric() && !numeric {
-                return Err(format!(
-                    "{aggregate} needs a number, field {name} has type {}",
-                    f.data_type()
-                ));
-            }
-            if aggregate.function == Function::ApproxDistinct
-                && !numeric
-                && !matches!(f.data_type(), DataType::Utf8 | DataType::Binary)
-            {
-                return Err(format!(
-                    "{aggregate}: field {name} has type {}, expected a string, bytes or a number",
-                    f.data_type()
-                ));
-            }
-        }
-        match field(&self.event_time_field)?.data_type() {
-            DataType::Timestamp(_, _) => Ok(()),
-            other => Err(format!(
-                "event time field {} has type {other}",
-                self.event_time_field
-            )),
-        }
-    }
+struct Epoch {
+    tp: TopicPartition,
+    end: i64,
+    batches: Vec<RecordBatch>,
 }
 
-/// The pre-aggregated state of one source partition's epoch.
-#[derive(Debug)]
-pub struct PreAggregator {
-    keys: HashMap<Vec<KeyValue>, u32>,
-    key_list: Vec<Vec<KeyValue>>,
-    groups: HashMap<(i64, u32, u16), Accumulator>,
-    /// Hot keys (by id) and the turn of their next event: events of a hot key take the salts
-    /// 1..=`salts` in turn, so its load spreads evenly over `salts` sub-keys.
-    salted: HashMap<u32, u64>,
-    salts: u16,
+/// One epoch's computed output.
+struct Computed {
+    messages: Vec<(i32, Option<Vec<u8>>, Vec<u8>)>,
+    late: Option<RecordBatch>,
+    watermark: Option<i64>,
     events: u64,
+    hot: usize,
+    load: BTreeMap<i32, (u64, u64)>,
+    salted: u64,
 }
 
-impl Default for PreAggregator {
-    fn default() -> Self {
-        Self::new()
-    }
+pub struct Emitter {
+    spec: GoldSpec,
+    salting: Option<super::core::epoch::Salting>,
+    delay: i64,
+    lateness: i64,
+    idle_timeout: Duration,
+    fingerprint: u64,
+    topic: String,
+    partitions: i32,
+    producer: FutureProducer,
+    late: TableCommitter,
+    late_writer: SilverWriter,
+    late_schema: SchemaRef,
+    sources: HashMap<TopicPartition, SourceState>,
+    pending: Vec<Epoch>,
+    metrics: Arc<Metrics>,
+    /// Index of the Silver table Gold reads.
+    pub table: usize,
 }
 
-impl PreAggregator {
-    pub fn new() -> Self {
-        Self {
-            keys: HashMap::new(),
-            key_list: Vec::new(),
-            groups: HashMap::new(),
-            salted: HashMap::new(),
-            salts: 1,
-            events: 0,
-        }
-    }
+fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
 
-    pub fn events(&self) -> u64 {
-        self.events
-    }
-
-    fn id_of(&mut self, key: Vec<KeyValue>) -> u32 {
-        match self.keys.get(&key) {
-            Some(id) => *id,
-            None => {
-                let id = self.key_list.len() as u32;
-                self.keys.insert(key.clone(), id);
-                self.key_list.push(key);
-                id
-            }
-        }
-    }
-
-    /// Salts `hot` keys: their events take the salts 1..=`salts` in turn, the first one `start`
-    /// (fixed by source partition and epoch, so a replay salts identically). Call before folding.
-    pub fn salt(&mut self, hot: Vec<Vec<KeyValue>>, salts: u16, start: u64) {
-        if salts < 2 {
-            return;
-        }
-        self.salts = salts;
-        for key in hot {
-            let id = self.id_of(key);
-            self.salted.insert(id, start);
-        }
-    }
-
-    /// Hot keys of `batches` without folding them: keys holding at least `share` of the rows (and
-    /// at least `min_events`), by a Space-Saving sketch of `capacity` keys.
-    pub fn scan_hot(
-        spec: &GoldSpec,
-        batches: &[RecordBatch],
-        capacity: usize,
-        share: f64,
-        min_events: u64,
-    ) -> Result<Vec<Vec<KeyValue>>, String> {
-        let mut ids: HashMap<Vec<KeyValue>, u32> = HashMap::new();
-        let mut list: Vec<Vec<KeyValue>> = Vec::new();
-        let mut heavy = SpaceSaving::new(capacity);
-        for batch in batches {
-            let keys: Vec<&ArrayRef> = spec
-                .key_fields
-                .iter()
-                .map(|k| {
-                    batch
-                        .column_by_name(k)
-                        .ok_or_else(|| format!("column {k} missing"))
-                })
-                .collect::<Result<_, _>>()?;
-            for row in 0..batch.num_rows() {
-                let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
-                let id = match ids.get(&key) {
-                    Some(id) => *id,
-                    None => {
-                        let id = list.len() as u32;
-                        ids.insert(key.clone(), id);
-                        list.push(key);
-                        id
-                    }
-                };
-                heavy.add(&id.to_le_bytes(), 1);
-            }
-        }
-        Ok(heavy
-            .hot(share)
-            .into_iter()
-            .filter(|(_, count)| *count >= min_events)
-            .filter_map(|(id, _)| {
-                let id = u32::from_le_bytes(id.try_into().ok()?);
-                list.get(id as usize).cloned()
-            })
-            .collect())
-    }
-
-    pub fn groups(&self) -> usize {
-        self.groups.len()
-    }
-
-    /// Folds the rows of `batch` (Silver rows). `keep(row, event time, window start)` says whether
-    /// the row counts in that window (a window it is late for is set apart by the caller); a row
-    /// kept in no window is not folded. Returns the rows folded.
-    pub fn add_batch(
-        &mut self,
-        spec: &GoldSpec,
-        batch: &RecordBatch,
-        mut keep: impl FnMut(usize, i64, i64) -> bool,
-    ) -> Result<usize, String> {
-        let column = |name: &str| -> Result<&ArrayRef, String> {
-            batch
-                .column_by_name(name)
-                .ok_or_else(|| format!("column {name} missing"))
+impl Emitter {
+    /// Opens the late-events table and the partials topic. `silver` is the Gold source table's
+    /// row schema; an unusable spec (a key or aggregate field it lacks, too many salts) is a
+    /// `Schema` error naming it, an unreachable broker or lake a `Storage` one (worth retrying).
+    pub async fn open(
+        config: &Config,
+        gold: &GoldConfig,
+        table: usize,
+        table_name: &str,
+        silver: &Schema,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, OpenError> {
+        let spec = GoldSpec {
+            key_fields: gold.keys.clone(),
+            window: gold.window,
+            aggregates: gold.aggregates.clone(),
+            event_time_field: config.event_time_field.clone(),
         };
-        let times = column(&spec.event_time_field)?
-            .as_primitive_opt::<TimestampMicrosecondType>()
-            .ok_or("event time is not a microsecond timestamp")?;
-        let keys: Vec<&ArrayRef> = spec
-            .key_fields
-            .iter()
-            .map(|k| column(k))
-            .collect::<Result<_, _>>()?;
-        let inputs: Vec<Option<&ArrayRef>> = spec
-            .aggregates
-            .iter()
-            .map(|a| a.field.as_deref().map(column).transpose())
-            .collect::<Result<_, _>>()?;
-        let mut folded = 0;
-        let mut row_inputs: Vec<Input<'_>> = Vec::with_capacity(inputs.len());
-        let mut starts: Vec<i64> = Vec::new();
-        for row in 0..batch.num_rows() {
-            if times.is_null(row) {
-                continue;
+        spec.check(silver).map_err(|e| {
+            OpenError::Schema(format!(
+                "STRATA_GOLD_KEY/STRATA_GOLD_AGGREGATES on table {table_name}: {e}"
+            ))
+        })?;
+        let producer = partials_producer(config)
+            .map_err(|e| OpenError::Schema(format!("partials producer: {e}")))?;
+        let partitions = ensure_partials_topic(config, gold).await.map_err(|e| {
+            OpenError::Storage(format!("partials topic {}: {e}", gold.partials_topic))
+        })?;
+        if let Some(s) = gold.salting {
+            if i32::from(s.salts) >= partitions {
+                return Err(OpenError::Schema(format!(
+                    "STRATA_HOT_KEY_SALTS={} must be below the partition count of {} ({partitions})",
+                    s.salts, gold.partials_topic
+                )));
             }
-            let t = times.value(row);
-            starts.clear();
-            starts.extend(spec.window.starts(t).filter(|start| keep(row, t, *start)));
-            if starts.is_empty() {
-                continue;
-            }
-            let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
-            let id = self.id_of(key);
-            let salt = match self.salted.get_mut(&id) {
-                Some(turn) => {
-                    let salt = 1 + (*turn % u64::from(self.salts)) as u16;
-                    *turn += 1;
-                    salt
+        }
+        metrics.gold().initialize(partitions);
+        let name = format!("{}_late", gold_name(gold, table_name));
+        let schema = late_schema(silver);
+        let url = lake::table_url(&config.lake_url, "gold", &name)
+            .map_err(|e| OpenError::Schema(e.to_string()))?;
+        let delta = lake::open_or_create(url, &schema, &name)
+            .await
+            .map_err(|e| OpenError::Storage(format!("late-events table {name}: {e}")))?;
+        let store = delta.object_store();
+        let late = TableCommitter::new(
+            delta,
+            &format!("{}-gold", config.group_id),
+            config.commit_retries,
+        );
+        let late_writer = SilverWriter::new(
+            schema.clone(),
+            &config.event_time_field,
+            FilePolicy::from_config(config),
+            store,
+        );
+        Ok(Self {
+            fingerprint: spec_fingerprint(&spec.aggregates, &spec.key_fields),
+            spec,
+            salting: gold.salting,
+            delay: micros(gold.watermark_delay),
+            lateness: micros(gold.allowed_lateness),
+            idle_timeout: gold.idle_timeout,
+            topic: gold.partials_topic.clone(),
+            partitions,
+            producer,
+            late,
+            late_writer,
+            late_schema: schema,
+            sources: HashMap::new(),
+            pending: Vec::new(),
+            metrics,
+            table,
+        })
+    }
+
+    /// Takes over `partitions`: reads what was sent (the late table's `txn`) and the watermark
+    /// stored with it. A partition Gold never saw starts where Silver stands (`silver`): Gold of a
+    /// pipeline that ran without it begins now, not with a replay of the whole history.
+    pub async fn claim(
+        &mut self,
+        partitions: &[TopicPartition],
+        silver: &(dyn Fn(&TopicPartition) -> Option<i64> + Sync),
+    ) -> Result<(), CommitError> {
+        for _ in 0..10 {
+            let claimed = self.late.claim(partitions).await?;
+            let mut fresh = BTreeMap::new();
+            for (tp, stored) in &claimed {
+                if stored.is_none() {
+                    fresh.insert(tp.clone(), silver(tp).unwrap_or(-1));
                 }
-                None => 0,
-            };
-            row_inputs.clear();
-            for input in &inputs {
-                row_inputs.push(match input {
-                    None => Input::Null,
-                    Some(c) if c.is_null(row) => Input::Null,
-                    Some(c) => match c.data_type() {
-                        DataType::Utf8 => Input::Bytes(c.as_string::<i32>().value(row).as_bytes()),
-                        DataType::Binary => Input::Bytes(c.as_binary::<i32>().value(row)),
-                        DataType::Int32 => {
-                            Input::Int(i64::from(c.as_primitive::<Int32Type>().value(row)))
-                        }
-                        DataType::Int64 => Input::Int(c.as_primitive::<Int64Type>().value(row)),
-                        _ => number(c, row).map_or(Input::Null, Input::Number),
+            }
+            if !fresh.is_empty() {
+                match self.late.commit(Vec::new(), &fresh).await? {
+                    CommitOutcome::Committed { .. } => {}
+                    // Another replica started the same partition first: read again.
+                    CommitOutcome::Fenced(_) => continue,
+                }
+            }
+            for (tp, stored) in claimed {
+                let emitted = stored.or_else(|| fresh.get(&tp).copied()).unwrap_or(-1);
+                let app = self.late.side_app_id("watermark", &tp);
+                let watermark = self.late.stored(&app).await?;
+                let through = silver(&tp).filter(|s| *s > emitted);
+                if let Some(s) = through {
+                    tracing::info!(partition = %tp, from = emitted + 1, through = s, "Gold epoch committed to Silver but not sent: reading it again");
+                }
+                self.sources.insert(
+                    tp,
+                    SourceState {
+                        emitted,
+                        watermark,
+                        replay_through: through,
+                        replay: Vec::new(),
+                        last_activity: Instant::now(),
+                        last_check: Instant::now(),
+                        hot: 0,
                     },
+                );
+            }
+            return Ok(());
+        }
+        Err(CommitError::TooManyConflicts(10))
+    }
+
+    /// The last offset whose epoch was sent: the partition must be read from after it.
+    pub fn resume_after(&self, tp: &TopicPartition) -> Option<i64> {
+        self.sources.get(tp).map(|s| s.emitted)
+    }
+
+    /// Whether the Silver-held record at `offset` belongs to an epoch that must be sent again.
+    pub fn wants_replay(&self, tp: &TopicPartition, offset: i64) -> bool {
+        self.sources
+            .get(tp)
+            .is_some_and(|s| offset > s.emitted && s.replay_through.is_some_and(|t| offset <= t))
+    }
+
+    pub fn push_replay(&mut self, tp: &TopicPartition, batch: RecordBatch) {
+        if let Some(s) = self.sources.get_mut(tp) {
+            s.replay.push(batch);
+        }
+    }
+
+    /// After a chunk: once the partition is read past the unsent epoch, it is queued to send.
+    /// Returns whether something was queued.
+    pub fn replay_read(&mut self, tp: &TopicPartition, position: i64) -> bool {
+        let Some(s) = self.sources.get_mut(tp) else {
+            return false;
+        };
+        match s.replay_through {
+            Some(through) if position > through => {
+                let batches = std::mem::take(&mut s.replay);
+                s.replay_through = None;
+                self.pending.push(Epoch {
+                    tp: tp.clone(),
+                    end: through,
+                    batches,
                 });
+                true
             }
-            for start in &starts {
-                self.groups
-                    .entry((*start, id, salt))
-                    .or_insert_with(|| Accumulator::new(&spec.aggregates))
-                    .add(&row_inputs);
-            }
-            self.events += 1;
-            folded += 1;
+            _ => false,
         }
-        Ok(folded)
     }
 
-    /// The (window start, key, salt, accumulator) groups, in a deterministic order (window, key,
-    /// salt), so a replay of the same rows emits the same partials in the same order.
-    pub fn into_groups(self) -> Vec<(i64, Vec<KeyValue>, u16, Accumulator)> {
-        let mut out: Vec<(i64, Vec<KeyValue>, u16, Accumulator)> = self
-            .groups
-            .into_iter()
-            .map(|((start, id, salt), acc)| (start, self.key_list[id as usize].clone(), salt, acc))
-            .collect();
-        out.sort_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then_with(|| a.1.cmp(&b.1))
-                .then_with(|| a.2.cmp(&b.2))
-        });
-        out
+    /// Records arrived for `tp` (it is not idle).
+    pub fn active(&mut self, tp: &TopicPartition) {
+        if let Some(s) = self.sources.get_mut(tp) {
+            s.last_activity = Instant::now();
+        }
     }
-}
 
-fn key_value(column: &ArrayRef, row: usize) -> KeyValue {
-    if column.is_null(row) {
-        return KeyValue::Null;
+    /// The Gold source table committed (prev, `end`] of `tp` holding `batches`: an epoch to send.
+    pub fn committed(&mut self, tp: &TopicPartition, end: i64, batches: Vec<RecordBatch>) {
+        if self.sources.get(tp).is_some_and(|s| end > s.emitted) {
+            self.pending.push(Epoch {
+                tp: tp.clone(),
+                end,
+                batches,
+            });
+        }
     }
-    match column.data_type() {
-        DataType::Utf8 => KeyValue::Str(column.as_string::<i32>().value(row).to_string()),
-        DataType::Int32 => KeyValue::Int(i64::from(column.as_primitive::<Int32Type>().value(row))),
-        DataType::Int64 => KeyValue::Int(column.as_primitive::<Int64Type>().value(row)),
-        _ => KeyValue::Null,
+
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
     }
-}
 
-fn number(column: &ArrayRef, row: usize) -> Option<f64> {
-    Some(match column.data_type() {
-        DataType::Float32 => f64::from(column.as_primitive::<Float32Type>().value(row)),
-        DataType::Float64 => column.as_primitive::<Float64Type>().value(row),
-        _ => return None,
-    })
-}
+    /// Forgets a partition (revoked, lost, fenced): its unsent epochs are dropped (the next owner
+    /// reads them again from the tables' progress).
+    pub fn release(&mut self, tp: &TopicPartition) {
+        self.sources.remove(tp);
+        self.pending.retain(|e| &e.tp != tp);
+        self.late.release(std::slice::from_ref(tp));
+    }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::gold::aggregate::{parse_aggregates, Output};
-    use deltalake::arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
-    use deltalake::arrow::datatypes::{Field, TimeUnit};
-    use proptest::prelude::*;
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-
-    fn spec(window: &str) -> GoldSpec {
-        GoldSpec {
-            key_fields: vec!["customer".into()],
-            window: window.parse().expect("window"),
-            aggregates: parse_aggregates(
-                "count, sum(amount), min(amount), max(amount), avg(amount)",
+    /// Computes one epoch from the watermark `start`.
+    fn compute(&self, epoch: &Epoch, start: Option<i64>) -> Result<Computed, String> {
+        let window = self.spec.window;
+        // The watermark each row meets: the one after the rows before it (in offset order).
+        let mut watermark = start;
+        let mut before: Vec<Vec<Option<i64>>> = Vec::with_capacity(epoch.batches.len());
+        for batch in &epoch.batches {
+            let times = batch
+                .column_by_name(&self.spec.event_time_field)
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                .ok_or("event time column missing")?;
+            let rows =
+                (0..batch.num_rows()).map(|row| (!times.is_null(row)).then(|| times.value(row)));
+            let (rows, after) = before_each(watermark, rows, self.delay);
+            before.push(rows);
+            watermark = after;
+        }
+        let mut late: Vec<Vec<(u32, i64)>> = vec![Vec::new(); epoch.batches.len()];
+        let (pre, hot) = preaggregate(
+            &self.spec,
+            &epoch.batches,
+            &epoch.tp,
+            epoch.end,
+            self.salting,
+            |batch, row, _, start| {
+                let open = !is_final(window.end(start), self.lateness, before[batch][row]);
+                if !open {
+                    late[batch].push((row as u32, start));
+                }
+                open
+            },
+        )?;
+        let mut late_parts: Vec<RecordBatch> = Vec::new();
+        for (index, pairs) in late.iter().enumerate() {
+            if !pairs.is_empty() {
+                late_parts.push(
+                    self.late_rows(&epoch.batches[index], pairs, &before[index])
+                        .map_err(|e| e.to_string())?,
+                );
+            }
+        }
+        let events = pre.events();
+        let partials = epoch_partials(pre, &epoch.tp, epoch.end, self.partitions);
+        let mut load: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
+        let mut salted = 0;
+        let mut messages = Vec::with_capacity(partials.len() + self.partitions as usize);
+        for (partition, partial) in partials {
+            let entry = load.entry(partition).or_default();
+            entry.0 += 1;
+            entry.1 += partial.accumulator.events();
+            if partial.salt != 0 {
+                salted += 1;
+            }
+            let key = key_bytes(&partial.key, partial.salt);
+            messages.push((partition, Some(key), partial.encode(self.fingerprint)));
+        }
+        let marker = Message::Marker {
+            source_topic: epoch.tp.topic.to_string(),
+            source_partition: epoch.tp.partition,
+            epoch_end: epoch.end,
+            watermark: watermark.unwrap_or(i64::MIN),
+        }
+        .encode(self.fingerprint);
+        for partition in 0..self.partitions {
+            messages.push((partition, None, marker.clone()));
+        }
+        let late = if late_parts.is_empty() {
+            None
+        } else {
+            Some(
+                deltalake::arrow::compute::concat_batches(&late_parts[0].schema(), &late_parts)
+                    .map_err(|e| e.to_string())?,
             )
-            .expect("aggregates"),
-            event_time_field: "event_time".into(),
+        };
+        Ok(Computed {
+            messages,
+            late,
+            watermark,
+            events,
+            hot,
+            load,
+            salted,
+        })
+    }
+
+    /// The late rows of `batch`: the row, the window it missed, the watermark it met and by how
+    /// much the window was already final.
+    fn late_rows(
+        &self,
+        batch: &RecordBatch,
+        late: &[(u32, i64)],
+        before: &[Option<i64>],
+    ) -> Result<RecordBatch, deltalake::arrow::error::ArrowError> {
+        let indices = UInt32Array::from_iter_values(late.iter().map(|(row, _)| *row));
+        let rows = take_record_batch(batch, &indices)?;
+        let window = self.spec.window;
+        let watermarks: Vec<i64> = late
+            .iter()
+            .map(|(row, _)| before[*row as usize].unwrap_or(i64::MIN))
+            .collect();
+        let mut fields: Vec<Field> = rows
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        let mut columns: Vec<ArrayRef> = rows.columns().to_vec();
+        let ts = |values: Vec<i64>| -> ArrayRef {
+            Arc::new(TimestampMicrosecondArray::from(values).with_timezone("UTC"))
+        };
+        let extra = self.late_schema.fields();
+        let n = extra.len();
+        for field in extra.iter().skip(n - 4) {
+            fields.push(field.as_ref().clone());
+        }
+        columns.push(ts(late.iter().map(|(_, s)| *s).collect()));
+        columns.push(ts(late.iter().map(|(_, s)| window.end(*s)).collect()));
+        columns.push(ts(watermarks.clone()));
+        columns.push(Arc::new(Float64Array::from_iter_values(
+            late.iter().zip(&watermarks).map(|((_, s), w)| {
+                w.saturating_sub(window.end(*s).saturating_add(self.lateness)) as f64 / 1e6
+            }),
+        )));
+        RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
+    }
+
+    /// Sends every queued epoch and commits them to the late table. On a fence, those partitions'
+    /// epochs are dropped and returned (the caller re-reads them from the tables' progress).
+    pub async fn send(&mut self) -> Result<Vec<Fenced>, EmitError> {
+        if self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        // Each partition's epochs in order, each from the watermark the previous one left.
+        let mut watermarks: HashMap<TopicPartition, Option<i64>> = HashMap::new();
+        let mut messages = Vec::new();
+        let mut late = Vec::new();
+        let mut computed_all = Vec::new();
+        for epoch in &self.pending {
+            let start = match watermarks.get(&epoch.tp) {
+                Some(w) => *w,
+                None => self.sources.get(&epoch.tp).and_then(|s| s.watermark),
+            };
+            let mut computed = self.compute(epoch, start).map_err(EmitError::Rows)?;
+            watermarks.insert(epoch.tp.clone(), computed.watermark);
+            messages.append(&mut computed.messages);
+            if let Some(rows) = &computed.late {
+                late.push(rows.clone());
+            }
+            computed_all.push((epoch.tp.clone(), epoch.end, computed));
+        }
+        send_in_order(&self.producer, &self.topic, messages).await?;
+        crate::failpoint!("after_gold_send");
+        let files = self.late_writer.write(&late).await?;
+        let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for (tp, end, _) in &computed_all {
+            last.insert(tp.clone(), *end);
+        }
+        let extra: Vec<(String, i64)> = watermarks
+            .iter()
+            .filter_map(|(tp, w)| w.map(|w| (self.late.side_app_id("watermark", tp), w)))
+            .collect();
+        match self.late.commit_with(files, &last, &extra).await? {
+            CommitOutcome::Fenced(fenced) => {
+                for f in &fenced {
+                    self.release(&f.partition);
+                }
+                Ok(fenced)
+            }
+            CommitOutcome::Committed { .. } => {
+                let gold = self.metrics.gold();
+                let mut hot = 0;
+                for (tp, end, computed) in computed_all {
+                    let late = computed.late.as_ref().map_or(0, |r| r.num_rows() as u64);
+                    gold.epoch_sent(computed.events, computed.salted, late, computed.load);
+                    if let Some(s) = self.sources.get_mut(&tp) {
+                        s.emitted = end;
+                        s.watermark = computed.watermark;
+                        s.hot = computed.hot;
+                    }
+                }
+                for s in self.sources.values() {
+                    hot += s.hot;
+                }
+                gold.hot_keys(hot);
+                self.pending.clear();
+                self.report_watermark();
+                Ok(Vec::new())
+            }
         }
     }
 
-    /// Silver-like rows (customer, amount, event time) for the Gold tests.
-    pub(crate) fn orders_batch(rows: &[(String, f64, i64)]) -> RecordBatch {
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("customer", DataType::Utf8, false),
-            Field::new("amount", DataType::Float64, true),
-            Field::new(
-                "event_time",
-                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
-                false,
-            ),
-        ]));
-        RecordBatch::try_new(
-            schema,
-            vec![
-                Arc::new(StringArray::from_iter_values(
-                    rows.iter().map(|r| r.0.clone()),
-                )),
-                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
-                Arc::new(
-                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.2))
-                        .with_timezone("UTC"),
-                ),
-            ],
-        )
-        .expect("batch")
+    fn report_watermark(&self) {
+        let lowest = self.sources.values().filter_map(|s| s.watermark).min();
+        if let Some(w) = lowest {
+            self.metrics.gold().source_watermark(w);
+        }
     }
 
-    fn batch(rows: &[(u8, f64, i64)]) -> RecordBatch {
-        let named: Vec<(String, f64, i64)> = rows
+    /// Moves the watermark of caught-up partitions that had no records for the idle timeout to
+    /// the clock (now minus the delay), commits it, then marks every partials partition.
+    /// `next` holds the next offset of each partition with nothing buffered; a partition is caught
+    /// up when the broker's high watermark (asked on the producer's connection, only for
+    /// candidates, at most once per idle timeout) is not beyond it.
+    pub async fn idle(
+        &mut self,
+        next: &HashMap<TopicPartition, Option<i64>>,
+    ) -> Result<Vec<Fenced>, EmitError> {
+        if !self.pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let now = chrono::Utc::now()
+            .timestamp_micros()
+            .saturating_sub(self.delay);
+        let candidates: Vec<(TopicPartition, Option<i64>)> = self
+            .sources
             .iter()
-            .map(|(c, a, t)| (format!("c{c}"), *a, *t))
+            .filter(|(_, s)| {
+                s.replay_through.is_none()
+                    && s.last_activity.elapsed() >= self.idle_timeout
+                    && s.last_check.elapsed() >= self.idle_timeout
+                    && s.watermark.is_none_or(|w| w < now)
+            })
+            .filter_map(|(tp, _)| next.get(tp).map(|n| (tp.clone(), *n)))
             .collect();
-        orders_batch(&named)
-    }
-
-    #[test]
-    fn spec_is_checked_against_the_table() {
-        let b = batch(&[]);
-        assert!(spec("1m").check(&b.schema()).is_ok());
-        let mut wrong = spec("1m");
-        wrong.aggregates = parse_aggregates("sum(customer)").expect("aggregates");
-        assert!(wrong
-            .check(&b.schema())
-            .expect_err("not a number")
-            .contains("customer"));
-        wrong.key_fields = vec!["nope".into()];
-        assert!(wrong.check(&b.schema()).is_err());
-    }
-
-    proptest! {
-        /// Pre-aggregation equals computing each (window, key) from its events one by one.
-        #[test]
-        fn preaggregation_equals_per_event_computation(
-            rows in prop::collection::vec((0u8..6, -1e4f64..1e4, 0i64..600_000_000), 0..400),
-            hopping in any::<bool>(),
-        ) {
-            let spec = spec(if hopping { "2m every 1m" } else { "1m" });
-            let mut pre = PreAggregator::new();
-            let folded = pre.add_batch(&spec, &batch(&rows), |_, _, _| true).expect("fold");
-            prop_assert_eq!(folded, rows.len());
-            let mut expected: BTreeMap<(i64, String), (u64, Vec<f64>)> = BTreeMap::new();
-            for (c, amount, t) in &rows {
-                for start in spec.window.starts(*t) {
-                    let e = expected.entry((start, format!("c{c}"))).or_default();
-                    e.0 += 1;
-                    e.1.push(*amount);
+        let mut idle = Vec::new();
+        for (tp, next) in candidates {
+            if let Some(s) = self.sources.get_mut(&tp) {
+                s.last_check = Instant::now();
+            }
+            let producer = self.producer.clone();
+            let (topic, partition) = (tp.topic.to_string(), tp.partition);
+            let marks = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+            })
+            .await;
+            if let Ok(Ok((low, high))) = marks {
+                if next.is_some_and(|n| n >= high) || low == high {
+                    idle.push(tp);
                 }
             }
-            let groups = pre.into_groups();
-            prop_assert_eq!(groups.len(), expected.len());
-            for (start, key, _, acc) in groups {
-                let KeyValue::Str(name) = &key[0] else { panic!("string key") };
-                let (count, amounts) = &expected[&(start, name.clone())];
-                let out = acc.finish();
-                prop_assert_eq!(out[0], Output::Int(*count as i64));
-                let mut exact = crate::gold::aggregate::ExactSum::default();
-                amounts.iter().for_each(|a| exact.add(*a));
-                prop_assert_eq!(out[1], Output::Float(Some(exact.value())));
-                let min = amounts.iter().copied().fold(f64::INFINITY, f64::min);
-                let max = amounts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                prop_assert_eq!(out[2], Output::Float(Some(min)));
-                prop_assert_eq!(out[3], Output::Float(Some(max)));
-                prop_assert_eq!(out[4], Output::Float(Some(exact.value() / *count as f64)));
+        }
+        if idle.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = BTreeMap::new();
+        let mut extra = Vec::new();
+        for tp in &idle {
+            if let Some(s) = self.sources.get(tp) {
+                last.insert(tp.clone(), s.emitted);
+                extra.push((self.late.side_app_id("watermark", tp), now));
             }
         }
-    }
-
-    #[test]
-    fn hot_keys_of_an_epoch() {
-        let rows: Vec<(u8, f64, i64)> = (0..1_000)
-            .map(|i| {
-                (
-                    if i % 5 < 2 { 0 } else { 1 + (i % 50) as u8 },
-                    1.0,
-                    i as i64,
-                )
-            })
-            .collect();
-        let rows = [batch(&rows)];
-        assert_eq!(
-            PreAggregator::scan_hot(&spec("1m"), &rows, 16, 0.2, 10).expect("scan"),
-            vec![vec![KeyValue::Str("c0".into())]]
-        );
-        assert!(
-            PreAggregator::scan_hot(&spec("1m"), &rows, 16, 0.2, 10_000)
-                .expect("scan")
-                .is_empty(),
-            "too few events to salt"
-        );
+        if let CommitOutcome::Fenced(fenced) =
+            self.late.commit_with(Vec::new(), &last, &extra).await?
+        {
+            for f in &fenced {
+                self.release(&f.partition);
+            }
+            return Ok(fenced);
+        }
+        let mut messages = Vec::new();
+        for tp in &idle {
+            let Some(s) = self.sources.get_mut(tp) else {
+                continue;
+            };
+            s.watermark = Some(now);
+            s.last_activity = Instant::now();
+            s.hot = 0;
+            tracing::debug!(partition = %tp, watermark = now, "idle source partition: watermark follows the clock");
+            let marker = Message::Marker {
+                source_topic: tp.topic.to_string(),
+                source_partition: tp.partition,
+                epoch_end: s.emitted,
+                watermark: now,
+            }
+            .encode(self.fingerprint);
+            for partition in 0..self.partitions {
+                messages.push((partition, None, marker.clone()));
+            }
+        }
+        send_in_order(&self.producer, &self.topic, messages).await?;
+        self.report_watermark();
+        Ok(Vec::new())
     }
 }

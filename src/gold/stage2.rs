@@ -1,412 +1,547 @@
-//! Stage 2 of Gold for one partials partition: merges partials per (window, key, salt), drops what
-//! a replay of stage 1 sends again (per source partition, partials arrive in order, so a high-water
-//! mark of (epoch end, sequence) recognises them), follows each source partition's watermark from
-//! the markers stage 1 sends after every epoch, and closes a window once the watermark passes its
-//! end plus the allowed lateness. Pure: the caller consumes, commits and writes.
+//! Stage 2 of Gold as it runs in a replica: a second consumer group (`<group>-gold`) on the
+//! partials topic. Each owned partials partition has a [`PartitionMerge`]; its sub-results and
+//! closed announcements are sent (and acknowledged) after every chunk. Final rows are committed to
+//! `<lake>/gold/<name>` with a `txn` per partials partition = the last offset handled, and the
+//! partition's whole merge state is stored beside the table first, under
+//! `_strata_state/<topic>/<partition>/<offset>.bin`. A new owner restores the state of the committed
+//! offset and reads on from there, so every row is committed once, by the same rule as Silver.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use super::aggregate::{Accumulator, Aggregate};
-use super::partial::{KeyValue, Partial};
-use super::window::WindowSpec;
+use deltalake::{ObjectStore, Path};
+use object_store::ObjectStoreExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
-/// A source partition (topic, partition).
-pub type Source = (String, i32);
+use super::core::aggregate::Output;
+use super::core::closing::{Closed, Source as SourcePartition};
+use super::core::merge::PartitionMerge;
+use super::core::output::{gold_rows, gold_schema, KeyType};
+use super::core::partial::{spec_fingerprint, KeyValue, Message};
+use super::stage1::{gold_name, partials_producer, send_in_order};
+use crate::config::{Config, GoldConfig};
+use crate::kafka::admin::Admin;
+use crate::kafka::consumer::{Source, SourceCommand, SourceEvent, SourceSettings};
+use crate::lake;
+use crate::lake::commit::{CommitOutcome, Fenced, TableCommitter};
+use crate::lake::files::{FilePolicy, SilverWriter};
+use crate::models::TopicPartition;
+use crate::ops::Metrics;
+use crate::retry::Backoff;
 
-/// What became of an offered partial.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Offered {
-    Merged,
-    /// Already merged (a replay of stage 1): dropped.
-    Duplicate,
-    /// Its window is closed already: the caller routes it to the late table.
-    WindowClosed,
-}
+/// Gold rows kept in memory for the summary (the demo prints the top keys per window).
+const SUMMARY_ROWS: usize = 100_000;
 
-/// A closed window's result for one key (and salt; 0 when not salted).
+/// A committed Gold row, for summaries.
 #[derive(Debug, Clone)]
-pub struct Closed {
+pub struct GoldRow {
     pub window_start: i64,
     pub window_end: i64,
     pub key: Vec<KeyValue>,
-    pub salt: u16,
-    pub accumulator: Accumulator,
+    pub values: Vec<Output>,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Mark {
-    watermark: i64,
-    idle: bool,
+/// What stage 2 did in this run.
+#[derive(Debug, Default, Clone)]
+pub struct GoldSummary {
+    pub rows: Vec<GoldRow>,
+    pub rows_committed: u64,
+    pub commits: u64,
+    pub duplicates: u64,
+    pub forwarded: u64,
 }
 
-#[derive(Debug)]
-pub struct Merger {
-    window: WindowSpec,
-    lateness: i64,
-    aggregates: Vec<Aggregate>,
-    open: BTreeMap<(i64, Vec<KeyValue>, u16), Accumulator>,
-    seen: HashMap<Source, (i64, u32)>,
-    marks: HashMap<Source, Mark>,
-    /// Windows whose end + lateness is at or below this are closed.
-    closed_through: Option<i64>,
-    /// Source partitions that must have marked before any window closes (all partitions of the
-    /// Bronze topics): a source not heard from yet could still send partials for any window.
-    expected: Vec<Source>,
+struct Part {
+    merge: PartitionMerge,
+    /// Records below this offset were handled already.
+    next: Option<i64>,
+    /// Last offset handled and not committed.
+    pending: Option<i64>,
+    rows: Vec<Closed>,
+    /// The snapshot file of the committed state (deleted when a newer one commits).
+    committed_state: Option<Path>,
+    awaiting_reseek: bool,
 }
 
-impl Merger {
-    pub fn new(window: WindowSpec, allowed_lateness: i64, aggregates: Vec<Aggregate>) -> Self {
-        Self {
-            window,
-            lateness: allowed_lateness.max(0),
-            aggregates,
-            open: BTreeMap::new(),
-            seen: HashMap::new(),
-            marks: HashMap::new(),
-            closed_through: None,
-            expected: Vec::new(),
+struct Job {
+    topic: String,
+    partitions: i32,
+    fingerprint: u64,
+    settings: GoldConfig,
+    sources: Vec<SourcePartition>,
+    keys: Vec<(String, KeyType)>,
+    schema: deltalake::arrow::datatypes::SchemaRef,
+    producer: rdkafka::producer::FutureProducer,
+    committer: TableCommitter,
+    writer: SilverWriter,
+    store: Arc<dyn ObjectStore>,
+    parts: HashMap<i32, Part>,
+    source: Source,
+    metrics: Arc<Metrics>,
+    summary: GoldSummary,
+    commit_every: Duration,
+    last_commit: Instant,
+    shutdown: CancellationToken,
+}
+
+/// Runs stage 2 until `shutdown`; commits what is complete before it returns.
+pub async fn run(
+    config: Config,
+    settings: GoldConfig,
+    source_table: String,
+    silver: deltalake::arrow::datatypes::SchemaRef,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<GoldSummary, String> {
+    let producer = partials_producer(&config).map_err(|e| format!("partials producer: {e}"))?;
+    let topic = settings.partials_topic.clone();
+    let admin = Admin::new(&config.brokers, &config.kafka_properties)
+        .map_err(|e| format!("admin client: {e}"))?;
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    // Stage 1 creates the partials topic; wait for it.
+    let partitions = loop {
+        match admin.partitions(&topic).await {
+            Ok(Some(n)) => break n,
+            Ok(None) | Err(_) if !shutdown.is_cancelled() => backoff.wait().await,
+            _ => return Ok(GoldSummary::default()),
         }
+    };
+    let mut sources = Vec::new();
+    for bronze in &config.topics {
+        let n = admin
+            .partitions(bronze)
+            .await
+            .map_err(|e| format!("metadata of {bronze}: {e}"))?
+            .ok_or_else(|| format!("topic {bronze} does not exist"))?;
+        sources.extend((0..n).map(|p| (bronze.clone(), p)));
     }
-
-    /// Sets the source partitions every one of which must have marked before windows close.
-    pub fn expect(&mut self, sources: Vec<Source>) {
-        self.expected = sources;
-    }
-
-    pub fn closed_through(&self) -> Option<i64> {
-        self.closed_through
-    }
-
-    pub fn window(&self) -> WindowSpec {
-        self.window
-    }
-
-    pub fn lateness(&self) -> i64 {
-        self.lateness
-    }
-
-    /// Restores what a committed state says is closed (after a restart).
-    pub fn with_closed_through(mut self, watermark: Option<i64>) -> Self {
-        self.closed_through = watermark;
-        self
-    }
-
-    fn is_closed(&self, window_start: i64) -> bool {
-        self.closed_through
-            .is_some_and(|w| self.window.end(window_start).saturating_add(self.lateness) <= w)
-    }
-
-    pub fn offer(&mut self, partial: Partial) -> Offered {
-        let source = (partial.source_topic.clone(), partial.source_partition);
-        let position = (partial.epoch_end, partial.seq);
-        if self.seen.get(&source).is_some_and(|seen| position <= *seen) {
-            return Offered::Duplicate;
-        }
-        self.seen.insert(source, position);
-        if self.is_closed(partial.window_start) {
-            return Offered::WindowClosed;
-        }
-        let slot = (partial.window_start, partial.key, partial.salt);
-        match self.open.get_mut(&slot) {
-            Some(acc) => acc.merge(&partial.accumulator),
-            None => {
-                self.open.insert(slot, partial.accumulator);
-            }
-        }
-        Offered::Merged
-    }
-
-    /// A marker: `source` finished the epoch ending at `epoch_end` with `watermark` (idle: it had
-    /// nothing new for the idle timeout and must not hold the others back).
-    pub fn mark(&mut self, source: Source, watermark: i64, idle: bool) {
-        let entry = self.marks.entry(source).or_insert(Mark { watermark, idle });
-        entry.watermark = entry.watermark.max(watermark);
-        entry.idle = idle;
-    }
-
-    /// The operator watermark: the minimum over active sources (all idle: the largest).
-    pub fn watermark(&self) -> Option<i64> {
-        if self.expected.iter().any(|s| !self.marks.contains_key(s)) {
-            return None;
-        }
-        let active = self
-            .marks
-            .values()
-            .filter(|m| !m.idle)
-            .map(|m| m.watermark)
-            .min();
-        active.or_else(|| self.marks.values().map(|m| m.watermark).max())
-    }
-
-    /// Closes every open window the watermark has passed by its end plus the allowed lateness, in
-    /// window order. A window never closes twice.
-    pub fn close(&mut self) -> Vec<Closed> {
-        let Some(watermark) = self.watermark() else {
-            return Vec::new();
-        };
-        let through = self.closed_through.map_or(watermark, |c| c.max(watermark));
-        self.closed_through = Some(through);
-        let closing: Vec<(i64, Vec<KeyValue>, u16)> = self
-            .open
-            .keys()
-            .filter(|(start, _, _)| {
-                self.window.end(*start).saturating_add(self.lateness) <= through
-            })
-            .cloned()
-            .collect();
-        closing
-            .into_iter()
-            .filter_map(|slot| {
-                let accumulator = self.open.remove(&slot)?;
-                Some(Closed {
-                    window_start: slot.0,
-                    window_end: self.window.end(slot.0),
-                    key: slot.1,
-                    salt: slot.2,
-                    accumulator,
-                })
-            })
-            .collect()
-    }
-
-    /// Appends the merger's whole state (open windows, per-source high-water marks and
-    /// watermarks, what is closed) to `out`: stage 2 stores it with each commit.
-    pub fn snapshot(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&(self.open.len() as u64).to_le_bytes());
-        for ((start, key, salt), acc) in &self.open {
-            out.extend_from_slice(&start.to_le_bytes());
-            super::partial::encode_key(key, out);
-            out.extend_from_slice(&salt.to_le_bytes());
-            acc.encode(out);
-        }
-        let mut sources: Vec<&Source> = self.seen.keys().chain(self.marks.keys()).collect();
-        sources.sort();
-        sources.dedup();
-        out.extend_from_slice(&(sources.len() as u64).to_le_bytes());
-        for source in sources {
-            out.extend_from_slice(&(source.0.len() as u16).to_le_bytes());
-            out.extend_from_slice(source.0.as_bytes());
-            out.extend_from_slice(&source.1.to_le_bytes());
-            match self.seen.get(source) {
-                Some((epoch, seq)) => {
-                    out.push(1);
-                    out.extend_from_slice(&epoch.to_le_bytes());
-                    out.extend_from_slice(&seq.to_le_bytes());
+    let keys: Vec<(String, KeyType)> = settings
+        .keys
+        .iter()
+        .map(|k| {
+            let kind = match silver.field_with_name(k).map(|f| f.data_type().clone()) {
+                Ok(deltalake::arrow::datatypes::DataType::Utf8) => KeyType::Str,
+                _ => KeyType::Int,
+            };
+            (k.clone(), kind)
+        })
+        .collect();
+    let schema = gold_schema(&keys, &settings.aggregates);
+    let name = gold_name(&settings, &source_table);
+    let url = lake::table_url(&config.lake_url, "gold", &name).map_err(|e| e.to_string())?;
+    let table = lake::open_or_create(url, &schema, &name)
+        .await
+        .map_err(|e| format!("Gold table {name}: {e}"))?;
+    let store = table.object_store();
+    let group = format!("{}-gold", config.group_id);
+    let committer = TableCommitter::new(table, &group, config.commit_retries);
+    let writer = SilverWriter::new(
+        schema.clone(),
+        "window_start",
+        FilePolicy::from_config(&config),
+        store.clone(),
+    );
+    let (events_tx, mut events) = mpsc::channel(16);
+    let source = Source::start(
+        SourceSettings {
+            brokers: config.brokers.clone(),
+            group_id: group,
+            topics: vec![topic.clone()],
+            properties: config.kafka_properties.clone(),
+            counts_assignments: false,
+        },
+        metrics.clone(),
+        events_tx,
+    )
+    .map_err(|e| format!("partials consumer: {e}"))?;
+    tracing::info!(table = %name, %topic, partitions, sources = sources.len(), "Gold stage 2 running");
+    let mut job = Job {
+        fingerprint: spec_fingerprint(&settings.aggregates, &settings.keys),
+        topic,
+        partitions,
+        settings,
+        sources,
+        keys,
+        schema,
+        producer,
+        committer,
+        writer,
+        store,
+        parts: HashMap::new(),
+        source,
+        metrics,
+        summary: GoldSummary::default(),
+        commit_every: config.flush_interval.min(Duration::from_secs(5)),
+        last_commit: Instant::now(),
+        shutdown: shutdown.clone(),
+    };
+    let result = job.consume(&mut events).await;
+    let drained = match result {
+        Ok(()) => job.commit_retrying().await,
+        Err(e) => Err(e),
+    };
+    job.source.stop();
+    let closing = async {
+        while let Some(event) = events.recv().await {
+            match event {
+                SourceEvent::Revoked { done, .. } => {
+                    let _ = done.send(());
                 }
-                None => out.push(0),
-            }
-            match self.marks.get(source) {
-                Some(mark) => {
-                    out.push(1 | if mark.idle { 2 } else { 0 });
-                    out.extend_from_slice(&mark.watermark.to_le_bytes());
-                }
-                None => out.push(0),
+                SourceEvent::Assigned { reply, .. } => drop(reply),
+                _ => {}
             }
         }
-        match self.closed_through {
-            Some(w) => {
-                out.push(1);
-                out.extend_from_slice(&w.to_le_bytes());
-            }
-            None => out.push(0),
-        }
-    }
-
-    /// Restores a [`Merger::snapshot`]; `None` when the bytes are malformed.
-    pub(crate) fn restore(&mut self, c: &mut super::aggregate::Cursor<'_>) -> Option<()> {
-        let open = c.u64()?;
-        for _ in 0..open {
-            let start = c.i64()?;
-            let key = super::partial::decode_key(c).ok()?;
-            let salt = c.u16()?;
-            let (acc, used) = Accumulator::decode(&self.aggregates, c.rest())?;
-            c.at += used;
-            self.open.insert((start, key, salt), acc);
-        }
-        let sources = c.u64()?;
-        for _ in 0..sources {
-            let len = c.u16()? as usize;
-            let topic = String::from_utf8(c.take(len)?.to_vec()).ok()?;
-            let source = (topic, c.i32()?);
-            if c.u8()? == 1 {
-                let position = (c.i64()?, c.u32()?);
-                self.seen.insert(source.clone(), position);
-            }
-            let flags = c.u8()?;
-            if flags & 1 == 1 {
-                let watermark = c.i64()?;
-                let idle = flags & 2 == 2;
-                self.marks.insert(source, Mark { watermark, idle });
-            }
-        }
-        self.closed_through = match c.u8()? {
-            1 => Some(c.i64()?),
-            _ => None,
-        };
-        Some(())
-    }
-
-    pub fn open_windows(&self) -> usize {
-        self.open.len()
-    }
-
-    pub fn aggregates(&self) -> &[Aggregate] {
-        &self.aggregates
-    }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), closing).await;
+    drop(events);
+    let Job {
+        source, summary, ..
+    } = job;
+    let _ = tokio::task::spawn_blocking(move || source.join()).await;
+    drained.map(|()| summary)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gold::aggregate::{parse_aggregates, Input, Output};
-    use proptest::prelude::*;
-
-    const MINUTE: i64 = 60_000_000;
-
-    fn partial(
-        source: i32,
-        epoch_end: i64,
-        seq: u32,
-        start: i64,
-        key: &str,
-        amounts: &[f64],
-    ) -> Partial {
-        let aggregates = parse_aggregates("count, sum(amount)").expect("aggregates");
-        let mut accumulator = Accumulator::new(&aggregates);
-        for a in amounts {
-            accumulator.add(&[Input::Null, Input::Number(*a)]);
-        }
-        Partial {
-            source_topic: "orders".into(),
-            source_partition: source,
-            epoch_end,
-            seq,
-            window_start: start,
-            key: vec![KeyValue::Str(key.into())],
-            salt: 0,
-            accumulator,
+impl Job {
+    async fn consume(&mut self, events: &mut mpsc::Receiver<SourceEvent>) -> Result<(), String> {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event).await?,
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {
+                    // Rows commit at the flush interval; progress alone (markers) less often,
+                    // since a restart merely reads those markers again.
+                    let rows = self.parts.values().any(|p| !p.rows.is_empty());
+                    let every = if rows { self.commit_every } else { self.commit_every * 10 };
+                    if self.last_commit.elapsed() >= every {
+                        self.commit_retrying().await?;
+                    }
+                }
+            }
         }
     }
 
-    fn merger() -> Merger {
-        Merger::new(
-            "1m".parse().expect("window"),
-            30_000_000,
-            parse_aggregates("count, sum(amount)").expect("aggregates"),
+    fn new_merge(&self, partition: i32) -> PartitionMerge {
+        PartitionMerge::new(
+            partition,
+            self.partitions,
+            self.settings.window,
+            i64::try_from(self.settings.allowed_lateness.as_micros()).unwrap_or(i64::MAX),
+            self.settings.aggregates.clone(),
+            self.sources.clone(),
         )
     }
 
-    #[test]
-    fn duplicates_are_dropped_and_windows_close_after_lateness() {
-        let mut m = merger();
-        assert_eq!(
-            m.offer(partial(0, 10, 0, 0, "a", &[1.0, 2.0])),
-            Offered::Merged
-        );
-        assert_eq!(m.offer(partial(1, 7, 0, 0, "a", &[4.0])), Offered::Merged);
-        // A replay of source 0's epoch: dropped.
-        assert_eq!(
-            m.offer(partial(0, 10, 0, 0, "a", &[1.0, 2.0])),
-            Offered::Duplicate
-        );
-        m.mark(("orders".into(), 0), MINUTE + 29_000_000, false);
-        m.mark(("orders".into(), 1), 5 * MINUTE, false);
-        assert!(
-            m.close().is_empty(),
-            "end + lateness not yet passed by source 0"
-        );
-        m.mark(("orders".into(), 0), MINUTE + 30_000_000, false);
-        let closed = m.close();
-        assert_eq!(closed.len(), 1);
-        assert_eq!(
-            closed[0].accumulator.finish(),
-            [Output::Int(3), Output::Float(Some(7.0))]
-        );
-        // Too late now.
-        assert_eq!(
-            m.offer(partial(1, 9, 0, 0, "a", &[1.0])),
-            Offered::WindowClosed
-        );
+    fn state_path(&self, partition: i32, offset: i64) -> Path {
+        Path::from(format!(
+            "_strata_state/{}/{partition}/{offset:020}.bin",
+            self.topic
+        ))
     }
 
-    #[test]
-    fn nothing_closes_before_every_expected_source_marked() {
-        let mut m = merger();
-        m.expect(vec![("orders".into(), 0), ("orders".into(), 1)]);
-        assert_eq!(m.offer(partial(0, 10, 0, 0, "a", &[1.0])), Offered::Merged);
-        m.mark(("orders".into(), 0), 10 * MINUTE, false);
-        assert_eq!(m.watermark(), None, "source 1 has not spoken");
-        assert!(m.close().is_empty());
-        m.mark(("orders".into(), 1), 10 * MINUTE, false);
-        assert_eq!(m.watermark(), Some(10 * MINUTE));
-        assert_eq!(m.close().len(), 1);
-    }
-
-    #[test]
-    fn idle_sources_do_not_hold_the_watermark() {
-        let mut m = merger();
-        m.mark(("orders".into(), 0), 10 * MINUTE, false);
-        m.mark(("orders".into(), 1), MINUTE, false);
-        assert_eq!(m.watermark(), Some(MINUTE));
-        m.mark(("orders".into(), 1), MINUTE, true);
-        assert_eq!(m.watermark(), Some(10 * MINUTE));
-    }
-
-    proptest! {
-        /// Events split over sources and epochs, partials replayed at random points: every window
-        /// closes once, with exactly the aggregate of its events.
-        #[test]
-        fn replays_never_change_the_result(
-            events in prop::collection::vec((0i32..3, 0u8..4, 0i64..5 * MINUTE, -100.0f64..100.0), 1..200),
-            epoch_size in 1usize..20,
-            replay_every in 1usize..7,
-        ) {
-            let aggregates = parse_aggregates("count, sum(amount)").expect("aggregates");
-            let window: WindowSpec = "1m".parse().expect("window");
-            let mut m = Merger::new(window, 0, aggregates.clone());
-            // Per source: epochs of `epoch_size` events, pre-aggregated per (window, key).
-            let mut sent: Vec<Partial> = Vec::new();
-            for source in 0..3 {
-                let mine: Vec<&(i32, u8, i64, f64)> = events.iter().filter(|e| e.0 == source).collect();
-                for (epoch, chunk) in mine.chunks(epoch_size).enumerate() {
-                    let mut groups: BTreeMap<(i64, u8), Vec<f64>> = BTreeMap::new();
-                    for (_, key, t, amount) in chunk {
-                        groups.entry((window.starts(*t).next().expect("one"), *key)).or_default().push(*amount);
-                    }
-                    for (seq, ((start, key), amounts)) in groups.into_iter().enumerate() {
-                        sent.push(partial(source, epoch as i64, seq as u32, start, &key.to_string(), &amounts));
-                    }
+    /// Takes over partials partitions: their committed offset and the state stored with it. A
+    /// state file missing right after the offset was read means another replica committed (and
+    /// cleaned up) in between: the offset is read again.
+    async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), String> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut attempts = 0;
+        'claim: loop {
+            attempts += 1;
+            let claimed = match self.committer.claim(partitions).await {
+                Ok(claimed) => claimed,
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "reading Gold progress failed; retrying");
+                    backoff.wait().await;
+                    continue;
                 }
-            }
-            // Deliver in per-source order, re-sending a prefix of the same source now and then.
-            let mut delivered = 0usize;
-            for (i, p) in sent.iter().enumerate() {
-                prop_assert_ne!(m.offer(p.clone()), Offered::WindowClosed);
-                if i % replay_every == 0 {
-                    for earlier in sent[..=i].iter().filter(|e| e.source_partition == p.source_partition) {
-                        prop_assert_eq!(m.offer(earlier.clone()), Offered::Duplicate);
+                Err(e) => return Err(e.to_string()),
+            };
+            let mut restored = Vec::with_capacity(claimed.len());
+            for (tp, stored) in claimed {
+                let mut merge = self.new_merge(tp.partition);
+                let mut committed_state = None;
+                if let Some(offset) = stored {
+                    let path = self.state_path(tp.partition, offset);
+                    let bytes = match self.store.get(&path).await {
+                        Ok(got) => got.bytes().await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    match bytes {
+                        Ok(bytes) => merge.restore(&bytes)?,
+                        Err(e) if attempts < 5 && !self.shutdown.is_cancelled() => {
+                            tracing::warn!(partition = %tp, offset, error = %e, "reading Gold state failed; reading the progress again");
+                            backoff.wait().await;
+                            continue 'claim;
+                        }
+                        Err(e) => {
+                            return Err(format!(
+                                "the Gold state of {tp} at offset {offset} ({path}) cannot be read: {e}"
+                            ))
+                        }
                     }
+                    committed_state = Some(path);
                 }
-                delivered += 1;
+                restored.push((tp, stored, merge, committed_state));
             }
-            prop_assert_eq!(delivered, sent.len());
-            for source in 0..3 {
-                m.mark(("orders".into(), source), 10 * MINUTE, false);
+            for (tp, stored, merge, committed_state) in restored {
+                self.parts.insert(
+                    tp.partition,
+                    Part {
+                        merge,
+                        next: stored.map(|o| o + 1),
+                        pending: None,
+                        rows: Vec::new(),
+                        committed_state,
+                        awaiting_reseek: false,
+                    },
+                );
             }
-            let closed = m.close();
-            let mut expected: BTreeMap<(i64, String), (i64, crate::gold::aggregate::ExactSum)> = BTreeMap::new();
-            for (_, key, t, amount) in &events {
-                let e = expected.entry((window.starts(*t).next().expect("one"), key.to_string())).or_default();
-                e.0 += 1;
-                e.1.add(*amount);
-            }
-            prop_assert_eq!(closed.len(), expected.len());
-            for c in closed {
-                let KeyValue::Str(key) = &c.key[0] else { panic!("string key") };
-                let (count, sum) = &expected[&(c.window_start, key.clone())];
-                prop_assert_eq!(c.accumulator.finish(), vec![Output::Int(*count), Output::Float(Some(sum.value()))]);
-            }
-            prop_assert!(m.close().is_empty(), "a window closes once");
+            return Ok(());
         }
+    }
+
+    async fn handle(&mut self, event: SourceEvent) -> Result<(), String> {
+        match event {
+            SourceEvent::Records(records) => {
+                let Some(first) = records.first() else {
+                    return Ok(());
+                };
+                let partition = first.partition;
+                let Some(part) = self.parts.get_mut(&partition) else {
+                    return Ok(());
+                };
+                if part.awaiting_reseek {
+                    return Ok(());
+                }
+                let mut send: Vec<(i32, Option<Vec<u8>>, Vec<u8>)> = Vec::new();
+                let gold = self.metrics.gold();
+                for record in records {
+                    if part.next.is_some_and(|n| record.offset < n) {
+                        continue;
+                    }
+                    part.next = Some(record.offset + 1);
+                    part.pending = Some(record.offset);
+                    let message = match record
+                        .value
+                        .as_deref()
+                        .map(|v| Message::decode(v, &self.settings.aggregates, self.fingerprint))
+                    {
+                        Some(Ok(message)) => message,
+                        Some(Err(e)) => {
+                            gold.partial_refused("malformed", 1);
+                            tracing::error!(partition, offset = record.offset, error = %e, "partials message refused");
+                            continue;
+                        }
+                        None => {
+                            gold.partial_refused("malformed", 1);
+                            continue;
+                        }
+                    };
+                    let effects = part.merge.handle(message);
+                    gold.merged(effects.duplicates, effects.forwarded);
+                    self.summary.duplicates += effects.duplicates;
+                    self.summary.forwarded += effects.forwarded;
+                    if effects.too_late > 0 {
+                        gold.partial_refused("window_closed", effects.too_late);
+                        tracing::error!(
+                            partition,
+                            offset = record.offset,
+                            "partial for a window already closed"
+                        );
+                    }
+                    part.rows.extend(effects.rows);
+                    for (to, message) in effects.send {
+                        send.push((to, None, message.encode(self.fingerprint)));
+                    }
+                }
+                self.report();
+                if !send.is_empty() {
+                    send_in_order(&self.producer, &self.topic, send)
+                        .await
+                        .map_err(|e| format!("sending to {}: {e}", self.topic))?;
+                }
+                Ok(())
+            }
+            SourceEvent::Assigned { partitions, reply } => {
+                self.claim(&partitions).await?;
+                let resume = partitions
+                    .iter()
+                    .map(|tp| {
+                        let after = self
+                            .parts
+                            .get(&tp.partition)
+                            .and_then(|p| p.next)
+                            .map(|n| n - 1);
+                        (tp.clone(), after)
+                    })
+                    .collect();
+                let _ = reply.send(resume);
+                Ok(())
+            }
+            SourceEvent::Revoked {
+                partitions,
+                lost,
+                done,
+            } => {
+                if !lost {
+                    self.commit_retrying().await?;
+                }
+                for tp in &partitions {
+                    self.parts.remove(&tp.partition);
+                }
+                self.committer.release(&partitions);
+                let _ = done.send(());
+                Ok(())
+            }
+            SourceEvent::Reseeked(tp) => {
+                if let Some(part) = self.parts.get_mut(&tp.partition) {
+                    part.awaiting_reseek = false;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn report(&self) {
+        let open: usize = self
+            .parts
+            .values()
+            .map(|p| p.merge.open().0 + p.merge.open().1)
+            .sum();
+        let watermark = self
+            .parts
+            .values()
+            .filter_map(|p| p.merge.watermark())
+            .min();
+        self.metrics.gold().stage2_state(open, watermark);
+    }
+
+    async fn commit_retrying(&mut self) -> Result<(), String> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match self.commit().await {
+                Ok(()) => {
+                    self.last_commit = Instant::now();
+                    return Ok(());
+                }
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "Gold commit failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Stores the state of every partition with new progress, writes the final rows and commits
+    /// them with the partitions' offsets.
+    async fn commit(&mut self) -> Result<(), String> {
+        let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
+        for (partition, part) in &self.parts {
+            if let Some(offset) = part.pending {
+                last.insert(TopicPartition::new(self.topic.as_str(), *partition), offset);
+            }
+        }
+        if last.is_empty() {
+            return Ok(());
+        }
+        let partitions: Vec<TopicPartition> = last.keys().cloned().collect();
+        let fenced = self
+            .committer
+            .check(&partitions)
+            .await
+            .map_err(|e| e.to_string())?;
+        if !fenced.is_empty() {
+            return self.on_fenced(fenced).await;
+        }
+        let mut states = Vec::new();
+        for (tp, offset) in &last {
+            let Some(part) = self.parts.get(&tp.partition) else {
+                continue;
+            };
+            let path = self.state_path(tp.partition, *offset);
+            self.store
+                .put(&path, part.merge.snapshot().into())
+                .await
+                .map_err(|e| format!("storing Gold state: {e}"))?;
+            states.push((tp.partition, path));
+        }
+        let closed: Vec<Closed> = last
+            .keys()
+            .filter_map(|tp| self.parts.get(&tp.partition))
+            .flat_map(|p| p.rows.iter().cloned())
+            .collect();
+        let files = if closed.is_empty() {
+            Vec::new()
+        } else {
+            let batch = gold_rows(&self.schema, &self.keys, &self.settings.aggregates, &closed)
+                .map_err(|e| e.to_string())?;
+            self.writer
+                .write(&[batch])
+                .await
+                .map_err(|e| e.to_string())?
+        };
+        crate::failpoint!("before_gold_commit");
+        match self
+            .committer
+            .commit(files, &last)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            CommitOutcome::Fenced(fenced) => self.on_fenced(fenced).await,
+            CommitOutcome::Committed { .. } => {
+                self.metrics.gold().gold_committed(closed.len());
+                self.summary.commits += 1;
+                self.summary.rows_committed += closed.len() as u64;
+                for c in &closed {
+                    if self.summary.rows.len() < SUMMARY_ROWS {
+                        self.summary.rows.push(GoldRow {
+                            window_start: c.window_start,
+                            window_end: c.window_end,
+                            key: c.key.clone(),
+                            values: c.accumulator.finish(),
+                        });
+                    }
+                }
+                for (partition, path) in states {
+                    if let Some(part) = self.parts.get_mut(&partition) {
+                        part.pending = None;
+                        part.rows.clear();
+                        if let Some(old) = part.committed_state.replace(path) {
+                            // Best effort: a leftover file is only clutter.
+                            let _ = self.store.delete(&old).await;
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Partitions someone else committed: their state is dropped and restored from the table.
+    async fn on_fenced(&mut self, fenced: Vec<Fenced>) -> Result<(), String> {
+        for f in fenced {
+            tracing::warn!(partition = %f.partition, expected = ?f.expected, stored = ?f.stored, "Gold partition fenced: restoring from the table");
+            self.parts.remove(&f.partition.partition);
+            self.committer.release(std::slice::from_ref(&f.partition));
+            self.claim(std::slice::from_ref(&f.partition)).await?;
+            let next = self
+                .parts
+                .get(&f.partition.partition)
+                .and_then(|p| p.next)
+                .unwrap_or(0);
+            if let Some(part) = self.parts.get_mut(&f.partition.partition) {
+                part.awaiting_reseek = true;
+            }
+            self.source
+                .command(SourceCommand::Seek(f.partition.clone(), next));
+        }
+        Ok(())
     }
 }

@@ -1,10 +1,12 @@
-//! Kafka clients other than the consumer: the shared client settings, the idempotent producer's
-//! settings, and the admin side (finding and creating the topics Strata produces to).
+//! Kafka clients: the consumer thread with its rebalance handshake ([`consumer`]), the shared
+//! client settings and the idempotent producer's settings (here), and the admin side ([`admin`]:
+//! finding and creating the topics Strata produces to).
 //!
 //! Nothing here decides what a record means or when an offset may move: that stays with the
 //! pipeline and the commit protocol.
 
 pub mod admin;
+pub mod consumer;
 
 use std::collections::BTreeMap;
 

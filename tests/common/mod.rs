@@ -127,7 +127,7 @@ pub async fn produce_on(
 
 /// `(order_id, amount)` of a generated value, decoded independently with apache-avro.
 fn order_fields(value: &[u8]) -> Option<(i64, f64)> {
-    let framed = strata::wire::parse(value).ok()?;
+    let framed = strata::schema::wire::parse(value).ok()?;
     let schema = apache_avro::Schema::parse_str(if framed.schema_id == 1 {
         ORDER_V1
     } else {
@@ -500,12 +500,12 @@ impl Setup {
     }
 
     /// Reads the table and asserts the exactly-once invariant and intact values.
-    pub async fn assert_exact(&self, produced: &Produced) -> strata::verify::TableContents {
-        let contents = strata::verify::read_table(self.table_url())
+    pub async fn assert_exact(&self, produced: &Produced) -> strata::lake::verify::TableContents {
+        let contents = strata::lake::verify::read_table(self.table_url())
             .await
             .expect("read table");
-        let lineage = strata::verify::lineage(&contents.batches).expect("lineage");
-        let report = strata::verify::exactly_once(lineage, produced.good.iter().cloned());
+        let lineage = strata::lake::verify::lineage(&contents.batches).expect("lineage");
+        let report = strata::lake::verify::exactly_once(lineage, produced.good.iter().cloned());
         assert!(report.is_exact(), "{report}");
         // Values intact: each order_id carries the amount that was produced.
         let mut checked = 0;
@@ -812,7 +812,7 @@ pub async fn produce_raw(topic: &str, values: Vec<(Option<Vec<u8>>, Vec<u8>)>) -
 /// A Confluent-framed Avro value of `schema` (registered as `id`).
 pub fn framed(id: u32, schema: &str, value: apache_avro::types::Value) -> Vec<u8> {
     let schema = apache_avro::Schema::parse_str(schema).expect("schema");
-    strata::wire::frame(
+    strata::schema::wire::frame(
         id,
         &strata::demo::avro_body(&schema, value).expect("encodes"),
     )

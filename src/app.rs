@@ -1,0 +1,246 @@
+//! The composition root: the one place that knows the order of a replica's life.
+//!
+//! Start-up: the registry client and the dead-letter producer, the HTTP endpoint (so readiness is
+//! visible from the first second), the dead-letter topics, the Silver tables, Gold stage 1 on its
+//! source table and Gold stage 2 beside the pipeline, then the consumer. Shutdown, in reverse:
+//! stop consuming, drain and commit within the grace period, answer the final revocation so the
+//! consumer leaves the group, let Gold stage 2 commit, stop the endpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::gold::stage1::Emitter;
+use crate::kafka::consumer::{Source, SourceSettings};
+use crate::lake;
+use crate::lake::OpenError;
+use crate::ops::{Metrics, NotReady};
+use crate::retry::Backoff;
+use crate::schema::registry::SchemaRegistry;
+use crate::silver::dead_letters::DeadLetters;
+use crate::silver::pipeline::{PipelineError, Replica, RunSummary};
+use crate::silver::tables::open_tables;
+use crate::silver::tables::{Tables, TablesError};
+
+/// Opens Gold stage 1 on its source table.
+async fn open_gold(
+    config: &Config,
+    settings: &crate::config::GoldConfig,
+    tables: &Tables,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Emitter, PipelineError> {
+    let index = match &settings.table {
+        Some(name) => tables
+            .list
+            .iter()
+            .position(|t| &t.name == name)
+            .ok_or_else(|| {
+                PipelineError::Config(format!(
+                    "STRATA_GOLD_TABLE={name} is not one of the tables ({})",
+                    tables.names().join(", ")
+                ))
+            })?,
+        None if tables.list.is_empty() => {
+            return Err(PipelineError::Config(
+                "Gold needs a Silver table at start-up (STRATA_GOLD_TABLE)".into(),
+            ))
+        }
+        None => 0,
+    };
+    let table = &tables.list[index];
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        let opened = Emitter::open(
+            config,
+            settings,
+            index,
+            &table.name,
+            &table.decoder.output_schema(),
+            metrics.clone(),
+        )
+        .await;
+        match opened {
+            Ok(emitter) => {
+                metrics.not_ready(NotReady::Lake, false);
+                return Ok(emitter);
+            }
+            Err(OpenError::Schema(why)) => return Err(PipelineError::Config(why)),
+            // An unreachable broker or lake is waited out, not ready meanwhile, as for Silver.
+            Err(OpenError::Storage(why)) => {
+                metrics.not_ready(NotReady::Lake, true);
+                tracing::warn!(error = %why, "opening Gold failed; retrying");
+                if !backoff.wait_unless(shutdown).await {
+                    return Err(PipelineError::Interrupted);
+                }
+            }
+        }
+    }
+}
+
+/// Runs one replica until `shutdown` is cancelled, then flushes, commits, leaves the group and
+/// returns what it did.
+pub async fn run(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<RunSummary, PipelineError> {
+    lake::register_object_stores();
+    let registry = SchemaRegistry::from_config(&config.registry)
+        .map_err(|e| PipelineError::Config(e.to_string()))?;
+    let dead_letters = DeadLetters::new(
+        &config.brokers,
+        &config.kafka_properties,
+        &config.dead_letters,
+        metrics.clone(),
+        shutdown.clone(),
+    )?;
+    metrics.buffered_bytes_limit(config.file_max_bytes);
+
+    let (listener, bound) = crate::ops::http::bind(config.metrics_addr).await?;
+    tracing::info!(addr = %bound, "serving /metrics, /healthz and /readyz");
+    let server_stop = CancellationToken::new();
+    let server = tokio::spawn(crate::ops::http::serve(
+        listener,
+        metrics.clone(),
+        server_stop.clone(),
+    ));
+    // Dead-letter topics exist before the first dead letter is due (or the replica says why not).
+    tokio::select! {
+        () = dead_letters.prepare(&config.topics) => {}
+        () = shutdown.cancelled() => {
+            server_stop.cancel();
+            let _ = server.await;
+            tracing::info!("shut down before start-up finished");
+            return Ok(RunSummary::default());
+        }
+    }
+    let tables = match open_tables(&config, &registry, &metrics, &shutdown).await {
+        Ok(tables) => tables,
+        Err(e) => {
+            server_stop.cancel();
+            let _ = server.await;
+            // A signal while start-up waited for the registry or the lake: nothing was consumed,
+            // so there is nothing to drain; that is a clean stop.
+            if matches!(e, TablesError::Interrupted) {
+                tracing::info!("shut down before start-up finished");
+                return Ok(RunSummary::default());
+            }
+            return Err(e.into());
+        }
+    };
+
+    let gold = match &config.gold {
+        Some(settings) => match open_gold(&config, settings, &tables, &metrics, &shutdown).await {
+            Ok(emitter) => Some(emitter),
+            Err(e) => {
+                server_stop.cancel();
+                let _ = server.await;
+                if matches!(e, PipelineError::Interrupted) {
+                    tracing::info!("shut down before start-up finished");
+                    return Ok(RunSummary::default());
+                }
+                return Err(e);
+            }
+        },
+        None => None,
+    };
+    // Gold stage 2 runs beside the pipeline until the pipeline has drained (so the last epochs'
+    // markers can still be merged), then commits and stops. If it fails, the replica stops.
+    let gold_stop = CancellationToken::new();
+    let stage2 = match (&config.gold, &gold) {
+        (Some(settings), Some(emitter)) => {
+            let table = &tables.list[emitter.table];
+            let task = crate::gold::stage2::run(
+                config.clone(),
+                settings.clone(),
+                table.name.clone(),
+                table.decoder.output_schema(),
+                metrics.clone(),
+                gold_stop.clone(),
+            );
+            let stop_all = shutdown.clone();
+            Some(tokio::spawn(async move {
+                let result = task.await;
+                if let Err(e) = &result {
+                    tracing::error!(error = %e, "Gold stage 2 failed; stopping the replica");
+                    stop_all.cancel();
+                }
+                result
+            }))
+        }
+        _ => None,
+    };
+    let (events_tx, mut events) = mpsc::channel(16);
+    let source = Source::start(
+        SourceSettings {
+            brokers: config.brokers.clone(),
+            group_id: config.group_id.clone(),
+            topics: config.topics.clone(),
+            properties: config.kafka_properties.clone(),
+            counts_assignments: true,
+        },
+        metrics.clone(),
+        events_tx,
+    )?;
+    metrics.initialize(&config.topics, &tables.names());
+
+    let grace = config.shutdown_grace;
+    let mut replica = Replica::new(
+        config,
+        metrics.clone(),
+        registry,
+        tables,
+        dead_letters,
+        source,
+        shutdown.clone(),
+        gold,
+    );
+    let result = match replica.consume(&mut events).await {
+        // A signal while a table opening mid-run waited for the lake: drain what is complete.
+        Err(PipelineError::Interrupted) => Ok(()),
+        other => other,
+    };
+    metrics.not_ready(NotReady::ShuttingDown, true);
+    let deadline = tokio::time::Instant::now() + grace;
+    let drained = match result {
+        Ok(()) => tokio::time::timeout_at(deadline, replica.drain(&mut events))
+            .await
+            .map_err(|_| PipelineError::GraceExceeded(grace))
+            .and_then(|drain| drain),
+        Err(e) => Err(e),
+    };
+    replica.stop_consuming();
+    // Answer the final revocation so the source can leave the group, then wait for its thread.
+    let closing = async {
+        while let Some(event) = events.recv().await {
+            replica.answer_while_closing(event);
+        }
+    };
+    let leave_by = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
+    let _ = tokio::time::timeout_at(leave_by, closing).await;
+    // Closing the channel unblocks the source thread if it still waits to hand something over.
+    drop(events);
+    let (source, mut summary) = replica.finish();
+    let _ = tokio::task::spawn_blocking(move || source.join()).await;
+    gold_stop.cancel();
+    let mut gold_failed = None;
+    if let Some(stage2) = stage2 {
+        match tokio::time::timeout(grace, stage2).await {
+            Ok(Ok(Ok(gold))) => summary.gold = Some(gold),
+            Ok(Ok(Err(e))) => gold_failed = Some(PipelineError::Gold(e)),
+            Ok(Err(e)) => gold_failed = Some(PipelineError::Gold(e.to_string())),
+            Err(_) => gold_failed = Some(PipelineError::GraceExceeded(grace)),
+        }
+    }
+    server_stop.cancel();
+    let _ = server.await;
+    drained?;
+    match gold_failed {
+        Some(e) => Err(e),
+        None => Ok(summary),
+    }
+}

@@ -1,0 +1,379 @@
+//! The one typed configuration of a replica, read from environment variables only.
+//!
+//! Every setting is declared once in [`SETTINGS`] with its default and a line of help, so `strata --help`
+//! and the parser can never disagree. A bad value fails start-up with an error naming the variable.
+//! This module must never print a secret: values of variables that look like credentials are redacted.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{var} is required: {help}")]
+    Missing {
+        var: &'static str,
+        help: &'static str,
+    },
+    #[error("{var}={value:?} is invalid: {reason}")]
+    Invalid {
+        var: String,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(var: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        var: var.to_string(),
+        value: redact(var, value),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compression {
+    Zstd,
+    Snappy,
+    None,
+}
+
+/// Where reader schemas come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReaderSchemas {
+    /// Fixed `.avsc` files, one table per record name.
+    Files(Vec<PathBuf>),
+    /// The newest version of each subject in the registry, followed as it evolves.
+    Latest,
+}
+
+/// Confluent's subject name strategies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubjectStrategy {
+    /// `<topic>-value`: one record type per topic.
+    Topic,
+    /// `<topic>-<record full name>`: several record types per topic.
+    TopicRecord,
+    /// `<record full name>`: a record type shared by topics.
+    Record,
+}
+
+impl SubjectStrategy {
+    /// The subject of a topic's values of record `record` (a full name).
+    pub fn subject(self, topic: &str, record: &str) -> String {
+        match self {
+            SubjectStrategy::Topic => format!("{topic}-value"),
+            SubjectStrategy::TopicRecord => format!("{topic}-{record}"),
+            SubjectStrategy::Record => record.to_string(),
+        }
+    }
+}
+
+/// `.avsc` files named by `STRATA_READER_SCHEMA`-style text: files, comma lists and folders.
+pub fn schema_files(text: &str) -> Result<Vec<PathBuf>, String> {
+    let mut files = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(part);
+        if path.is_dir() {
+            let entries = std::fs::read_dir(&path).map_err(|e| format!("{part}: {e}"))?;
+            let mut found: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "avsc"))
+                .collect();
+            if found.is_empty() {
+                return Err(format!("{part}: no .avsc files in this folder"));
+            }
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path);
+        }
+    }
+    if files.is_empty() {
+        return Err("no schema file given".to_string());
+    }
+    Ok(files)
+}
+
+/// Where writer schemas come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegistrySource {
+    /// A Confluent-compatible Schema Registry (base URL without trailing slash).
+    Confluent {
+        url: String,
+        user_info: Option<String>,
+    },
+    /// A folder of `<id>.avsc` files: the demo and air-gapped deployments.
+    Directory(PathBuf),
+}
+
+#[derive(Clone)]
+pub struct Config {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// librdkafka properties passed through from `STRATA_KAFKA_<PROPERTY>`.
+    pub kafka_properties: BTreeMap<String, String>,
+    pub registry: RegistrySource,
+    pub reader_schemas: ReaderSchemas,
+    pub subject_strategy: SubjectStrategy,
+    pub compatibility: crate::schema::compat::Compatibility,
+    pub event_time_field: String,
+    pub lake_url: String,
+    pub dead_letters: DeadLetterConfig,
+    pub flush_interval: Duration,
+    pub file_max_rows: usize,
+    pub file_max_bytes: usize,
+    pub compression: Compression,
+    pub metrics_addr: std::net::SocketAddr,
+    pub commit_retries: usize,
+    pub max_value_bytes: usize,
+    pub shutdown_grace: Duration,
+    pub gold: Option<GoldConfig>,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let props: BTreeMap<_, _> = self
+            .kafka_properties
+            .iter()
+            .map(|(k, v)| (k.clone(), redact(k, v)))
+            .collect();
+        let registry = match &self.registry {
+            RegistrySource::Confluent { url, user_info } => format!(
+                "Confluent({url}, auth: {})",
+                if user_info.is_some() {
+                    "<redacted>"
+                } else {
+                    "none"
+                }
+            ),
+            RegistrySource::Directory(dir) => format!("Directory({})", dir.display()),
+        };
+        f.debug_struct("Config")
+            .field("brokers", &self.brokers)
+            .field("group_id", &self.group_id)
+            .field("topics", &self.topics)
+            .field("kafka_properties", &props)
+            .field("registry", &registry)
+            .field("reader_schemas", &self.reader_schemas)
+            .field("subject_strategy", &self.subject_strategy)
+            .field("event_time_field", &self.event_time_field)
+            .field("lake_url", &self.lake_url)
+            .field("flush_interval", &self.flush_interval)
+            .field("file_max_rows", &self.file_max_rows)
+            .field("file_max_bytes", &self.file_max_bytes)
+            .field("compression", &self.compression)
+            .field("metrics_addr", &self.metrics_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Variables that look like `STRATA_KAFKA_*` but are Strata's own settings, not librdkafka properties.
+const OWN_KAFKA_VARS: &[&str] = &["STRATA_KAFKA_BROKERS"];
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(std::env::vars().collect())
+    }
+
+    /// Reads the configuration from a map of variables (the environment, or a test's own map).
+    pub fn from_vars(vars: HashMap<String, String>) -> Result<Self, ConfigError> {
+        let get = |var: &'static str| -> String {
+            vars.get(var)
+                .map(|v| v.trim().to_string())
+                .filter(|v| !v.is_empty())
+                .unwrap_or_else(|| default_of(var).to_string())
+        };
+        let required = |var: &'static str| -> Result<String, ConfigError> {
+            let value = get(var);
+            if value.is_empty() {
+                Err(ConfigError::Missing {
+                    var,
+                    help: help_of(var),
+                })
+            } else {
+                Ok(value)
+            }
+        };
+        let parse_usize = |var: &'static str| -> Result<usize, ConfigError> {
+            let value = get(var);
+            match value.parse::<usize>() {
+                Ok(n) if n > 0 => Ok(n),
+                _ => Err(invalid(var, &value, "expected a positive integer")),
+            }
+        };
+        let duration = |var: &'static str| -> Result<Duration, ConfigError> {
+            let value = get(var);
+            match parse_duration(&value) {
+                Ok(d) if !d.is_zero() => Ok(d),
+                Ok(_) => Err(invalid(var, &value, "must be greater than zero")),
+                Err(reason) => Err(invalid(var, &value, reason)),
+            }
+        };
+
+        let topics: Vec<String> = required("STRATA_TOPICS")?
+            .split(',')
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty())
+            .collect();
+        if topics.is_empty() {
+            return Err(invalid(
+                "STRATA_TOPICS",
+                &get("STRATA_TOPICS"),
+                "no topic named",
+            ));
+        }
+        if let Some(bad) = topics.iter().find(|t| {
+            !t.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        }) {
+            return Err(invalid(
+                "STRATA_TOPICS",
+                &get("STRATA_TOPICS"),
+                format!("{bad:?} is not a legal topic name"),
+            ));
+        }
+
+        let mut kafka_properties = BTreeMap::new();
+        for (key, value) in &vars {
+            if let Some(rest) = key.strip_prefix("STRATA_KAFKA_") {
+                if OWN_KAFKA_VARS.contains(&key.as_str()) || rest.is_empty() {
+                    continue;
+                }
+                kafka_properties.insert(rest.to_ascii_lowercase().replace('_', "."), value.clone());
+            }
+        }
+
+        let registry_url = required("STRATA_SCHEMA_REGISTRY_URL")?;
+        let registry = if let Some(dir) = registry_url.strip_prefix("file://") {
+            RegistrySource::Directory(PathBuf::from(dir))
+        } else if registry_url.starts_with("http://") || registry_url.starts_with("https://") {
+            let user_info = Some(get("STRATA_SCHEMA_REGISTRY_USER_INFO")).filter(|u| !u.is_empty());
+            RegistrySource::Confluent {
+                url: registry_url.trim_end_matches('/').to_string(),
+                user_info,
+            }
+        } else {
+            return Err(invalid(
+                "STRATA_SCHEMA_REGISTRY_URL",
+                &registry_url,
+                "expected http://, https:// or file://",
+            ));
+        };
+
+        let lake_url = required("STRATA_LAKE_URL")?;
+        if !(lake_url.starts_with("file:///") || lake_url.starts_with("s3://")) {
+            return Err(invalid(
+                "STRATA_LAKE_URL",
+                &lake_url,
+                "expected file:///path or s3://bucket/prefix",
+            ));
+        }
+        if url::Url::parse(&lake_url).is_err() {
+            return Err(invalid("STRATA_LAKE_URL", &lake_url, "not a valid URL"));
+        }
+
+        let reader_text = required("STRATA_READER_SCHEMA")?;
+        let reader_schemas = if reader_text.trim().eq_ignore_ascii_case("latest") {
+            if matches!(registry, RegistrySource::Directory(_)) {
+                return Err(invalid(
+                    "STRATA_READER_SCHEMA",
+                    &reader_text,
+                    "`latest` reads subjects, which needs STRATA_SCHEMA_REGISTRY_URL=http(s)://…",
+                ));
+            }
+            ReaderSchemas::Latest
+        } else {
+            ReaderSchemas::Files(
+                schema_files(&reader_text)
+                    .map_err(|reason| invalid("STRATA_READER_SCHEMA", &reader_text, reason))?,
+            )
+        };
+        let strategy_text = get("STRATA_SUBJECT_NAME_STRATEGY");
+        let subject_strategy = match strategy_text
+            .to_ascii_lowercase()
+            .replace('-', "_")
+            .as_str()
+        {
+            "topic" | "topic_name" | "topicnamestrategy" => SubjectStrategy::Topic,
+            "topic_record" | "topic_record_name" | "topicrecordnamestrategy" => {
+                SubjectStrategy::TopicRecord
+            }
+            "record" | "record_name" | "recordnamestrategy" => SubjectStrategy::Record,
+            _ => {
+                return Err(invalid(
+                    "STRATA_SUBJECT_NAME_STRATEGY",
+                    &strategy_text,
+                    "expected topic, topic_record or record",
+                ))
+            }
+        };
+
+        let compatibility_text = get("STRATA_SCHEMA_COMPATIBILITY");
+        let compatibility = compatibility_text.parse().map_err(|reason: String| {
+            invalid("STRATA_SCHEMA_COMPATIBILITY", &compatibility_text, reason)
+        })?;
+        let compression = match get("STRATA_PARQUET_COMPRESSION")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "zstd" => Compression::Zstd,
+            "snappy" => Compression::Snappy,
+            "none" | "uncompressed" => Compression::None,
+            other => {
+                return Err(invalid(
+                    "STRATA_PARQUET_COMPRESSION",
+                    other,
+                    "expected zstd, snappy or none",
+                ))
+            }
+        };
+        let metrics_addr_text = get("STRATA_METRICS_ADDR");
+        let metrics_addr = metrics_addr_text.parse().map_err(|_| {
+            invalid(
+                "STRATA_METRICS_ADDR",
+                &metrics_addr_text,
+                "expected host:port, e.g. 0.0.0.0:9898",
+            )
+        })?;
+
+        let gold = Self::gold(&get)?;
+        Ok(Config {
+            gold,
+            brokers: required("STRATA_KAFKA_BROKERS")?,
+            group_id: required("STRATA_GROUP_ID")?,
+            topics,
+            kafka_properties,
+            registry,
+            reader_schemas,
+            subject_strategy,
+            compatibility,
+            event_time_field: required("STRATA_EVENT_TIME_FIELD")?,
+            lake_url: lake_url.trim_end_matches('/').to_string(),
+            dead_letters: DeadLetterConfig::from_vars(&get, &vars)?,
+            flush_interval: duration("STRATA_FLUSH_INTERVAL")?,
+            file_max_rows: parse_usize("STRATA_FILE_MAX_ROWS")?,
+            file_max_bytes: parse_usize("STRATA_FILE_MAX_BYTES")?,
+            compression,
+            metrics_addr,
+            commit_retries: parse_usize("STRATA_COMMIT_RETRIES")?,
+            max_value_bytes: parse_usize("STRATA_MAX_VALUE_BYTES")?,
+            shutdown_grace: duration("STRATA_SHUTDOWN_GRACE")?,
+        })
+    }
+}
+
+pub use crate::units::parse_duration;
+pub use dead_letters::DeadLetterConfig;
+pub use gold::GoldConfig;
+use settings::{default_of, help_of};
+pub use settings::{help_text, redact, Setting, SETTINGS};
+
+mod dead_letters;
+mod gold;
+mod settings;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,108 @@
+//! Every setting, declared once with its default and a line of help, so `strata --help` and the
+//! parser can never disagree; and the redaction of secret values.
+
+/// A setting: its variable, default (empty means "required" or "unset") and help line.
+pub struct Setting {
+    pub var: &'static str,
+    pub default: &'static str,
+    pub help: &'static str,
+}
+
+pub const SETTINGS: &[Setting] = &[
+    Setting { var: "STRATA_KAFKA_BROKERS", default: "localhost:9092", help: "Bootstrap servers of the Kafka cluster (host:port,...)." },
+    Setting { var: "STRATA_GROUP_ID", default: "strata", help: "Consumer group shared by all replicas of one pipeline." },
+    Setting { var: "STRATA_TOPICS", default: "", help: "Comma-separated Bronze topics to consume (required)." },
+    Setting { var: "STRATA_KAFKA_<PROPERTY>", default: "", help: "Any librdkafka property, e.g. STRATA_KAFKA_SECURITY_PROTOCOL=SSL sets security.protocol." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_URL", default: "", help: "http(s)://host:port of a Confluent Schema Registry, or file://DIR holding <id>.avsc files (required)." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_USER_INFO", default: "", help: "user:password for registry basic auth (secret, never logged)." },
+    Setting { var: "STRATA_READER_SCHEMA", default: "", help: "Reader schema(s): an .avsc file, a comma-separated list of files, a folder of .avsc files, or `latest` (the newest version of each subject in the registry, followed as it evolves). One Silver table per record name, named in snake_case (required)." },
+    Setting { var: "STRATA_SUBJECT_NAME_STRATEGY", default: "topic", help: "How subjects are named, as Confluent's serializers do: topic (<topic>-value), topic_record (<topic>-<record full name>) or record (<record full name>). Used by `latest` and `strata schemas check`." },
+    Setting { var: "STRATA_SCHEMA_COMPATIBILITY", default: "BACKWARD", help: "Check of each writer schema against the reader schema (and, transitive, earlier writers), with Confluent's meaning: BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE." },
+    Setting { var: "STRATA_EVENT_TIME_FIELD", default: "", help: "Reader-schema field holding event time (timestamp-millis or timestamp-micros) (required)." },
+    Setting { var: "STRATA_LAKE_URL", default: "", help: "file:///path or s3://bucket/prefix; Silver tables live at <lake>/silver/<table> (required). S3 uses the AWS_* variables." },
+    Setting { var: "STRATA_DLQ_TOPIC", default: "{topic}.dlq", help: "Name of a Bronze topic's dead-letter topic; {topic} stands for the Bronze topic (one shared topic when left out). Strata creates it at start-up when missing (the principal needs CREATE)." },
+    Setting { var: "STRATA_DLQ_SUFFIX", default: "", help: "Older form of STRATA_DLQ_TOPIC: the Bronze topic followed by this suffix. Used only when STRATA_DLQ_TOPIC is unset." },
+    Setting { var: "STRATA_DLQ_PARTITIONS", default: "source", help: "Partitions of a dead-letter topic Strata creates: `source` (as many as its Bronze topic, so a whole writer version refused can flow there as fast as it arrives) or a number." },
+    Setting { var: "STRATA_DLQ_REPLICATION", default: "cluster", help: "Replication factor of a dead-letter topic Strata creates: `cluster` (the broker's default.replication.factor) or a number." },
+    Setting { var: "STRATA_FLUSH_INTERVAL", default: "30s", help: "Longest time a record waits in memory before its file is committed (ms, s, m, h)." },
+    Setting { var: "STRATA_FILE_MAX_ROWS", default: "1000000", help: "A flush starts, and a file rolls, at this many buffered rows." },
+    Setting { var: "STRATA_FILE_MAX_BYTES", default: "134217728", help: "A flush starts, and a file rolls, at this many buffered bytes (the memory budget of the Silver buffer)." },
+    Setting { var: "STRATA_PARQUET_COMPRESSION", default: "zstd", help: "Parquet compression: zstd, snappy or none." },
+    Setting { var: "STRATA_METRICS_ADDR", default: "0.0.0.0:9898", help: "Address of the /metrics, /healthz and /readyz endpoint." },
+    Setting { var: "STRATA_MAX_VALUE_BYTES", default: "8388608", help: "Record values longer than this are dead-lettered as value_too_large before decoding (bounds the memory one record can claim)." },
+    Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },
+    Setting { var: "STRATA_SHUTDOWN_GRACE", default: "30s", help: "After SIGTERM, how long the replica may take to flush and commit before it aborts." },
+    Setting { var: "STRATA_GOLD_KEY", default: "", help: "Gold: comma-separated grouping field(s) of the Gold source table (string or integer). Unset: no Gold." },
+    Setting { var: "STRATA_GOLD_WINDOW", default: "1m", help: "Gold: event-time window, tumbling (`1m`) or hopping (`5m every 1m`; the slide divides the size)." },
+    Setting { var: "STRATA_GOLD_AGGREGATES", default: "count", help: "Gold: comma-separated aggregates: count, sum(f), min(f), max(f), avg(f), approx_distinct(f) (HyperLogLog, about 1.6 % standard error)." },
+    Setting { var: "STRATA_GOLD_TABLE", default: "", help: "Gold: the Silver table it reads (a table name); default: the only table, or the first reader schema's." },
+    Setting { var: "STRATA_GOLD_NAME", default: "", help: "Gold: table name, at <lake>/gold/<name>, late events at <lake>/gold/<name>_late; default <table>_by_<keys>." },
+    Setting { var: "STRATA_GOLD_PARTIALS_TOPIC", default: "", help: "Gold: topic of the partial aggregates between the stages; default <group>.partials (created when missing)." },
+    Setting { var: "STRATA_GOLD_PARTITIONS", default: "8", help: "Gold: partitions of the partials topic when Strata creates it (the existing count is used otherwise)." },
+    Setting { var: "STRATA_WATERMARK_DELAY", default: "10s", help: "Gold: bounded out-of-orderness: a source partition's watermark is its newest event time minus this." },
+    Setting { var: "STRATA_ALLOWED_LATENESS", default: "0s", help: "Gold: a window is final when the watermark passes its end plus this; later events go to the late-events table." },
+    Setting { var: "STRATA_IDLE_TIMEOUT", default: "30s", help: "Gold: a caught-up source partition without records for this long moves its watermark with the clock (now minus the delay), so it does not hold windows open." },
+    Setting { var: "STRATA_HOT_KEY_SHARE", default: "0.1", help: "Gold: a key holding at least this share of an epoch's events (0 < share ≤ 1) is hot and salted." },
+    Setting { var: "STRATA_HOT_KEY_MIN_EVENTS", default: "100", help: "Gold: … and at least this many events of the epoch." },
+    Setting { var: "STRATA_HOT_KEY_SALTS", default: "4", help: "Gold: sub-keys a hot key is spread over (0 or 1: salting off); below the partials topic's partition count." },
+    Setting { var: "STRATA_LOG", default: "info", help: "Log filter (tracing EnvFilter syntax); RUST_LOG is used when unset." },
+    Setting { var: "STRATA_LOG_FORMAT", default: "json", help: "Log format: json or text." },
+];
+
+/// Hides values of settings whose name suggests a credential.
+pub fn redact(name: &str, value: &str) -> String {
+    let lower = name.to_ascii_lowercase();
+    let secret = [
+        "password",
+        "secret",
+        "user_info",
+        "user.info",
+        "token",
+        "key",
+        "credential",
+        "jaas",
+    ]
+    .iter()
+    .any(|word| lower.contains(word));
+    if secret {
+        "<redacted>".to_string()
+    } else {
+        value.to_string()
+    }
+}
+
+/// The help text that `strata --help` prints.
+pub fn help_text() -> String {
+    let mut out = String::from(
+        "strata: Bronze Kafka topics (Confluent Avro) into exactly-once Delta Lake tables\n\n\
+         USAGE:\n  strata [run]    start a replica (configured by the environment variables below)\n  \
+         strata demo     run the whole pipeline on an embedded Kafka and a local lake, then verify it\n  \
+         strata schemas check [FILE|DIR ...]\n                  compare .avsc files (default: schemas/) with the registry's subjects under\n                  STRATA_SCHEMA_COMPATIBILITY; exit 1 on an incompatible change, 2 if it cannot check\n  \
+         strata --help   this text\n\nENVIRONMENT:\n",
+    );
+    for s in SETTINGS {
+        let default = if s.default.is_empty() {
+            String::new()
+        } else {
+            format!(" [default: {}]", s.default)
+        };
+        out.push_str(&format!("  {}{}\n      {}\n", s.var, default, s.help));
+    }
+    out
+}
+
+pub(super) fn default_of(var: &str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|s| s.var == var)
+        .map(|s| s.default)
+        .unwrap_or("")
+}
+
+pub(super) fn help_of(var: &'static str) -> &'static str {
+    SETTINGS
+        .iter()
+        .find(|s| s.var == var)
+        .map(|s| s.help)
+        .unwrap_or("")
+}

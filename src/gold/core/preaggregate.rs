@@ -1,0 +1,441 @@
+//! Stage 1 of Gold: local pre-aggregation. Decoded rows of one source partition are assigned to
+//! their event-time windows and folded into one accumulator per (window, key), so what leaves a
+//! replica is bounded by the number of (window, key) pairs, not by the event rate. A Space-Saving
+//! sketch over the same rows names the hot keys of the epoch.
+
+use std::collections::HashMap;
+
+use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use deltalake::arrow::datatypes::{
+    DataType, Float32Type, Float64Type, Int32Type, Int64Type, Schema, TimestampMicrosecondType,
+};
+
+use super::aggregate::{Accumulator, Aggregate, Function, Input};
+use super::heavy::SpaceSaving;
+use super::partial::KeyValue;
+use super::window::WindowSpec;
+
+/// What Gold computes.
+#[derive(Debug, Clone)]
+pub struct GoldSpec {
+    pub key_fields: Vec<String>,
+    pub window: WindowSpec,
+    pub aggregates: Vec<Aggregate>,
+    pub event_time_field: String,
+}
+
+impl GoldSpec {
+    /// Checks the spec against the Silver rows' schema: key fields must be strings or integers,
+    /// numeric aggregates need numbers, event time a timestamp. Errors name the field.
+    pub fn check(&self, schema: &Schema) -> Result<(), String> {
+        let field = |name: &str| {
+            schema
+                .field_with_name(name)
+                .map_err(|_| format!("field {name} is not in the table"))
+        };
+        for key in &self.key_fields {
+            let f = field(key)?;
+            if !matches!(
+                f.data_type(),
+                DataType::Utf8 | DataType::Int32 | DataType::Int64
+            ) {
+                return Err(format!(
+                    "STRATA_GOLD_KEY field {key} has type {}, expected a string or an integer",
+                    f.data_type()
+                ));
+            }
+        }
+        for aggregate in &self.aggregates {
+            let Some(name) = &aggregate.field else {
+                continue;
+            };
+            let f = field(name)?;
+            let numeric = matches!(
+                f.data_type(),
+                DataType::Int32 | DataType::Int64 | DataType::Float32 | DataType::Float64
+            );
+            if aggregate.numeric() && !numeric {
+                return Err(format!(
+                    "{aggregate} needs a number, field {name} has type {}",
+                    f.data_type()
+                ));
+            }
+            if aggregate.function == Function::ApproxDistinct
+                && !numeric
+                && !matches!(f.data_type(), DataType::Utf8 | DataType::Binary)
+            {
+                return Err(format!(
+                    "{aggregate}: field {name} has type {}, expected a string, bytes or a number",
+                    f.data_type()
+                ));
+            }
+        }
+        match field(&self.event_time_field)?.data_type() {
+            DataType::Timestamp(_, _) => Ok(()),
+            other => Err(format!(
+                "event time field {} has type {other}",
+                self.event_time_field
+            )),
+        }
+    }
+}
+
+/// The pre-aggregated state of one source partition's epoch.
+#[derive(Debug)]
+pub struct PreAggregator {
+    keys: HashMap<Vec<KeyValue>, u32>,
+    key_list: Vec<Vec<KeyValue>>,
+    groups: HashMap<(i64, u32, u16), Accumulator>,
+    /// Hot keys (by id) and the turn of their next event: events of a hot key take the salts
+    /// 1..=`salts` in turn, so its load spreads evenly over `salts` sub-keys.
+    salted: HashMap<u32, u64>,
+    salts: u16,
+    events: u64,
+}
+
+impl Default for PreAggregator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PreAggregator {
+    pub fn new() -> Self {
+        Self {
+            keys: HashMap::new(),
+            key_list: Vec::new(),
+            groups: HashMap::new(),
+            salted: HashMap::new(),
+            salts: 1,
+            events: 0,
+        }
+    }
+
+    pub fn events(&self) -> u64 {
+        self.events
+    }
+
+    fn id_of(&mut self, key: Vec<KeyValue>) -> u32 {
+        match self.keys.get(&key) {
+            Some(id) => *id,
+            None => {
+                let id = self.key_list.len() as u32;
+                self.keys.insert(key.clone(), id);
+                self.key_list.push(key);
+                id
+            }
+        }
+    }
+
+    /// Salts `hot` keys: their events take the salts 1..=`salts` in turn, the first one `start`
+    /// (fixed by source partition and epoch, so a replay salts identically). Call before folding.
+    pub fn salt(&mut self, hot: Vec<Vec<KeyValue>>, salts: u16, start: u64) {
+        if salts < 2 {
+            return;
+        }
+        self.salts = salts;
+        for key in hot {
+            let id = self.id_of(key);
+            self.salted.insert(id, start);
+        }
+    }
+
+    /// Hot keys of `batches` without folding them: keys holding at least `share` of the rows (and
+    /// at least `min_events`), by a Space-Saving sketch of `capacity` keys.
+    pub fn scan_hot(
+        spec: &GoldSpec,
+        batches: &[RecordBatch],
+        capacity: usize,
+        share: f64,
+        min_events: u64,
+    ) -> Result<Vec<Vec<KeyValue>>, String> {
+        let mut ids: HashMap<Vec<KeyValue>, u32> = HashMap::new();
+        let mut list: Vec<Vec<KeyValue>> = Vec::new();
+        let mut heavy = SpaceSaving::new(capacity);
+        for batch in batches {
+            let keys: Vec<&ArrayRef> = spec
+                .key_fields
+                .iter()
+                .map(|k| {
+                    batch
+                        .column_by_name(k)
+                        .ok_or_else(|| format!("column {k} missing"))
+                })
+                .collect::<Result<_, _>>()?;
+            for row in 0..batch.num_rows() {
+                let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
+                let id = match ids.get(&key) {
+                    Some(id) => *id,
+                    None => {
+                        let id = list.len() as u32;
+                        ids.insert(key.clone(), id);
+                        list.push(key);
+                        id
+                    }
+                };
+                heavy.add(&id.to_le_bytes(), 1);
+            }
+        }
+        Ok(heavy
+            .hot(share)
+            .into_iter()
+            .filter(|(_, count)| *count >= min_events)
+            .filter_map(|(id, _)| {
+                let id = u32::from_le_bytes(id.try_into().ok()?);
+                list.get(id as usize).cloned()
+            })
+            .collect())
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups.len()
+    }
+
+    /// Folds the rows of `batch` (Silver rows). `keep(row, event time, window start)` says whether
+    /// the row counts in that window (a window it is late for is set apart by the caller); a row
+    /// kept in no window is not folded. Returns the rows folded.
+    pub fn add_batch(
+        &mut self,
+        spec: &GoldSpec,
+        batch: &RecordBatch,
+        mut keep: impl FnMut(usize, i64, i64) -> bool,
+    ) -> Result<usize, String> {
+        let column = |name: &str| -> Result<&ArrayRef, String> {
+            batch
+                .column_by_name(name)
+                .ok_or_else(|| format!("column {name} missing"))
+        };
+        let times = column(&spec.event_time_field)?
+            .as_primitive_opt::<TimestampMicrosecondType>()
+            .ok_or("event time is not a microsecond timestamp")?;
+        let keys: Vec<&ArrayRef> = spec
+            .key_fields
+            .iter()
+            .map(|k| column(k))
+            .collect::<Result<_, _>>()?;
+        let inputs: Vec<Option<&ArrayRef>> = spec
+            .aggregates
+            .iter()
+            .map(|a| a.field.as_deref().map(column).transpose())
+            .collect::<Result<_, _>>()?;
+        let mut folded = 0;
+        let mut row_inputs: Vec<Input<'_>> = Vec::with_capacity(inputs.len());
+        let mut starts: Vec<i64> = Vec::new();
+        for row in 0..batch.num_rows() {
+            if times.is_null(row) {
+                continue;
+            }
+            let t = times.value(row);
+            starts.clear();
+            starts.extend(spec.window.starts(t).filter(|start| keep(row, t, *start)));
+            if starts.is_empty() {
+                continue;
+            }
+            let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
+            let id = self.id_of(key);
+            let salt = match self.salted.get_mut(&id) {
+                Some(turn) => {
+                    let salt = 1 + (*turn % u64::from(self.salts)) as u16;
+                    *turn += 1;
+                    salt
+                }
+                None => 0,
+            };
+            row_inputs.clear();
+            for input in &inputs {
+                row_inputs.push(match input {
+                    None => Input::Null,
+                    Some(c) if c.is_null(row) => Input::Null,
+                    Some(c) => match c.data_type() {
+                        DataType::Utf8 => Input::Bytes(c.as_string::<i32>().value(row).as_bytes()),
+                        DataType::Binary => Input::Bytes(c.as_binary::<i32>().value(row)),
+                        DataType::Int32 => {
+                            Input::Int(i64::from(c.as_primitive::<Int32Type>().value(row)))
+                        }
+                        DataType::Int64 => Input::Int(c.as_primitive::<Int64Type>().value(row)),
+                        _ => number(c, row).map_or(Input::Null, Input::Number),
+                    },
+                });
+            }
+            for start in &starts {
+                self.groups
+                    .entry((*start, id, salt))
+                    .or_insert_with(|| Accumulator::new(&spec.aggregates))
+                    .add(&row_inputs);
+            }
+            self.events += 1;
+            folded += 1;
+        }
+        Ok(folded)
+    }
+
+    /// The (window start, key, salt, accumulator) groups, in a deterministic order (window, key,
+    /// salt), so a replay of the same rows emits the same partials in the same order.
+    pub fn into_groups(self) -> Vec<(i64, Vec<KeyValue>, u16, Accumulator)> {
+        let mut out: Vec<(i64, Vec<KeyValue>, u16, Accumulator)> = self
+            .groups
+            .into_iter()
+            .map(|((start, id, salt), acc)| (start, self.key_list[id as usize].clone(), salt, acc))
+            .collect();
+        out.sort_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| a.1.cmp(&b.1))
+                .then_with(|| a.2.cmp(&b.2))
+        });
+        out
+    }
+}
+
+fn key_value(column: &ArrayRef, row: usize) -> KeyValue {
+    if column.is_null(row) {
+        return KeyValue::Null;
+    }
+    match column.data_type() {
+        DataType::Utf8 => KeyValue::Str(column.as_string::<i32>().value(row).to_string()),
+        DataType::Int32 => KeyValue::Int(i64::from(column.as_primitive::<Int32Type>().value(row))),
+        DataType::Int64 => KeyValue::Int(column.as_primitive::<Int64Type>().value(row)),
+        _ => KeyValue::Null,
+    }
+}
+
+fn number(column: &ArrayRef, row: usize) -> Option<f64> {
+    Some(match column.data_type() {
+        DataType::Float32 => f64::from(column.as_primitive::<Float32Type>().value(row)),
+        DataType::Float64 => column.as_primitive::<Float64Type>().value(row),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::gold::core::aggregate::{parse_aggregates, Output};
+    use deltalake::arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
+    use deltalake::arrow::datatypes::{Field, TimeUnit};
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    fn spec(window: &str) -> GoldSpec {
+        GoldSpec {
+            key_fields: vec!["customer".into()],
+            window: window.parse().expect("window"),
+            aggregates: parse_aggregates(
+                "count, sum(amount), min(amount), max(amount), avg(amount)",
+            )
+            .expect("aggregates"),
+            event_time_field: "event_time".into(),
+        }
+    }
+
+    /// Silver-like rows (customer, amount, event time) for the Gold tests.
+    pub(crate) fn orders_batch(rows: &[(String, f64, i64)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("customer", DataType::Utf8, false),
+            Field::new("amount", DataType::Float64, true),
+            Field::new(
+                "event_time",
+                DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
+                false,
+            ),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.0.clone()),
+                )),
+                Arc::new(Float64Array::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(
+                    TimestampMicrosecondArray::from_iter_values(rows.iter().map(|r| r.2))
+                        .with_timezone("UTC"),
+                ),
+            ],
+        )
+        .expect("batch")
+    }
+
+    fn batch(rows: &[(u8, f64, i64)]) -> RecordBatch {
+        let named: Vec<(String, f64, i64)> = rows
+            .iter()
+            .map(|(c, a, t)| (format!("c{c}"), *a, *t))
+            .collect();
+        orders_batch(&named)
+    }
+
+    #[test]
+    fn spec_is_checked_against_the_table() {
+        let b = batch(&[]);
+        assert!(spec("1m").check(&b.schema()).is_ok());
+        let mut wrong = spec("1m");
+        wrong.aggregates = parse_aggregates("sum(customer)").expect("aggregates");
+        assert!(wrong
+            .check(&b.schema())
+            .expect_err("not a number")
+            .contains("customer"));
+        wrong.key_fields = vec!["nope".into()];
+        assert!(wrong.check(&b.schema()).is_err());
+    }
+
+    proptest! {
+        /// Pre-aggregation equals computing each (window, key) from its events one by one.
+        #[test]
+        fn preaggregation_equals_per_event_computation(
+            rows in prop::collection::vec((0u8..6, -1e4f64..1e4, 0i64..600_000_000), 0..400),
+            hopping in any::<bool>(),
+        ) {
+            let spec = spec(if hopping { "2m every 1m" } else { "1m" });
+            let mut pre = PreAggregator::new();
+            let folded = pre.add_batch(&spec, &batch(&rows), |_, _, _| true).expect("fold");
+            prop_assert_eq!(folded, rows.len());
+            let mut expected: BTreeMap<(i64, String), (u64, Vec<f64>)> = BTreeMap::new();
+            for (c, amount, t) in &rows {
+                for start in spec.window.starts(*t) {
+                    let e = expected.entry((start, format!("c{c}"))).or_default();
+                    e.0 += 1;
+                    e.1.push(*amount);
+                }
+            }
+            let groups = pre.into_groups();
+            prop_assert_eq!(groups.len(), expected.len());
+            for (start, key, _, acc) in groups {
+                let KeyValue::Str(name) = &key[0] else { panic!("string key") };
+                let (count, amounts) = &expected[&(start, name.clone())];
+                let out = acc.finish();
+                prop_assert_eq!(out[0], Output::Int(*count as i64));
+                let mut exact = crate::gold::core::aggregate::ExactSum::default();
+                amounts.iter().for_each(|a| exact.add(*a));
+                prop_assert_eq!(out[1], Output::Float(Some(exact.value())));
+                let min = amounts.iter().copied().fold(f64::INFINITY, f64::min);
+                let max = amounts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                prop_assert_eq!(out[2], Output::Float(Some(min)));
+                prop_assert_eq!(out[3], Output::Float(Some(max)));
+                prop_assert_eq!(out[4], Output::Float(Some(exact.value() / *count as f64)));
+            }
+        }
+    }
+
+    #[test]
+    fn hot_keys_of_an_epoch() {
+        let rows: Vec<(u8, f64, i64)> = (0..1_000)
+            .map(|i| {
+                (
+                    if i % 5 < 2 { 0 } else { 1 + (i % 50) as u8 },
+                    1.0,
+                    i as i64,
+                )
+            })
+            .collect();
+        let rows = [batch(&rows)];
+        assert_eq!(
+            PreAggregator::scan_hot(&spec("1m"), &rows, 16, 0.2, 10).expect("scan"),
+            vec![vec![KeyValue::Str("c0".into())]]
+        );
+        assert!(
+            PreAggregator::scan_hot(&spec("1m"), &rows, 16, 0.2, 10_000)
+                .expect("scan")
+                .is_empty(),
+            "too few events to salt"
+        );
+    }
+}

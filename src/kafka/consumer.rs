@@ -1,0 +1,407 @@
+//! The Kafka source: one OS thread owns the librdkafka consumer, so no blocking librdkafka call ever
+//! runs on an async worker. It hands the pipeline chunks of records of one partition, and turns each
+//! rebalance into a message with an acknowledgement:
+//!
+//! - on assignment it asks the pipeline where each partition resumes (the table's `txn` version + 1)
+//!   and assigns at exactly those offsets;
+//! - on revocation it waits until the pipeline has committed or dropped that partition's work, and
+//!   only then lets the rebalance complete.
+//!
+//! It never decides what is durable: group offsets are committed only when the pipeline says so.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc as std_mpsc, Arc};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::{Headers, Message};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+use rdkafka::ClientContext;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::models::{SourceRecord, TopicPartition};
+use crate::ops::Metrics;
+
+/// Records per chunk handed to the pipeline.
+const CHUNK_RECORDS: usize = 2_000;
+/// Bytes per chunk handed to the pipeline.
+const CHUNK_BYTES: usize = 4 * 1024 * 1024;
+
+/// What the source tells the pipeline, in consumption order.
+pub enum SourceEvent {
+    /// Consecutive records of one partition.
+    Records(Vec<SourceRecord>),
+    /// New partitions: the pipeline answers with the last offset already in the table (or `None`).
+    Assigned {
+        partitions: Vec<TopicPartition>,
+        reply: oneshot::Sender<HashMap<TopicPartition, Option<i64>>>,
+    },
+    /// Partitions taken away; the rebalance waits for `done`. `lost` means another member may
+    /// already own them, so their work must not be committed blindly.
+    Revoked {
+        partitions: Vec<TopicPartition>,
+        lost: bool,
+        done: oneshot::Sender<()>,
+    },
+    /// A seek the pipeline asked for has happened: records of this partition from now on follow it.
+    Reseeked(TopicPartition),
+}
+
+/// What the pipeline asks of the source.
+pub enum SourceCommand {
+    /// Resume this partition at this offset (after fencing dropped buffered work).
+    Seek(TopicPartition, i64),
+    /// Commit these next-offsets to the consumer group (advisory, asynchronous).
+    CommitOffsets(BTreeMap<TopicPartition, i64>),
+}
+
+struct SourceContext {
+    events: mpsc::Sender<SourceEvent>,
+    metrics: Arc<Metrics>,
+    /// Whether this consumer's rebalances are the replica's (`strata_assigned_partitions`,
+    /// `strata_rebalances_total`); Gold's partials consumer only logs its own.
+    counts_assignments: bool,
+}
+
+impl ClientContext for SourceContext {
+    fn stats(&self, statistics: Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    self.metrics.consumer_lag(topic, *partition, p.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        self.metrics.kafka_error(&error, reason);
+    }
+}
+
+fn assigned_count(consumer: &BaseConsumer<SourceContext>) -> usize {
+    consumer.assignment().map(|a| a.count()).unwrap_or(0)
+}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
+    tpl.elements()
+        .iter()
+        .map(|e| TopicPartition::new(e.topic(), e.partition()))
+        .collect()
+}
+
+impl ConsumerContext for SourceContext {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let cooperative = matches!(
+            consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let partitions = partitions_of(tpl);
+                let (reply, answer) = oneshot::channel();
+                let resume = if self
+                    .events
+                    .blocking_send(SourceEvent::Assigned {
+                        partitions: partitions.clone(),
+                        reply,
+                    })
+                    .is_ok()
+                {
+                    answer.blocking_recv().ok()
+                } else {
+                    None
+                };
+                let Some(resume) = resume else {
+                    // The pipeline is gone (shutting down): take nothing, so nothing is read unowned.
+                    tracing::warn!("assignment while the pipeline is stopping; not consuming it");
+                    return;
+                };
+                for tp in &partitions {
+                    let offset = match resume.get(tp).copied().flatten() {
+                        Some(last) => Offset::Offset(last + 1),
+                        None => Offset::Beginning,
+                    };
+                    if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, offset) {
+                        tracing::error!(partition = %tp, error = %e, "setting resume offset");
+                    }
+                }
+                let result = if cooperative {
+                    consumer.incremental_assign(tpl)
+                } else {
+                    consumer.assign(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "assigning partitions");
+                }
+                self.metrics.rebalanced(
+                    "assign",
+                    &partitions,
+                    assigned_count(consumer),
+                    self.counts_assignments,
+                );
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let partitions = partitions_of(tpl);
+                let lost = consumer.assignment_lost();
+                let (done, finished) = oneshot::channel();
+                if self
+                    .events
+                    .blocking_send(SourceEvent::Revoked {
+                        partitions: partitions.clone(),
+                        lost,
+                        done,
+                    })
+                    .is_ok()
+                {
+                    // The rebalance completes only after the pipeline finished or dropped the work.
+                    let _ = finished.blocking_recv();
+                }
+                let result = if cooperative {
+                    consumer.incremental_unassign(tpl)
+                } else {
+                    consumer.unassign()
+                };
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "unassigning partitions");
+                }
+                self.metrics.rebalanced(
+                    if lost { "lost" } else { "revoke" },
+                    &partitions,
+                    assigned_count(consumer),
+                    self.counts_assignments,
+                );
+            }
+            other => {
+                tracing::error!(error = ?other, "rebalance error");
+                let _ = consumer.unassign();
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(e) = result {
+            // Advisory only: the table holds the truth, so a failed group commit loses nothing.
+            tracing::debug!(error = %e, "group offset commit failed");
+        }
+    }
+}
+
+/// Settings the source needs.
+pub struct SourceSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub properties: BTreeMap<String, String>,
+    /// Whether this consumer's assignments count as the replica's in the metrics.
+    pub counts_assignments: bool,
+}
+
+/// Handle of the running source thread.
+pub struct Source {
+    commands: std_mpsc::Sender<SourceCommand>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Source {
+    /// Creates the consumer, subscribes and starts the polling thread.
+    pub fn start(
+        settings: SourceSettings,
+        metrics: Arc<Metrics>,
+        events: mpsc::Sender<SourceEvent>,
+    ) -> KafkaResult<Self> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &settings.brokers)
+            .set("group.id", &settings.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky")
+            .set("statistics.interval.ms", "5000")
+            .set("session.timeout.ms", "45000")
+            .set("heartbeat.interval.ms", "3000");
+        for (key, value) in &settings.properties {
+            config.set(key, value);
+        }
+        let context = SourceContext {
+            events: events.clone(),
+            metrics: metrics.clone(),
+            counts_assignments: settings.counts_assignments,
+        };
+        let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
+        let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+
+        let (commands, command_rx) = std_mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_flag = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name("strata-source".into())
+            .spawn(move || poll_loop(consumer, events, command_rx, stop_flag, metrics))
+            .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?;
+        Ok(Self {
+            commands,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn command(&self, command: SourceCommand) {
+        let _ = self.commands.send(command);
+    }
+
+    /// Asks the thread to leave the group and stop. The pipeline must keep answering events
+    /// (the final revocation) until the event channel closes.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Waits for the thread (call after the event channel closed).
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
+    let headers = message
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|header| (header.key.to_string(), header.value.map(<[u8]>::to_vec)))
+                .collect()
+        })
+        .unwrap_or_default();
+    SourceRecord {
+        topic: message.topic().into(),
+        partition: message.partition(),
+        offset: message.offset(),
+        timestamp_ms: message.timestamp().to_millis(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers,
+    }
+}
+
+fn poll_loop(
+    consumer: BaseConsumer<SourceContext>,
+    events: mpsc::Sender<SourceEvent>,
+    commands: std_mpsc::Receiver<SourceCommand>,
+    stop: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+) {
+    let mut chunk: Vec<SourceRecord> = Vec::new();
+    let mut chunk_bytes = 0usize;
+    while !stop.load(Ordering::Relaxed) {
+        while let Ok(command) = commands.try_recv() {
+            match command {
+                SourceCommand::Seek(tp, offset) => {
+                    // Only seek what we still own; otherwise the new owner resumes from the table.
+                    let owned = consumer
+                        .assignment()
+                        .map(|a| {
+                            a.elements().iter().any(|e| {
+                                e.topic() == tp.topic.as_ref() && e.partition() == tp.partition
+                            })
+                        })
+                        .unwrap_or(false);
+                    if owned {
+                        if let Err(e) = consumer.seek(
+                            &tp.topic,
+                            tp.partition,
+                            Offset::Offset(offset),
+                            Duration::from_secs(10),
+                        ) {
+                            tracing::warn!(partition = %tp, offset, error = %e, "seek failed");
+                        }
+                        let _ = events.blocking_send(SourceEvent::Reseeked(tp));
+                    }
+                }
+                SourceCommand::CommitOffsets(offsets) => {
+                    let mut tpl = TopicPartitionList::new();
+                    for (tp, next) in &offsets {
+                        let _ = tpl.add_partition_offset(
+                            &tp.topic,
+                            tp.partition,
+                            Offset::Offset(*next),
+                        );
+                    }
+                    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+                        tracing::debug!(error = %e, "group offset commit not sent");
+                    }
+                }
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(50);
+        let mut timeout = Duration::from_millis(100);
+        loop {
+            match consumer.poll(timeout) {
+                Some(Ok(message)) => {
+                    let record = to_record(&message);
+                    let same_partition = chunk.last().is_none_or(|last| {
+                        last.partition == record.partition && last.topic == record.topic
+                    });
+                    if !same_partition {
+                        send_chunk(&events, &mut chunk, &mut chunk_bytes);
+                    }
+                    chunk_bytes += record.size();
+                    chunk.push(record);
+                    if chunk.len() >= CHUNK_RECORDS || chunk_bytes >= CHUNK_BYTES {
+                        send_chunk(&events, &mut chunk, &mut chunk_bytes);
+                    }
+                    timeout = Duration::ZERO;
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    metrics.kafka_error(&e, "consume error");
+                    break;
+                }
+                None => break,
+            }
+        }
+        send_chunk(&events, &mut chunk, &mut chunk_bytes);
+    }
+    // Leave the group: the final revocation goes through the rebalance callback as usual.
+    consumer.unsubscribe();
+    let until = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < until
+        && consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
+    {
+        let _ = consumer.poll(Duration::from_millis(100));
+    }
+    drop(consumer);
+}
+
+fn send_chunk(
+    events: &mpsc::Sender<SourceEvent>,
+    chunk: &mut Vec<SourceRecord>,
+    bytes: &mut usize,
+) {
+    if chunk.is_empty() {
+        return;
+    }
+    // Counted as consumed by the pipeline when it takes them (one place keeps the accounting).
+    let records = std::mem::take(chunk);
+    *bytes = 0;
+    // Blocks when the pipeline is behind: that is the backpressure on fetching.
+    let _ = events.blocking_send(SourceEvent::Records(records));
+}

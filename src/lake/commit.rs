@@ -1,0 +1,295 @@
+//! The commit protocol: files and consumed offsets become visible together, exactly once.
+//!
+//! **The rule, written once:** a source offset counts as done only when a Delta commit holding the
+//! files with its rows also holds a `txn` action `strata/<group>/<topic>/<partition>` whose version
+//! is at least that offset. Nothing else (not the Kafka group offset, not a file on storage) is
+//! progress. The group offset is committed afterwards and is advisory, for lag tooling only.
+//!
+//! Fencing: this replica remembers, per owned partition, the `txn` version it last read or wrote.
+//! Before every commit it refreshes the snapshot and compares; a mismatch means another replica
+//! owns or owned the partition, and the work is refused. The commit is then made against that
+//! same snapshot, so delta-rs's conflict checker rejects it if another `txn` for the same
+//! partition lands in between (`ConcurrentTransaction`), and the comparison runs again.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use deltalake::arrow::datatypes::Schema;
+use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, TransactionError};
+use deltalake::kernel::{Action, Add, MetadataExt, Transaction};
+use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::{DeltaTable, DeltaTableError};
+
+use crate::lake::evolution::Evolution;
+use crate::lake::PARTITION_COLUMNS;
+use crate::models::TopicPartition;
+use crate::retry::Backoff;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("delta table: {0}")]
+    Delta(#[from] DeltaTableError),
+    #[error("commit lost {0} races in a row")]
+    TooManyConflicts(usize),
+    #[error("partition {0} is not owned by this replica")]
+    NotOwned(TopicPartition),
+    #[error("the table cannot take the reader schema's rows: {0}")]
+    Schema(String),
+}
+
+/// A partition whose stored progress is not what this replica last saw: someone else wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fenced {
+    pub partition: TopicPartition,
+    /// The version this replica expected (`None`: no progress stored).
+    pub expected: Option<i64>,
+    /// The version actually stored in the table.
+    pub stored: Option<i64>,
+}
+
+#[derive(Debug)]
+pub enum CommitOutcome {
+    Committed {
+        version: i64,
+        attempts: usize,
+    },
+    /// Nothing was committed: these partitions are fenced; drop their work and commit the rest anew.
+    Fenced(Vec<Fenced>),
+}
+
+/// One Delta table fed from Kafka partitions, and this replica's view of who owns what.
+pub struct TableCommitter {
+    table: DeltaTable,
+    app_prefix: String,
+    /// Last `txn` version read or written per partition this replica owns.
+    owned: HashMap<TopicPartition, Option<i64>>,
+    max_attempts: usize,
+}
+
+impl TableCommitter {
+    /// `group` scopes the `txn` app ids, so two pipelines may feed one table without colliding.
+    pub fn new(table: DeltaTable, group: &str, max_attempts: usize) -> Self {
+        Self {
+            table,
+            app_prefix: format!("strata/{group}"),
+            owned: HashMap::new(),
+            max_attempts: max_attempts.max(1),
+        }
+    }
+
+    pub fn app_id(&self, tp: &TopicPartition) -> String {
+        format!("{}/{}/{}", self.app_prefix, tp.topic, tp.partition)
+    }
+
+    async fn refresh(&mut self) -> Result<(), DeltaTableError> {
+        self.table.update_incremental(None).await
+    }
+
+    /// A second progress value stored per partition beside its offset (Gold keeps a watermark).
+    pub fn side_app_id(&self, name: &str, tp: &TopicPartition) -> String {
+        format!("{}/{name}/{}/{}", self.app_prefix, tp.topic, tp.partition)
+    }
+
+    async fn stored_version(&self, tp: &TopicPartition) -> Result<Option<i64>, DeltaTableError> {
+        self.stored(&self.app_id(tp)).await
+    }
+
+    /// The `txn` version stored under `app_id` in the snapshot last read.
+    pub async fn stored(&self, app_id: &str) -> Result<Option<i64>, DeltaTableError> {
+        let snapshot = self.table.snapshot()?;
+        snapshot
+            .transaction_version(self.table.log_store().as_ref(), app_id)
+            .await
+    }
+
+    pub fn object_store(&self) -> std::sync::Arc<dyn deltalake::ObjectStore> {
+        self.table.object_store()
+    }
+
+    /// Takes ownership of newly assigned partitions: reads their stored progress, remembers it as
+    /// the fencing baseline and returns it (the consumer resumes at `stored + 1`).
+    pub async fn claim(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<(TopicPartition, Option<i64>)>, CommitError> {
+        self.refresh().await?;
+        let mut out = Vec::with_capacity(partitions.len());
+        for tp in partitions {
+            let stored = self.stored_version(tp).await?;
+            self.owned.insert(tp.clone(), stored);
+            out.push((tp.clone(), stored));
+        }
+        Ok(out)
+    }
+
+    /// Forgets partitions that were revoked or fenced: their work can no longer commit here.
+    pub fn release(&mut self, partitions: &[TopicPartition]) {
+        for tp in partitions {
+            self.owned.remove(tp);
+        }
+    }
+
+    /// Refreshes the snapshot and returns the partitions among `partitions` whose stored progress
+    /// moved away from what this replica expects. Call before writing files, to write no file in vain.
+    pub async fn check(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<Vec<Fenced>, CommitError> {
+        self.refresh().await?;
+        self.compare(partitions).await
+    }
+
+    async fn compare(&self, partitions: &[TopicPartition]) -> Result<Vec<Fenced>, CommitError> {
+        let mut fenced = Vec::new();
+        for tp in partitions {
+            let Some(expected) = self.owned.get(tp).copied() else {
+                return Err(CommitError::NotOwned(tp.clone()));
+            };
+            let stored = self.stored_version(tp).await?;
+            if stored != expected {
+                fenced.push(Fenced {
+                    partition: tp.clone(),
+                    expected,
+                    stored,
+                });
+            }
+        }
+        Ok(fenced)
+    }
+
+    /// Commits `files` and the last offsets they include, as one Delta version, if and only if
+    /// every partition's stored progress is still what this replica expects.
+    pub async fn commit(
+        &mut self,
+        files: Vec<Add>,
+        last_offsets: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<CommitOutcome, CommitError> {
+        self.commit_with(files, last_offsets, &[]).await
+    }
+
+    /// [`TableCommitter::commit`] with more `txn` actions (`(app id, version)`) in the same commit.
+    pub async fn commit_with(
+        &mut self,
+        files: Vec<Add>,
+        last_offsets: &BTreeMap<TopicPartition, i64>,
+        extra: &[(String, i64)],
+    ) -> Result<CommitOutcome, CommitError> {
+        let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        for attempt in 1..=self.max_attempts {
+            self.refresh().await?;
+            let fenced = self.compare(&partitions).await?;
+            if !fenced.is_empty() {
+                return Ok(CommitOutcome::Fenced(fenced));
+            }
+            let now = chrono::Utc::now().timestamp_millis();
+            let mut actions: Vec<Action> = files.iter().cloned().map(Action::Add).collect();
+            actions.extend(last_offsets.iter().map(|(tp, offset)| {
+                Action::Txn(Transaction::new_with_last_update(
+                    self.app_id(tp),
+                    *offset,
+                    Some(now),
+                ))
+            }));
+            actions.extend(extra.iter().map(|(app_id, version)| {
+                Action::Txn(Transaction::new_with_last_update(
+                    app_id.clone(),
+                    *version,
+                    Some(now),
+                ))
+            }));
+            let operation = DeltaOperation::Write {
+                mode: SaveMode::Append,
+                partition_by: Some(PARTITION_COLUMNS.iter().map(|c| c.to_string()).collect()),
+                predicate: None,
+            };
+            let snapshot = self.table.snapshot()?;
+            // No retries inside delta-rs: after a lost race we must compare again before retrying.
+            let result = CommitBuilder::default()
+                .with_actions(actions)
+                .with_max_retries(0)
+                .build(Some(snapshot), self.table.log_store(), operation)
+                .await;
+            match result {
+                Ok(done) => {
+                    let version = done.version();
+                    for (tp, offset) in last_offsets {
+                        self.owned.insert(tp.clone(), Some(*offset));
+                    }
+                    return Ok(CommitOutcome::Committed {
+                        version: version as i64,
+                        attempts: attempt,
+                    });
+                }
+                Err(e) if is_lost_race(&e) => {
+                    tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CommitError::TooManyConflicts(self.max_attempts))
+    }
+}
+
+impl TableCommitter {
+    /// Makes the table able to hold `rows` (a reader's decoded rows): columns it lacks are added,
+    /// nullable, in one metadata commit. Replicas may race to do it; the loser re-plans against the
+    /// winner's schema. Returns the schema files must have from now on.
+    pub async fn evolve(&mut self, rows: &Schema) -> Result<Evolution, CommitError> {
+        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        for _ in 0..self.max_attempts {
+            self.refresh().await?;
+            let snapshot = self.table.snapshot()?;
+            let plan = crate::lake::evolution::plan_evolution(&snapshot.schema(), rows)
+                .map_err(CommitError::Schema)?;
+            if plan.added.is_empty() {
+                return Ok(plan);
+            }
+            let mut fields: Vec<_> = snapshot.schema().fields().cloned().collect();
+            fields.extend(plan.added.iter().cloned());
+            let schema = deltalake::kernel::StructType::try_new(fields)
+                .map_err(|e| CommitError::Schema(e.to_string()))?;
+            let metadata = snapshot
+                .metadata()
+                .clone()
+                .with_schema(&schema)
+                .map_err(|e| CommitError::Schema(e.to_string()))?;
+            let operation = DeltaOperation::AddColumn {
+                fields: plan.added.clone(),
+            };
+            let result = CommitBuilder::default()
+                .with_actions(vec![Action::Metadata(metadata)])
+                .with_max_retries(0)
+                .build(Some(snapshot), self.table.log_store(), operation)
+                .await;
+            match result {
+                Ok(done) => {
+                    let added: Vec<&String> = plan.added.iter().map(|f| f.name()).collect();
+                    tracing::info!(version = done.version(), ?added, "table schema evolved");
+                    self.refresh().await?;
+                    return Ok(plan);
+                }
+                Err(e) if is_lost_race(&e) => backoff.wait().await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(CommitError::TooManyConflicts(self.max_attempts))
+    }
+}
+
+/// Errors after which comparing again and retrying is right: another writer committed first.
+fn is_lost_race(error: &DeltaTableError) -> bool {
+    match error {
+        DeltaTableError::VersionAlreadyExists(_) => true,
+        DeltaTableError::Transaction { source } => matches!(
+            source,
+            TransactionError::VersionAlreadyExists(_)
+                | TransactionError::MaxCommitAttempts(_)
+                | TransactionError::CommitConflict(CommitConflictError::ConcurrentTransaction)
+                | TransactionError::CommitConflict(CommitConflictError::ConcurrentAppend)
+                | TransactionError::CommitConflict(CommitConflictError::MetadataChanged)
+        ),
+        _ => false,
+    }
+}

@@ -1,0 +1,218 @@
+//! Silver files: accepted rows grouped by event date and hour, encoded as Parquet and uploaded under
+//! the table. This module only writes files and describes them as `add` actions; it never commits
+//! (an uploaded file is invisible until `commit` puts it in the log).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use deltalake::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
+use deltalake::arrow::compute::{concat_batches, take_record_batch};
+use deltalake::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
+use deltalake::kernel::Add;
+use deltalake::parquet::arrow::ArrowWriter;
+use deltalake::parquet::basic::{Compression as ParquetCompression, ZstdLevel};
+use deltalake::parquet::file::properties::WriterProperties;
+use deltalake::{ObjectStore, Path};
+use object_store::ObjectStoreExt;
+
+use crate::config::Compression;
+use crate::lake::PARTITION_COLUMNS;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SilverError {
+    #[error("arrow: {0}")]
+    Arrow(#[from] deltalake::arrow::error::ArrowError),
+    #[error("parquet: {0}")]
+    Parquet(#[from] deltalake::parquet::errors::ParquetError),
+    #[error("object store: {0}")]
+    Store(#[from] deltalake::ObjectStoreError),
+    #[error("encoding task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// File-rolling policy and encoding settings.
+#[derive(Debug, Clone)]
+pub struct FilePolicy {
+    pub max_rows: usize,
+    pub max_bytes: usize,
+    pub compression: Compression,
+}
+
+impl FilePolicy {
+    /// The policy `STRATA_FILE_MAX_ROWS`, `STRATA_FILE_MAX_BYTES` and
+    /// `STRATA_PARQUET_COMPRESSION` set.
+    pub fn from_config(config: &crate::config::Config) -> Self {
+        Self {
+            max_rows: config.file_max_rows,
+            max_bytes: config.file_max_bytes,
+            compression: config.compression,
+        }
+    }
+}
+
+/// Writes Silver files for one table.
+pub struct SilverWriter {
+    /// The files' schema: the table's columns as this replica writes them (see `lake::evolution::plan_evolution`).
+    schema: SchemaRef,
+    event_time_field: String,
+    policy: FilePolicy,
+    store: Arc<dyn ObjectStore>,
+}
+
+/// `(days since 1970-01-01, hour of day)` in UTC.
+pub fn date_hour(micros: i64) -> (i32, i32) {
+    let seconds = micros.div_euclid(1_000_000);
+    let days = seconds.div_euclid(86_400);
+    let hour = seconds.rem_euclid(86_400) / 3_600;
+    (
+        days.clamp(i32::MIN as i64, i32::MAX as i64) as i32,
+        hour as i32,
+    )
+}
+
+fn date_string(days: i32) -> String {
+    chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+        .and_then(|epoch| epoch.checked_add_signed(chrono::Duration::days(days as i64)))
+        .map(|d| d.format("%Y-%m-%d").to_string())
+        .unwrap_or_else(|| "0000-01-01".to_string())
+}
+
+impl SilverWriter {
+    /// `store` must be rooted at the table (paths are relative to it).
+    pub fn new(
+        schema: SchemaRef,
+        event_time_field: &str,
+        policy: FilePolicy,
+        store: Arc<dyn ObjectStore>,
+    ) -> Self {
+        Self {
+            schema,
+            event_time_field: event_time_field.to_string(),
+            policy,
+            store,
+        }
+    }
+
+    /// Changes the files' schema (the table evolved). Batches already buffered in the old shape
+    /// are widened when written, so they share files with the new rows.
+    pub fn set_schema(&mut self, schema: SchemaRef) {
+        self.schema = schema;
+    }
+
+    /// Writes `batches` as Parquet files, one or more per (event_date, event_hour), and returns their
+    /// `add` actions. Files are rolled at `max_rows` rows and roughly `max_bytes` of Arrow memory.
+    /// Batches may have any earlier shape of the table: they are conformed to the current one.
+    pub async fn write(&self, batches: &[RecordBatch]) -> Result<Vec<Add>, SilverError> {
+        let conformed = batches
+            .iter()
+            .map(|b| crate::lake::evolution::conform(b, &self.schema))
+            .collect::<Result<Vec<_>, _>>()?;
+        let all = concat_batches(&self.schema, &conformed)?;
+        if all.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        let times = all
+            .column_by_name(&self.event_time_field)
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            .ok_or_else(|| {
+                deltalake::arrow::error::ArrowError::SchemaError(format!(
+                    "event time column {} missing or not a timestamp",
+                    self.event_time_field
+                ))
+            })?;
+        let mut groups: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
+        for row in 0..all.num_rows() {
+            // Rows without event time were rejected by the decoder; treat a null defensively as epoch.
+            let micros = if times.is_null(row) {
+                0
+            } else {
+                times.value(row)
+            };
+            groups
+                .entry(date_hour(micros))
+                .or_default()
+                .push(row as u32);
+        }
+        let bytes_per_row = (all.get_array_memory_size() / all.num_rows()).max(1);
+        let rows_per_file = self
+            .policy
+            .max_rows
+            .min((self.policy.max_bytes / bytes_per_row).max(1));
+
+        let mut adds = Vec::new();
+        for ((days, hour), rows) in groups {
+            for chunk in rows.chunks(rows_per_file) {
+                let part = take_record_batch(&all, &UInt32Array::from(chunk.to_vec()))?;
+                adds.push(self.write_file(part, days, hour).await?);
+            }
+        }
+        Ok(adds)
+    }
+
+    async fn write_file(
+        &self,
+        batch: RecordBatch,
+        days: i32,
+        hour: i32,
+    ) -> Result<Add, SilverError> {
+        let rows = batch.num_rows();
+        let compression = self.policy.compression;
+        // Parquet encoding is CPU work: keep it off the async workers.
+        let bytes =
+            tokio::task::spawn_blocking(move || encode_parquet(&batch, compression)).await??;
+        let date = date_string(days);
+        let extension = match compression {
+            Compression::Zstd => "zstd.parquet",
+            Compression::Snappy => "snappy.parquet",
+            Compression::None => "parquet",
+        };
+        let relative = format!(
+            "{}={date}/{}={hour}/part-{}.{extension}",
+            PARTITION_COLUMNS[0],
+            PARTITION_COLUMNS[1],
+            uuid::Uuid::new_v4()
+        );
+        let size = bytes.len() as i64;
+        self.store
+            .put(&Path::from(relative.as_str()), bytes.into())
+            .await?;
+        crate::failpoint!("after_upload");
+        let partition_values: HashMap<String, Option<String>> = [
+            (PARTITION_COLUMNS[0].to_string(), Some(date)),
+            (PARTITION_COLUMNS[1].to_string(), Some(hour.to_string())),
+        ]
+        .into_iter()
+        .collect();
+        Ok(Add {
+            path: relative,
+            partition_values,
+            size,
+            modification_time: chrono::Utc::now().timestamp_millis(),
+            data_change: true,
+            stats: Some(serde_json::json!({ "numRecords": rows }).to_string()),
+            tags: None,
+            deletion_vector: None,
+            base_row_id: None,
+            default_row_commit_version: None,
+            clustering_provider: None,
+        })
+    }
+}
+
+fn encode_parquet(batch: &RecordBatch, compression: Compression) -> Result<Vec<u8>, SilverError> {
+    let codec = match compression {
+        Compression::Zstd => ParquetCompression::ZSTD(ZstdLevel::default()),
+        Compression::Snappy => ParquetCompression::SNAPPY,
+        Compression::None => ParquetCompression::UNCOMPRESSED,
+    };
+    let properties = WriterProperties::builder().set_compression(codec).build();
+    let mut buffer = Vec::with_capacity(batch.get_array_memory_size() / 4);
+    let mut writer = ArrowWriter::try_new(&mut buffer, batch.schema(), Some(properties))?;
+    writer.write(batch)?;
+    writer.close()?;
+    Ok(buffer)
+}
+
+// The fixtures (generated orders) come with the `demo` feature, which `make test` turns on.
+#[cfg(all(test, feature = "demo"))]
+mod tests;

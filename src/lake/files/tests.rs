@@ -1,0 +1,99 @@
+//! Files roll on rows and bytes, one event hour per file, and Parquet round-trips.
+
+use super::*;
+use proptest::prelude::*;
+
+fn decoded_orders(n: usize) -> (crate::silver::decode::BatchDecoder, RecordBatch) {
+    let mut decoder = crate::demo::order_decoder(4096).expect("decoder");
+    let records = crate::demo::generated_records(n, 3, 1).expect("records");
+    let batch = decoder.decode(&records).batch.expect("rows");
+    (decoder, batch)
+}
+
+#[tokio::test]
+async fn files_roll_on_rows_and_bytes_and_split_by_hour() {
+    let (decoder, batch) = decoded_orders(3_000);
+    let store = Arc::new(object_store::memory::InMemory::new());
+    let writer = |max_rows, max_bytes| {
+        SilverWriter::new(
+            decoder.output_schema(),
+            "event_time",
+            FilePolicy {
+                max_rows,
+                max_bytes,
+                compression: Compression::Snappy,
+            },
+            store.clone(),
+        )
+    };
+    let times = batch
+        .column(decoder.event_time_index())
+        .as_primitive::<TimestampMicrosecondType>();
+    let mut hours: BTreeMap<(i32, i32), usize> = BTreeMap::new();
+    for row in 0..batch.num_rows() {
+        *hours.entry(date_hour(times.value(row))).or_default() += 1;
+    }
+    let files_for = |per_file: usize| hours.values().map(|n| n.div_ceil(per_file)).sum::<usize>();
+
+    let unlimited = writer(usize::MAX, usize::MAX)
+        .write(std::slice::from_ref(&batch))
+        .await
+        .expect("write");
+    assert_eq!(unlimited.len(), hours.len(), "one file per event hour");
+    let by_rows = writer(500, usize::MAX)
+        .write(std::slice::from_ref(&batch))
+        .await
+        .expect("write");
+    assert_eq!(by_rows.len(), files_for(500));
+    let bytes_per_row = batch.get_array_memory_size() / batch.num_rows();
+    let by_bytes = writer(usize::MAX, bytes_per_row * 250)
+        .write(std::slice::from_ref(&batch))
+        .await
+        .expect("write");
+    assert_eq!(by_bytes.len(), files_for(250));
+
+    let rows: i64 = by_rows
+        .iter()
+        .map(|add| {
+            let stats: serde_json::Value =
+                serde_json::from_str(add.stats.as_deref().expect("stats")).expect("json");
+            stats["numRecords"].as_i64().expect("numRecords")
+        })
+        .sum();
+    assert_eq!(rows, 3_000);
+    for add in &by_rows {
+        let (date, hour) = (
+            &add.partition_values["event_date"],
+            &add.partition_values["event_hour"],
+        );
+        assert!(add.path.starts_with(&format!(
+            "event_date={}/event_hour={}/",
+            date.as_deref().expect("date"),
+            hour.as_deref().expect("hour")
+        )));
+        let stored = store
+            .head(&Path::from(add.path.as_str()))
+            .await
+            .expect("uploaded");
+        assert_eq!(stored.size as i64, add.size);
+    }
+}
+
+#[test]
+fn dates_and_hours() {
+    // 2023-11-14T22:13:20Z
+    assert_eq!(date_hour(1_700_000_000_000_000), (19_675, 22));
+    assert_eq!(date_string(19_675), "2023-11-14");
+    assert_eq!(date_hour(-1), (-1, 23));
+    assert_eq!(date_string(-1), "1969-12-31");
+}
+
+proptest! {
+    #[test]
+    fn date_hour_agrees_with_chrono(micros in -10_000_000_000_000_000i64..10_000_000_000_000_000i64) {
+        let (days, hour) = date_hour(micros);
+        let expected = chrono::DateTime::from_timestamp_micros(micros).expect("in range");
+        prop_assert_eq!(date_string(days), expected.format("%Y-%m-%d").to_string());
+        prop_assert_eq!(hour, expected.format("%H").to_string().parse::<i32>().expect("hour"));
+    }
+}

@@ -1,0 +1,97 @@
+//! Where tables live and how they are opened or created: `<lake>/<layer>/<table>` on a local folder
+//! or S3 (endpoint and credentials from the standard `AWS_*` variables).
+
+pub mod commit;
+pub mod evolution;
+pub mod files;
+pub mod verify;
+
+use std::sync::Arc;
+
+use deltalake::arrow::datatypes::{DataType, Field, Schema};
+use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
+use deltalake::kernel::StructType;
+use deltalake::protocol::SaveMode;
+use deltalake::{DeltaTable, DeltaTableError};
+use url::Url;
+
+/// Why a table could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The reader schema cannot make this table (no event time field, a column of another type in
+    /// the existing table, …): retrying cannot help.
+    #[error("{0}")]
+    Schema(String),
+    /// The lake could not be reached: try again.
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// The Silver partition columns, derived from event time (UTC).
+pub const PARTITION_COLUMNS: [&str; 2] = ["event_date", "event_hour"];
+
+/// Registers the S3 object-store handlers (idempotent; the `deltalake` crate's own constructor may
+/// already have done it, but linking order must not decide whether `s3://` works).
+pub fn register_object_stores() {
+    deltalake::aws::register_handlers(None);
+}
+
+/// `<lake>/<layer>/<name>` as a table URL.
+pub fn table_url(lake_url: &str, layer: &str, name: &str) -> Result<Url, DeltaTableError> {
+    let text = format!("{}/{layer}/{name}", lake_url.trim_end_matches('/'));
+    if let Some(path) = text.strip_prefix("file://") {
+        std::fs::create_dir_all(path)
+            .map_err(|e| DeltaTableError::InvalidTableLocation(format!("{text}: {e}")))?;
+    }
+    Url::parse(&text).map_err(|e| DeltaTableError::InvalidTableLocation(format!("{text}: {e}")))
+}
+
+/// Opens the table at `url`, creating it with `data_schema` plus the partition columns when it does
+/// not exist yet. Several replicas may race to create it: the loser loads the winner's table.
+/// An existing table is returned as it is: [`plan_evolution`] decides how it meets the reader.
+pub async fn open_or_create(
+    url: Url,
+    data_schema: &Schema,
+    table_name: &str,
+) -> Result<DeltaTable, DeltaTableError> {
+    let mut fields: Vec<Field> = data_schema
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone())
+        .collect();
+    fields.push(Field::new(PARTITION_COLUMNS[0], DataType::Date32, false));
+    fields.push(Field::new(PARTITION_COLUMNS[1], DataType::Int32, false));
+    let delta_schema: StructType = Arc::new(Schema::new(fields)).as_ref().try_into_kernel()?;
+    let mut last_error = None;
+    for _ in 0..5 {
+        let table = DeltaTable::try_from_url(url.clone()).await?;
+        if table.version().is_some() {
+            return Ok(table);
+        }
+        let created = table
+            .create()
+            .with_table_name(table_name)
+            .with_columns(delta_schema.fields().cloned())
+            .with_partition_columns(PARTITION_COLUMNS)
+            .with_save_mode(SaveMode::Ignore)
+            .with_comment("Written by Strata: Bronze Kafka records, decoded, exactly once")
+            .await;
+        match created {
+            Ok(table) => return Ok(table),
+            Err(e) => last_error = Some(e), // lost the creation race: load again
+        }
+    }
+    Err(last_error
+        .unwrap_or_else(|| DeltaTableError::Generic("table creation did not settle".into())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_urls() {
+        let url = table_url("s3://bucket/pre/", "silver", "orders").expect("url");
+        assert_eq!(url.as_str(), "s3://bucket/pre/silver/orders");
+    }
+}

@@ -1,0 +1,100 @@
+//! Readiness: why a replica is not ready. Several reasons can hold at once and each clears on its
+//! own, so one recovering dependency cannot report ready while another is still down. A
+//! dead-letter topic that cannot be written is a reason of its own, naming the topic.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+/// Why a replica is not ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    Starting = 1,
+    Registry = 2,
+    Lake = 4,
+    ShuttingDown = 8,
+}
+
+impl NotReady {
+    const ALL: [NotReady; 4] = [
+        NotReady::Starting,
+        NotReady::Registry,
+        NotReady::Lake,
+        NotReady::ShuttingDown,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            NotReady::Starting => "starting (no assignment from the consumer group yet)",
+            NotReady::Registry => "schema registry unreachable",
+            NotReady::Lake => "object store refuses writes",
+            NotReady::ShuttingDown => "shutting down",
+        }
+    }
+}
+
+/// The reasons that hold now; ready when none does. Starts as [`NotReady::Starting`].
+pub struct Readiness {
+    /// Bits of [`NotReady`].
+    reasons: AtomicU8,
+    /// Dead-letter topics that cannot be written now, with why.
+    blocked_dead_letters: Mutex<BTreeMap<String, String>>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            reasons: AtomicU8::new(NotReady::Starting as u8),
+            blocked_dead_letters: Mutex::new(BTreeMap::new()),
+        }
+    }
+}
+
+impl Readiness {
+    /// Marks `reason` as holding (`true`) or cleared (`false`).
+    pub fn set(&self, reason: NotReady, holds: bool) {
+        if holds {
+            self.reasons.fetch_or(reason as u8, Ordering::Relaxed);
+        } else {
+            self.reasons.fetch_and(!(reason as u8), Ordering::Relaxed);
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.reasons.load(Ordering::Relaxed) == 0 && self.blocked().is_empty()
+    }
+
+    /// Marks a dead-letter topic as unwritable; returns whether `why` is new for it.
+    pub fn block_dead_letters(&self, topic: &str, why: &str) -> bool {
+        let previous = self.blocked().insert(topic.to_string(), why.to_string());
+        previous.as_deref() != Some(why)
+    }
+
+    /// Clears a dead-letter topic; returns whether it was blocked.
+    pub fn unblock_dead_letters(&self, topic: &str) -> bool {
+        self.blocked().remove(topic).is_some()
+    }
+
+    fn blocked(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        // The map stays consistent whatever a panicking holder did: every update is one call.
+        self.blocked_dead_letters
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The reasons that currently hold, for `/readyz`.
+    pub fn reasons(&self) -> Vec<String> {
+        let bits = self.reasons.load(Ordering::Relaxed);
+        let mut reasons: Vec<String> = NotReady::ALL
+            .iter()
+            .filter(|r| bits & (**r as u8) != 0)
+            .map(|r| r.as_str().to_string())
+            .collect();
+        reasons.extend(
+            self.blocked()
+                .iter()
+                .map(|(topic, why)| format!("dead-letter topic {topic} cannot be written ({why})")),
+        );
+        reasons
+    }
+}

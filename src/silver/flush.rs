@@ -1,0 +1,185 @@
+//! A flush: every table writes its buffered rows as Parquet files and makes one Delta commit with
+//! the `txn` of every partition it holds (see `lake::commit` for the rule that makes it exactly
+//! once); then Gold's epochs are sent and the group offsets committed. Storage errors are retried
+//! with backoff (not ready meanwhile) until shutdown.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::kafka::consumer::SourceCommand;
+use crate::lake::commit::CommitOutcome;
+use crate::models::TopicPartition;
+use crate::ops::NotReady;
+use crate::retry::Backoff;
+
+use super::pipeline::{PipelineError, Replica};
+
+impl Replica {
+    /// Writes and commits everything buffered. Retries storage errors with backoff until it
+    /// succeeds or shutdown is requested (then the work is left uncommitted, which loses nothing).
+    pub(super) async fn flush(&mut self) -> Result<(), PipelineError> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match self.try_flush().await {
+                Ok(()) => {
+                    self.metrics.not_ready(NotReady::Lake, false);
+                    return Ok(());
+                }
+                Err(e) if self.shutdown.is_cancelled() => return Err(e),
+                Err(e) => {
+                    // Not ready while the lake refuses writes; nothing is lost, the work stays buffered.
+                    self.metrics.not_ready(NotReady::Lake, true);
+                    tracing::warn!(error = %e, "flush failed; retrying");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// One flush: per table, check ownership, write its files and commit them with the `txn` of
+    /// every partition it has not recorded yet. A table whose commit landed is not redone when a
+    /// later table's commit is fenced (its progress moved, so the retry finds nothing to do there).
+    pub(super) async fn try_flush(&mut self) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        // An epoch Silver holds but Gold has not sent goes first: epochs are sent in order.
+        self.send_gold().await?;
+        'again: loop {
+            let pending: BTreeMap<TopicPartition, i64> = self
+                .parts
+                .iter()
+                .filter_map(|(tp, s)| s.pending_last.map(|last| (tp.clone(), last)))
+                .collect();
+            if pending.is_empty() {
+                self.oldest = None;
+                return Ok(());
+            }
+            for index in 0..self.tables.list.len() {
+                let table = &mut self.tables.list[index];
+                let mut last_offsets = BTreeMap::new();
+                let mut batches = Vec::new();
+                let mut rows = 0u64;
+                for (tp, last) in &pending {
+                    let part = table.parts.entry(tp.clone()).or_default();
+                    if part.committed.is_none_or(|held| held < *last) {
+                        last_offsets.insert(tp.clone(), *last);
+                        batches.extend(part.batches.iter().cloned());
+                        rows += part.rows as u64;
+                    }
+                }
+                if last_offsets.is_empty() {
+                    continue;
+                }
+                let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
+                // Check ownership before writing, so fenced work costs no upload.
+                let fenced = table.committer.check(&partitions).await?;
+                if !fenced.is_empty() {
+                    self.on_fenced(index, fenced).await?;
+                    continue 'again;
+                }
+                let files = table.writer.write(&batches).await?;
+                let sizes: Vec<i64> = files.iter().map(|f| f.size).collect();
+                crate::failpoint!("before_commit");
+                match table.committer.commit(files, &last_offsets).await? {
+                    CommitOutcome::Fenced(fenced) => {
+                        // Lost a race for ownership after the upload: those files stay unreferenced
+                        // (vacuum removes them); the rest is written again.
+                        self.on_fenced(index, fenced).await?;
+                        continue 'again;
+                    }
+                    CommitOutcome::Committed { version, attempts } => {
+                        crate::failpoint!("after_delta_commit");
+                        // Late: behind the watermark every owned partition had already passed.
+                        let watermark_before = self
+                            .parts
+                            .keys()
+                            .map(|tp| table.event_high.get(tp).copied())
+                            .collect::<Option<Vec<i64>>>()
+                            .and_then(|highs| highs.into_iter().min());
+                        self.metrics.visible(
+                            &table.name,
+                            &batches,
+                            &self.config.event_time_field,
+                            watermark_before,
+                        );
+                        let mut by_topic: BTreeMap<&str, u64> = BTreeMap::new();
+                        for (tp, last) in &last_offsets {
+                            if let Some(part) = table.parts.get_mut(tp) {
+                                if let Some(gold) = self.gold.as_mut().filter(|g| g.table == index)
+                                {
+                                    gold.committed(tp, *last, part.batches.clone());
+                                }
+                                if let Some(newest) =
+                                    newest_event_time(&part.batches, &self.config.event_time_field)
+                                {
+                                    let high = table.event_high.entry(tp.clone()).or_insert(newest);
+                                    *high = (*high).max(newest);
+                                }
+                                *by_topic.entry(tp.topic.as_ref()).or_default() += part.rows as u64;
+                                self.metrics.buffered(tp, &table.name, -(part.rows as i64));
+                                part.committed = Some(*last);
+                                part.batches.clear();
+                                part.rows = 0;
+                                part.bytes = 0;
+                            }
+                        }
+                        if let Some(watermark) = self
+                            .parts
+                            .keys()
+                            .map(|tp| table.event_high.get(tp).copied())
+                            .collect::<Option<Vec<i64>>>()
+                            .and_then(|highs| highs.into_iter().min())
+                        {
+                            self.metrics.watermark(&table.name, watermark);
+                        }
+                        self.metrics.committed(
+                            &table.name,
+                            &by_topic,
+                            version,
+                            &sizes,
+                            started.elapsed(),
+                            attempts,
+                        );
+                        self.summary.commits += 1;
+                        self.summary.rows_committed += rows;
+                        self.summary.files += sizes.len() as u64;
+                    }
+                }
+            }
+            self.metrics.flushed(started.elapsed());
+            for (tp, last) in &pending {
+                self.metrics.progress(tp, *last);
+                if let Some(state) = self.parts.get_mut(tp) {
+                    state.pending_first = None;
+                    state.pending_last = None;
+                }
+            }
+            let (_, bytes) = self.tables.buffered();
+            self.metrics.buffered_bytes(bytes);
+            self.oldest = None;
+            self.send_gold().await?;
+            // Advisory group commit, so standard tools see the lag.
+            self.source.command(SourceCommand::CommitOffsets(
+                pending
+                    .into_iter()
+                    .filter(|(tp, _)| self.parts.contains_key(tp))
+                    .map(|(tp, last)| (tp, last + 1))
+                    .collect(),
+            ));
+            return Ok(());
+        }
+    }
+}
+
+/// The newest event time (microseconds) among `batches`.
+fn newest_event_time(batches: &[deltalake::arrow::array::RecordBatch], field: &str) -> Option<i64> {
+    use deltalake::arrow::array::AsArray;
+    use deltalake::arrow::datatypes::TimestampMicrosecondType;
+    batches
+        .iter()
+        .filter_map(|b| {
+            b.column_by_name(field)
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                .and_then(deltalake::arrow::compute::max)
+        })
+        .max()
+}

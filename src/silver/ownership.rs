@@ -1,0 +1,168 @@
+//! Partition ownership: claiming a partition's progress from every table on assignment (the
+//! fencing baseline), fencing (a stored `txn` that moved means another replica owns it: its work
+//! is dropped and the partition seeks back to the table), seeking back when a table opened mid-run
+//! is behind, and dropping the work of partitions that are revoked or lost.
+
+use std::time::Duration;
+
+use crate::kafka::consumer::SourceCommand;
+use crate::lake::commit::Fenced;
+use crate::models::TopicPartition;
+use crate::retry::Backoff;
+
+use super::pipeline::{PipelineError, Replica};
+
+impl Replica {
+    /// Reads every table's progress for `partitions` and makes it the fencing baseline.
+    pub(super) async fn claim_with_retry(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<(), PipelineError> {
+        for index in 0..self.tables.list.len() {
+            self.claim_table(index, partitions).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn claim_table(
+        &mut self,
+        index: usize,
+        partitions: &[TopicPartition],
+    ) -> Result<(), PipelineError> {
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let table = &mut self.tables.list[index];
+        loop {
+            match table.committer.claim(partitions).await {
+                Ok(claimed) => {
+                    for (tp, stored) in claimed {
+                        table.parts.entry(tp).or_default().committed = stored;
+                    }
+                    return Ok(());
+                }
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    tracing::warn!(table = %table.name, error = %e, "reading table progress failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// A table opened mid-run may hold less of an owned partition than has been handled: that
+    /// partition seeks back, and the other tables skip what they already hold.
+    pub(super) fn reseek_behind(&mut self, index: usize) {
+        let behind: Vec<(TopicPartition, i64)> = self
+            .parts
+            .iter()
+            .filter_map(|(tp, state)| {
+                let held = self.tables.list[index].parts.get(tp)?.committed?;
+                let position = state.position?;
+                // Back to the new table's progress, or further to the first uncommitted offset:
+                // the buffered work of every table is dropped and read again.
+                let from = state.pending_first.map_or(held + 1, |f| f.min(held + 1));
+                (held + 1 < position).then_some((tp.clone(), from))
+            })
+            .collect();
+        for (tp, from) in behind {
+            tracing::warn!(table = %self.tables.list[index].name, partition = %tp, from, "new table is behind: seeking back");
+            self.drop_work(std::slice::from_ref(&tp), "reseek");
+            if let Some(state) = self.parts.get_mut(&tp) {
+                state.position = Some(from);
+                state.awaiting_reseek = true;
+            }
+            self.source.command(SourceCommand::Seek(tp, from));
+        }
+    }
+
+    /// Drops buffered, uncommitted work of these partitions (the tables do not have it, so the
+    /// next owner reads it again).
+    pub(super) fn drop_work(
+        &mut self,
+        partitions: &[TopicPartition],
+        reason: &'static str,
+    ) -> usize {
+        let mut dropped = 0;
+        for tp in partitions {
+            // Counted per partition: the metric is per topic, and each partition's rows once.
+            let mut of_partition = 0;
+            for table in &mut self.tables.list {
+                let rows = table.drop_work(tp);
+                self.metrics.buffered(tp, &table.name, -(rows as i64));
+                of_partition += rows;
+            }
+            if let Some(state) = self.parts.get_mut(tp) {
+                state.pending_first = None;
+                state.pending_last = None;
+            }
+            self.metrics.dropped(tp, reason, of_partition);
+            dropped += of_partition;
+        }
+        let (_, bytes) = self.tables.buffered();
+        self.metrics.buffered_bytes(bytes);
+        dropped
+    }
+
+    pub(super) fn forget(&mut self, partitions: &[TopicPartition], reason: &'static str) {
+        self.drop_work(partitions, reason);
+        for tp in partitions {
+            self.parts.remove(tp);
+            if let Some(gold) = &mut self.gold {
+                gold.release(tp);
+            }
+            for table in &mut self.tables.list {
+                table.parts.remove(tp);
+                table.committer.release(std::slice::from_ref(tp));
+            }
+        }
+    }
+
+    /// Fenced partitions lose their buffered work in every table, then resume from the tables'
+    /// progress (if the source still owns them; otherwise their revocation follows).
+    pub(super) async fn on_fenced(
+        &mut self,
+        table: usize,
+        fenced: Vec<Fenced>,
+    ) -> Result<(), PipelineError> {
+        for f in fenced {
+            let tp = f.partition.clone();
+            let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
+            self.metrics.fenced(
+                &self.tables.list[table].name,
+                &tp,
+                f.expected,
+                f.stored,
+                dropped,
+            );
+            self.summary.fenced_partitions += 1;
+            self.reclaim(tp).await?;
+        }
+        Ok(())
+    }
+
+    /// After a fence: reads every table's (and Gold's) progress of `tp` again and seeks there;
+    /// records until the seek is confirmed are ignored.
+    pub(super) async fn reclaim(&mut self, tp: TopicPartition) -> Result<(), PipelineError> {
+        self.claim_with_retry(std::slice::from_ref(&tp)).await?;
+        if let Some(gold) = &mut self.gold {
+            gold.release(&tp);
+        }
+        self.claim_gold(std::slice::from_ref(&tp)).await?;
+        let after = self.resume_after(&tp);
+        if let Some(state) = self.parts.get_mut(&tp) {
+            state.position = after.map(|v| v + 1);
+            state.awaiting_reseek = true;
+        }
+        self.source
+            .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
+        Ok(())
+    }
+
+    /// Where a partition resumes: after what every table holds and what Gold has sent.
+    pub(super) fn resume_after(&self, tp: &TopicPartition) -> Option<i64> {
+        let tables = self.tables.resume_after(tp)?;
+        match self.gold.as_ref().and_then(|g| g.resume_after(tp)) {
+            Some(sent) => Some(tables.min(sent)),
+            None => Some(tables),
+        }
+    }
+}

@@ -1,0 +1,433 @@
+//! The Silver event loop of one replica: records, rebalances, ticks and shutdown, one at a time.
+//! A chunk of records is routed (`router`), decoded per table (`decode`), its rejections
+//! dead-lettered and acknowledged, and only then buffered per table and source partition; ticks
+//! and size limits start a flush (`flush`); rebalances claim and drop partitions (`ownership`).
+//!
+//! Buffers are kept per table and source partition, so that work of a fenced or lost partition can
+//! be dropped without touching the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::gold::stage1::Emitter;
+use crate::kafka::consumer::{Source, SourceEvent};
+use crate::lake::commit::CommitError;
+use crate::lake::files::SilverError;
+use crate::models::{Rejection, SourceRecord, TopicPartition};
+use crate::ops::{Metrics, NotReady};
+use crate::schema::registry::SchemaRegistry;
+use crate::silver::dead_letters::DeadLetters;
+use crate::silver::tables::Tables;
+
+use super::routes::{Destination, Route};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("delta table: {0}")]
+    Delta(#[from] deltalake::DeltaTableError),
+    #[error("commit: {0}")]
+    Commit(#[from] CommitError),
+    #[error("writing files: {0}")]
+    Silver(#[from] SilverError),
+    #[error("metrics endpoint: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("shutdown did not finish within the grace period of {0:?}")]
+    GraceExceeded(Duration),
+    #[error("shut down before start-up finished")]
+    Interrupted,
+    #[error("gold: {0}")]
+    Gold(String),
+    /// A reader schema or subject cannot make a table.
+    #[error("schema: {0}")]
+    Schema(String),
+}
+
+impl From<crate::silver::tables::TablesError> for PipelineError {
+    fn from(e: crate::silver::tables::TablesError) -> Self {
+        match e {
+            crate::silver::tables::TablesError::Refused(why) => PipelineError::Schema(why),
+            crate::silver::tables::TablesError::Interrupted => PipelineError::Interrupted,
+        }
+    }
+}
+
+/// What a replica did, for the demo's summary and for tests.
+#[derive(Debug, Default, Clone)]
+pub struct RunSummary {
+    pub records_consumed: u64,
+    pub rows_committed: u64,
+    pub dead_lettered: u64,
+    pub duplicates_skipped: u64,
+    pub files: u64,
+    pub commits: u64,
+    pub fenced_partitions: u64,
+    /// What Gold stage 2 committed (when Gold is on).
+    pub gold: Option<crate::gold::stage2::GoldSummary>,
+}
+
+/// Per owned partition: where consumption stands (the rows themselves are buffered per table).
+#[derive(Default)]
+pub(super) struct PartitionState {
+    /// Records below this offset were handled in this run already (a replay after a seek): skipped.
+    pub(super) position: Option<i64>,
+    /// First and last offset handled (a buffered row or an acknowledged dead letter) and not yet
+    /// committed: every table's uncommitted work of this partition lies in between.
+    pub(super) pending_first: Option<i64>,
+    pub(super) pending_last: Option<i64>,
+    /// After fencing, records are ignored until the source confirms the seek back.
+    pub(super) awaiting_reseek: bool,
+    /// Shutdown interrupted a dead letter of this partition: nothing after it may be buffered.
+    pub(super) stopped: bool,
+}
+
+pub struct Replica {
+    pub(super) config: Config,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) registry: SchemaRegistry,
+    pub(super) tables: Tables,
+    pub(super) routes: HashMap<u32, Route>,
+    pub(super) dead_letters: DeadLetters,
+    pub(super) source: Source,
+    pub(super) parts: HashMap<TopicPartition, PartitionState>,
+    pub(super) oldest: Option<Instant>,
+    pub(super) summary: RunSummary,
+    pub(super) shutdown: CancellationToken,
+    /// Gold stage 1 (when Gold is on).
+    pub(super) gold: Option<Emitter>,
+}
+
+impl Replica {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        registry: SchemaRegistry,
+        tables: Tables,
+        dead_letters: DeadLetters,
+        source: Source,
+        shutdown: CancellationToken,
+        gold: Option<Emitter>,
+    ) -> Self {
+        Self {
+            config,
+            metrics,
+            registry,
+            tables,
+            routes: HashMap::new(),
+            dead_letters,
+            source,
+            parts: HashMap::new(),
+            oldest: None,
+            summary: RunSummary::default(),
+            shutdown,
+            gold,
+        }
+    }
+
+    /// Asks the consumer to leave the group (its final revocation still has to be answered).
+    pub(crate) fn stop_consuming(&self) {
+        self.source.stop();
+    }
+
+    /// The consumer (to join its thread) and what this replica did.
+    pub(crate) fn finish(self) -> (Source, RunSummary) {
+        (self.source, self.summary)
+    }
+
+    pub(crate) async fn consume(
+        &mut self,
+        events: &mut mpsc::Receiver<SourceEvent>,
+    ) -> Result<(), PipelineError> {
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return Ok(()),
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event).await?,
+                    None => return Ok(()),
+                },
+                _ = tick.tick() => {
+                    if self.oldest.is_some_and(|t| t.elapsed() >= self.config.flush_interval) {
+                        self.flush().await?;
+                    }
+                    self.gold_idle().await?;
+                }
+            }
+        }
+    }
+
+    /// After shutdown: commit everything complete.
+    pub(crate) async fn drain(
+        &mut self,
+        events: &mut mpsc::Receiver<SourceEvent>,
+    ) -> Result<(), PipelineError> {
+        // Records already handed over are processed, so their offsets can commit with the rest.
+        while let Ok(event) = events.try_recv() {
+            self.handle(event).await?;
+        }
+        self.flush().await
+    }
+
+    pub(crate) fn answer_while_closing(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Revoked {
+                partitions, done, ..
+            } => {
+                // Everything complete was committed by `drain`; what is left is dropped, not lost:
+                // the next owner resumes from the table.
+                self.forget(&partitions, "shutdown");
+                let _ = done.send(());
+            }
+            SourceEvent::Assigned { reply, .. } => drop(reply),
+            SourceEvent::Records(records) => {
+                if let Some(first) = records.first() {
+                    let tp = TopicPartition::new(first.topic.clone(), first.partition);
+                    let bytes = records
+                        .iter()
+                        .map(|r| r.value.as_ref().map_or(0, Vec::len))
+                        .sum();
+                    self.metrics.consumed(&tp, records.len(), bytes);
+                    self.metrics.dropped(&tp, "shutdown", records.len());
+                }
+            }
+            SourceEvent::Reseeked(_) => {}
+        }
+    }
+
+    async fn handle(&mut self, event: SourceEvent) -> Result<(), PipelineError> {
+        match event {
+            SourceEvent::Records(records) => self.on_records(records).await,
+            SourceEvent::Assigned { partitions, reply } => {
+                self.claim_with_retry(&partitions).await?;
+                self.claim_gold(&partitions).await?;
+                // Ready once the group has given this replica its share (possibly none).
+                self.metrics.not_ready(NotReady::Starting, false);
+                let mut resume = HashMap::new();
+                for tp in partitions {
+                    let after = self.resume_after(&tp);
+                    if let Some(version) = after {
+                        self.metrics.progress(&tp, version);
+                    }
+                    self.parts.insert(
+                        tp.clone(),
+                        PartitionState {
+                            position: after.map(|v| v + 1),
+                            ..Default::default()
+                        },
+                    );
+                    resume.insert(tp, after);
+                }
+                let _ = reply.send(resume);
+                Ok(())
+            }
+            SourceEvent::Revoked {
+                partitions,
+                lost,
+                done,
+            } => {
+                // A lost assignment may already be someone else's: its work is only dropped.
+                if !lost {
+                    self.flush().await?;
+                }
+                self.forget(&partitions, if lost { "lost" } else { "revoked" });
+                let _ = done.send(());
+                Ok(())
+            }
+            SourceEvent::Reseeked(tp) => {
+                if let Some(state) = self.parts.get_mut(&tp) {
+                    state.awaiting_reseek = false;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn on_records(&mut self, records: Vec<SourceRecord>) -> Result<(), PipelineError> {
+        let Some(first) = records.first() else {
+            return Ok(());
+        };
+        let tp = TopicPartition::new(first.topic.clone(), first.partition);
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.value.as_ref().map_or(0, Vec::len))
+            .sum();
+        self.metrics.consumed(&tp, records.len(), bytes);
+        let Some(state) = self.parts.get(&tp) else {
+            // Not ours (any more): the owner reads these from the table's progress.
+            self.metrics.dropped(&tp, "not_owned", records.len());
+            return Ok(());
+        };
+        if state.awaiting_reseek {
+            self.metrics.dropped(&tp, "reseek", records.len());
+            return Ok(());
+        }
+        if state.stopped {
+            self.metrics.dropped(&tp, "shutdown", records.len());
+            return Ok(());
+        }
+        let position = state.position;
+        let (replayed, records): (Vec<SourceRecord>, Vec<SourceRecord>) = records
+            .into_iter()
+            .partition(|r| position.is_some_and(|p| r.offset < p));
+        self.skipped(&tp, replayed.len());
+        let (Some(first_offset), Some(last)) = (
+            records.first().map(|r| r.offset),
+            records.last().map(|r| r.offset),
+        ) else {
+            return Ok(());
+        };
+        self.summary.records_consumed += records.len() as u64;
+
+        self.resolve_schemas(&records).await?;
+        if self.parts.get(&tp).is_some_and(|s| s.awaiting_reseek) {
+            // A table opened on the way needs older offsets of this partition: they come again.
+            self.metrics.dropped(&tp, "reseek", records.len());
+            return Ok(());
+        }
+        // Route each record to its table, or straight to the dead letters. Union values lose
+        // their branch index here (`reframed`), so the branch's table decodes a plain record.
+        let mut reframed: Vec<SourceRecord> = Vec::new();
+        let destinations: Vec<Destination> = records
+            .iter()
+            .map(|record| self.destination(record, &mut reframed))
+            .collect();
+        let mut per_table: Vec<Vec<(&SourceRecord, &SourceRecord)>> =
+            vec![Vec::new(); self.tables.list.len()];
+        // Records Silver holds whose Gold epoch was not sent: decoded again for Gold only.
+        let mut gold_replay: Vec<&SourceRecord> = Vec::new();
+        let gold_table = self.gold.as_ref().map(|g| g.table);
+        if let Some(gold) = &mut self.gold {
+            gold.active(&tp);
+        }
+        let mut letters: Vec<(&SourceRecord, Rejection)> = Vec::new();
+        let mut skipped = 0;
+        let highest = self.tables.highest_committed(&tp);
+        for (record, destination) in records.iter().zip(destinations) {
+            match destination {
+                Destination::Table(index, body) => {
+                    let held = self.tables.list[index]
+                        .parts
+                        .get(&tp)
+                        .and_then(|p| p.committed);
+                    if held.is_some_and(|h| record.offset <= h) {
+                        skipped += 1;
+                        if gold_table == Some(index)
+                            && self
+                                .gold
+                                .as_ref()
+                                .is_some_and(|g| g.wants_replay(&tp, record.offset))
+                        {
+                            gold_replay.push(body.and_then(|i| reframed.get(i)).unwrap_or(record));
+                        }
+                    } else {
+                        let decoded = body.and_then(|i| reframed.get(i)).unwrap_or(record);
+                        per_table[index].push((decoded, record));
+                    }
+                }
+                Destination::Letter(rejection) => {
+                    if highest.is_some_and(|h| record.offset <= h) {
+                        skipped += 1;
+                    } else {
+                        letters.push((record, rejection));
+                    }
+                }
+            }
+        }
+        let mut replayed_letters = 0;
+        let mut batches = Vec::new();
+        for (index, group) in per_table.iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let table = &mut self.tables.list[index];
+            let inputs: Vec<&SourceRecord> = group.iter().map(|(decoded, _)| *decoded).collect();
+            let decoded = table.decoder.decode_refs(&inputs);
+            // Dead letters carry the record as it was consumed. A rejection at or below an offset
+            // some table holds was dead-lettered (and acknowledged) before that table's commit: a
+            // replay for a table that is behind must not send it twice.
+            for (i, rejection) in decoded.rejected {
+                let record = group[i].1;
+                if highest.is_some_and(|h| record.offset <= h) {
+                    replayed_letters += 1;
+                } else {
+                    letters.push((record, rejection));
+                }
+            }
+            if let Some(batch) = decoded.batch {
+                batches.push((index, batch));
+            }
+        }
+        // Rejections were dead-lettered when Silver took these offsets.
+        let replay = match (gold_table, gold_replay.is_empty()) {
+            (Some(index), false) => {
+                self.tables.list[index]
+                    .decoder
+                    .decode_refs(&gold_replay)
+                    .batch
+            }
+            _ => None,
+        };
+        if !letters.is_empty() {
+            letters.sort_by_key(|(r, _)| r.offset);
+            let refs: Vec<(&SourceRecord, &Rejection)> =
+                letters.iter().map(|(r, why)| (*r, why)).collect();
+            // Returns only once the dead-letter topic acknowledged every one of them. Nothing of
+            // this chunk is buffered before that, so nothing commits past an unwritten letter.
+            if self.dead_letters.publish(&refs).await.is_err() {
+                // Shutdown while a letter waited: this chunk and the rest of the partition are
+                // left to the next owner.
+                self.metrics.dropped(&tp, "shutdown", records.len());
+                if let Some(state) = self.parts.get_mut(&tp) {
+                    state.stopped = true;
+                }
+                return Ok(());
+            }
+            self.metrics.dead_lettered(&tp, &refs);
+            self.summary.dead_lettered += refs.len() as u64;
+        }
+        for (index, batch) in batches {
+            let table = &mut self.tables.list[index];
+            let part = table.parts.entry(tp.clone()).or_default();
+            part.rows += batch.num_rows();
+            part.bytes += batch.get_array_memory_size();
+            self.metrics
+                .buffered(&tp, &table.name, batch.num_rows() as i64);
+            part.batches.push(batch);
+        }
+        if let Some(gold) = &mut self.gold {
+            if let Some(batch) = replay {
+                gold.push_replay(&tp, batch);
+            }
+            gold.replay_read(&tp, last + 1);
+        }
+        self.skipped(&tp, skipped + replayed_letters);
+        let state = self.parts.entry(tp).or_default();
+        state.pending_first.get_or_insert(first_offset);
+        state.pending_last = Some(last);
+        state.position = Some(last + 1);
+        self.oldest.get_or_insert_with(Instant::now);
+        let (rows, bytes) = self.tables.buffered();
+        self.metrics.buffered_bytes(bytes);
+        if rows >= self.config.file_max_rows || bytes >= self.config.file_max_bytes {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub(super) fn skipped(&mut self, tp: &TopicPartition, count: usize) {
+        if count > 0 {
+            self.summary.duplicates_skipped += count as u64;
+            self.metrics.skipped_duplicates(tp, count);
+        }
+    }
+}

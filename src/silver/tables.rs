@@ -1,0 +1,326 @@
+//! The Silver tables of one replica: one per Avro record name, each with its reader schema,
+//! decoder, file writer, committer and per-partition buffers.
+//!
+//! A table's reader schema can change while it runs (`STRATA_READER_SCHEMA=latest`): the table
+//! gains the new columns in one metadata commit first, and rows already buffered in the old shape
+//! are widened when written, so a schema change never starts extra files.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use deltalake::arrow::array::RecordBatch;
+
+use crate::config::{Config, ReaderSchemas, SubjectStrategy};
+use crate::lake;
+use crate::lake::commit::{CommitError, TableCommitter};
+use crate::lake::files::{FilePolicy, SilverWriter};
+use crate::models::TopicPartition;
+use crate::ops::{Metrics, NotReady};
+use crate::retry::Backoff;
+use crate::schema::lookup::{ask_registry, Answer, Ask};
+use crate::schema::reader::{readers_from_version, ReaderSchema};
+use crate::schema::registry::SchemaRegistry;
+use crate::silver::decode::BatchDecoder;
+
+/// Buffered work of one source partition for one table.
+#[derive(Default)]
+pub struct TablePart {
+    /// The last offset this table holds for the partition (its stored `txn`): records at or
+    /// below it are already in the table and are skipped.
+    pub committed: Option<i64>,
+    pub batches: Vec<RecordBatch>,
+    pub rows: usize,
+    pub bytes: usize,
+}
+
+pub use crate::lake::OpenError;
+
+/// Why a reader schema could not be adopted.
+#[derive(Debug, thiserror::Error)]
+pub enum EvolveError {
+    /// The new version cannot become the table's schema (named columns); the old one stays.
+    #[error("{0}")]
+    Refused(String),
+    /// The lake could not be read or written: try again.
+    #[error(transparent)]
+    Storage(#[from] CommitError),
+}
+
+pub struct SilverTable {
+    pub name: String,
+    pub reader: ReaderSchema,
+    pub decoder: BatchDecoder,
+    pub writer: SilverWriter,
+    pub committer: TableCommitter,
+    pub parts: HashMap<TopicPartition, TablePart>,
+    /// Newest event time committed per partition (microseconds): the table's watermark is their
+    /// minimum over the owned partitions.
+    pub event_high: HashMap<TopicPartition, i64>,
+    /// Registry versions this table refused to evolve to (asked once each).
+    refused_versions: HashSet<u32>,
+}
+
+impl SilverTable {
+    /// Opens (or creates) the table of `reader` and makes it able to hold the reader's rows.
+    pub async fn open(config: &Config, reader: ReaderSchema) -> Result<Self, OpenError> {
+        let name = reader.table_name();
+        let decoder = BatchDecoder::new(&reader.json, &config.event_time_field, 8192)
+            .map_err(|e| OpenError::Schema(format!("table {name}: {e}")))?
+            .with_compatibility(config.compatibility)
+            .with_max_value_bytes(config.max_value_bytes)
+            .with_reader_id(reader.id);
+        let url = lake::table_url(&config.lake_url, "silver", &name)
+            .map_err(|e| OpenError::Schema(format!("table {name}: {e}")))?;
+        let table = lake::open_or_create(url, &decoder.output_schema(), &name)
+            .await
+            .map_err(|e| OpenError::Storage(format!("table {name}: {e}")))?;
+        let store = table.object_store();
+        let mut committer = TableCommitter::new(table, &config.group_id, config.commit_retries);
+        let evolution = committer
+            .evolve(&decoder.output_schema())
+            .await
+            .map_err(|e| match e {
+                CommitError::Schema(why) => OpenError::Schema(format!("table {name}: {why}")),
+                other => OpenError::Storage(format!("table {name}: {other}")),
+            })?;
+        let writer = SilverWriter::new(
+            evolution.file_schema,
+            &config.event_time_field,
+            FilePolicy::from_config(config),
+            store,
+        );
+        tracing::info!(table = %name, record = %reader.record, subject = ?reader.subject, schema_id = ?reader.id, "table open");
+        Ok(Self {
+            name,
+            reader,
+            decoder,
+            writer,
+            committer,
+            parts: HashMap::new(),
+            event_high: HashMap::new(),
+            refused_versions: HashSet::new(),
+        })
+    }
+
+    /// Whether `id` is a registry version this table should try to adopt.
+    pub fn wants_version(&self, id: u32) -> bool {
+        self.reader.id != Some(id) && !self.refused_versions.contains(&id)
+    }
+
+    /// Adopts a newer reader schema: the table gains its new columns (nullable) in one metadata
+    /// commit, every writer schema met is judged again, and buffered rows keep their files.
+    pub async fn evolve(&mut self, next: ReaderSchema) -> Result<(), EvolveError> {
+        let refuse = |this: &mut Self, why: String| {
+            if let Some(id) = next.id {
+                this.refused_versions.insert(id);
+            }
+            Err(EvolveError::Refused(why))
+        };
+        if next.record != self.reader.record {
+            let why = format!(
+                "version {:?} of {:?} is record {}, the table holds {}",
+                next.id, next.subject, next.record, self.reader.record
+            );
+            return refuse(self, why);
+        }
+        let decoder = match self.decoder.with_reader(&next.json, next.id) {
+            Ok(decoder) => decoder,
+            Err(e) => return refuse(self, e.to_string()),
+        };
+        let evolution = match self.committer.evolve(&decoder.output_schema()).await {
+            Ok(evolution) => evolution,
+            Err(CommitError::Schema(why)) => return refuse(self, why),
+            Err(e) => return Err(e.into()),
+        };
+        let added: Vec<&str> = evolution.added.iter().map(|f| f.name().as_str()).collect();
+        tracing::info!(table = %self.name, from = ?self.reader.id, to = ?next.id, ?added, "reader schema evolved");
+        self.decoder = decoder;
+        self.writer.set_schema(evolution.file_schema);
+        self.reader = next;
+        Ok(())
+    }
+
+    /// Buffered rows and bytes of all partitions.
+    pub fn buffered(&self) -> (usize, usize) {
+        self.parts
+            .values()
+            .fold((0, 0), |(r, b), p| (r + p.rows, b + p.bytes))
+    }
+
+    /// Drops the buffered work of `tp`; returns the rows dropped.
+    pub fn drop_work(&mut self, tp: &TopicPartition) -> usize {
+        let Some(part) = self.parts.get_mut(tp) else {
+            return 0;
+        };
+        let rows = part.rows;
+        part.batches.clear();
+        part.rows = 0;
+        part.bytes = 0;
+        rows
+    }
+}
+
+/// The table set shared by the pipeline: lookup by record name.
+#[derive(Default)]
+pub struct Tables {
+    pub list: Vec<SilverTable>,
+}
+
+impl Tables {
+    pub fn by_record(&self, record: &str) -> Option<usize> {
+        self.list.iter().position(|t| t.reader.record == record)
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.list.iter().map(|t| t.name.clone()).collect()
+    }
+
+    /// Where a partition resumes: after the smallest offset all tables hold (`None` when any table
+    /// holds nothing of it: the group's offset or `auto.offset.reset` decides).
+    pub fn resume_after(&self, tp: &TopicPartition) -> Option<i64> {
+        let mut lowest: Option<i64> = None;
+        for table in &self.list {
+            let committed = table.parts.get(tp).and_then(|p| p.committed)?;
+            lowest = Some(lowest.map_or(committed, |l| l.min(committed)));
+        }
+        lowest
+    }
+
+    /// The largest offset any table holds: a record routed to no table was dead-lettered already
+    /// if some table committed past it (dead letters are acknowledged before any commit).
+    pub fn highest_committed(&self, tp: &TopicPartition) -> Option<i64> {
+        self.list
+            .iter()
+            .filter_map(|t| t.parts.get(tp).and_then(|p| p.committed))
+            .max()
+    }
+
+    pub fn buffered(&self) -> (usize, usize) {
+        self.list.iter().fold((0, 0), |(r, b), t| {
+            let (tr, tb) = t.buffered();
+            (r + tr, b + tb)
+        })
+    }
+}
+
+/// Why the tables could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum TablesError {
+    /// A reader schema or subject cannot make a table: the configuration must change.
+    #[error("{0}")]
+    Refused(String),
+    /// Shutdown came while the registry or the lake was waited for.
+    #[error("shut down while opening the tables")]
+    Interrupted,
+}
+
+/// The tables known at start-up: one per reader schema file, or under `latest` one per subject of
+/// the configured topics (more may open later, as record types are met).
+pub async fn open_tables(
+    config: &Config,
+    registry: &SchemaRegistry,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Tables, TablesError> {
+    let mut readers: Vec<ReaderSchema> = Vec::new();
+    match &config.reader_schemas {
+        ReaderSchemas::Files(paths) => {
+            for path in paths {
+                readers.extend(ReaderSchema::read(path).map_err(TablesError::Refused)?);
+            }
+        }
+        ReaderSchemas::Latest => {
+            let subjects: Vec<String> = match config.subject_strategy {
+                SubjectStrategy::Topic => config
+                    .topics
+                    .iter()
+                    .map(|t| config.subject_strategy.subject(t, ""))
+                    .collect(),
+                SubjectStrategy::TopicRecord => {
+                    match ask_registry(registry, metrics, shutdown, Ask::Subjects).await {
+                        Answer::Subjects(all) => all
+                            .into_iter()
+                            .filter(|s| {
+                                config.topics.iter().any(|t| {
+                                    s.strip_prefix(t.as_str()).is_some_and(|rest| {
+                                        rest.starts_with('-') && rest != "-value" && rest != "-key"
+                                    })
+                                })
+                            })
+                            .collect(),
+                        Answer::Refused(e) => return Err(TablesError::Refused(e.to_string())),
+                        _ => return Err(TablesError::Interrupted),
+                    }
+                }
+                // Subjects are record names: tables open as their records are met.
+                SubjectStrategy::Record => Vec::new(),
+            };
+            for subject in subjects {
+                match ask_registry(registry, metrics, shutdown, Ask::Latest(&subject)).await {
+                    Answer::Version(version) => readers
+                        .extend(readers_from_version(&version).map_err(TablesError::Refused)?),
+                    Answer::Refused(e) => {
+                        return Err(TablesError::Refused(format!(
+                            "STRATA_READER_SCHEMA=latest: {e}"
+                        )))
+                    }
+                    _ => return Err(TablesError::Interrupted),
+                }
+            }
+        }
+    }
+    let mut tables = Tables::default();
+    for reader in readers {
+        if tables.by_record(&reader.record).is_some() {
+            continue; // two topics' subjects with one record type feed one table
+        }
+        if let Some(other) = tables.list.iter().find(|t| t.name == reader.table_name()) {
+            return Err(TablesError::Refused(format!(
+                "records {} and {} would share the table {}",
+                other.reader.record,
+                reader.record,
+                reader.table_name()
+            )));
+        }
+        let table = open_table(config, reader, metrics, shutdown)
+            .await?
+            .map_err(TablesError::Refused)?;
+        tables.list.push(table);
+    }
+    Ok(tables)
+}
+
+/// Opens a table, waiting out an unreachable lake (not ready meanwhile). The inner error is a
+/// schema that cannot make the table; the outer one a shutdown during the wait.
+pub async fn open_table(
+    config: &Config,
+    reader: ReaderSchema,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Result<SilverTable, String>, TablesError> {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    loop {
+        // One attempt can take minutes against an unreachable store (the client's own retries):
+        // a signal must not wait for it.
+        let attempt = tokio::select! {
+            attempt = SilverTable::open(config, reader.clone()) => attempt,
+            _ = shutdown.cancelled() => return Err(TablesError::Interrupted),
+        };
+        match attempt {
+            Ok(table) => {
+                metrics.not_ready(NotReady::Lake, false);
+                return Ok(Ok(table));
+            }
+            Err(OpenError::Schema(why)) => return Ok(Err(why)),
+            Err(OpenError::Storage(why)) => {
+                metrics.not_ready(NotReady::Lake, true);
+                tracing::warn!(error = %why, "opening the table failed; retrying");
+                if !backoff.wait_unless(shutdown).await {
+                    return Err(TablesError::Interrupted);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! The hand-off from Silver to Gold stage 1: Gold claims the partitions Silver claims, sends its
+//! epochs after each Silver commit, and moves idle partitions' watermarks; a fence on the late
+//! table is handled like a fence on a Silver table.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::models::TopicPartition;
+use crate::retry::Backoff;
+
+use super::pipeline::{PipelineError, Replica};
+
+impl Replica {
+    /// Gold stage 1 takes over `partitions` (reads what was sent), retrying storage errors.
+    pub(super) async fn claim_gold(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<(), PipelineError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        let table = &self.tables.list[gold.table];
+        let silver: HashMap<TopicPartition, Option<i64>> = partitions
+            .iter()
+            .map(|tp| (tp.clone(), table.parts.get(tp).and_then(|p| p.committed)))
+            .collect();
+        let held = |tp: &TopicPartition| silver.get(tp).copied().flatten();
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        loop {
+            match gold.claim(partitions, &held).await {
+                Ok(()) => return Ok(()),
+                Err(e) if !self.shutdown.is_cancelled() => {
+                    tracing::warn!(error = %e, "reading Gold progress failed; retrying");
+                    backoff.wait().await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Sends Gold's queued epochs (after their Silver commit). A fence on the late table drops the
+    /// partition's work and reads it again, like a fence on a Silver table.
+    pub(super) async fn send_gold(&mut self) -> Result<(), PipelineError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        let fenced = gold
+            .send()
+            .await
+            .map_err(|e| PipelineError::Gold(e.to_string()))?;
+        self.on_gold_fenced(fenced).await
+    }
+
+    pub(super) async fn on_gold_fenced(
+        &mut self,
+        fenced: Vec<crate::lake::commit::Fenced>,
+    ) -> Result<(), PipelineError> {
+        for f in fenced {
+            let tp = f.partition.clone();
+            tracing::warn!(partition = %tp, expected = ?f.expected, stored = ?f.stored, "Gold progress moved: another replica owns the partition");
+            let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
+            self.metrics
+                .fenced("gold_late", &tp, f.expected, f.stored, dropped);
+            self.summary.fenced_partitions += 1;
+            self.reclaim(tp).await?;
+        }
+        Ok(())
+    }
+
+    /// Idle source partitions move Gold's watermark with the clock (see `gold::emitter`).
+    pub(super) async fn gold_idle(&mut self) -> Result<(), PipelineError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        // The next offset of each partition with nothing buffered or being re-read.
+        let next: HashMap<TopicPartition, Option<i64>> = self
+            .parts
+            .iter()
+            .filter(|(_, s)| s.pending_last.is_none() && !s.awaiting_reseek)
+            .map(|(tp, s)| (tp.clone(), s.position))
+            .collect();
+        let fenced = match gold.idle(&next).await {
+            Ok(fenced) => fenced,
+            Err(e) => {
+                tracing::warn!(error = %e, "moving an idle partition's Gold watermark failed; retrying later");
+                return Ok(());
+            }
+        };
+        self.on_gold_fenced(fenced).await
+    }
+}
