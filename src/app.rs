@@ -18,7 +18,7 @@ use crate::kafka::consumer::{Source, SourceSettings};
 use crate::lake;
 use crate::lake::OpenError;
 use crate::ops::{Metrics, NotReady};
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 use crate::schema::registry::SchemaRegistry;
 use crate::silver::dead_letters::DeadLetters;
 use crate::silver::pipeline::{PipelineError, Replica, RunSummary};
@@ -52,7 +52,7 @@ async fn open_gold(
         None => 0,
     };
     let table = &tables.list[index];
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    let mut retry = Retry::new(Pace::Outage, shutdown);
     loop {
         let opened = Emitter::open(
             config,
@@ -73,7 +73,7 @@ async fn open_gold(
             Err(OpenError::Storage(why)) => {
                 metrics.not_ready(NotReady::Lake, true);
                 tracing::warn!(error = %why, "opening Gold failed; retrying");
-                if !backoff.wait_unless(shutdown).await {
+                if !retry.wait().await {
                     return Err(PipelineError::Interrupted);
                 }
             }
@@ -231,8 +231,8 @@ pub async fn run(
     if let Some(stage2) = stage2 {
         match tokio::time::timeout(grace, stage2).await {
             Ok(Ok(Ok(gold))) => summary.gold = Some(gold),
-            Ok(Ok(Err(e))) => gold_failed = Some(PipelineError::Gold(e)),
-            Ok(Err(e)) => gold_failed = Some(PipelineError::Gold(e.to_string())),
+            Ok(Ok(Err(e))) => gold_failed = Some(PipelineError::Stage2(Box::new(e))),
+            Ok(Err(e)) => gold_failed = Some(PipelineError::Task(e)),
             Err(_) => gold_failed = Some(PipelineError::GraceExceeded(grace)),
         }
     }

@@ -1,30 +1,116 @@
-//! Exponential backoff with jitter, the one retry pacing used for every outside dependency
-//! (registry, object store, dead-letter topic, commit races).
+//! The one retry helper for every outside dependency (registry, object store, brokers, topics):
+//! exponential backoff with jitter, in one of three paces, and a wait that ends at once on
+//! shutdown so a retry never eats into the shutdown grace period.
+//!
+//! A loop that retries looks the same everywhere:
+//! `Err(e) => { log; if !retry.wait().await { return Err(e) } }`.
 
 use std::time::Duration;
 
-pub struct Backoff {
-    next: Duration,
-    max: Duration,
+use tokio_util::sync::CancellationToken;
+
+/// How fast to retry, by what is being waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pace {
+    /// An outage of a dependency (registry, object store, broker): 200 ms doubling to 10 s.
+    Outage,
+    /// Something only an operator can fix (a permission, a topic): 1 s doubling to 60 s.
+    Operator,
+    /// A lost commit race: 20 ms doubling to 2 s (the next attempt usually wins at once).
+    CommitRace,
 }
 
-impl Backoff {
-    pub fn new(first: Duration, max: Duration) -> Self {
-        Self { next: first, max }
+impl Pace {
+    fn bounds(self) -> (Duration, Duration) {
+        match self {
+            Pace::Outage => (Duration::from_millis(200), Duration::from_secs(10)),
+            Pace::Operator => (Duration::from_secs(1), Duration::from_secs(60)),
+            Pace::CommitRace => (Duration::from_millis(20), Duration::from_secs(2)),
+        }
+    }
+}
+
+pub struct Retry {
+    next: Duration,
+    max: Duration,
+    /// `None` only for commit races, which the final drain must be able to finish.
+    stop: Option<CancellationToken>,
+}
+
+impl Retry {
+    /// Retries at `pace`, until `stop` is cancelled.
+    pub fn new(pace: Pace, stop: &CancellationToken) -> Self {
+        let (next, max) = pace.bounds();
+        Self {
+            next,
+            max,
+            stop: Some(stop.clone()),
+        }
+    }
+
+    /// Retries of a lost commit race. They are not cut short by shutdown: the drain after SIGTERM
+    /// commits through them, bounded by `STRATA_COMMIT_RETRIES` and the grace period.
+    pub fn commit_races() -> Self {
+        let (next, max) = Pace::CommitRace.bounds();
+        Self {
+            next,
+            max,
+            stop: None,
+        }
     }
 
     /// Sleeps the current delay plus up to as much again in jitter, then doubles the delay.
-    pub async fn wait(&mut self) {
+    /// Returns false, at once, when shutdown was requested before or during the wait: the caller
+    /// stops retrying.
+    pub async fn wait(&mut self) -> bool {
         let jitter = rand::random_range(0..=self.next.as_millis().max(1) as u64);
-        tokio::time::sleep(self.next + Duration::from_millis(jitter)).await;
+        let delay = self.next + Duration::from_millis(jitter);
         self.next = (self.next * 2).min(self.max);
+        match &self.stop {
+            Some(stop) if stop.is_cancelled() => false,
+            Some(stop) => tokio::select! {
+                () = tokio::time::sleep(delay) => true,
+                () = stop.cancelled() => false,
+            },
+            None => {
+                tokio::time::sleep(delay).await;
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn shutdown_ends_a_wait_at_once() {
+        let stop = CancellationToken::new();
+        let mut retry = Retry::new(Pace::Operator, &stop);
+        let started = std::time::Instant::now();
+        let waiter = tokio::spawn(async move { retry.wait().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        stop.cancel();
+        assert!(!waiter.await.expect("join"), "a stopped wait says stop");
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "{:?}",
+            started.elapsed()
+        );
+        // Once stopped, every later wait returns at once too.
+        let mut again = Retry::new(Pace::Outage, &stop);
+        assert!(!again.wait().await);
     }
 
-    /// [`Self::wait`], cut short by `stop`; returns false when it was.
-    pub async fn wait_unless(&mut self, stop: &tokio_util::sync::CancellationToken) -> bool {
-        tokio::select! {
-            _ = self.wait() => true,
-            _ = stop.cancelled() => false,
+    #[tokio::test]
+    async fn delays_double_up_to_the_pace_maximum() {
+        let stop = CancellationToken::new();
+        let mut retry = Retry::new(Pace::CommitRace, &stop);
+        for _ in 0..10 {
+            retry.next = (retry.next * 2).min(retry.max);
         }
+        assert_eq!(retry.next, Duration::from_secs(2));
+        assert!(retry.wait().await);
     }
 }

@@ -282,3 +282,59 @@ async fn dead_letter_topic_that_cannot_be_created_is_visible_and_bounded() {
     expected.sort();
     assert_eq!(sources, expected, "every bad record dead-lettered once");
 }
+
+/// A replica frozen past its session loses its assignment of several partitions at once. When it
+/// wakes, it drops their buffered rows as `lost`, each partition's rows counted once, so its own
+/// accounting identity holds (consumed = written + dead-lettered + skipped + dropped + buffered),
+/// and the survivor's table is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_assignment_of_several_partitions_keeps_the_accounting_identity() {
+    let setup = Setup::new("lost", 3).await;
+    let produced = produce(&setup.topic, 6_000, 300, 61).await;
+    let zombie = setup.spawn(&[
+        ("STRATA_FLUSH_INTERVAL", "10m"),
+        ("STRATA_FILE_MAX_ROWS", "1000000"),
+    ]);
+    zombie
+        .wait_metric(
+            "strata_records_buffered",
+            produced.good.len() as f64,
+            "every good row buffered, none committed",
+        )
+        .await;
+    zombie.signal("STOP");
+    common::outlive_dead_member().await;
+    let survivor = setup.spawn(&[]);
+    setup.catch_up(&produced, &[&survivor]).await;
+    zombie.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let lost = zombie
+            .metric_where("strata_records_dropped_total", "reason=\"lost\"")
+            .await
+            .unwrap_or(0.0);
+        if lost > 0.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the frozen replica never dropped a lost assignment:\n{}",
+            zombie.tail(30)
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // Several partitions were lost at once, and the rows dropped are exactly those buffered.
+    let lost = zombie
+        .metric_where("strata_records_dropped_total", "reason=\"lost\"")
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        lost,
+        produced.good.len() as f64,
+        "each lost partition's rows are counted once"
+    );
+    common::assert_accounting(&zombie).await;
+    zombie.stop(Duration::from_secs(40));
+    survivor.stop(Duration::from_secs(40));
+    setup.assert_exact(&produced).await;
+}

@@ -39,7 +39,9 @@ impl Config {
         }
         let text = |var: &'static str| (var, get(var));
         let (var, value) = text("STRATA_GOLD_WINDOW");
-        let window = value.parse().map_err(|e: String| invalid(var, &value, e))?;
+        let window = value
+            .parse()
+            .map_err(|e: crate::gold::core::window::WindowError| invalid(var, &value, e))?;
         let (var, value) = text("STRATA_GOLD_AGGREGATES");
         let aggregates = crate::gold::core::aggregate::parse_aggregates(&value)
             .map_err(|e| invalid(var, &value, e))?;

@@ -23,11 +23,11 @@ pub enum ConfigError {
     },
 }
 
-fn invalid(var: &str, value: &str, reason: impl Into<String>) -> ConfigError {
+fn invalid(var: &str, value: &str, reason: impl std::fmt::Display) -> ConfigError {
     ConfigError::Invalid {
         var: var.to_string(),
         value: redact(var, value),
-        reason: reason.into(),
+        reason: reason.to_string(),
     }
 }
 
@@ -69,19 +69,36 @@ impl SubjectStrategy {
     }
 }
 
+/// Why schema files could not be listed.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaFilesError {
+    #[error("{path}: {source}")]
+    Folder {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}: no .avsc files in this folder")]
+    EmptyFolder(String),
+    #[error("no schema file given")]
+    None,
+}
+
 /// `.avsc` files named by `STRATA_READER_SCHEMA`-style text: files, comma lists and folders.
-pub fn schema_files(text: &str) -> Result<Vec<PathBuf>, String> {
+pub fn schema_files(text: &str) -> Result<Vec<PathBuf>, SchemaFilesError> {
     let mut files = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let path = PathBuf::from(part);
         if path.is_dir() {
-            let entries = std::fs::read_dir(&path).map_err(|e| format!("{part}: {e}"))?;
+            let entries = std::fs::read_dir(&path).map_err(|source| SchemaFilesError::Folder {
+                path: part.to_string(),
+                source,
+            })?;
             let mut found: Vec<PathBuf> = entries
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "avsc"))
                 .collect();
             if found.is_empty() {
-                return Err(format!("{part}: no .avsc files in this folder"));
+                return Err(SchemaFilesError::EmptyFolder(part.to_string()));
             }
             found.sort();
             files.extend(found);
@@ -90,7 +107,7 @@ pub fn schema_files(text: &str) -> Result<Vec<PathBuf>, String> {
         }
     }
     if files.is_empty() {
-        return Err("no schema file given".to_string());
+        return Err(SchemaFilesError::None);
     }
     Ok(files)
 }
@@ -172,6 +189,27 @@ impl std::fmt::Debug for Config {
 /// Variables that look like `STRATA_KAFKA_*` but are Strata's own settings, not librdkafka properties.
 const OWN_KAFKA_VARS: &[&str] = &["STRATA_KAFKA_BROKERS"];
 
+/// A variable's value, or its default.
+fn value_of(vars: &HashMap<String, String>, var: &'static str) -> String {
+    vars.get(var)
+        .map(|v| v.trim().to_string())
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| default_of(var).to_string())
+}
+
+/// A variable that must have a value.
+fn required_of(vars: &HashMap<String, String>, var: &'static str) -> Result<String, ConfigError> {
+    let value = value_of(vars, var);
+    if value.is_empty() {
+        Err(ConfigError::Missing {
+            var,
+            help: help_of(var),
+        })
+    } else {
+        Ok(value)
+    }
+}
+
 impl Config {
     /// Reads the configuration from the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -180,23 +218,8 @@ impl Config {
 
     /// Reads the configuration from a map of variables (the environment, or a test's own map).
     pub fn from_vars(vars: HashMap<String, String>) -> Result<Self, ConfigError> {
-        let get = |var: &'static str| -> String {
-            vars.get(var)
-                .map(|v| v.trim().to_string())
-                .filter(|v| !v.is_empty())
-                .unwrap_or_else(|| default_of(var).to_string())
-        };
-        let required = |var: &'static str| -> Result<String, ConfigError> {
-            let value = get(var);
-            if value.is_empty() {
-                Err(ConfigError::Missing {
-                    var,
-                    help: help_of(var),
-                })
-            } else {
-                Ok(value)
-            }
-        };
+        let get = |var: &'static str| value_of(&vars, var);
+        let required = |var: &'static str| required_of(&vars, var);
         let parse_usize = |var: &'static str| -> Result<usize, ConfigError> {
             let value = get(var);
             match value.parse::<usize>() {
@@ -246,22 +269,11 @@ impl Config {
             }
         }
 
-        let registry_url = required("STRATA_SCHEMA_REGISTRY_URL")?;
-        let registry = if let Some(dir) = registry_url.strip_prefix("file://") {
-            RegistrySource::Directory(PathBuf::from(dir))
-        } else if registry_url.starts_with("http://") || registry_url.starts_with("https://") {
-            let user_info = Some(get("STRATA_SCHEMA_REGISTRY_USER_INFO")).filter(|u| !u.is_empty());
-            RegistrySource::Confluent {
-                url: registry_url.trim_end_matches('/').to_string(),
-                user_info,
-            }
-        } else {
-            return Err(invalid(
-                "STRATA_SCHEMA_REGISTRY_URL",
-                &registry_url,
-                "expected http://, https:// or file://",
-            ));
-        };
+        let SchemaSettings {
+            registry,
+            strategy: subject_strategy,
+            compatibility,
+        } = SchemaSettings::from_vars(&vars)?;
 
         let lake_url = required("STRATA_LAKE_URL")?;
         if !(lake_url.starts_with("file:///") || lake_url.starts_with("s3://")) {
@@ -291,30 +303,6 @@ impl Config {
                     .map_err(|reason| invalid("STRATA_READER_SCHEMA", &reader_text, reason))?,
             )
         };
-        let strategy_text = get("STRATA_SUBJECT_NAME_STRATEGY");
-        let subject_strategy = match strategy_text
-            .to_ascii_lowercase()
-            .replace('-', "_")
-            .as_str()
-        {
-            "topic" | "topic_name" | "topicnamestrategy" => SubjectStrategy::Topic,
-            "topic_record" | "topic_record_name" | "topicrecordnamestrategy" => {
-                SubjectStrategy::TopicRecord
-            }
-            "record" | "record_name" | "recordnamestrategy" => SubjectStrategy::Record,
-            _ => {
-                return Err(invalid(
-                    "STRATA_SUBJECT_NAME_STRATEGY",
-                    &strategy_text,
-                    "expected topic, topic_record or record",
-                ))
-            }
-        };
-
-        let compatibility_text = get("STRATA_SCHEMA_COMPATIBILITY");
-        let compatibility = compatibility_text.parse().map_err(|reason: String| {
-            invalid("STRATA_SCHEMA_COMPATIBILITY", &compatibility_text, reason)
-        })?;
         let compression = match get("STRATA_PARQUET_COMPRESSION")
             .to_ascii_lowercase()
             .as_str()
@@ -368,11 +356,13 @@ impl Config {
 pub use crate::units::parse_duration;
 pub use dead_letters::DeadLetterConfig;
 pub use gold::GoldConfig;
+pub use schema::SchemaSettings;
 use settings::{default_of, help_of};
 pub use settings::{help_text, redact, Setting, SETTINGS};
 
 mod dead_letters;
 mod gold;
+mod schema;
 mod settings;
 
 #[cfg(test)]

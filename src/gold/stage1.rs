@@ -30,7 +30,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use super::core::epoch::{epoch_partials, key_bytes, preaggregate};
 use super::core::partial::{spec_fingerprint, Message};
-use super::core::preaggregate::GoldSpec;
+use super::core::preaggregate::{GoldSpec, RowsError};
 use super::core::watermark::{before_each, is_final};
 use crate::config::{Config, GoldConfig};
 use crate::kafka::admin::{Admin, Ensured, TopicError, TopicSpec};
@@ -50,7 +50,7 @@ pub enum EmitError {
     #[error("late-events files: {0}")]
     Files(#[from] SilverError),
     #[error("{0}")]
-    Rows(String),
+    Rows(#[from] RowsError),
 }
 
 /// What Gold's table names are.
@@ -389,7 +389,7 @@ impl Emitter {
     }
 
     /// Computes one epoch from the watermark `start`.
-    fn compute(&self, epoch: &Epoch, start: Option<i64>) -> Result<Computed, String> {
+    fn compute(&self, epoch: &Epoch, start: Option<i64>) -> Result<Computed, RowsError> {
         let window = self.spec.window;
         // The watermark each row meets: the one after the rows before it (in offset order).
         let mut watermark = start;
@@ -398,7 +398,7 @@ impl Emitter {
             let times = batch
                 .column_by_name(&self.spec.event_time_field)
                 .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
-                .ok_or("event time column missing")?;
+                .ok_or(RowsError::EventTime)?;
             let rows =
                 (0..batch.num_rows()).map(|row| (!times.is_null(row)).then(|| times.value(row)));
             let (rows, after) = before_each(watermark, rows, self.delay);
@@ -425,7 +425,7 @@ impl Emitter {
             if !pairs.is_empty() {
                 late_parts.push(
                     self.late_rows(&epoch.batches[index], pairs, &before[index])
-                        .map_err(|e| e.to_string())?,
+                        .map_err(|e| RowsError::Arrow(e.to_string()))?,
                 );
             }
         }
@@ -459,7 +459,7 @@ impl Emitter {
         } else {
             Some(
                 deltalake::arrow::compute::concat_batches(&late_parts[0].schema(), &late_parts)
-                    .map_err(|e| e.to_string())?,
+                    .map_err(|e| RowsError::Arrow(e.to_string()))?,
             )
         };
         Ok(Computed {
@@ -530,7 +530,7 @@ impl Emitter {
                 Some(w) => *w,
                 None => self.sources.get(&epoch.tp).and_then(|s| s.watermark),
             };
-            let mut computed = self.compute(epoch, start).map_err(EmitError::Rows)?;
+            let mut computed = self.compute(epoch, start)?;
             watermarks.insert(epoch.tp.clone(), computed.watermark);
             messages.append(&mut computed.messages);
             if let Some(rows) = &computed.late {

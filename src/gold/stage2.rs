@@ -25,13 +25,51 @@ use crate::config::{Config, GoldConfig};
 use crate::kafka::admin::Admin;
 use crate::kafka::consumer::{Source, SourceCommand, SourceEvent, SourceSettings};
 use crate::lake;
-use crate::lake::commit::{CommitOutcome, Fenced, TableCommitter};
+use crate::lake::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::lake::files::{FilePolicy, SilverWriter};
 use crate::models::TopicPartition;
 use crate::ops::Metrics;
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 
 /// Gold rows kept in memory for the summary (the demo prints the top keys per window).
+/// Why Gold stage 2 stopped. Outages are retried before they get here; these stop the replica.
+#[derive(Debug, thiserror::Error)]
+pub enum Stage2Error {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Topic(#[from] crate::kafka::admin::TopicError),
+    #[error("Bronze topic {0} does not exist")]
+    NoSourceTopic(String),
+    #[error("Gold table: {0}")]
+    Table(#[from] deltalake::DeltaTableError),
+    #[error("Gold commit: {0}")]
+    Commit(#[from] CommitError),
+    #[error("Gold files: {0}")]
+    Files(#[from] crate::lake::files::SilverError),
+    #[error("Gold rows: {0}")]
+    Rows(#[from] deltalake::arrow::error::ArrowError),
+    #[error("Gold state {path}: {source}")]
+    State {
+        path: String,
+        source: object_store::Error,
+    },
+    #[error("the Gold state of {partition} at offset {offset} ({path}) cannot be read: {source}")]
+    Unreadable {
+        partition: TopicPartition,
+        offset: i64,
+        path: String,
+        source: object_store::Error,
+    },
+    #[error("Gold state: {0}")]
+    Format(#[from] crate::gold::core::partial::FormatError),
+    #[error("sending to {topic}: {source}")]
+    Send {
+        topic: String,
+        source: rdkafka::error::KafkaError,
+    },
+}
+
 const SUMMARY_ROWS: usize = 100_000;
 
 /// A committed Gold row, for summaries.
@@ -94,27 +132,28 @@ pub async fn run(
     silver: deltalake::arrow::datatypes::SchemaRef,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-) -> Result<GoldSummary, String> {
-    let producer = partials_producer(&config).map_err(|e| format!("partials producer: {e}"))?;
+) -> Result<GoldSummary, Stage2Error> {
+    let producer = partials_producer(&config)?;
     let topic = settings.partials_topic.clone();
-    let admin = Admin::new(&config.brokers, &config.kafka_properties)
-        .map_err(|e| format!("admin client: {e}"))?;
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+    let admin = Admin::new(&config.brokers, &config.kafka_properties)?;
+    let mut retry = Retry::new(Pace::Outage, &shutdown);
     // Stage 1 creates the partials topic; wait for it.
     let partitions = loop {
         match admin.partitions(&topic).await {
             Ok(Some(n)) => break n,
-            Ok(None) | Err(_) if !shutdown.is_cancelled() => backoff.wait().await,
-            _ => return Ok(GoldSummary::default()),
+            Ok(None) | Err(_) => {
+                if !retry.wait().await {
+                    return Ok(GoldSummary::default());
+                }
+            }
         }
     };
     let mut sources = Vec::new();
     for bronze in &config.topics {
         let n = admin
             .partitions(bronze)
-            .await
-            .map_err(|e| format!("metadata of {bronze}: {e}"))?
-            .ok_or_else(|| format!("topic {bronze} does not exist"))?;
+            .await?
+            .ok_or_else(|| Stage2Error::NoSourceTopic(bronze.clone()))?;
         sources.extend((0..n).map(|p| (bronze.clone(), p)));
     }
     let keys: Vec<(String, KeyType)> = settings
@@ -130,10 +169,8 @@ pub async fn run(
         .collect();
     let schema = gold_schema(&keys, &settings.aggregates);
     let name = gold_name(&settings, &source_table);
-    let url = lake::table_url(&config.lake_url, "gold", &name).map_err(|e| e.to_string())?;
-    let table = lake::open_or_create(url, &schema, &name)
-        .await
-        .map_err(|e| format!("Gold table {name}: {e}"))?;
+    let url = lake::table_url(&config.lake_url, "gold", &name)?;
+    let table = lake::open_or_create(url, &schema, &name).await?;
     let store = table.object_store();
     let group = format!("{}-gold", config.group_id);
     let committer = TableCommitter::new(table, &group, config.commit_retries);
@@ -154,8 +191,7 @@ pub async fn run(
         },
         metrics.clone(),
         events_tx,
-    )
-    .map_err(|e| format!("partials consumer: {e}"))?;
+    )?;
     tracing::info!(table = %name, %topic, partitions, sources = sources.len(), "Gold stage 2 running");
     let mut job = Job {
         fingerprint: spec_fingerprint(&settings.aggregates, &settings.keys),
@@ -204,7 +240,10 @@ pub async fn run(
 }
 
 impl Job {
-    async fn consume(&mut self, events: &mut mpsc::Receiver<SourceEvent>) -> Result<(), String> {
+    async fn consume(
+        &mut self,
+        events: &mut mpsc::Receiver<SourceEvent>,
+    ) -> Result<(), Stage2Error> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -248,19 +287,20 @@ impl Job {
     /// Takes over partials partitions: their committed offset and the state stored with it. A
     /// state file missing right after the offset was read means another replica committed (and
     /// cleaned up) in between: the offset is read again.
-    async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), String> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), Stage2Error> {
+        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         let mut attempts = 0;
         'claim: loop {
             attempts += 1;
             let claimed = match self.committer.claim(partitions).await {
                 Ok(claimed) => claimed,
-                Err(e) if !self.shutdown.is_cancelled() => {
+                Err(e) => {
                     tracing::warn!(error = %e, "reading Gold progress failed; retrying");
-                    backoff.wait().await;
+                    if !retry.wait().await {
+                        return Err(e.into());
+                    }
                     continue;
                 }
-                Err(e) => return Err(e.to_string()),
             };
             let mut restored = Vec::with_capacity(claimed.len());
             for (tp, stored) in claimed {
@@ -269,20 +309,22 @@ impl Job {
                 if let Some(offset) = stored {
                     let path = self.state_path(tp.partition, offset);
                     let bytes = match self.store.get(&path).await {
-                        Ok(got) => got.bytes().await.map_err(|e| e.to_string()),
-                        Err(e) => Err(e.to_string()),
+                        Ok(got) => got.bytes().await,
+                        Err(e) => Err(e),
                     };
                     match bytes {
                         Ok(bytes) => merge.restore(&bytes)?,
-                        Err(e) if attempts < 5 && !self.shutdown.is_cancelled() => {
+                        Err(e) if attempts < 5 && retry.wait().await => {
                             tracing::warn!(partition = %tp, offset, error = %e, "reading Gold state failed; reading the progress again");
-                            backoff.wait().await;
                             continue 'claim;
                         }
-                        Err(e) => {
-                            return Err(format!(
-                                "the Gold state of {tp} at offset {offset} ({path}) cannot be read: {e}"
-                            ))
+                        Err(source) => {
+                            return Err(Stage2Error::Unreadable {
+                                partition: tp,
+                                offset,
+                                path: path.to_string(),
+                                source,
+                            })
                         }
                     }
                     committed_state = Some(path);
@@ -306,7 +348,7 @@ impl Job {
         }
     }
 
-    async fn handle(&mut self, event: SourceEvent) -> Result<(), String> {
+    async fn handle(&mut self, event: SourceEvent) -> Result<(), Stage2Error> {
         match event {
             SourceEvent::Records(records) => {
                 let Some(first) = records.first() else {
@@ -364,7 +406,10 @@ impl Job {
                 if !send.is_empty() {
                     send_in_order(&self.producer, &self.topic, send)
                         .await
-                        .map_err(|e| format!("sending to {}: {e}", self.topic))?;
+                        .map_err(|source| Stage2Error::Send {
+                            topic: self.topic.clone(),
+                            source,
+                        })?;
                 }
                 Ok(())
             }
@@ -422,26 +467,27 @@ impl Job {
         self.metrics.gold().stage2_state(open, watermark);
     }
 
-    async fn commit_retrying(&mut self) -> Result<(), String> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    async fn commit_retrying(&mut self) -> Result<(), Stage2Error> {
+        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {
             match self.commit().await {
                 Ok(()) => {
                     self.last_commit = Instant::now();
                     return Ok(());
                 }
-                Err(e) if !self.shutdown.is_cancelled() => {
+                Err(e) => {
                     tracing::warn!(error = %e, "Gold commit failed; retrying");
-                    backoff.wait().await;
+                    if !retry.wait().await {
+                        return Err(e);
+                    }
                 }
-                Err(e) => return Err(e),
             }
         }
     }
 
     /// Stores the state of every partition with new progress, writes the final rows and commits
     /// them with the partitions' offsets.
-    async fn commit(&mut self) -> Result<(), String> {
+    async fn commit(&mut self) -> Result<(), Stage2Error> {
         let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
         for (partition, part) in &self.parts {
             if let Some(offset) = part.pending {
@@ -452,11 +498,7 @@ impl Job {
             return Ok(());
         }
         let partitions: Vec<TopicPartition> = last.keys().cloned().collect();
-        let fenced = self
-            .committer
-            .check(&partitions)
-            .await
-            .map_err(|e| e.to_string())?;
+        let fenced = self.committer.check(&partitions).await?;
         if !fenced.is_empty() {
             return self.on_fenced(fenced).await;
         }
@@ -469,7 +511,10 @@ impl Job {
             self.store
                 .put(&path, part.merge.snapshot().into())
                 .await
-                .map_err(|e| format!("storing Gold state: {e}"))?;
+                .map_err(|source| Stage2Error::State {
+                    path: path.to_string(),
+                    source,
+                })?;
             states.push((tp.partition, path));
         }
         let closed: Vec<Closed> = last
@@ -480,20 +525,11 @@ impl Job {
         let files = if closed.is_empty() {
             Vec::new()
         } else {
-            let batch = gold_rows(&self.schema, &self.keys, &self.settings.aggregates, &closed)
-                .map_err(|e| e.to_string())?;
-            self.writer
-                .write(&[batch])
-                .await
-                .map_err(|e| e.to_string())?
+            let batch = gold_rows(&self.schema, &self.keys, &self.settings.aggregates, &closed)?;
+            self.writer.write(&[batch]).await?
         };
         crate::failpoint!("before_gold_commit");
-        match self
-            .committer
-            .commit(files, &last)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+        match self.committer.commit(files, &last).await? {
             CommitOutcome::Fenced(fenced) => self.on_fenced(fenced).await,
             CommitOutcome::Committed { .. } => {
                 self.metrics.gold().gold_committed(closed.len());
@@ -525,7 +561,7 @@ impl Job {
     }
 
     /// Partitions someone else committed: their state is dropped and restored from the table.
-    async fn on_fenced(&mut self, fenced: Vec<Fenced>) -> Result<(), String> {
+    async fn on_fenced(&mut self, fenced: Vec<Fenced>) -> Result<(), Stage2Error> {
         for f in fenced {
             tracing::warn!(partition = %f.partition, expected = ?f.expected, stored = ?f.stored, "Gold partition fenced: restoring from the table");
             self.parts.remove(&f.partition.partition);

@@ -12,7 +12,6 @@
 //! partition lands in between (`ConcurrentTransaction`), and the comparison runs again.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use deltalake::arrow::datatypes::Schema;
 use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, TransactionError};
@@ -23,7 +22,7 @@ use deltalake::{DeltaTable, DeltaTableError};
 use crate::lake::evolution::Evolution;
 use crate::lake::PARTITION_COLUMNS;
 use crate::models::TopicPartition;
-use crate::retry::Backoff;
+use crate::retry::Retry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -175,7 +174,7 @@ impl TableCommitter {
         extra: &[(String, i64)],
     ) -> Result<CommitOutcome, CommitError> {
         let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
-        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        let mut retry = Retry::commit_races();
         for attempt in 1..=self.max_attempts {
             self.refresh().await?;
             let fenced = self.compare(&partitions).await?;
@@ -223,7 +222,7 @@ impl TableCommitter {
                 }
                 Err(e) if is_lost_race(&e) => {
                     tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");
-                    backoff.wait().await;
+                    retry.wait().await;
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -237,12 +236,12 @@ impl TableCommitter {
     /// nullable, in one metadata commit. Replicas may race to do it; the loser re-plans against the
     /// winner's schema. Returns the schema files must have from now on.
     pub async fn evolve(&mut self, rows: &Schema) -> Result<Evolution, CommitError> {
-        let mut backoff = Backoff::new(Duration::from_millis(20), Duration::from_secs(2));
+        let mut retry = Retry::commit_races();
         for _ in 0..self.max_attempts {
             self.refresh().await?;
             let snapshot = self.table.snapshot()?;
             let plan = crate::lake::evolution::plan_evolution(&snapshot.schema(), rows)
-                .map_err(CommitError::Schema)?;
+                .map_err(|e| CommitError::Schema(e.to_string()))?;
             if plan.added.is_empty() {
                 return Ok(plan);
             }
@@ -270,7 +269,9 @@ impl TableCommitter {
                     self.refresh().await?;
                     return Ok(plan);
                 }
-                Err(e) if is_lost_race(&e) => backoff.wait().await,
+                Err(e) if is_lost_race(&e) => {
+                    retry.wait().await;
+                }
                 Err(e) => return Err(e.into()),
             }
         }

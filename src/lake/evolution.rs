@@ -25,7 +25,12 @@ pub struct Evolution {
 /// Plans the table schema for a reader's decoded rows (`rows`: data columns, then lineage).
 /// Refused, with every offending column named: a column whose type differs, or a required table
 /// column the reader cannot fill.
-pub fn plan_evolution(table: &StructType, rows: &Schema) -> Result<Evolution, String> {
+/// Why a reader's rows cannot meet the table: every offending column, named.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+pub struct EvolutionRefused(pub Vec<String>);
+
+pub fn plan_evolution(table: &StructType, rows: &Schema) -> Result<Evolution, EvolutionRefused> {
     let mut problems = Vec::new();
     let mut file_fields: Vec<Field> = Vec::with_capacity(rows.fields().len());
     let mut added = Vec::new();
@@ -83,7 +88,7 @@ pub fn plan_evolution(table: &StructType, rows: &Schema) -> Result<Evolution, St
         }
     }
     if !problems.is_empty() {
-        return Err(problems.join("; "));
+        return Err(EvolutionRefused(problems));
     }
     Ok(Evolution {
         file_schema: Arc::new(Schema::new(file_fields)),
@@ -174,7 +179,9 @@ mod tests {
             Field::new("sku", DataType::Utf8, false),
         ]);
         let rows = Schema::new(vec![Field::new("id", DataType::Utf8, false)]);
-        let error = plan_evolution(&table, &rows).expect_err("refused");
+        let error = plan_evolution(&table, &rows)
+            .expect_err("refused")
+            .to_string();
         assert!(error.contains("column id has type long"), "{error}");
         assert!(error.contains("column sku is required"), "{error}");
     }

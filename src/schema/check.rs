@@ -25,46 +25,46 @@ pub struct CheckSettings {
 impl CheckSettings {
     /// From the environment and the command's arguments (schema files or folders; `schemas/` when
     /// none are given).
-    pub fn from_env(args: &[String]) -> Result<Self, String> {
-        let var = |name: &str| std::env::var(name).unwrap_or_default();
-        let mut vars: std::collections::HashMap<String, String> = std::env::vars().collect();
-        // Only what the check needs is required: fill the replica-only variables.
-        for (name, filler) in [
-            ("STRATA_TOPICS", "-"),
-            ("STRATA_EVENT_TIME_FIELD", "-"),
-            ("STRATA_LAKE_URL", "file:///-"),
-            ("STRATA_READER_SCHEMA", "-"),
-        ] {
-            vars.entry(name.to_string())
-                .or_insert_with(|| filler.to_string());
-        }
-        let config = crate::config::Config::from_vars(vars).map_err(|e| e.to_string())?;
-        let topics: Vec<String> = var("STRATA_TOPICS")
+    pub fn from_env(args: &[String]) -> Result<Self, CheckSetupError> {
+        let vars: std::collections::HashMap<String, String> = std::env::vars().collect();
+        let schema = crate::config::SchemaSettings::from_vars(&vars)?;
+        let topics: Vec<String> = vars
+            .get("STRATA_TOPICS")
+            .map(String::as_str)
+            .unwrap_or_default()
             .split(',')
             .map(str::trim)
             .filter(|t| !t.is_empty())
             .map(String::from)
             .collect();
-        if topics.is_empty() && config.subject_strategy != SubjectStrategy::Record {
-            return Err(format!(
-                "STRATA_TOPICS is required: subjects are named after topics under STRATA_SUBJECT_NAME_STRATEGY={:?}",
-                config.subject_strategy
-            ));
+        if topics.is_empty() && schema.strategy != SubjectStrategy::Record {
+            return Err(CheckSetupError::NoTopics(schema.strategy));
         }
         let paths = if args.is_empty() {
             "schemas".to_string()
         } else {
             args.join(",")
         };
-        let files = schema_files(&paths).map_err(|e| format!("schema files: {e}"))?;
+        let files = schema_files(&paths)?;
         Ok(Self {
-            registry: config.registry,
-            compatibility: config.compatibility,
-            strategy: config.subject_strategy,
+            registry: schema.registry,
+            compatibility: schema.compatibility,
+            strategy: schema.strategy,
             topics,
             files,
         })
     }
+}
+
+/// Why `strata schemas check` cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckSetupError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("STRATA_TOPICS is required: subjects are named after topics under STRATA_SUBJECT_NAME_STRATEGY={0:?}")]
+    NoTopics(SubjectStrategy),
+    #[error("schema files: {0}")]
+    Files(#[from] crate::config::SchemaFilesError),
 }
 
 /// The outcome of one file against one subject.
@@ -212,7 +212,10 @@ pub async fn check_one(
         .last()
         .map(|(_, latest)| field_changes(latest, &candidate))
         .unwrap_or_default();
-    Ok(Verdict::Incompatible { reasons, changes })
+    Ok(Verdict::Incompatible {
+        reasons: reasons.iter().map(ToString::to_string).collect(),
+        changes,
+    })
 }
 
 fn json_eq(a: &str, b: &str) -> bool {

@@ -23,8 +23,23 @@ pub enum Compatibility {
     FullTransitive,
 }
 
+/// A compatibility mode Strata does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown mode {0:?} (BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE)")]
+pub struct UnknownMode(pub String);
+
+/// One incompatibility: the mode, the version it is against, and the checker's reason (which
+/// names the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("not {mode} compatible with {version}: {reason}")]
+pub struct Incompatible {
+    pub mode: Compatibility,
+    pub version: String,
+    pub reason: String,
+}
+
 impl FromStr for Compatibility {
-    type Err = String;
+    type Err = UnknownMode;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         Ok(match text.trim().to_ascii_uppercase().as_str() {
@@ -35,11 +50,7 @@ impl FromStr for Compatibility {
             "FORWARD_TRANSITIVE" => Compatibility::ForwardTransitive,
             "FULL" => Compatibility::Full,
             "FULL_TRANSITIVE" => Compatibility::FullTransitive,
-            other => {
-                return Err(format!(
-                    "unknown mode {other:?} (BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE)"
-                ))
-            }
+            other => return Err(UnknownMode(other.to_string())),
         })
     }
 }
@@ -90,7 +101,7 @@ impl Compatibility {
 
     /// Checks `new` against `previous`, oldest first and the last version last. Non-transitive
     /// modes look at the last one only. The error names the offending version and field.
-    pub fn check(self, new: &Schema, previous: &[(String, &Schema)]) -> Result<(), String> {
+    pub fn check(self, new: &Schema, previous: &[(String, &Schema)]) -> Result<(), Incompatible> {
         match self.problems(new, previous).into_iter().next() {
             Some(problem) => Err(problem),
             None => Ok(()),
@@ -98,7 +109,7 @@ impl Compatibility {
     }
 
     /// Every version `new` is incompatible with under this mode, each with the checker's reason.
-    pub fn problems(self, new: &Schema, previous: &[(String, &Schema)]) -> Vec<String> {
+    pub fn problems(self, new: &Schema, previous: &[(String, &Schema)]) -> Vec<Incompatible> {
         let against: &[(String, &Schema)] = if self.is_transitive() {
             previous
         } else {
@@ -120,10 +131,11 @@ impl Compatibility {
                 .then(|| SchemaCompatibility::can_read(new, old).err())
                 .flatten();
             if let Some(e) = backward.or(forward) {
-                out.push(format!(
-                    "not {self} compatible with {name}: {}",
-                    describe(&e)
-                ));
+                out.push(Incompatible {
+                    mode: self,
+                    version: name.clone(),
+                    reason: describe(&e),
+                });
             }
         }
         out
@@ -200,7 +212,7 @@ mod tests {
             .enumerate()
             .map(|(i, s)| (format!("v{}", i + 1), *s))
             .collect();
-        mode.check(new, &named)
+        mode.check(new, &named).map_err(|e| e.to_string())
     }
 
     #[test]

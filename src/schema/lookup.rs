@@ -3,12 +3,11 @@
 //! found, not Avro) is the answer. The caller decides when to ask; this module only knows how.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::ops::{Metrics, NotReady};
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 use crate::schema::registry::{RegistryError, SchemaRegistry, SubjectVersion};
 
 /// A registry question.
@@ -34,7 +33,7 @@ pub async fn ask_registry(
     shutdown: &CancellationToken,
     question: Ask<'_>,
 ) -> Answer {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut retry = Retry::new(Pace::Outage, shutdown);
     loop {
         let (answer, what) = match &question {
             Ask::Id(id) => (
@@ -62,7 +61,7 @@ pub async fn ask_registry(
                     return Answer::Refused(e);
                 }
                 metrics.not_ready(NotReady::Registry, true);
-                if !backoff.wait_unless(shutdown).await {
+                if !retry.wait().await {
                     return Answer::ShuttingDown;
                 }
             }

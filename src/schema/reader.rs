@@ -15,9 +15,32 @@ pub struct ReaderSchema {
     pub id: Option<u32>,
 }
 
+/// A reader schema that cannot make a table. `origin` says where it came from (a file, a
+/// subject version, a union branch).
+#[derive(Debug, thiserror::Error)]
+pub enum ReaderError {
+    #[error("{origin}: top-level type must be a record, not {kind}")]
+    NotARecord { origin: String, kind: String },
+    #[error("{origin}: not a valid Avro schema: {reason}")]
+    Invalid { origin: String, reason: String },
+    #[error("{origin}: a top-level union without a record branch")]
+    NoRecordBranch { origin: String },
+    #[error("{origin}: {source}")]
+    Unreadable {
+        origin: String,
+        source: std::io::Error,
+    },
+    #[error("subject {subject} version {version} has no record {record}")]
+    NoSuchRecord {
+        subject: String,
+        version: i32,
+        record: String,
+    },
+}
+
 impl ReaderSchema {
     /// Parses `json`, which must be a record. `origin` names where it came from, for errors.
-    pub fn parse(json: &str, origin: &str) -> Result<Self, String> {
+    pub fn parse(json: &str, origin: &str) -> Result<Self, ReaderError> {
         match apache_avro::Schema::parse_str(json) {
             Ok(apache_avro::Schema::Record(record)) => Ok(Self {
                 json: json.to_string(),
@@ -25,17 +48,20 @@ impl ReaderSchema {
                 subject: None,
                 id: None,
             }),
-            Ok(other) => Err(format!(
-                "{origin}: top-level type must be a record, not {:?}",
-                apache_avro::schema::SchemaKind::from(&other)
-            )),
-            Err(e) => Err(format!("{origin}: not a valid Avro schema: {e}")),
+            Ok(other) => Err(ReaderError::NotARecord {
+                origin: origin.to_string(),
+                kind: format!("{:?}", apache_avro::schema::SchemaKind::from(&other)),
+            }),
+            Err(e) => Err(ReaderError::Invalid {
+                origin: origin.to_string(),
+                reason: e.to_string(),
+            }),
         }
     }
 
     /// The record types of `json`: the record itself, or each record branch of a top-level union
     /// (one topic, several record types: each gets its own table).
-    pub fn parse_all(json: &str, origin: &str) -> Result<Vec<Self>, String> {
+    pub fn parse_all(json: &str, origin: &str) -> Result<Vec<Self>, ReaderError> {
         let Ok(apache_avro::Schema::Union(union)) = apache_avro::Schema::parse_str(json) else {
             return Self::parse(json, origin).map(|one| vec![one]);
         };
@@ -49,17 +75,20 @@ impl ReaderSchema {
             }
         }
         if out.is_empty() {
-            return Err(format!(
-                "{origin}: a top-level union without a record branch"
-            ));
+            return Err(ReaderError::NoRecordBranch {
+                origin: origin.to_string(),
+            });
         }
         Ok(out)
     }
 
     /// Reads a reader schema file (a record, or a union of records).
-    pub fn read(path: &std::path::Path) -> Result<Vec<Self>, String> {
+    pub fn read(path: &std::path::Path) -> Result<Vec<Self>, ReaderError> {
         let origin = format!("STRATA_READER_SCHEMA={}", path.display());
-        let json = std::fs::read_to_string(path).map_err(|e| format!("{origin}: {e}"))?;
+        let json = std::fs::read_to_string(path).map_err(|source| ReaderError::Unreadable {
+            origin: origin.clone(),
+            source,
+        })?;
         Self::parse_all(&json, &origin)
     }
 
@@ -81,7 +110,7 @@ pub fn branch_json(variant: &apache_avro::Schema) -> Option<String> {
 
 /// The reader schemas of a subject version (several when it is a union of records), each
 /// remembering the subject and id it came from.
-pub fn readers_from_version(version: &SubjectVersion) -> Result<Vec<ReaderSchema>, String> {
+pub fn readers_from_version(version: &SubjectVersion) -> Result<Vec<ReaderSchema>, ReaderError> {
     let mut readers = ReaderSchema::parse_all(
         &version.schema,
         &format!("subject {} version {}", version.subject, version.version),
@@ -94,15 +123,17 @@ pub fn readers_from_version(version: &SubjectVersion) -> Result<Vec<ReaderSchema
 }
 
 /// The reader schema of record `record` in a subject version.
-pub fn reader_from_version(version: &SubjectVersion, record: &str) -> Result<ReaderSchema, String> {
+pub fn reader_from_version(
+    version: &SubjectVersion,
+    record: &str,
+) -> Result<ReaderSchema, ReaderError> {
     readers_from_version(version)?
         .into_iter()
         .find(|r| r.record == record)
-        .ok_or_else(|| {
-            format!(
-                "subject {} version {} has no record {record}",
-                version.subject, version.version
-            )
+        .ok_or_else(|| ReaderError::NoSuchRecord {
+            subject: version.subject.clone(),
+            version: version.version,
+            record: record.to_string(),
         })
 }
 

@@ -23,7 +23,7 @@ use crate::kafka::admin::{Admin, Ensured, TopicError, TopicSpec};
 use crate::kafka::producer_config;
 use crate::models::{Rejection, SourceRecord};
 use crate::ops::Metrics;
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 use crate::schema::wire;
 
 pub const HEADER_KIND: &str = "strata.error.kind";
@@ -80,9 +80,9 @@ impl Topics {
     /// Retries the topics that could not be made at start-up until they exist or `stop`: an
     /// operator may grant the permission, or the cluster come back, at any time.
     async fn create_until_done(self, mut missing: Vec<String>, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut retry = Retry::new(Pace::Operator, &stop);
         while !missing.is_empty() {
-            if !backoff.wait_unless(&stop).await {
+            if !retry.wait().await {
                 return;
             }
             let mut still = Vec::new();
@@ -185,7 +185,7 @@ impl DeadLetters {
     ) -> Result<(), Interrupted> {
         let metrics = &self.topics.metrics;
         let topic = self.topic_for(&record.topic);
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         let mut blocked = false;
         loop {
             let send = self
@@ -225,7 +225,7 @@ impl DeadLetters {
                             metrics.dead_letter_blocked(&topic, &why.to_string());
                         }
                     }
-                    if !backoff.wait_unless(&self.shutdown).await {
+                    if !retry.wait().await {
                         return Err(Interrupted);
                     }
                 }

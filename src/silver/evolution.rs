@@ -1,12 +1,10 @@
 //! Under `STRATA_READER_SCHEMA=latest`: a table follows its subject's newest version, evolving
 //! its schema with an explicit metadata commit, or refusing a version it cannot take.
 
-use std::time::Duration;
-
 use crate::config::ReaderSchemas;
 use crate::models::TopicPartition;
 use crate::ops::NotReady;
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 use crate::schema::lookup::{Answer, Ask};
 use crate::schema::reader::reader_from_version;
 use crate::silver::tables::EvolveError;
@@ -36,8 +34,8 @@ impl Replica {
         if !self.tables.list[index].wants_version(version.id) {
             return Ok(());
         }
-        let next = reader_from_version(&version, &record).map_err(PipelineError::Config);
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let next = reader_from_version(&version, &record);
+        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {
             let table = &mut self.tables.list[index];
             let result = match &next {
@@ -55,12 +53,13 @@ impl Replica {
                         "newest reader schema refused; the table keeps its schema");
                     return Ok(());
                 }
-                Err(EvolveError::Storage(e)) if !self.shutdown.is_cancelled() => {
+                Err(EvolveError::Storage(e)) => {
                     self.metrics.not_ready(NotReady::Lake, true);
                     tracing::warn!(table = %table.name, error = %e, "evolving the table failed; retrying");
-                    backoff.wait().await;
+                    if !retry.wait().await {
+                        return Err(e.into());
+                    }
                 }
-                Err(EvolveError::Storage(e)) => return Err(e.into()),
             }
         }
     }

@@ -4,13 +4,13 @@
 //! with backoff (not ready meanwhile) until shutdown.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::kafka::consumer::SourceCommand;
 use crate::lake::commit::CommitOutcome;
 use crate::models::TopicPartition;
 use crate::ops::NotReady;
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 
 use super::pipeline::{PipelineError, Replica};
 
@@ -18,19 +18,20 @@ impl Replica {
     /// Writes and commits everything buffered. Retries storage errors with backoff until it
     /// succeeds or shutdown is requested (then the work is left uncommitted, which loses nothing).
     pub(super) async fn flush(&mut self) -> Result<(), PipelineError> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {
             match self.try_flush().await {
                 Ok(()) => {
                     self.metrics.not_ready(NotReady::Lake, false);
                     return Ok(());
                 }
-                Err(e) if self.shutdown.is_cancelled() => return Err(e),
                 Err(e) => {
                     // Not ready while the lake refuses writes; nothing is lost, the work stays buffered.
                     self.metrics.not_ready(NotReady::Lake, true);
                     tracing::warn!(error = %e, "flush failed; retrying");
-                    backoff.wait().await;
+                    if !retry.wait().await {
+                        return Err(e);
+                    }
                 }
             }
         }

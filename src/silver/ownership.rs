@@ -3,12 +3,10 @@
 //! is dropped and the partition seeks back to the table), seeking back when a table opened mid-run
 //! is behind, and dropping the work of partitions that are revoked or lost.
 
-use std::time::Duration;
-
 use crate::kafka::consumer::SourceCommand;
 use crate::lake::commit::Fenced;
 use crate::models::TopicPartition;
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 
 use super::pipeline::{PipelineError, Replica};
 
@@ -29,7 +27,7 @@ impl Replica {
         index: usize,
         partitions: &[TopicPartition],
     ) -> Result<(), PipelineError> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         let table = &mut self.tables.list[index];
         loop {
             match table.committer.claim(partitions).await {
@@ -39,11 +37,12 @@ impl Replica {
                     }
                     return Ok(());
                 }
-                Err(e) if !self.shutdown.is_cancelled() => {
+                Err(e) => {
                     tracing::warn!(table = %table.name, error = %e, "reading table progress failed; retrying");
-                    backoff.wait().await;
+                    if !retry.wait().await {
+                        return Err(e.into());
+                    }
                 }
-                Err(e) => return Err(e.into()),
             }
         }
     }

@@ -44,8 +44,12 @@ pub enum PipelineError {
     GraceExceeded(Duration),
     #[error("shut down before start-up finished")]
     Interrupted,
-    #[error("gold: {0}")]
-    Gold(String),
+    #[error("gold stage 1: {0}")]
+    Gold(#[from] crate::gold::stage1::EmitError),
+    #[error("gold stage 2: {0}")]
+    Stage2(#[from] Box<crate::gold::stage2::Stage2Error>),
+    #[error("gold stage 2 task: {0}")]
+    Task(#[from] tokio::task::JoinError),
     /// A reader schema or subject cannot make a table.
     #[error("schema: {0}")]
     Schema(String),
@@ -55,6 +59,9 @@ impl From<crate::silver::tables::TablesError> for PipelineError {
     fn from(e: crate::silver::tables::TablesError) -> Self {
         match e {
             crate::silver::tables::TablesError::Refused(why) => PipelineError::Schema(why),
+            crate::silver::tables::TablesError::Reader(why) => {
+                PipelineError::Schema(why.to_string())
+            }
             crate::silver::tables::TablesError::Interrupted => PipelineError::Interrupted,
         }
     }

@@ -10,7 +10,7 @@ use crate::schema::reader::reader_from_version;
 use crate::schema::registry::RegistryError;
 use crate::schema::wire;
 use crate::schema::wire::frame_rejection;
-use crate::silver::tables::open_table;
+use crate::silver::tables::{open_table, OpenError};
 
 use super::pipeline::{PipelineError, Replica};
 use super::routes::{Destination, Route};
@@ -198,7 +198,7 @@ impl Replica {
                                 open_table(&self.config, reader, &self.metrics, &self.shutdown)
                                     .await?
                             }
-                            Err(why) => Err(why),
+                            Err(why) => Err(OpenError::Schema(why.to_string())),
                         };
                         let table = match opened {
                             Ok(table) => table,

@@ -6,7 +6,6 @@
 //! are widened when written, so a schema change never starts extra files.
 
 use std::collections::{HashMap, HashSet};
-use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -18,7 +17,7 @@ use crate::lake::commit::{CommitError, TableCommitter};
 use crate::lake::files::{FilePolicy, SilverWriter};
 use crate::models::TopicPartition;
 use crate::ops::{Metrics, NotReady};
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 use crate::schema::lookup::{ask_registry, Answer, Ask};
 use crate::schema::reader::{readers_from_version, ReaderSchema};
 use crate::schema::registry::SchemaRegistry;
@@ -214,6 +213,9 @@ pub enum TablesError {
     /// Shutdown came while the registry or the lake was waited for.
     #[error("shut down while opening the tables")]
     Interrupted,
+    /// A reader schema that cannot make a table.
+    #[error(transparent)]
+    Reader(#[from] crate::schema::reader::ReaderError),
 }
 
 /// The tables known at start-up: one per reader schema file, or under `latest` one per subject of
@@ -228,7 +230,7 @@ pub async fn open_tables(
     match &config.reader_schemas {
         ReaderSchemas::Files(paths) => {
             for path in paths {
-                readers.extend(ReaderSchema::read(path).map_err(TablesError::Refused)?);
+                readers.extend(ReaderSchema::read(path)?);
             }
         }
         ReaderSchemas::Latest => {
@@ -259,8 +261,7 @@ pub async fn open_tables(
             };
             for subject in subjects {
                 match ask_registry(registry, metrics, shutdown, Ask::Latest(&subject)).await {
-                    Answer::Version(version) => readers
-                        .extend(readers_from_version(&version).map_err(TablesError::Refused)?),
+                    Answer::Version(version) => readers.extend(readers_from_version(&version)?),
                     Answer::Refused(e) => {
                         return Err(TablesError::Refused(format!(
                             "STRATA_READER_SCHEMA=latest: {e}"
@@ -286,7 +287,7 @@ pub async fn open_tables(
         }
         let table = open_table(config, reader, metrics, shutdown)
             .await?
-            .map_err(TablesError::Refused)?;
+            .map_err(|e| TablesError::Refused(e.to_string()))?;
         tables.list.push(table);
     }
     Ok(tables)
@@ -299,8 +300,8 @@ pub async fn open_table(
     reader: ReaderSchema,
     metrics: &Metrics,
     shutdown: &CancellationToken,
-) -> Result<Result<SilverTable, String>, TablesError> {
-    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+) -> Result<Result<SilverTable, OpenError>, TablesError> {
+    let mut retry = Retry::new(Pace::Outage, shutdown);
     loop {
         // One attempt can take minutes against an unreachable store (the client's own retries):
         // a signal must not wait for it.
@@ -313,11 +314,11 @@ pub async fn open_table(
                 metrics.not_ready(NotReady::Lake, false);
                 return Ok(Ok(table));
             }
-            Err(OpenError::Schema(why)) => return Ok(Err(why)),
+            Err(refused @ OpenError::Schema(_)) => return Ok(Err(refused)),
             Err(OpenError::Storage(why)) => {
                 metrics.not_ready(NotReady::Lake, true);
                 tracing::warn!(error = %why, "opening the table failed; retrying");
-                if !backoff.wait_unless(shutdown).await {
+                if !retry.wait().await {
                     return Err(TablesError::Interrupted);
                 }
             }

@@ -3,10 +3,9 @@
 //! table is handled like a fence on a Silver table.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use crate::models::TopicPartition;
-use crate::retry::Backoff;
+use crate::retry::{Pace, Retry};
 
 use super::pipeline::{PipelineError, Replica};
 
@@ -25,15 +24,16 @@ impl Replica {
             .map(|tp| (tp.clone(), table.parts.get(tp).and_then(|p| p.committed)))
             .collect();
         let held = |tp: &TopicPartition| silver.get(tp).copied().flatten();
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {
             match gold.claim(partitions, &held).await {
                 Ok(()) => return Ok(()),
-                Err(e) if !self.shutdown.is_cancelled() => {
+                Err(e) => {
                     tracing::warn!(error = %e, "reading Gold progress failed; retrying");
-                    backoff.wait().await;
+                    if !retry.wait().await {
+                        return Err(e.into());
+                    }
                 }
-                Err(e) => return Err(e.into()),
             }
         }
     }
@@ -44,10 +44,7 @@ impl Replica {
         let Some(gold) = &mut self.gold else {
             return Ok(());
         };
-        let fenced = gold
-            .send()
-            .await
-            .map_err(|e| PipelineError::Gold(e.to_string()))?;
+        let fenced = gold.send().await?;
         self.on_gold_fenced(fenced).await
     }
 

@@ -64,24 +64,41 @@ impl fmt::Display for Aggregate {
     }
 }
 
+/// Why an aggregates setting cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AggregateError {
+    #[error("{0:?}: expected function(field) or count")]
+    Shape(String),
+    #[error("{0:?}: expected a field name inside the parentheses")]
+    Field(String),
+    #[error(
+        "{item:?}: unknown function {function:?} (count, sum, min, max, avg, approx_distinct)"
+    )]
+    UnknownFunction { item: String, function: String },
+    #[error("{0} is listed twice")]
+    Twice(String),
+    #[error("no aggregate given")]
+    None,
+}
+
 /// Parses `count, sum(amount), min(amount), max(amount), avg(amount), approx_distinct(user_id)`.
-pub fn parse_aggregates(text: &str) -> Result<Vec<Aggregate>, String> {
+pub fn parse_aggregates(text: &str) -> Result<Vec<Aggregate>, AggregateError> {
     let mut out = Vec::new();
     for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let aggregate = item.parse::<Aggregate>()?;
         if out.contains(&aggregate) {
-            return Err(format!("{item} is listed twice"));
+            return Err(AggregateError::Twice(item.to_string()));
         }
         out.push(aggregate);
     }
     if out.is_empty() {
-        return Err("no aggregate given".to_string());
+        return Err(AggregateError::None);
     }
     Ok(out)
 }
 
 impl FromStr for Aggregate {
-    type Err = String;
+    type Err = AggregateError;
 
     fn from_str(item: &str) -> Result<Self, Self::Err> {
         let lower = item.trim().to_ascii_lowercase();
@@ -93,12 +110,12 @@ impl FromStr for Aggregate {
         }
         let (name, rest) = lower
             .split_once('(')
-            .ok_or_else(|| format!("{item:?}: expected function(field) or count"))?;
+            .ok_or_else(|| AggregateError::Shape(item.to_string()))?;
         let field = rest
             .strip_suffix(')')
             .map(str::trim)
             .filter(|f| !f.is_empty() && f.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
-            .ok_or_else(|| format!("{item:?}: expected a field name inside the parentheses"))?;
+            .ok_or_else(|| AggregateError::Field(item.to_string()))?;
         let function = match name.trim() {
             "sum" => Function::Sum,
             "min" => Function::Min,
@@ -106,9 +123,10 @@ impl FromStr for Aggregate {
             "avg" => Function::Avg,
             "approx_distinct" => Function::ApproxDistinct,
             other => {
-                return Err(format!(
-                "{item:?}: unknown function {other:?} (count, sum, min, max, avg, approx_distinct)"
-            ))
+                return Err(AggregateError::UnknownFunction {
+                    item: item.to_string(),
+                    function: other.to_string(),
+                })
             }
         };
         Ok(Aggregate {

@@ -12,7 +12,7 @@ use deltalake::arrow::array::RecordBatch;
 use super::hll::{fmix64, hash64};
 use super::partial::{KeyValue, Partial};
 use super::preaggregate::GoldSpec;
-use super::preaggregate::PreAggregator;
+use super::preaggregate::{PreAggregator, RowsError};
 use crate::models::TopicPartition;
 
 /// When and how much to salt.
@@ -62,7 +62,7 @@ pub fn preaggregate(
     epoch_end: i64,
     salting: Option<Salting>,
     mut keep: impl FnMut(usize, usize, i64, i64) -> bool,
-) -> Result<(PreAggregator, usize), String> {
+) -> Result<(PreAggregator, usize), RowsError> {
     let mut pre = PreAggregator::new();
     let mut hot = 0;
     if let Some(s) = salting.filter(|s| s.salts > 1) {

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use super::aggregate::{Accumulator, Aggregate, Cursor};
 use super::closing::{Closed, Merger, Offered, Source};
 use super::epoch::partition_of;
-use super::partial::{decode_key, encode_key, KeyValue, Message};
+use super::partial::{decode_key, encode_key, FormatError, KeyValue, Message};
 use super::window::WindowSpec;
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SMS1";
@@ -257,9 +257,9 @@ impl PartitionMerge {
 
     /// Restores a snapshot into a fresh state of the same configuration. Errors when the bytes
     /// are malformed or belong to another partition or partition count.
-    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), String> {
+    pub fn restore(&mut self, bytes: &[u8]) -> Result<(), FormatError> {
         let mut c = Cursor::new(bytes);
-        let malformed = || "malformed Gold state snapshot".to_string();
+        let malformed = || FormatError::Malformed("malformed Gold state snapshot");
         if c.take(4) != Some(SNAPSHOT_MAGIC.as_slice()) {
             return Err(malformed());
         }
@@ -268,10 +268,12 @@ impl PartitionMerge {
             c.i32().ok_or_else(malformed)?,
         );
         if (me, partitions) != (self.me, self.partitions) {
-            return Err(format!(
-                "Gold state of partition {me} of {partitions}, expected {} of {} (the partials topic changed)",
-                self.me, self.partitions
-            ));
+            return Err(FormatError::OtherPartition {
+                found: me,
+                found_of: partitions,
+                expected: self.me,
+                expected_of: self.partitions,
+            });
         }
         self.merger.restore(&mut c).ok_or_else(malformed)?;
         let held = c.u64().ok_or_else(malformed)?;

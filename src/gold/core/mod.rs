@@ -26,3 +26,6 @@ pub mod partial;
 pub mod preaggregate;
 pub mod watermark;
 pub mod window;
+
+#[cfg(test)]
+mod golden;

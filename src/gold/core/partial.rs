@@ -112,19 +112,54 @@ pub(crate) fn encode_key(key: &[KeyValue], out: &mut Vec<u8>) {
     }
 }
 
-pub(crate) fn decode_key(cursor: &mut Cursor<'_>) -> Result<Vec<KeyValue>, String> {
-    let fields = cursor.u8().ok_or("truncated key")? as usize;
+/// Why bytes from the partials topic or a Gold state file cannot be read. Such bytes are refused
+/// (counted and logged), never trusted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FormatError {
+    #[error("truncated ({0} bytes)")]
+    Truncated(usize),
+    #[error("not a Strata partials message (bad magic)")]
+    BadMagic,
+    #[error("format version {found}, expected {expected}")]
+    Version { found: u8, expected: u8 },
+    #[error("partial of another STRATA_GOLD_KEY/STRATA_GOLD_AGGREGATES")]
+    OtherSpec,
+    #[error("unknown message kind {0}")]
+    UnknownKind(u8),
+    #[error("unknown key tag {0}")]
+    UnknownKeyTag(u8),
+    #[error("{0}")]
+    Malformed(&'static str),
+    #[error("{0} trailing bytes")]
+    Trailing(usize),
+    #[error("not a partial")]
+    NotAPartial,
+    #[error("Gold state of partition {found} of {found_of}, expected {expected} of {expected_of} (the partials topic changed)")]
+    OtherPartition {
+        found: i32,
+        found_of: i32,
+        expected: i32,
+        expected_of: i32,
+    },
+}
+
+pub(crate) fn decode_key(cursor: &mut Cursor<'_>) -> Result<Vec<KeyValue>, FormatError> {
+    let truncated = FormatError::Malformed("truncated key");
+    let fields = cursor.u8().ok_or(truncated.clone())? as usize;
     let mut key = Vec::with_capacity(fields);
     for _ in 0..fields {
-        key.push(match cursor.u8().ok_or("truncated key")? {
+        key.push(match cursor.u8().ok_or(truncated.clone())? {
             0 => KeyValue::Null,
-            1 => KeyValue::Int(cursor.i64().ok_or("truncated key")?),
+            1 => KeyValue::Int(cursor.i64().ok_or(truncated.clone())?),
             2 => {
-                let len = cursor.u32().ok_or("truncated key")? as usize;
-                let bytes = cursor.take(len).ok_or("truncated key")?;
-                KeyValue::Str(String::from_utf8(bytes.to_vec()).map_err(|_| "key is not UTF-8")?)
+                let len = cursor.u32().ok_or(truncated.clone())? as usize;
+                let bytes = cursor.take(len).ok_or(truncated.clone())?;
+                KeyValue::Str(
+                    String::from_utf8(bytes.to_vec())
+                        .map_err(|_| FormatError::Malformed("key is not UTF-8"))?,
+                )
             }
-            tag => return Err(format!("unknown key tag {tag}")),
+            tag => return Err(FormatError::UnknownKeyTag(tag)),
         });
     }
     Ok(key)
@@ -133,9 +168,9 @@ pub(crate) fn decode_key(cursor: &mut Cursor<'_>) -> Result<Vec<KeyValue>, Strin
 fn decode_accumulator(
     cursor: &mut Cursor<'_>,
     aggregates: &[Aggregate],
-) -> Result<Accumulator, String> {
+) -> Result<Accumulator, FormatError> {
     let (accumulator, used) = Accumulator::decode(aggregates, cursor.rest())
-        .ok_or_else(|| "malformed accumulators".to_string())?;
+        .ok_or(FormatError::Malformed("malformed accumulators"))?;
     cursor.at += used;
     Ok(accumulator)
 }
@@ -188,26 +223,27 @@ impl Message {
         bytes: &[u8],
         aggregates: &[Aggregate],
         fingerprint: u64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, FormatError> {
         let mut c = Cursor::new(bytes);
-        let truncated = || format!("truncated message ({} bytes)", bytes.len());
+        let truncated = || FormatError::Truncated(bytes.len());
         if c.take(2).ok_or_else(truncated)? != MAGIC {
-            return Err("not a Strata partials message (bad magic)".into());
+            return Err(FormatError::BadMagic);
         }
         let version = c.u8().ok_or_else(truncated)?;
         if version != VERSION {
-            return Err(format!(
-                "partials format version {version}, expected {VERSION}"
-            ));
+            return Err(FormatError::Version {
+                found: version,
+                expected: VERSION,
+            });
         }
         let kind = c.u8().ok_or_else(truncated)?;
         if c.u64().ok_or_else(truncated)? != fingerprint {
-            return Err("partial of another STRATA_GOLD_KEY/STRATA_GOLD_AGGREGATES".into());
+            return Err(FormatError::OtherSpec);
         }
-        let topic = |c: &mut Cursor<'_>| -> Result<String, String> {
+        let topic = |c: &mut Cursor<'_>| -> Result<String, FormatError> {
             let len = c.u16().ok_or_else(truncated)? as usize;
             String::from_utf8(c.take(len).ok_or_else(truncated)?.to_vec())
-                .map_err(|_| "source topic is not UTF-8".to_string())
+                .map_err(|_| FormatError::Malformed("source topic is not UTF-8"))
         };
         let message = match kind {
             PARTIAL => {
@@ -254,10 +290,10 @@ impl Message {
                 from: c.i32().ok_or_else(truncated)?,
                 through: c.i64().ok_or_else(truncated)?,
             },
-            other => return Err(format!("unknown message kind {other}")),
+            other => return Err(FormatError::UnknownKind(other)),
         };
         if c.at != bytes.len() {
-            return Err(format!("{} trailing bytes", bytes.len() - c.at));
+            return Err(FormatError::Trailing(bytes.len() - c.at));
         }
         Ok(message)
     }
@@ -282,10 +318,10 @@ impl Partial {
         bytes: &[u8],
         aggregates: &[Aggregate],
         fingerprint: u64,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, FormatError> {
         match Message::decode(bytes, aggregates, fingerprint)? {
             Message::Partial(p) => Ok(p),
-            _ => Err("not a partial".into()),
+            _ => Err(FormatError::NotAPartial),
         }
     }
 }

@@ -24,14 +24,49 @@ pub struct GoldSpec {
     pub event_time_field: String,
 }
 
+/// A Gold spec that does not fit the Silver table: it names the setting and the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error("field {0} is not in the table")]
+    NoField(String),
+    #[error("STRATA_GOLD_KEY field {field} has type {found}, expected a string or an integer")]
+    Key { field: String, found: String },
+    #[error("{aggregate} needs a number, field {field} has type {found}")]
+    NotNumeric {
+        aggregate: String,
+        field: String,
+        found: String,
+    },
+    #[error("{aggregate}: field {field} has type {found}, expected a string, bytes or a number")]
+    NotDistinctable {
+        aggregate: String,
+        field: String,
+        found: String,
+    },
+    #[error("event time field {field} has type {found}")]
+    EventTime { field: String, found: String },
+}
+
+/// Rows that do not have the shape the spec was checked against (a bug, not bad input: the
+/// decoder produced them).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RowsError {
+    #[error("column {0} missing")]
+    Missing(String),
+    #[error("event time is not a microsecond timestamp")]
+    EventTime,
+    #[error("arrow: {0}")]
+    Arrow(String),
+}
+
 impl GoldSpec {
     /// Checks the spec against the Silver rows' schema: key fields must be strings or integers,
     /// numeric aggregates need numbers, event time a timestamp. Errors name the field.
-    pub fn check(&self, schema: &Schema) -> Result<(), String> {
+    pub fn check(&self, schema: &Schema) -> Result<(), SpecError> {
         let field = |name: &str| {
             schema
                 .field_with_name(name)
-                .map_err(|_| format!("field {name} is not in the table"))
+                .map_err(|_| SpecError::NoField(name.to_string()))
         };
         for key in &self.key_fields {
             let f = field(key)?;
@@ -39,10 +74,10 @@ impl GoldSpec {
                 f.data_type(),
                 DataType::Utf8 | DataType::Int32 | DataType::Int64
             ) {
-                return Err(format!(
-                    "STRATA_GOLD_KEY field {key} has type {}, expected a string or an integer",
-                    f.data_type()
-                ));
+                return Err(SpecError::Key {
+                    field: key.clone(),
+                    found: f.data_type().to_string(),
+                });
             }
         }
         for aggregate in &self.aggregates {
@@ -55,27 +90,29 @@ impl GoldSpec {
                 DataType::Int32 | DataType::Int64 | DataType::Float32 | DataType::Float64
             );
             if aggregate.numeric() && !numeric {
-                return Err(format!(
-                    "{aggregate} needs a number, field {name} has type {}",
-                    f.data_type()
-                ));
+                return Err(SpecError::NotNumeric {
+                    aggregate: aggregate.to_string(),
+                    field: name.clone(),
+                    found: f.data_type().to_string(),
+                });
             }
             if aggregate.function == Function::ApproxDistinct
                 && !numeric
                 && !matches!(f.data_type(), DataType::Utf8 | DataType::Binary)
             {
-                return Err(format!(
-                    "{aggregate}: field {name} has type {}, expected a string, bytes or a number",
-                    f.data_type()
-                ));
+                return Err(SpecError::NotDistinctable {
+                    aggregate: aggregate.to_string(),
+                    field: name.clone(),
+                    found: f.data_type().to_string(),
+                });
             }
         }
         match field(&self.event_time_field)?.data_type() {
             DataType::Timestamp(_, _) => Ok(()),
-            other => Err(format!(
-                "event time field {} has type {other}",
-                self.event_time_field
-            )),
+            other => Err(SpecError::EventTime {
+                field: self.event_time_field.clone(),
+                found: other.to_string(),
+            }),
         }
     }
 }
@@ -148,7 +185,7 @@ impl PreAggregator {
         capacity: usize,
         share: f64,
         min_events: u64,
-    ) -> Result<Vec<Vec<KeyValue>>, String> {
+    ) -> Result<Vec<Vec<KeyValue>>, RowsError> {
         let mut ids: HashMap<Vec<KeyValue>, u32> = HashMap::new();
         let mut list: Vec<Vec<KeyValue>> = Vec::new();
         let mut heavy = SpaceSaving::new(capacity);
@@ -159,7 +196,7 @@ impl PreAggregator {
                 .map(|k| {
                     batch
                         .column_by_name(k)
-                        .ok_or_else(|| format!("column {k} missing"))
+                        .ok_or_else(|| RowsError::Missing(k.clone()))
                 })
                 .collect::<Result<_, _>>()?;
             for row in 0..batch.num_rows() {
@@ -199,15 +236,15 @@ impl PreAggregator {
         spec: &GoldSpec,
         batch: &RecordBatch,
         mut keep: impl FnMut(usize, i64, i64) -> bool,
-    ) -> Result<usize, String> {
-        let column = |name: &str| -> Result<&ArrayRef, String> {
+    ) -> Result<usize, RowsError> {
+        let column = |name: &str| -> Result<&ArrayRef, RowsError> {
             batch
                 .column_by_name(name)
-                .ok_or_else(|| format!("column {name} missing"))
+                .ok_or_else(|| RowsError::Missing(name.to_string()))
         };
         let times = column(&spec.event_time_field)?
             .as_primitive_opt::<TimestampMicrosecondType>()
-            .ok_or("event time is not a microsecond timestamp")?;
+            .ok_or(RowsError::EventTime)?;
         let keys: Vec<&ArrayRef> = spec
             .key_fields
             .iter()
@@ -372,6 +409,7 @@ pub(crate) mod tests {
         assert!(wrong
             .check(&b.schema())
             .expect_err("not a number")
+            .to_string()
             .contains("customer"));
         wrong.key_fields = vec!["nope".into()];
         assert!(wrong.check(&b.schema()).is_err());

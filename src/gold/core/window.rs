@@ -12,16 +12,30 @@ pub struct WindowSpec {
     pub slide: i64,
 }
 
+/// Why a window setting cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WindowError {
+    #[error(transparent)]
+    Duration(#[from] crate::units::DurationError),
+    #[error("{0:?} is too long")]
+    TooLong(String),
+    #[error("{0:?} must be longer than zero")]
+    NotPositive(String),
+    #[error("the slide must divide the window size (got {0:?})")]
+    SlideMustDivide(String),
+}
+
 impl FromStr for WindowSpec {
-    type Err = String;
+    type Err = WindowError;
 
     /// `1m` (tumbling) or `5m every 1m` (hopping; the slide must divide the size).
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let micros = |part: &str| -> Result<i64, String> {
+        let micros = |part: &str| -> Result<i64, WindowError> {
             let d = parse_duration(part.trim())?;
-            let us = i64::try_from(d.as_micros()).map_err(|_| format!("{part:?} is too long"))?;
+            let us =
+                i64::try_from(d.as_micros()).map_err(|_| WindowError::TooLong(part.to_string()))?;
             if us <= 0 {
-                return Err(format!("{part:?} must be longer than zero"));
+                return Err(WindowError::NotPositive(part.to_string()));
             }
             Ok(us)
         };
@@ -33,9 +47,7 @@ impl FromStr for WindowSpec {
             }
         };
         if slide > size || size % slide != 0 {
-            return Err(format!(
-                "the slide must divide the window size (got {text:?})"
-            ));
+            return Err(WindowError::SlideMustDivide(text.to_string()));
         }
         Ok(Self { size, slide })
     }

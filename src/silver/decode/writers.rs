@@ -64,12 +64,12 @@ impl BatchDecoder {
             let previous = [(format!("writer schema {schema_id}"), &writer)];
             self.compatibility
                 .check(&self.reader_schema, &previous)
-                .map_err(|reason| incompatible(format!("the reader schema is {reason}")))?;
+                .map_err(|e| incompatible(format!("the reader schema is {e}")))?;
         } else {
             let previous = [("the reader schema".to_string(), &self.reader_schema)];
             self.compatibility
                 .check(&writer, &previous)
-                .map_err(|reason| incompatible(format!("it is {reason}")))?;
+                .map_err(|e| incompatible(format!("it is {e}")))?;
         }
         // Transitive modes: also against every earlier writer version seen.
         if self.compatibility.is_transitive() {
@@ -81,7 +81,7 @@ impl BatchDecoder {
                 .collect();
             self.compatibility
                 .check(&writer, &earlier)
-                .map_err(|reason| incompatible(format!("it is {reason}")))?;
+                .map_err(|e| incompatible(format!("it is {e}")))?;
         }
         build_decoder(&self.reader_json, [(schema_id, writer_json)], 1)
             .map(|_| writer)
