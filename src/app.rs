@@ -7,7 +7,6 @@
 //! consumer leaves the group, let Gold stage 2 commit, stop the endpoint.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::gold::stage1::Emitter;
 use crate::kafka::consumer::{Source, SourceSettings};
+use crate::kafka::event_loop;
 use crate::lake;
 use crate::lake::OpenError;
 use crate::ops::{Metrics, NotReady};
@@ -174,7 +174,7 @@ pub async fn run(
         }
         _ => None,
     };
-    let (events_tx, mut events) = mpsc::channel(16);
+    let (events_tx, events) = mpsc::channel(16);
     let source = Source::start(
         SourceSettings {
             brokers: config.brokers.clone(),
@@ -195,37 +195,13 @@ pub async fn run(
         registry,
         tables,
         dead_letters,
-        source,
+        source.commands(),
         shutdown.clone(),
         gold,
     );
-    let result = match replica.consume(&mut events).await {
-        // A signal while a table opening mid-run waited for the lake: drain what is complete.
-        Err(PipelineError::Interrupted) => Ok(()),
-        other => other,
-    };
-    metrics.not_ready(NotReady::ShuttingDown, true);
-    let deadline = tokio::time::Instant::now() + grace;
-    let drained = match result {
-        Ok(()) => tokio::time::timeout_at(deadline, replica.drain(&mut events))
-            .await
-            .map_err(|_| PipelineError::GraceExceeded(grace))
-            .and_then(|drain| drain),
-        Err(e) => Err(e),
-    };
-    replica.stop_consuming();
-    // Answer the final revocation so the source can leave the group, then wait for its thread.
-    let closing = async {
-        while let Some(event) = events.recv().await {
-            replica.answer_while_closing(event);
-        }
-    };
-    let leave_by = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
-    let _ = tokio::time::timeout_at(leave_by, closing).await;
-    // Closing the channel unblocks the source thread if it still waits to hand something over.
-    drop(events);
-    let (source, mut summary) = replica.finish();
-    let _ = tokio::task::spawn_blocking(move || source.join()).await;
+    let stopping = || metrics.not_ready(NotReady::ShuttingDown, true);
+    let drained = event_loop::run(&mut replica, source, events, &shutdown, grace, stopping).await;
+    let mut summary = replica.finish();
     gold_stop.cancel();
     let mut gold_failed = None;
     if let Some(stage2) = stage2 {

@@ -23,7 +23,8 @@ use super::core::partial::{spec_fingerprint, KeyValue, Message};
 use super::stage1::{gold_name, partials_producer, send_in_order};
 use crate::config::{Config, GoldConfig};
 use crate::kafka::admin::Admin;
-use crate::kafka::consumer::{Source, SourceCommand, SourceEvent, SourceSettings};
+use crate::kafka::consumer::{Commands, Source, SourceCommand, SourceEvent, SourceSettings};
+use crate::kafka::event_loop::{self, GraceExceeded, Stage};
 use crate::lake;
 use crate::lake::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::lake::files::{FilePolicy, SilverWriter};
@@ -37,6 +38,8 @@ use crate::retry::{Pace, Retry};
 pub enum Stage2Error {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Grace(#[from] GraceExceeded),
     #[error("{0}")]
     Topic(#[from] crate::kafka::admin::TopicError),
     #[error("Bronze topic {0} does not exist")]
@@ -116,7 +119,7 @@ struct Job {
     writer: SilverWriter,
     store: Arc<dyn ObjectStore>,
     parts: HashMap<i32, Part>,
-    source: Source,
+    commands: Commands,
     metrics: Arc<Metrics>,
     summary: GoldSummary,
     commit_every: Duration,
@@ -180,7 +183,7 @@ pub async fn run(
         FilePolicy::from_config(&config),
         store.clone(),
     );
-    let (events_tx, mut events) = mpsc::channel(16);
+    let (events_tx, events) = mpsc::channel(16);
     let source = Source::start(
         SourceSettings {
             brokers: config.brokers.clone(),
@@ -206,66 +209,56 @@ pub async fn run(
         writer,
         store,
         parts: HashMap::new(),
-        source,
+        commands: source.commands(),
         metrics,
         summary: GoldSummary::default(),
         commit_every: config.flush_interval.min(Duration::from_secs(5)),
         last_commit: Instant::now(),
         shutdown: shutdown.clone(),
     };
-    let result = job.consume(&mut events).await;
-    let drained = match result {
-        Ok(()) => job.commit_retrying().await,
-        Err(e) => Err(e),
-    };
-    job.source.stop();
-    let closing = async {
-        while let Some(event) = events.recv().await {
-            match event {
-                SourceEvent::Revoked { done, .. } => {
-                    let _ = done.send(());
-                }
-                SourceEvent::Assigned { reply, .. } => drop(reply),
-                _ => {}
-            }
+    let grace = config.shutdown_grace;
+    event_loop::run(&mut job, source, events, &shutdown, grace, || {}).await?;
+    Ok(job.summary)
+}
+
+impl Stage for Job {
+    type Error = Stage2Error;
+
+    async fn on_event(&mut self, event: SourceEvent) -> Result<(), Stage2Error> {
+        self.handle(event).await
+    }
+
+    async fn on_tick(&mut self) -> Result<(), Stage2Error> {
+        // Rows commit at the flush interval; progress alone (markers) less often, since a
+        // restart merely reads those markers again.
+        let rows = self.parts.values().any(|p| !p.rows.is_empty());
+        let every = if rows {
+            self.commit_every
+        } else {
+            self.commit_every * 10
+        };
+        if self.last_commit.elapsed() >= every {
+            self.commit_retrying().await?;
         }
-    };
-    let _ = tokio::time::timeout(Duration::from_secs(10), closing).await;
-    drop(events);
-    let Job {
-        source, summary, ..
-    } = job;
-    let _ = tokio::task::spawn_blocking(move || source.join()).await;
-    drained.map(|()| summary)
+        Ok(())
+    }
+
+    async fn commit_all(&mut self) -> Result<(), Stage2Error> {
+        self.commit_retrying().await
+    }
+
+    fn answer_while_closing(&mut self, event: SourceEvent) {
+        match event {
+            SourceEvent::Revoked { done, .. } => {
+                let _ = done.send(());
+            }
+            SourceEvent::Assigned { reply, .. } => drop(reply),
+            _ => {}
+        }
+    }
 }
 
 impl Job {
-    async fn consume(
-        &mut self,
-        events: &mut mpsc::Receiver<SourceEvent>,
-    ) -> Result<(), Stage2Error> {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
-                event = events.recv() => match event {
-                    Some(event) => self.handle(event).await?,
-                    None => return Ok(()),
-                },
-                _ = tick.tick() => {
-                    // Rows commit at the flush interval; progress alone (markers) less often,
-                    // since a restart merely reads those markers again.
-                    let rows = self.parts.values().any(|p| !p.rows.is_empty());
-                    let every = if rows { self.commit_every } else { self.commit_every * 10 };
-                    if self.last_commit.elapsed() >= every {
-                        self.commit_retrying().await?;
-                    }
-                }
-            }
-        }
-    }
-
     fn new_merge(&self, partition: i32) -> PartitionMerge {
         PartitionMerge::new(
             partition,
@@ -575,8 +568,8 @@ impl Job {
             if let Some(part) = self.parts.get_mut(&f.partition.partition) {
                 part.awaiting_reseek = true;
             }
-            self.source
-                .command(SourceCommand::Seek(f.partition.clone(), next));
+            self.commands
+                .send(SourceCommand::Seek(f.partition.clone(), next));
         }
         Ok(())
     }

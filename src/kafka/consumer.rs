@@ -208,6 +208,16 @@ pub struct SourceSettings {
     pub counts_assignments: bool,
 }
 
+/// Sends commands to the source thread; held by the stage, while the event loop owns the thread.
+#[derive(Clone)]
+pub struct Commands(std_mpsc::Sender<SourceCommand>);
+
+impl Commands {
+    pub fn send(&self, command: SourceCommand) {
+        let _ = self.0.send(command);
+    }
+}
+
 /// Handle of the running source thread.
 pub struct Source {
     commands: std_mpsc::Sender<SourceCommand>,
@@ -259,8 +269,9 @@ impl Source {
         })
     }
 
-    pub fn command(&self, command: SourceCommand) {
-        let _ = self.commands.send(command);
+    /// A handle that sends commands to the thread (seek, commit offsets).
+    pub fn commands(&self) -> Commands {
+        Commands(self.commands.clone())
     }
 
     /// Asks the thread to leave the group and stop. The pipeline must keep answering events

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod consumer;
+pub mod event_loop;
 
 use std::collections::BTreeMap;
 

@@ -159,7 +159,7 @@ impl Replica {
             self.oldest = None;
             self.send_gold().await?;
             // Advisory group commit, so standard tools see the lag.
-            self.source.command(SourceCommand::CommitOffsets(
+            self.commands.send(SourceCommand::CommitOffsets(
                 pending
                     .into_iter()
                     .filter(|(tp, _)| self.parts.contains_key(tp))

@@ -69,7 +69,7 @@ impl Replica {
                 state.position = Some(from);
                 state.awaiting_reseek = true;
             }
-            self.source.command(SourceCommand::Seek(tp, from));
+            self.commands.send(SourceCommand::Seek(tp, from));
         }
     }
 
@@ -151,8 +151,8 @@ impl Replica {
             state.position = after.map(|v| v + 1);
             state.awaiting_reseek = true;
         }
-        self.source
-            .command(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
+        self.commands
+            .send(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
         Ok(())
     }
 

@@ -10,12 +10,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::gold::stage1::Emitter;
-use crate::kafka::consumer::{Source, SourceEvent};
+use crate::kafka::consumer::{Commands, SourceEvent};
+use crate::kafka::event_loop::{GraceExceeded, Stage};
 use crate::lake::commit::CommitError;
 use crate::lake::files::SilverError;
 use crate::models::{Rejection, SourceRecord, TopicPartition};
@@ -103,7 +103,7 @@ pub struct Replica {
     pub(super) tables: Tables,
     pub(super) routes: HashMap<u32, Route>,
     pub(super) dead_letters: DeadLetters,
-    pub(super) source: Source,
+    pub(super) commands: Commands,
     pub(super) parts: HashMap<TopicPartition, PartitionState>,
     pub(super) oldest: Option<Instant>,
     pub(super) summary: RunSummary,
@@ -120,7 +120,7 @@ impl Replica {
         registry: SchemaRegistry,
         tables: Tables,
         dead_letters: DeadLetters,
-        source: Source,
+        commands: Commands,
         shutdown: CancellationToken,
         gold: Option<Emitter>,
     ) -> Self {
@@ -131,7 +131,7 @@ impl Replica {
             tables,
             routes: HashMap::new(),
             dead_letters,
-            source,
+            commands,
             parts: HashMap::new(),
             oldest: None,
             summary: RunSummary::default(),
@@ -140,52 +140,12 @@ impl Replica {
         }
     }
 
-    /// Asks the consumer to leave the group (its final revocation still has to be answered).
-    pub(crate) fn stop_consuming(&self) {
-        self.source.stop();
+    /// What this replica did.
+    pub(crate) fn finish(self) -> RunSummary {
+        self.summary
     }
 
-    /// The consumer (to join its thread) and what this replica did.
-    pub(crate) fn finish(self) -> (Source, RunSummary) {
-        (self.source, self.summary)
-    }
-
-    pub(crate) async fn consume(
-        &mut self,
-        events: &mut mpsc::Receiver<SourceEvent>,
-    ) -> Result<(), PipelineError> {
-        let mut tick = tokio::time::interval(Duration::from_millis(200));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => return Ok(()),
-                event = events.recv() => match event {
-                    Some(event) => self.handle(event).await?,
-                    None => return Ok(()),
-                },
-                _ = tick.tick() => {
-                    if self.oldest.is_some_and(|t| t.elapsed() >= self.config.flush_interval) {
-                        self.flush().await?;
-                    }
-                    self.gold_idle().await?;
-                }
-            }
-        }
-    }
-
-    /// After shutdown: commit everything complete.
-    pub(crate) async fn drain(
-        &mut self,
-        events: &mut mpsc::Receiver<SourceEvent>,
-    ) -> Result<(), PipelineError> {
-        // Records already handed over are processed, so their offsets can commit with the rest.
-        while let Ok(event) = events.try_recv() {
-            self.handle(event).await?;
-        }
-        self.flush().await
-    }
-
-    pub(crate) fn answer_while_closing(&mut self, event: SourceEvent) {
+    fn closing(&mut self, event: SourceEvent) {
         match event {
             SourceEvent::Revoked {
                 partitions, done, ..
@@ -436,5 +396,42 @@ impl Replica {
             self.summary.duplicates_skipped += count as u64;
             self.metrics.skipped_duplicates(tp, count);
         }
+    }
+}
+
+impl Stage for Replica {
+    type Error = PipelineError;
+
+    async fn on_event(&mut self, event: SourceEvent) -> Result<(), PipelineError> {
+        self.handle(event).await
+    }
+
+    async fn on_tick(&mut self) -> Result<(), PipelineError> {
+        if self
+            .oldest
+            .is_some_and(|t| t.elapsed() >= self.config.flush_interval)
+        {
+            self.flush().await?;
+        }
+        self.gold_idle().await
+    }
+
+    async fn commit_all(&mut self) -> Result<(), PipelineError> {
+        self.flush().await
+    }
+
+    fn answer_while_closing(&mut self, event: SourceEvent) {
+        self.closing(event);
+    }
+
+    /// A signal while a table opening mid-run waited for the lake: drain what is complete.
+    fn drains_after(error: &PipelineError) -> bool {
+        matches!(error, PipelineError::Interrupted)
+    }
+}
+
+impl From<GraceExceeded> for PipelineError {
+    fn from(e: GraceExceeded) -> Self {
+        PipelineError::GraceExceeded(e.0)
     }
 }
