@@ -6,12 +6,13 @@
 //! stop consuming, drain and commit within the grace period, answer the final revocation so the
 //! consumer leaves the group, let Gold stage 2 commit, stop the endpoint.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, MaintenanceConfig};
 use crate::gold::stage1::Emitter;
 use crate::kafka::consumer::{Source, SourceSettings};
 use crate::kafka::event_loop;
@@ -189,6 +190,15 @@ pub async fn run(
     metrics.initialize(&config.topics, &tables.names());
 
     let grace = config.shutdown_grace;
+    // Table maintenance runs beside the pipeline, in whichever replica owns partition 0.
+    let maintainer = Arc::new(AtomicBool::new(false));
+    let maintenance = tokio::spawn(maintain_periodically(
+        config.lake_url.clone(),
+        config.maintenance.clone(),
+        maintainer.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     let mut replica = Replica::new(
         config,
         metrics.clone(),
@@ -196,6 +206,7 @@ pub async fn run(
         tables,
         dead_letters,
         source.commands(),
+        maintainer.clone(),
         shutdown.clone(),
         gold,
     );
@@ -203,6 +214,7 @@ pub async fn run(
     let drained = event_loop::run(&mut replica, source, events, &shutdown, grace, stopping).await;
     let mut summary = replica.finish();
     gold_stop.cancel();
+    let _ = maintenance.await;
     let mut gold_failed = None;
     if let Some(stage2) = stage2 {
         match tokio::time::timeout(grace, stage2).await {
@@ -219,4 +231,59 @@ pub async fn run(
         Some(e) => Err(e),
         None => Ok(summary),
     }
+}
+
+/// Every `STRATA_MAINTENANCE_INTERVAL`, while this replica is the maintainer: one maintenance pass
+/// over every table of the lake. A failed pass is counted and tried again next time.
+async fn maintain_periodically(
+    lake_url: String,
+    settings: MaintenanceConfig,
+    maintainer: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(settings.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // not at start-up: the first pass waits one interval
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if !maintainer.load(Ordering::Relaxed) {
+            continue;
+        }
+        let pass = maintain_once(&lake_url, &settings, &metrics);
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = pass => {}
+        }
+    }
+}
+
+/// One maintenance pass over every table under the lake; `strata maintain` runs exactly this.
+/// Returns how many tables failed.
+pub async fn maintain_once(
+    lake_url: &str,
+    settings: &MaintenanceConfig,
+    metrics: &Metrics,
+) -> usize {
+    let tables = match crate::lake::maintenance::tables(lake_url).await {
+        Ok(tables) => tables,
+        Err(e) => {
+            metrics.maintained("(lake)", Err(&e.to_string()));
+            return 1;
+        }
+    };
+    let mut failed = 0;
+    for (name, url) in tables {
+        match crate::lake::maintenance::maintain(url, &settings.retention).await {
+            Ok(report) => metrics.maintained(&name, Ok(&report)),
+            Err(e) => {
+                failed += 1;
+                metrics.maintained(&name, Err(&e.to_string()));
+            }
+        }
+    }
+    failed
 }

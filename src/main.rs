@@ -80,7 +80,7 @@ fn main() -> ExitCode {
         print!("{}", help_text());
         return ExitCode::SUCCESS;
     }
-    if !matches!(command, "run" | "demo" | "schemas") {
+    if !matches!(command, "run" | "demo" | "schemas" | "maintain") {
         eprintln!("strata: unknown command {command:?}\n\n{}", help_text());
         return ExitCode::from(2);
     }
@@ -95,6 +95,9 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async {
+        if command == "maintain" {
+            return maintain_command().await;
+        }
         if command == "schemas" {
             return schemas_command(&args[1..]).await;
         }
@@ -124,6 +127,27 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// `strata maintain`: one maintenance pass over every table of the lake (log cleanup, vacuum,
+/// Gold state files), then exit; for a CronJob or a person. Exit 1 when a table failed.
+async fn maintain_command() -> ExitCode {
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("strata: {e}\n(run `strata --help` for every variable)");
+            return ExitCode::from(2);
+        }
+    };
+    init_tracing("info", "text");
+    strata::lake::register_object_stores();
+    let metrics = strata::ops::Metrics::new();
+    let failed = strata::app::maintain_once(&config.lake_url, &config.maintenance, &metrics).await;
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 /// `strata schemas check [FILE|DIR ...]`

@@ -1,4 +1,4 @@
-//! Durations as people write them in settings (`250ms`, `30s`, `5m`, `2h`): shared by the
+//! Durations as people write them in settings (`250ms`, `30s`, `5m`, `2h`, `7d`): shared by the
 //! configuration and the Gold window spec, so neither depends on the other.
 
 use std::time::Duration;
@@ -7,7 +7,7 @@ use std::time::Duration;
 pub enum DurationError {
     #[error("expected a duration like 30s, got {0:?}")]
     NotANumber(String),
-    #[error("unknown duration unit {0:?} (use ms, s, m or h)")]
+    #[error("unknown duration unit {0:?} (use ms, s, m, h or d)")]
     UnknownUnit(String),
     #[error("duration {0:?} is too large")]
     TooLarge(String),
@@ -19,7 +19,7 @@ impl From<DurationError> for String {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m`, `2h` (a bare number means seconds).
+/// Parses `250ms`, `30s`, `5m`, `2h`, `7d` (a bare number means seconds).
 pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     let split = text
@@ -34,6 +34,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
         "" | "s" => number.checked_mul(1_000),
         "m" => number.checked_mul(60_000),
         "h" => number.checked_mul(3_600_000),
+        "d" => number.checked_mul(86_400_000),
         other => return Err(DurationError::UnknownUnit(other.to_string())),
     };
     millis

@@ -146,6 +146,7 @@ pub struct Config {
     pub commit_retries: usize,
     pub max_value_bytes: usize,
     pub shutdown_grace: Duration,
+    pub maintenance: MaintenanceConfig,
     pub gold: Option<GoldConfig>,
 }
 
@@ -328,6 +329,9 @@ impl Config {
         })?;
 
         let gold = Self::gold(&get)?;
+        let flush_interval = duration("STRATA_FLUSH_INTERVAL")?;
+        let commit_retries = parse_usize("STRATA_COMMIT_RETRIES")?;
+        let maintenance = MaintenanceConfig::from_vars(&vars, flush_interval, commit_retries)?;
         Ok(Config {
             gold,
             brokers: required("STRATA_KAFKA_BROKERS")?,
@@ -341,14 +345,15 @@ impl Config {
             event_time_field: required("STRATA_EVENT_TIME_FIELD")?,
             lake_url: lake_url.trim_end_matches('/').to_string(),
             dead_letters: DeadLetterConfig::from_vars(&get, &vars)?,
-            flush_interval: duration("STRATA_FLUSH_INTERVAL")?,
+            flush_interval,
             file_max_rows: parse_usize("STRATA_FILE_MAX_ROWS")?,
             file_max_bytes: parse_usize("STRATA_FILE_MAX_BYTES")?,
             compression,
             metrics_addr,
-            commit_retries: parse_usize("STRATA_COMMIT_RETRIES")?,
+            commit_retries,
             max_value_bytes: parse_usize("STRATA_MAX_VALUE_BYTES")?,
             shutdown_grace: duration("STRATA_SHUTDOWN_GRACE")?,
+            maintenance,
         })
     }
 }
@@ -356,12 +361,14 @@ impl Config {
 pub use crate::units::parse_duration;
 pub use dead_letters::DeadLetterConfig;
 pub use gold::GoldConfig;
+pub use maintenance::MaintenanceConfig;
 pub use schema::SchemaSettings;
 use settings::{default_of, help_of};
 pub use settings::{help_text, redact, Setting, SETTINGS};
 
 mod dead_letters;
 mod gold;
+mod maintenance;
 mod schema;
 mod settings;
 

@@ -31,6 +31,10 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_METRICS_ADDR", default: "0.0.0.0:9898", help: "Address of the /metrics, /healthz and /readyz endpoint." },
     Setting { var: "STRATA_MAX_VALUE_BYTES", default: "8388608", help: "Record values longer than this are dead-lettered as value_too_large before decoding (bounds the memory one record can claim)." },
     Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },
+    Setting { var: "STRATA_CHECKPOINT_INTERVAL", default: "", help: "A Delta checkpoint every this many commits of each table, written by the committer of that version; unset: the table's delta.checkpointInterval (100 unless set)." },
+    Setting { var: "STRATA_MAINTENANCE_INTERVAL", default: "5m", help: "How often one replica (the owner of the first Bronze topic's partition 0) cleans up expired log files, vacuums and sweeps Gold state files of every table. `strata maintain` runs one pass." },
+    Setting { var: "STRATA_LOG_RETENTION", default: "", help: "How long _delta_log entries are kept; unset: the table's delta.logRetentionDuration (30 days unless set)." },
+    Setting { var: "STRATA_VACUUM_RETENTION", default: "7d", help: "Data files no version within this age references are deleted (refused, crashed or replaced uploads). Must exceed the time an upload can wait for its commit: the flush interval + 4 s per STRATA_COMMIT_RETRIES + 30 s." },
     Setting { var: "STRATA_SHUTDOWN_GRACE", default: "30s", help: "After SIGTERM, how long the replica may take to flush and commit before it aborts." },
     Setting { var: "STRATA_GOLD_KEY", default: "", help: "Gold: comma-separated grouping field(s) of the Gold source table (string or integer). Unset: no Gold." },
     Setting { var: "STRATA_GOLD_WINDOW", default: "1m", help: "Gold: event-time window, tumbling (`1m`) or hopping (`5m every 1m`; the slide divides the size)." },
@@ -77,6 +81,7 @@ pub fn help_text() -> String {
         "strata: Bronze Kafka topics (Confluent Avro) into exactly-once Delta Lake tables\n\n\
          USAGE:\n  strata [run]    start a replica (configured by the environment variables below)\n  \
          strata demo     run the whole pipeline on an embedded Kafka and a local lake, then verify it\n  \
+         strata maintain one maintenance pass over every table of the lake (log cleanup, vacuum), then exit\n  \
          strata schemas check [FILE|DIR ...]\n                  compare .avsc files (default: schemas/) with the registry's subjects under\n                  STRATA_SCHEMA_COMPATIBILITY; exit 1 on an incompatible change, 2 if it cannot check\n  \
          strata --help   this text\n\nENVIRONMENT:\n",
     );

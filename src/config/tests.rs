@@ -100,7 +100,8 @@ fn durations() {
     assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
     assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
     assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-    assert!(parse_duration("5d").is_err());
+    assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+    assert!(parse_duration("5w").is_err());
     assert!(parse_duration("99999999999999999999h").is_err());
 }
 

@@ -238,12 +238,15 @@ impl Emitter {
         let delta = lake::open_or_create(url, &schema, &name)
             .await
             .map_err(|e| OpenError::Storage(format!("late-events table {name}: {e}")))?;
+        lake::maintenance::check_txn_retention(&delta)
+            .map_err(|e| OpenError::Schema(format!("late-events table {name}: {e}")))?;
         let store = delta.object_store();
         let late = TableCommitter::new(
             delta,
             &format!("{}-gold", config.group_id),
             config.commit_retries,
-        );
+        )
+        .with_checkpoint_interval(config.maintenance.checkpoint_interval);
         let late_writer = SilverWriter::new(
             schema.clone(),
             &config.event_time_field,

@@ -40,6 +40,8 @@ pub enum Stage2Error {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Grace(#[from] GraceExceeded),
+    #[error("Gold table: {0}")]
+    Maintenance(#[from] crate::lake::maintenance::MaintenanceError),
     #[error("{0}")]
     Topic(#[from] crate::kafka::admin::TopicError),
     #[error("Bronze topic {0} does not exist")]
@@ -174,9 +176,11 @@ pub async fn run(
     let name = gold_name(&settings, &source_table);
     let url = lake::table_url(&config.lake_url, "gold", &name)?;
     let table = lake::open_or_create(url, &schema, &name).await?;
+    lake::maintenance::check_txn_retention(&table)?;
     let store = table.object_store();
     let group = format!("{}-gold", config.group_id);
-    let committer = TableCommitter::new(table, &group, config.commit_retries);
+    let committer = TableCommitter::new(table, &group, config.commit_retries)
+        .with_checkpoint_interval(config.maintenance.checkpoint_interval);
     let writer = SilverWriter::new(
         schema.clone(),
         "window_start",

@@ -17,6 +17,7 @@ use deltalake::arrow::datatypes::Schema;
 use deltalake::kernel::transaction::{CommitBuilder, CommitConflictError, TransactionError};
 use deltalake::kernel::{Action, Add, MetadataExt, Transaction};
 use deltalake::protocol::{DeltaOperation, SaveMode};
+use deltalake::table::config::TablePropertiesExt;
 use deltalake::{DeltaTable, DeltaTableError};
 
 use crate::lake::evolution::Evolution;
@@ -51,6 +52,8 @@ pub enum CommitOutcome {
     Committed {
         version: i64,
         attempts: usize,
+        /// The checkpoint written right after this commit, if one was due.
+        checkpoint: Option<i64>,
     },
     /// Nothing was committed: these partitions are fenced; drop their work and commit the rest anew.
     Fenced(Vec<Fenced>),
@@ -63,6 +66,9 @@ pub struct TableCommitter {
     /// Last `txn` version read or written per partition this replica owns.
     owned: HashMap<TopicPartition, Option<i64>>,
     max_attempts: usize,
+    /// A checkpoint every this many commits (`None`: the table's `delta.checkpointInterval`,
+    /// 100 unless set).
+    checkpoint_every: Option<u64>,
 }
 
 impl TableCommitter {
@@ -73,6 +79,52 @@ impl TableCommitter {
             app_prefix: format!("strata/{group}"),
             owned: HashMap::new(),
             max_attempts: max_attempts.max(1),
+            checkpoint_every: None,
+        }
+    }
+
+    /// Writes a checkpoint every `every` commits instead of the table's own interval.
+    pub fn with_checkpoint_interval(mut self, every: Option<u64>) -> Self {
+        self.checkpoint_every = every.filter(|n| *n > 0);
+        self
+    }
+
+    /// After committing `version`: writes a checkpoint when one is due, so that start-up, snapshot
+    /// refreshes and `txn` lookups read a checkpoint and at most an interval of commits, however
+    /// long the table has lived. Only the writer of a version checkpoints it, so replicas never
+    /// race for one. A checkpoint that fails costs speed, not data: it is logged and the next
+    /// one is tried on time.
+    async fn checkpoint_if_due(&mut self, version: i64) -> Option<i64> {
+        let every = match self.checkpoint_every {
+            Some(every) => every,
+            None => self
+                .table
+                .snapshot()
+                .ok()?
+                .table_config()
+                .checkpoint_interval()
+                .get(),
+        };
+        let Ok(version_u) = u64::try_from(version) else {
+            return None;
+        };
+        if (version_u + 1) % every != 0 {
+            return None;
+        }
+        // The table state at exactly `version` (another replica may have committed after it).
+        let written = async {
+            self.table.update_incremental(Some(version_u)).await?;
+            deltalake::checkpoints::create_checkpoint(&self.table, None).await
+        };
+        match written.await {
+            Ok(()) => {
+                tracing::info!(version, "checkpoint written");
+                Some(version)
+            }
+            Err(e) => {
+                tracing::warn!(version, error = %e, "writing a checkpoint failed; the next one is tried on time");
+                None
+            }
         }
     }
 
@@ -215,9 +267,11 @@ impl TableCommitter {
                     for (tp, offset) in last_offsets {
                         self.owned.insert(tp.clone(), Some(*offset));
                     }
+                    let checkpoint = self.checkpoint_if_due(version as i64).await;
                     return Ok(CommitOutcome::Committed {
                         version: version as i64,
                         attempts: attempt,
+                        checkpoint,
                     });
                 }
                 Err(e) if is_lost_race(&e) => {

@@ -4,6 +4,7 @@
 pub mod commit;
 pub mod evolution;
 pub mod files;
+pub mod maintenance;
 pub mod verify;
 
 use std::sync::Arc;

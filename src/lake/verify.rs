@@ -37,6 +37,45 @@ impl TableContents {
     }
 }
 
+/// Parquet files under the table that its latest version does not reference (uploads of refused
+/// or crashed commits, files replaced since): what vacuum removes once they are old enough.
+pub async fn unreferenced_files(url: Url) -> Result<Vec<String>, VerifyError> {
+    use futures::TryStreamExt;
+    crate::lake::register_object_stores();
+    let table = DeltaTable::try_from_url(url).await?;
+    let referenced: std::collections::HashSet<String> = match table.version() {
+        Some(_) => table
+            .snapshot()?
+            .log_data()
+            .into_iter()
+            .map(|f| f.object_store_path().to_string())
+            .collect(),
+        None => Default::default(),
+    };
+    let all: Vec<_> = table.object_store().list(None).try_collect().await?;
+    Ok(all
+        .into_iter()
+        .map(|m| m.location.to_string())
+        .filter(|p| p.ends_with(".parquet") && !p.starts_with("_delta_log"))
+        .filter(|p| !referenced.contains(p))
+        .collect())
+}
+
+/// The version of the table's newest checkpoint, from `_delta_log/_last_checkpoint`.
+pub async fn last_checkpoint(url: Url) -> Result<Option<i64>, VerifyError> {
+    use object_store::ObjectStoreExt;
+    crate::lake::register_object_stores();
+    let table = DeltaTable::try_from_url(url).await?;
+    let path = deltalake::Path::from("_delta_log/_last_checkpoint");
+    let bytes = match table.object_store().get(&path).await {
+        Ok(got) => got.bytes().await?,
+        Err(deltalake::ObjectStoreError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let hint: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    Ok(hint.get("version").and_then(serde_json::Value::as_i64))
+}
+
 /// Loads the latest version of the table at `url` and reads all its active files.
 pub async fn read_table(url: Url) -> Result<TableContents, VerifyError> {
     crate::lake::register_object_stores();

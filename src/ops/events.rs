@@ -11,6 +11,15 @@ use crate::models::{Rejection, SourceRecord, TopicPartition};
 
 use super::metrics::{Metrics, DROP_REASONS};
 
+/// What `strata_maintenance_total` counts, per table.
+const MAINTENANCE_ACTIONS: [&str; 5] = [
+    "passes",
+    "failures",
+    "log_files_removed",
+    "files_vacuumed",
+    "state_files_removed",
+];
+
 impl Metrics {
     /// Exports a dead-letter topic's series at zero, so alerts and dashboards see them from the start.
     pub fn dead_letter_topic(&self, topic: &str) {
@@ -119,6 +128,11 @@ impl Metrics {
             self.records_late.with_label_values(&[table]);
             for result in ["evolved", "refused"] {
                 self.schema_evolutions.with_label_values(&[table, result]);
+            }
+            self.checkpoint_version.with_label_values(&[table]);
+            let maintained = format!("silver/{table}");
+            for action in MAINTENANCE_ACTIONS {
+                self.maintenance.with_label_values(&[&maintained, action]);
             }
         }
         for kind in ["assign", "revoke", "lost"] {
@@ -380,5 +394,49 @@ impl Metrics {
     /// The reasons that currently hold, for `/readyz`.
     pub fn not_ready_reasons(&self) -> Vec<String> {
         self.readiness.reasons()
+    }
+
+    /// A checkpoint was written after commit `version` of `table`.
+    pub fn checkpointed(&self, table: &str, version: i64) {
+        self.checkpoint_version
+            .with_label_values(&[table])
+            .set(version);
+    }
+
+    /// One maintenance pass over a table: what it removed, or that it failed.
+    pub fn maintained(
+        &self,
+        table: &str,
+        outcome: Result<&crate::lake::maintenance::Report, &str>,
+    ) {
+        let count = |action: &'static str, n: usize| {
+            self.maintenance
+                .with_label_values(&[table, action])
+                .inc_by(n as u64);
+        };
+        match outcome {
+            Ok(report) => {
+                count("passes", 1);
+                count("log_files_removed", report.log_files_removed);
+                count("files_vacuumed", report.files_vacuumed);
+                count("state_files_removed", report.state_files_removed);
+                tracing::info!(
+                    table,
+                    version = report.version,
+                    log_files_removed = report.log_files_removed,
+                    files_vacuumed = report.files_vacuumed,
+                    state_files_removed = report.state_files_removed,
+                    "table maintained"
+                );
+            }
+            Err(error) => {
+                count("failures", 1);
+                tracing::warn!(
+                    table,
+                    error,
+                    "table maintenance failed; tried again next pass"
+                );
+            }
+        }
     }
 }

@@ -43,6 +43,8 @@ pub struct Metrics {
     pub(super) schema_ids_seen: IntGauge,
     pub(super) flush_duration: Histogram,
     pub(super) kafka_errors: IntCounter,
+    pub(super) checkpoint_version: IntGaugeVec,
+    pub(super) maintenance: IntCounterVec,
     pub(super) dead_letter_write_failures: IntCounterVec,
     pub(super) dead_letter_blocked: IntGaugeVec,
     pub(super) gold: GoldMetrics,
@@ -274,6 +276,18 @@ impl Metrics {
             ),
             flush_duration,
             kafka_errors,
+            checkpoint_version: gauge(
+                &registry,
+                "strata_checkpoint_version",
+                "Version of the newest checkpoint this replica wrote, per table (start-up and txn lookups read from it).",
+                &["table"],
+            ),
+            maintenance: counter(
+                &registry,
+                "strata_maintenance_total",
+                "What table maintenance did, per table and action (log_files_removed, files_vacuumed, state_files_removed, passes, failures).",
+                &["table", "action"],
+            ),
             dead_letter_write_failures: counter(
                 &registry,
                 "strata_dead_letter_write_failures_total",

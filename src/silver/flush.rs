@@ -87,7 +87,11 @@ impl Replica {
                         self.on_fenced(index, fenced).await?;
                         continue 'again;
                     }
-                    CommitOutcome::Committed { version, attempts } => {
+                    CommitOutcome::Committed {
+                        version,
+                        attempts,
+                        checkpoint,
+                    } => {
                         crate::failpoint!("after_delta_commit");
                         // Late: behind the watermark every owned partition had already passed.
                         let watermark_before = self
@@ -131,6 +135,9 @@ impl Replica {
                             .and_then(|highs| highs.into_iter().min())
                         {
                             self.metrics.watermark(&table.name, watermark);
+                        }
+                        if let Some(checkpoint) = checkpoint {
+                            self.metrics.checkpointed(&table.name, checkpoint);
                         }
                         self.metrics.committed(
                             &table.name,

@@ -101,7 +101,23 @@ impl Replica {
         dropped
     }
 
+    /// The owner of the first Bronze topic's partition 0 maintains the tables (log cleanup,
+    /// vacuum): one replica at a time, chosen by the group, with no coordination of its own.
+    pub(super) fn note_maintainer(&self, partitions: &[TopicPartition], owned: bool) {
+        let Some(first) = self.config.topics.first() else {
+            return;
+        };
+        if partitions
+            .iter()
+            .any(|tp| tp.partition == 0 && tp.topic.as_ref() == first.as_str())
+        {
+            self.maintainer
+                .store(owned, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
     pub(super) fn forget(&mut self, partitions: &[TopicPartition], reason: &'static str) {
+        self.note_maintainer(partitions, false);
         self.drop_work(partitions, reason);
         for tp in partitions {
             self.parts.remove(tp);

@@ -104,6 +104,8 @@ pub struct Replica {
     pub(super) routes: HashMap<u32, Route>,
     pub(super) dead_letters: DeadLetters,
     pub(super) commands: Commands,
+    /// Set while this replica owns the partition that makes it the one to maintain the tables.
+    pub(super) maintainer: Arc<std::sync::atomic::AtomicBool>,
     pub(super) parts: HashMap<TopicPartition, PartitionState>,
     pub(super) oldest: Option<Instant>,
     pub(super) summary: RunSummary,
@@ -121,6 +123,7 @@ impl Replica {
         tables: Tables,
         dead_letters: DeadLetters,
         commands: Commands,
+        maintainer: Arc<std::sync::atomic::AtomicBool>,
         shutdown: CancellationToken,
         gold: Option<Emitter>,
     ) -> Self {
@@ -132,6 +135,7 @@ impl Replica {
             routes: HashMap::new(),
             dead_letters,
             commands,
+            maintainer,
             parts: HashMap::new(),
             oldest: None,
             summary: RunSummary::default(),
@@ -177,6 +181,7 @@ impl Replica {
             SourceEvent::Assigned { partitions, reply } => {
                 self.claim_with_retry(&partitions).await?;
                 self.claim_gold(&partitions).await?;
+                self.note_maintainer(&partitions, true);
                 // Ready once the group has given this replica its share (possibly none).
                 self.metrics.not_ready(NotReady::Starting, false);
                 let mut resume = HashMap::new();

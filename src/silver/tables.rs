@@ -75,8 +75,12 @@ impl SilverTable {
         let table = lake::open_or_create(url, &decoder.output_schema(), &name)
             .await
             .map_err(|e| OpenError::Storage(format!("table {name}: {e}")))?;
+        // Strata's progress must never expire: an operator has to unset the property.
+        lake::maintenance::check_txn_retention(&table)
+            .map_err(|e| OpenError::Schema(format!("table {name}: {e}")))?;
         let store = table.object_store();
-        let mut committer = TableCommitter::new(table, &config.group_id, config.commit_retries);
+        let mut committer = TableCommitter::new(table, &config.group_id, config.commit_retries)
+            .with_checkpoint_interval(config.maintenance.checkpoint_interval);
         let evolution = committer
             .evolve(&decoder.output_schema())
             .await

@@ -1,0 +1,202 @@
+//! Keeping a table healthy for months. Checkpoints are written by the committer itself (every
+//! `STRATA_CHECKPOINT_INTERVAL` commits); this module is the rest, run on a timer by one replica
+//! (and by `strata maintain`):
+//!
+//! - **log cleanup**: commit files and checkpoints older than the log retention (the table's
+//!   `delta.logRetentionDuration`, 30 days unless set, or `STRATA_LOG_RETENTION`), up to the newest
+//!   checkpoint old enough, never after every commit (it lists the whole `_delta_log`);
+//! - **vacuum**: data files no version within `STRATA_VACUUM_RETENTION` references (uploads of
+//!   refused, fenced or crashed commits, files replaced by later ones);
+//! - **Gold state files** under `_strata_state/`: per partition, every file older than the
+//!   retention except the newest, which a restart still needs.
+//!
+//! `txn` actions never expire here: a table that sets `delta.setTransactionRetentionDuration`
+//! would make a quiet partition replay from its start, so Strata refuses to run on one.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use deltalake::operations::vacuum::VacuumMode;
+use deltalake::table::config::TablePropertiesExt;
+use deltalake::{DeltaTable, DeltaTableError, ObjectStore, Path};
+use futures::TryStreamExt;
+use object_store::ObjectStoreExt;
+use url::Url;
+
+/// The table property that would let `txn` actions expire.
+pub const TXN_RETENTION_PROPERTY: &str = "delta.setTransactionRetentionDuration";
+
+/// Where Gold stage 2 keeps its merge state beside the Gold table.
+pub const STATE_PREFIX: &str = "_strata_state";
+
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// `None`: the table's `delta.logRetentionDuration`.
+    pub log: Option<Duration>,
+    pub files: Duration,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub version: i64,
+    pub log_files_removed: usize,
+    pub files_vacuumed: usize,
+    pub state_files_removed: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaintenanceError {
+    #[error("delta table: {0}")]
+    Delta(#[from] DeltaTableError),
+    #[error("object store: {0}")]
+    Store(#[from] deltalake::ObjectStoreError),
+    #[error(
+        "the table sets {TXN_RETENTION_PROPERTY}: Strata's progress (txn actions) of quiet partitions would expire and replay from their start; unset it"
+    )]
+    TxnRetention,
+}
+
+/// Refuses a table whose `txn` actions may expire.
+pub fn check_txn_retention(table: &DeltaTable) -> Result<(), MaintenanceError> {
+    let snapshot = table.snapshot()?;
+    if snapshot
+        .metadata()
+        .configuration()
+        .contains_key(TXN_RETENTION_PROPERTY)
+    {
+        return Err(MaintenanceError::TxnRetention);
+    }
+    Ok(())
+}
+
+/// One maintenance pass over the table at `url`.
+pub async fn maintain(url: Url, retention: &Retention) -> Result<Report, MaintenanceError> {
+    let table = DeltaTable::try_from_url(url).await?;
+    check_txn_retention(&table)?;
+    let snapshot = table.snapshot()?;
+    let version = snapshot.version();
+    let log_retention = retention
+        .log
+        .unwrap_or_else(|| snapshot.table_config().log_retention_duration());
+    let cutoff = chrono::Utc::now().timestamp_millis()
+        - i64::try_from(log_retention.as_millis()).unwrap_or(i64::MAX);
+    let log_files_removed = deltalake::checkpoints::cleanup_expired_logs_for(
+        version,
+        table.log_store().as_ref(),
+        cutoff,
+        None,
+    )
+    .await?;
+    let store = table.object_store();
+    let files = chrono::Duration::from_std(retention.files).unwrap_or(chrono::Duration::MAX);
+    let (_, vacuumed) = table
+        .vacuum()
+        .with_retention_period(files)
+        .with_enforce_retention_duration(false)
+        .with_mode(VacuumMode::Full)
+        .await?;
+    let state_files_removed = sweep_state(store.as_ref(), retention.files).await?;
+    Ok(Report {
+        version: i64::try_from(version).unwrap_or(i64::MAX),
+        log_files_removed,
+        files_vacuumed: vacuumed.files_deleted.len(),
+        state_files_removed,
+    })
+}
+
+/// Deletes Gold state files older than `retention`, keeping the newest of every partition.
+async fn sweep_state(
+    store: &dyn ObjectStore,
+    retention: Duration,
+) -> Result<usize, MaintenanceError> {
+    let prefix = Path::from(STATE_PREFIX);
+    let files: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
+    let cutoff =
+        chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    // Per partition folder, the files in offset order (names are zero-padded offsets).
+    let mut by_partition: BTreeMap<String, Vec<(Path, bool)>> = BTreeMap::new();
+    for file in files {
+        let name = file.location.to_string();
+        let folder = name.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
+        by_partition
+            .entry(folder)
+            .or_default()
+            .push((file.location, file.last_modified < cutoff));
+    }
+    let mut removed = 0;
+    for (_, mut files) in by_partition {
+        files.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
+        files.pop(); // the newest state of the partition stays, whatever its age
+        for (path, old) in files {
+            if old {
+                match store.delete(&path).await {
+                    Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => removed += 1,
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+/// The tables under a lake: every folder of `<lake>/silver/` and `<lake>/gold/` holding a log.
+pub async fn tables(lake_url: &str) -> Result<Vec<(String, Url)>, MaintenanceError> {
+    let mut out = Vec::new();
+    for layer in ["silver", "gold"] {
+        let root = super::table_url(lake_url, layer, "")?;
+        let store = deltalake::DeltaTableBuilder::from_url(root.clone())?
+            .build_storage()?
+            .object_store(None);
+        let listed = match store.list_with_delimiter(None).await {
+            Ok(listed) => listed,
+            Err(deltalake::ObjectStoreError::NotFound { .. }) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        for folder in listed.common_prefixes {
+            let Some(name) = folder.filename().map(str::to_string) else {
+                continue;
+            };
+            let log = folder.clone().join("_delta_log");
+            let has_log = store
+                .list(Some(&log))
+                .try_next()
+                .await
+                .ok()
+                .flatten()
+                .is_some();
+            if has_log {
+                out.push((
+                    format!("{layer}/{name}"),
+                    super::table_url(lake_url, layer, &name)?,
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The shortest vacuum retention that is safe: files are uploaded before their commit, and a
+/// commit may lose `commit_retries` races (each waits up to 4 s with jitter) after a flush that
+/// started up to one flush interval after the first row; 30 s cover the write itself.
+pub fn retention_floor(flush_interval: Duration, commit_retries: usize) -> Duration {
+    flush_interval + Duration::from_secs(4 * commit_retries as u64) + Duration::from_secs(30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_follows_the_flush_interval_and_the_commit_retries() {
+        // A 300 ms flush with 5 commit retries can use a retention of a minute.
+        let floor = retention_floor(Duration::from_millis(300), 5);
+        assert!(floor < Duration::from_secs(60), "{floor:?}");
+        // The defaults (30 s, 50 retries) need a few minutes: the default of 7 days is far above.
+        let floor = retention_floor(Duration::from_secs(30), 50);
+        assert!(
+            floor > Duration::from_secs(200) && floor < Duration::from_secs(300),
+            "{floor:?}"
+        );
+    }
+}

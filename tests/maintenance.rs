@@ -1,0 +1,98 @@
+//! A compressed month on tansu + moto: a flush every 300 ms makes hundreds of commits in a minute.
+//! Checkpoints are written, a SIGKILL between upload and commit leaves files no version
+//! references, and maintenance (inside the replica, and `strata maintain`) vacuums them after a
+//! short retention, while every Bronze offset stays in Silver exactly once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{produce, Setup};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
+    let setup = Setup::new("month", 3).await;
+    let mut produced = produce(&setup.topic, 3_000, 400, 71).await;
+    let month = [
+        ("STRATA_FLUSH_INTERVAL", "300ms"),
+        ("STRATA_FILE_MAX_ROWS", "150"),
+        ("STRATA_CHECKPOINT_INTERVAL", "10"),
+        ("STRATA_COMMIT_RETRIES", "5"),
+        ("STRATA_VACUUM_RETENTION", "60s"),
+        ("STRATA_MAINTENANCE_INTERVAL", "3s"),
+    ];
+    // A crash right after an upload: its files are never committed.
+    let mut crashing = month.to_vec();
+    crashing.push(("STRATA_FAILPOINT", "after_upload:3"));
+    let replica = setup.spawn(&crashing);
+    assert!(
+        replica
+            .wait_log("STRATA_FAILPOINT_REACHED", Duration::from_secs(120))
+            .await,
+        "failpoint not reached:\n{}",
+        replica.tail(30)
+    );
+    replica.sigkill();
+    common::outlive_dead_member().await;
+    let orphans = strata::lake::verify::unreferenced_files(setup.table_url())
+        .await
+        .expect("list");
+    assert!(!orphans.is_empty(), "the crash left no unreferenced file");
+
+    let replica = setup.spawn(&month);
+    // Producers trickle on: every small batch becomes a commit of its own.
+    for round in 0..40u64 {
+        produced.extend(produce(&setup.topic, 150, 400, 100 + round).await);
+        tokio::time::sleep(Duration::from_millis(350)).await;
+    }
+    setup.catch_up(&produced, &[&replica]).await;
+    let commits = strata::lake::verify::read_table(setup.table_url())
+        .await
+        .expect("table")
+        .version;
+    assert!(commits >= 30, "{commits} commits");
+    let checkpoint = strata::lake::verify::last_checkpoint(setup.table_url())
+        .await
+        .expect("checkpoint hint");
+    assert!(
+        checkpoint.is_some_and(|v| v >= 9),
+        "no checkpoint after {commits} commits: {checkpoint:?}"
+    );
+
+    // After the retention, maintenance (the replica owns partition 0) removes the orphans.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        let left = strata::lake::verify::unreferenced_files(setup.table_url())
+            .await
+            .expect("list");
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} unreferenced files left after the retention: {left:?}\n{}",
+            left.len(),
+            replica.tail(20)
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let vacuumed = replica
+        .metric_where("strata_maintenance_total", "action=\"files_vacuumed\"")
+        .await
+        .unwrap_or(0.0);
+    assert!(vacuumed >= orphans.len() as f64, "vacuumed {vacuumed}");
+    replica.stop(Duration::from_secs(30));
+    setup.assert_exact(&produced).await;
+
+    // `strata maintain`: one pass over every table of the lake, then exit 0.
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_strata"))
+        .arg("maintain")
+        .envs(setup.env(common::free_port()))
+        .envs(month.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("strata maintain");
+    assert!(status.success(), "strata maintain failed: {status}");
+    setup.assert_exact(&produced).await;
+}
