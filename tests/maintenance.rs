@@ -1,7 +1,8 @@
-//! A compressed month on tansu + moto: a flush every 300 ms makes hundreds of commits in a minute.
+//! A compressed month on tansu + moto: a flush every 300 ms makes dozens of commits in a minute.
 //! Checkpoints are written, a SIGKILL between upload and commit leaves files no version
-//! references, and maintenance (inside the replica, and `strata maintain`) vacuums them after a
-//! short retention, while every Bronze offset stays in Silver exactly once.
+//! references, quiet hour partitions are compacted to one file each, and maintenance (inside the
+//! replica, and `strata maintain`) vacuums the unreferenced files after a short retention, while
+//! every Bronze offset stays in Silver exactly once, with its values.
 
 mod common;
 
@@ -20,6 +21,7 @@ async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
         ("STRATA_COMMIT_RETRIES", "5"),
         ("STRATA_VACUUM_RETENTION", "60s"),
         ("STRATA_MAINTENANCE_INTERVAL", "3s"),
+        ("STRATA_COMPACT_QUIET_FOR", "5s"),
     ];
     // A crash right after an upload: its files are never committed.
     let mut crashing = month.to_vec();
@@ -59,18 +61,31 @@ async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
         "no checkpoint after {commits} commits: {checkpoint:?}"
     );
 
-    // After the retention, maintenance (the replica owns partition 0) removes the orphans.
-    let deadline = Instant::now() + Duration::from_secs(150);
+    let before = strata::lake::verify::files_per_partition(setup.table_url())
+        .await
+        .expect("files");
+    eprintln!("files per hour partition before compaction: {before:?}");
+    assert!(
+        before.values().any(|n| *n > 1),
+        "nothing to compact: {before:?}"
+    );
+    // Quiet partitions are compacted to one file each; after the retention, maintenance (the
+    // replica owns partition 0) removes the crash's orphans and the compacted-away files.
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
         let left = strata::lake::verify::unreferenced_files(setup.table_url())
             .await
             .expect("list");
-        if left.is_empty() {
+        let files = strata::lake::verify::files_per_partition(setup.table_url())
+            .await
+            .expect("files");
+        if left.is_empty() && files.values().all(|n| *n == 1) {
+            eprintln!("files per hour partition after compaction: {files:?}");
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{} unreferenced files left after the retention: {left:?}\n{}",
+            "{} unreferenced files left after the retention, files per partition {files:?}\n{}",
             left.len(),
             replica.tail(20)
         );
@@ -81,6 +96,11 @@ async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
         .await
         .unwrap_or(0.0);
     assert!(vacuumed >= orphans.len() as f64, "vacuumed {vacuumed}");
+    let compacted = replica
+        .metric_where("strata_maintenance_total", "action=\"files_compacted\"")
+        .await
+        .unwrap_or(0.0);
+    assert!(compacted >= 2.0, "compacted {compacted}");
     replica.stop(Duration::from_secs(30));
     setup.assert_exact(&produced).await;
 

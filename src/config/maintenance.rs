@@ -3,7 +3,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use super::{invalid, parse_duration, value_of, ConfigError};
+use super::{invalid, parse_duration, value_of, Compression, ConfigError};
+use crate::lake::compaction::CompactionSettings;
 use crate::lake::maintenance::{retention_floor, Retention};
 
 #[derive(Debug, Clone)]
@@ -19,6 +20,7 @@ impl MaintenanceConfig {
         vars: &HashMap<String, String>,
         flush_interval: Duration,
         commit_retries: usize,
+        compression: Compression,
     ) -> Result<Self, ConfigError> {
         let duration = |var: &'static str| -> Result<Option<Duration>, ConfigError> {
             let value = value_of(vars, var);
@@ -46,6 +48,17 @@ impl MaintenanceConfig {
                 }
             }
         };
+        let target_text = value_of(vars, "STRATA_COMPACT_TARGET_BYTES");
+        let target_bytes = match target_text.parse::<u64>() {
+            Ok(n) if n >= 1024 => n,
+            _ => {
+                return Err(invalid(
+                    "STRATA_COMPACT_TARGET_BYTES",
+                    &target_text,
+                    "expected a number of bytes of at least 1024",
+                ))
+            }
+        };
         let files = duration("STRATA_VACUUM_RETENTION")?.unwrap_or(Duration::from_secs(7 * 86_400));
         let floor = retention_floor(flush_interval, commit_retries);
         if files < floor {
@@ -63,6 +76,12 @@ impl MaintenanceConfig {
             retention: Retention {
                 log: duration("STRATA_LOG_RETENTION")?,
                 files,
+                compaction: CompactionSettings {
+                    target_bytes,
+                    quiet_for: duration("STRATA_COMPACT_QUIET_FOR")?
+                        .unwrap_or(Duration::from_secs(3_600)),
+                    compression,
+                },
             },
         })
     }

@@ -331,7 +331,8 @@ impl Config {
         let gold = Self::gold(&get)?;
         let flush_interval = duration("STRATA_FLUSH_INTERVAL")?;
         let commit_retries = parse_usize("STRATA_COMMIT_RETRIES")?;
-        let maintenance = MaintenanceConfig::from_vars(&vars, flush_interval, commit_retries)?;
+        let maintenance =
+            MaintenanceConfig::from_vars(&vars, flush_interval, commit_retries, compression)?;
         Ok(Config {
             gold,
             brokers: required("STRATA_KAFKA_BROKERS")?,

@@ -33,6 +33,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },
     Setting { var: "STRATA_CHECKPOINT_INTERVAL", default: "", help: "A Delta checkpoint every this many commits of each table, written by the committer of that version; unset: the table's delta.checkpointInterval (100 unless set)." },
     Setting { var: "STRATA_MAINTENANCE_INTERVAL", default: "5m", help: "How often one replica (the owner of the first Bronze topic's partition 0) cleans up expired log files, vacuums and sweeps Gold state files of every table. `strata maintain` runs one pass." },
+    Setting { var: "STRATA_COMPACT_QUIET_FOR", default: "1h", help: "An hour partition that received no new file for this long and holds several small files is compacted (remove + add with dataChange=false: rows and progress unchanged)." },
+    Setting { var: "STRATA_COMPACT_TARGET_BYTES", default: "268435456", help: "Compaction packs small files into files of about this many bytes." },
     Setting { var: "STRATA_LOG_RETENTION", default: "", help: "How long _delta_log entries are kept; unset: the table's delta.logRetentionDuration (30 days unless set)." },
     Setting { var: "STRATA_VACUUM_RETENTION", default: "7d", help: "Data files no version within this age references are deleted (refused, crashed or replaced uploads). Must exceed the time an upload can wait for its commit: the flush interval + 4 s per STRATA_COMMIT_RETRIES + 30 s." },
     Setting { var: "STRATA_SHUTDOWN_GRACE", default: "30s", help: "After SIGTERM, how long the replica may take to flush and commit before it aborts." },

@@ -2,6 +2,7 @@
 //! `STRATA_CHECKPOINT_INTERVAL` commits); this module is the rest, run on a timer by one replica
 //! (and by `strata maintain`):
 //!
+//! - **compaction** of quiet hour partitions (see `compaction`);
 //! - **log cleanup**: commit files and checkpoints older than the log retention (the table's
 //!   `delta.logRetentionDuration`, 30 days unless set, or `STRATA_LOG_RETENTION`), up to the newest
 //!   checkpoint old enough, never after every commit (it lists the whole `_delta_log`);
@@ -34,12 +35,15 @@ pub struct Retention {
     /// `None`: the table's `delta.logRetentionDuration`.
     pub log: Option<Duration>,
     pub files: Duration,
+    /// Compaction of quiet partitions, run before vacuum.
+    pub compaction: super::compaction::CompactionSettings,
 }
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     pub version: i64,
+    pub compacted: super::compaction::Compacted,
     pub log_files_removed: usize,
     pub files_vacuumed: usize,
     pub state_files_removed: usize,
@@ -72,8 +76,12 @@ pub fn check_txn_retention(table: &DeltaTable) -> Result<(), MaintenanceError> {
 
 /// One maintenance pass over the table at `url`.
 pub async fn maintain(url: Url, retention: &Retention) -> Result<Report, MaintenanceError> {
-    let table = DeltaTable::try_from_url(url).await?;
+    let mut table = DeltaTable::try_from_url(url).await?;
     check_txn_retention(&table)?;
+    let compacted = super::compaction::compact(&table, &retention.compaction).await?;
+    if compacted.files_removed > 0 {
+        table.update_incremental(None).await?;
+    }
     let snapshot = table.snapshot()?;
     let version = snapshot.version();
     let log_retention = retention
@@ -99,6 +107,7 @@ pub async fn maintain(url: Url, retention: &Retention) -> Result<Report, Mainten
     let state_files_removed = sweep_state(store.as_ref(), retention.files).await?;
     Ok(Report {
         version: i64::try_from(version).unwrap_or(i64::MAX),
+        compacted,
         log_files_removed,
         files_vacuumed: vacuumed.files_deleted.len(),
         state_files_removed,

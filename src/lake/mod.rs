@@ -2,6 +2,7 @@
 //! or S3 (endpoint and credentials from the standard `AWS_*` variables).
 
 pub mod commit;
+pub mod compaction;
 pub mod evolution;
 pub mod files;
 pub mod maintenance;

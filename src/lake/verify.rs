@@ -61,6 +61,24 @@ pub async fn unreferenced_files(url: Url) -> Result<Vec<String>, VerifyError> {
         .collect())
 }
 
+/// Active files per partition folder (`event_date=…/event_hour=…`) of the latest version.
+pub async fn files_per_partition(
+    url: Url,
+) -> Result<std::collections::BTreeMap<String, usize>, VerifyError> {
+    crate::lake::register_object_stores();
+    let table = DeltaTable::try_from_url(url).await?;
+    let mut out = std::collections::BTreeMap::new();
+    if table.version().is_none() {
+        return Ok(out);
+    }
+    for file in table.snapshot()?.log_data() {
+        let path = file.path().to_string();
+        let folder = path.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
+        *out.entry(folder).or_default() += 1;
+    }
+    Ok(out)
+}
+
 /// The version of the table's newest checkpoint, from `_delta_log/_last_checkpoint`.
 pub async fn last_checkpoint(url: Url) -> Result<Option<i64>, VerifyError> {
     use object_store::ObjectStoreExt;

@@ -12,12 +12,14 @@ use crate::models::{Rejection, SourceRecord, TopicPartition};
 use super::metrics::{Metrics, DROP_REASONS};
 
 /// What `strata_maintenance_total` counts, per table.
-const MAINTENANCE_ACTIONS: [&str; 5] = [
+const MAINTENANCE_ACTIONS: [&str; 7] = [
     "passes",
     "failures",
     "log_files_removed",
     "files_vacuumed",
     "state_files_removed",
+    "files_compacted",
+    "bytes_compacted",
 ];
 
 impl Metrics {
@@ -420,12 +422,19 @@ impl Metrics {
                 count("log_files_removed", report.log_files_removed);
                 count("files_vacuumed", report.files_vacuumed);
                 count("state_files_removed", report.state_files_removed);
+                count("files_compacted", report.compacted.files_removed);
+                count(
+                    "bytes_compacted",
+                    usize::try_from(report.compacted.bytes_removed).unwrap_or(usize::MAX),
+                );
                 tracing::info!(
                     table,
                     version = report.version,
                     log_files_removed = report.log_files_removed,
                     files_vacuumed = report.files_vacuumed,
                     state_files_removed = report.state_files_removed,
+                    files_compacted = report.compacted.files_removed,
+                    files_written = report.compacted.files_added,
                     "table maintained"
                 );
             }

@@ -155,48 +155,75 @@ impl SilverWriter {
         days: i32,
         hour: i32,
     ) -> Result<Add, SilverError> {
-        let rows = batch.num_rows();
-        let compression = self.policy.compression;
-        // Parquet encoding is CPU work: keep it off the async workers.
-        let bytes =
-            tokio::task::spawn_blocking(move || encode_parquet(&batch, compression)).await??;
-        let date = date_string(days);
-        let extension = match compression {
-            Compression::Zstd => "zstd.parquet",
-            Compression::Snappy => "snappy.parquet",
-            Compression::None => "parquet",
-        };
-        let relative = format!(
-            "{}={date}/{}={hour}/part-{}.{extension}",
-            PARTITION_COLUMNS[0],
-            PARTITION_COLUMNS[1],
-            uuid::Uuid::new_v4()
-        );
-        let size = bytes.len() as i64;
-        self.store
-            .put(&Path::from(relative.as_str()), bytes.into())
-            .await?;
-        crate::failpoint!("after_upload");
-        let partition_values: HashMap<String, Option<String>> = [
-            (PARTITION_COLUMNS[0].to_string(), Some(date)),
+        let partition = [
+            (PARTITION_COLUMNS[0].to_string(), Some(date_string(days))),
             (PARTITION_COLUMNS[1].to_string(), Some(hour.to_string())),
         ]
         .into_iter()
         .collect();
-        Ok(Add {
-            path: relative,
-            partition_values,
-            size,
-            modification_time: chrono::Utc::now().timestamp_millis(),
-            data_change: true,
-            stats: Some(serde_json::json!({ "numRecords": rows }).to_string()),
-            tags: None,
-            deletion_vector: None,
-            base_row_id: None,
-            default_row_commit_version: None,
-            clustering_provider: None,
-        })
+        let add = put_file(
+            self.store.as_ref(),
+            batch,
+            &partition,
+            self.policy.compression,
+            true,
+        )
+        .await?;
+        crate::failpoint!("after_upload");
+        Ok(add)
     }
+}
+
+/// Writes `batch` as one Parquet file in the partition folder of `partition` (event date and
+/// hour) and describes it as an `add` action; `data_change` is false for a file that only
+/// rearranges rows already in the table (compaction).
+pub async fn put_file(
+    store: &dyn ObjectStore,
+    batch: RecordBatch,
+    partition: &HashMap<String, Option<String>>,
+    compression: Compression,
+    data_change: bool,
+) -> Result<Add, SilverError> {
+    let rows = batch.num_rows();
+    // Parquet encoding is CPU work: keep it off the async workers.
+    let bytes = tokio::task::spawn_blocking(move || encode_parquet(&batch, compression)).await??;
+    let extension = match compression {
+        Compression::Zstd => "zstd.parquet",
+        Compression::Snappy => "snappy.parquet",
+        Compression::None => "parquet",
+    };
+    let value = |column: &str| {
+        partition
+            .get(column)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| "__HIVE_DEFAULT_PARTITION__".to_string())
+    };
+    let relative = format!(
+        "{}={}/{}={}/part-{}.{extension}",
+        PARTITION_COLUMNS[0],
+        value(PARTITION_COLUMNS[0]),
+        PARTITION_COLUMNS[1],
+        value(PARTITION_COLUMNS[1]),
+        uuid::Uuid::new_v4()
+    );
+    let size = bytes.len() as i64;
+    store
+        .put(&Path::from(relative.as_str()), bytes.into())
+        .await?;
+    Ok(Add {
+        path: relative,
+        partition_values: partition.clone(),
+        size,
+        modification_time: chrono::Utc::now().timestamp_millis(),
+        data_change,
+        stats: Some(serde_json::json!({ "numRecords": rows }).to_string()),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
+    })
 }
 
 fn encode_parquet(batch: &RecordBatch, compression: Compression) -> Result<Vec<u8>, SilverError> {

@@ -1,0 +1,238 @@
+//! Compaction that keeps exactly-once: hour partitions that received no new file for a while and
+//! hold several small files are bin-packed into files of about the target size.
+//!
+//! A compaction is committed as `remove` + `add` actions, all with `dataChange = false`, and no
+//! `txn`: the rows, their values and every partition's progress stay exactly as they were, and
+//! streaming readers see no new data. It reads only files it removes, so delta-rs lets it through
+//! concurrent appends; two compactions of the same files conflict, and the loser gives way (its
+//! new files stay unreferenced until vacuum). Writers never lose anything to a compaction: their
+//! commits are blind appends. Row order within an hour is not kept.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use deltalake::arrow::array::RecordBatch;
+use deltalake::arrow::compute::concat_batches;
+use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
+use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
+use deltalake::kernel::transaction::CommitBuilder;
+use deltalake::kernel::Action;
+use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use deltalake::protocol::DeltaOperation;
+use deltalake::DeltaTable;
+use object_store::ObjectStoreExt;
+
+use super::maintenance::MaintenanceError;
+use super::PARTITION_COLUMNS;
+use crate::config::Compression;
+
+#[derive(Debug, Clone)]
+pub struct CompactionSettings {
+    /// Files are packed up to about this many bytes.
+    pub target_bytes: u64,
+    /// A partition is compacted once its newest file is this old.
+    pub quiet_for: Duration,
+    pub compression: Compression,
+}
+
+/// What one compaction did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Compacted {
+    pub partitions: usize,
+    pub files_removed: usize,
+    pub files_added: usize,
+    pub bytes_removed: u64,
+}
+
+/// A file of the snapshot, as far as compaction is concerned.
+#[derive(Debug, Clone)]
+struct Candidate {
+    path: String,
+    size: i64,
+    modified: i64,
+}
+
+/// Groups of files to rewrite as one: small files of quiet partitions, packed up to the target.
+fn plan(
+    files: &BTreeMap<Vec<(String, Option<String>)>, Vec<Candidate>>,
+    settings: &CompactionSettings,
+    now_ms: i64,
+) -> Vec<(Vec<(String, Option<String>)>, Vec<Candidate>)> {
+    let quiet_ms = i64::try_from(settings.quiet_for.as_millis()).unwrap_or(i64::MAX);
+    let target = i64::try_from(settings.target_bytes).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    for (partition, files) in files {
+        let newest = files.iter().map(|f| f.modified).max().unwrap_or(now_ms);
+        if now_ms.saturating_sub(newest) < quiet_ms {
+            continue; // still receiving files
+        }
+        let mut small: Vec<&Candidate> = files.iter().filter(|f| f.size < target / 2).collect();
+        if small.len() < 2 {
+            continue;
+        }
+        small.sort_by_key(|f| (f.size, f.path.clone()));
+        let mut bin: Vec<Candidate> = Vec::new();
+        let mut bytes = 0;
+        for file in small {
+            if !bin.is_empty() && bytes + file.size > target {
+                if bin.len() > 1 {
+                    out.push((partition.clone(), std::mem::take(&mut bin)));
+                }
+                bin.clear();
+                bytes = 0;
+            }
+            bytes += file.size;
+            bin.push(file.clone());
+        }
+        if bin.len() > 1 {
+            out.push((partition.clone(), bin));
+        }
+    }
+    out
+}
+
+/// Compacts the quiet partitions of `table`. Returns what it did; a lost race is no error.
+pub async fn compact(
+    table: &DeltaTable,
+    settings: &CompactionSettings,
+) -> Result<Compacted, MaintenanceError> {
+    let snapshot = table.snapshot()?;
+    let mut files: BTreeMap<Vec<(String, Option<String>)>, Vec<Candidate>> = BTreeMap::new();
+    for file in snapshot.log_data() {
+        let mut partition: Vec<(String, Option<String>)> =
+            file.partition_values_map().into_iter().collect();
+        partition.sort();
+        files.entry(partition).or_default().push(Candidate {
+            path: file.path().to_string(),
+            size: file.size(),
+            modified: file.modification_time(),
+        });
+    }
+    let bins = plan(&files, settings, chrono::Utc::now().timestamp_millis());
+    if bins.is_empty() {
+        return Ok(Compacted::default());
+    }
+    // Every file in the table's current shape (files from before an evolution lack columns).
+    let table_schema: Schema = snapshot
+        .schema()
+        .as_ref()
+        .try_into_arrow()
+        .map_err(deltalake::DeltaTableError::from)?;
+    let data_fields: Vec<Field> = table_schema
+        .fields()
+        .iter()
+        .filter(|f| !PARTITION_COLUMNS.contains(&f.name().as_str()))
+        .map(|f| f.as_ref().clone())
+        .collect();
+    let schema: SchemaRef = std::sync::Arc::new(Schema::new(data_fields));
+    let store = table.object_store();
+    let removes: HashMap<String, _> = snapshot
+        .log_data()
+        .into_iter()
+        .map(|f| (f.path().to_string(), f.remove_action(false)))
+        .collect();
+    let mut actions = Vec::new();
+    let mut done = Compacted::default();
+    for (partition, bin) in &bins {
+        let mut batches: Vec<RecordBatch> = Vec::new();
+        for file in bin {
+            let bytes = store
+                .get(&deltalake::Path::from(file.path.as_str()))
+                .await?
+                .bytes()
+                .await?;
+            let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+                .and_then(|b| b.build())
+                .map_err(|e| deltalake::DeltaTableError::Generic(format!("{}: {e}", file.path)))?;
+            for batch in reader {
+                let batch = batch.map_err(deltalake::DeltaTableError::from)?;
+                batches.push(
+                    super::evolution::conform(&batch, &schema)
+                        .map_err(deltalake::DeltaTableError::from)?,
+                );
+            }
+        }
+        let all = concat_batches(&schema, &batches).map_err(deltalake::DeltaTableError::from)?;
+        let values: HashMap<String, Option<String>> = partition.iter().cloned().collect();
+        let add = super::files::put_file(store.as_ref(), all, &values, settings.compression, false)
+            .await
+            .map_err(|e| deltalake::DeltaTableError::Generic(e.to_string()))?;
+        actions.push(Action::Add(add));
+        for file in bin {
+            if let Some(remove) = removes.get(&file.path) {
+                actions.push(Action::Remove(remove.clone()));
+            }
+            done.bytes_removed += u64::try_from(file.size).unwrap_or(0);
+        }
+        done.partitions += 1;
+        done.files_removed += bin.len();
+        done.files_added += 1;
+    }
+    let operation = DeltaOperation::Optimize {
+        predicate: None,
+        target_size: i64::try_from(settings.target_bytes).unwrap_or(i64::MAX),
+    };
+    let committed = CommitBuilder::default()
+        .with_actions(actions)
+        .with_max_retries(0)
+        .build(Some(snapshot), table.log_store(), operation)
+        .await;
+    match committed {
+        Ok(_) => Ok(done),
+        Err(e) => {
+            // Another compaction (or anything that removed these files) won: give way. The files
+            // written here stay unreferenced until vacuum.
+            tracing::info!(error = %e, "compaction gave way to a concurrent commit");
+            Ok(Compacted::default())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(path: &str, size: i64, modified: i64) -> Candidate {
+        Candidate {
+            path: path.into(),
+            size,
+            modified,
+        }
+    }
+
+    #[test]
+    fn only_quiet_partitions_with_several_small_files_are_packed() {
+        let settings = CompactionSettings {
+            target_bytes: 100,
+            quiet_for: Duration::from_secs(60),
+            compression: Compression::Zstd,
+        };
+        let now = 1_000_000;
+        let hour = |h: &str| vec![("event_hour".to_string(), Some(h.to_string()))];
+        let mut files = BTreeMap::new();
+        // Quiet, five small files of 30 bytes: bins of at most 100 bytes (3 + 2 files).
+        files.insert(
+            hour("1"),
+            (0..5)
+                .map(|i| file(&format!("a{i}"), 30, now - 120_000))
+                .collect(),
+        );
+        // Still receiving files.
+        files.insert(
+            hour("2"),
+            vec![file("b0", 10, now - 1_000), file("b1", 10, now - 120_000)],
+        );
+        // One small file and a big one: nothing to pack.
+        files.insert(
+            hour("3"),
+            vec![file("c0", 10, now - 120_000), file("c1", 90, now - 120_000)],
+        );
+        let bins = plan(&files, &settings, now);
+        let sizes: Vec<usize> = bins.iter().map(|(_, b)| b.len()).collect();
+        assert_eq!(sizes, vec![3, 2]);
+        assert!(bins.iter().all(|(p, _)| *p == hour("1")));
+        assert!(bins
+            .iter()
+            .all(|(_, b)| b.iter().map(|f| f.size).sum::<i64>() <= 100));
+    }
+}
