@@ -355,7 +355,8 @@ async fn tumbling_gold_is_exact_under_skew_through_a_sigkill() {
 }
 
 /// Hopping windows (2 minutes every minute), 3 replicas; one leaves the group (SIGTERM) while
-/// Gold is being computed and a new one joins. Gold is exact.
+/// Gold is being computed and a new one joins, and quiet partitions of the Silver, Gold and
+/// late tables are compacted all along. Gold is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hopping_gold_is_exact_when_a_replica_leaves_and_rejoins() {
     let setup = Setup::new("gold-hopping", 4).await;
@@ -363,7 +364,11 @@ async fn hopping_gold_is_exact_when_a_replica_leaves_and_rejoins() {
     let expected = expect(&events, 120 * SECOND, 60 * SECOND, 5 * SECOND, 0);
     produce(&setup.topic, &events).await;
 
-    let env = gold_env("2m every 1m", "6", "4");
+    let compacting = [
+        ("STRATA_COMPACT_QUIET_FOR", "2s"),
+        ("STRATA_MAINTENANCE_INTERVAL", "2s"),
+    ];
+    let env = [gold_env("2m every 1m", "6", "4"), compacting.to_vec()].concat();
     let mut replicas = vec![setup.spawn(&env), setup.spawn(&env), setup.spawn(&env)];
     // The first replica seen running stage 1 leaves the group (SIGTERM), a new one joins.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -398,6 +403,14 @@ async fn hopping_gold_is_exact_when_a_replica_leaves_and_rejoins() {
         late, expected_late,
         "the late table holds exactly the late events"
     );
+    let mut compacted = 0.0;
+    for replica in &replicas {
+        compacted += replica
+            .metric_where("strata_maintenance_total", "action=\"files_compacted\"")
+            .await
+            .unwrap_or(0.0);
+    }
+    assert!(compacted > 0.0, "no compaction ran during the test");
     drop(replicas);
 }
 
