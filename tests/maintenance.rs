@@ -1,6 +1,7 @@
 //! A compressed month on tansu + moto: a flush every 300 ms makes dozens of commits in a minute.
 //! Checkpoints are written, a SIGKILL between upload and commit leaves files no version
-//! references, quiet hour partitions are compacted to one file each, and maintenance (inside the
+//! references, another SIGKILL lands in the middle of a compaction, quiet hour partitions are
+//! compacted to one file each, and maintenance (inside the
 //! replica, and `strata maintain`) vacuums the unreferenced files after a short retention, while
 //! every Bronze offset stays in Silver exactly once, with its values.
 
@@ -41,13 +42,31 @@ async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
         .expect("list");
     assert!(!orphans.is_empty(), "the crash left no unreferenced file");
 
-    let replica = setup.spawn(&month);
+    // This replica is SIGKILLed in the middle of its first compaction (new file uploaded, the
+    // remove + add not committed yet).
+    let mut compaction_crash = month.to_vec();
+    compaction_crash.push(("STRATA_FAILPOINT", "after_compaction_upload:1"));
+    let replica = setup.spawn(&compaction_crash);
     // Producers trickle on: every small batch becomes a commit of its own.
     for round in 0..40u64 {
         produced.extend(produce(&setup.topic, 150, 400, 100 + round).await);
         tokio::time::sleep(Duration::from_millis(350)).await;
     }
     setup.catch_up(&produced, &[&replica]).await;
+    assert!(
+        replica
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED after_compaction_upload",
+                Duration::from_secs(90)
+            )
+            .await,
+        "no compaction started:\n{}",
+        replica.tail(30)
+    );
+    replica.sigkill();
+    common::outlive_dead_member().await;
+    setup.assert_exact(&produced).await;
+    let replica = setup.spawn(&month);
     let commits = strata::lake::verify::read_table(setup.table_url())
         .await
         .expect("table")

@@ -157,6 +157,7 @@ pub async fn compact(
         let add = super::files::put_file(store.as_ref(), all, &values, settings.compression, false)
             .await
             .map_err(|e| deltalake::DeltaTableError::Generic(e.to_string()))?;
+        crate::failpoint!("after_compaction_upload");
         actions.push(Action::Add(add));
         for file in bin {
             if let Some(remove) = removes.get(&file.path) {

@@ -43,6 +43,10 @@ pub struct Retention {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     pub version: i64,
+    /// Files the latest version references.
+    pub active_files: usize,
+    /// Commits since the newest checkpoint (all of them when there is none).
+    pub since_checkpoint: i64,
     pub compacted: super::compaction::Compacted,
     pub log_files_removed: usize,
     pub files_vacuumed: usize,
@@ -97,6 +101,9 @@ pub async fn maintain(url: Url, retention: &Retention) -> Result<Report, Mainten
     )
     .await?;
     let store = table.object_store();
+    let active_files = snapshot.log_data().into_iter().count();
+    let checkpoint = last_checkpoint(store.as_ref()).await;
+    let since_checkpoint = i64::try_from(version).unwrap_or(i64::MAX) - checkpoint.unwrap_or(-1);
     let files = chrono::Duration::from_std(retention.files).unwrap_or(chrono::Duration::MAX);
     let (_, vacuumed) = table
         .vacuum()
@@ -107,11 +114,28 @@ pub async fn maintain(url: Url, retention: &Retention) -> Result<Report, Mainten
     let state_files_removed = sweep_state(store.as_ref(), retention.files).await?;
     Ok(Report {
         version: i64::try_from(version).unwrap_or(i64::MAX),
+        active_files,
+        since_checkpoint,
         compacted,
         log_files_removed,
         files_vacuumed: vacuumed.files_deleted.len(),
         state_files_removed,
     })
+}
+
+/// The version in `_delta_log/_last_checkpoint`, if there is one.
+async fn last_checkpoint(store: &dyn ObjectStore) -> Option<i64> {
+    let bytes = store
+        .get(&Path::from("_delta_log/_last_checkpoint"))
+        .await
+        .ok()?
+        .bytes()
+        .await
+        .ok()?;
+    serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()?
+        .get("version")?
+        .as_i64()
 }
 
 /// Deletes Gold state files older than `retention`, keeping the newest of every partition.

@@ -423,6 +423,14 @@ impl Metrics {
                 count("files_vacuumed", report.files_vacuumed);
                 count("state_files_removed", report.state_files_removed);
                 count("files_compacted", report.compacted.files_removed);
+                let state = |what: &str, n: i64| {
+                    self.table_files.with_label_values(&[table, what]).set(n);
+                };
+                state(
+                    "active_files",
+                    i64::try_from(report.active_files).unwrap_or(i64::MAX),
+                );
+                state("commits_since_checkpoint", report.since_checkpoint);
                 count(
                     "bytes_compacted",
                     usize::try_from(report.compacted.bytes_removed).unwrap_or(usize::MAX),
@@ -434,6 +442,8 @@ impl Metrics {
                     files_vacuumed = report.files_vacuumed,
                     state_files_removed = report.state_files_removed,
                     files_compacted = report.compacted.files_removed,
+                    active_files = report.active_files,
+                    commits_since_checkpoint = report.since_checkpoint,
                     files_written = report.compacted.files_added,
                     "table maintained"
                 );

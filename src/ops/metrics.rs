@@ -45,6 +45,7 @@ pub struct Metrics {
     pub(super) kafka_errors: IntCounter,
     pub(super) checkpoint_version: IntGaugeVec,
     pub(super) maintenance: IntCounterVec,
+    pub(super) table_files: IntGaugeVec,
     pub(super) dead_letter_write_failures: IntCounterVec,
     pub(super) dead_letter_blocked: IntGaugeVec,
     pub(super) gold: GoldMetrics,
@@ -287,6 +288,12 @@ impl Metrics {
                 "strata_maintenance_total",
                 "What table maintenance did, per table and action (log_files_removed, files_vacuumed, state_files_removed, passes, failures).",
                 &["table", "action"],
+            ),
+            table_files: gauge(
+                &registry,
+                "strata_table_state",
+                "What the last maintenance pass saw per table: active_files (files the latest version references) and commits_since_checkpoint.",
+                &["table", "what"],
             ),
             dead_letter_write_failures: counter(
                 &registry,
