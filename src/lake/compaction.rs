@@ -44,6 +44,9 @@ pub struct Compacted {
     pub bytes_removed: u64,
 }
 
+/// A partition's values (`event_date`, `event_hour`), sorted.
+type PartitionKey = Vec<(String, Option<String>)>;
+
 /// A file of the snapshot, as far as compaction is concerned.
 #[derive(Debug, Clone)]
 struct Candidate {
@@ -54,10 +57,10 @@ struct Candidate {
 
 /// Groups of files to rewrite as one: small files of quiet partitions, packed up to the target.
 fn plan(
-    files: &BTreeMap<Vec<(String, Option<String>)>, Vec<Candidate>>,
+    files: &BTreeMap<PartitionKey, Vec<Candidate>>,
     settings: &CompactionSettings,
     now_ms: i64,
-) -> Vec<(Vec<(String, Option<String>)>, Vec<Candidate>)> {
+) -> Vec<(PartitionKey, Vec<Candidate>)> {
     let quiet_ms = i64::try_from(settings.quiet_for.as_millis()).unwrap_or(i64::MAX);
     let target = i64::try_from(settings.target_bytes).unwrap_or(i64::MAX);
     let mut out = Vec::new();
@@ -97,10 +100,9 @@ pub async fn compact(
     settings: &CompactionSettings,
 ) -> Result<Compacted, MaintenanceError> {
     let snapshot = table.snapshot()?;
-    let mut files: BTreeMap<Vec<(String, Option<String>)>, Vec<Candidate>> = BTreeMap::new();
+    let mut files: BTreeMap<PartitionKey, Vec<Candidate>> = BTreeMap::new();
     for file in snapshot.log_data() {
-        let mut partition: Vec<(String, Option<String>)> =
-            file.partition_values_map().into_iter().collect();
+        let mut partition: PartitionKey = file.partition_values_map().into_iter().collect();
         partition.sort();
         files.entry(partition).or_default().push(Candidate {
             path: file.path().to_string(),
