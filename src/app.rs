@@ -55,15 +55,19 @@ async fn open_gold(
     let table = &tables.list[index];
     let mut retry = Retry::new(Pace::Outage, shutdown);
     loop {
-        let opened = Emitter::open(
-            config,
-            settings,
-            index,
-            &table.name,
-            &table.decoder.output_schema(),
-            metrics.clone(),
-        )
-        .await;
+        // Opening asks the cluster and the lake, which can take long: shutdown does not wait.
+        let schema = table.decoder.output_schema();
+        let opened = tokio::select! {
+            opened = Emitter::open(
+                config,
+                settings,
+                index,
+                &table.name,
+                &schema,
+                metrics.clone(),
+            ) => opened,
+            () = shutdown.cancelled() => return Err(PipelineError::Interrupted),
+        };
         match opened {
             Ok(emitter) => {
                 metrics.not_ready(NotReady::Lake, false);
@@ -192,12 +196,14 @@ pub async fn run(
     let grace = config.shutdown_grace;
     // Table maintenance runs beside the pipeline, in whichever replica owns partition 0.
     let maintainer = Arc::new(AtomicBool::new(false));
+    // Its own token: it stops when the pipeline stops, whether for a signal or an error.
+    let maintenance_stop = shutdown.child_token();
     let maintenance = tokio::spawn(maintain_periodically(
         config.lake_url.clone(),
         config.maintenance.clone(),
         maintainer.clone(),
         metrics.clone(),
-        shutdown.clone(),
+        maintenance_stop.clone(),
     ));
     let mut replica = Replica::new(
         config,
@@ -214,6 +220,7 @@ pub async fn run(
     let drained = event_loop::run(&mut replica, source, events, &shutdown, grace, stopping).await;
     let mut summary = replica.finish();
     gold_stop.cancel();
+    maintenance_stop.cancel();
     let _ = maintenance.await;
     let mut gold_failed = None;
     if let Some(stage2) = stage2 {

@@ -74,6 +74,7 @@ impl MaintenanceConfig {
             checkpoint_interval,
             interval: duration("STRATA_MAINTENANCE_INTERVAL")?.unwrap_or(Duration::from_secs(300)),
             retention: Retention {
+                gold_app_prefix: Some(format!("strata/{}-gold", value_of(vars, "STRATA_GROUP_ID"))),
                 log: duration("STRATA_LOG_RETENTION")?,
                 files,
                 compaction: CompactionSettings {

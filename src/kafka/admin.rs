@@ -173,7 +173,8 @@ impl Admin {
         // Metadata may lag the creation a little (and on a cluster, its propagation).
         let mut wait = Duration::from_millis(100);
         for _ in 0..20 {
-            if let Some(partitions) = self.partitions(&spec.name).await? {
+            // A leader still being elected reads as an error for a moment: keep waiting.
+            if let Ok(Some(partitions)) = self.partitions(&spec.name).await {
                 return Ok(if created {
                     Ensured::Created { partitions }
                 } else {

@@ -3,9 +3,10 @@
 //!
 //! A compaction is committed as `remove` + `add` actions, all with `dataChange = false`, and no
 //! `txn`: the rows, their values and every partition's progress stay exactly as they were, and
-//! streaming readers see no new data. It reads only files it removes, so delta-rs lets it through
-//! concurrent appends; two compactions of the same files conflict, and the loser gives way (its
-//! new files stay unreferenced until vacuum). Writers never lose anything to a compaction: their
+//! streaming readers see no new data. Without data change, delta-rs's conflict checker (with its
+//! retries) lets it through concurrent appends; two compactions of the same files conflict, and
+//! the loser gives way (its new files stay unreferenced until vacuum). Files with deletion vectors
+//! are left alone. Writers never lose anything to a compaction: their
 //! commits are blind appends. Row order within an hour is not kept.
 
 use std::collections::{BTreeMap, HashMap};
@@ -102,6 +103,11 @@ pub async fn compact(
     let snapshot = table.snapshot()?;
     let mut files: BTreeMap<PartitionKey, Vec<Candidate>> = BTreeMap::new();
     for file in snapshot.log_data() {
+        // Rows another engine deleted through a deletion vector are still in the Parquet file:
+        // such files are left alone.
+        if file.deletion_vector_descriptor().is_some() {
+            continue;
+        }
         let mut partition: PartitionKey = file.partition_values_map().into_iter().collect();
         partition.sort();
         files.entry(partition).or_default().push(Candidate {
@@ -175,9 +181,11 @@ pub async fn compact(
         predicate: None,
         target_size: i64::try_from(settings.target_bytes).unwrap_or(i64::MAX),
     };
+    // delta-rs's conflict checker lets a commit without data change through concurrent appends,
+    // and refuses it when another commit removed the same files: retries are its job here.
     let committed = CommitBuilder::default()
         .with_actions(actions)
-        .with_max_retries(0)
+        .with_max_retries(15)
         .build(Some(snapshot), table.log_store(), operation)
         .await;
     match committed {

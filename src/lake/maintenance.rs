@@ -8,8 +8,8 @@
 //!   checkpoint old enough, never after every commit (it lists the whole `_delta_log`);
 //! - **vacuum**: data files no version within `STRATA_VACUUM_RETENTION` references (uploads of
 //!   refused, fenced or crashed commits, files replaced by later ones);
-//! - **Gold state files** under `_strata_state/`: per partition, every file older than the
-//!   retention except the newest, which a restart still needs.
+//! - **Gold state files** under `_strata_state/`: per partition, the files older than the
+//!   retention whose offset is below the one stage 2 committed (a restart needs that one).
 //!
 //! `txn` actions never expire here: a table that sets `delta.setTransactionRetentionDuration`
 //! would make a quiet partition replay from its start, so Strata refuses to run on one.
@@ -32,6 +32,8 @@ pub const STATE_PREFIX: &str = "_strata_state";
 
 #[derive(Debug, Clone)]
 pub struct Retention {
+    /// `strata/<group>-gold`: the `txn` prefix of Gold stage 2, to find the state it committed.
+    pub gold_app_prefix: Option<String>,
     /// `None`: the table's `delta.logRetentionDuration`.
     pub log: Option<Duration>,
     pub files: Duration,
@@ -105,13 +107,17 @@ pub async fn maintain(url: Url, retention: &Retention) -> Result<Report, Mainten
     let checkpoint = last_checkpoint(store.as_ref()).await;
     let since_checkpoint = i64::try_from(version).unwrap_or(i64::MAX) - checkpoint.unwrap_or(-1);
     let files = chrono::Duration::from_std(retention.files).unwrap_or(chrono::Duration::MAX);
+    // Vacuum judges files against the snapshot it is given: it must be the newest, or a file
+    // committed while this pass compacted or cleaned up would look unreferenced.
+    table.update_incremental(None).await?;
+    let state_progress = state_progress(&table, retention.gold_app_prefix.as_deref()).await?;
     let (_, vacuumed) = table
         .vacuum()
         .with_retention_period(files)
         .with_enforce_retention_duration(false)
         .with_mode(VacuumMode::Full)
         .await?;
-    let state_files_removed = sweep_state(store.as_ref(), retention.files).await?;
+    let state_files_removed = sweep_state(store.as_ref(), retention.files, &state_progress).await?;
     Ok(Report {
         version: i64::try_from(version).unwrap_or(i64::MAX),
         active_files,
@@ -138,35 +144,71 @@ async fn last_checkpoint(store: &dyn ObjectStore) -> Option<i64> {
         .as_i64()
 }
 
-/// Deletes Gold state files older than `retention`, keeping the newest of every partition.
+/// Per state folder (`_strata_state/<topic>/<partition>`), the offset Gold stage 2 committed for
+/// it (its `txn`), read from the table; `None` when unknown (then nothing there is deleted).
+async fn state_progress(
+    table: &DeltaTable,
+    gold_app_prefix: Option<&str>,
+) -> Result<BTreeMap<String, Option<i64>>, MaintenanceError> {
+    let store = table.object_store();
+    let files: Vec<_> = store
+        .list(Some(&Path::from(STATE_PREFIX)))
+        .try_collect()
+        .await?;
+    let mut out = BTreeMap::new();
+    let snapshot = table.snapshot()?;
+    for file in files {
+        let name = file.location.to_string();
+        let Some((folder, _)) = name.rsplit_once('/') else {
+            continue;
+        };
+        if out.contains_key(folder) {
+            continue;
+        }
+        // `_strata_state/<topic>/<partition>` → `<prefix>/<topic>/<partition>`.
+        let committed = match (gold_app_prefix, folder.strip_prefix(STATE_PREFIX)) {
+            (Some(prefix), Some(rest)) => {
+                snapshot
+                    .transaction_version(table.log_store().as_ref(), format!("{prefix}{rest}"))
+                    .await?
+            }
+            _ => None,
+        };
+        out.insert(folder.to_string(), committed);
+    }
+    Ok(out)
+}
+
+/// Deletes Gold state files older than `retention` whose offset is below the state stage 2
+/// committed for their partition: the committed one (and any newer, not committed yet) stays,
+/// and a partition whose progress is unknown keeps everything.
 async fn sweep_state(
     store: &dyn ObjectStore,
     retention: Duration,
+    progress: &BTreeMap<String, Option<i64>>,
 ) -> Result<usize, MaintenanceError> {
     let prefix = Path::from(STATE_PREFIX);
     let files: Vec<_> = store.list(Some(&prefix)).try_collect().await?;
     let cutoff =
         chrono::Utc::now() - chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
-    // Per partition folder, the files in offset order (names are zero-padded offsets).
-    let mut by_partition: BTreeMap<String, Vec<(Path, bool)>> = BTreeMap::new();
+    let mut removed = 0;
     for file in files {
         let name = file.location.to_string();
-        let folder = name.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
-        by_partition
-            .entry(folder)
-            .or_default()
-            .push((file.location, file.last_modified < cutoff));
-    }
-    let mut removed = 0;
-    for (_, mut files) in by_partition {
-        files.sort_by(|a, b| a.0.as_ref().cmp(b.0.as_ref()));
-        files.pop(); // the newest state of the partition stays, whatever its age
-        for (path, old) in files {
-            if old {
-                match store.delete(&path).await {
-                    Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => removed += 1,
-                    Err(e) => return Err(e.into()),
-                }
+        let Some((folder, base)) = name.rsplit_once('/') else {
+            continue;
+        };
+        // Names are the zero-padded offset the state was stored at.
+        let offset = base
+            .strip_suffix(".bin")
+            .and_then(|o| o.parse::<i64>().ok());
+        let superseded = match (progress.get(folder).copied().flatten(), offset) {
+            (Some(committed), Some(offset)) => offset < committed,
+            _ => false,
+        };
+        if superseded && file.last_modified < cutoff {
+            match store.delete(&file.location).await {
+                Ok(()) | Err(deltalake::ObjectStoreError::NotFound { .. }) => removed += 1,
+                Err(e) => return Err(e.into()),
             }
         }
     }

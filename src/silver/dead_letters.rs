@@ -220,9 +220,15 @@ impl DeadLetters {
                                 | RDKafkaErrorCode::UnknownTopic
                         )
                     ) {
-                        // Deleted since start-up, or not made yet: make it (again).
-                        if let Err(why) = self.topics.ensure(&record.topic).await {
-                            metrics.dead_letter_blocked(&topic, &why.to_string());
+                        // Deleted since start-up, or not made yet: make it (again). Asking the
+                        // cluster can take seconds; shutdown does not wait for it.
+                        tokio::select! {
+                            ensured = self.topics.ensure(&record.topic) => {
+                                if let Err(why) = ensured {
+                                    metrics.dead_letter_blocked(&topic, &why.to_string());
+                                }
+                            }
+                            () = self.shutdown.cancelled() => return Err(Interrupted),
                         }
                     }
                     if !retry.wait().await {
