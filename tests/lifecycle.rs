@@ -338,3 +338,26 @@ async fn a_lost_assignment_of_several_partitions_keeps_the_accounting_identity()
     survivor.stop(Duration::from_secs(40));
     setup.assert_exact(&produced).await;
 }
+
+/// A bad record larger than librdkafka's default 1 MB message limit still reaches the dead-letter
+/// topic byte for byte (the producer's limit is raised, the topic takes what the Bronze topic
+/// takes), instead of blocking its partition for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_larger_than_a_megabyte_passes() {
+    let setup = Setup::new("bigletter", 1).await;
+    let big: Vec<u8> = (0..2_500_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    let offsets = common::produce_raw(&setup.topic, vec![(Some(b"k".to_vec()), big.clone())]).await;
+    let replica = setup.spawn(&[]);
+    let letters =
+        common::dead_letters(&format!("{}.dlq", setup.topic), 1, Duration::from_secs(90)).await;
+    assert_eq!(letters.len(), 1, "log:\n{}", replica.tail(20));
+    assert_eq!(letters[0].source.2, offsets[0]);
+    assert_eq!(
+        letters[0].value.as_deref(),
+        Some(big.as_slice()),
+        "byte for byte"
+    );
+    assert_eq!(letters[0].kind, "bad_magic");
+    assert_eq!(replica.http_status("/readyz").await, 200);
+    replica.stop(Duration::from_secs(30));
+}

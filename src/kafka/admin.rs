@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
@@ -138,6 +138,24 @@ impl Admin {
                     _ if n > 0 => Ok(Some(n)),
                     _ => Err(unavailable(KafkaError::MetadataFetch(code))),
                 }
+            }
+        }
+    }
+
+    /// One configuration value of `topic` (`None` when the cluster does not say: an old broker,
+    /// no DESCRIBE_CONFIGS permission, or no such topic).
+    pub async fn topic_config(&self, topic: &str, name: &str) -> Option<String> {
+        let resource = ResourceSpecifier::Topic(topic);
+        let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
+        let answer = self.client.describe_configs([&resource], &options).await;
+        match answer {
+            Ok(results) => results
+                .into_iter()
+                .filter_map(Result::ok)
+                .find_map(|config| config.get(name).and_then(|e| e.value.clone())),
+            Err(e) => {
+                tracing::debug!(topic, name, error = %e, "describing the topic's configuration failed");
+                None
             }
         }
     }

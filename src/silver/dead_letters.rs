@@ -60,11 +60,27 @@ impl Topics {
                 }
             })?,
         };
+        // A dead letter is its Bronze record plus Strata's headers: the topic must take records
+        // as large as the Bronze topic does, or a large bad record would never pass.
+        let config = match self
+            .admin
+            .topic_config(source_topic, MAX_MESSAGE_BYTES)
+            .await
+        {
+            Some(limit) => match limit.parse::<u64>() {
+                Ok(limit) => vec![(
+                    MAX_MESSAGE_BYTES.to_string(),
+                    (limit + HEADER_ROOM).to_string(),
+                )],
+                Err(_) => Vec::new(),
+            },
+            None => Vec::new(),
+        };
         let spec = TopicSpec {
             name,
             partitions,
             replication: self.settings.replication,
-            config: Vec::new(),
+            config,
         };
         let ensured = self.admin.ensure(&spec).await?;
         if let Ensured::Created { partitions } = ensured {
@@ -101,6 +117,13 @@ impl Topics {
     }
 }
 
+/// The topic setting that bounds a record's size.
+const MAX_MESSAGE_BYTES: &str = "max.message.bytes";
+
+/// Room for the headers Strata adds to a dead letter (reason, source topic, partition, offset,
+/// schema id) beyond the Bronze record's own size.
+const HEADER_ROOM: u64 = 64 * 1024;
+
 /// A send not acknowledged after this long makes the topic count as blocked (readiness, alert),
 /// although librdkafka keeps trying it.
 const SLOW_ACK: Duration = Duration::from_secs(10);
@@ -127,6 +150,11 @@ impl DeadLetters {
     ) -> Result<Self, KafkaError> {
         let mut config = producer_config(brokers, properties);
         config.set("message.timeout.ms", "60000");
+        // A dead letter may be as large as any Bronze record (plus headers); the broker's topic
+        // limit decides, not librdkafka's 1 MB default. The user's setting wins.
+        if !properties.contains_key("message.max.bytes") {
+            config.set("message.max.bytes", "104857600");
+        }
         Ok(Self {
             producer: config.create()?,
             topics: Topics {

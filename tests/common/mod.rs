@@ -241,6 +241,7 @@ pub async fn dead_letters_on(
             .set("bootstrap.servers", &brokers)
             .set("group.id", unique("dlq-reader"))
             .set("enable.auto.commit", "false")
+            .set("fetch.message.max.bytes", "16777216")
             .create()
             .expect("consumer");
         let deadline = Instant::now() + timeout;
@@ -790,6 +791,7 @@ pub async fn produce_raw(topic: &str, values: Vec<(Option<Vec<u8>>, Vec<u8>)>) -
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("enable.idempotence", "true")
+        .set("message.max.bytes", "16777216")
         .create()
         .expect("producer");
     let mut offsets = Vec::with_capacity(values.len());
