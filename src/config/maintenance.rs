@@ -1,11 +1,10 @@
-//! Table maintenance settings: checkpoints, log retention, vacuum, and how often they run.
+//! Table maintenance settings: checkpoints, log retention, vacuum, compaction, and how often they
+//! run. The types live here, so `lake` reads its settings from `config` and never the reverse.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use super::{invalid, parse_duration, value_of, Compression, ConfigError};
-use crate::lake::compaction::CompactionSettings;
-use crate::lake::maintenance::{retention_floor, Retention};
 
 #[derive(Debug, Clone)]
 pub struct MaintenanceConfig {
@@ -85,5 +84,52 @@ impl MaintenanceConfig {
                 },
             },
         })
+    }
+}
+
+/// What table maintenance keeps, and for how long.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    /// `strata/<group>-gold`: the `txn` prefix of Gold stage 2, to find the state it committed.
+    pub gold_app_prefix: Option<String>,
+    /// `None`: the table's `delta.logRetentionDuration`.
+    pub log: Option<Duration>,
+    pub files: Duration,
+    /// Compaction of quiet partitions, run before vacuum.
+    pub compaction: CompactionSettings,
+}
+
+/// Which partitions compaction packs, and how.
+#[derive(Debug, Clone)]
+pub struct CompactionSettings {
+    /// Files are packed up to about this many bytes.
+    pub target_bytes: u64,
+    /// A partition is compacted once its newest file is this old.
+    pub quiet_for: Duration,
+    pub compression: Compression,
+}
+
+/// The shortest vacuum retention that is safe: files are uploaded before their commit, and a
+/// commit may lose `commit_retries` races (each waits up to 4 s with jitter) after a flush that
+/// started up to one flush interval after the first row; 30 s cover the write itself.
+pub fn retention_floor(flush_interval: Duration, commit_retries: usize) -> Duration {
+    flush_interval + Duration::from_secs(4 * commit_retries as u64) + Duration::from_secs(30)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_floor_follows_the_flush_interval_and_the_commit_retries() {
+        // A 300 ms flush with 5 commit retries can use a retention of a minute.
+        let floor = retention_floor(Duration::from_millis(300), 5);
+        assert!(floor < Duration::from_secs(60), "{floor:?}");
+        // The defaults (30 s, 50 retries) need a few minutes: the default of 7 days is far above.
+        let floor = retention_floor(Duration::from_secs(30), 50);
+        assert!(
+            floor > Duration::from_secs(200) && floor < Duration::from_secs(300),
+            "{floor:?}"
+        );
     }
 }

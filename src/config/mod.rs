@@ -362,7 +362,7 @@ impl Config {
 pub use crate::units::parse_duration;
 pub use dead_letters::DeadLetterConfig;
 pub use gold::GoldConfig;
-pub use maintenance::MaintenanceConfig;
+pub use maintenance::{retention_floor, CompactionSettings, MaintenanceConfig, Retention};
 pub use schema::SchemaSettings;
 use settings::{default_of, help_of};
 pub use settings::{help_text, redact, Setting, SETTINGS};

@@ -10,7 +10,6 @@
 //! commits are blind appends. Row order within an hour is not kept.
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::compute::concat_batches;
@@ -23,18 +22,8 @@ use deltalake::protocol::DeltaOperation;
 use deltalake::DeltaTable;
 use object_store::ObjectStoreExt;
 
-use super::maintenance::MaintenanceError;
 use super::PARTITION_COLUMNS;
-use crate::config::Compression;
-
-#[derive(Debug, Clone)]
-pub struct CompactionSettings {
-    /// Files are packed up to about this many bytes.
-    pub target_bytes: u64,
-    /// A partition is compacted once its newest file is this old.
-    pub quiet_for: Duration,
-    pub compression: Compression,
-}
+use crate::config::CompactionSettings;
 
 /// What one compaction did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -99,7 +88,7 @@ fn plan(
 pub async fn compact(
     table: &DeltaTable,
     settings: &CompactionSettings,
-) -> Result<Compacted, MaintenanceError> {
+) -> Result<Compacted, deltalake::DeltaTableError> {
     let snapshot = table.snapshot()?;
     let mut files: BTreeMap<PartitionKey, Vec<Candidate>> = BTreeMap::new();
     for file in snapshot.log_data() {
@@ -202,6 +191,8 @@ pub async fn compact(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Compression;
+    use std::time::Duration;
 
     fn file(path: &str, size: i64, modified: i64) -> Candidate {
         Candidate {

@@ -24,22 +24,13 @@ use futures::TryStreamExt;
 use object_store::ObjectStoreExt;
 use url::Url;
 
+use crate::config::Retention;
+
 /// The table property that would let `txn` actions expire.
 pub const TXN_RETENTION_PROPERTY: &str = "delta.setTransactionRetentionDuration";
 
 /// Where Gold stage 2 keeps its merge state beside the Gold table.
 pub const STATE_PREFIX: &str = "_strata_state";
-
-#[derive(Debug, Clone)]
-pub struct Retention {
-    /// `strata/<group>-gold`: the `txn` prefix of Gold stage 2, to find the state it committed.
-    pub gold_app_prefix: Option<String>,
-    /// `None`: the table's `delta.logRetentionDuration`.
-    pub log: Option<Duration>,
-    pub files: Duration,
-    /// Compaction of quiet partitions, run before vacuum.
-    pub compaction: super::compaction::CompactionSettings,
-}
 
 /// What one pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -249,29 +240,4 @@ pub async fn tables(lake_url: &str) -> Result<Vec<(String, Url)>, MaintenanceErr
         }
     }
     Ok(out)
-}
-
-/// The shortest vacuum retention that is safe: files are uploaded before their commit, and a
-/// commit may lose `commit_retries` races (each waits up to 4 s with jitter) after a flush that
-/// started up to one flush interval after the first row; 30 s cover the write itself.
-pub fn retention_floor(flush_interval: Duration, commit_retries: usize) -> Duration {
-    flush_interval + Duration::from_secs(4 * commit_retries as u64) + Duration::from_secs(30)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_floor_follows_the_flush_interval_and_the_commit_retries() {
-        // A 300 ms flush with 5 commit retries can use a retention of a minute.
-        let floor = retention_floor(Duration::from_millis(300), 5);
-        assert!(floor < Duration::from_secs(60), "{floor:?}");
-        // The defaults (30 s, 50 retries) need a few minutes: the default of 7 days is far above.
-        let floor = retention_floor(Duration::from_secs(30), 50);
-        assert!(
-            floor > Duration::from_secs(200) && floor < Duration::from_secs(300),
-            "{floor:?}"
-        );
-    }
 }
