@@ -6,6 +6,7 @@
 #   - Prometheus and promtool from Debian's `prometheus` package (downloaded and unpacked into the
 #     cache with apt-get download + dpkg-deb: no root, nothing installed system-wide)
 #   - kubernetes-validate and PyYAML from PyPI, in a virtualenv (checks of deploy/)
+#   - the Python deltalake package, in a virtualenv (reads the tables as users do)
 # Needs only the Rust toolchain, Python 3, apt-get and the network to crates.io / PyPI / Debian.
 set -euo pipefail
 
@@ -16,6 +17,8 @@ TANSU_ROOT="$CACHE/tansu-$TANSU_VERSION"
 MOTO_VENV="$CACHE/moto-$MOTO_VERSION"
 PROMETHEUS_ROOT="$CACHE/prometheus-deb"
 TOOLS_VENV="$CACHE/deploy-tools"
+DELTALAKE_VERSION=1.2.1
+READERS_VENV="$CACHE/readers-deltalake-$DELTALAKE_VERSION"
 KUBERNETES_VALIDATE_VERSION=1.37.0
 mkdir -p "$CACHE"
 
@@ -48,6 +51,13 @@ if [ ! -x "$TOOLS_VENV/bin/kubernetes-validate" ]; then
   rm -rf "$TOOLS_VENV"
   python3 -m venv "$TOOLS_VENV"
   "$TOOLS_VENV/bin/pip" install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "pyyaml==6.0.3"
+fi
+
+if [ ! -x "$READERS_VENV/bin/python" ] || ! "$READERS_VENV/bin/python" -c "import deltalake" 2>/dev/null; then
+  echo "install-tools: installing deltalake $DELTALAKE_VERSION (Python, how users read the tables) into $READERS_VENV" >&2
+  rm -rf "$READERS_VENV"
+  python3 -m venv "$READERS_VENV"
+  "$READERS_VENV/bin/pip" install --quiet "deltalake==$DELTALAKE_VERSION"
 fi
 
 echo "TANSU=$TANSU_ROOT/bin/tansu"

@@ -64,6 +64,7 @@ AWS_ALLOW_HTTP=true
 STRATA_TEST_PROMETHEUS=$CACHE/prometheus-deb/usr/bin/prometheus
 STRATA_TEST_PROMTOOL=$CACHE/prometheus-deb/usr/bin/promtool
 STRATA_TEST_TANSU=$TANSU
+STRATA_TEST_DELTA_PYTHON=$CACHE/readers-deltalake-1.2.1/bin/python
 STRATA_TEST_DEPLOY_PYTHON=$CACHE/deploy-tools/bin/python
 ENV
   echo "services: tansu on 127.0.0.1:$kafka_port, moto on 127.0.0.1:$s3_port (logs in $STATE)" >&2

@@ -836,3 +836,24 @@ pub async fn assert_accounting(replica: &Replica) {
         "consumed = written + dead-lettered + skipped + dropped + buffered"
     );
 }
+
+/// What Python's `deltalake` package (its own engine, as a user would read the table) sees:
+/// (rows, distinct (partition, offset) pairs, active files).
+pub fn read_with_python(url: &url::Url) -> (u64, u64, u64) {
+    let python = std::env::var("STRATA_TEST_DELTA_PYTHON")
+        .expect("STRATA_TEST_DELTA_PYTHON is not set: run with `make test`");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/read-table.py");
+    let output = Command::new(python)
+        .arg(script)
+        .arg(url.as_str())
+        .output()
+        .expect("python");
+    assert!(
+        output.status.success(),
+        "deltalake (Python) could not read {url}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
+    let number = |key: &str| seen[key].as_u64().unwrap_or(u64::MAX);
+    (number("rows"), number("distinct_offsets"), number("files"))
+}
