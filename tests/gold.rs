@@ -355,8 +355,8 @@ async fn tumbling_gold_is_exact_under_skew_through_a_sigkill() {
 }
 
 /// Hopping windows (2 minutes every minute), 3 replicas; one leaves the group (SIGTERM) while
-/// Gold is being computed and a new one joins, and quiet partitions of the Silver, Gold and
-/// late tables are compacted all along. Gold is exact.
+/// Gold is being computed and a new one joins, while maintenance compacts the quiet partitions
+/// of every table of the lake (at least one compaction lands). Gold is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hopping_gold_is_exact_when_a_replica_leaves_and_rejoins() {
     let setup = Setup::new("gold-hopping", 4).await;
