@@ -166,7 +166,7 @@ impl DeadLetters {
         })
     }
 
-    pub fn topic_for(&self, source_topic: &str) -> String {
+    fn topic_for(&self, source_topic: &str) -> String {
         self.topics.name(source_topic)
     }
 
