@@ -6,11 +6,11 @@ export CARGO_TARGET_DIR ?= $(STRATA_CACHE)/target
 export STRATA_CACHE
 FEATURES := --features failpoints,demo
 
-.PHONY: demo test lint unit integration bench services-start services-stop tools build
+.PHONY: demo test lint unit integration bench services-start services-stop tools build-deps build
 
 # The first build compiles about 400 crates (arrow, parquet, deltalake, librdkafka): about 12 minutes
 # on 2 cores, once; later runs start in seconds. `make test` reuses the same compiled dependencies.
-demo:
+demo: build-deps
 	@if [ ! -x "$(CARGO_TARGET_DIR)/debug/strata" ]; then \
 	  echo "make demo: first build of strata and its dependencies, about 12 minutes on 2 cores (once; progress below)"; \
 	fi
@@ -19,6 +19,10 @@ demo:
 
 tools:
 	scripts/install-tools.sh
+
+# The C libraries the binary links (OpenSSL, Cyrus SASL, libcurl, zlib), from Debian's packages.
+build-deps:
+	scripts/install-tools.sh build-deps
 
 lint:
 	cargo fmt --check
@@ -47,5 +51,5 @@ bench: tools
 	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo bench --features demo --bench decode --bench gold
 	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release scripts/bench.sh
 
-build:
+build: build-deps
 	CARGO_TARGET_DIR=$(STRATA_CACHE)/target-release cargo build --release --bin strata

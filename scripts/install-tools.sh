@@ -8,7 +8,34 @@
 #   - kubernetes-validate and PyYAML from PyPI, in a virtualenv (checks of deploy/)
 #   - the Python deltalake package, in a virtualenv (reads the tables as users do)
 # Needs only the Rust toolchain, Python 3, apt-get and the network to crates.io / PyPI / Debian.
+#
+# `install-tools.sh build-deps` installs only the C libraries the strata binary links (librdkafka's
+# TLS, SASL and OIDC support): `make demo` and `make build` need those and nothing else.
 set -euo pipefail
+
+# Debian packages the build links against: OpenSSL (TLS, SCRAM, OAUTHBEARER/OIDC), Cyrus SASL
+# (GSSAPI/Kerberos), libcurl (OIDC token fetching) and zlib (gzip). zstd, lz4 and snappy are
+# compiled in from source. The runtime packages (libssl3, libsasl2-2, libcurl4, zlib1g) are what
+# deploy/Dockerfile installs.
+BUILD_PACKAGES=(libssl-dev libsasl2-dev libcurl4-openssl-dev zlib1g-dev pkg-config)
+# The security tests put stunnel (TLS, mutual TLS) in front of tansu, moto and the registry
+# stand-in, with certificates the tests make with the openssl command.
+TEST_PACKAGES=(stunnel4 openssl)
+apt_install() {
+  local missing=()
+  for package in "$@"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  echo "install-tools: installing Debian packages: ${missing[*]}" >&2
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null ||
+    { $sudo apt-get update >/dev/null && $sudo apt-get install -y --no-install-recommends "${missing[@]}" >/dev/null; }
+}
+apt_install "${BUILD_PACKAGES[@]}"
+[ "${1:-}" = "build-deps" ] && exit 0
+apt_install "${TEST_PACKAGES[@]}"
 
 CACHE="${STRATA_CACHE:-$HOME/.cache/strata}"
 TANSU_VERSION=0.6.0
@@ -65,3 +92,4 @@ echo "PROMETHEUS=$PROMETHEUS_ROOT/usr/bin/prometheus"
 echo "PROMTOOL=$PROMETHEUS_ROOT/usr/bin/promtool"
 echo "DEPLOY_TOOLS_PYTHON=$TOOLS_VENV/bin/python"
 echo "MOTO_SERVER=$MOTO_VENV/bin/moto_server"
+echo "STUNNEL=$(command -v stunnel4)"

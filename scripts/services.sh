@@ -64,6 +64,7 @@ AWS_ALLOW_HTTP=true
 STRATA_TEST_PROMETHEUS=$CACHE/prometheus-deb/usr/bin/prometheus
 STRATA_TEST_PROMTOOL=$CACHE/prometheus-deb/usr/bin/promtool
 STRATA_TEST_TANSU=$TANSU
+STRATA_TEST_STUNNEL=$(command -v stunnel4 || true)
 STRATA_TEST_DELTA_PYTHON=$CACHE/readers-deltalake-1.2.1/bin/python
 STRATA_TEST_DEPLOY_PYTHON=$CACHE/deploy-tools/bin/python
 ENV

@@ -100,6 +100,7 @@ pub async fn run(
         &config.brokers,
         &config.kafka_properties,
         &config.dead_letters,
+        config.producer_compression,
         metrics.clone(),
         shutdown.clone(),
     )?;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use strata::config::RegistrySource;
+use strata::config::{RegistryAccess, RegistryAuth, RegistrySource, Secret};
 use strata::schema::registry::{ConfluentClient, RegistryError, SchemaRegistry};
 use tokio::net::TcpListener;
 
@@ -64,7 +64,7 @@ fn routes() -> HashMap<&'static str, (u16, &'static str)> {
 #[tokio::test]
 async fn documented_answers_are_classified_by_what_the_caller_should_do() {
     let (url, _) = serve(routes()).await;
-    let client = ConfluentClient::new(&url, None).expect("client");
+    let client = ConfluentClient::new(&url).expect("client");
 
     let schema = client.schema_by_id(1).await.expect("schema 1");
     assert!(
@@ -129,7 +129,14 @@ async fn documented_answers_are_classified_by_what_the_caller_should_do() {
 #[tokio::test]
 async fn basic_auth_is_sent_when_configured() {
     let (url, _) = serve(routes()).await;
-    let client = ConfluentClient::new(&url, Some("svc:secret")).expect("client");
+    let client = ConfluentClient::with_access(
+        &url,
+        &RegistryAccess {
+            auth: RegistryAuth::Basic(Secret::new("svc:secret")),
+            ..RegistryAccess::default()
+        },
+    )
+    .expect("client");
     assert!(
         client.schema_by_id(5).await.is_ok(),
         "credentials were not sent"
@@ -142,7 +149,7 @@ async fn unreachable_registry_is_retryable() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         l.local_addr().expect("addr").port()
     };
-    let client = ConfluentClient::new(&format!("http://127.0.0.1:{port}"), None).expect("client");
+    let client = ConfluentClient::new(&format!("http://127.0.0.1:{port}")).expect("client");
     let error = client.schema_by_id(1).await.expect_err("nothing listens");
     assert!(matches!(error, RegistryError::Unavailable(_)), "{error:?}");
     assert!(error.is_retryable());
@@ -153,7 +160,7 @@ async fn answers_are_cached_by_id() {
     let (url, hits) = serve(routes()).await;
     let registry = SchemaRegistry::from_config(&RegistrySource::Confluent {
         url,
-        user_info: None,
+        access: RegistryAccess::default(),
     })
     .expect("registry");
     for _ in 0..5 {
@@ -219,7 +226,7 @@ async fn subject_versions_and_their_errors() {
         ("/subjects/down/versions/latest", (500, RECORDED_50001)),
     ]))
     .await;
-    let client = ConfluentClient::new(&url, None).expect("client");
+    let client = ConfluentClient::new(&url).expect("client");
     assert_eq!(
         client.subjects().await.expect("subjects"),
         ["orders-shop.Order", "orders-shop.Payment"]
@@ -253,7 +260,7 @@ async fn subject_versions_and_their_errors() {
 
     let registry = SchemaRegistry::from_config(&RegistrySource::Confluent {
         url: url.clone(),
-        user_info: None,
+        access: RegistryAccess::default(),
     })
     .expect("registry");
     let all = registry

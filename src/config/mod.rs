@@ -116,10 +116,7 @@ pub fn schema_files(text: &str) -> Result<Vec<PathBuf>, SchemaFilesError> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegistrySource {
     /// A Confluent-compatible Schema Registry (base URL without trailing slash).
-    Confluent {
-        url: String,
-        user_info: Option<String>,
-    },
+    Confluent { url: String, access: RegistryAccess },
     /// A folder of `<id>.avsc` files: the demo and air-gapped deployments.
     Directory(PathBuf),
 }
@@ -142,6 +139,8 @@ pub struct Config {
     pub file_max_rows: usize,
     pub file_max_bytes: usize,
     pub compression: Compression,
+    /// `compression.type` of the dead-letter and partials producers.
+    pub producer_compression: &'static str,
     pub metrics_addr: std::net::SocketAddr,
     pub commit_retries: usize,
     pub max_value_bytes: usize,
@@ -158,14 +157,7 @@ impl std::fmt::Debug for Config {
             .map(|(k, v)| (k.clone(), redact(k, v)))
             .collect();
         let registry = match &self.registry {
-            RegistrySource::Confluent { url, user_info } => format!(
-                "Confluent({url}, auth: {})",
-                if user_info.is_some() {
-                    "<redacted>"
-                } else {
-                    "none"
-                }
-            ),
+            RegistrySource::Confluent { url, access } => format!("Confluent({url}, {access})"),
             RegistrySource::Directory(dir) => format!("Directory({})", dir.display()),
         };
         f.debug_struct("Config")
@@ -182,6 +174,7 @@ impl std::fmt::Debug for Config {
             .field("file_max_rows", &self.file_max_rows)
             .field("file_max_bytes", &self.file_max_bytes)
             .field("compression", &self.compression)
+            .field("producer_compression", &self.producer_compression)
             .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
     }
@@ -319,6 +312,23 @@ impl Config {
                 ))
             }
         };
+        let producer_compression = match get("STRATA_PRODUCER_COMPRESSION")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "none" => "none",
+            "gzip" => "gzip",
+            "snappy" => "snappy",
+            "lz4" => "lz4",
+            "zstd" => "zstd",
+            other => {
+                return Err(invalid(
+                    "STRATA_PRODUCER_COMPRESSION",
+                    other,
+                    "expected none, gzip, snappy, lz4 or zstd",
+                ))
+            }
+        };
         let metrics_addr_text = get("STRATA_METRICS_ADDR");
         let metrics_addr = metrics_addr_text.parse().map_err(|_| {
             invalid(
@@ -350,6 +360,7 @@ impl Config {
             file_max_rows: parse_usize("STRATA_FILE_MAX_ROWS")?,
             file_max_bytes: parse_usize("STRATA_FILE_MAX_BYTES")?,
             compression,
+            producer_compression,
             metrics_addr,
             commit_retries,
             max_value_bytes: parse_usize("STRATA_MAX_VALUE_BYTES")?,
@@ -363,7 +374,8 @@ pub use crate::units::parse_duration;
 pub use dead_letters::DeadLetterConfig;
 pub use gold::GoldConfig;
 pub use maintenance::{retention_floor, CompactionSettings, MaintenanceConfig, Retention};
-pub use schema::SchemaSettings;
+pub use schema::{RegistryAccess, RegistryAuth, SchemaSettings};
+pub use secret::Secret;
 use settings::{default_of, help_of};
 pub use settings::{help_text, redact, Setting, SETTINGS};
 
@@ -371,6 +383,7 @@ mod dead_letters;
 mod gold;
 mod maintenance;
 mod schema;
+mod secret;
 mod settings;
 
 #[cfg(test)]

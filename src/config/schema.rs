@@ -4,8 +4,113 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::{invalid, value_of, ConfigError, RegistrySource, SubjectStrategy};
+use super::{invalid, value_of, ConfigError, RegistrySource, Secret, SubjectStrategy};
 use crate::schema::compat::Compatibility;
+
+/// How a Confluent registry is reached: its credentials and TLS material. The files are read and
+/// checked when the client is built, at start-up.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RegistryAccess {
+    pub auth: RegistryAuth,
+    /// PEM file of the CA(s) the registry's certificate is checked against, besides the system's.
+    pub ca_location: Option<PathBuf>,
+    /// PEM files of the client certificate (chain) and its unencrypted private key (mutual TLS).
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// The registry's credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RegistryAuth {
+    #[default]
+    None,
+    /// `user:password` for HTTP basic auth.
+    Basic(Secret),
+    /// `Authorization: Bearer <token>`.
+    Bearer(Secret),
+}
+
+impl std::fmt::Display for RegistryAccess {
+    /// Says what is set, never a credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let auth = match self.auth {
+            RegistryAuth::None => "no auth",
+            RegistryAuth::Basic(_) => "basic auth (set)",
+            RegistryAuth::Bearer(_) => "bearer token (set)",
+        };
+        write!(f, "{auth}")?;
+        if let Some(ca) = &self.ca_location {
+            write!(f, ", CA {}", ca.display())?;
+        }
+        if let Some((certificate, _)) = &self.identity {
+            write!(f, ", client certificate {}", certificate.display())?;
+        }
+        Ok(())
+    }
+}
+
+const CA_VAR: &str = "STRATA_SCHEMA_REGISTRY_SSL_CA_LOCATION";
+const CERTIFICATE_VAR: &str = "STRATA_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION";
+const KEY_VAR: &str = "STRATA_SCHEMA_REGISTRY_SSL_KEY_LOCATION";
+const USER_INFO_VAR: &str = "STRATA_SCHEMA_REGISTRY_USER_INFO";
+const TOKEN_VAR: &str = "STRATA_SCHEMA_REGISTRY_BEARER_TOKEN";
+
+impl RegistryAccess {
+    fn from_vars(vars: &HashMap<String, String>, url: &str) -> Result<Self, ConfigError> {
+        let set = |var: &'static str| Some(value_of(vars, var)).filter(|v| !v.is_empty());
+        let file = |var: &'static str| -> Result<Option<PathBuf>, ConfigError> {
+            let Some(path) = set(var) else {
+                return Ok(None);
+            };
+            if !url.starts_with("https://") {
+                return Err(invalid(
+                    var,
+                    &path,
+                    "TLS settings need an https:// registry URL",
+                ));
+            }
+            match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => Ok(Some(PathBuf::from(path))),
+                Ok(_) => Err(invalid(var, &path, "not a file")),
+                Err(e) => Err(invalid(var, &path, format!("cannot read it: {e}"))),
+            }
+        };
+        let auth = match (set(USER_INFO_VAR), set(TOKEN_VAR)) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    TOKEN_VAR,
+                    "",
+                    format!("set either {USER_INFO_VAR} or {TOKEN_VAR}, not both"),
+                ))
+            }
+            (Some(user_info), None) => RegistryAuth::Basic(Secret::new(user_info)),
+            (None, Some(token)) => RegistryAuth::Bearer(Secret::new(token)),
+            (None, None) => RegistryAuth::None,
+        };
+        let identity = match (file(CERTIFICATE_VAR)?, file(KEY_VAR)?) {
+            (Some(certificate), Some(key)) => Some((certificate, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    KEY_VAR,
+                    "",
+                    format!("{CERTIFICATE_VAR} is set: mutual TLS needs the key too"),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    CERTIFICATE_VAR,
+                    "",
+                    format!("{KEY_VAR} is set: mutual TLS needs the certificate too"),
+                ))
+            }
+        };
+        Ok(Self {
+            auth,
+            ca_location: file(CA_VAR)?,
+            identity,
+        })
+    }
+}
 
 /// The schema registry, the subject naming and the compatibility mode.
 #[derive(Debug, Clone)]
@@ -23,10 +128,9 @@ impl SchemaSettings {
         let registry = if let Some(dir) = registry_url.strip_prefix("file://") {
             RegistrySource::Directory(PathBuf::from(dir))
         } else if registry_url.starts_with("http://") || registry_url.starts_with("https://") {
-            let user_info = Some(get("STRATA_SCHEMA_REGISTRY_USER_INFO")).filter(|u| !u.is_empty());
             RegistrySource::Confluent {
+                access: RegistryAccess::from_vars(vars, &registry_url)?,
                 url: registry_url.trim_end_matches('/').to_string(),
-                user_info,
             }
         } else {
             return Err(invalid(

@@ -15,12 +15,17 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_KAFKA_<PROPERTY>", default: "", help: "Any librdkafka property, e.g. STRATA_KAFKA_SECURITY_PROTOCOL=SSL sets security.protocol." },
     Setting { var: "STRATA_SCHEMA_REGISTRY_URL", default: "", help: "http(s)://host:port of a Confluent Schema Registry, or file://DIR holding <id>.avsc files (required)." },
     Setting { var: "STRATA_SCHEMA_REGISTRY_USER_INFO", default: "", help: "user:password for registry basic auth (secret, never logged)." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_BEARER_TOKEN", default: "", help: "Bearer token for the registry (secret, never logged); instead of STRATA_SCHEMA_REGISTRY_USER_INFO." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_SSL_CA_LOCATION", default: "", help: "PEM file of the CA(s) the registry's https:// certificate is checked against, besides the system's trust store." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION", default: "", help: "Mutual TLS to the registry: PEM file of the client certificate (with its chain)." },
+    Setting { var: "STRATA_SCHEMA_REGISTRY_SSL_KEY_LOCATION", default: "", help: "Mutual TLS to the registry: PEM file of the client's private key (unencrypted PKCS#8, RSA or EC)." },
     Setting { var: "STRATA_READER_SCHEMA", default: "", help: "Reader schema(s): an .avsc file, a comma-separated list of files, a folder of .avsc files, or `latest` (the newest version of each subject in the registry, followed as it evolves). One Silver table per record name, named in snake_case (required)." },
     Setting { var: "STRATA_SUBJECT_NAME_STRATEGY", default: "topic", help: "How subjects are named, as Confluent's serializers do: topic (<topic>-value), topic_record (<topic>-<record full name>) or record (<record full name>). Used by `latest` and `strata schemas check`." },
     Setting { var: "STRATA_SCHEMA_COMPATIBILITY", default: "BACKWARD", help: "Check of each writer schema against the reader schema (and, transitive, earlier writers), with Confluent's meaning: BACKWARD, BACKWARD_TRANSITIVE, FORWARD, FORWARD_TRANSITIVE, FULL, FULL_TRANSITIVE or NONE." },
     Setting { var: "STRATA_EVENT_TIME_FIELD", default: "", help: "Reader-schema field holding event time (timestamp-millis or timestamp-micros) (required)." },
-    Setting { var: "STRATA_LAKE_URL", default: "", help: "file:///path or s3://bucket/prefix; Silver tables live at <lake>/silver/<table> (required). S3 uses the AWS_* variables." },
+    Setting { var: "STRATA_LAKE_URL", default: "", help: "file:///path or s3://bucket/prefix; Silver tables live at <lake>/silver/<table> (required). S3 uses the AWS_* variables (AWS_ENDPOINT_URL, AWS_REGION, credentials); AWS_CA_BUNDLE names a PEM file of a private CA to trust for the endpoint." },
     Setting { var: "STRATA_DLQ_TOPIC", default: "{topic}.dlq", help: "Name of a Bronze topic's dead-letter topic; {topic} stands for the Bronze topic (one shared topic when left out). Strata creates it at start-up when missing (the principal needs CREATE)." },
+    Setting { var: "STRATA_PRODUCER_COMPRESSION", default: "lz4", help: "Compression of what Strata produces (dead letters, Gold partials): none, gzip, snappy, lz4 or zstd. STRATA_KAFKA_COMPRESSION_TYPE, when set, wins." },
     Setting { var: "STRATA_DLQ_SUFFIX", default: "", help: "Older form of STRATA_DLQ_TOPIC: the Bronze topic followed by this suffix. Used only when STRATA_DLQ_TOPIC is unset." },
     Setting { var: "STRATA_DLQ_PARTITIONS", default: "source", help: "Partitions of a dead-letter topic Strata creates: `source` (as many as its Bronze topic, so a whole writer version refused can flow there as fast as it arrives) or a number." },
     Setting { var: "STRATA_DLQ_REPLICATION", default: "cluster", help: "Replication factor of a dead-letter topic Strata creates: `cluster` (the broker's default.replication.factor) or a number." },
@@ -55,10 +60,14 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_LOG_FORMAT", default: "json", help: "Log format: json or text." },
 ];
 
-/// Hides values of settings whose name suggests a credential.
-pub fn redact(name: &str, value: &str) -> String {
-    let lower = name.to_ascii_lowercase();
-    let secret = [
+/// Whether a setting's name suggests a credential (a password, token, key or JAAS line). File
+/// locations are not secrets: `ssl.key.location` names a path.
+pub fn is_secret(name: &str) -> bool {
+    let lower = name.to_ascii_lowercase().replace('_', ".");
+    if lower.ends_with("location") || lower.ends_with(".file") {
+        return false;
+    }
+    [
         "password",
         "secret",
         "user_info",
@@ -67,11 +76,21 @@ pub fn redact(name: &str, value: &str) -> String {
         "key",
         "credential",
         "jaas",
+        "oauthbearer.config",
     ]
     .iter()
-    .any(|word| lower.contains(word));
-    if secret {
-        "<redacted>".to_string()
+    .any(|word| lower.contains(word))
+}
+
+/// Hides values of settings whose name suggests a credential: what remains says only that it is set.
+pub fn redact(name: &str, value: &str) -> String {
+    if is_secret(name) {
+        if value.is_empty() {
+            "<unset>"
+        } else {
+            "<redacted>"
+        }
+        .to_string()
     } else {
         value.to_string()
     }

@@ -63,10 +63,14 @@ pub fn gold_name(gold: &GoldConfig, source_table: &str) -> String {
 /// A producer for the partials topic: idempotent and gapless, so a partition's messages arrive
 /// once each and in order (stage 2's replay detection relies on the order).
 pub fn partials_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    crate::kafka::producer_config(&config.brokers, &config.kafka_properties)
-        .set("enable.gapless.guarantee", "true")
-        .set("message.timeout.ms", "300000")
-        .create()
+    crate::kafka::producer_config(
+        &config.brokers,
+        &config.kafka_properties,
+        config.producer_compression,
+    )
+    .set("enable.gapless.guarantee", "true")
+    .set("message.timeout.ms", "300000")
+    .create()
 }
 
 /// The partials topic's partition count, creating the topic when it is missing.

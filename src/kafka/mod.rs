@@ -32,13 +32,18 @@ pub fn client_config(brokers: &str, properties: &BTreeMap<String, String>) -> Cl
 }
 
 /// An idempotent producer's settings: acks from all replicas, in order, no duplicates from
-/// internal retries.
-pub fn producer_config(brokers: &str, properties: &BTreeMap<String, String>) -> ClientConfig {
+/// internal retries, batches compressed with `compression` (`STRATA_PRODUCER_COMPRESSION`).
+pub fn producer_config(
+    brokers: &str,
+    properties: &BTreeMap<String, String>,
+    compression: &str,
+) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5");
+        .set("linger.ms", "5")
+        .set("compression.type", compression);
     // The user's properties come last, so they can override the defaults above.
     pass_through(&mut config, brokers, properties);
     config

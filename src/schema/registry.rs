@@ -4,17 +4,21 @@
 //! record (it goes to the dead-letter topic as `unknown_schema`); everything else is the registry's
 //! problem and is retried, never blamed on the record.
 
-use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::sync::RwLock;
 
-use crate::config::RegistrySource;
+use crate::config::{RegistryAccess, RegistryAuth, RegistrySource, Secret};
+use crate::schema::references;
 
 /// A registry answer larger than this is refused (schemas are kilobytes; this bounds memory).
 const MAX_RESPONSE_BYTES: usize = 4 * 1024 * 1024;
+/// At most this many schemas are fetched to resolve one schema's references (a hostile or broken
+/// registry cannot make a replica fetch without end).
+const MAX_REFERENCED_SCHEMAS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RegistryError {
@@ -33,6 +37,10 @@ pub enum RegistryError {
     /// Network error, timeout, 5xx or throttling: try again later.
     #[error("schema registry unavailable: {0}")]
     Unavailable(String),
+    /// The client cannot be built from its settings (a CA or key file that is not PEM): names the
+    /// variable; fails start-up.
+    #[error("{0}")]
+    Setup(String),
     /// Any other refusal (bad credentials, malformed answer): retried, but needs an operator.
     #[error("schema registry answered HTTP {status} (error code {code:?}): {message}")]
     Unexpected {
@@ -44,11 +52,12 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// Every value of [`Self::kind`].
-    pub const KINDS: [&'static str; 6] = [
+    pub const KINDS: [&'static str; 7] = [
         "not_found",
         "not_avro",
         "subject_not_found",
         "no_subjects",
+        "setup",
         "unavailable",
         "unexpected",
     ];
@@ -60,6 +69,7 @@ impl RegistryError {
             RegistryError::NotAvro { .. } => "not_avro",
             RegistryError::SubjectNotFound { .. } => "subject_not_found",
             RegistryError::NoSubjects(_) => "no_subjects",
+            RegistryError::Setup(_) => "setup",
             RegistryError::Unavailable(_) => "unavailable",
             RegistryError::Unexpected { .. } => "unexpected",
         }
@@ -73,6 +83,7 @@ impl RegistryError {
                 | RegistryError::NotAvro { .. }
                 | RegistryError::SubjectNotFound { .. }
                 | RegistryError::NoSubjects(_)
+                | RegistryError::Setup(_)
         )
     }
 }
@@ -83,6 +94,17 @@ struct SchemaResponse {
     schema: String,
     #[serde(rename = "schemaType")]
     schema_type: Option<String>,
+    #[serde(default)]
+    references: Vec<Reference>,
+}
+
+/// A named type the schema uses that lives in another subject.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Reference {
+    /// The type's full name as the schema uses it.
+    pub name: String,
+    pub subject: String,
+    pub version: i32,
 }
 
 /// Confluent's `GET /subjects/{subject}/versions/{version}` answer.
@@ -94,6 +116,10 @@ pub struct SubjectVersion {
     pub schema: String,
     #[serde(rename = "schemaType", default)]
     pub schema_type: Option<String>,
+    /// As the registry gave them; [`ConfluentClient::version`] has already written the referenced
+    /// types into `schema`.
+    #[serde(default)]
+    pub references: Vec<Reference>,
 }
 
 /// Confluent's error body, e.g. `{"error_code": 40403, "message": "Schema not found"}`.
@@ -103,28 +129,95 @@ struct ErrorResponse {
     message: Option<String>,
 }
 
+/// How requests authenticate.
+enum Credentials {
+    None,
+    Basic { user: String, password: Secret },
+    Bearer(Secret),
+}
+
 /// A Confluent Schema Registry REST client (only what Strata needs).
 pub struct ConfluentClient {
     base_url: String,
-    user_info: Option<(String, String)>,
+    credentials: Credentials,
     http: reqwest::Client,
+    /// Referenced subject versions (immutable once registered), by (subject, version).
+    referenced: Mutex<HashMap<(String, i32), Arc<SubjectVersion>>>,
+}
+
+/// A PEM file's bytes, or a setup error naming the variable.
+fn read_pem(var: &str, path: &Path) -> Result<Vec<u8>, RegistryError> {
+    std::fs::read(path)
+        .map_err(|e| RegistryError::Setup(format!("{var}={}: cannot read it: {e}", path.display())))
 }
 
 impl ConfluentClient {
-    pub fn new(base_url: &str, user_info: Option<&str>) -> Result<Self, RegistryError> {
-        let http = reqwest::Client::builder()
+    /// A client without credentials or TLS settings of its own (the system's trust store).
+    pub fn new(base_url: &str) -> Result<Self, RegistryError> {
+        Self::with_access(base_url, &RegistryAccess::default())
+    }
+
+    /// A client with the credentials and TLS material of `access`, read and checked now.
+    pub fn with_access(base_url: &str, access: &RegistryAccess) -> Result<Self, RegistryError> {
+        let mut builder = reqwest::Client::builder()
+            .use_rustls_tls()
             .timeout(Duration::from_secs(10))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| RegistryError::Unavailable(format!("building HTTP client: {e}")))?;
-        let user_info = user_info.map(|u| match u.split_once(':') {
-            Some((user, pass)) => (user.to_string(), pass.to_string()),
-            None => (u.to_string(), String::new()),
-        });
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(ca) = &access.ca_location {
+            const VAR: &str = "STRATA_SCHEMA_REGISTRY_SSL_CA_LOCATION";
+            let certificates = reqwest::Certificate::from_pem_bundle(&read_pem(VAR, ca)?)
+                .map_err(|e| RegistryError::Setup(format!("{VAR}={}: {e}", ca.display())))?;
+            if certificates.is_empty() {
+                return Err(RegistryError::Setup(format!(
+                    "{VAR}={}: no PEM certificate in it",
+                    ca.display()
+                )));
+            }
+            for certificate in certificates {
+                builder = builder.add_root_certificate(certificate);
+            }
+        }
+        if let Some((certificate, key)) = &access.identity {
+            let mut pem = read_pem(
+                "STRATA_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION",
+                certificate,
+            )?;
+            pem.push(b'\n');
+            pem.extend(read_pem("STRATA_SCHEMA_REGISTRY_SSL_KEY_LOCATION", key)?);
+            // The error names the files, never their content.
+            let identity = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                RegistryError::Setup(format!(
+                    "STRATA_SCHEMA_REGISTRY_SSL_CERTIFICATE_LOCATION={} with \
+                     STRATA_SCHEMA_REGISTRY_SSL_KEY_LOCATION={}: not a PEM certificate and \
+                     unencrypted private key ({e})",
+                    certificate.display(),
+                    key.display()
+                ))
+            })?;
+            builder = builder.identity(identity);
+        }
+        let http = builder.build().map_err(|e| {
+            RegistryError::Setup(format!("building the registry's HTTP client: {e}"))
+        })?;
+        let credentials = match &access.auth {
+            RegistryAuth::None => Credentials::None,
+            RegistryAuth::Basic(user_info) => match user_info.expose().split_once(':') {
+                Some((user, password)) => Credentials::Basic {
+                    user: user.to_string(),
+                    password: Secret::new(password),
+                },
+                None => Credentials::Basic {
+                    user: user_info.expose().to_string(),
+                    password: Secret::new(""),
+                },
+            },
+            RegistryAuth::Bearer(token) => Credentials::Bearer(token.clone()),
+        };
         Ok(Self {
             base_url: base_url.trim_end_matches('/').to_string(),
-            user_info,
+            credentials,
             http,
+            referenced: Mutex::new(HashMap::new()),
         })
     }
 
@@ -135,13 +228,17 @@ impl ConfluentClient {
             .http
             .get(&url)
             .header("Accept", "application/vnd.schemaregistry.v1+json");
-        if let Some((user, pass)) = &self.user_info {
-            request = request.basic_auth(user, Some(pass));
-        }
+        request = match &self.credentials {
+            Credentials::None => request,
+            Credentials::Basic { user, password } => {
+                request.basic_auth(user, Some(password.expose()))
+            }
+            Credentials::Bearer(token) => request.bearer_auth(token.expose()),
+        };
         let mut response = request
             .send()
             .await
-            .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+            .map_err(|e| RegistryError::Unavailable(describe_send_error(&e)))?;
         let status = response.status().as_u16();
         let mut body = Vec::new();
         while let Some(chunk) = response
@@ -202,12 +299,96 @@ impl ConfluentClient {
             })
             .await?;
         match parsed.schema_type.as_deref() {
-            None | Some("AVRO") => Ok(parsed.schema),
-            Some(other) => Err(RegistryError::NotAvro {
-                id,
-                schema_type: other.to_string(),
-            }),
+            None | Some("AVRO") => {}
+            Some(other) => {
+                return Err(RegistryError::NotAvro {
+                    id,
+                    schema_type: other.to_string(),
+                })
+            }
         }
+        self.resolve(parsed.schema, &parsed.references)
+            .await
+            .map_err(|e| match e {
+                // A writer whose referenced subject is gone cannot be read: the record's fault.
+                RegistryError::SubjectNotFound { message, .. } => {
+                    RegistryError::NotFound { id, message }
+                }
+                other => other,
+            })
+    }
+
+    /// `schema` with the named types of its references (and theirs, recursively) written into it.
+    async fn resolve(
+        &self,
+        schema: String,
+        references: &[Reference],
+    ) -> Result<String, RegistryError> {
+        if references.is_empty() {
+            return Ok(schema);
+        }
+        let mut library = HashMap::new();
+        let mut seen = HashSet::new();
+        let mut pending: Vec<Reference> = references.to_vec();
+        while let Some(reference) = pending.pop() {
+            if !seen.insert((reference.subject.clone(), reference.version)) {
+                continue;
+            }
+            if seen.len() > MAX_REFERENCED_SCHEMAS {
+                return Err(RegistryError::Unexpected {
+                    status: 200,
+                    code: None,
+                    message: format!("more than {MAX_REFERENCED_SCHEMAS} referenced schemas"),
+                });
+            }
+            let found = self.referenced_version(&reference).await?;
+            let types =
+                references::named_types(&found.schema).map_err(|e| RegistryError::Unexpected {
+                    status: 200,
+                    code: None,
+                    message: format!(
+                        "referenced subject {:?} version {}: {e}",
+                        reference.subject, reference.version
+                    ),
+                })?;
+            library.extend(types);
+            pending.extend(found.references.iter().cloned());
+        }
+        references::inline(&schema, &library).map_err(|e| RegistryError::Unexpected {
+            status: 200,
+            code: None,
+            message: format!("schema with references: {e}"),
+        })
+    }
+
+    /// A referenced subject version as registered (its own references not yet written in),
+    /// cached: a registered version never changes.
+    async fn referenced_version(
+        &self,
+        reference: &Reference,
+    ) -> Result<Arc<SubjectVersion>, RegistryError> {
+        let key = (reference.subject.clone(), reference.version);
+        let cached = self
+            .referenced
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&key)
+            .cloned();
+        if let Some(hit) = cached {
+            return Ok(hit);
+        }
+        // Confluent's API takes -1 for the newest version; that one is not cached.
+        let found: SubjectVersion = self
+            .get_subject_version(&reference.subject, &reference.version.to_string())
+            .await?;
+        let found = Arc::new(found);
+        if reference.version >= 0 {
+            self.referenced
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(key, found.clone());
+        }
+        Ok(found)
     }
 
     /// `GET /subjects`: every subject name.
@@ -230,8 +411,22 @@ impl ConfluentClient {
         .await
     }
 
-    /// `GET /subjects/{subject}/versions/{version}` (`version` is a number or `latest`).
+    /// `GET /subjects/{subject}/versions/{version}` (`version` is a number or `latest`), with
+    /// the types of its references written into its schema.
     pub async fn version(
+        &self,
+        subject: &str,
+        version: &str,
+    ) -> Result<SubjectVersion, RegistryError> {
+        let mut found = self.get_subject_version(subject, version).await?;
+        found.schema = self
+            .resolve(std::mem::take(&mut found.schema), &found.references)
+            .await?;
+        Ok(found)
+    }
+
+    /// `GET /subjects/{subject}/versions/{version}` as the registry answers it.
+    async fn get_subject_version(
         &self,
         subject: &str,
         version: &str,
@@ -254,6 +449,27 @@ impl ConfluentClient {
                 schema_type: other.to_string(),
             }),
         }
+    }
+}
+
+/// A failed request in words an operator can act on: TLS trust and certificate problems are
+/// named as such (reqwest's top-level message only says "error sending request").
+fn describe_send_error(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let lower = text.to_ascii_lowercase();
+    if lower.contains("unknownissuer") || lower.contains("invalid peer certificate") {
+        format!("TLS: the registry's certificate is not trusted (STRATA_SCHEMA_REGISTRY_SSL_CA_LOCATION): {text}")
+    } else if lower.contains("certificate") || lower.contains("handshake") || lower.contains("tls")
+    {
+        format!("TLS handshake with the registry failed: {text}")
+    } else {
+        text
     }
 }
 
@@ -304,8 +520,8 @@ pub struct SchemaRegistry {
 impl SchemaRegistry {
     pub fn from_config(source: &RegistrySource) -> Result<Self, RegistryError> {
         let source = match source {
-            RegistrySource::Confluent { url, user_info } => {
-                Source::Confluent(ConfluentClient::new(url, user_info.as_deref())?)
+            RegistrySource::Confluent { url, access } => {
+                Source::Confluent(ConfluentClient::with_access(url, access)?)
             }
             RegistrySource::Directory(dir) => Source::Directory(DirectorySource::new(dir)),
         };

@@ -145,10 +145,11 @@ impl DeadLetters {
         brokers: &str,
         properties: &BTreeMap<String, String>,
         settings: &DeadLetterConfig,
+        compression: &str,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Result<Self, KafkaError> {
-        let mut config = producer_config(brokers, properties);
+        let mut config = producer_config(brokers, properties, compression);
         config.set("message.timeout.ms", "60000");
         // A dead letter may be as large as any Bronze record (plus headers); the broker's topic
         // limit decides, not librdkafka's 1 MB default. The user's setting wins.
