@@ -93,7 +93,8 @@ pub async fn run(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<RunSummary, PipelineError> {
-    lake::register_object_stores();
+    lake::register_object_stores_trusting(config.s3_ca_bundle.as_deref())
+        .map_err(|e| PipelineError::Config(format!("AWS_CA_BUNDLE: {e}")))?;
     let registry = SchemaRegistry::from_config(&config.registry)
         .map_err(|e| PipelineError::Config(e.to_string()))?;
     let dead_letters = DeadLetters::new(

@@ -80,6 +80,15 @@ fn main() -> ExitCode {
         print!("{}", help_text());
         return ExitCode::SUCCESS;
     }
+    if matches!(command, "--version" | "-V" | "version") {
+        let (version, features) = strata::kafka::librdkafka_build();
+        println!(
+            "strata {} ({})\nlibrdkafka {version}\nbuiltin.features {features}",
+            env!("CARGO_PKG_VERSION"),
+            env!("STRATA_GIT_SHA")
+        );
+        return ExitCode::SUCCESS;
+    }
     if !matches!(command, "run" | "demo" | "schemas" | "maintain") {
         eprintln!("strata: unknown command {command:?}\n\n{}", help_text());
         return ExitCode::from(2);
@@ -112,7 +121,15 @@ fn main() -> ExitCode {
             }
         };
         init_tracing("info", "json");
-        tracing::info!(config = ?config, "starting replica");
+        let (librdkafka, features) = strata::kafka::librdkafka_build();
+        tracing::info!(
+            config = ?config,
+            version = env!("CARGO_PKG_VERSION"),
+            git_sha = env!("STRATA_GIT_SHA"),
+            librdkafka,
+            builtin_features = features,
+            "starting replica"
+        );
         let shutdown = CancellationToken::new();
         install_signals(shutdown.clone());
         let metrics = Arc::new(strata::ops::Metrics::new());
@@ -140,7 +157,10 @@ async fn maintain_command() -> ExitCode {
         }
     };
     init_tracing("info", "text");
-    strata::lake::register_object_stores();
+    if let Err(e) = strata::lake::register_object_stores_trusting(config.s3_ca_bundle.as_deref()) {
+        eprintln!("strata: AWS_CA_BUNDLE: {e}");
+        return ExitCode::from(2);
+    }
     let metrics = strata::ops::Metrics::new();
     let failed = strata::app::maintain_once(&config.lake_url, &config.maintenance, &metrics).await;
     if failed == 0 {

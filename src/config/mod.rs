@@ -142,6 +142,8 @@ pub struct Config {
     /// `compression.type` of the dead-letter and partials producers.
     pub producer_compression: &'static str,
     pub metrics_addr: std::net::SocketAddr,
+    /// `AWS_CA_BUNDLE`: a PEM file of CA certificates the S3 endpoint is checked against too.
+    pub s3_ca_bundle: Option<PathBuf>,
     pub commit_retries: usize,
     pub max_value_bytes: usize,
     pub shutdown_grace: Duration,
@@ -329,6 +331,20 @@ impl Config {
                 ))
             }
         };
+        let s3_ca_bundle = match vars.get("AWS_CA_BUNDLE").map(|v| v.trim()) {
+            None | Some("") => None,
+            Some(path) => match std::fs::metadata(path) {
+                Ok(meta) if meta.is_file() => Some(PathBuf::from(path)),
+                Ok(_) => return Err(invalid("AWS_CA_BUNDLE", path, "not a file")),
+                Err(e) => {
+                    return Err(invalid(
+                        "AWS_CA_BUNDLE",
+                        path,
+                        format!("cannot read it: {e}"),
+                    ))
+                }
+            },
+        };
         let metrics_addr_text = get("STRATA_METRICS_ADDR");
         let metrics_addr = metrics_addr_text.parse().map_err(|_| {
             invalid(
@@ -362,6 +378,7 @@ impl Config {
             compression,
             producer_compression,
             metrics_addr,
+            s3_ca_bundle,
             commit_retries,
             max_value_bytes: parse_usize("STRATA_MAX_VALUE_BYTES")?,
             shutdown_grace: duration("STRATA_SHUTDOWN_GRACE")?,

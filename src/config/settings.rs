@@ -104,6 +104,7 @@ pub fn help_text() -> String {
          strata demo     run the whole pipeline on an embedded Kafka and a local lake, then verify it\n  \
          strata maintain one maintenance pass over every table of the lake (log cleanup, vacuum), then exit\n  \
          strata schemas check [FILE|DIR ...]\n                  compare .avsc files (default: schemas/) with the registry's subjects under\n                  STRATA_SCHEMA_COMPATIBILITY; exit 1 on an incompatible change, 2 if it cannot check\n  \
+         strata --version the version, and the librdkafka it links with its builtin.features\n  \
          strata --help   this text\n\nENVIRONMENT:\n",
     );
     for s in SETTINGS {

@@ -67,10 +67,16 @@ struct SourceContext {
     /// Whether this consumer's rebalances are the replica's (`strata_assigned_partitions`,
     /// `strata_rebalances_total`); Gold's partials consumer only logs its own.
     counts_assignments: bool,
+    /// The client's `STRATA_KAFKA_*` properties, to name the mechanism a refusal concerns.
+    properties: BTreeMap<String, String>,
 }
 
 impl ClientContext for SourceContext {
     fn stats(&self, statistics: Statistics) {
+        // UP means connected and authenticated.
+        if statistics.brokers.values().any(|b| b.state == "UP") {
+            self.metrics.kafka_reachable();
+        }
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
@@ -82,6 +88,9 @@ impl ClientContext for SourceContext {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         self.metrics.kafka_error(&error, reason);
+        if let Some(why) = super::connection_problem(&error, reason, &self.properties) {
+            self.metrics.kafka_refused(&why);
+        }
     }
 }
 
@@ -250,6 +259,7 @@ impl Source {
             events: events.clone(),
             metrics: metrics.clone(),
             counts_assignments: settings.counts_assignments,
+            properties: settings.properties.clone(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();

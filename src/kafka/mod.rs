@@ -57,3 +57,127 @@ fn pass_through(config: &mut ClientConfig, brokers: &str, properties: &BTreeMap<
         }
     }
 }
+
+/// The librdkafka this binary links: its version and `builtin.features` (which security
+/// protocols, SASL mechanisms and codecs it can use), for the start-up log and `strata --version`.
+pub fn librdkafka_build() -> (String, String) {
+    let (_, version) = rdkafka::util::get_rdkafka_version();
+    let features = ClientConfig::new()
+        .create_native_config()
+        .and_then(|native| native.get("builtin.features"))
+        .unwrap_or_else(|e| format!("unknown ({e})"));
+    (version, features)
+}
+
+/// Why the cluster refuses this client, in words an operator can act on, when a librdkafka
+/// error says so: authentication, TLS trust, an unsupported SASL mechanism, or no broker
+/// reachable at all. `None` for errors librdkafka retries routinely (a dropped idle connection).
+pub fn connection_problem(
+    error: &rdkafka::error::KafkaError,
+    reason: &str,
+    properties: &BTreeMap<String, String>,
+) -> Option<String> {
+    use rdkafka::error::RDKafkaErrorCode as Code;
+    let code = error.rdkafka_error_code()?;
+    let lower = reason.to_ascii_lowercase();
+    let mechanism = properties
+        .get("sasl.mechanism")
+        .or_else(|| properties.get("sasl.mechanisms"))
+        .map(String::as_str)
+        .unwrap_or("GSSAPI");
+    let protocol = properties
+        .get("security.protocol")
+        .map(String::as_str)
+        .unwrap_or("plaintext");
+    let tls_trust = lower.contains("certificate verify failed")
+        || lower.contains("unable to get local issuer")
+        || lower.contains("self-signed certificate")
+        || lower.contains("self signed certificate");
+    match code {
+        Code::UnsupportedSASLMechanism => Some(format!(
+            "the brokers do not support SASL mechanism {mechanism}: {reason}"
+        )),
+        Code::Authentication | Code::SaslAuthenticationFailed
+            if lower.contains("unsupported sasl mechanism") || lower.contains("not supported") =>
+        {
+            Some(format!(
+                "the brokers do not support SASL mechanism {mechanism}: {reason}"
+            ))
+        }
+        Code::Authentication | Code::SaslAuthenticationFailed | Code::IllegalSASLState => Some(
+            format!("authentication failed for SASL mechanism {mechanism} ({protocol}): {reason}"),
+        ),
+        Code::BrokerTransportFailure | Code::SSL if tls_trust => Some(format!(
+            "the brokers' TLS certificate is not trusted (check ssl.ca.location): {reason}"
+        )),
+        Code::SSL => Some(format!(
+            "TLS with the brokers failed ({protocol}): {reason}"
+        )),
+        Code::BrokerTransportFailure
+            if lower.contains("ssl") || lower.contains("sasl") || lower.contains("handshake") =>
+        {
+            Some(format!(
+                "cannot connect to the brokers ({protocol}): {reason}"
+            ))
+        }
+        Code::AllBrokersDown => Some(format!("no broker reachable ({protocol}): {reason}")),
+        Code::TopicAuthorizationFailed
+        | Code::GroupAuthorizationFailed
+        | Code::ClusterAuthorizationFailed => {
+            Some(format!("the cluster refuses this principal: {reason}"))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode as Code};
+
+    use super::*;
+
+    #[test]
+    fn refusals_are_named_and_routine_disconnects_are_not() {
+        let properties: BTreeMap<String, String> = [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let named =
+            |code, reason: &str| connection_problem(&KafkaError::Global(code), reason, &properties);
+        let auth = named(
+            Code::Authentication,
+            "SASL authentication error: bad password",
+        );
+        assert!(
+            auth.as_deref().is_some_and(
+                |a| a.contains("authentication failed for SASL mechanism SCRAM-SHA-512")
+            ),
+            "{auth:?}"
+        );
+        let trust = named(
+            Code::SSL,
+            "SSL handshake failed: error:0A000086:SSL routines::certificate verify failed",
+        );
+        assert!(
+            trust.as_deref().is_some_and(|t| t.contains("not trusted")),
+            "{trust:?}"
+        );
+        let mechanism = named(Code::UnsupportedSASLMechanism, "Unsupported SASL mechanism");
+        assert!(
+            mechanism
+                .as_deref()
+                .is_some_and(|m| m.contains("do not support SASL mechanism")),
+            "{mechanism:?}"
+        );
+        assert_eq!(
+            named(
+                Code::BrokerTransportFailure,
+                "Disconnected (after 60000ms in state UP)"
+            ),
+            None
+        );
+    }
+}

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use deltalake::arrow::datatypes::{DataType, Field, Schema};
 use deltalake::kernel::engine::arrow_conversion::TryIntoKernel;
 use deltalake::kernel::StructType;
+use deltalake::logstore::{ObjectStoreFactory, ObjectStoreRef, StorageConfig};
 use deltalake::protocol::SaveMode;
 use deltalake::{DeltaTable, DeltaTableError};
 use url::Url;
@@ -36,6 +37,57 @@ pub const PARTITION_COLUMNS: [&str; 2] = ["event_date", "event_hour"];
 /// already have done it, but linking order must not decide whether `s3://` works).
 pub fn register_object_stores() {
     deltalake::aws::register_handlers(None);
+}
+
+/// [`register_object_stores`], and with a CA bundle (`AWS_CA_BUNDLE`, as the AWS SDKs name it)
+/// S3-compatible endpoints whose certificate a private CA signed (MinIO, Ceph, on-premises
+/// stores) are trusted too, besides the system's roots.
+pub fn register_object_stores_trusting(
+    ca_bundle: Option<&std::path::Path>,
+) -> Result<(), DeltaTableError> {
+    register_object_stores();
+    let Some(bundle) = ca_bundle else {
+        return Ok(());
+    };
+    // Checked now, so a bad file fails start-up rather than the first table open.
+    deltalake::logstore::client_options_from_certificate(&bundle.to_string_lossy())?;
+    let trusted = StorageConfig::parse_options([(
+        "certificate_path",
+        bundle.to_string_lossy().into_owned(),
+    )])?;
+    let factory = Arc::new(TrustingS3 {
+        inner: deltalake::aws::storage::S3ObjectStoreFactory::default(),
+        trusted,
+    });
+    for scheme in ["s3", "s3a"] {
+        let url = Url::parse(&format!("{scheme}://"))
+            .map_err(|e| DeltaTableError::Generic(e.to_string()))?;
+        deltalake::logstore::object_store_factories().insert(url, factory.clone());
+    }
+    Ok(())
+}
+
+/// delta-rs's S3 store, with the CA bundle's certificate settings when a table's options set none.
+#[derive(Debug)]
+struct TrustingS3 {
+    inner: deltalake::aws::storage::S3ObjectStoreFactory,
+    /// Only its `certificate` is used.
+    trusted: StorageConfig,
+}
+
+impl ObjectStoreFactory for TrustingS3 {
+    fn parse_url_opts(
+        &self,
+        url: &Url,
+        config: &StorageConfig,
+    ) -> deltalake::DeltaResult<(ObjectStoreRef, deltalake::Path)> {
+        if config.certificate.is_some() {
+            return self.inner.parse_url_opts(url, config);
+        }
+        let mut config = config.clone();
+        config.certificate = self.trusted.certificate.clone();
+        self.inner.parse_url_opts(url, &config)
+    }
 }
 
 /// `<lake>/<layer>/<name>` as a table URL.
@@ -90,6 +142,19 @@ pub async fn open_or_create(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_ca_bundle_becomes_the_stores_certificate_setting() {
+        let parsed =
+            StorageConfig::parse_options([("certificate_path", "/etc/ca.pem")]).expect("options");
+        assert!(
+            parsed.certificate.is_some(),
+            "the option key delta-rs reads"
+        );
+        let missing =
+            register_object_stores_trusting(Some(std::path::Path::new("/nonexistent/ca.pem")));
+        assert!(missing.is_err());
+    }
 
     #[test]
     fn table_urls() {

@@ -336,6 +336,25 @@ impl Metrics {
         tracing::warn!(error = %error, reason, "kafka client error");
     }
 
+    /// The cluster refuses this client or cannot be reached (`why` names authentication, TLS
+    /// trust, the mechanism, or that no broker answers): not ready until [`Self::kafka_reachable`].
+    /// librdkafka keeps reconnecting with its backoff meanwhile.
+    pub fn kafka_refused(&self, why: &str) {
+        if self.readiness.set_kafka_problem(Some(why)) {
+            tracing::error!(
+                reason = why,
+                "kafka cluster refuses this replica or cannot be reached: not ready, retrying"
+            );
+        }
+    }
+
+    /// A broker connection is up (authenticated): clears [`Self::kafka_refused`].
+    pub fn kafka_reachable(&self) {
+        if self.readiness.set_kafka_problem(None) {
+            tracing::info!("kafka cluster reachable again");
+        }
+    }
+
     /// The consumer lag librdkafka's statistics report for one partition.
     pub fn consumer_lag(&self, topic: &str, partition: i32, lag: i64) {
         self.consumer_lag

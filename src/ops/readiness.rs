@@ -39,6 +39,8 @@ pub struct Readiness {
     reasons: AtomicU8,
     /// Dead-letter topics that cannot be written now, with why.
     blocked_dead_letters: Mutex<BTreeMap<String, String>>,
+    /// Why the Kafka cluster refuses or cannot be reached (authentication, TLS, no broker).
+    kafka: Mutex<Option<String>>,
 }
 
 impl Default for Readiness {
@@ -46,6 +48,7 @@ impl Default for Readiness {
         Self {
             reasons: AtomicU8::new(NotReady::Starting as u8),
             blocked_dead_letters: Mutex::new(BTreeMap::new()),
+            kafka: Mutex::new(None),
         }
     }
 }
@@ -61,7 +64,27 @@ impl Readiness {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.reasons.load(Ordering::Relaxed) == 0 && self.blocked().is_empty()
+        self.reasons.load(Ordering::Relaxed) == 0
+            && self.blocked().is_empty()
+            && self.kafka_problem().is_none()
+    }
+
+    /// Sets (or clears, with `None`) why the Kafka cluster cannot be used; returns whether that
+    /// changed anything.
+    pub fn set_kafka_problem(&self, why: Option<&str>) -> bool {
+        let mut current = self.kafka.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.as_deref() == why {
+            return false;
+        }
+        *current = why.map(str::to_string);
+        true
+    }
+
+    fn kafka_problem(&self) -> Option<String> {
+        self.kafka
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Marks a dead-letter topic as unwritable; returns whether `why` is new for it.
@@ -90,6 +113,9 @@ impl Readiness {
             .filter(|r| bits & (**r as u8) != 0)
             .map(|r| r.as_str().to_string())
             .collect();
+        if let Some(why) = self.kafka_problem() {
+            reasons.push(format!("kafka: {why}"));
+        }
         reasons.extend(
             self.blocked()
                 .iter()
