@@ -185,6 +185,79 @@ impl std::fmt::Debug for Config {
 /// Variables that look like `STRATA_KAFKA_*` but are Strata's own settings, not librdkafka properties.
 const OWN_KAFKA_VARS: &[&str] = &["STRATA_KAFKA_BROKERS"];
 
+/// The `STRATA_KAFKA_*` variable of a librdkafka property.
+fn kafka_var(property: &str) -> String {
+    format!(
+        "STRATA_KAFKA_{}",
+        property.to_ascii_uppercase().replace('.', "_")
+    )
+}
+
+/// Every passed-through property is one librdkafka knows, with a value it takes (an unknown
+/// mechanism, a misspelt name, a protocol this build lacks), and OAUTHBEARER has a way to get a
+/// token: checked at start-up, naming the variable, rather than failing in the consumer later.
+fn check_kafka_properties(properties: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    for (key, value) in properties {
+        let mut single = rdkafka::ClientConfig::new();
+        single.set(key, value);
+        if let Err(e) = single.create_native_config() {
+            let reason = e.to_string();
+            // librdkafka's message may quote the value: never show a secret's.
+            let reason = if settings::is_secret(key) {
+                reason.replace(value.as_str(), "<redacted>")
+            } else {
+                reason
+            };
+            return Err(invalid(&kafka_var(key), value, reason));
+        }
+    }
+    // librdkafka checks the mechanism only when a client starts.
+    const MECHANISMS: [&str; 5] = [
+        "GSSAPI",
+        "PLAIN",
+        "SCRAM-SHA-256",
+        "SCRAM-SHA-512",
+        "OAUTHBEARER",
+    ];
+    let mechanism = properties
+        .get("sasl.mechanism")
+        .or_else(|| properties.get("sasl.mechanisms"));
+    if let Some(unknown) =
+        mechanism.filter(|m| !MECHANISMS.contains(&m.to_ascii_uppercase().as_str()))
+    {
+        let key = if properties.contains_key("sasl.mechanism") {
+            "sasl.mechanism"
+        } else {
+            "sasl.mechanisms"
+        };
+        return Err(invalid(
+            &kafka_var(key),
+            unknown,
+            format!("expected one of {}", MECHANISMS.join(", ")),
+        ));
+    }
+    if mechanism.is_some_and(|m| m.eq_ignore_ascii_case("OAUTHBEARER")) {
+        let method = properties
+            .get("sasl.oauthbearer.method")
+            .map(|m| m.to_ascii_lowercase())
+            .unwrap_or_else(|| "default".into());
+        let unsecured = properties
+            .get("enable.sasl.oauthbearer.unsecure.jwt")
+            .is_some_and(|v| v == "true");
+        if method != "oidc" && !unsecured {
+            return Err(invalid(
+                "STRATA_KAFKA_SASL_OAUTHBEARER_METHOD",
+                &method,
+                "SASL OAUTHBEARER needs a token source: set it to oidc, with \
+                 STRATA_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL, \
+                 STRATA_KAFKA_SASL_OAUTHBEARER_CLIENT_ID and \
+                 STRATA_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET",
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A variable's value, or its default.
 fn value_of(vars: &HashMap<String, String>, var: &'static str) -> String {
     vars.get(var)
@@ -264,6 +337,8 @@ impl Config {
                 kafka_properties.insert(rest.to_ascii_lowercase().replace('_', "."), value.clone());
             }
         }
+
+        check_kafka_properties(&kafka_properties)?;
 
         let SchemaSettings {
             registry,

@@ -55,6 +55,15 @@ fn bad_values_name_the_variable() {
         ("STRATA_DLQ_TOPIC", "{topic}"),
         ("STRATA_DLQ_PARTITIONS", "0"),
         ("STRATA_DLQ_REPLICATION", "two"),
+        ("STRATA_PRODUCER_COMPRESSION", "lz5"),
+        ("STRATA_KAFKA_SASL_MECHANISM", "SCRAM-SHA-3"),
+        ("STRATA_KAFKA_SECURITY_PROTOCOL", "TLS"),
+        ("STRATA_KAFKA_NO_SUCH_PROPERTY", "1"),
+        ("AWS_CA_BUNDLE", "/nonexistent/ca.pem"),
+        (
+            "STRATA_SCHEMA_REGISTRY_SSL_CA_LOCATION",
+            "/nonexistent/ca.pem",
+        ),
     ] {
         let mut vars = base();
         vars.insert(var.into(), value.into());
@@ -67,6 +76,75 @@ fn bad_values_name_the_variable() {
         .expect_err("missing")
         .to_string()
         .contains("STRATA_TOPICS"));
+}
+
+#[test]
+fn secrets_never_appear_in_errors_or_the_debug_form() {
+    let mut vars = base();
+    vars.insert("STRATA_KAFKA_SASL_PASSWORD".into(), "pw-1234-secret".into());
+    vars.insert("STRATA_KAFKA_SSL_KEY_PASSWORD".into(), "key-pw-5678".into());
+    vars.insert(
+        "STRATA_SCHEMA_REGISTRY_URL".into(),
+        "https://registry:8081".into(),
+    );
+    vars.insert(
+        "STRATA_SCHEMA_REGISTRY_USER_INFO".into(),
+        "u:reg-pw-9999".into(),
+    );
+    let config = Config::from_vars(vars.clone()).expect("valid");
+    let shown = format!("{config:?}");
+    for secret in ["pw-1234-secret", "key-pw-5678", "reg-pw-9999"] {
+        assert!(!shown.contains(secret), "{shown}");
+    }
+    assert!(shown.contains("basic auth (set)"), "{shown}");
+    // An invalid secret value is named by its variable, never shown.
+    vars.insert(
+        "STRATA_SCHEMA_REGISTRY_BEARER_TOKEN".into(),
+        "tok-4242".into(),
+    );
+    let err = Config::from_vars(vars.clone())
+        .expect_err("both")
+        .to_string();
+    assert!(
+        !err.contains("tok-4242") && !err.contains("reg-pw-9999"),
+        "{err}"
+    );
+    vars.remove("STRATA_SCHEMA_REGISTRY_BEARER_TOKEN");
+    vars.insert(
+        "STRATA_KAFKA_SSL_KEY_PEM".into(),
+        "not a pem: secret-pem-77".into(),
+    );
+    if let Err(e) = Config::from_vars(vars) {
+        assert!(!e.to_string().contains("secret-pem-77"), "{e}");
+    }
+}
+
+#[test]
+fn oauthbearer_needs_a_token_source() {
+    let mut vars = base();
+    vars.insert("STRATA_KAFKA_SECURITY_PROTOCOL".into(), "SASL_SSL".into());
+    vars.insert("STRATA_KAFKA_SASL_MECHANISM".into(), "OAUTHBEARER".into());
+    let err = Config::from_vars(vars.clone())
+        .expect_err("no token source")
+        .to_string();
+    assert!(
+        err.contains("STRATA_KAFKA_SASL_OAUTHBEARER_METHOD"),
+        "{err}"
+    );
+    vars.insert("STRATA_KAFKA_SASL_OAUTHBEARER_METHOD".into(), "oidc".into());
+    vars.insert(
+        "STRATA_KAFKA_SASL_OAUTHBEARER_TOKEN_ENDPOINT_URL".into(),
+        "https://idp.example/oauth2/token".into(),
+    );
+    vars.insert(
+        "STRATA_KAFKA_SASL_OAUTHBEARER_CLIENT_ID".into(),
+        "strata".into(),
+    );
+    vars.insert(
+        "STRATA_KAFKA_SASL_OAUTHBEARER_CLIENT_SECRET".into(),
+        "s".into(),
+    );
+    Config::from_vars(vars).expect("OIDC is a token source");
 }
 
 #[test]

@@ -239,14 +239,29 @@ pub async fn produce_generated(
     brokers: &str,
     topic: &str,
     count: u64,
+    generator: OrderGenerator,
+) -> anyhow::Result<ProducedOrders> {
+    produce_generated_with(brokers, &[], topic, count, generator).await
+}
+
+/// [`produce_generated`] with more librdkafka properties (security, `compression.type`, …).
+pub async fn produce_generated_with(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    count: u64,
     mut generator: OrderGenerator,
 ) -> anyhow::Result<ProducedOrders> {
-    let producer: FutureProducer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("linger.ms", "20")
         .set("enable.idempotence", "true")
-        .set("queue.buffering.max.messages", "1000000")
-        .create()?;
+        .set("queue.buffering.max.messages", "1000000");
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    let producer: FutureProducer = config.create()?;
     let mut produced = ProducedOrders::default();
     let mut remaining = count;
     while remaining > 0 {

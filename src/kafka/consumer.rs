@@ -88,8 +88,9 @@ impl ClientContext for SourceContext {
 
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         self.metrics.kafka_error(&error, reason);
-        if let Some(why) = super::connection_problem(&error, reason, &self.properties) {
-            self.metrics.kafka_refused(&why);
+        if let Some(problem) = super::connection_problem(&error, reason, &self.properties) {
+            self.metrics
+                .kafka_refused(&problem.reason, problem.specific);
         }
     }
 }

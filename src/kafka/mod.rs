@@ -69,10 +69,35 @@ pub fn librdkafka_build() -> (String, String) {
     (version, features)
 }
 
-/// Why the cluster refuses this client, in words an operator can act on, when a librdkafka
-/// error says so: authentication, TLS trust, an unsupported SASL mechanism, or no broker
-/// reachable at all. `None` for errors librdkafka retries routinely (a dropped idle connection).
+/// Why the cluster refuses this client or cannot be reached, in words an operator can act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectionProblem {
+    pub reason: String,
+    /// A refusal with a cause (authentication, TLS trust, mechanism, authorization), as opposed
+    /// to "no broker reachable", which follows every refusal and must not hide its cause.
+    pub specific: bool,
+}
+
+/// The [`ConnectionProblem`] a librdkafka error reports: authentication, TLS trust, an
+/// unsupported SASL mechanism, or no broker reachable at all. `None` for errors librdkafka
+/// retries routinely (a dropped idle connection).
 pub fn connection_problem(
+    error: &rdkafka::error::KafkaError,
+    reason: &str,
+    properties: &BTreeMap<String, String>,
+) -> Option<ConnectionProblem> {
+    let specific = !matches!(
+        error.rdkafka_error_code(),
+        Some(rdkafka::error::RDKafkaErrorCode::AllBrokersDown)
+    );
+    // librdkafka also reports "0/N brokers are down" while it swaps bootstrap connections.
+    if !specific && reason.starts_with("0/") {
+        return None;
+    }
+    describe(error, reason, properties).map(|reason| ConnectionProblem { reason, specific })
+}
+
+fn describe(
     error: &rdkafka::error::KafkaError,
     reason: &str,
     properties: &BTreeMap<String, String>,
@@ -145,8 +170,9 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
-        let named =
-            |code, reason: &str| connection_problem(&KafkaError::Global(code), reason, &properties);
+        let named = |code, reason: &str| {
+            connection_problem(&KafkaError::Global(code), reason, &properties).map(|p| p.reason)
+        };
         let auth = named(
             Code::Authentication,
             "SASL authentication error: bad password",
@@ -179,5 +205,12 @@ mod tests {
             ),
             None
         );
+        let down = connection_problem(
+            &KafkaError::Global(Code::AllBrokersDown),
+            "1/1 brokers are down",
+            &properties,
+        );
+        assert!(down.is_some_and(|d| !d.specific));
+        assert_eq!(named(Code::AllBrokersDown, "0/1 brokers are down"), None);
     }
 }

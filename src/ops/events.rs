@@ -338,9 +338,10 @@ impl Metrics {
 
     /// The cluster refuses this client or cannot be reached (`why` names authentication, TLS
     /// trust, the mechanism, or that no broker answers): not ready until [`Self::kafka_reachable`].
-    /// librdkafka keeps reconnecting with its backoff meanwhile.
-    pub fn kafka_refused(&self, why: &str) {
-        if self.readiness.set_kafka_problem(Some(why)) {
+    /// librdkafka keeps reconnecting with its backoff meanwhile. A `specific` cause
+    /// (authentication, TLS) is not replaced by the "no broker reachable" that follows it.
+    pub fn kafka_refused(&self, why: &str, specific: bool) {
+        if self.readiness.set_kafka_problem(Some((why, specific))) {
             tracing::error!(
                 reason = why,
                 "kafka cluster refuses this replica or cannot be reached: not ready, retrying"

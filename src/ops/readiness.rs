@@ -39,8 +39,9 @@ pub struct Readiness {
     reasons: AtomicU8,
     /// Dead-letter topics that cannot be written now, with why.
     blocked_dead_letters: Mutex<BTreeMap<String, String>>,
-    /// Why the Kafka cluster refuses or cannot be reached (authentication, TLS, no broker).
-    kafka: Mutex<Option<String>>,
+    /// Why the Kafka cluster refuses or cannot be reached (authentication, TLS, no broker), and
+    /// whether that names a cause.
+    kafka: Mutex<Option<(String, bool)>>,
 }
 
 impl Default for Readiness {
@@ -69,22 +70,28 @@ impl Readiness {
             && self.kafka_problem().is_none()
     }
 
-    /// Sets (or clears, with `None`) why the Kafka cluster cannot be used; returns whether that
-    /// changed anything.
-    pub fn set_kafka_problem(&self, why: Option<&str>) -> bool {
+    /// Sets (or clears, with `None`) why the Kafka cluster cannot be used, with whether the
+    /// reason names a cause: a reason without one never hides one that does. Returns whether
+    /// anything changed.
+    pub fn set_kafka_problem(&self, why: Option<(&str, bool)>) -> bool {
         let mut current = self.kafka.lock().unwrap_or_else(PoisonError::into_inner);
-        if current.as_deref() == why {
-            return false;
+        match (current.as_ref(), why) {
+            (Some((now, _)), Some((new, _))) if now == new => false,
+            (Some((_, true)), Some((_, false))) => false,
+            (None, None) => false,
+            (_, new) => {
+                *current = new.map(|(why, specific)| (why.to_string(), specific));
+                true
+            }
         }
-        *current = why.map(str::to_string);
-        true
     }
 
     fn kafka_problem(&self) -> Option<String> {
         self.kafka
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .as_ref()
+            .map(|(why, _)| why.clone())
     }
 
     /// Marks a dead-letter topic as unwritable; returns whether `why` is new for it.

@@ -133,7 +133,7 @@ async fn relay(client: TcpStream, tansu_port: u16, refusing: Arc<AtomicBool>) {
 }
 
 /// One length-prefixed Kafka frame, prefix included.
-async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
+pub(super) async fn read_frame(stream: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
     let mut size = [0u8; 4];
     stream.read_exact(&mut size).await.ok()?;
     let len = i32::from_be_bytes(size);

@@ -15,6 +15,7 @@ use rdkafka::ClientConfig;
 use strata::demo::{ORDER_V1, ORDER_V2};
 
 pub mod acl_proxy;
+pub mod secured;
 
 pub fn brokers() -> String {
     std::env::var("STRATA_TEST_BROKERS")
@@ -45,8 +46,26 @@ pub async fn create_topic(topic: &str, partitions: i32) {
 }
 
 pub async fn create_topic_on(brokers: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    create_topic_with(brokers, &[], topic, partitions).await
+}
+
+/// A client configuration: the brokers and more properties (security settings of a secured broker).
+pub fn client_config(brokers: &str, properties: &[(String, String)]) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", brokers);
+    for (key, value) in properties {
+        config.set(key, value);
+    }
+    config
+}
+
+pub async fn create_topic_with(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    partitions: i32,
+) {
+    let admin: AdminClient<DefaultClientContext> = client_config(brokers, properties)
         .create()
         .expect("admin client");
     let results = admin
@@ -104,7 +123,20 @@ pub async fn produce_on(
     bad_every: u64,
     seed: u64,
 ) -> Produced {
-    let orders = strata::demo::produce_orders(brokers, topic, count, bad_every, seed)
+    produce_with(brokers, &[], topic, count, bad_every, seed).await
+}
+
+/// [`produce_on`] with more producer properties (security settings, `compression.type`).
+pub async fn produce_with(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    count: u64,
+    bad_every: u64,
+    seed: u64,
+) -> Produced {
+    let generator = strata::demo::OrderGenerator::new(seed, bad_every).expect("generator");
+    let orders = strata::demo::produce_generated_with(brokers, properties, topic, count, generator)
         .await
         .expect("produce");
     let mut produced = Produced::default();
@@ -231,14 +263,24 @@ pub async fn dead_letters_on(
     count: usize,
     timeout: Duration,
 ) -> Vec<DeadLetter> {
+    dead_letters_with(brokers, &[], topic, count, timeout).await
+}
+
+pub async fn dead_letters_with(
+    brokers: &str,
+    properties: &[(String, String)],
+    topic: &str,
+    count: usize,
+    timeout: Duration,
+) -> Vec<DeadLetter> {
     let topic = topic.to_string();
-    let brokers = brokers.to_string();
+    let config = client_config(brokers, properties);
     tokio::task::spawn_blocking(move || {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         use rdkafka::message::{Headers, Message};
         use rdkafka::{Offset, TopicPartitionList};
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
+        let consumer: BaseConsumer = config
+            .clone()
             .set("group.id", unique("dlq-reader"))
             .set("enable.auto.commit", "false")
             .set("fetch.message.max.bytes", "16777216")
@@ -350,9 +392,19 @@ impl Setup {
 
     /// A setup on another broker than the shared one.
     pub async fn on(brokers: &str, name: &str, partitions: i32) -> Self {
+        Self::on_with(brokers, &[], name, partitions).await
+    }
+
+    /// A setup on a broker that needs client properties (TLS, SASL) to be reached.
+    pub async fn on_with(
+        brokers: &str,
+        properties: &[(String, String)],
+        name: &str,
+        partitions: i32,
+    ) -> Self {
         let topic = unique(name);
         // Only the Bronze topic, as a user's platform has it: Strata creates its dead-letter topic.
-        create_topic_on(brokers, &topic, partitions).await;
+        create_topic_with(brokers, properties, &topic, partitions).await;
         let dir = tempfile::tempdir().expect("tempdir");
         let schemas = dir.path().join("schemas");
         std::fs::create_dir_all(&schemas).expect("mkdir");
@@ -627,6 +679,25 @@ impl Replica {
             .as_u16()
     }
 
+    /// Status and body of a GET on the replica's metrics endpoint (`None` while it does not answer).
+    pub async fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        let response = reqwest::get(format!("http://127.0.0.1:{}{path}", self.metrics_port))
+            .await
+            .ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.text().await.ok()?))
+    }
+
+    /// Every line the replica logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().expect("log").clone()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The value of an unlabelled-or-summed metric from `/metrics`.
     pub async fn metric(&self, name: &str) -> Option<f64> {
         self.metric_where(name, "").await
@@ -688,6 +759,10 @@ pub struct FakeRegistry {
     pub ids: Mutex<BTreeMap<u32, String>>,
     /// Subject → schema ids of its versions (version n is element n-1).
     pub subjects: Mutex<BTreeMap<String, Vec<u32>>>,
+    /// Schema id → its `references` (`{"name", "subject", "version"}`), as Confluent answers them.
+    pub references: Mutex<BTreeMap<u32, serde_json::Value>>,
+    /// When set, every request must carry this `Authorization` header, or gets 401.
+    pub authorization: Mutex<Option<String>>,
 }
 
 impl FakeRegistry {
@@ -702,6 +777,34 @@ impl FakeRegistry {
             .push(id);
     }
 
+    /// Registers `schema` under `id` as the next version of `subject`, naming types of other
+    /// subjects: `references` holds (full name, subject, version).
+    pub fn register_with_references(
+        &self,
+        subject: &str,
+        id: u32,
+        schema: &str,
+        references: &[(&str, &str, u32)],
+    ) {
+        self.register(subject, id, schema);
+        let references: Vec<serde_json::Value> = references
+            .iter()
+            .map(|(name, subject, version)| {
+                serde_json::json!({ "name": name, "subject": subject, "version": version })
+            })
+            .collect();
+        self.references
+            .lock()
+            .expect("references")
+            .insert(id, serde_json::Value::Array(references));
+    }
+
+    /// Requires HTTP basic auth with `user:password` from now on.
+    pub fn require_basic_auth(&self, user_info: &str) {
+        *self.authorization.lock().expect("auth") =
+            Some(format!("Basic {}", base64(user_info.as_bytes())));
+    }
+
     /// Serves the registry on a loopback port; returns its URL.
     pub async fn serve(self: &Arc<Self>) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -709,8 +812,29 @@ impl FakeRegistry {
             .expect("bind");
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let this = self.clone();
-        serve_http(listener, Arc::new(move |path: &str, _| this.answer(path)));
+        serve_http(
+            listener,
+            Arc::new(move |path: &str, request: &str| this.answer_authorized(path, request)),
+        );
         url
+    }
+
+    fn answer_authorized(&self, path: &str, request: &str) -> (u16, String) {
+        if let Some(expected) = self.authorization.lock().expect("auth").as_deref() {
+            let sent = request.lines().find_map(|line| {
+                let (name, value) = line.split_once(':')?;
+                name.eq_ignore_ascii_case("authorization")
+                    .then(|| value.trim().to_string())
+            });
+            if sent.as_deref() != Some(expected) {
+                return (
+                    401,
+                    r#"{"error_code": 40101, "message": "Unauthorized"}"#.to_string(),
+                );
+            }
+        }
+        let (status, body) = self.answer(path);
+        (status, body)
     }
 
     fn answer(&self, path: &str) -> (u16, String) {
@@ -733,6 +857,13 @@ impl FakeRegistry {
             .collect();
         let ids = self.ids.lock().expect("ids");
         let subjects = self.subjects.lock().expect("subjects");
+        let references = self.references.lock().expect("references");
+        let references_of = |id: &u32| {
+            references
+                .get(id)
+                .cloned()
+                .unwrap_or_else(|| serde_json::json!([]))
+        };
         match segments
             .iter()
             .map(String::as_str)
@@ -740,7 +871,15 @@ impl FakeRegistry {
             .as_slice()
         {
             ["schemas", "ids", id] => match id.parse().ok().and_then(|id: u32| ids.get(&id)) {
-                Some(schema) => (200, serde_json::json!({ "schema": schema }).to_string()),
+                Some(schema) => {
+                    let id: u32 = id.parse().unwrap_or_default();
+                    let mut body = serde_json::json!({ "schema": schema });
+                    // Confluent leaves `references` out when there are none.
+                    if references.contains_key(&id) {
+                        body["references"] = references_of(&id);
+                    }
+                    (200, body.to_string())
+                }
                 None => not_found(40403, "Schema"),
             },
             ["subjects"] => (
@@ -771,6 +910,7 @@ impl FakeRegistry {
                             "version": index,
                             "id": id,
                             "schema": ids.get(id).cloned().unwrap_or_default(),
+                            "references": references_of(id),
                         })
                         .to_string(),
                     ),
@@ -856,4 +996,24 @@ pub fn read_with_python(url: &url::Url) -> (u64, u64, u64) {
     let seen: serde_json::Value = serde_json::from_slice(&output.stdout).expect("json");
     let number = |key: &str| seen[key].as_u64().unwrap_or(u64::MAX);
     (number("rows"), number("distinct_offsets"), number("files"))
+}
+
+/// Standard base64 with padding (HTTP basic auth).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, b)| n | (u32::from(*b) << (16 - 8 * i)));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
