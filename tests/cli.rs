@@ -166,3 +166,31 @@ fn an_unreachable_lake_at_start_up_is_waited_out_and_sigterm_is_clean() {
         "a signal during start-up is a clean stop: {status}"
     );
 }
+
+#[test]
+fn version_names_librdkafka_and_its_security_and_codec_features() {
+    let (code, text) = strata(&["--version"], &[]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("librdkafka 2."), "{text}");
+    let features = text
+        .lines()
+        .find_map(|l| l.strip_prefix("builtin.features "))
+        .unwrap_or_else(|| panic!("no builtin.features line: {text}"));
+    for needed in [
+        "ssl",
+        "sasl_plain",
+        "sasl_scram",
+        "sasl_oauthbearer",
+        "oidc",
+        "sasl_gssapi",
+        "gzip",
+        "snappy",
+        "lz4",
+        "zstd",
+    ] {
+        assert!(
+            features.split(',').any(|f| f == needed),
+            "{needed} missing from {features}"
+        );
+    }
+}

@@ -84,7 +84,7 @@ fn kubernetes_manifests_and_compose_validate() {
 }
 
 #[test]
-fn dockerfile_is_multi_stage_and_runs_as_non_root() {
+fn dockerfile_is_multi_stage_non_root_and_carries_every_linked_library() {
     let text = std::fs::read_to_string(root().join("deploy/Dockerfile")).expect("Dockerfile");
     let stages = text.lines().filter(|l| l.starts_with("FROM ")).count();
     assert!(stages >= 2, "multi-stage build");
@@ -94,6 +94,34 @@ fn dockerfile_is_multi_stage_and_runs_as_non_root() {
         "no build tools at runtime"
     );
     assert!(runtime.contains("USER 10001"), "non-root user");
+    // Every shared library the binary links directly is installed in the runtime image.
+    let output = Command::new("readelf")
+        .args(["-d", env!("CARGO_BIN_EXE_strata")])
+        .output()
+        .expect("readelf (binutils)");
+    let dynamic = String::from_utf8_lossy(&output.stdout);
+    let needed: Vec<&str> = dynamic
+        .lines()
+        .filter(|l| l.contains("(NEEDED)"))
+        .filter_map(|l| l.split('[').nth(1)?.split(']').next())
+        .collect();
+    assert!(needed.iter().any(|l| l.starts_with("libssl")), "{needed:?}");
+    for library in needed {
+        let package = match library.split(".so").next().unwrap_or(library) {
+            "libc" | "libm" | "libgcc_s" | "libdl" | "libpthread" | "librt" | "ld-linux-x86-64" => {
+                continue
+            }
+            "libssl" | "libcrypto" => "libssl3",
+            "libsasl2" => "libsasl2-2",
+            "libcurl" => "libcurl4",
+            "libz" => "zlib1g",
+            other => panic!("{library} ({other}) is linked: map it to the Debian package deploy/Dockerfile installs"),
+        };
+        assert!(
+            runtime.contains(package),
+            "the runtime image lacks {package} for {library}"
+        );
+    }
     // Every file the build needs is copied (Cargo refuses a manifest whose targets are missing).
     let manifest = std::fs::read_to_string(root().join("Cargo.toml")).expect("Cargo.toml");
     for dir in ["src", "benches", "examples"] {

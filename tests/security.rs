@@ -203,8 +203,8 @@ fn assert_no_secret(what: &str, text: &str, secrets: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn scram_over_tls_with_every_codec_and_references_lands_exactly_once_without_leaking_secrets()
-{
+async fn scram_over_tls_with_gzip_lz4_zstd_and_references_lands_exactly_once_without_leaking_secrets(
+) {
     let pki = Pki::new();
     let broker = SecuredBroker::start(&pki, Auth::Scram).await;
     let client = broker.client(&pki);
@@ -384,7 +384,9 @@ async fn refused_credentials_keep_the_replica_up_not_ready_and_commit_nothing_un
     let setup = Setup::on_with(&broker.brokers, &client, "refused", 2).await;
     let produced = common::produce_with(&broker.brokers, &client, &setup.topic, 600, 0, 7).await;
 
-    let refusals: [(&str, Vec<(String, String)>, &str); 3] = [
+    // (what, the replica's client properties, what /readyz must name)
+    type Refusal = (&'static str, Vec<(String, String)>, &'static str);
+    let refusals: [Refusal; 3] = [
         (
             "a wrong password",
             broker.client_with(&pki, &pki.ca, "not-the-password"),

@@ -131,3 +131,25 @@ impl Readiness {
         reasons
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kafka_refusal_with_a_cause_is_not_hidden_by_no_broker_reachable() {
+        let readiness = Readiness::default();
+        readiness.set(NotReady::Starting, false);
+        assert!(readiness.is_ready());
+        assert!(readiness.set_kafka_problem(Some(("authentication failed", true))));
+        assert!(!readiness.set_kafka_problem(Some(("no broker reachable", false))));
+        assert!(!readiness.is_ready());
+        assert_eq!(readiness.reasons(), ["kafka: authentication failed"]);
+        // Another cause replaces it; a connection up clears it.
+        assert!(readiness.set_kafka_problem(Some(("certificate not trusted", true))));
+        assert!(readiness.set_kafka_problem(None));
+        assert!(readiness.is_ready());
+        assert!(readiness.set_kafka_problem(Some(("no broker reachable", false))));
+        assert_eq!(readiness.reasons(), ["kafka: no broker reachable"]);
+    }
+}
