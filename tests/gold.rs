@@ -352,6 +352,17 @@ async fn tumbling_gold_is_exact_under_skew_through_a_sigkill() {
             .unwrap_or(0.0);
     }
     assert!(salted > 0.0, "the hot key was salted");
+    // Strata created the partials topic with an explicit retention (and the cluster's default
+    // replication factor).
+    let admin =
+        strata::kafka::admin::Admin::new(&setup.brokers, &Default::default()).expect("admin");
+    assert_eq!(
+        admin
+            .topic_config(&format!("{}.partials", setup.group), "retention.ms")
+            .await
+            .as_deref(),
+        Some("604800000")
+    );
 }
 
 /// Hopping windows (2 minutes every minute), 3 replicas; one leaves the group (SIGTERM) while

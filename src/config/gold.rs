@@ -15,6 +15,10 @@ pub struct GoldConfig {
     pub name: Option<String>,
     pub partials_topic: String,
     pub partitions: i32,
+    /// Replication factor of a partials topic Strata creates (`None`: the cluster's default).
+    pub partials_replication: Option<i32>,
+    /// `retention.ms` of a partials topic Strata creates.
+    pub partials_retention: Duration,
     pub watermark_delay: Duration,
     pub allowed_lateness: Duration,
     pub idle_timeout: Duration,
@@ -101,6 +105,21 @@ impl Config {
         let optional = |var: &'static str| Some(get(var)).filter(|v| !v.is_empty());
         let partials_topic = optional("STRATA_GOLD_PARTIALS_TOPIC")
             .unwrap_or_else(|| format!("{}.partials", get("STRATA_GROUP_ID")));
+        let (var, value) = text("STRATA_GOLD_PARTIALS_REPLICATION");
+        let partials_replication = if value.eq_ignore_ascii_case("cluster") {
+            None
+        } else {
+            match value.parse::<i32>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    return Err(invalid(
+                        var,
+                        &value,
+                        "expected `cluster` or a positive integer",
+                    ))
+                }
+            }
+        };
         Ok(Some(GoldConfig {
             keys,
             window,
@@ -109,6 +128,8 @@ impl Config {
             name: optional("STRATA_GOLD_NAME"),
             partials_topic,
             partitions: partitions as i32,
+            partials_replication,
+            partials_retention: span("STRATA_GOLD_PARTIALS_RETENTION", false)?,
             watermark_delay: span("STRATA_WATERMARK_DELAY", true)?,
             allowed_lateness: span("STRATA_ALLOWED_LATENESS", true)?,
             idle_timeout: span("STRATA_IDLE_TIMEOUT", false)?,

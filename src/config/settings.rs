@@ -49,6 +49,8 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_GOLD_TABLE", default: "", help: "Gold: the Silver table it reads (a table name); default: the only table, or the first reader schema's." },
     Setting { var: "STRATA_GOLD_NAME", default: "", help: "Gold: table name, at <lake>/gold/<name>, late events at <lake>/gold/<name>_late; default <table>_by_<keys>." },
     Setting { var: "STRATA_GOLD_PARTIALS_TOPIC", default: "", help: "Gold: topic of the partial aggregates between the stages; default <group>.partials (created when missing)." },
+    Setting { var: "STRATA_GOLD_PARTIALS_REPLICATION", default: "cluster", help: "Gold: replication factor of the partials topic when Strata creates it: `cluster` (the broker's default.replication.factor) or a number." },
+    Setting { var: "STRATA_GOLD_PARTIALS_RETENTION", default: "7d", help: "Gold: retention.ms of the partials topic when Strata creates it; stage 2 must read partials before they expire." },
     Setting { var: "STRATA_GOLD_PARTITIONS", default: "8", help: "Gold: partitions of the partials topic when Strata creates it (the existing count is used otherwise)." },
     Setting { var: "STRATA_WATERMARK_DELAY", default: "10s", help: "Gold: bounded out-of-orderness: a source partition's watermark is its newest event time minus this." },
     Setting { var: "STRATA_ALLOWED_LATENESS", default: "0s", help: "Gold: a window is final when the watermark passes its end plus this; later events go to the late-events table." },

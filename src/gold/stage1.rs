@@ -11,7 +11,8 @@
 //! same partials with the same sequence numbers, which stage 2 recognises as replays.
 //!
 //! A caught-up source partition without records for the idle timeout moves its watermark with the
-//! clock (now minus the delay), commits it, and then marks every partials partition, so windows
+//! clock (now minus the delay, rounded down to the last step that closes a window: one commit per
+//! slide while it stays quiet), commits it, and then marks every partials partition, so windows
 //! close when a partition goes quiet. Events it receives later behind that watermark are late.
 
 use std::collections::{BTreeMap, HashMap};
@@ -31,7 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::core::epoch::{epoch_partials, key_bytes, preaggregate};
 use super::core::partial::{spec_fingerprint, Message};
 use super::core::preaggregate::{GoldSpec, RowsError};
-use super::core::watermark::{before_each, is_final};
+use super::core::watermark::{before_each, closing_step, is_final};
 use crate::config::{Config, GoldConfig};
 use crate::kafka::admin::{Admin, Ensured, TopicError, TopicSpec};
 use crate::lake;
@@ -81,11 +82,17 @@ pub async fn ensure_partials_topic(config: &Config, gold: &GoldConfig) -> Result
             source,
         }
     })?;
+    // Replicated as the cluster's topics are (one broker down must not stall every replica's
+    // flush, which waits for the partials' acknowledgements), with an explicit retention: stage 2
+    // must read every partial before it expires.
     let spec = TopicSpec {
         name: gold.partials_topic.clone(),
         partitions: gold.partitions,
-        replication: Some(1),
-        config: Vec::new(),
+        replication: gold.partials_replication,
+        config: vec![(
+            "retention.ms".to_string(),
+            gold.partials_retention.as_millis().to_string(),
+        )],
     };
     let ensured = admin.ensure(&spec).await?;
     if let Ensured::Created { partitions } = ensured {
@@ -605,9 +612,14 @@ impl Emitter {
         if !self.pending.is_empty() {
             return Ok(Vec::new());
         }
-        let now = chrono::Utc::now()
-            .timestamp_micros()
-            .saturating_sub(self.delay);
+        // In closing steps: a commit per slide, not per idle check, closing the same windows.
+        let now = closing_step(
+            self.spec.window.slide,
+            self.lateness,
+            chrono::Utc::now()
+                .timestamp_micros()
+                .saturating_sub(self.delay),
+        );
         let candidates: Vec<(TopicPartition, Option<i64>)> = self
             .sources
             .iter()

@@ -29,10 +29,35 @@ pub fn is_final(window_end: i64, lateness: i64, watermark: Option<i64>) -> bool 
     watermark.is_some_and(|w| window_end.saturating_add(lateness) <= w)
 }
 
+/// The smallest watermark that makes final every window `t` makes final: window ends are
+/// multiples of the slide, so only the last multiple of the slide plus the lateness at or before
+/// `t` matters. An idle source partition moves its watermark in these steps, so it records (and
+/// commits) a new watermark once per slide rather than at every idle check, and closes the same
+/// windows at the same moment.
+pub fn closing_step(slide: i64, lateness: i64, t: i64) -> i64 {
+    t.saturating_sub(lateness).div_euclid(slide.max(1)) * slide.max(1) + lateness
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    proptest! {
+        /// A watermark at the closing step finalises exactly the windows `t` finalises.
+        #[test]
+        fn the_closing_step_finalises_the_same_windows(
+            slide in 1i64..10_000_000,
+            lateness in 0i64..100_000_000,
+            t in -1_000_000_000i64..1_000_000_000_000,
+            k in -1_000i64..1_000_000,
+        ) {
+            let step = closing_step(slide, lateness, t);
+            prop_assert!(step <= t);
+            let end = k * slide;
+            prop_assert_eq!(is_final(end, lateness, Some(t)), is_final(end, lateness, Some(step)));
+        }
+    }
 
     #[test]
     fn rows_meet_the_watermark_of_the_rows_before_them() {
