@@ -410,7 +410,8 @@ async fn refused_credentials_keep_the_replica_up_not_ready_and_commit_nothing_un
                 properties.push(("enable.sasl.oauthbearer.unsecure.jwt".into(), "true".into()));
                 properties
             },
-            "OAUTHBEARER",
+            // Refused at the handshake or at authentication: either way the mechanism is named.
+            "SASL mechanism OAUTHBEARER",
         ),
     ];
     for (what, properties, reason) in refusals {
@@ -485,7 +486,8 @@ async fn mutual_tls_to_the_brokers_and_the_registry() {
     env.extend(registry_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let mut refused = setup.spawn(&extra);
-    wait_not_ready_with(&refused, "kafka:", Duration::from_secs(60)).await;
+    let body = wait_not_ready_with(&refused, "kafka:", Duration::from_secs(60)).await;
+    assert!(body.contains("SSL"), "the TLS connection is named: {body}");
     assert!(refused.is_running());
     assert!(setup.progress().await.is_empty());
     refused.stop(Duration::from_secs(30));

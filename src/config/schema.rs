@@ -128,6 +128,18 @@ impl SchemaSettings {
         let registry = if let Some(dir) = registry_url.strip_prefix("file://") {
             RegistrySource::Directory(PathBuf::from(dir))
         } else if registry_url.starts_with("http://") || registry_url.starts_with("https://") {
+            // Credentials in the URL would be printed wherever the URL is: they have a variable.
+            if let Ok(mut parsed) = url::Url::parse(&registry_url) {
+                if !parsed.username().is_empty() || parsed.password().is_some() {
+                    let _ = parsed.set_username("");
+                    let _ = parsed.set_password(None);
+                    return Err(invalid(
+                        "STRATA_SCHEMA_REGISTRY_URL",
+                        parsed.as_str(),
+                        "credentials in the URL: set STRATA_SCHEMA_REGISTRY_USER_INFO instead",
+                    ));
+                }
+            }
             RegistrySource::Confluent {
                 access: RegistryAccess::from_vars(vars, &registry_url)?,
                 url: registry_url.trim_end_matches('/').to_string(),

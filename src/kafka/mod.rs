@@ -94,6 +94,9 @@ pub fn connection_problem(
     if !specific && reason.starts_with("0/") {
         return None;
     }
+    // "(after 15ms in state AUTH_REQ, 3 identical error(s) suppressed)" changes every time: the
+    // same refusal must read the same, so it is logged once.
+    let reason = reason.split(" (after ").next().unwrap_or(reason);
     describe(error, reason, properties).map(|reason| ConnectionProblem { reason, specific })
 }
 

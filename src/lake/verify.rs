@@ -62,9 +62,10 @@ pub async fn unreferenced_files(url: Url) -> Result<Vec<String>, VerifyError> {
 }
 
 /// Active files per partition folder (`event_date=…/event_hour=…`) of the latest version.
+/// Files and bytes of each partition folder the table's latest version references.
 pub async fn files_per_partition(
     url: Url,
-) -> Result<std::collections::BTreeMap<String, usize>, VerifyError> {
+) -> Result<std::collections::BTreeMap<String, PartitionFiles>, VerifyError> {
     crate::lake::register_object_stores();
     let table = DeltaTable::try_from_url(url).await?;
     let mut out = std::collections::BTreeMap::new();
@@ -74,9 +75,18 @@ pub async fn files_per_partition(
     for file in table.snapshot()?.log_data() {
         let path = file.path().to_string();
         let folder = path.rsplit_once('/').map_or("", |(dir, _)| dir).to_string();
-        *out.entry(folder).or_default() += 1;
+        let entry: &mut PartitionFiles = out.entry(folder).or_default();
+        entry.files += 1;
+        entry.bytes += u64::try_from(file.size()).unwrap_or(0);
     }
     Ok(out)
+}
+
+/// What one partition folder holds.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PartitionFiles {
+    pub files: usize,
+    pub bytes: u64,
 }
 
 /// The version of the table's newest checkpoint, from `_delta_log/_last_checkpoint`.

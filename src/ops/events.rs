@@ -349,9 +349,13 @@ impl Metrics {
         }
     }
 
-    /// A broker connection is up (authenticated): clears [`Self::kafka_refused`].
+    /// A broker connection is up (authenticated): clears [`Self::kafka_refused`] once no refusal
+    /// was reported for two statistics intervals.
     pub fn kafka_reachable(&self) {
-        if self.readiness.set_kafka_problem(None) {
+        if self
+            .readiness
+            .clear_kafka_problem_after(Duration::from_secs(10))
+        {
             tracing::info!("kafka cluster reachable again");
         }
     }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 /// Why a replica is not ready.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,9 +40,9 @@ pub struct Readiness {
     reasons: AtomicU8,
     /// Dead-letter topics that cannot be written now, with why.
     blocked_dead_letters: Mutex<BTreeMap<String, String>>,
-    /// Why the Kafka cluster refuses or cannot be reached (authentication, TLS, no broker), and
-    /// whether that names a cause.
-    kafka: Mutex<Option<(String, bool)>>,
+    /// Why the Kafka cluster refuses or cannot be reached (authentication, TLS, no broker),
+    /// whether that names a cause, and when it was last reported.
+    kafka: Mutex<Option<(String, bool, Instant)>>,
 }
 
 impl Default for Readiness {
@@ -75,15 +76,33 @@ impl Readiness {
     /// anything changed.
     pub fn set_kafka_problem(&self, why: Option<(&str, bool)>) -> bool {
         let mut current = self.kafka.lock().unwrap_or_else(PoisonError::into_inner);
-        match (current.as_ref(), why) {
-            (Some((now, _)), Some((new, _))) if now == new => false,
-            (Some((_, true)), Some((_, false))) => false,
+        match (current.as_mut(), why) {
+            (Some((now, _, seen)), Some((new, _))) if now == new => {
+                *seen = Instant::now();
+                false
+            }
+            (Some((_, true, _)), Some((_, false))) => false,
             (None, None) => false,
             (_, new) => {
-                *current = new.map(|(why, specific)| (why.to_string(), specific));
+                *current = new.map(|(why, specific)| (why.to_string(), specific, Instant::now()));
                 true
             }
         }
+    }
+
+    /// Clears the Kafka problem unless it was reported within `quiet`: a broker connection being
+    /// up says little while another connection is still refused (an authorization error arrives
+    /// over a connection that is up).
+    pub fn clear_kafka_problem_after(&self, quiet: Duration) -> bool {
+        let mut current = self.kafka.lock().unwrap_or_else(PoisonError::into_inner);
+        if current
+            .as_ref()
+            .is_some_and(|(_, _, seen)| seen.elapsed() >= quiet)
+        {
+            *current = None;
+            return true;
+        }
+        false
     }
 
     fn kafka_problem(&self) -> Option<String> {
@@ -91,7 +110,7 @@ impl Readiness {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
-            .map(|(why, _)| why.clone())
+            .map(|(why, _, _)| why.clone())
     }
 
     /// Marks a dead-letter topic as unwritable; returns whether `why` is new for it.
@@ -147,7 +166,8 @@ mod tests {
         assert_eq!(readiness.reasons(), ["kafka: authentication failed"]);
         // Another cause replaces it; a connection up clears it.
         assert!(readiness.set_kafka_problem(Some(("certificate not trusted", true))));
-        assert!(readiness.set_kafka_problem(None));
+        assert!(!readiness.clear_kafka_problem_after(Duration::from_secs(60)));
+        assert!(readiness.clear_kafka_problem_after(Duration::ZERO));
         assert!(readiness.is_ready());
         assert!(readiness.set_kafka_problem(Some(("no broker reachable", false))));
         assert_eq!(readiness.reasons(), ["kafka: no broker reachable"]);

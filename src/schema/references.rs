@@ -60,6 +60,15 @@ fn namespace_of(full: &str) -> &str {
     full.rsplit_once('.').map_or("", |(namespace, _)| namespace)
 }
 
+/// `{"type": "<a name>"}` without a logical type: the named type itself.
+fn is_reference(object: &Map<String, Value>) -> bool {
+    object.get("logicalType").is_none()
+        && object.get("type").and_then(Value::as_str).is_some_and(|t| {
+            !PRIMITIVES.contains(&t)
+                && !matches!(t, "record" | "error" | "enum" | "fixed" | "array" | "map")
+        })
+}
+
 fn is_named(object: &Map<String, Value>) -> bool {
     matches!(
         object.get("type").and_then(Value::as_str),
@@ -67,7 +76,9 @@ fn is_named(object: &Map<String, Value>) -> bool {
     ) && object.get("name").and_then(Value::as_str).is_some()
 }
 
-/// The definition's full name, with `name` rewritten to it and `namespace` removed.
+/// The definition's full name, with `name` rewritten to it; `namespace` is removed, or set to
+/// the null namespace for a name without one (so it cannot take the namespace of wherever it is
+/// written). An `error` (a record in Avro's protocol language) becomes a `record`.
 fn qualify(object: &mut Map<String, Value>, enclosing: &str) -> String {
     let name = object
         .get("name")
@@ -76,8 +87,40 @@ fn qualify(object: &mut Map<String, Value>, enclosing: &str) -> String {
     let namespace = object.get("namespace").and_then(Value::as_str);
     let full = full_name(name, namespace, enclosing);
     object.insert("name".into(), Value::String(full.clone()));
-    object.remove("namespace");
+    if full.contains('.') {
+        object.remove("namespace");
+    } else {
+        object.insert("namespace".into(), Value::String(String::new()));
+    }
+    if object.get("type").and_then(Value::as_str) == Some("error") {
+        object.insert("type".into(), Value::String("record".into()));
+    }
     full
+}
+
+/// What `name` refers to in `namespace`: its full name in that namespace or, as Java's Avro (which
+/// Confluent's registry runs) also tries, the name in the null namespace; with the definition to
+/// write out when it has not been written yet.
+fn lookup<'a>(
+    name: &str,
+    namespace: &str,
+    library: &'a HashMap<String, Value>,
+    defined: &HashSet<String>,
+) -> Option<(String, Option<&'a Value>)> {
+    let full = full_name(name, None, namespace);
+    let mut candidates = vec![full];
+    if !name.contains('.') {
+        candidates.push(name.to_string());
+    }
+    candidates.into_iter().find_map(|candidate| {
+        if defined.contains(&candidate) {
+            Some((candidate, None))
+        } else {
+            library
+                .get(&candidate)
+                .map(|definition| (candidate, Some(definition)))
+        }
+    })
 }
 
 fn collect(
@@ -130,14 +173,15 @@ fn expand(
 ) {
     match schema {
         Value::String(name) if !PRIMITIVES.contains(&name.as_str()) => {
-            let full = full_name(name, None, namespace);
-            if defined.contains(&full) {
-                return;
-            }
-            if let Some(definition) = library.get(&full) {
-                let mut definition = definition.clone();
-                expand(&mut definition, namespace, library, defined);
-                *schema = definition;
+            match lookup(name, namespace, library, defined) {
+                // Written already: name it in full (its namespace may not be this one).
+                Some((full, None)) => *schema = Value::String(full),
+                Some((_, Some(definition))) => {
+                    let mut definition = definition.clone();
+                    expand(&mut definition, namespace, library, defined);
+                    *schema = definition;
+                }
+                None => {}
             }
         }
         Value::Array(branches) => {
@@ -158,6 +202,13 @@ fn expand(
                         expand(kind, namespace_of(&full), library, defined);
                     }
                 }
+            }
+        }
+        // `{"type": "shop.Address"}`: a reference in object form.
+        Value::Object(object) if is_reference(object) => {
+            if let Some(mut kind) = object.remove("type") {
+                expand(&mut kind, namespace, library, defined);
+                *schema = kind;
             }
         }
         Value::Object(object) => {
@@ -234,6 +285,44 @@ mod tests {
         let text = inline(order, &library(&[line, MONEY])).expect("inline");
         apache_avro::Schema::parse_str(&text).expect("parses");
         assert!(text.contains("\"size\":8"), "{text}");
+    }
+
+    #[test]
+    fn null_namespace_types_object_form_references_and_errors() {
+        // A referenced type without a namespace, used from inside a namespaced record by its
+        // bare name (Java's fallback; a second such use cannot be written in a form the Avro
+        // parsers share, so it stays unresolved and the schema is refused), a reference in
+        // object form, and an `error` type.
+        let point =
+            r#"{"type": "record", "name": "Point", "fields": [{"name": "x", "type": "int"}]}"#;
+        let failure = r#"{"type": "error", "name": "Failure", "namespace": "shop",
+            "fields": [{"name": "why", "type": "string"}]}"#;
+        let order = r#"{"type": "record", "name": "Order", "namespace": "shop", "fields": [
+            {"name": "at", "type": "Point"},
+            {"name": "price", "type": {"type": "com.acme.common.Money"}},
+            {"name": "again", "type": {"type": "com.acme.common.Money"}},
+            {"name": "failure", "type": ["null", "Failure"]}]}"#;
+        let text = inline(order, &library(&[point, failure, MONEY])).expect("inline");
+        let schema = apache_avro::Schema::parse_str(&text).expect("parses");
+        let apache_avro::Schema::Record(record) = schema else {
+            panic!("record expected: {text}");
+        };
+        let apache_avro::Schema::Record(at) = &record.fields[0].schema else {
+            panic!("Point written out: {text}");
+        };
+        assert_eq!(
+            at.name.fullname(None),
+            "Point",
+            "kept in the null namespace: {text}"
+        );
+        assert!(
+            matches!(&record.fields[1].schema, apache_avro::Schema::Fixed(_)),
+            "object form written out: {text}"
+        );
+        assert!(
+            matches!(&record.fields[2].schema, apache_avro::Schema::Ref { name } if name.fullname(None) == "com.acme.common.Money"),
+            "the second use names it: {text}"
+        );
     }
 
     #[test]

@@ -351,7 +351,22 @@ impl ConfluentClient {
                         reference.subject, reference.version
                     ),
                 })?;
-            library.extend(types);
+            for (name, definition) in types {
+                match library.get(&name) {
+                    Some(existing) if existing != &definition => {
+                        return Err(RegistryError::Unexpected {
+                            status: 200,
+                            code: None,
+                            message: format!(
+                                "named type {name} is defined differently by two referenced schemas"
+                            ),
+                        })
+                    }
+                    _ => {
+                        library.insert(name, definition);
+                    }
+                }
+            }
             pending.extend(found.references.iter().cloned());
         }
         references::inline(&schema, &library).map_err(|e| RegistryError::Unexpected {
@@ -421,7 +436,17 @@ impl ConfluentClient {
         let mut found = self.get_subject_version(subject, version).await?;
         found.schema = self
             .resolve(std::mem::take(&mut found.schema), &found.references)
-            .await?;
+            .await
+            .map_err(|e| match e {
+                // A missing *referenced* subject is not this subject missing: the version exists
+                // and cannot be read (`schemas check` must not take it for a new subject).
+                RegistryError::SubjectNotFound { subject, message } => RegistryError::Unexpected {
+                    status: 404,
+                    code: None,
+                    message: format!("referenced subject {subject:?}: {message}"),
+                },
+                other => other,
+            })?;
         Ok(found)
     }
 
