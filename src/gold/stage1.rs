@@ -11,9 +11,9 @@
 //! same partials with the same sequence numbers, which stage 2 recognises as replays.
 //!
 //! A caught-up source partition without records for the idle timeout moves its watermark with the
-//! clock (now minus the delay), stores it when it makes another window final (once per slide while
-//! the partition stays quiet), and then marks every partials partition, so windows close when a
-//! partition goes quiet. Events it receives later behind that watermark are late.
+//! clock (now minus the delay, in closing steps: once per slide while the partition stays quiet),
+//! commits it, and then marks every partials partition, so windows close when a partition goes
+//! quiet. Events it receives later behind that watermark are late.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -155,9 +155,6 @@ struct SourceState {
     emitted: i64,
     /// Watermark after `emitted` (microseconds; `None`: no event yet).
     watermark: Option<i64>,
-    /// The watermark last committed (what a new owner restores). An idle partition's watermark
-    /// runs ahead of it between closing steps: both make the same windows final.
-    stored_watermark: Option<i64>,
     /// Silver holds up to here and the epoch (emitted, this] was not sent: it is read again.
     replay_through: Option<i64>,
     replay: Vec<RecordBatch>,
@@ -323,7 +320,6 @@ impl Emitter {
                     SourceState {
                         emitted,
                         watermark,
-                        stored_watermark: watermark,
                         replay_through: through,
                         replay: Vec::new(),
                         last_activity: Instant::now(),
@@ -583,7 +579,6 @@ impl Emitter {
                     if let Some(s) = self.sources.get_mut(&tp) {
                         s.emitted = end;
                         s.watermark = computed.watermark;
-                        s.stored_watermark = computed.watermark;
                         s.hot = computed.hot;
                     }
                 }
@@ -617,9 +612,17 @@ impl Emitter {
         if !self.pending.is_empty() {
             return Ok(Vec::new());
         }
-        let now = chrono::Utc::now()
-            .timestamp_micros()
-            .saturating_sub(self.delay);
+        // In closing steps (the last multiple of the slide plus the lateness): the same windows
+        // become final as with the clock's own watermark, at the same moment, and a quiet
+        // partition commits once per slide rather than at every idle check. The watermark a
+        // marker announces is always the one stored before it.
+        let now = closing_step(
+            self.spec.window.slide,
+            self.lateness,
+            chrono::Utc::now()
+                .timestamp_micros()
+                .saturating_sub(self.delay),
+        );
         let candidates: Vec<(TopicPartition, Option<i64>)> = self
             .sources
             .iter()
@@ -653,38 +656,21 @@ impl Emitter {
         if idle.is_empty() {
             return Ok(Vec::new());
         }
-        // The watermark is stored before the markers announce it, so a new owner classifies
-        // late events as stage 2 was told. Only a watermark that makes another window final
-        // needs storing (closing steps: the last multiple of the slide plus the lateness); in
-        // between, the stored one makes the same windows final, so a quiet partition commits
-        // once per slide rather than at every idle check.
-        let step = |w: i64| closing_step(self.spec.window.slide, self.lateness, w);
         let mut last = BTreeMap::new();
         let mut extra = Vec::new();
         for tp in &idle {
             if let Some(s) = self.sources.get(tp) {
-                if s.stored_watermark
-                    .is_none_or(|stored| step(stored) < step(now))
-                {
-                    last.insert(tp.clone(), s.emitted);
-                    extra.push((self.late.side_app_id("watermark", tp), now));
-                }
+                last.insert(tp.clone(), s.emitted);
+                extra.push((self.late.side_app_id("watermark", tp), now));
             }
         }
-        if !last.is_empty() {
-            if let CommitOutcome::Fenced(fenced) =
-                self.late.commit_with(Vec::new(), &last, &extra).await?
-            {
-                for f in &fenced {
-                    self.release(&f.partition);
-                }
-                return Ok(fenced);
+        if let CommitOutcome::Fenced(fenced) =
+            self.late.commit_with(Vec::new(), &last, &extra).await?
+        {
+            for f in &fenced {
+                self.release(&f.partition);
             }
-            for tp in last.keys() {
-                if let Some(s) = self.sources.get_mut(tp) {
-                    s.stored_watermark = Some(now);
-                }
-            }
+            return Ok(fenced);
         }
         let mut messages = Vec::new();
         for tp in &idle {

@@ -31,9 +31,8 @@ pub fn is_final(window_end: i64, lateness: i64, watermark: Option<i64>) -> bool 
 
 /// The smallest watermark that makes final every window `t` makes final: window ends are
 /// multiples of the slide, so only the last multiple of the slide plus the lateness at or before
-/// `t` matters. An idle source partition stores its watermark only when this step moves, so it
-/// commits once per slide rather than at every idle check; the stored watermark makes the same
-/// windows final as the newer one.
+/// `t` matters. An idle source partition moves its watermark in these steps, so it commits once
+/// per slide rather than at every idle check, and closes the same windows at the same moment.
 pub fn closing_step(slide: i64, lateness: i64, t: i64) -> i64 {
     t.saturating_sub(lateness).div_euclid(slide.max(1)) * slide.max(1) + lateness
 }
