@@ -37,3 +37,18 @@ pub fn hit(name: &str) {
         }
     }
 }
+
+static FIRED: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether `STRATA_FAILPOINT_FAULT` (`name[:n]`) names this point and this is its n-th hit (default
+/// 1): for faults a test injects without freezing the process (a lost answer).
+pub fn fires(name: &str) -> bool {
+    let Ok(wanted) = std::env::var("STRATA_FAILPOINT_FAULT") else {
+        return false;
+    };
+    let (wanted_name, nth) = match wanted.split_once(':') {
+        Some((n, count)) => (n.to_string(), count.parse::<usize>().unwrap_or(1)),
+        None => (wanted, 1),
+    };
+    wanted_name == name && FIRED.fetch_add(1, Ordering::SeqCst) + 1 == nth
+}

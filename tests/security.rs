@@ -168,6 +168,12 @@ fn order_fields(id: u32, n: i64) -> Vec<(String, Value)> {
     ]
 }
 
+/// Starts a replica of `setup` with more variables (owned pairs, as `secured::strata_env` makes).
+fn spawn_with(setup: &Setup, env: &[(String, String)]) -> Replica {
+    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    setup.spawn(&extra)
+}
+
 /// Waits until `/readyz` answers 503 with `needle` in its body; returns the body.
 async fn wait_not_ready_with(replica: &Replica, needle: &str, within: Duration) -> String {
     let deadline = Instant::now() + within;
@@ -299,8 +305,7 @@ async fn scram_over_tls_with_gzip_lz4_zstd_and_references_lands_exactly_once_wit
         ]
         .map(|(k, v)| (k.to_string(), v)),
     );
-    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let replica = setup.spawn(&extra);
+    let replica = spawn_with(&setup, &env);
     setup.catch_up(&produced, &[&replica]).await;
     setup.assert_exact(&produced).await;
 
@@ -346,7 +351,7 @@ async fn scram_over_tls_with_gzip_lz4_zstd_and_references_lands_exactly_once_wit
         let output = Command::new(env!("CARGO_BIN_EXE_strata"))
             .args(args)
             .envs(setup.env(common::free_port()))
-            .envs(extra.iter().copied())
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .envs(more.iter().copied())
             .output()
             .expect("run strata");
@@ -416,8 +421,7 @@ async fn refused_credentials_keep_the_replica_up_not_ready_and_commit_nothing_un
     ];
     for (what, properties, reason) in refusals {
         let env = secured::strata_env(&properties);
-        let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-        let mut replica = setup.spawn(&extra);
+        let mut replica = spawn_with(&setup, &env);
         let body = wait_not_ready_with(&replica, reason, Duration::from_secs(60)).await;
         assert!(!body.contains("not-the-password"), "{body}");
         // It keeps retrying, alive and not ready, and commits nothing.
@@ -443,8 +447,7 @@ async fn refused_credentials_keep_the_replica_up_not_ready_and_commit_nothing_un
 
     // The credentials fixed (a restart, as an operator does): every record, once.
     let env = secured::strata_env(&client);
-    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let replica = setup.spawn(&extra);
+    let replica = spawn_with(&setup, &env);
     setup.catch_up(&produced, &[&replica]).await;
     setup.assert_exact(&produced).await;
     common::assert_accounting(&replica).await;
@@ -484,8 +487,7 @@ async fn mutual_tls_to_the_brokers_and_the_registry() {
     anonymous.retain(|(k, _)| !k.starts_with("ssl.certificate") && !k.starts_with("ssl.key"));
     let mut env = secured::strata_env(&anonymous);
     env.extend(registry_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let mut refused = setup.spawn(&extra);
+    let mut refused = spawn_with(&setup, &env);
     let body = wait_not_ready_with(&refused, "kafka:", Duration::from_secs(60)).await;
     assert!(body.contains("SSL"), "the TLS connection is named: {body}");
     assert!(refused.is_running());
@@ -494,8 +496,7 @@ async fn mutual_tls_to_the_brokers_and_the_registry() {
 
     let mut env = secured::strata_env(&client);
     env.extend(registry_env.iter().map(|(k, v)| (k.to_string(), v.clone())));
-    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let replica = setup.spawn(&extra);
+    let replica = spawn_with(&setup, &env);
     setup.catch_up(&produced, &[&replica]).await;
     setup.assert_exact(&produced).await;
     let dead_letters = common::dead_letters_with(

@@ -69,6 +69,21 @@ pub struct TableCommitter {
     /// A checkpoint every this many commits (`None`: the table's `delta.checkpointInterval`,
     /// 100 unless set).
     checkpoint_every: Option<u64>,
+    /// A commit whose answer was lost and whose outcome could not be read yet.
+    in_doubt: Option<InDoubt>,
+}
+
+/// What a commit with an unknown outcome would have left in the log: its offsets and one of its
+/// files (file names are unique, so another writer cannot have committed the same one).
+#[derive(Debug, Clone)]
+struct InDoubt {
+    offsets: BTreeMap<TopicPartition, i64>,
+    file: Option<String>,
+}
+
+/// The last path segment: a file's unique name, whatever encoding the log gives its folder.
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 impl TableCommitter {
@@ -80,6 +95,7 @@ impl TableCommitter {
             owned: HashMap::new(),
             max_attempts: max_attempts.max(1),
             checkpoint_every: None,
+            in_doubt: None,
         }
     }
 
@@ -134,6 +150,55 @@ impl TableCommitter {
 
     async fn refresh(&mut self) -> Result<(), DeltaTableError> {
         self.table.update_incremental(None).await
+    }
+
+    /// Whether the commit `doubt` describes is in the log (read fresh): every offset stored as
+    /// its `txn` and its file among the table's files. Returns the table version if so.
+    async fn landed(&mut self, doubt: &InDoubt) -> Result<Option<i64>, DeltaTableError> {
+        self.refresh().await?;
+        for (tp, offset) in &doubt.offsets {
+            if self.stored_version(tp).await? != Some(*offset) {
+                return Ok(None);
+            }
+        }
+        if let Some(file) = &doubt.file {
+            let snapshot = self.table.snapshot()?;
+            let present = snapshot
+                .log_data()
+                .into_iter()
+                .any(|f| file_name(&f.path()) == file_name(file));
+            if !present {
+                return Ok(None);
+            }
+        }
+        Ok(self.table.version().and_then(|v| i64::try_from(v).ok()))
+    }
+
+    /// Settles a commit left in doubt before anything else is compared: when it landed, it is
+    /// this replica's own progress, never a fence. Returns the version when it landed with
+    /// exactly `last_offsets` (the caller's commit is then done); otherwise the baseline moves to
+    /// what landed and the usual comparison decides.
+    async fn settle_in_doubt(
+        &mut self,
+        last_offsets: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<Option<i64>, DeltaTableError> {
+        let Some(doubt) = self.in_doubt.clone() else {
+            return Ok(None);
+        };
+        let landed = self.landed(&doubt).await?;
+        self.in_doubt = None;
+        let Some(version) = landed else {
+            tracing::debug!("the commit in doubt is not in the log");
+            return Ok(None);
+        };
+        for (tp, offset) in &doubt.offsets {
+            self.owned.insert(tp.clone(), Some(*offset));
+        }
+        tracing::warn!(
+            version,
+            "a commit whose answer was lost is in the log: it counts as committed"
+        );
+        Ok((doubt.offsets == *last_offsets).then_some(version))
     }
 
     /// A second progress value stored per partition beside its offset (Gold keeps a watermark).
@@ -228,6 +293,13 @@ impl TableCommitter {
         let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
         let mut retry = Retry::commit_races();
         for attempt in 1..=self.max_attempts {
+            if let Some(version) = self.settle_in_doubt(last_offsets).await? {
+                return Ok(CommitOutcome::Committed {
+                    version,
+                    attempts: attempt,
+                    checkpoint: None,
+                });
+            }
             self.refresh().await?;
             let fenced = self.compare(&partitions).await?;
             if !fenced.is_empty() {
@@ -261,6 +333,17 @@ impl TableCommitter {
                 .with_max_retries(0)
                 .build(Some(snapshot), self.table.log_store(), operation)
                 .await;
+            // The kill tests' model of a store whose answer to the commit's PUT is lost.
+            #[cfg(feature = "failpoints")]
+            let result = match result {
+                Ok(_) if crate::failpoints::fires("commit_answer_lost") => {
+                    Err(DeltaTableError::from(TransactionError::LogStoreError {
+                        msg: "failpoint commit_answer_lost: the answer to the PUT was lost".into(),
+                        source: "failpoint".into(),
+                    }))
+                }
+                other => other,
+            };
             match result {
                 Ok(done) => {
                     let version = done.version();
@@ -276,9 +359,44 @@ impl TableCommitter {
                 }
                 Err(e) if is_lost_race(&e) => {
                     tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");
+                    // A store that retried our PUT after losing its answer reports our own
+                    // commit as the version that already exists: settled first thing next round.
+                    self.in_doubt = Some(InDoubt {
+                        offsets: last_offsets.clone(),
+                        file: files.first().map(|add| add.path.clone()),
+                    });
                     retry.wait().await;
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    // The PUT may have succeeded and only its answer been lost: read the log
+                    // before judging, so our own commit is never taken for another's (a false
+                    // fence). When the log cannot be read now, the next commit settles it first.
+                    self.in_doubt = Some(InDoubt {
+                        offsets: last_offsets.clone(),
+                        file: files.first().map(|add| add.path.clone()),
+                    });
+                    tracing::warn!(error = %e, "delta commit failed; reading the log for its outcome");
+                    match self.settle_in_doubt(last_offsets).await {
+                        Ok(Some(version)) => {
+                            let checkpoint = self.checkpoint_if_due(version).await;
+                            return Ok(CommitOutcome::Committed {
+                                version,
+                                attempts: attempt,
+                                checkpoint,
+                            });
+                        }
+                        Ok(None) => return Err(e.into()),
+                        Err(read) => {
+                            // Still in doubt: keep it for the next commit to settle.
+                            self.in_doubt = Some(InDoubt {
+                                offsets: last_offsets.clone(),
+                                file: files.first().map(|add| add.path.clone()),
+                            });
+                            tracing::warn!(error = %read, "the log cannot be read now; the next commit settles the outcome first");
+                            return Err(e.into());
+                        }
+                    }
+                }
             }
         }
         Err(CommitError::TooManyConflicts(self.max_attempts))
