@@ -168,6 +168,23 @@ fn order_fields(id: u32, n: i64) -> Vec<(String, Value)> {
     ]
 }
 
+/// Every record of the setup's dead-letter topic, read through the secured broker.
+async fn read_dead_letters(
+    broker: &SecuredBroker,
+    client: &[(String, String)],
+    setup: &Setup,
+    produced: &Produced,
+) -> Vec<common::DeadLetter> {
+    common::dead_letters_with(
+        &broker.brokers,
+        client,
+        &format!("{}.dlq", setup.topic),
+        produced.bad.len(),
+        Duration::from_secs(60),
+    )
+    .await
+}
+
 /// Starts a replica of `setup` with more variables (owned pairs, as `secured::strata_env` makes).
 fn spawn_with(setup: &Setup, env: &[(String, String)]) -> Replica {
     let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
@@ -309,14 +326,7 @@ async fn scram_over_tls_with_gzip_lz4_zstd_and_references_lands_exactly_once_wit
     setup.catch_up(&produced, &[&replica]).await;
     setup.assert_exact(&produced).await;
 
-    let dead_letters = common::dead_letters_with(
-        &broker.brokers,
-        &client,
-        &format!("{}.dlq", setup.topic),
-        produced.bad.len(),
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead_letters = read_dead_letters(&broker, &client, &setup, &produced).await;
     let mut lettered: Vec<_> = dead_letters.iter().map(|d| d.source.clone()).collect();
     let mut bad = produced.bad.clone();
     lettered.sort();
@@ -499,14 +509,7 @@ async fn mutual_tls_to_the_brokers_and_the_registry() {
     let replica = spawn_with(&setup, &env);
     setup.catch_up(&produced, &[&replica]).await;
     setup.assert_exact(&produced).await;
-    let dead_letters = common::dead_letters_with(
-        &broker.brokers,
-        &client,
-        &format!("{}.dlq", setup.topic),
-        produced.bad.len(),
-        Duration::from_secs(60),
-    )
-    .await;
+    let dead_letters = read_dead_letters(&broker, &client, &setup, &produced).await;
     assert_eq!(dead_letters.len(), produced.bad.len());
     replica.stop(Duration::from_secs(30));
 }
