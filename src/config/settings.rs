@@ -72,7 +72,6 @@ pub fn is_secret(name: &str) -> bool {
     [
         "password",
         "secret",
-        "user_info",
         "user.info",
         "token",
         "key",

@@ -81,6 +81,15 @@ struct InDoubt {
     file: Option<String>,
 }
 
+impl InDoubt {
+    fn of(offsets: &BTreeMap<TopicPartition, i64>, files: &[Add]) -> Self {
+        Self {
+            offsets: offsets.clone(),
+            file: files.first().map(|add| add.path.clone()),
+        }
+    }
+}
+
 /// The last path segment: a file's unique name, whatever encoding the log gives its folder.
 fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
@@ -361,20 +370,14 @@ impl TableCommitter {
                     tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");
                     // A store that retried our PUT after losing its answer reports our own
                     // commit as the version that already exists: settled first thing next round.
-                    self.in_doubt = Some(InDoubt {
-                        offsets: last_offsets.clone(),
-                        file: files.first().map(|add| add.path.clone()),
-                    });
+                    self.in_doubt = Some(InDoubt::of(last_offsets, &files));
                     retry.wait().await;
                 }
                 Err(e) => {
                     // The PUT may have succeeded and only its answer been lost: read the log
                     // before judging, so our own commit is never taken for another's (a false
                     // fence). When the log cannot be read now, the next commit settles it first.
-                    self.in_doubt = Some(InDoubt {
-                        offsets: last_offsets.clone(),
-                        file: files.first().map(|add| add.path.clone()),
-                    });
+                    self.in_doubt = Some(InDoubt::of(last_offsets, &files));
                     tracing::warn!(error = %e, "delta commit failed; reading the log for its outcome");
                     match self.settle_in_doubt(last_offsets).await {
                         Ok(Some(version)) => {
@@ -387,11 +390,8 @@ impl TableCommitter {
                         }
                         Ok(None) => return Err(e.into()),
                         Err(read) => {
-                            // Still in doubt: keep it for the next commit to settle.
-                            self.in_doubt = Some(InDoubt {
-                                offsets: last_offsets.clone(),
-                                file: files.first().map(|add| add.path.clone()),
-                            });
+                            // Still in doubt (`settle_in_doubt` keeps it when the log cannot be
+                            // read): the next commit settles it first.
                             tracing::warn!(error = %read, "the log cannot be read now; the next commit settles the outcome first");
                             return Err(e.into());
                         }

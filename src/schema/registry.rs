@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::RwLock;
 
-use crate::config::{RegistryAccess, RegistryAuth, RegistrySource, Secret};
+use crate::config::{RegistryAccess, RegistryAuth, RegistrySource};
 use crate::schema::references;
 
 /// A registry answer larger than this is refused (schemas are kilobytes; this bounds memory).
@@ -129,17 +129,10 @@ struct ErrorResponse {
     message: Option<String>,
 }
 
-/// How requests authenticate.
-enum Credentials {
-    None,
-    Basic { user: String, password: Secret },
-    Bearer(Secret),
-}
-
 /// A Confluent Schema Registry REST client (only what Strata needs).
 pub struct ConfluentClient {
     base_url: String,
-    credentials: Credentials,
+    auth: RegistryAuth,
     http: reqwest::Client,
     /// Referenced subject versions (immutable once registered), by (subject, version).
     referenced: Mutex<HashMap<(String, i32), Arc<SubjectVersion>>>,
@@ -199,23 +192,9 @@ impl ConfluentClient {
         let http = builder.build().map_err(|e| {
             RegistryError::Setup(format!("building the registry's HTTP client: {e}"))
         })?;
-        let credentials = match &access.auth {
-            RegistryAuth::None => Credentials::None,
-            RegistryAuth::Basic(user_info) => match user_info.expose().split_once(':') {
-                Some((user, password)) => Credentials::Basic {
-                    user: user.to_string(),
-                    password: Secret::new(password),
-                },
-                None => Credentials::Basic {
-                    user: user_info.expose().to_string(),
-                    password: Secret::new(""),
-                },
-            },
-            RegistryAuth::Bearer(token) => Credentials::Bearer(token.clone()),
-        };
         Ok(Self {
             base_url: base_url.trim_end_matches('/').to_string(),
-            credentials,
+            auth: access.auth.clone(),
             http,
             referenced: Mutex::new(HashMap::new()),
         })
@@ -228,12 +207,14 @@ impl ConfluentClient {
             .http
             .get(&url)
             .header("Accept", "application/vnd.schemaregistry.v1+json");
-        request = match &self.credentials {
-            Credentials::None => request,
-            Credentials::Basic { user, password } => {
-                request.basic_auth(user, Some(password.expose()))
-            }
-            Credentials::Bearer(token) => request.bearer_auth(token.expose()),
+        request = match &self.auth {
+            RegistryAuth::None => request,
+            // `user:password`; a bare user has an empty password.
+            RegistryAuth::Basic(user_info) => match user_info.expose().split_once(':') {
+                Some((user, password)) => request.basic_auth(user, Some(password)),
+                None => request.basic_auth(user_info.expose(), Some("")),
+            },
+            RegistryAuth::Bearer(token) => request.bearer_auth(token.expose()),
         };
         let mut response = request
             .send()
