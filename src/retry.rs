@@ -30,9 +30,31 @@ impl Pace {
     }
 }
 
-pub struct Retry {
+/// Exponential backoff with jitter, for a caller that waits on its own (a loop that must keep
+/// answering other events meanwhile).
+#[derive(Debug, Clone)]
+pub struct Backoff {
     next: Duration,
     max: Duration,
+}
+
+impl Backoff {
+    pub fn new(pace: Pace) -> Self {
+        let (next, max) = pace.bounds();
+        Self { next, max }
+    }
+
+    /// The current delay plus up to as much again in jitter; doubles the delay for next time.
+    pub fn delay(&mut self) -> Duration {
+        let jitter = rand::random_range(0..=self.next.as_millis().max(1) as u64);
+        let delay = self.next + Duration::from_millis(jitter);
+        self.next = (self.next * 2).min(self.max);
+        delay
+    }
+}
+
+pub struct Retry {
+    backoff: Backoff,
     /// `None` only for commit races, which the final drain must be able to finish.
     stop: Option<CancellationToken>,
 }
@@ -40,10 +62,8 @@ pub struct Retry {
 impl Retry {
     /// Retries at `pace`, until `stop` is cancelled.
     pub fn new(pace: Pace, stop: &CancellationToken) -> Self {
-        let (next, max) = pace.bounds();
         Self {
-            next,
-            max,
+            backoff: Backoff::new(pace),
             stop: Some(stop.clone()),
         }
     }
@@ -51,10 +71,8 @@ impl Retry {
     /// Retries of a lost commit race. They are not cut short by shutdown: the drain after SIGTERM
     /// commits through them, bounded by `STRATA_COMMIT_RETRIES` and the grace period.
     pub fn commit_races() -> Self {
-        let (next, max) = Pace::CommitRace.bounds();
         Self {
-            next,
-            max,
+            backoff: Backoff::new(Pace::CommitRace),
             stop: None,
         }
     }
@@ -63,9 +81,7 @@ impl Retry {
     /// Returns false, at once, when shutdown was requested before or during the wait: the caller
     /// stops retrying.
     pub async fn wait(&mut self) -> bool {
-        let jitter = rand::random_range(0..=self.next.as_millis().max(1) as u64);
-        let delay = self.next + Duration::from_millis(jitter);
-        self.next = (self.next * 2).min(self.max);
+        let delay = self.backoff.delay();
         match &self.stop {
             Some(stop) if stop.is_cancelled() => false,
             Some(stop) => tokio::select! {
@@ -108,9 +124,10 @@ mod tests {
         let stop = CancellationToken::new();
         let mut retry = Retry::new(Pace::CommitRace, &stop);
         for _ in 0..10 {
-            retry.next = (retry.next * 2).min(retry.max);
+            retry.backoff.delay();
         }
-        assert_eq!(retry.next, Duration::from_secs(2));
+        assert_eq!(retry.backoff.next, Duration::from_secs(2));
+        assert!(retry.backoff.delay() <= Duration::from_secs(4));
         assert!(retry.wait().await);
     }
 }

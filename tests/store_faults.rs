@@ -1,4 +1,10 @@
-//! Faults of the object store around a commit (tansu + moto, the real binary).
+//! Faults of the object store (tansu + moto, the real binary): an outage longer than
+//! `max.poll.interval.ms` (503 SlowDown, then connection resets) in front of moto, a commit refused
+//! after its files were uploaded, and a commit whose answer was lost.
+//!
+//! During an outage the replica pauses fetching and keeps polling, so it stays in its group; it
+//! is not ready and `/readyz` names the store; afterwards everything is exact. A flush whose
+//! commit failed keeps the files it uploaded: no file is written twice.
 //!
 //! A commit whose PUT succeeded but whose answer was lost (failpoint `commit_answer_lost`, a
 //! fault that returns an error after the commit landed) is settled by reading the log: the
@@ -10,7 +16,117 @@ mod common;
 
 use std::time::Duration;
 
+use common::s3_faults::{Fault, FaultyS3, Matching};
 use common::{produce, Setup};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_longer_than_the_poll_interval_pauses_fetching_and_loses_nothing() {
+    let setup = Setup::new("store-outage", 3).await;
+    let s3 = FaultyS3::start().await;
+    let mut produced = produce(&setup.topic, 3_000, 100, 31).await;
+    let replica = setup.spawn(&[
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        // The outage below lasts three times as long.
+        ("STRATA_KAFKA_MAX_POLL_INTERVAL_MS", "15000"),
+        ("STRATA_MAINTENANCE_INTERVAL", "1h"),
+    ]);
+    setup.catch_up(&produced, &[&replica]).await;
+    let rebalances = replica.metric("strata_rebalances_total").await;
+
+    s3.fail(Fault::SlowDown, Matching::all());
+    let outage = std::time::Instant::now();
+    produced.extend(produce(&setup.topic, 6_000, 100, 32).await);
+    let mut named = false;
+    while outage.elapsed() < Duration::from_secs(30) {
+        if let Some((503, body)) = replica.http_get("/readyz").await {
+            named |= body.contains("object store refuses writes")
+                && body.contains(&setup.lake)
+                && body.contains("SlowDown");
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(
+        named,
+        "/readyz never named the refusing store:\n{}",
+        replica.tail(20)
+    );
+    // Then the connections are reset for a while.
+    s3.fail(Fault::Reset, Matching::all());
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert!(s3.hits() > 0, "the outage hit no request");
+    s3.heal();
+    let healed = std::time::Instant::now();
+    setup.catch_up(&produced, &[&replica]).await;
+    eprintln!(
+        "store outage of {:?}: caught up {:?} after the store returned",
+        healed - outage,
+        healed.elapsed()
+    );
+    setup.assert_exact(&produced).await;
+    assert_eq!(
+        replica.metric("strata_rebalances_total").await,
+        rebalances,
+        "the replica left its group during the outage:\n{}",
+        replica.tail(30)
+    );
+    assert!(
+        replica.log_contains("fetching paused") && replica.log_contains("fetching resumes"),
+        "{}",
+        replica.tail(30)
+    );
+    assert_eq!(replica.http_status("/readyz").await, 200);
+    common::assert_accounting(&replica).await;
+    replica.stop(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_whose_commit_is_refused_keeps_its_uploaded_files() {
+    let setup = Setup::new("commit-refused", 3).await;
+    let s3 = FaultyS3::start().await;
+    let replica = setup.spawn(&[
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        ("STRATA_MAINTENANCE_INTERVAL", "1h"),
+    ]);
+    let mut produced = produce(&setup.topic, 2_000, 100, 41).await;
+    setup.catch_up(&produced, &[&replica]).await;
+    // Data files land; every write to the log is throttled.
+    s3.fail(
+        Fault::SlowDown,
+        Matching {
+            method: Some("PUT"),
+            path_contains: Some("_delta_log"),
+        },
+    );
+    produced.extend(produce(&setup.topic, 4_000, 100, 42).await);
+    // A flush failed after its files were uploaded, and kept them.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !replica.log_lines().iter().any(|l| {
+        l.split("\"uploaded_files_kept\":")
+            .nth(1)
+            .is_some_and(|n| !n.starts_with('0'))
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no flush kept its uploaded files:\n{}",
+            replica.tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    s3.heal();
+    setup.catch_up(&produced, &[&replica]).await;
+    setup.assert_exact(&produced).await;
+    let orphans = strata::lake::verify::unreferenced_files(setup.table_url())
+        .await
+        .expect("list");
+    assert!(
+        orphans.is_empty(),
+        "files uploaded again on retry, leaving {} unreferenced: {orphans:?}",
+        orphans.len()
+    );
+    common::assert_accounting(&replica).await;
+    replica.stop(Duration::from_secs(30));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_whose_answer_was_lost_is_read_from_the_log_not_fenced() {

@@ -9,9 +9,9 @@
 //!
 //! It never decides what is durable: group offsets are committed only when the pipeline says so.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc as std_mpsc, Arc};
+use std::sync::{mpsc as std_mpsc, Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,11 @@ pub enum SourceCommand {
     Seek(TopicPartition, i64),
     /// Commit these next-offsets to the consumer group (advisory, asynchronous).
     CommitOffsets(BTreeMap<TopicPartition, i64>),
+    /// Stop fetching every assigned partition (and any assigned later) until `Resume`, while
+    /// still polling: the sink is stalled, and a blocked `poll` would cost the group membership.
+    Pause,
+    /// Fetch again, from the record after the last one handed over.
+    Resume,
 }
 
 struct SourceContext {
@@ -69,6 +74,44 @@ struct SourceContext {
     counts_assignments: bool,
     /// The client's `STRATA_KAFKA_*` properties, to name the mechanism a refusal concerns.
     properties: BTreeMap<String, String>,
+    /// Fetching is paused (the pipeline asked, or it is not taking chunks): partitions assigned
+    /// meanwhile start paused too.
+    paused: Paused,
+    /// Events the pipeline had no room for yet, in order. Fetching is paused while any wait, so
+    /// this holds at most what was fetched before the pause took effect. A rebalance hands them
+    /// over first, so the pipeline sees every record fetched before it.
+    outbox: Mutex<VecDeque<SourceEvent>>,
+}
+
+impl SourceContext {
+    fn outbox(&self) -> MutexGuard<'_, VecDeque<SourceEvent>> {
+        self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Before a rebalance event: hands over everything waiting, waiting for room (this runs
+    /// inside `poll`, which librdkafka does not count against `max.poll.interval.ms`).
+    fn hand_over_all(&self) {
+        let waiting: Vec<SourceEvent> = self.outbox().drain(..).collect();
+        for event in waiting {
+            if self.events.blocking_send(event).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Why fetching is paused: the pipeline asked (its sink is stalled), or the event channel is full
+/// (the pipeline is behind). Fetching resumes when neither holds.
+#[derive(Default)]
+struct Paused {
+    asked: AtomicBool,
+    full: AtomicBool,
+}
+
+impl Paused {
+    fn any(&self) -> bool {
+        self.asked.load(Ordering::Relaxed) || self.full.load(Ordering::Relaxed)
+    }
 }
 
 impl ClientContext for SourceContext {
@@ -120,6 +163,7 @@ impl ConsumerContext for SourceContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions = partitions_of(tpl);
+                self.hand_over_all();
                 let (reply, answer) = oneshot::channel();
                 let resume = if self
                     .events
@@ -155,6 +199,11 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions");
                 }
+                if self.paused.any() {
+                    if let Err(e) = consumer.pause(tpl) {
+                        tracing::warn!(error = %e, "pausing newly assigned partitions");
+                    }
+                }
                 self.metrics.rebalanced(
                     "assign",
                     &partitions,
@@ -165,6 +214,7 @@ impl ConsumerContext for SourceContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
                 let partitions = partitions_of(tpl);
                 let lost = consumer.assignment_lost();
+                self.hand_over_all();
                 let (done, finished) = oneshot::channel();
                 if self
                     .events
@@ -261,6 +311,8 @@ impl Source {
             metrics: metrics.clone(),
             counts_assignments: settings.counts_assignments,
             properties: settings.properties.clone(),
+            paused: Paused::default(),
+            outbox: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -328,6 +380,7 @@ fn poll_loop(
 ) {
     let mut chunk: Vec<SourceRecord> = Vec::new();
     let mut chunk_bytes = 0usize;
+    let context = consumer.context().clone();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(command) = commands.try_recv() {
             match command {
@@ -350,7 +403,8 @@ fn poll_loop(
                         ) {
                             tracing::warn!(partition = %tp, offset, error = %e, "seek failed");
                         }
-                        let _ = events.blocking_send(SourceEvent::Reseeked(tp));
+                        // After the records fetched before the seek, which the pipeline ignores.
+                        context.outbox().push_back(SourceEvent::Reseeked(tp));
                     }
                 }
                 SourceCommand::CommitOffsets(offsets) => {
@@ -366,8 +420,14 @@ fn poll_loop(
                         tracing::debug!(error = %e, "group offset commit not sent");
                     }
                 }
+                SourceCommand::Pause => set_paused(&consumer, |p| &p.asked, true),
+                SourceCommand::Resume => set_paused(&consumer, |p| &p.asked, false),
             }
         }
+        // Backpressure without blocking `poll`: while the pipeline has no room, fetching is
+        // paused and polling goes on (heartbeats, rebalances, `max.poll.interval.ms`).
+        let waiting = hand_over(&events, &mut context.outbox());
+        set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
         let mut timeout = Duration::from_millis(100);
         loop {
@@ -378,12 +438,14 @@ fn poll_loop(
                         last.partition == record.partition && last.topic == record.topic
                     });
                     if !same_partition {
-                        send_chunk(&events, &mut chunk, &mut chunk_bytes);
+                        close_chunk(&mut chunk, &mut chunk_bytes, &mut context.outbox());
                     }
                     chunk_bytes += record.size();
                     chunk.push(record);
                     if chunk.len() >= CHUNK_RECORDS || chunk_bytes >= CHUNK_BYTES {
-                        send_chunk(&events, &mut chunk, &mut chunk_bytes);
+                        let mut outbox = context.outbox();
+                        close_chunk(&mut chunk, &mut chunk_bytes, &mut outbox);
+                        hand_over(&events, &mut outbox);
                     }
                     timeout = Duration::ZERO;
                     if Instant::now() >= deadline {
@@ -397,9 +459,15 @@ fn poll_loop(
                 None => break,
             }
         }
-        send_chunk(&events, &mut chunk, &mut chunk_bytes);
+        let waiting = {
+            let mut outbox = context.outbox();
+            close_chunk(&mut chunk, &mut chunk_bytes, &mut outbox);
+            hand_over(&events, &mut outbox)
+        };
+        set_paused(&consumer, |p| &p.full, waiting);
     }
-    // Leave the group: the final revocation goes through the rebalance callback as usual.
+    // Leave the group: the final revocation goes through the rebalance callback as usual, and
+    // hands over what still waits first.
     consumer.unsubscribe();
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until
@@ -413,17 +481,63 @@ fn poll_loop(
     drop(consumer);
 }
 
-fn send_chunk(
-    events: &mpsc::Sender<SourceEvent>,
+/// Moves the records gathered so far to the outbox as one chunk.
+fn close_chunk(
     chunk: &mut Vec<SourceRecord>,
     bytes: &mut usize,
+    outbox: &mut VecDeque<SourceEvent>,
 ) {
-    if chunk.is_empty() {
+    *bytes = 0;
+    if !chunk.is_empty() {
+        outbox.push_back(SourceEvent::Records(std::mem::take(chunk)));
+    }
+}
+
+/// Hands over what the outbox holds, in order, as far as the pipeline has room; never blocks.
+/// Returns whether anything still waits. Records are counted as consumed by the pipeline when it
+/// takes them (one place keeps the accounting).
+fn hand_over(events: &mpsc::Sender<SourceEvent>, outbox: &mut VecDeque<SourceEvent>) -> bool {
+    while let Some(event) = outbox.pop_front() {
+        match events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => {
+                outbox.push_front(event);
+                return true;
+            }
+            // The pipeline is gone (shutting down): nothing of it will be committed.
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                outbox.clear();
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// Sets one reason to pause and pauses or resumes the whole assignment when that changes whether
+/// any reason holds. On resume librdkafka fetches from the record after the last one polled.
+fn set_paused(
+    consumer: &BaseConsumer<SourceContext>,
+    reason: impl Fn(&Paused) -> &AtomicBool,
+    value: bool,
+) {
+    let paused = &consumer.context().paused;
+    let before = paused.any();
+    reason(paused).store(value, Ordering::Relaxed);
+    let after = paused.any();
+    if before == after {
         return;
     }
-    // Counted as consumed by the pipeline when it takes them (one place keeps the accounting).
-    let records = std::mem::take(chunk);
-    *bytes = 0;
-    // Blocks when the pipeline is behind: that is the backpressure on fetching.
-    let _ = events.blocking_send(SourceEvent::Records(records));
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let result = if after {
+        consumer.pause(&assignment)
+    } else {
+        consumer.resume(&assignment)
+    };
+    match result {
+        Ok(()) => tracing::debug!(paused = after, "fetching paused or resumed"),
+        Err(e) => tracing::warn!(error = %e, paused = after, "pausing or resuming fetches"),
+    }
 }

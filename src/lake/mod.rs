@@ -39,25 +39,36 @@ pub fn register_object_stores() {
     deltalake::aws::register_handlers(None);
 }
 
-/// [`register_object_stores`], and with a CA bundle (`AWS_CA_BUNDLE`, as the AWS SDKs name it)
+/// How long one S3 request is retried inside the object store (a 503 SlowDown, a reset
+/// connection) before its error reaches Strata. Short, so a flush that cannot write says so within
+/// seconds (`/readyz`, the log) and Strata's own backoff takes over, which keeps the files already
+/// uploaded. The object store's default, about a minute of retries per request, would hold a
+/// flush silent that long. A table's own `max_retries` or `retry_timeout` options win.
+const S3_REQUEST_RETRIES: [(&str, &str); 2] = [("max_retries", "3"), ("retry_timeout", "15s")];
+
+/// [`register_object_stores`], with Strata's settings for S3 stores: request retries bounded
+/// ([`S3_REQUEST_RETRIES`]), and with a CA bundle (`AWS_CA_BUNDLE`, as the AWS SDKs name it)
 /// S3-compatible endpoints whose certificate a private CA signed (MinIO, Ceph, on-premises
 /// stores) are trusted too, besides the system's roots.
 pub fn register_object_stores_trusting(
     ca_bundle: Option<&std::path::Path>,
 ) -> Result<(), DeltaTableError> {
     register_object_stores();
-    let Some(bundle) = ca_bundle else {
-        return Ok(());
+    let trusted = match ca_bundle {
+        Some(bundle) => {
+            // Checked now, so a bad file fails start-up rather than the first table open.
+            deltalake::logstore::client_options_from_certificate(&bundle.to_string_lossy())?;
+            Some(StorageConfig::parse_options([(
+                "certificate_path",
+                bundle.to_string_lossy().into_owned(),
+            )])?)
+        }
+        None => None,
     };
-    // Checked now, so a bad file fails start-up rather than the first table open.
-    deltalake::logstore::client_options_from_certificate(&bundle.to_string_lossy())?;
-    let trusted = StorageConfig::parse_options([(
-        "certificate_path",
-        bundle.to_string_lossy().into_owned(),
-    )])?;
-    let factory = Arc::new(TrustingS3 {
+    let factory = Arc::new(StrataS3 {
         inner: deltalake::aws::storage::S3ObjectStoreFactory::default(),
         trusted,
+        bounded: StorageConfig::parse_options(S3_REQUEST_RETRIES)?,
     });
     for scheme in ["s3", "s3a"] {
         let url = Url::parse(&format!("{scheme}://"))
@@ -67,25 +78,34 @@ pub fn register_object_stores_trusting(
     Ok(())
 }
 
-/// delta-rs's S3 store, with the CA bundle's certificate settings when a table's options set none.
+/// delta-rs's S3 store, with Strata's request retries and the CA bundle's certificate settings
+/// when a table's options set none.
 #[derive(Debug)]
-struct TrustingS3 {
+struct StrataS3 {
     inner: deltalake::aws::storage::S3ObjectStoreFactory,
     /// Only its `certificate` is used.
-    trusted: StorageConfig,
+    trusted: Option<StorageConfig>,
+    /// Only its `retry` is used.
+    bounded: StorageConfig,
 }
 
-impl ObjectStoreFactory for TrustingS3 {
+impl ObjectStoreFactory for StrataS3 {
     fn parse_url_opts(
         &self,
         url: &Url,
         config: &StorageConfig,
     ) -> deltalake::DeltaResult<(ObjectStoreRef, deltalake::Path)> {
-        if config.certificate.is_some() {
-            return self.inner.parse_url_opts(url, config);
-        }
         let mut config = config.clone();
-        config.certificate = self.trusted.certificate.clone();
+        if config.certificate.is_none() {
+            config.certificate = self.trusted.as_ref().and_then(|t| t.certificate.clone());
+        }
+        let own_retries = config
+            .raw
+            .keys()
+            .any(|k| k.starts_with("max_retries") || k.starts_with("retry_timeout"));
+        if !own_retries {
+            config.retry = self.bounded.retry.clone();
+        }
         self.inner.parse_url_opts(url, &config)
     }
 }
@@ -154,6 +174,16 @@ mod tests {
         let missing =
             register_object_stores_trusting(Some(std::path::Path::new("/nonexistent/ca.pem")));
         assert!(missing.is_err());
+    }
+
+    #[test]
+    fn s3_request_retries_are_bounded() {
+        let bounded = StorageConfig::parse_options(S3_REQUEST_RETRIES).expect("options");
+        assert_eq!(bounded.retry.max_retries, 3);
+        assert_eq!(
+            bounded.retry.retry_timeout,
+            std::time::Duration::from_secs(15)
+        );
     }
 
     #[test]

@@ -413,6 +413,11 @@ impl Metrics {
         self.readiness.set(reason, holds);
     }
 
+    /// The flush's store refuses writes (`Some`: which and why, for `/readyz`) or takes them again.
+    pub fn lake_refuses(&self, why: Option<&str>) {
+        self.readiness.set_lake_problem(why);
+    }
+
     pub fn is_ready(&self) -> bool {
         self.readiness.is_ready()
     }

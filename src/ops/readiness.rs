@@ -43,6 +43,8 @@ pub struct Readiness {
     /// Why the Kafka cluster refuses or cannot be reached (authentication, TLS, no broker),
     /// whether that names a cause, and when it was last reported.
     kafka: Mutex<Option<(String, bool, Instant)>>,
+    /// Which store refuses writes, and how, while [`NotReady::Lake`] holds for a flush.
+    lake: Mutex<Option<String>>,
 }
 
 impl Default for Readiness {
@@ -51,6 +53,7 @@ impl Default for Readiness {
             reasons: AtomicU8::new(NotReady::Starting as u8),
             blocked_dead_letters: Mutex::new(BTreeMap::new()),
             kafka: Mutex::new(None),
+            lake: Mutex::new(None),
         }
     }
 }
@@ -105,12 +108,25 @@ impl Readiness {
         false
     }
 
+    /// Sets (or clears) which store refuses the flush's writes and why, with [`NotReady::Lake`].
+    pub fn set_lake_problem(&self, why: Option<&str>) {
+        *self.lake.lock().unwrap_or_else(PoisonError::into_inner) = why.map(str::to_string);
+        self.set(NotReady::Lake, why.is_some());
+    }
+
     fn kafka_problem(&self) -> Option<String> {
         self.kafka
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .as_ref()
             .map(|(why, _, _)| why.clone())
+    }
+
+    fn lake_problem(&self) -> Option<String> {
+        self.lake
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Marks a dead-letter topic as unwritable; returns whether `why` is new for it.
@@ -137,7 +153,10 @@ impl Readiness {
         let mut reasons: Vec<String> = NotReady::ALL
             .iter()
             .filter(|r| bits & (**r as u8) != 0)
-            .map(|r| r.as_str().to_string())
+            .map(|r| match (r, self.lake_problem()) {
+                (NotReady::Lake, Some(why)) => format!("{}: {why}", r.as_str()),
+                _ => r.as_str().to_string(),
+            })
             .collect();
         if let Some(why) = self.kafka_problem() {
             reasons.push(format!("kafka: {why}"));
@@ -171,5 +190,19 @@ mod tests {
         assert!(readiness.is_ready());
         assert!(readiness.set_kafka_problem(Some(("no broker reachable", false))));
         assert_eq!(readiness.reasons(), ["kafka: no broker reachable"]);
+    }
+
+    #[test]
+    fn a_refusing_store_is_named_until_it_takes_writes() {
+        let readiness = Readiness::default();
+        readiness.set(NotReady::Starting, false);
+        readiness.set_lake_problem(Some("s3://lake/silver/order: 503 SlowDown"));
+        assert!(!readiness.is_ready());
+        assert_eq!(
+            readiness.reasons(),
+            ["object store refuses writes: s3://lake/silver/order: 503 SlowDown"]
+        );
+        readiness.set_lake_problem(None);
+        assert!(readiness.is_ready());
     }
 }

@@ -9,26 +9,97 @@ use std::time::Instant;
 use crate::kafka::consumer::SourceCommand;
 use crate::lake::commit::CommitOutcome;
 use crate::models::TopicPartition;
-use crate::ops::NotReady;
-use crate::retry::{Pace, Retry};
+use crate::retry::{Backoff, Pace, Retry};
+use crate::silver::tables::Uploads;
 
 use super::pipeline::{PipelineError, Replica};
 
+/// A flush that failed: fetching is paused and the flush is tried again at `at`, with backoff,
+/// while the event loop goes on answering rebalances.
+pub(super) struct Stall {
+    pub(super) at: Instant,
+    backoff: Backoff,
+}
+
 impl Replica {
-    /// Writes and commits everything buffered. Retries storage errors with backoff until it
-    /// succeeds or shutdown is requested (then the work is left uncommitted, which loses nothing).
+    /// Writes and commits everything buffered, once. When that fails the replica stalls instead
+    /// of waiting in here: it asks the source to pause fetching (the consumer keeps polling, so a
+    /// long store outage never costs the group membership), reports the store as refusing, and
+    /// the next attempt comes from a tick (`retry_stalled`). Nothing is lost: the rows stay
+    /// buffered, and the files already uploaded are kept for the retry.
     pub(super) async fn flush(&mut self) -> Result<(), PipelineError> {
+        match self.try_flush().await {
+            Ok(()) => {
+                if self.stalled.take().is_some() {
+                    tracing::info!("the object store takes writes again; fetching resumes");
+                    self.commands.send(SourceCommand::Resume);
+                }
+                self.metrics.lake_refuses(None);
+                Ok(())
+            }
+            Err(e) => {
+                let stall = self.stalled.get_or_insert_with(|| {
+                    self.commands.send(SourceCommand::Pause);
+                    Stall {
+                        at: Instant::now(),
+                        backoff: Backoff::new(Pace::Outage),
+                    }
+                });
+                let delay = stall.backoff.delay();
+                stall.at = Instant::now() + delay;
+                let uploaded: usize = self
+                    .tables
+                    .list
+                    .iter()
+                    .map(|t| t.uploads.file_count())
+                    .sum();
+                self.metrics.lake_refuses(Some(&self.refusal(&e)));
+                tracing::warn!(error = %e, retry_in = ?delay, uploaded_files_kept = uploaded,
+                    "flush failed; fetching paused, buffered rows kept");
+                Ok(())
+            }
+        }
+    }
+
+    /// Which store refuses and how, for `/readyz`: the lake and the end of the error (the
+    /// innermost cause, such as the store's own answer, comes last).
+    fn refusal(&self, error: &PipelineError) -> String {
+        let text = error.to_string();
+        let count = text.chars().count();
+        let why = if count > 300 {
+            let tail: String = text.chars().skip(count - 300).collect();
+            format!("…{tail}")
+        } else {
+            text
+        };
+        format!("{}: {why}", self.config.lake_url)
+    }
+
+    /// The stalled flush's next attempt, when it is due.
+    pub(super) async fn retry_stalled(&mut self) -> Result<(), PipelineError> {
+        if self
+            .stalled
+            .as_ref()
+            .is_some_and(|s| Instant::now() >= s.at)
+        {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// The final flush after shutdown: retried until it succeeds or the stop ends the wait
+    /// (then the work is left uncommitted, which loses nothing).
+    pub(super) async fn flush_to_the_end(&mut self) -> Result<(), PipelineError> {
         let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {
             match self.try_flush().await {
                 Ok(()) => {
-                    self.metrics.not_ready(NotReady::Lake, false);
+                    self.metrics.lake_refuses(None);
                     return Ok(());
                 }
                 Err(e) => {
-                    // Not ready while the lake refuses writes; nothing is lost, the work stays buffered.
-                    self.metrics.not_ready(NotReady::Lake, true);
-                    tracing::warn!(error = %e, "flush failed; retrying");
+                    self.metrics.lake_refuses(Some(&self.refusal(&e)));
+                    tracing::warn!(error = %e, "final flush failed; retrying");
                     if !retry.wait().await {
                         return Err(e);
                     }
@@ -77,10 +148,14 @@ impl Replica {
                     self.on_fenced(index, fenced).await?;
                     continue 'again;
                 }
-                let files = table.writer.write(&batches).await?;
+                // Files a failed flush uploaded are kept: only the rest is uploaded now.
+                let files = table.upload(&partitions).await?;
                 let sizes: Vec<i64> = files.iter().map(|f| f.size).collect();
                 crate::failpoint!("before_commit");
-                match table.committer.commit(files, &last_offsets).await? {
+                let outcome = table.committer.commit(files, &last_offsets).await?;
+                // Committed, or fenced: either way these files are done with.
+                table.uploads = Uploads::default();
+                match outcome {
                     CommitOutcome::Fenced(fenced) => {
                         // Lost a race for ownership after the upload: those files stay unreferenced
                         // (vacuum removes them); the rest is written again.

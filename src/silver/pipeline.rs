@@ -112,6 +112,8 @@ pub struct Replica {
     pub(super) shutdown: CancellationToken,
     /// Gold stage 1 (when Gold is on).
     pub(super) gold: Option<Emitter>,
+    /// Set while a failed flush waits for its retry (see `flush`).
+    pub(super) stalled: Option<super::flush::Stall>,
 }
 
 impl Replica {
@@ -141,6 +143,7 @@ impl Replica {
             summary: RunSummary::default(),
             shutdown,
             gold,
+            stalled: None,
         }
     }
 
@@ -207,8 +210,10 @@ impl Replica {
                 lost,
                 done,
             } => {
-                // A lost assignment may already be someone else's: its work is only dropped.
-                if !lost {
+                // A lost assignment may already be someone else's: its work is only dropped. While
+                // the store refuses writes the rebalance does not wait for it either: the work is
+                // dropped, and the next owner reads it again.
+                if !lost && self.stalled.is_none() {
                     self.flush().await?;
                 }
                 self.forget(&partitions, if lost { "lost" } else { "revoked" });
@@ -390,7 +395,10 @@ impl Replica {
         self.oldest.get_or_insert_with(Instant::now);
         let (rows, bytes) = self.tables.buffered();
         self.metrics.buffered_bytes(bytes);
-        if rows >= self.config.file_max_rows || bytes >= self.config.file_max_bytes {
+        // While stalled, the retry waits for its tick; fetching is paused, so little comes in.
+        if (rows >= self.config.file_max_rows || bytes >= self.config.file_max_bytes)
+            && self.stalled.is_none()
+        {
             self.flush().await?;
         }
         Ok(())
@@ -412,7 +420,9 @@ impl Stage for Replica {
     }
 
     async fn on_tick(&mut self) -> Result<(), PipelineError> {
-        if self
+        if self.stalled.is_some() {
+            self.retry_stalled().await?;
+        } else if self
             .oldest
             .is_some_and(|t| t.elapsed() >= self.config.flush_interval)
         {
@@ -422,7 +432,7 @@ impl Stage for Replica {
     }
 
     async fn commit_all(&mut self) -> Result<(), PipelineError> {
-        self.flush().await
+        self.flush_to_the_end().await
     }
 
     fn answer_while_closing(&mut self, event: SourceEvent) {

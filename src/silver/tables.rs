@@ -5,16 +5,17 @@
 //! gains the new columns in one metadata commit first, and rows already buffered in the old shape
 //! are widened when written, so a schema change never starts extra files.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use tokio_util::sync::CancellationToken;
 
 use deltalake::arrow::array::RecordBatch;
+use deltalake::kernel::Add;
 
 use crate::config::{Config, ReaderSchemas, SubjectStrategy};
 use crate::lake;
 use crate::lake::commit::{CommitError, TableCommitter};
-use crate::lake::files::{FilePolicy, SilverWriter};
+use crate::lake::files::{FilePolicy, SilverError, SilverWriter, WriteProgress};
 use crate::models::TopicPartition;
 use crate::ops::{Metrics, NotReady};
 use crate::retry::{Pace, Retry};
@@ -35,6 +36,39 @@ pub struct TablePart {
 }
 
 pub use crate::lake::OpenError;
+
+/// Files uploaded for buffered rows and not committed yet. A flush that failed keeps them, so its
+/// retry uploads only what is missing. A commit, a fence, a schema change or dropping any of the
+/// rows they hold ends them (files never committed are left to vacuum).
+#[derive(Default)]
+pub struct Uploads {
+    /// Files of batches written in full.
+    files: Vec<Add>,
+    /// Per partition, how many of its buffered batches `files` hold (its first ones).
+    covered: HashMap<TopicPartition, usize>,
+    /// A write that failed part-way: per partition the batches it covers (up to), and the files
+    /// of it that landed.
+    writing: Option<(BTreeMap<TopicPartition, usize>, WriteProgress)>,
+}
+
+impl Uploads {
+    fn holds(&self, tp: &TopicPartition) -> bool {
+        self.covered.contains_key(tp)
+            || self
+                .writing
+                .as_ref()
+                .is_some_and(|(until, _)| until.contains_key(tp))
+    }
+
+    /// Files uploaded so far (written in full or part of an unfinished write).
+    pub fn file_count(&self) -> usize {
+        self.files.len()
+            + self
+                .writing
+                .as_ref()
+                .map_or(0, |(_, progress)| progress.files.len())
+    }
+}
 
 /// Why a reader schema could not be adopted.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +91,8 @@ pub struct SilverTable {
     /// Newest event time committed per partition (microseconds): the table's watermark is their
     /// minimum over the owned partitions.
     pub event_high: HashMap<TopicPartition, i64>,
+    /// Files uploaded for the buffered rows and not committed yet.
+    pub uploads: Uploads,
     /// Registry versions this table refused to evolve to (asked once each).
     refused_versions: HashSet<u32>,
 }
@@ -103,6 +139,7 @@ impl SilverTable {
             committer,
             parts: HashMap::new(),
             event_high: HashMap::new(),
+            uploads: Uploads::default(),
             refused_versions: HashSet::new(),
         })
     }
@@ -140,6 +177,8 @@ impl SilverTable {
         let added: Vec<&str> = evolution.added.iter().map(|f| f.name().as_str()).collect();
         tracing::info!(table = %self.name, from = ?self.reader.id, to = ?next.id, ?added, "reader schema evolved");
         self.decoder = decoder;
+        // Files already uploaded have the old shape: rows are written again in the new one.
+        self.uploads = Uploads::default();
         self.writer.set_schema(evolution.file_schema);
         self.reader = next;
         Ok(())
@@ -152,8 +191,64 @@ impl SilverTable {
             .fold((0, 0), |(r, b), p| (r + p.rows, b + p.bytes))
     }
 
+    /// Uploads the buffered batches of `partitions` that no file holds yet, and returns every
+    /// uploaded, uncommitted file of them. On an error the files that landed are kept, so the
+    /// next call uploads only the rest.
+    pub async fn upload(&mut self, partitions: &[TopicPartition]) -> Result<Vec<Add>, SilverError> {
+        if self
+            .uploads
+            .covered
+            .keys()
+            .any(|tp| !partitions.contains(tp))
+        {
+            // Files holding rows of a partition not committed now cannot be committed with them.
+            self.uploads = Uploads::default();
+        }
+        loop {
+            let (until, mut progress) = match self.uploads.writing.take() {
+                Some(writing) => writing,
+                None => {
+                    let until: BTreeMap<TopicPartition, usize> = partitions
+                        .iter()
+                        .filter_map(|tp| {
+                            let buffered = self.parts.get(tp)?.batches.len();
+                            let covered = self.uploads.covered.get(tp).copied().unwrap_or(0);
+                            (buffered > covered).then(|| (tp.clone(), buffered))
+                        })
+                        .collect();
+                    if until.is_empty() {
+                        return Ok(self.uploads.files.clone());
+                    }
+                    (until, WriteProgress::default())
+                }
+            };
+            let batches: Vec<RecordBatch> = until
+                .iter()
+                .flat_map(|(tp, until)| {
+                    let from = self.uploads.covered.get(tp).copied().unwrap_or(0);
+                    self.parts
+                        .get(tp)
+                        .and_then(|p| p.batches.get(from..*until))
+                        .unwrap_or_default()
+                        .iter()
+                        .cloned()
+                })
+                .collect();
+            if let Err(e) = self.writer.write_resuming(&batches, &mut progress).await {
+                self.uploads.writing = Some((until, progress));
+                return Err(e);
+            }
+            self.uploads.files.extend(progress.files);
+            self.uploads.covered.extend(until);
+        }
+    }
+
     /// Drops the buffered work of `tp`; returns the rows dropped.
     pub fn drop_work(&mut self, tp: &TopicPartition) -> usize {
+        if self.uploads.holds(tp) {
+            // Those files hold rows being dropped: none of them may be committed.
+            self.uploads = Uploads::default();
+        }
         let Some(part) = self.parts.get_mut(tp) else {
             return 0;
         };

@@ -2,7 +2,7 @@
 //! the table. This module only writes files and describes them as `add` actions; it never commits
 //! (an uploaded file is invisible until `commit` puts it in the log).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
@@ -48,6 +48,13 @@ impl FilePolicy {
             compression: config.compression,
         }
     }
+}
+
+/// What a write has uploaded so far: its files, and their places (event date, hour, number).
+#[derive(Debug, Default, Clone)]
+pub struct WriteProgress {
+    pub files: Vec<Add>,
+    done: BTreeSet<(i32, i32, usize)>,
 }
 
 /// Writes Silver files for one table.
@@ -103,13 +110,27 @@ impl SilverWriter {
     /// `add` actions. Files are rolled at `max_rows` rows and roughly `max_bytes` of Arrow memory.
     /// Batches may have any earlier shape of the table: they are conformed to the current one.
     pub async fn write(&self, batches: &[RecordBatch]) -> Result<Vec<Add>, SilverError> {
+        let mut progress = WriteProgress::default();
+        self.write_resuming(batches, &mut progress).await?;
+        Ok(progress.files)
+    }
+
+    /// Like [`SilverWriter::write`], but a write that failed part-way keeps in `progress` the
+    /// files that were uploaded, and a later call with the same `batches` uploads only the rest.
+    /// The files a write makes depend only on the batches and the schema, so each is known by
+    /// its place: (event date, hour, number within the hour).
+    pub async fn write_resuming(
+        &self,
+        batches: &[RecordBatch],
+        progress: &mut WriteProgress,
+    ) -> Result<(), SilverError> {
         let conformed = batches
             .iter()
             .map(|b| crate::lake::evolution::conform(b, &self.schema))
             .collect::<Result<Vec<_>, _>>()?;
         let all = concat_batches(&self.schema, &conformed)?;
         if all.num_rows() == 0 {
-            return Ok(Vec::new());
+            return Ok(());
         }
         let times = all
             .column_by_name(&self.event_time_field)
@@ -139,14 +160,22 @@ impl SilverWriter {
             .max_rows
             .min((self.policy.max_bytes / bytes_per_row).max(1));
 
-        let mut adds = Vec::new();
         for ((days, hour), rows) in groups {
-            for chunk in rows.chunks(rows_per_file) {
+            for (number, chunk) in rows.chunks(rows_per_file).enumerate() {
+                if !progress.done.insert((days, hour, number)) {
+                    continue;
+                }
                 let part = take_record_batch(&all, &UInt32Array::from(chunk.to_vec()))?;
-                adds.push(self.write_file(part, days, hour).await?);
+                match self.write_file(part, days, hour).await {
+                    Ok(add) => progress.files.push(add),
+                    Err(e) => {
+                        progress.done.remove(&(days, hour, number));
+                        return Err(e);
+                    }
+                }
             }
         }
-        Ok(adds)
+        Ok(())
     }
 
     async fn write_file(
