@@ -124,6 +124,15 @@ impl ClientContext for SourceContext {
             for (partition, p) in &t.partitions {
                 if *partition >= 0 && p.consumer_lag >= 0 {
                     self.metrics.consumer_lag(topic, *partition, p.consumer_lag);
+                    // read_committed consumers see up to the last stable offset.
+                    let end = if p.ls_offset >= 0 {
+                        p.ls_offset
+                    } else {
+                        p.hi_offset
+                    };
+                    if self.counts_assignments && end >= 0 {
+                        self.metrics.partition_end(topic, *partition, end);
+                    }
                 }
             }
         }

@@ -323,6 +323,26 @@ impl Metrics {
         self.committed_offset
             .with_label_values(&[tp.topic.as_ref(), &tp.partition.to_string()])
             .set(last_offset);
+        self.progress_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((tp.topic.to_string(), tp.partition), last_offset);
+    }
+
+    /// The end of an owned partition (from the client's statistics): its durable lag is what lies
+    /// between that end and the table's last offset.
+    pub fn partition_end(&self, topic: &str, partition: i32, end: i64) {
+        let last = self
+            .progress_seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(topic.to_string(), partition))
+            .copied();
+        if let Some(last) = last {
+            self.durable_lag
+                .with_label_values(&[topic, &partition.to_string()])
+                .set((end - last - 1).max(0));
+        }
     }
 
     pub fn registry_error(&self, kind: &'static str, asked: &str, error: &str) {

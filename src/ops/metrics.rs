@@ -35,6 +35,9 @@ pub struct Metrics {
     pub(super) file_bytes: HistogramVec,
     pub(super) consumer_lag: IntGaugeVec,
     pub(super) committed_offset: IntGaugeVec,
+    pub(super) durable_lag: IntGaugeVec,
+    /// The last offset in the table per partition, as `progress` reported it (for the durable lag).
+    pub(super) progress_seen: std::sync::Mutex<std::collections::HashMap<(String, i32), i64>>,
     pub(super) assigned_partitions: IntGauge,
     pub(super) rebalances: IntCounterVec,
     pub(super) buffered_bytes: IntGauge,
@@ -238,7 +241,8 @@ impl Metrics {
             consumer_lag: gauge(
                 &registry,
                 "strata_consumer_lag",
-                "Records between the high watermark and the committed offset.",
+                "Records between the end of the partition and the consumed position committed to \
+                 the group (advisory, every second).",
                 &["topic", "partition"],
             ),
             committed_offset: gauge(
@@ -247,6 +251,15 @@ impl Metrics {
                 "Last offset committed to the table, per partition.",
                 &["topic", "partition"],
             ),
+            durable_lag: gauge(
+                &registry,
+                "strata_durable_lag",
+                "Records between the end of the partition and the last offset in the table (owned \
+                 partitions): what a crash would make this replica read again. The group's lag \
+                 (strata_consumer_lag, and what KEDA reads) counts only what is not consumed yet.",
+                &["topic", "partition"],
+            ),
+            progress_seen: Default::default(),
             assigned_partitions: single_gauge(
                 "strata_assigned_partitions",
                 "Partitions assigned to this replica.",

@@ -240,14 +240,6 @@ impl Replica {
             self.metrics.buffered_bytes(bytes);
             self.oldest = None;
             self.send_gold().await?;
-            // Advisory group commit, so standard tools see the lag.
-            self.commands.send(SourceCommand::CommitOffsets(
-                pending
-                    .into_iter()
-                    .filter(|(tp, _)| self.parts.contains_key(tp))
-                    .map(|(tp, last)| (tp, last + 1))
-                    .collect(),
-            ));
             return Ok(());
         }
     }

@@ -121,6 +121,7 @@ impl Replica {
         self.drop_work(partitions, reason);
         for tp in partitions {
             self.parts.remove(tp);
+            self.advised.0.remove(tp);
             if let Some(gold) = &mut self.gold {
                 gold.release(tp);
             }

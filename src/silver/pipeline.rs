@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::gold::stage1::Emitter;
-use crate::kafka::consumer::{Commands, SourceEvent};
+use crate::kafka::consumer::{Commands, SourceCommand, SourceEvent};
 use crate::kafka::event_loop::{GraceExceeded, Stage};
 use crate::lake::commit::CommitError;
 use crate::lake::files::SilverError;
@@ -114,7 +114,12 @@ pub struct Replica {
     pub(super) gold: Option<Emitter>,
     /// Set while a failed flush waits for its retry (see `flush`).
     pub(super) stalled: Option<super::flush::Stall>,
+    /// The consumed positions last committed to the group (advisory), and when.
+    pub(super) advised: (HashMap<TopicPartition, i64>, Instant),
 }
+
+/// How often consumed positions are committed to the group.
+const ADVISE_EVERY: Duration = Duration::from_secs(1);
 
 impl Replica {
     #[allow(clippy::too_many_arguments)]
@@ -144,7 +149,32 @@ impl Replica {
             shutdown,
             gold,
             stalled: None,
+            advised: (HashMap::new(), Instant::now()),
         }
+    }
+
+    /// Commits the consumed position of every owned partition to the consumer group, at most
+    /// every [`ADVISE_EVERY`]. Advisory: the table's `txn` says where a partition resumes, never
+    /// the group. The group's lag is then what this replica has not read yet, which is the load
+    /// an autoscaler should see; what is read and not yet in the table is `strata_durable_lag`.
+    fn advise_positions(&mut self) {
+        if self.advised.1.elapsed() < ADVISE_EVERY {
+            return;
+        }
+        self.advised.1 = Instant::now();
+        let moved: std::collections::BTreeMap<TopicPartition, i64> = self
+            .parts
+            .iter()
+            .filter(|(_, state)| !state.awaiting_reseek && !state.stopped)
+            .filter_map(|(tp, state)| state.position.map(|next| (tp, next)))
+            .filter(|(tp, next)| self.advised.0.get(*tp) != Some(next))
+            .map(|(tp, next)| (tp.clone(), next))
+            .collect();
+        if moved.is_empty() {
+            return;
+        }
+        self.advised.0.extend(moved.clone());
+        self.commands.send(SourceCommand::CommitOffsets(moved));
     }
 
     /// What this replica did.
@@ -428,6 +458,7 @@ impl Stage for Replica {
         {
             self.flush().await?;
         }
+        self.advise_positions();
         self.gold_idle().await
     }
 
