@@ -189,6 +189,7 @@ pub async fn run(
             topics: config.topics.clone(),
             properties: config.kafka_properties.clone(),
             counts_assignments: true,
+            strict_offsets: false,
         },
         metrics.clone(),
         events_tx,

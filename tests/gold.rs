@@ -92,8 +92,12 @@ fn skewed(
 
 /// Produces `events` to their partitions, in order, as Confluent-framed Avro (schema id 1).
 async fn produce(topic: &str, events: &[Event]) {
+    produce_on(&brokers(), topic, events).await
+}
+
+async fn produce_on(brokers: &str, topic: &str, events: &[Event]) {
     let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "10")
         .create()
@@ -508,4 +512,60 @@ async fn salting_evens_out_the_partials_partitions() {
         "salted, the load is even: {:?}",
         ratios[1]
     );
+}
+
+/// Partials that are gone are never skipped. Gold runs on a private broker, stops, and the
+/// cluster is rebuilt empty (as after losing a cluster, or retention deleting partials during a
+/// long outage): Strata creates its partials topic again at start-up, and stage 2's next offsets
+/// (from the Gold table) lie beyond its end. Each such partition stops, `/readyz` names it, the
+/// metric behind `StrataGoldPartialsLost` counts it, the replica stays up, and Gold keeps
+/// exactly what it had.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partials_lost_stop_their_partition_instead_of_being_skipped() {
+    let mut broker = common::broker::PrivateBroker::start().await;
+    let setup = Setup::on(&broker.brokers, "gold-partials-lost", 2).await;
+    let events = skewed(2, 400, 300, 1_000, 37);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    produce_on(&broker.brokers, &setup.topic, &events).await;
+    let env = gold_env("1m", "3", "2");
+    let first = setup.spawn(&env);
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
+    assert_gold(&gold, &expected);
+    first.stop(Duration::from_secs(30));
+
+    broker.restart_empty().await;
+    common::create_topic_on(&broker.brokers, &setup.topic, 2).await;
+    let mut second = setup.spawn(&env);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut named = None;
+    while Instant::now() < deadline && named.is_none() {
+        if let Some((503, body)) = second.http_get("/readyz").await {
+            if body.contains("gold partials partition") {
+                named = Some(body);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let body = named.unwrap_or_else(|| {
+        panic!(
+            "/readyz never named a stopped partials partition:\n{}",
+            second.tail(30)
+        )
+    });
+    let partials = format!("{}.partials", setup.group);
+    assert!(
+        body.contains(&partials) && body.contains("is not in the topic"),
+        "{body}"
+    );
+    assert!(
+        second
+            .metric("strata_gold_partials_partitions_stopped")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert!(second.is_running(), "the replica stays up");
+    // Gold holds what it held, no more and no less.
+    let after = read_gold(&setup, expected.rows.len(), Duration::from_secs(5)).await;
+    assert_gold(&after, &expected);
 }

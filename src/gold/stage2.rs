@@ -195,6 +195,7 @@ pub async fn run(
             topics: vec![topic.clone()],
             properties: config.kafka_properties.clone(),
             counts_assignments: false,
+            strict_offsets: true,
         },
         metrics.clone(),
         events_tx,
@@ -445,6 +446,18 @@ impl Job {
                 if let Some(part) = self.parts.get_mut(&tp.partition) {
                     part.awaiting_reseek = false;
                 }
+                Ok(())
+            }
+            SourceEvent::OutOfRange {
+                partition,
+                next,
+                earliest,
+                end,
+            } => {
+                // Partials were lost (retention, a recreated topic): skipping them would make
+                // Gold silently inexact, so the partition stops and an operator decides.
+                self.metrics
+                    .gold_partials_lost(&partition, next, earliest, end);
                 Ok(())
             }
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -51,6 +51,15 @@ pub enum SourceEvent {
     },
     /// A seek the pipeline asked for has happened: records of this partition from now on follow it.
     Reseeked(TopicPartition),
+    /// (Strict sources only.) The partition's next offset is outside what the topic holds (its
+    /// records were deleted by retention, or the topic was recreated): the partition is paused
+    /// for good instead of jumping to another offset.
+    OutOfRange {
+        partition: TopicPartition,
+        next: i64,
+        earliest: i64,
+        end: i64,
+    },
 }
 
 /// What the pipeline asks of the source.
@@ -77,6 +86,10 @@ struct SourceContext {
     /// Fetching is paused (the pipeline asked, or it is not taking chunks): partitions assigned
     /// meanwhile start paused too.
     paused: Paused,
+    /// Whether an offset out of range stops the partition (see [`SourceSettings::strict_offsets`]).
+    strict: bool,
+    /// Partitions stopped for an offset out of range: they stay paused.
+    out_of_range: Mutex<std::collections::HashSet<TopicPartition>>,
     /// Events the pipeline had no room for yet, in order. Fetching is paused while any wait, so
     /// this holds at most what was fetched before the pause took effect. A rebalance hands them
     /// over first, so the pipeline sees every record fetched before it.
@@ -84,6 +97,40 @@ struct SourceContext {
 }
 
 impl SourceContext {
+    /// Whether `next` lies outside what partition `tp` holds (from its earliest offset to its
+    /// end); if so, the partition is reported once and marked to stay paused. Returns whether it
+    /// is out of range.
+    fn stop_if_out_of_range(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        tp: &TopicPartition,
+        next: i64,
+    ) -> bool {
+        let Ok((earliest, end)) =
+            consumer.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
+        else {
+            // Unknown: librdkafka's own out-of-range error brings it back here.
+            return false;
+        };
+        if (earliest..=end).contains(&next) {
+            return false;
+        }
+        let first = self
+            .out_of_range
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(tp.clone());
+        if first {
+            self.outbox().push_back(SourceEvent::OutOfRange {
+                partition: tp.clone(),
+                next,
+                earliest,
+                end,
+            });
+        }
+        true
+    }
+
     fn outbox(&self) -> MutexGuard<'_, VecDeque<SourceEvent>> {
         self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -191,11 +238,17 @@ impl ConsumerContext for SourceContext {
                     tracing::warn!("assignment while the pipeline is stopping; not consuming it");
                     return;
                 };
+                let mut stopped = TopicPartitionList::new();
                 for tp in &partitions {
                     let offset = match resume.get(tp).copied().flatten() {
                         Some(last) => Offset::Offset(last + 1),
                         None => Offset::Beginning,
                     };
+                    if let (true, Offset::Offset(next)) = (self.strict, offset) {
+                        if self.stop_if_out_of_range(consumer, tp, next) {
+                            let _ = stopped.add_partition(&tp.topic, tp.partition);
+                        }
+                    }
                     if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, offset) {
                         tracing::error!(partition = %tp, error = %e, "setting resume offset");
                     }
@@ -211,6 +264,11 @@ impl ConsumerContext for SourceContext {
                 if self.paused.any() {
                     if let Err(e) = consumer.pause(tpl) {
                         tracing::warn!(error = %e, "pausing newly assigned partitions");
+                    }
+                }
+                if stopped.count() > 0 {
+                    if let Err(e) = consumer.pause(&stopped) {
+                        tracing::warn!(error = %e, "pausing partitions out of range");
                     }
                 }
                 self.metrics.rebalanced(
@@ -275,6 +333,10 @@ pub struct SourceSettings {
     pub properties: BTreeMap<String, String>,
     /// Whether this consumer's assignments count as the replica's in the metrics.
     pub counts_assignments: bool,
+    /// Never skip records: a next offset outside the partition (`auto.offset.reset=error`)
+    /// stops the partition with [`SourceEvent::OutOfRange`] instead of jumping to the earliest
+    /// record. Gold's partials need this; Bronze records lost to retention are gone anyway.
+    pub strict_offsets: bool,
 }
 
 /// Sends commands to the source thread; held by the stage, while the event loop owns the thread.
@@ -307,7 +369,14 @@ impl Source {
             .set("group.id", &settings.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
+            .set(
+                "auto.offset.reset",
+                if settings.strict_offsets {
+                    "error"
+                } else {
+                    "earliest"
+                },
+            )
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
             .set("session.timeout.ms", "45000")
@@ -321,6 +390,8 @@ impl Source {
             counts_assignments: settings.counts_assignments,
             properties: settings.properties.clone(),
             paused: Paused::default(),
+            strict: settings.strict_offsets,
+            out_of_range: Mutex::default(),
             outbox: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
@@ -463,6 +534,14 @@ fn poll_loop(
                 }
                 Some(Err(e)) => {
                     metrics.kafka_error(&e, "consume error");
+                    if context.strict
+                        && matches!(
+                            e,
+                            KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+                        )
+                    {
+                        stop_out_of_range(&consumer);
+                    }
                     break;
                 }
                 None => break,
@@ -488,6 +567,29 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(100));
     }
     drop(consumer);
+}
+
+/// After librdkafka refused to reset an offset (`auto.offset.reset=error`): finds which
+/// assigned partitions' positions lie outside the partition, reports and pauses them.
+fn stop_out_of_range(consumer: &BaseConsumer<SourceContext>) {
+    let Ok(positions) = consumer.position() else {
+        return;
+    };
+    let mut stopped = TopicPartitionList::new();
+    for element in positions.elements() {
+        let Offset::Offset(next) = element.offset() else {
+            continue;
+        };
+        let tp = TopicPartition::new(element.topic(), element.partition());
+        if consumer.context().stop_if_out_of_range(consumer, &tp, next) {
+            let _ = stopped.add_partition(element.topic(), element.partition());
+        }
+    }
+    if stopped.count() > 0 {
+        if let Err(e) = consumer.pause(&stopped) {
+            tracing::warn!(error = %e, "pausing partitions out of range");
+        }
+    }
 }
 
 /// Moves the records gathered so far to the outbox as one chunk.
@@ -543,7 +645,20 @@ fn set_paused(
     let result = if after {
         consumer.pause(&assignment)
     } else {
-        consumer.resume(&assignment)
+        // Partitions stopped for an offset out of range stay paused.
+        let stopped = consumer
+            .context()
+            .out_of_range
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut resumed = TopicPartitionList::new();
+        for e in assignment.elements() {
+            if !stopped.contains(&TopicPartition::new(e.topic(), e.partition())) {
+                let _ = resumed.add_partition(e.topic(), e.partition());
+            }
+        }
+        consumer.resume(&resumed)
     };
     match result {
         Ok(()) => tracing::debug!(paused = after, "fetching paused or resumed"),

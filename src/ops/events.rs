@@ -433,6 +433,19 @@ impl Metrics {
         self.readiness.set(reason, holds);
     }
 
+    /// Stage 2 stopped a partials partition: its next offset is outside what the topic holds.
+    pub fn gold_partials_lost(&self, tp: &TopicPartition, next: i64, earliest: i64, end: i64) {
+        self.gold.partials_lost.inc();
+        let why = format!(
+            "gold partials partition {tp} stopped: its next offset {next} is not in the topic \
+             (which holds {earliest}..{end}); partials were deleted (retention) or the topic was \
+             recreated, so Gold cannot be exact from here"
+        );
+        tracing::error!(partition = %tp, next, earliest, end, "{why}");
+        self.readiness
+            .set_problem(&format!("partials {tp}"), Some(&why));
+    }
+
     /// The flush's store refuses writes (`Some`: which and why, for `/readyz`) or takes them again.
     pub fn lake_refuses(&self, why: Option<&str>) {
         self.readiness.set_lake_problem(why);

@@ -20,6 +20,7 @@ pub struct GoldMetrics {
     pub(super) refused: IntCounterVec,
     pub(super) forwarded: IntCounter,
     pub(super) commits: IntCounter,
+    pub(super) partials_lost: IntGauge,
 }
 
 impl GoldMetrics {
@@ -60,6 +61,7 @@ impl GoldMetrics {
             refused: counter(registry, "strata_gold_partials_refused_total", "Partials-topic messages stage 2 could not use, by reason.", &["reason"]),
             forwarded: one("strata_gold_subresults_forwarded_total", "Closed salted sub-results sent to their key's own partition."),
             commits: one("strata_gold_commits_total", "Commits of the Gold table."),
+            partials_lost: level("strata_gold_partials_partitions_stopped", "Partials partitions stage 2 stopped because their next offset is no longer in the topic (retention, a recreated topic): Gold for their keys waits for an operator."),
         }
     }
 

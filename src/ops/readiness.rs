@@ -45,6 +45,8 @@ pub struct Readiness {
     kafka: Mutex<Option<(String, bool, Instant)>>,
     /// Which store refuses writes, and how, while [`NotReady::Lake`] holds for a flush.
     lake: Mutex<Option<String>>,
+    /// Other named problems (a stopped partition), by what they concern.
+    problems: Mutex<BTreeMap<String, String>>,
 }
 
 impl Default for Readiness {
@@ -54,6 +56,7 @@ impl Default for Readiness {
             blocked_dead_letters: Mutex::new(BTreeMap::new()),
             kafka: Mutex::new(None),
             lake: Mutex::new(None),
+            problems: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -71,6 +74,7 @@ impl Readiness {
     pub fn is_ready(&self) -> bool {
         self.reasons.load(Ordering::Relaxed) == 0
             && self.blocked().is_empty()
+            && self.problems().is_empty()
             && self.kafka_problem().is_none()
     }
 
@@ -122,6 +126,24 @@ impl Readiness {
             .map(|(why, _, _)| why.clone())
     }
 
+    /// Sets (or clears) a named problem concerning `what`.
+    pub fn set_problem(&self, what: &str, why: Option<&str>) {
+        let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
+        match why {
+            Some(why) => problems.insert(what.to_string(), why.to_string()),
+            None => problems.remove(what),
+        };
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.problems
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
     fn lake_problem(&self) -> Option<String> {
         self.lake
             .lock()
@@ -166,6 +188,7 @@ impl Readiness {
                 .iter()
                 .map(|(topic, why)| format!("dead-letter topic {topic} cannot be written ({why})")),
         );
+        reasons.extend(self.problems());
         reasons
     }
 }

@@ -204,7 +204,7 @@ impl Replica {
                     self.metrics.dropped(&tp, "shutdown", records.len());
                 }
             }
-            SourceEvent::Reseeked(_) => {}
+            SourceEvent::Reseeked(_) | SourceEvent::OutOfRange { .. } => {}
         }
     }
 
@@ -256,6 +256,8 @@ impl Replica {
                 }
                 Ok(())
             }
+            // Bronze is consumed from the earliest record when an offset is out of range.
+            SourceEvent::OutOfRange { .. } => Ok(()),
         }
     }
 

@@ -15,6 +15,7 @@ use rdkafka::ClientConfig;
 use strata::demo::{ORDER_V1, ORDER_V2};
 
 pub mod acl_proxy;
+pub mod broker;
 pub mod s3_faults;
 pub mod secured;
 
