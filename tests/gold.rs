@@ -569,3 +569,55 @@ async fn partials_lost_stop_their_partition_instead_of_being_skipped() {
     let after = read_gold(&setup, expected.rows.len(), Duration::from_secs(5)).await;
     assert_gold(&after, &expected);
 }
+
+/// A producer with a clock a day ahead: 30 events on one partition dated a day ahead, then 3,000
+/// ordinary events dated from now on. The future-dated events move their partition's watermark
+/// only to their records' Kafka timestamps plus `STRATA_MAX_EVENT_TIME_SKEW`, so none of the
+/// ordinary events is late: Gold is exactly the ordinary events' windows. The future-dated events
+/// are in Silver, and their own window stays open (it closes when time gets there).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_dated_a_day_ahead_do_not_make_later_events_late() {
+    const DAY: i64 = 86_400 * SECOND;
+    let setup = Setup::new("gold-future", 2).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis() as i64
+        * 1_000;
+    let poison: Vec<Event> = (0..30)
+        .map(|i| Event {
+            partition: 0,
+            order_id: 1 + i,
+            customer: format!("c{}", i % 7),
+            amount: 1.0 + i as f64,
+            t: now + DAY + i * 1_000,
+        })
+        .collect();
+    let ordinary: Vec<Event> = (0..3_000)
+        .map(|i| Event {
+            partition: (i % 2) as i32,
+            order_id: 1_000 + i,
+            customer: format!("c{}", i % 7),
+            amount: 1.0 + (i % 50) as f64,
+            t: now + i * 10_000,
+        })
+        .collect();
+    let expected = expect(&ordinary, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    assert!(expected.late.is_empty());
+    produce(&setup.topic, &poison).await;
+    produce(&setup.topic, &ordinary).await;
+
+    let mut env = gold_env("1m", "3", "2");
+    env.push(("STRATA_MAX_EVENT_TIME_SKEW", "0s"));
+    let _replica = setup.spawn(&env);
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(200)).await;
+    assert_gold(&gold, &expected);
+    assert!(
+        late_rows(&setup).await.is_empty(),
+        "ordinary events were late"
+    );
+    let silver = strata::lake::verify::read_table(setup.table_url())
+        .await
+        .expect("silver");
+    assert_eq!(silver.num_rows(), 3_030, "every event is in Silver");
+}

@@ -20,6 +20,8 @@ pub struct GoldConfig {
     /// `retention.ms` of a partials topic Strata creates.
     pub partials_retention: Duration,
     pub watermark_delay: Duration,
+    /// How far ahead of its Kafka record's timestamp an event may move the watermark.
+    pub max_event_time_skew: Duration,
     pub allowed_lateness: Duration,
     pub idle_timeout: Duration,
     pub salting: Option<crate::gold::core::epoch::Salting>,
@@ -131,6 +133,7 @@ impl Config {
             partials_replication,
             partials_retention: span("STRATA_GOLD_PARTIALS_RETENTION", false)?,
             watermark_delay: span("STRATA_WATERMARK_DELAY", true)?,
+            max_event_time_skew: span("STRATA_MAX_EVENT_TIME_SKEW", true)?,
             allowed_lateness: span("STRATA_ALLOWED_LATENESS", true)?,
             idle_timeout: span("STRATA_IDLE_TIMEOUT", false)?,
             salting,

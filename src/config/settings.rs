@@ -53,6 +53,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_GOLD_PARTIALS_RETENTION", default: "7d", help: "Gold: retention.ms of the partials topic when Strata creates it; stage 2 must read partials before they expire." },
     Setting { var: "STRATA_GOLD_PARTITIONS", default: "8", help: "Gold: partitions of the partials topic when Strata creates it (the existing count is used otherwise)." },
     Setting { var: "STRATA_WATERMARK_DELAY", default: "10s", help: "Gold: bounded out-of-orderness: a source partition's watermark is its newest event time minus this." },
+    Setting { var: "STRATA_MAX_EVENT_TIME_SKEW", default: "10s", help: "Gold: an event moves its partition's watermark at most this far past its Kafka record's timestamp, so a producer with a clock ahead cannot make later events late (the event still counts in its own window)." },
     Setting { var: "STRATA_ALLOWED_LATENESS", default: "0s", help: "Gold: a window is final when the watermark passes its end plus this; later events go to the late-events table." },
     Setting { var: "STRATA_IDLE_TIMEOUT", default: "30s", help: "Gold: a caught-up source partition without records for this long moves its watermark with the clock (now minus the delay), so it does not hold windows open." },
     Setting { var: "STRATA_HOT_KEY_SHARE", default: "0.1", help: "Gold: a key holding at least this share of an epoch's events (0 < share ≤ 1) is hot and salted." },

@@ -32,7 +32,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use super::core::epoch::{epoch_partials, key_bytes, preaggregate};
 use super::core::partial::{spec_fingerprint, Message};
 use super::core::preaggregate::{GoldSpec, RowsError};
-use super::core::watermark::{before_each, closing_step, is_final};
+use super::core::watermark::{before_each, bounded, closing_step, is_final};
 use crate::config::{Config, GoldConfig};
 use crate::kafka::admin::{Admin, Ensured, TopicError, TopicSpec};
 use crate::lake;
@@ -185,6 +185,8 @@ pub struct Emitter {
     spec: GoldSpec,
     salting: Option<super::core::epoch::Salting>,
     delay: i64,
+    /// `STRATA_MAX_EVENT_TIME_SKEW` in microseconds (see `watermark::bounded`).
+    max_skew: i64,
     lateness: i64,
     idle_timeout: Duration,
     fingerprint: u64,
@@ -269,6 +271,7 @@ impl Emitter {
             spec,
             salting: gold.salting,
             delay: micros(gold.watermark_delay),
+            max_skew: micros(gold.max_event_time_skew),
             lateness: micros(gold.allowed_lateness),
             idle_timeout: gold.idle_timeout,
             topic: gold.partials_topic.clone(),
@@ -413,8 +416,14 @@ impl Emitter {
                 .column_by_name(&self.spec.event_time_field)
                 .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
                 .ok_or(RowsError::EventTime)?;
-            let rows =
-                (0..batch.num_rows()).map(|row| (!times.is_null(row)).then(|| times.value(row)));
+            let logged = batch
+                .column_by_name(crate::silver::decode::KAFKA_TIMESTAMP)
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>());
+            let rows = (0..batch.num_rows()).map(|row| {
+                let event = (!times.is_null(row)).then(|| times.value(row));
+                let logged = logged.and_then(|k| (!k.is_null(row)).then(|| k.value(row)));
+                bounded(event, logged, self.max_skew)
+            });
             let (rows, after) = before_each(watermark, rows, self.delay);
             before.push(rows);
             watermark = after;

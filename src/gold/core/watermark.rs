@@ -23,6 +23,19 @@ pub fn before_each(
     (before, watermark)
 }
 
+/// The time a row moves its partition's watermark with: its event time, but never more than
+/// `max_skew` ahead of the timestamp its Kafka record carries (`logged`, the producer's or the
+/// broker's clock when the record was written). An event dated a day ahead still counts in its
+/// own window; it just does not drag the watermark a day ahead and make every event after it
+/// late. Both times come from the log, so a replay decides exactly the same.
+pub fn bounded(event: Option<i64>, logged: Option<i64>, max_skew: i64) -> Option<i64> {
+    let t = event?;
+    Some(match logged {
+        Some(k) => t.min(k.saturating_add(max_skew)),
+        None => t,
+    })
+}
+
 /// Whether a window ending at `window_end` is final for a row that meets `watermark`: the
 /// watermark has reached its end plus the allowed lateness.
 pub fn is_final(window_end: i64, lateness: i64, watermark: Option<i64>) -> bool {
@@ -55,6 +68,35 @@ mod tests {
             prop_assert!(step <= t);
             let end = k * slide;
             prop_assert_eq!(is_final(end, lateness, Some(t)), is_final(end, lateness, Some(step)));
+        }
+    }
+
+    #[test]
+    fn a_future_dated_event_moves_the_watermark_only_to_its_log_time_plus_the_skew() {
+        const DAY: i64 = 86_400_000_000;
+        let now = 1_700_000_000_000_000;
+        let skew = 10_000_000;
+        assert_eq!(bounded(Some(now + DAY), Some(now), skew), Some(now + skew));
+        assert_eq!(bounded(Some(now - 5), Some(now), skew), Some(now - 5));
+        assert_eq!(bounded(Some(now + DAY), None, skew), Some(now + DAY));
+        assert_eq!(bounded(None, Some(now), skew), None);
+        // Thirty events a day ahead, then ordinary ones: those meet a watermark behind them.
+        let delay = 5_000_000;
+        let times = (0..30)
+            .map(|i| bounded(Some(now + DAY + i), Some(now + i), skew))
+            .chain((0..100).map(|i| bounded(Some(now + 1_000 * i), Some(now + 1_000 * i), skew)));
+        let (before, _) = before_each(None, times, delay);
+        for (i, w) in before.iter().enumerate().skip(30) {
+            // Never past the newest log time plus the skew, minus the delay.
+            assert!(
+                w.is_some_and(|w| w <= now + 29 + skew - delay),
+                "{i}: {w:?}"
+            );
+            // So the one-minute window holding each ordinary event (now is 20 s into a minute)
+            // is still open for it.
+            let event = now + 1_000 * (i as i64 - 30);
+            let end = (event.div_euclid(60_000_000) + 1) * 60_000_000;
+            assert!(!is_final(end, 0, *w), "{i}: {w:?}");
         }
     }
 

@@ -22,6 +22,9 @@ use crate::schema::compat::Compatibility;
 use crate::schema::registry::RegistryError;
 use crate::schema::wire;
 
+/// The lineage column with the Kafka record's timestamp (microseconds).
+pub const KAFKA_TIMESTAMP: &str = LINEAGE_COLUMNS[3];
+
 /// Lineage columns appended to every Silver row, in this order.
 pub const LINEAGE_COLUMNS: [&str; 6] = [
     "_topic",
