@@ -621,3 +621,85 @@ async fn events_dated_a_day_ahead_do_not_make_later_events_late() {
         .expect("silver");
     assert_eq!(silver.num_rows(), 3_030, "every event is in Silver");
 }
+
+/// Gold state is counted and small per group: 150,000 distinct keys in one one-minute window with
+/// `count, sum(amount), approx_distinct(order_id)`. Each group's HyperLogLog is sparse (a few
+/// bytes for one value, where a dense one takes 4 KiB: 600 MB for these keys). The replica's
+/// peak RSS (`VmHWM`) and the largest `strata_gold_state_bytes` seen are printed and bounded,
+/// and every key has its one event in Gold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_window_of_many_distinct_keys_keeps_gold_state_small() {
+    const KEYS: i64 = 150_000;
+    let setup = Setup::new("gold-many-keys", 2).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    // A whole minute ten minutes back: the window closes once the partitions go idle.
+    let base = (now / 60 - 10) * 60 * SECOND;
+    let events: Vec<Event> = (0..KEYS)
+        .map(|i| Event {
+            partition: (i % 2) as i32,
+            order_id: i,
+            customer: format!("customer-{i:07}"),
+            amount: 1.0 + (i % 100) as f64,
+            t: base + i * 50_000 / KEYS * 1_000,
+        })
+        .collect();
+    produce(&setup.topic, &events).await;
+    let mut env = gold_env("1m", "4", "0");
+    env.retain(|(k, _)| *k != "STRATA_GOLD_AGGREGATES");
+    env.push((
+        "STRATA_GOLD_AGGREGATES",
+        "count, sum(amount), approx_distinct(order_id)",
+    ));
+    let replica = setup.spawn(&env);
+    let url = gold_url(&setup, "order_by_customer_id");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut state_peak = 0.0f64;
+    let rows = loop {
+        state_peak = state_peak.max(
+            replica
+                .metric("strata_gold_state_bytes")
+                .await
+                .unwrap_or(0.0),
+        );
+        let rows = strata::lake::verify::read_table(url.clone())
+            .await
+            .map(|c| c.num_rows())
+            .unwrap_or(0);
+        if rows >= KEYS as usize || Instant::now() > deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    assert_eq!(
+        rows,
+        KEYS as usize,
+        "one Gold row per key:\n{}",
+        replica.tail(20)
+    );
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", replica.pid())).expect("status");
+    let peak_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    let peak_mib = peak_kib / 1024.0;
+    eprintln!(
+        "{KEYS} distinct keys in one window: peak RSS {peak_mib:.0} MiB, largest \
+         strata_gold_state_bytes seen {:.1} MiB",
+        state_peak / 1_048_576.0
+    );
+    assert!(
+        state_peak > 0.0,
+        "strata_gold_state_bytes never counted the open groups"
+    );
+    assert!(
+        state_peak < 128.0 * 1_048_576.0,
+        "Gold state {state_peak} bytes for {KEYS} one-event groups"
+    );
+    // Dense sketches alone would take 586 MiB.
+    assert!(peak_mib < 512.0, "peak RSS {peak_mib:.0} MiB");
+}

@@ -126,6 +126,8 @@ struct Job {
     summary: GoldSummary,
     commit_every: Duration,
     last_commit: Instant,
+    /// When `strata_gold_state_bytes` was last measured.
+    state_reported: Instant,
     shutdown: CancellationToken,
 }
 
@@ -219,6 +221,7 @@ pub async fn run(
         summary: GoldSummary::default(),
         commit_every: config.flush_interval.min(Duration::from_secs(5)),
         last_commit: Instant::now(),
+        state_reported: Instant::now(),
         shutdown: shutdown.clone(),
     };
     let grace = config.shutdown_grace;
@@ -463,7 +466,7 @@ impl Job {
         }
     }
 
-    fn report(&self) {
+    fn report(&mut self) {
         let open: usize = self
             .parts
             .values()
@@ -475,6 +478,12 @@ impl Job {
             .filter_map(|p| p.merge.watermark())
             .min();
         self.metrics.gold().stage2_state(open, watermark);
+        // Walking every group costs a little: once a second is enough for a gauge.
+        if self.state_reported.elapsed() >= Duration::from_secs(1) {
+            self.state_reported = Instant::now();
+            let bytes: usize = self.parts.values().map(|p| p.merge.state_bytes()).sum();
+            self.metrics.gold().state_bytes(bytes);
+        }
     }
 
     async fn commit_retrying(&mut self) -> Result<(), Stage2Error> {

@@ -21,6 +21,7 @@ pub struct GoldMetrics {
     pub(super) forwarded: IntCounter,
     pub(super) commits: IntCounter,
     pub(super) partials_lost: IntGauge,
+    pub(super) state_bytes: IntGauge,
 }
 
 impl GoldMetrics {
@@ -61,6 +62,7 @@ impl GoldMetrics {
             refused: counter(registry, "strata_gold_partials_refused_total", "Partials-topic messages stage 2 could not use, by reason.", &["reason"]),
             forwarded: one("strata_gold_subresults_forwarded_total", "Closed salted sub-results sent to their key's own partition."),
             commits: one("strata_gold_commits_total", "Commits of the Gold table."),
+            state_bytes: level("strata_gold_state_bytes", "Bytes of Gold state stage 2 holds on this replica (open groups and results held for the merge), estimated from their keys and accumulators; HyperLogLogs are sparse while small."),
             partials_lost: level("strata_gold_partials_partitions_stopped", "Partials partitions stage 2 stopped because their next offset is no longer in the topic (retention, a recreated topic): Gold for their keys waits for an operator."),
         }
     }
@@ -128,6 +130,11 @@ impl GoldMetrics {
             let now = chrono::Utc::now().timestamp_micros();
             self.watermark_lag.set(now.saturating_sub(w) as f64 / 1e6);
         }
+    }
+
+    /// Stage 2's state, measured.
+    pub fn state_bytes(&self, bytes: usize) {
+        self.state_bytes.set(bytes as i64);
     }
 
     /// A Gold commit with `windows` rows.

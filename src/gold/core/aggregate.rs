@@ -270,6 +270,23 @@ pub struct Accumulator {
 }
 
 impl Accumulator {
+    /// Bytes this accumulator holds on the heap (for Gold's state accounting).
+    pub fn heap_bytes(&self) -> usize {
+        let states = self.states.capacity() * std::mem::size_of::<State>();
+        let inner: usize = self
+            .states
+            .iter()
+            .map(|state| match state {
+                State::Sum(sum) | State::Avg(sum, _) => {
+                    sum.partials.capacity() * std::mem::size_of::<f64>()
+                }
+                State::Distinct(hll) => hll.heap_bytes(),
+                _ => 0,
+            })
+            .sum();
+        states + inner
+    }
+
     pub fn new(aggregates: &[Aggregate]) -> Self {
         Self {
             states: aggregates

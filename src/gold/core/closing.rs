@@ -39,6 +39,11 @@ struct Mark {
     idle: bool,
 }
 
+/// What one entry of an ordered map of groups takes besides its key's and accumulator's heap:
+/// the key and value inline, plus the tree's share (about a third of a node per entry).
+pub const ENTRY_BYTES: usize =
+    std::mem::size_of::<(i64, Vec<KeyValue>, u16)>() + std::mem::size_of::<Accumulator>() + 16;
+
 #[derive(Debug)]
 pub struct Merger {
     window: WindowSpec,
@@ -248,6 +253,16 @@ impl Merger {
 
     pub fn open_windows(&self) -> usize {
         self.open.len()
+    }
+
+    /// Bytes the open groups hold, estimated: each entry, its key and its accumulator.
+    pub fn state_bytes(&self) -> usize {
+        self.open
+            .iter()
+            .map(|((_, key, _), accumulator)| {
+                ENTRY_BYTES + KeyValue::heap_bytes(key) + accumulator.heap_bytes()
+            })
+            .sum()
     }
 
     pub fn aggregates(&self) -> &[Aggregate] {

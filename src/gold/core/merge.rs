@@ -99,6 +99,20 @@ impl PartitionMerge {
         self.merger.watermark()
     }
 
+    /// Bytes of state this partition holds (open groups and held results), estimated.
+    pub fn state_bytes(&self) -> usize {
+        let held: usize = self
+            .held
+            .iter()
+            .map(|((_, key), salts)| {
+                super::closing::ENTRY_BYTES
+                    + KeyValue::heap_bytes(key)
+                    + salts.values().map(|a| 24 + a.heap_bytes()).sum::<usize>()
+            })
+            .sum();
+        self.merger.state_bytes() + held
+    }
+
     /// Windows open here plus (window, key) results held for the merge.
     pub fn open(&self) -> (usize, usize) {
         (self.merger.open_windows(), self.held.len())

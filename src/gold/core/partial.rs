@@ -16,6 +16,18 @@ pub enum KeyValue {
 }
 
 impl KeyValue {
+    /// Bytes a key of these values holds on the heap, its vector included.
+    pub fn heap_bytes(key: &[KeyValue]) -> usize {
+        key.len() * std::mem::size_of::<KeyValue>()
+            + key
+                .iter()
+                .map(|v| match v {
+                    KeyValue::Str(s) => s.capacity(),
+                    _ => 0,
+                })
+                .sum::<usize>()
+    }
+
     /// Appends the value's bytes (tag, then payload); also what partitioning hashes.
     pub fn encode(&self, out: &mut Vec<u8>) {
         match self {
