@@ -18,7 +18,7 @@ pub enum KeyValue {
 impl KeyValue {
     /// Bytes a key of these values holds on the heap, its vector included.
     pub fn heap_bytes(key: &[KeyValue]) -> usize {
-        key.len() * std::mem::size_of::<KeyValue>()
+        std::mem::size_of_val(key)
             + key
                 .iter()
                 .map(|v| match v {
