@@ -6,10 +6,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use deltalake::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
-use deltalake::arrow::compute::{concat_batches, take_record_batch};
+use deltalake::arrow::compute::take_record_batch;
 use deltalake::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use deltalake::kernel::Add;
-use deltalake::parquet::arrow::ArrowWriter;
+use deltalake::parquet::arrow::{ArrowWriter, AsyncArrowWriter};
 use deltalake::parquet::basic::{Compression as ParquetCompression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::{ObjectStore, Path};
@@ -128,46 +128,63 @@ impl SilverWriter {
             .iter()
             .map(|b| crate::lake::evolution::conform(b, &self.schema))
             .collect::<Result<Vec<_>, _>>()?;
-        let all = concat_batches(&self.schema, &conformed)?;
-        if all.num_rows() == 0 {
+        let total_rows: usize = conformed.iter().map(RecordBatch::num_rows).sum();
+        if total_rows == 0 {
             return Ok(());
         }
-        let times = all
-            .column_by_name(&self.event_time_field)
-            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
-            .ok_or_else(|| {
-                deltalake::arrow::error::ArrowError::SchemaError(format!(
-                    "event time column {} missing or not a timestamp",
-                    self.event_time_field
-                ))
-            })?;
-        let mut groups: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
-        for row in 0..all.num_rows() {
-            // Rows without event time were rejected by the decoder; treat a null defensively as epoch.
-            let micros = if times.is_null(row) {
-                0
-            } else {
-                times.value(row)
-            };
-            groups
-                .entry(date_hour(micros))
-                .or_default()
-                .push(row as u32);
+        // Rows per (event date, hour), as (batch, rows of it) in batch order. No copy of the
+        // buffer is made: each file takes its rows from the batches piece by piece.
+        let mut groups: BTreeMap<(i32, i32), HourRows> = BTreeMap::new();
+        for (index, batch) in conformed.iter().enumerate() {
+            let times = batch
+                .column_by_name(&self.event_time_field)
+                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+                .ok_or_else(|| {
+                    deltalake::arrow::error::ArrowError::SchemaError(format!(
+                        "event time column {} missing or not a timestamp",
+                        self.event_time_field
+                    ))
+                })?;
+            let mut of_batch: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
+            for row in 0..batch.num_rows() {
+                // Rows without event time were rejected by the decoder; a null counts as epoch.
+                let micros = if times.is_null(row) {
+                    0
+                } else {
+                    times.value(row)
+                };
+                of_batch
+                    .entry(date_hour(micros))
+                    .or_default()
+                    .push(row as u32);
+            }
+            for (hour, rows) in of_batch {
+                groups.entry(hour).or_default().push((index, rows));
+            }
         }
-        let bytes_per_row = (all.get_array_memory_size() / all.num_rows()).max(1);
+        let memory: usize = conformed
+            .iter()
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        let bytes_per_row = (memory / total_rows).max(1);
         let rows_per_file = self
             .policy
             .max_rows
             .min((self.policy.max_bytes / bytes_per_row).max(1));
 
-        for ((days, hour), rows) in groups {
-            for (number, chunk) in rows.chunks(rows_per_file).enumerate() {
+        for ((days, hour), pieces) in groups {
+            for (number, file) in split_rows(&pieces, rows_per_file).into_iter().enumerate() {
                 if !progress.done.insert((days, hour, number)) {
                     continue;
                 }
-                let part = take_record_batch(&all, &UInt32Array::from(chunk.to_vec()))?;
-                match self.write_file(part, days, hour).await {
-                    Ok(add) => progress.files.push(add),
+                match self
+                    .stream_file(&conformed, &file, days, hour, bytes_per_row)
+                    .await
+                {
+                    Ok(add) => {
+                        crate::failpoint!("after_upload");
+                        progress.files.push(add);
+                    }
                     Err(e) => {
                         progress.done.remove(&(days, hour, number));
                         return Err(e);
@@ -178,28 +195,135 @@ impl SilverWriter {
         Ok(())
     }
 
-    async fn write_file(
+    /// Encodes one file's rows piece by piece and streams it to the store: small files in one PUT,
+    /// large ones as a multipart upload, so a flush holds about one row group and one upload part
+    /// besides the buffer, never a copy of the buffer or a whole file.
+    async fn stream_file(
         &self,
-        batch: RecordBatch,
+        batches: &[RecordBatch],
+        pieces: &[(usize, &[u32])],
         days: i32,
         hour: i32,
+        bytes_per_row: usize,
     ) -> Result<Add, SilverError> {
-        let partition = [
+        let partition: HashMap<String, Option<String>> = [
             (PARTITION_COLUMNS[0].to_string(), Some(date_string(days))),
             (PARTITION_COLUMNS[1].to_string(), Some(hour.to_string())),
         ]
         .into_iter()
         .collect();
-        let add = put_file(
-            self.store.as_ref(),
-            batch,
-            &partition,
-            self.policy.compression,
-            true,
-        )
-        .await?;
-        crate::failpoint!("after_upload");
-        Ok(add)
+        let relative = file_path(&partition, self.policy.compression);
+        let upload = object_store::buffered::BufWriter::new(
+            self.store.clone(),
+            Path::from(relative.as_str()),
+        );
+        // Row groups of about ROW_GROUP_BYTES of Arrow memory bound what the encoder holds.
+        let row_group_rows = (ROW_GROUP_BYTES / bytes_per_row).max(1024);
+        let properties = writer_properties(self.policy.compression)
+            .set_max_row_group_row_count(Some(row_group_rows))
+            .build();
+        let mut writer = AsyncArrowWriter::try_new(upload, self.schema.clone(), Some(properties))?;
+        let mut rows = 0;
+        let written = async {
+            for (index, indices) in pieces {
+                let Some(batch) = batches.get(*index) else {
+                    continue;
+                };
+                let piece = take_record_batch(batch, &UInt32Array::from(indices.to_vec()))?;
+                rows += piece.num_rows();
+                writer.write(&piece).await?;
+            }
+            writer.finish().await?;
+            Ok::<(), SilverError>(())
+        }
+        .await;
+        if let Err(e) = written {
+            // A multipart upload left open would hold its parts until the bucket's lifecycle
+            // rule removes them: end it now.
+            let mut upload = writer.into_inner();
+            let _ = upload.abort().await;
+            return Err(e);
+        }
+        let size = writer.bytes_written() as i64;
+        Ok(add_action(relative, partition, size, rows, true))
+    }
+}
+
+/// An hour's rows: (batch, rows of it), in batch order.
+type HourRows = Vec<(usize, Vec<u32>)>;
+
+/// Arrow memory per row group of a streamed file (see `SilverWriter::stream_file`).
+const ROW_GROUP_BYTES: usize = 32 * 1024 * 1024;
+
+/// The hour's rows, in order, cut into files of at most `per_file` rows: each file is a list of
+/// (batch, rows of it).
+fn split_rows(pieces: &HourRows, per_file: usize) -> Vec<Vec<(usize, &[u32])>> {
+    let mut files = Vec::new();
+    let mut current: Vec<(usize, &[u32])> = Vec::new();
+    let mut in_current = 0;
+    for (index, rows) in pieces {
+        let mut rest: &[u32] = rows;
+        while !rest.is_empty() {
+            let take = (per_file - in_current).min(rest.len());
+            current.push((*index, &rest[..take]));
+            in_current += take;
+            rest = &rest[take..];
+            if in_current == per_file {
+                files.push(std::mem::take(&mut current));
+                in_current = 0;
+            }
+        }
+    }
+    if !current.is_empty() {
+        files.push(current);
+    }
+    files
+}
+
+/// `event_date=…/event_hour=…/part-<uuid>.<codec>.parquet`.
+fn file_path(partition: &HashMap<String, Option<String>>, compression: Compression) -> String {
+    let extension = match compression {
+        Compression::Zstd => "zstd.parquet",
+        Compression::Snappy => "snappy.parquet",
+        Compression::None => "parquet",
+    };
+    let value = |column: &str| {
+        partition
+            .get(column)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| "__HIVE_DEFAULT_PARTITION__".to_string())
+    };
+    format!(
+        "{}={}/{}={}/part-{}.{extension}",
+        PARTITION_COLUMNS[0],
+        value(PARTITION_COLUMNS[0]),
+        PARTITION_COLUMNS[1],
+        value(PARTITION_COLUMNS[1]),
+        uuid::Uuid::new_v4()
+    )
+}
+
+/// The `add` action of a file just written.
+fn add_action(
+    path: String,
+    partition: HashMap<String, Option<String>>,
+    size: i64,
+    rows: usize,
+    data_change: bool,
+) -> Add {
+    Add {
+        path,
+        partition_values: partition,
+        size,
+        modification_time: chrono::Utc::now().timestamp_millis(),
+        data_change,
+        stats: Some(serde_json::json!({ "numRecords": rows }).to_string()),
+        tags: None,
+        deletion_vector: None,
+        base_row_id: None,
+        default_row_commit_version: None,
+        clustering_provider: None,
     }
 }
 
@@ -216,52 +340,33 @@ pub async fn put_file(
     let rows = batch.num_rows();
     // Parquet encoding is CPU work: keep it off the async workers.
     let bytes = tokio::task::spawn_blocking(move || encode_parquet(&batch, compression)).await??;
-    let extension = match compression {
-        Compression::Zstd => "zstd.parquet",
-        Compression::Snappy => "snappy.parquet",
-        Compression::None => "parquet",
-    };
-    let value = |column: &str| {
-        partition
-            .get(column)
-            .cloned()
-            .flatten()
-            .unwrap_or_else(|| "__HIVE_DEFAULT_PARTITION__".to_string())
-    };
-    let relative = format!(
-        "{}={}/{}={}/part-{}.{extension}",
-        PARTITION_COLUMNS[0],
-        value(PARTITION_COLUMNS[0]),
-        PARTITION_COLUMNS[1],
-        value(PARTITION_COLUMNS[1]),
-        uuid::Uuid::new_v4()
-    );
+    let relative = file_path(partition, compression);
     let size = bytes.len() as i64;
     store
         .put(&Path::from(relative.as_str()), bytes.into())
         .await?;
-    Ok(Add {
-        path: relative,
-        partition_values: partition.clone(),
+    Ok(add_action(
+        relative,
+        partition.clone(),
         size,
-        modification_time: chrono::Utc::now().timestamp_millis(),
+        rows,
         data_change,
-        stats: Some(serde_json::json!({ "numRecords": rows }).to_string()),
-        tags: None,
-        deletion_vector: None,
-        base_row_id: None,
-        default_row_commit_version: None,
-        clustering_provider: None,
-    })
+    ))
 }
 
-fn encode_parquet(batch: &RecordBatch, compression: Compression) -> Result<Vec<u8>, SilverError> {
+fn writer_properties(
+    compression: Compression,
+) -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
     let codec = match compression {
         Compression::Zstd => ParquetCompression::ZSTD(ZstdLevel::default()),
         Compression::Snappy => ParquetCompression::SNAPPY,
         Compression::None => ParquetCompression::UNCOMPRESSED,
     };
-    let properties = WriterProperties::builder().set_compression(codec).build();
+    WriterProperties::builder().set_compression(codec)
+}
+
+fn encode_parquet(batch: &RecordBatch, compression: Compression) -> Result<Vec<u8>, SilverError> {
+    let properties = writer_properties(compression).build();
     let mut buffer = Vec::with_capacity(batch.get_array_memory_size() / 4);
     let mut writer = ArrowWriter::try_new(&mut buffer, batch.schema(), Some(properties))?;
     writer.write(batch)?;

@@ -97,3 +97,34 @@ proptest! {
         prop_assert_eq!(hour, expected.format("%H").to_string().parse::<i32>().expect("hour"));
     }
 }
+
+proptest! {
+    /// Files cut an hour's rows in order, none lost or repeated, none over the limit, all but
+    /// the last full.
+    #[test]
+    fn split_rows_cuts_in_order_into_full_files(
+        sizes in prop::collection::vec(0usize..50, 0..10),
+        per_file in 1usize..40,
+    ) {
+        let pieces: HourRows = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (i, (0..*n as u32).collect()))
+            .collect();
+        let files = split_rows(&pieces, per_file);
+        let flat: Vec<(usize, u32)> = files
+            .iter()
+            .flat_map(|f| f.iter().flat_map(|(b, rows)| rows.iter().map(move |r| (*b, *r))))
+            .collect();
+        let expected: Vec<(usize, u32)> = pieces
+            .iter()
+            .flat_map(|(b, rows)| rows.iter().map(move |r| (*b, *r)))
+            .collect();
+        prop_assert_eq!(flat, expected);
+        for (i, file) in files.iter().enumerate() {
+            let n: usize = file.iter().map(|(_, r)| r.len()).sum();
+            prop_assert!(n <= per_file);
+            prop_assert!(n == per_file || i + 1 == files.len());
+        }
+    }
+}
