@@ -6,7 +6,7 @@ export CARGO_TARGET_DIR ?= $(STRATA_CACHE)/target
 export STRATA_CACHE
 FEATURES := --features failpoints,demo
 
-.PHONY: demo test lint unit integration bench services-start services-stop tools build-deps build
+.PHONY: demo test lint unit integration bench services-start services-stop tools build-deps build chaos
 
 # The first build compiles about 400 crates (arrow, parquet, deltalake, librdkafka): about 12 minutes
 # on 2 cores, once; later runs start in seconds. `make test` reuses the same compiled dependencies.
@@ -45,6 +45,17 @@ test: tools
 
 unit:
 	cargo test --lib $(FEATURES)
+
+# The long chaos run: 3 replicas, records flowing, a random replica SIGKILLed or SIGTERMed
+# STRATA_CHAOS_RESTARTS times (make test runs 4). STRATA_CHAOS_SEED replays a run.
+STRATA_CHAOS_RESTARTS ?= 12
+chaos: tools
+	cargo build --tests $(FEATURES)
+	scripts/services.sh start
+	set -a; source $(STRATA_CACHE)/services/env; set +a; \
+	STRATA_CHAOS_RESTARTS=$(STRATA_CHAOS_RESTARTS) cargo test $(FEATURES) --test chaos -- --nocapture; status=$$?; \
+	scripts/services.sh stop; \
+	exit $$status
 
 # Release builds get their own target directory, so they never hold the lock of the test build.
 bench: tools

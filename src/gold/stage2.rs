@@ -440,6 +440,8 @@ impl Job {
                 }
                 for tp in &partitions {
                     self.parts.remove(&tp.partition);
+                    // A stopped partition is another owner's problem now.
+                    self.metrics.gold_partials_resumed(tp);
                 }
                 self.committer.release(&partitions);
                 let _ = done.send(());
@@ -461,6 +463,10 @@ impl Job {
                 // Gold silently inexact, so the partition stops and an operator decides.
                 self.metrics
                     .gold_partials_lost(&partition, next, earliest, end);
+                Ok(())
+            }
+            SourceEvent::InRange(partition) => {
+                self.metrics.gold_partials_resumed(&partition);
                 Ok(())
             }
         }

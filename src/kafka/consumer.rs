@@ -60,6 +60,8 @@ pub enum SourceEvent {
         earliest: i64,
         end: i64,
     },
+    /// (Strict sources only.) A partition stopped out of range was sought back into range.
+    InRange(TopicPartition),
 }
 
 /// What the pipeline asks of the source.
@@ -90,10 +92,49 @@ struct SourceContext {
     strict: bool,
     /// Partitions stopped for an offset out of range: they stay paused.
     out_of_range: Mutex<std::collections::HashSet<TopicPartition>>,
-    /// Events the pipeline had no room for yet, in order. Fetching is paused while any wait, so
-    /// this holds at most what was fetched before the pause took effect. A rebalance hands them
-    /// over first, so the pipeline sees every record fetched before it.
-    outbox: Mutex<VecDeque<SourceEvent>>,
+    /// The chunk being gathered and the events the pipeline had no room for yet, in order.
+    /// Fetching is paused while any wait, so this holds at most what was fetched before the pause
+    /// took effect. A rebalance closes the chunk and hands everything over first, so the pipeline
+    /// sees every record fetched before the rebalance, before it.
+    outbox: Mutex<Outbox>,
+    /// (Strict sources.) Where each assigned partition's fetching starts (its assigned or sought
+    /// offset), for a partition that erred before any record was polled.
+    starts: Mutex<HashMap<TopicPartition, i64>>,
+}
+
+/// See [`SourceContext::outbox`].
+#[derive(Default)]
+struct Outbox {
+    queue: VecDeque<SourceEvent>,
+    chunk: Vec<SourceRecord>,
+    chunk_bytes: usize,
+}
+
+impl Outbox {
+    /// Adds a polled record to the chunk; a chunk holds one partition and is closed when full.
+    fn push(&mut self, record: SourceRecord) {
+        let same_partition = self
+            .chunk
+            .last()
+            .is_none_or(|last| last.partition == record.partition && last.topic == record.topic);
+        if !same_partition {
+            self.close();
+        }
+        self.chunk_bytes += record.size();
+        self.chunk.push(record);
+        if self.chunk.len() >= CHUNK_RECORDS || self.chunk_bytes >= CHUNK_BYTES {
+            self.close();
+        }
+    }
+
+    /// Moves the records gathered so far to the queue as one chunk.
+    fn close(&mut self) {
+        self.chunk_bytes = 0;
+        if !self.chunk.is_empty() {
+            self.queue
+                .push_back(SourceEvent::Records(std::mem::take(&mut self.chunk)));
+        }
+    }
 }
 
 impl SourceContext {
@@ -109,19 +150,16 @@ impl SourceContext {
         let Ok((earliest, end)) =
             consumer.fetch_watermarks(&tp.topic, tp.partition, Duration::from_secs(10))
         else {
-            // Unknown: librdkafka's own out-of-range error brings it back here.
+            // Unknown now: when librdkafka refuses the offset, its error brings it back here
+            // (`stop_out_of_range`, which knows where the partition started).
             return false;
         };
         if (earliest..=end).contains(&next) {
             return false;
         }
-        let first = self
-            .out_of_range
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(tp.clone());
+        let first = self.stopped().insert(tp.clone());
         if first {
-            self.outbox().push_back(SourceEvent::OutOfRange {
+            self.outbox().queue.push_back(SourceEvent::OutOfRange {
                 partition: tp.clone(),
                 next,
                 earliest,
@@ -131,14 +169,29 @@ impl SourceContext {
         true
     }
 
-    fn outbox(&self) -> MutexGuard<'_, VecDeque<SourceEvent>> {
+    fn stopped(&self) -> MutexGuard<'_, std::collections::HashSet<TopicPartition>> {
+        self.out_of_range
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn starts(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
+        self.starts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn outbox(&self) -> MutexGuard<'_, Outbox> {
         self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Before a rebalance event: hands over everything waiting, waiting for room (this runs
-    /// inside `poll`, which librdkafka does not count against `max.poll.interval.ms`).
+    /// Before a rebalance event: closes the chunk and hands over everything waiting, waiting for
+    /// room. This runs inside `poll`; while the pipeline makes room, librdkafka counts the time
+    /// against `max.poll.interval.ms` only for a non-blocking poll.
     fn hand_over_all(&self) {
-        let waiting: Vec<SourceEvent> = self.outbox().drain(..).collect();
+        let waiting: Vec<SourceEvent> = {
+            let mut outbox = self.outbox();
+            outbox.close();
+            outbox.queue.drain(..).collect()
+        };
         for event in waiting {
             if self.events.blocking_send(event).is_err() {
                 return;
@@ -245,6 +298,7 @@ impl ConsumerContext for SourceContext {
                         None => Offset::Beginning,
                     };
                     if let (true, Offset::Offset(next)) = (self.strict, offset) {
+                        self.starts().insert(tp.clone(), next);
                         if self.stop_if_out_of_range(consumer, tp, next) {
                             let _ = stopped.add_partition(&tp.topic, tp.partition);
                         }
@@ -261,10 +315,15 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions");
                 }
-                if self.paused.any() {
-                    if let Err(e) = consumer.pause(tpl) {
-                        tracing::warn!(error = %e, "pausing newly assigned partitions");
-                    }
+                // librdkafka keeps a partition's pause across its revocation and reassignment:
+                // set it explicitly either way.
+                let result = if self.paused.any() {
+                    consumer.pause(tpl)
+                } else {
+                    consumer.resume(tpl)
+                };
+                if let Err(e) = result {
+                    tracing::warn!(error = %e, "pausing or resuming newly assigned partitions");
                 }
                 if stopped.count() > 0 {
                     if let Err(e) = consumer.pause(&stopped) {
@@ -294,6 +353,14 @@ impl ConsumerContext for SourceContext {
                 {
                     // The rebalance completes only after the pipeline finished or dropped the work.
                     let _ = finished.blocking_recv();
+                }
+                if self.strict {
+                    let mut stopped = self.stopped();
+                    let mut starts = self.starts();
+                    for tp in &partitions {
+                        stopped.remove(tp);
+                        starts.remove(tp);
+                    }
                 }
                 let result = if cooperative {
                     consumer.incremental_unassign(tpl)
@@ -393,6 +460,7 @@ impl Source {
             strict: settings.strict_offsets,
             out_of_range: Mutex::default(),
             outbox: Mutex::default(),
+            starts: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -458,8 +526,6 @@ fn poll_loop(
     stop: Arc<AtomicBool>,
     metrics: Arc<Metrics>,
 ) {
-    let mut chunk: Vec<SourceRecord> = Vec::new();
-    let mut chunk_bytes = 0usize;
     let context = consumer.context().clone();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(command) = commands.try_recv() {
@@ -483,8 +549,13 @@ fn poll_loop(
                         ) {
                             tracing::warn!(partition = %tp, offset, error = %e, "seek failed");
                         }
+                        if context.strict {
+                            recheck_after_seek(&consumer, &tp, offset);
+                        }
                         // After the records fetched before the seek, which the pipeline ignores.
-                        context.outbox().push_back(SourceEvent::Reseeked(tp));
+                        let mut outbox = context.outbox();
+                        outbox.close();
+                        outbox.queue.push_back(SourceEvent::Reseeked(tp));
                     }
                 }
                 SourceCommand::CommitOffsets(offsets) => {
@@ -506,7 +577,7 @@ fn poll_loop(
         }
         // Backpressure without blocking `poll`: while the pipeline has no room, fetching is
         // paused and polling goes on (heartbeats, rebalances, `max.poll.interval.ms`).
-        let waiting = hand_over(&events, &mut context.outbox());
+        let waiting = wait_for_room(&events, &context);
         set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
         let mut timeout = Duration::from_millis(100);
@@ -514,18 +585,10 @@ fn poll_loop(
             match consumer.poll(timeout) {
                 Some(Ok(message)) => {
                     let record = to_record(&message);
-                    let same_partition = chunk.last().is_none_or(|last| {
-                        last.partition == record.partition && last.topic == record.topic
-                    });
-                    if !same_partition {
-                        close_chunk(&mut chunk, &mut chunk_bytes, &mut context.outbox());
-                    }
-                    chunk_bytes += record.size();
-                    chunk.push(record);
-                    if chunk.len() >= CHUNK_RECORDS || chunk_bytes >= CHUNK_BYTES {
-                        let mut outbox = context.outbox();
-                        close_chunk(&mut chunk, &mut chunk_bytes, &mut outbox);
-                        hand_over(&events, &mut outbox);
+                    let mut outbox = context.outbox();
+                    outbox.push(record);
+                    if !outbox.queue.is_empty() {
+                        hand_over(&events, &mut outbox.queue);
                     }
                     timeout = Duration::ZERO;
                     if Instant::now() >= deadline {
@@ -547,11 +610,8 @@ fn poll_loop(
                 None => break,
             }
         }
-        let waiting = {
-            let mut outbox = context.outbox();
-            close_chunk(&mut chunk, &mut chunk_bytes, &mut outbox);
-            hand_over(&events, &mut outbox)
-        };
+        context.outbox().close();
+        let waiting = wait_for_room(&events, &context);
         set_paused(&consumer, |p| &p.full, waiting);
     }
     // Leave the group: the final revocation goes through the rebalance callback as usual, and
@@ -577,10 +637,15 @@ fn stop_out_of_range(consumer: &BaseConsumer<SourceContext>) {
     };
     let mut stopped = TopicPartitionList::new();
     for element in positions.elements() {
-        let Offset::Offset(next) = element.offset() else {
-            continue;
-        };
         let tp = TopicPartition::new(element.topic(), element.partition());
+        // No record polled since the assignment or a seek: it starts where it was put.
+        let next = match element.offset() {
+            Offset::Offset(next) => next,
+            _ => match consumer.context().starts().get(&tp) {
+                Some(start) => *start,
+                None => continue,
+            },
+        };
         if consumer.context().stop_if_out_of_range(consumer, &tp, next) {
             let _ = stopped.add_partition(element.topic(), element.partition());
         }
@@ -592,15 +657,46 @@ fn stop_out_of_range(consumer: &BaseConsumer<SourceContext>) {
     }
 }
 
-/// Moves the records gathered so far to the outbox as one chunk.
-fn close_chunk(
-    chunk: &mut Vec<SourceRecord>,
-    bytes: &mut usize,
-    outbox: &mut VecDeque<SourceEvent>,
-) {
-    *bytes = 0;
-    if !chunk.is_empty() {
-        outbox.push_back(SourceEvent::Records(std::mem::take(chunk)));
+/// After a seek of a strict source: where the partition now starts, and whether that is in
+/// range. A stopped partition sought back into range fetches again (and says so); one sought out
+/// of range stops.
+fn recheck_after_seek(consumer: &BaseConsumer<SourceContext>, tp: &TopicPartition, next: i64) {
+    let context = consumer.context();
+    context.starts().insert(tp.clone(), next);
+    let was_stopped = context.stopped().remove(tp);
+    let mut list = TopicPartitionList::new();
+    let _ = list.add_partition(&tp.topic, tp.partition);
+    if context.stop_if_out_of_range(consumer, tp, next) {
+        let _ = consumer.pause(&list);
+    } else if was_stopped {
+        context
+            .outbox()
+            .queue
+            .push_back(SourceEvent::InRange(tp.clone()));
+        if !context.paused.any() {
+            let _ = consumer.resume(&list);
+        }
+    }
+}
+
+/// How long the source waits for the pipeline to make room before it pauses fetching. A busy
+/// pipeline makes room within milliseconds; pausing at once would throw away librdkafka's
+/// prefetched records at every full channel and fetch them again (a catch-up crawls). Well under
+/// any `max.poll.interval.ms`.
+const FULL_WAIT: Duration = Duration::from_secs(1);
+
+/// Hands over what the outbox holds, waiting up to [`FULL_WAIT`] for room; returns whether
+/// anything still waits (then fetching pauses until it is handed over).
+fn wait_for_room(events: &mpsc::Sender<SourceEvent>, context: &SourceContext) -> bool {
+    let until = Instant::now() + FULL_WAIT;
+    loop {
+        if !hand_over(events, &mut context.outbox().queue) {
+            return false;
+        }
+        if Instant::now() >= until {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 

@@ -435,15 +435,26 @@ impl Metrics {
 
     /// Stage 2 stopped a partials partition: its next offset is outside what the topic holds.
     pub fn gold_partials_lost(&self, tp: &TopicPartition, next: i64, earliest: i64, end: i64) {
-        self.gold.partials_lost.inc();
         let why = format!(
             "gold partials partition {tp} stopped: its next offset {next} is not in the topic \
              (which holds {earliest}..{end}); partials were deleted (retention) or the topic was \
              recreated, so Gold cannot be exact from here"
         );
         tracing::error!(partition = %tp, next, earliest, end, "{why}");
-        self.readiness
-            .set_problem(&format!("partials {tp}"), Some(&why));
+        if self
+            .readiness
+            .set_problem(&format!("partials {tp}"), Some(&why))
+        {
+            self.gold.partials_lost.inc();
+        }
+    }
+
+    /// A stopped partials partition is no longer stopped here (revoked, or sought into range).
+    pub fn gold_partials_resumed(&self, tp: &TopicPartition) {
+        if self.readiness.set_problem(&format!("partials {tp}"), None) {
+            self.gold.partials_lost.dec();
+            tracing::info!(partition = %tp, "gold partials partition no longer stopped here");
+        }
     }
 
     /// The flush's store refuses writes (`Some`: which and why, for `/readyz`) or takes them again.

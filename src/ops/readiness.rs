@@ -126,13 +126,14 @@ impl Readiness {
             .map(|(why, _, _)| why.clone())
     }
 
-    /// Sets (or clears) a named problem concerning `what`.
-    pub fn set_problem(&self, what: &str, why: Option<&str>) {
+    /// Sets (or clears) a named problem concerning `what`; returns whether the problem started
+    /// (set) or ended (cleared) with this call.
+    pub fn set_problem(&self, what: &str, why: Option<&str>) -> bool {
         let mut problems = self.problems.lock().unwrap_or_else(PoisonError::into_inner);
         match why {
-            Some(why) => problems.insert(what.to_string(), why.to_string()),
-            None => problems.remove(what),
-        };
+            Some(why) => problems.insert(what.to_string(), why.to_string()).is_none(),
+            None => problems.remove(what).is_some(),
+        }
     }
 
     fn problems(&self) -> Vec<String> {

@@ -204,7 +204,8 @@ impl Replica {
                     self.metrics.dropped(&tp, "shutdown", records.len());
                 }
             }
-            SourceEvent::Reseeked(_) | SourceEvent::OutOfRange { .. } => {}
+            SourceEvent::Reseeked(_) | SourceEvent::OutOfRange { .. } | SourceEvent::InRange(_) => {
+            }
         }
     }
 
@@ -257,7 +258,7 @@ impl Replica {
                 Ok(())
             }
             // Bronze is consumed from the earliest record when an offset is out of range.
-            SourceEvent::OutOfRange { .. } => Ok(()),
+            SourceEvent::OutOfRange { .. } | SourceEvent::InRange(_) => Ok(()),
         }
     }
 

@@ -93,6 +93,9 @@ pub struct SilverTable {
     pub event_high: HashMap<TopicPartition, i64>,
     /// Files uploaded for the buffered rows and not committed yet.
     pub uploads: Uploads,
+    /// Kept uploads older than this are written again: vacuum may delete files no version
+    /// references once they are older than `STRATA_VACUUM_RETENTION` (half of it, here).
+    uploads_max_age: std::time::Duration,
     /// Registry versions this table refused to evolve to (asked once each).
     refused_versions: HashSet<u32>,
 }
@@ -140,6 +143,7 @@ impl SilverTable {
             parts: HashMap::new(),
             event_high: HashMap::new(),
             uploads: Uploads::default(),
+            uploads_max_age: config.maintenance.retention.files / 2,
             refused_versions: HashSet::new(),
         })
     }
@@ -204,6 +208,24 @@ impl SilverTable {
             // Files holding rows of a partition not committed now cannot be committed with them.
             self.uploads = Uploads::default();
         }
+        let oldest = self
+            .uploads
+            .files
+            .iter()
+            .chain(
+                self.uploads
+                    .writing
+                    .iter()
+                    .flat_map(|(_, p)| p.files.iter()),
+            )
+            .map(|f| f.modification_time)
+            .min();
+        let max_age = i64::try_from(self.uploads_max_age.as_millis()).unwrap_or(i64::MAX);
+        if oldest.is_some_and(|t| chrono::Utc::now().timestamp_millis() - t > max_age) {
+            // Vacuum may already have removed them (nothing references them yet): write again.
+            tracing::warn!(table = %self.name, "kept uploads are too old to trust; writing them again");
+            self.uploads = Uploads::default();
+        }
         loop {
             let (until, mut progress) = match self.uploads.writing.take() {
                 Some(writing) => writing,
@@ -226,6 +248,8 @@ impl SilverTable {
                 .iter()
                 .flat_map(|(tp, until)| {
                     let from = self.uploads.covered.get(tp).copied().unwrap_or(0);
+                    // `covered` and `until` count batches that are still buffered: every reset
+                    // of the buffer resets the uploads too.
                     self.parts
                         .get(tp)
                         .and_then(|p| p.batches.get(from..*until))

@@ -12,6 +12,7 @@ use deltalake::arrow::datatypes::{
 
 use super::aggregate::{Accumulator, Aggregate, Function, Input};
 use super::heavy::SpaceSaving;
+use super::hll::{fmix64, hash64};
 use super::partial::KeyValue;
 use super::window::WindowSpec;
 
@@ -117,11 +118,151 @@ impl GoldSpec {
     }
 }
 
+/// A key value as a row holds it, borrowed from its column: looking a key up allocates nothing;
+/// only a key met for the first time is copied.
+#[derive(Debug, Clone, Copy)]
+enum KeyRef<'a> {
+    Null,
+    Int(i64),
+    Str(&'a str),
+}
+
+impl<'a> KeyRef<'a> {
+    fn of(value: &'a KeyValue) -> Self {
+        match value {
+            KeyValue::Null => KeyRef::Null,
+            KeyValue::Int(v) => KeyRef::Int(*v),
+            KeyValue::Str(s) => KeyRef::Str(s),
+        }
+    }
+
+    fn of_row(column: &'a ArrayRef, row: usize) -> Self {
+        if column.is_null(row) {
+            return KeyRef::Null;
+        }
+        match column.data_type() {
+            DataType::Utf8 => KeyRef::Str(column.as_string::<i32>().value(row)),
+            DataType::Int32 => {
+                KeyRef::Int(i64::from(column.as_primitive::<Int32Type>().value(row)))
+            }
+            DataType::Int64 => KeyRef::Int(column.as_primitive::<Int64Type>().value(row)),
+            _ => KeyRef::Null,
+        }
+    }
+
+    /// Equal values (of whatever lifetimes).
+    fn same(self, other: KeyRef<'_>) -> bool {
+        match (self, other) {
+            (KeyRef::Null, KeyRef::Null) => true,
+            (KeyRef::Int(a), KeyRef::Int(b)) => a == b,
+            (KeyRef::Str(a), KeyRef::Str(b)) => a == b,
+            _ => false,
+        }
+    }
+
+    fn owned(self) -> KeyValue {
+        match self {
+            KeyRef::Null => KeyValue::Null,
+            KeyRef::Int(v) => KeyValue::Int(v),
+            KeyRef::Str(s) => KeyValue::Str(s.to_string()),
+        }
+    }
+
+    fn hash(self, h: u64) -> u64 {
+        let value = match self {
+            KeyRef::Null => 0x9e37_79b9_7f4a_7c15,
+            KeyRef::Int(v) => fmix64(v as u64 ^ 0x5851_f42d_4c95_7f2d),
+            KeyRef::Str(s) => hash64(s.as_bytes()),
+        };
+        fmix64(h.rotate_left(5) ^ value)
+    }
+}
+
+/// Dense ids for the keys of an epoch, by a 64-bit hash of the borrowed values (a second table
+/// holds the rare keys whose hash another key already has).
+#[derive(Debug, Default)]
+struct KeyIds {
+    by_hash: HashMap<u64, u32, BuildNoHash>,
+    collided: Vec<(u64, u32)>,
+    list: Vec<Vec<KeyValue>>,
+}
+
+impl KeyIds {
+    fn id<'a>(&mut self, values: impl Iterator<Item = KeyRef<'a>> + Clone) -> u32 {
+        let hash = values.clone().fold(0, |h, v| v.hash(h));
+        let same = |list: &[Vec<KeyValue>], id: u32| {
+            list.get(id as usize).is_some_and(|key| {
+                key.len() == values.clone().count()
+                    && key
+                        .iter()
+                        .zip(values.clone())
+                        .all(|(k, v)| KeyRef::of(k).same(v))
+            })
+        };
+        match self.by_hash.get(&hash) {
+            Some(id) if same(&self.list, *id) => return *id,
+            Some(_) => {
+                if let Some((_, id)) = self
+                    .collided
+                    .iter()
+                    .find(|(h, id)| *h == hash && same(&self.list, *id))
+                {
+                    return *id;
+                }
+            }
+            None => {}
+        }
+        let id = self.list.len() as u32;
+        self.list.push(values.map(KeyRef::owned).collect());
+        match self.by_hash.entry(hash) {
+            std::collections::hash_map::Entry::Occupied(_) => self.collided.push((hash, id)),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(id);
+            }
+        }
+        id
+    }
+
+    fn of_row(&mut self, columns: &[&ArrayRef], row: usize) -> u32 {
+        self.id(columns.iter().map(|c| KeyRef::of_row(c, row)))
+    }
+
+    fn of_key(&mut self, key: &[KeyValue]) -> u32 {
+        self.id(key.iter().map(KeyRef::of))
+    }
+}
+
+/// The keys are hashes already: a hasher that passes them through (no SipHash on the hot path).
+#[derive(Debug, Default, Clone, Copy)]
+struct BuildNoHash;
+
+impl std::hash::BuildHasher for BuildNoHash {
+    type Hasher = NoHash;
+    fn build_hasher(&self) -> NoHash {
+        NoHash(0)
+    }
+}
+
+struct NoHash(u64);
+
+impl std::hash::Hasher for NoHash {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 << 8) | u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
 /// The pre-aggregated state of one source partition's epoch.
 #[derive(Debug)]
 pub struct PreAggregator {
-    keys: HashMap<Vec<KeyValue>, u32>,
-    key_list: Vec<Vec<KeyValue>>,
+    keys: KeyIds,
     groups: HashMap<(i64, u32, u16), Accumulator>,
     /// Hot keys (by id) and the turn of their next event: events of a hot key take the salts
     /// 1..=`salts` in turn, so its load spreads evenly over `salts` sub-keys.
@@ -139,8 +280,7 @@ impl Default for PreAggregator {
 impl PreAggregator {
     pub fn new() -> Self {
         Self {
-            keys: HashMap::new(),
-            key_list: Vec::new(),
+            keys: KeyIds::default(),
             groups: HashMap::new(),
             salted: HashMap::new(),
             salts: 1,
@@ -152,18 +292,6 @@ impl PreAggregator {
         self.events
     }
 
-    fn id_of(&mut self, key: Vec<KeyValue>) -> u32 {
-        match self.keys.get(&key) {
-            Some(id) => *id,
-            None => {
-                let id = self.key_list.len() as u32;
-                self.keys.insert(key.clone(), id);
-                self.key_list.push(key);
-                id
-            }
-        }
-    }
-
     /// Salts `hot` keys: their events take the salts 1..=`salts` in turn, the first one `start`
     /// (fixed by source partition and epoch, so a replay salts identically). Call before folding.
     pub fn salt(&mut self, hot: Vec<Vec<KeyValue>>, salts: u16, start: u64) {
@@ -172,7 +300,7 @@ impl PreAggregator {
         }
         self.salts = salts;
         for key in hot {
-            let id = self.id_of(key);
+            let id = self.keys.of_key(&key);
             self.salted.insert(id, start);
         }
     }
@@ -186,8 +314,7 @@ impl PreAggregator {
         share: f64,
         min_events: u64,
     ) -> Result<Vec<Vec<KeyValue>>, RowsError> {
-        let mut ids: HashMap<Vec<KeyValue>, u32> = HashMap::new();
-        let mut list: Vec<Vec<KeyValue>> = Vec::new();
+        let mut ids = KeyIds::default();
         let mut heavy = SpaceSaving::new(capacity);
         for batch in batches {
             let keys: Vec<&ArrayRef> = spec
@@ -200,16 +327,7 @@ impl PreAggregator {
                 })
                 .collect::<Result<_, _>>()?;
             for row in 0..batch.num_rows() {
-                let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
-                let id = match ids.get(&key) {
-                    Some(id) => *id,
-                    None => {
-                        let id = list.len() as u32;
-                        ids.insert(key.clone(), id);
-                        list.push(key);
-                        id
-                    }
-                };
+                let id = ids.of_row(&keys, row);
                 heavy.add(&id.to_le_bytes(), 1);
             }
         }
@@ -219,7 +337,7 @@ impl PreAggregator {
             .filter(|(_, count)| *count >= min_events)
             .filter_map(|(id, _)| {
                 let id = u32::from_le_bytes(id.try_into().ok()?);
-                list.get(id as usize).cloned()
+                ids.list.get(id as usize).cloned()
             })
             .collect())
     }
@@ -268,8 +386,7 @@ impl PreAggregator {
             if starts.is_empty() {
                 continue;
             }
-            let key: Vec<KeyValue> = keys.iter().map(|c| key_value(c, row)).collect();
-            let id = self.id_of(key);
+            let id = self.keys.of_row(&keys, row);
             let salt = match self.salted.get_mut(&id) {
                 Some(turn) => {
                     let salt = 1 + (*turn % u64::from(self.salts)) as u16;
@@ -312,7 +429,10 @@ impl PreAggregator {
         let mut out: Vec<(i64, Vec<KeyValue>, u16, Accumulator)> = self
             .groups
             .into_iter()
-            .map(|((start, id, salt), acc)| (start, self.key_list[id as usize].clone(), salt, acc))
+            .map(|((start, id, salt), acc)| {
+                let key = self.keys.list.get(id as usize).cloned().unwrap_or_default();
+                (start, key, salt, acc)
+            })
             .collect();
         out.sort_by(|a, b| {
             a.0.cmp(&b.0)
@@ -320,18 +440,6 @@ impl PreAggregator {
                 .then_with(|| a.2.cmp(&b.2))
         });
         out
-    }
-}
-
-fn key_value(column: &ArrayRef, row: usize) -> KeyValue {
-    if column.is_null(row) {
-        return KeyValue::Null;
-    }
-    match column.data_type() {
-        DataType::Utf8 => KeyValue::Str(column.as_string::<i32>().value(row).to_string()),
-        DataType::Int32 => KeyValue::Int(i64::from(column.as_primitive::<Int32Type>().value(row))),
-        DataType::Int64 => KeyValue::Int(column.as_primitive::<Int64Type>().value(row)),
-        _ => KeyValue::Null,
     }
 }
 
@@ -346,6 +454,41 @@ fn number(column: &ArrayRef, row: usize) -> Option<f64> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn key_ids_agree_between_rows_and_owned_keys_and_collisions_stay_apart() {
+        use deltalake::arrow::array::{Int64Array, StringArray};
+        let names: ArrayRef = Arc::new(StringArray::from(vec![
+            Some("a"),
+            Some("b"),
+            None,
+            Some("a"),
+        ]));
+        let numbers: ArrayRef = Arc::new(Int64Array::from(vec![1, 1, 1, 1]));
+        let columns = [&names, &numbers];
+        let mut ids = KeyIds::default();
+        let row_ids: Vec<u32> = (0..4).map(|row| ids.of_row(&columns, row)).collect();
+        assert_eq!(row_ids, [0, 1, 2, 0]);
+        assert_eq!(
+            ids.of_key(&[KeyValue::Str("b".into()), KeyValue::Int(1)]),
+            1
+        );
+        assert_eq!(ids.of_key(&[KeyValue::Null, KeyValue::Int(1)]), 2);
+        // Two keys forced under one hash are still told apart.
+        let mut forced = KeyIds::default();
+        let first = forced.of_key(&[KeyValue::Int(7)]);
+        let hash = [KeyRef::Int(7)].into_iter().fold(0, |h, v| v.hash(h));
+        forced.by_hash.insert(hash, first);
+        forced.list.push(vec![KeyValue::Int(8)]);
+        forced.by_hash.insert(hash, 1);
+        assert_eq!(
+            forced.of_key(&[KeyValue::Int(7)]),
+            2,
+            "a key under another's hash gets its own id"
+        );
+        assert_eq!(forced.of_key(&[KeyValue::Int(7)]), 2, "and finds it again");
+        assert_eq!(forced.collided.len(), 1);
+    }
     use crate::gold::core::aggregate::{parse_aggregates, Output};
     use deltalake::arrow::array::{Float64Array, StringArray, TimestampMicrosecondArray};
     use deltalake::arrow::datatypes::{Field, TimeUnit};
