@@ -51,16 +51,12 @@ async fn a_broker_killed_and_restarted_mid_run_costs_nothing() {
     produced.extend(produce_on(&broker.brokers, &setup.topic, 4_000, 100, 62).await);
     setup.catch_up(&produced, &[&replica]).await;
     let caught_up = back.elapsed();
-    // Ready again once the broker is back.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while replica.http_status("/readyz").await != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "not ready after the broker came back:\n{}",
-            replica.tail(30)
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    replica
+        .wait_ready(
+            Duration::from_secs(60),
+            "not ready after the broker came back",
+        )
+        .await;
     eprintln!(
         "broker away {:?}: not ready after {named:?}; caught up {caught_up:?} after it came back",
         back - killed
@@ -69,16 +65,6 @@ async fn a_broker_killed_and_restarted_mid_run_costs_nothing() {
     common::assert_accounting(&replica).await;
     replica.stop(Duration::from_secs(30));
     setup.assert_exact(&produced).await;
-    let letters = common::dead_letters_on(
-        &broker.brokers,
-        &format!("{}.dlq", setup.topic),
-        produced.bad.len(),
-        Duration::from_secs(60),
-    )
-    .await;
-    let mut sources: Vec<_> = letters.iter().map(|l| l.source.clone()).collect();
-    sources.sort();
-    let mut expected = produced.bad.clone();
-    expected.sort();
-    assert_eq!(sources, expected, "every bad record dead-lettered once");
+    common::assert_dead_letters_are(&broker.brokers, &format!("{}.dlq", setup.topic), &produced)
+        .await;
 }

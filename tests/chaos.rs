@@ -83,29 +83,30 @@ async fn replicas_restarted_at_random_while_data_flows_lose_and_duplicate_nothin
         );
     }
     for replica in &replicas {
-        common::assert_accounting(replica).await;
+        // A replica that joined last may have found everything read already.
+        if replica
+            .metric("strata_records_consumed_total")
+            .await
+            .unwrap_or(0.0)
+            > 0.0
+        {
+            common::assert_accounting(replica).await;
+        }
     }
     for replica in replicas {
         replica.stop(Duration::from_secs(45));
     }
     setup.assert_exact(&produced).await;
-    let letters = common::dead_letters(
-        &format!("{}.dlq", setup.topic),
-        produced.bad.len(),
-        Duration::from_secs(60),
-    )
-    .await;
     // Dead letters are at least once: a kill between a letter's acknowledgement and the commit of
     // its offset sends it again on replay (its headers name the source offset).
-    let sources: std::collections::BTreeSet<_> = letters.iter().map(|l| l.source.clone()).collect();
-    let expected: std::collections::BTreeSet<_> = produced.bad.iter().cloned().collect();
-    assert_eq!(
-        sources, expected,
-        "the dead-letter topic holds exactly the bad records"
-    );
+    let letters = common::assert_dead_letters_are(
+        &common::brokers(),
+        &format!("{}.dlq", setup.topic),
+        &produced,
+    )
+    .await;
     eprintln!(
-        "chaos: {} dead letters for {} bad records",
-        letters.len(),
-        expected.len()
+        "chaos: {letters} dead letters for {} bad records",
+        produced.bad.len()
     );
 }

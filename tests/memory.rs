@@ -30,11 +30,9 @@ async fn silver_peak_rss_stays_within_the_buffer_budget_plus_64_mib() {
         ("STRATA_FILE_MAX_ROWS", "10000000"),
         ("STRATA_FLUSH_INTERVAL", "5m"),
     ]);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while replica.http_get("/readyz").await.map(|(s, _)| s) != Some(200) {
-        assert!(std::time::Instant::now() < deadline, "{}", replica.tail(20));
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    replica
+        .wait_ready(Duration::from_secs(60), "never ready")
+        .await;
     let idle = memory_mib(replica.pid(), "VmRSS:");
     let mut produced = produce(&setup.topic, 150_000, 0, 71).await;
     produced.extend(produce(&setup.topic, 150_000, 0, 72).await);

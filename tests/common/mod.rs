@@ -253,6 +253,21 @@ pub struct DeadLetter {
     pub value: Option<Vec<u8>>,
 }
 
+/// Asserts that the dead-letter topic `topic` on `brokers` holds exactly the bad records of
+/// `produced` (as a set: a kill between a letter's acknowledgement and the commit of its offset
+/// sends it again); returns how many letters it holds.
+pub async fn assert_dead_letters_are(brokers: &str, topic: &str, produced: &Produced) -> usize {
+    let letters =
+        dead_letters_on(brokers, topic, produced.bad.len(), Duration::from_secs(60)).await;
+    let sources: std::collections::BTreeSet<_> = letters.iter().map(|l| l.source.clone()).collect();
+    let expected: std::collections::BTreeSet<_> = produced.bad.iter().cloned().collect();
+    assert_eq!(
+        sources, expected,
+        "the dead-letter topic holds exactly the bad records"
+    );
+    letters.len()
+}
+
 /// Reads every record of the dead-letter topic `topic` (all partitions, to the end), once it
 /// holds at least `count` or `timeout` has passed. Duplicates are kept, so a test sees them.
 pub async fn dead_letters(topic: &str, count: usize, timeout: Duration) -> Vec<DeadLetter> {
@@ -654,6 +669,15 @@ impl Replica {
             .expect("log")
             .iter()
             .any(|l| l.contains(needle))
+    }
+
+    /// Waits until `/readyz` answers 200; panics with `what` and the log tail after `timeout`.
+    pub async fn wait_ready(&self, timeout: Duration, what: &str) {
+        let deadline = Instant::now() + timeout;
+        while self.http_get("/readyz").await.map(|(status, _)| status) != Some(200) {
+            assert!(Instant::now() < deadline, "{what}:\n{}", self.tail(30));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
     }
 
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
