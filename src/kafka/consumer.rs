@@ -681,8 +681,8 @@ fn recheck_after_seek(consumer: &BaseConsumer<SourceContext>, tp: &TopicPartitio
 
 /// How long the source waits for the pipeline to make room before it pauses fetching. A busy
 /// pipeline makes room within milliseconds; pausing at once would throw away librdkafka's
-/// prefetched records at every full channel and fetch them again (a catch-up crawls). Well under
-/// any `max.poll.interval.ms`.
+/// prefetched records at every full channel and fetch them again (not measured). Well under any
+/// `max.poll.interval.ms`.
 const FULL_WAIT: Duration = Duration::from_secs(1);
 
 /// Hands over what the outbox holds, waiting up to [`FULL_WAIT`] for room; returns whether
