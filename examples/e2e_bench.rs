@@ -1,7 +1,17 @@
-//! End-to-end benchmark (not a test): fills a topic on the test broker, then measures in the same
-//! run a bare rdkafka consumer reading it and a Strata replica turning it into a committed Silver
-//! table on the test S3, and prints both rates and their ratio. Run by `make bench`.
+//! End-to-end benchmark (not a test), run by `make bench`. In one run, on the test broker and S3:
+//!
+//! - a bare librdkafka consumer reads a filled topic;
+//! - a Strata replica turns the same topic into a committed Silver table (zstd Parquet on S3);
+//! - the same with Gold on (tumbling 1 m windows, `count, sum(amount)`);
+//! - the pipeline without the broker: records from memory through decode, buffers, Parquet and
+//!   commits to a local lake (the pipeline's own ceiling).
+//!
+//! Each consumer is timed from its first record to its last (Strata: to the last row committed),
+//! so group joins do not count. CPU time is the process's user + system time over the phase, from
+//! `/proc/self/stat`, so it includes librdkafka's threads; peak RSS is `VmHWM`, reset before each
+//! phase through `/proc/self/clear_refs`.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -11,9 +21,92 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message};
 use strata::config::Config;
 use strata::demo::{ORDER_V1, ORDER_V2};
+use strata::models::{SourceRecord, TopicPartition};
 
 fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run `make bench`"))
+}
+
+/// Clock ticks per second of `/proc/self/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// This process's CPU time so far (user + system, every thread), in seconds.
+fn cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start with the state (field 3);
+    // utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("/proc/self/stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(fields
+            .get(i - 3)
+            .context("/proc/self/stat field")?
+            .parse::<f64>()?)
+    };
+    Ok((ticks(14)? + ticks(15)?) / USER_HZ)
+}
+
+/// A `/proc/self/status` field in MiB (`VmRSS`, `VmHWM`).
+fn status_mib(field: &str) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next())
+        .context("no such field in /proc/self/status")?
+        .parse()?;
+    Ok(kib / 1024.0)
+}
+
+/// What one phase cost.
+struct Phase {
+    events: u64,
+    /// First record to last (consumed, or committed).
+    secs: f64,
+    cpu_secs: f64,
+    rss_start_mib: f64,
+    peak_rss_mib: f64,
+}
+
+impl Phase {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+    fn per_cpu_second(&self) -> f64 {
+        self.events as f64 / self.cpu_secs
+    }
+    fn line(&self, name: &str, note: &str) -> String {
+        format!(
+            "{name:<26}{:>10.0} events/s  {:>10.0} events/CPU-s  peak RSS {:>6.0} MiB (+{:.0} over its start)  {note}",
+            self.rate(),
+            self.per_cpu_second(),
+            self.peak_rss_mib,
+            self.peak_rss_mib - self.rss_start_mib
+        )
+    }
+}
+
+/// Measures CPU and peak RSS around `run`, which returns the seconds from its first record to its
+/// last.
+async fn measure<F>(events: u64, run: F) -> anyhow::Result<Phase>
+where
+    F: std::future::Future<Output = anyhow::Result<f64>>,
+{
+    // Resets VmHWM to the current RSS (Linux 4.0+); without it the peak is the process's.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let rss_start_mib = status_mib("VmRSS")?;
+    let cpu = cpu_seconds()?;
+    let secs = run.await?;
+    Ok(Phase {
+        events,
+        secs,
+        cpu_secs: cpu_seconds()? - cpu,
+        rss_start_mib,
+        peak_rss_mib: status_mib("VmHWM")?,
+    })
 }
 
 #[tokio::main]
@@ -23,68 +116,46 @@ async fn main() -> anyhow::Result<()> {
     let events: u64 = std::env::var("STRATA_BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(300_000);
+        .unwrap_or(500_000);
     let partitions = 6;
     let topic = format!("bench-{}", std::process::id());
 
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &brokers)
         .create()?;
-    for (name, parts) in [(topic.clone(), partitions), (format!("{topic}.dlq"), 1)] {
-        for result in admin
-            .create_topics(
-                &[NewTopic::new(&name, parts, TopicReplication::Fixed(1))],
-                &AdminOptions::new(),
-            )
-            .await?
-        {
-            result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-        }
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
     }
 
-    // Fill.
+    // Fill. Event times advance 1 ms per order, each up to 20 s early: in bounds for Gold.
     let fill = Instant::now();
-    // Event times advance 1 ms per order, each up to 20 s early: in bounds for Gold's windows.
     let generator = strata::demo::OrderGenerator::new(7, 1)?.ordered(1, 20_000);
     let produced = strata::demo::produce_generated(&brokers, &topic, events, generator).await?;
     let bytes: usize = produced.records.iter().map(|r| r.value.len()).sum();
+    let last_offsets = produced.last_offsets();
+    drop(produced);
     println!(
-        "filled {topic}: {events} events, {:.1} MiB of Avro in {:.1}s",
+        "filled {topic}: {events} events over {partitions} partitions, {:.1} MiB of Avro in {:.1}s",
         bytes as f64 / 1048576.0,
         fill.elapsed().as_secs_f64()
     );
 
-    // Bare consumer: join a fresh group and read every record (touching each payload).
-    let raw_brokers = brokers.clone();
-    let raw_topic = topic.clone();
-    let raw_secs = tokio::task::spawn_blocking(move || -> anyhow::Result<f64> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &raw_brokers)
-            .set("group.id", format!("raw-{raw_topic}"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()?;
-        consumer.subscribe(&[&raw_topic])?;
-        let started = Instant::now();
-        let mut seen = 0u64;
-        let mut checksum = 0u64;
-        while seen < events {
-            if let Some(message) = consumer.poll(Duration::from_millis(500)) {
-                checksum = checksum.wrapping_add(message?.payload().map_or(0, |p| p.len() as u64));
-                seen += 1;
-            }
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(600),
-                "raw consumer stalled at {seen}"
-            );
-        }
-        std::hint::black_box(checksum);
-        Ok(started.elapsed().as_secs_f64())
+    // Bare consumer: a fresh group reads every record (touching each payload).
+    let raw = measure(events, async {
+        let brokers = brokers.clone();
+        let topic = topic.clone();
+        tokio::task::spawn_blocking(move || bare_consumer(&brokers, &topic, events)).await?
     })
-    .await??;
+    .await?;
 
-    // Strata: a replica from subscription until every partition's progress is committed; then
-    // the same with Gold on (a fresh group and lake).
+    // Strata: a replica from its first record until every partition's progress is committed;
+    // then the same with Gold on (a fresh group and lake).
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("1.avsc"), ORDER_V1)?;
     std::fs::write(dir.path().join("2.avsc"), ORDER_V2)?;
@@ -98,14 +169,9 @@ async fn main() -> anyhow::Result<()> {
             extra.extend([
                 ("STRATA_GOLD_KEY", "customer_id"),
                 ("STRATA_GOLD_WINDOW", "1m"),
-                (
-                    "STRATA_GOLD_AGGREGATES",
-                    "count, sum(amount), min(amount), max(amount), avg(amount), approx_distinct(product)",
-                ),
+                ("STRATA_GOLD_AGGREGATES", "count, sum(amount)"),
                 ("STRATA_WATERMARK_DELAY", "30s"),
                 ("STRATA_IDLE_TIMEOUT", "5s"),
-                ("STRATA_HOT_KEY_SHARE", "0.1"),
-                ("STRATA_HOT_KEY_SALTS", "6"),
             ]);
         }
         strata::demo::replica_vars(
@@ -114,48 +180,198 @@ async fn main() -> anyhow::Result<()> {
             &topic,
             dir.path(),
             reader,
-            &format!("s3://{bucket}/{lake}"),
+            &lake.to_string(),
             &extra,
         )
     };
-    let run = strata::demo::run_until_caught_up(
-        Config::from_vars(vars(&format!("strata-{topic}"), &topic, false))?,
-        &topic,
-        &produced.last_offsets(),
-        Duration::from_secs(900),
-    )
+    let mut summaries = Vec::new();
+    let mut strata_phase = |gold: bool| {
+        let name = if gold { "gold" } else { "strata" };
+        let config = Config::from_vars(vars(
+            &format!("{name}-{topic}"),
+            &format!("s3://{bucket}/{topic}-{name}"),
+            gold,
+        ));
+        let last_offsets = last_offsets.clone();
+        let topic = topic.clone();
+        async move {
+            let run = strata::demo::run_until_caught_up(
+                config?,
+                &topic,
+                &last_offsets,
+                Duration::from_secs(900),
+            )
+            .await?;
+            anyhow::ensure!(run.caught_up, "{name} did not catch up");
+            let first = run.first_record.context("no first record")?;
+            Ok((run.elapsed.saturating_sub(first).as_secs_f64(), run))
+        }
+    };
+    let mut silver_run = None;
+    let silver = measure(events, async {
+        let (secs, run) = strata_phase(false).await?;
+        silver_run = Some(run);
+        Ok(secs)
+    })
     .await?;
-    anyhow::ensure!(run.caught_up, "strata did not catch up");
-    let strata_secs = run.elapsed.as_secs_f64();
-    let summary = run.summary;
-
-    let gold_run = strata::demo::run_until_caught_up(
-        Config::from_vars(vars(
-            &format!("gold-{topic}"),
-            &format!("{topic}-gold"),
-            true,
-        ))?,
-        &topic,
-        &produced.last_offsets(),
-        Duration::from_secs(900),
-    )
+    let mut gold_run = None;
+    let gold = measure(events, async {
+        let (secs, run) = strata_phase(true).await?;
+        gold_run = Some(run);
+        Ok(secs)
+    })
     .await?;
-    anyhow::ensure!(gold_run.caught_up, "strata with Gold did not catch up");
-    let gold_secs = gold_run.elapsed.as_secs_f64();
-    let gold_final = gold_run.gold_elapsed.map_or(f64::NAN, |d| d.as_secs_f64());
-    let g = gold_run.metrics.gold().snapshot(8);
-    let partials: u64 = g.partials.iter().sum();
+    summaries.extend(silver_run.map(|r| r.summary));
 
-    let raw_rate = events as f64 / raw_secs;
-    let strata_rate = events as f64 / strata_secs;
+    // The pipeline's own ceiling: no broker, a local lake.
+    let ceiling_events = events.min(1_000_000);
+    let records = memory_records(ceiling_events)?;
+    let lake = tempfile::tempdir()?;
+    let ceiling_config = Config::from_vars(vars(
+        "ceiling",
+        &format!("file://{}", lake.path().display()),
+        false,
+    ))?;
+    let ceiling = measure(ceiling_events, pipeline_ceiling(&ceiling_config, &records)).await?;
+
+    println!();
+    println!("{}", raw.line("bare rdkafka consumer", ""));
+    let summary = summaries.first();
     println!(
-        "bare rdkafka consumer : {raw_rate:>10.0} events/s ({raw_secs:.1}s, group join included)"
+        "{}",
+        silver.line(
+            "strata -> Silver (S3)",
+            &format!(
+                "({} commits, {} files)",
+                summary.map_or(0, |s| s.commits),
+                summary.map_or(0, |s| s.files)
+            )
+        )
     );
-    println!("strata -> Silver (S3) : {strata_rate:>10.0} events/s ({strata_secs:.1}s, group join and final commit included; {} commits, {} files)", summary.commits, summary.files);
-    println!("ratio strata / raw    : {:>10.2}", strata_rate / raw_rate);
-    let gold_rate = events as f64 / gold_secs;
-    println!("strata + Gold         : {gold_rate:>10.0} events/s (Silver committed and every epoch pre-aggregated and sent: {gold_secs:.1}s; {} events into {partials} partials)", g.events);
-    println!("ratio strata+Gold/raw : {:>10.2}", gold_rate / raw_rate);
-    println!("Gold final            : {gold_final:>10.1}s after start (every window closed and committed: {} rows; includes the 5 s idle timeout that closes the last windows)", g.windows_emitted);
+    println!("{}", gold.line("strata + Gold (1m count,sum)", ""));
+    println!(
+        "{}",
+        ceiling.line(
+            "pipeline from memory",
+            "(decode -> buffers -> zstd Parquet -> local lake, no broker)"
+        )
+    );
+    println!();
+    println!(
+        "ratio strata / bare       {:>10.2}   (first record to last, same broker, same run)",
+        silver.rate() / raw.rate()
+    );
+    println!(
+        "ratio strata+Gold / bare  {:>10.2}",
+        gold.rate() / raw.rate()
+    );
+    if let Some(run) = gold_run {
+        let g = run.metrics.gold().snapshot(8);
+        let partials: u64 = g.partials.iter().sum();
+        println!(
+            "gold: {} events into {partials} partials; every window closed and committed {:.1}s after the start ({} rows; includes the 5 s idle timeout)",
+            g.events,
+            run.gold_elapsed.map_or(f64::NAN, |d| d.as_secs_f64()),
+            g.windows_emitted
+        );
+    }
     Ok(())
+}
+
+/// Reads `events` records of `topic` with a bare consumer; returns the seconds from the first to
+/// the last.
+fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<f64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("raw-{topic}"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let started = Instant::now();
+    let mut first = None;
+    let mut seen = 0u64;
+    let mut checksum = 0u64;
+    while seen < events {
+        if let Some(message) = consumer.poll(Duration::from_millis(500)) {
+            first.get_or_insert_with(Instant::now);
+            checksum = checksum.wrapping_add(message?.payload().map_or(0, |p| p.len() as u64));
+            seen += 1;
+        }
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "raw consumer stalled at {seen}"
+        );
+    }
+    std::hint::black_box(checksum);
+    Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()))
+}
+
+/// `events` generated orders as consumed records of one partition.
+fn memory_records(events: u64) -> anyhow::Result<Vec<SourceRecord>> {
+    let mut generator = strata::demo::OrderGenerator::new(7, 1)?.ordered(1, 20_000);
+    (0..events)
+        .map(|offset| {
+            Ok(SourceRecord {
+                topic: "orders".into(),
+                partition: 0,
+                offset: offset as i64,
+                timestamp_ms: Some(chrono::Utc::now().timestamp_millis()),
+                key: None,
+                value: Some(generator.next_record()?.value.into()),
+                headers: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// Decodes `records` in chunks of 2,000 (as the source hands them over), buffers the batches and
+/// flushes every `STRATA_FILE_MAX_ROWS` rows: zstd Parquet files committed to the lake with the
+/// partition's progress. Returns the seconds it took.
+async fn pipeline_ceiling(config: &Config, records: &[SourceRecord]) -> anyhow::Result<f64> {
+    let reader = strata::schema::reader::ReaderSchema::parse(strata::demo::ORDER_READER, "order")?;
+    let mut table = strata::silver::tables::SilverTable::open(config, reader).await?;
+    table.decoder.register(1, Ok(ORDER_V1));
+    table.decoder.register(2, Ok(ORDER_V2));
+    let tp = TopicPartition::new("orders", 0);
+    table.committer.claim(std::slice::from_ref(&tp)).await?;
+    let started = Instant::now();
+    let mut committed = 0usize;
+    let chunks: Vec<&[SourceRecord]> = records.chunks(2_000).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let decoded = table.decoder.decode(chunk);
+        anyhow::ensure!(decoded.rejected.is_empty(), "rejected rows");
+        let part = table.parts.entry(tp.clone()).or_default();
+        if let Some(batch) = decoded.batch {
+            part.rows += batch.num_rows();
+            part.batches.push(batch);
+        }
+        if part.rows >= config.file_max_rows || i + 1 == chunks.len() {
+            let rows = part.rows;
+            let last = chunk.last().map_or(0, |r| r.offset);
+            let files = table.upload(std::slice::from_ref(&tp)).await?;
+            let outcome = table
+                .committer
+                .commit(files, &BTreeMap::from([(tp.clone(), last)]))
+                .await?;
+            anyhow::ensure!(
+                matches!(
+                    outcome,
+                    strata::lake::commit::CommitOutcome::Committed { .. }
+                ),
+                "commit fenced"
+            );
+            table.uploads = Default::default();
+            let part = table.parts.entry(tp.clone()).or_default();
+            part.batches.clear();
+            part.rows = 0;
+            committed += rows;
+        }
+    }
+    anyhow::ensure!(
+        committed == records.len(),
+        "committed {committed} of {} rows",
+        records.len()
+    );
+    Ok(started.elapsed().as_secs_f64())
 }

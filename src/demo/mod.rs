@@ -63,6 +63,8 @@ pub struct CaughtUp {
     pub caught_up: bool,
     /// From start to the last needed commit (or the deadline).
     pub elapsed: Duration,
+    /// From start until the replica had taken its first records (within 20 ms).
+    pub first_record: Option<Duration>,
     /// With Gold: from start until Gold had closed every window (or the deadline).
     pub gold_elapsed: Option<Duration>,
 }
@@ -80,14 +82,18 @@ pub async fn run_until_caught_up(
     let started = Instant::now();
     let gold = config.gold.clone();
     let replica = tokio::spawn(crate::app::run(config, metrics.clone(), shutdown.clone()));
+    let mut first_record = None;
     let caught_up = loop {
+        if first_record.is_none() && metrics.records_consumed() > 0 {
+            first_record = Some(started.elapsed());
+        }
         let done = last_offsets
             .iter()
             .all(|(p, last)| metrics.committed_offset(topic, *p) == Some(*last));
         if done || replica.is_finished() || started.elapsed() > deadline {
             break done;
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let elapsed = started.elapsed();
     if let (true, Some(gold)) = (caught_up, &gold) {
@@ -118,6 +124,7 @@ pub async fn run_until_caught_up(
         metrics,
         caught_up,
         elapsed,
+        first_record,
         gold_elapsed,
     })
 }

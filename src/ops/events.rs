@@ -419,6 +419,17 @@ impl Metrics {
             .inc_by(records as u64);
     }
 
+    /// Records read from Kafka so far, over every topic (`strata_records_consumed_total`).
+    pub fn records_consumed(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.records_consumed
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|m| m.get_counter().get_value() as u64)
+            .sum()
+    }
+
     /// The group offset last committed for a partition (the next offset), if any.
     pub fn committed_offset(&self, topic: &str, partition: i32) -> Option<i64> {
         let gauge = self
