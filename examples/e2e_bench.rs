@@ -90,16 +90,37 @@ impl Phase {
 }
 
 /// Measures CPU and peak RSS around `run`, which returns the seconds from its first record to its
-/// last.
-async fn measure<F>(events: u64, run: F) -> anyhow::Result<Phase>
+/// last. With `STRATA_BENCH_PROFILE=<phase>`, `perf record` samples this process during that phase
+/// (`bare`, `strata`, `gold` or `memory`) into `perf-<phase>.data`.
+async fn measure<F>(phase: &str, events: u64, run: F) -> anyhow::Result<Phase>
 where
     F: std::future::Future<Output = anyhow::Result<f64>>,
 {
+    let profiler = match std::env::var("STRATA_BENCH_PROFILE") {
+        Ok(wanted) if wanted == phase => {
+            let child = std::process::Command::new("perf")
+                .args(["record", "-F", "997", "-g", "-o"])
+                .arg(format!("perf-{phase}.data"))
+                .args(["-p", &std::process::id().to_string()])
+                .spawn()
+                .context("starting perf record")?;
+            // perf needs a moment to attach.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Some(child)
+        }
+        _ => None,
+    };
     // Resets VmHWM to the current RSS (Linux 4.0+); without it the peak is the process's.
     let _ = std::fs::write("/proc/self/clear_refs", "5");
     let rss_start_mib = status_mib("VmRSS")?;
     let cpu = cpu_seconds()?;
     let secs = run.await?;
+    if let Some(mut child) = profiler {
+        std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()?;
+        child.wait()?;
+    }
     Ok(Phase {
         events,
         secs,
@@ -125,7 +146,11 @@ async fn main() -> anyhow::Result<()> {
         .create()?;
     for result in admin
         .create_topics(
-            &[NewTopic::new(&topic, partitions, TopicReplication::Fixed(1))],
+            &[NewTopic::new(
+                &topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )],
             &AdminOptions::new(),
         )
         .await?
@@ -147,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
     );
 
     // Bare consumer: a fresh group reads every record (touching each payload).
-    let raw = measure(events, async {
+    let raw = measure("bare", events, async {
         let brokers = brokers.clone();
         let topic = topic.clone();
         tokio::task::spawn_blocking(move || bare_consumer(&brokers, &topic, events)).await?
@@ -185,7 +210,7 @@ async fn main() -> anyhow::Result<()> {
         )
     };
     let mut summaries = Vec::new();
-    let mut strata_phase = |gold: bool| {
+    let strata_phase = |gold: bool| {
         let name = if gold { "gold" } else { "strata" };
         let config = Config::from_vars(vars(
             &format!("{name}-{topic}"),
@@ -208,19 +233,20 @@ async fn main() -> anyhow::Result<()> {
         }
     };
     let mut silver_run = None;
-    let silver = measure(events, async {
+    let silver = measure("strata", events, async {
         let (secs, run) = strata_phase(false).await?;
         silver_run = Some(run);
         Ok(secs)
     })
     .await?;
     let mut gold_run = None;
-    let gold = measure(events, async {
+    let gold = measure("gold", events, async {
         let (secs, run) = strata_phase(true).await?;
         gold_run = Some(run);
         Ok(secs)
     })
     .await?;
+    let silver_metrics = silver_run.as_ref().map(|r| r.metrics.clone());
     summaries.extend(silver_run.map(|r| r.summary));
 
     // The pipeline's own ceiling: no broker, a local lake.
@@ -232,7 +258,12 @@ async fn main() -> anyhow::Result<()> {
         &format!("file://{}", lake.path().display()),
         false,
     ))?;
-    let ceiling = measure(ceiling_events, pipeline_ceiling(&ceiling_config, &records)).await?;
+    let ceiling = measure(
+        "memory",
+        ceiling_events,
+        pipeline_ceiling(&ceiling_config, &records),
+    )
+    .await?;
 
     println!();
     println!("{}", raw.line("bare rdkafka consumer", ""));
@@ -248,6 +279,16 @@ async fn main() -> anyhow::Result<()> {
             )
         )
     );
+    if let Some(metrics) = &silver_metrics {
+        let (flushes, flush_secs) = metrics.flush_seconds();
+        let waited = metrics.source_waiting_seconds();
+        println!(
+            "{:<26}{flushes} flushes took {flush_secs:.1}s in all ({:.0}% of the run); the source waited {waited:.1}s for room in the pipeline, so fetching went on during at least {:.0}% of the flush time",
+            "  flush overlap",
+            100.0 * flush_secs / silver.secs,
+            100.0 * (1.0 - (waited / flush_secs).min(1.0))
+        );
+    }
     println!("{}", gold.line("strata + Gold (1m count,sum)", ""));
     println!(
         "{}",

@@ -25,7 +25,8 @@ impl fmt::Display for TopicPartition {
     }
 }
 
-/// One consumed Bronze record, owned (copied once out of librdkafka's buffer).
+/// One consumed Bronze record, owned: its key and value are copied once out of librdkafka's
+/// buffer, into blocks the source shares between many records (no allocation per record).
 #[derive(Debug, Clone)]
 pub struct SourceRecord {
     pub topic: Arc<str>,
@@ -33,16 +34,16 @@ pub struct SourceRecord {
     pub offset: i64,
     /// Kafka timestamp (create or log-append time), milliseconds since the epoch.
     pub timestamp_ms: Option<i64>,
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
+    pub key: Option<bytes::Bytes>,
+    pub value: Option<bytes::Bytes>,
     pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl SourceRecord {
     /// Bytes this record holds in memory (for buffer budgets).
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
+        self.key.as_ref().map_or(0, |k| k.len())
+            + self.value.as_ref().map_or(0, |v| v.len())
             + self
                 .headers
                 .iter()

@@ -24,7 +24,7 @@ fn records(topic: &str, partition: i32, offsets: std::ops::Range<i64>) -> Vec<So
             offset,
             timestamp_ms: Some(0),
             key: None,
-            value: Some(generator.next_record().expect("record").value),
+            value: Some(generator.next_record().expect("record").value.into()),
             headers: Vec::new(),
         })
         .collect()

@@ -104,7 +104,7 @@ fn record(offset: i64, value: Vec<u8>) -> SourceRecord {
         offset,
         timestamp_ms: None,
         key: None,
-        value: Some(value),
+        value: Some(value.into()),
         headers: Vec::new(),
     }
 }

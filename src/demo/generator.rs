@@ -49,7 +49,7 @@ pub fn generated_records(
                 offset: i as i64,
                 timestamp_ms: Some(1_700_000_000_000),
                 key: None,
-                value: Some(generator.next_record()?.value),
+                value: Some(generator.next_record()?.value.into()),
                 headers: Vec::new(),
             })
         })

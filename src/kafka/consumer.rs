@@ -499,25 +499,68 @@ impl Source {
     }
 }
 
-fn to_record(message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
-    let headers = message
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|header| (header.key.to_string(), header.value.map(<[u8]>::to_vec)))
-                .collect()
-        })
-        .unwrap_or_default();
-    SourceRecord {
-        topic: message.topic().into(),
-        partition: message.partition(),
-        offset: message.offset(),
-        timestamp_ms: message.timestamp().to_millis(),
-        key: message.key().map(<[u8]>::to_vec),
-        value: message.payload().map(<[u8]>::to_vec),
-        headers,
+/// Copies consumed records out of librdkafka's buffers. Keys and values go into shared blocks of
+/// [`ARENA_BLOCK`] bytes (a record's bytes are a slice of one), so a record costs no allocation of
+/// its own; a block is freed when the last record in it is dropped. The topic name is shared too.
+struct Copier {
+    arena: bytes::BytesMut,
+    topic: Option<Arc<str>>,
+}
+
+/// Bytes per arena block. A value larger than a block gets a block of its own size.
+const ARENA_BLOCK: usize = 1 << 20;
+
+impl Copier {
+    fn new() -> Self {
+        Self {
+            arena: bytes::BytesMut::new(),
+            topic: None,
+        }
+    }
+
+    fn bytes(&mut self, data: &[u8]) -> bytes::Bytes {
+        if self.arena.capacity() - self.arena.len() < data.len() {
+            // A fresh block: the old one lives on in the records that point into it.
+            self.arena = bytes::BytesMut::with_capacity(ARENA_BLOCK.max(data.len()));
+        }
+        self.arena.extend_from_slice(data);
+        self.arena.split().freeze()
+    }
+
+    fn topic(&mut self, name: &str) -> Arc<str> {
+        match &self.topic {
+            Some(topic) if topic.as_ref() == name => topic.clone(),
+            _ => {
+                let topic: Arc<str> = name.into();
+                self.topic = Some(topic.clone());
+                topic
+            }
+        }
+    }
+
+    fn record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
+        let headers = message
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|header| (header.key.to_string(), header.value.map(<[u8]>::to_vec)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        SourceRecord {
+            topic: self.topic(message.topic()),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp().to_millis(),
+            key: message.key().map(|k| self.bytes(k)),
+            value: message.payload().map(|v| self.bytes(v)),
+            headers,
+        }
     }
 }
+
+/// Records polled between two looks at the clock.
+const CLOCK_EVERY: u32 = 64;
 
 fn poll_loop(
     consumer: BaseConsumer<SourceContext>,
@@ -527,6 +570,7 @@ fn poll_loop(
     metrics: Arc<Metrics>,
 ) {
     let context = consumer.context().clone();
+    let mut copier = Copier::new();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(command) = commands.try_recv() {
             match command {
@@ -581,17 +625,20 @@ fn poll_loop(
         set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
         let mut timeout = Duration::from_millis(100);
+        let mut polled = 0u32;
         loop {
             match consumer.poll(timeout) {
                 Some(Ok(message)) => {
-                    let record = to_record(&message);
+                    let record = copier.record(&message);
                     let mut outbox = context.outbox();
                     outbox.push(record);
                     if !outbox.queue.is_empty() {
                         hand_over(&events, &mut outbox.queue);
                     }
+                    drop(outbox);
                     timeout = Duration::ZERO;
-                    if Instant::now() >= deadline {
+                    polled += 1;
+                    if polled % CLOCK_EVERY == 0 && Instant::now() >= deadline {
                         break;
                     }
                 }
@@ -688,16 +735,22 @@ const FULL_WAIT: Duration = Duration::from_secs(1);
 /// Hands over what the outbox holds, waiting up to [`FULL_WAIT`] for room; returns whether
 /// anything still waits (then fetching pauses until it is handed over).
 fn wait_for_room(events: &mpsc::Sender<SourceEvent>, context: &SourceContext) -> bool {
-    let until = Instant::now() + FULL_WAIT;
-    loop {
-        if !hand_over(events, &mut context.outbox().queue) {
-            return false;
+    let started = Instant::now();
+    let until = started + FULL_WAIT;
+    let mut waiting = true;
+    let mut first = true;
+    while waiting {
+        waiting = hand_over(events, &mut context.outbox().queue);
+        if !waiting || Instant::now() >= until {
+            break;
         }
-        if Instant::now() >= until {
-            return true;
-        }
+        first = false;
         std::thread::sleep(Duration::from_millis(2));
     }
+    if !first && context.counts_assignments {
+        context.metrics.source_waited(started.elapsed());
+    }
+    waiting
 }
 
 /// Hands over what the outbox holds, in order, as far as the pipeline has room; never blocks.

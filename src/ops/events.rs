@@ -181,7 +181,11 @@ impl Metrics {
             ("kafka_timestamp", "_kafka_timestamp"),
             ("event_time", event_time_field),
         ] {
-            let histogram = self.end_to_end_latency.with_label_values(&[table, from]);
+            // Observed per row into a local histogram, flushed once: no atomics per row.
+            let histogram = self
+                .end_to_end_latency
+                .with_label_values(&[table, from])
+                .local();
             for batch in batches {
                 let Some(times) = batch
                     .column_by_name(column)
@@ -196,6 +200,7 @@ impl Metrics {
                     }
                 }
             }
+            histogram.flush();
         }
     }
 
@@ -417,6 +422,24 @@ impl Metrics {
         self.records_skipped_duplicate
             .with_label_values(&[tp.topic.as_ref()])
             .inc_by(records as u64);
+    }
+
+    /// The Bronze source waited this long for room in the pipeline.
+    pub fn source_waited(&self, waited: Duration) {
+        self.source_waiting.inc_by(waited.as_secs_f64());
+    }
+
+    /// Seconds the Bronze source waited for room in the pipeline so far.
+    pub fn source_waiting_seconds(&self) -> f64 {
+        self.source_waiting.get()
+    }
+
+    /// Flushes so far, and the seconds they took in all.
+    pub fn flush_seconds(&self) -> (u64, f64) {
+        (
+            self.flush_duration.get_sample_count(),
+            self.flush_duration.get_sample_sum(),
+        )
     }
 
     /// Records read from Kafka so far, over every topic (`strata_records_consumed_total`).

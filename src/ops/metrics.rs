@@ -45,6 +45,7 @@ pub struct Metrics {
     pub(super) registry_errors: IntCounterVec,
     pub(super) schema_ids_seen: IntGauge,
     pub(super) flush_duration: Histogram,
+    pub(super) source_waiting: prometheus::Counter,
     pub(super) kafka_errors: IntCounter,
     pub(super) checkpoint_version: IntGaugeVec,
     pub(super) maintenance: IntCounterVec,
@@ -101,6 +102,15 @@ impl Metrics {
         .expect("static");
         registry
             .register(Box::new(kafka_errors.clone()))
+            .expect("metric registered once");
+        let source_waiting = prometheus::Counter::new(
+            "strata_source_waiting_seconds_total",
+            "Seconds the Bronze source held fetched records the pipeline had no room for (it \
+             waits up to 1 s, then pauses fetching): time consumption stood behind the pipeline.",
+        )
+        .expect("static");
+        registry
+            .register(Box::new(source_waiting.clone()))
             .expect("metric registered once");
         let flush_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -289,6 +299,7 @@ impl Metrics {
                 "Distinct writer schema ids met.",
             ),
             flush_duration,
+            source_waiting,
             kafka_errors,
             checkpoint_version: gauge(
                 &registry,

@@ -101,7 +101,7 @@ pub struct Replica {
     pub(super) metrics: Arc<Metrics>,
     pub(super) registry: SchemaRegistry,
     pub(super) tables: Tables,
-    pub(super) routes: HashMap<u32, Route>,
+    pub(super) routes: rustc_hash::FxHashMap<u32, Route>,
     pub(super) dead_letters: DeadLetters,
     pub(super) commands: Commands,
     /// Set while this replica owns the partition that makes it the one to maintain the tables.
@@ -139,7 +139,7 @@ impl Replica {
             metrics,
             registry,
             tables,
-            routes: HashMap::new(),
+            routes: Default::default(),
             dead_letters,
             commands,
             maintainer,
@@ -198,7 +198,7 @@ impl Replica {
                     let tp = TopicPartition::new(first.topic.clone(), first.partition);
                     let bytes = records
                         .iter()
-                        .map(|r| r.value.as_ref().map_or(0, Vec::len))
+                        .map(|r| r.value.as_ref().map_or(0, |v| v.len()))
                         .sum();
                     self.metrics.consumed(&tp, records.len(), bytes);
                     self.metrics.dropped(&tp, "shutdown", records.len());
@@ -269,7 +269,7 @@ impl Replica {
         let tp = TopicPartition::new(first.topic.clone(), first.partition);
         let bytes: usize = records
             .iter()
-            .map(|r| r.value.as_ref().map_or(0, Vec::len))
+            .map(|r| r.value.as_ref().map_or(0, |v| v.len()))
             .sum();
         self.metrics.consumed(&tp, records.len(), bytes);
         let Some(state) = self.parts.get(&tp) else {
@@ -286,10 +286,20 @@ impl Replica {
             return Ok(());
         }
         let position = state.position;
-        let (replayed, records): (Vec<SourceRecord>, Vec<SourceRecord>) = records
-            .into_iter()
-            .partition(|r| position.is_some_and(|p| r.offset < p));
-        self.skipped(&tp, replayed.len());
+        // Records below the position were handled already (a replay after a seek); a chunk
+        // without any is kept as it is.
+        let records = if records
+            .iter()
+            .any(|r| position.is_some_and(|p| r.offset < p))
+        {
+            let (replayed, records): (Vec<SourceRecord>, Vec<SourceRecord>) = records
+                .into_iter()
+                .partition(|r| position.is_some_and(|p| r.offset < p));
+            self.skipped(&tp, replayed.len());
+            records
+        } else {
+            records
+        };
         let (Some(first_offset), Some(last)) = (
             records.first().map(|r| r.offset),
             records.last().map(|r| r.offset),

@@ -40,10 +40,10 @@ impl Replica {
                 match usize::try_from(branch).ok().and_then(|b| branches.get(b)) {
                     Some(Ok(index)) => {
                         let mut body = record.clone();
-                        body.value = Some(wire::frame(
-                            frame.schema_id,
-                            frame.body.get(used..).unwrap_or_default(),
-                        ));
+                        body.value = Some(
+                            wire::frame(frame.schema_id, frame.body.get(used..).unwrap_or_default())
+                                .into(),
+                        );
                         reframed.push(body);
                         Destination::Table(*index, Some(reframed.len() - 1))
                     }

@@ -5,6 +5,8 @@
 
 use std::collections::HashMap;
 
+use rustc_hash::FxHashMap;
+
 use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use deltalake::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int32Type, Int64Type, Schema, TimestampMicrosecondType,
@@ -263,10 +265,10 @@ impl std::hash::Hasher for NoHash {
 #[derive(Debug)]
 pub struct PreAggregator {
     keys: KeyIds,
-    groups: HashMap<(i64, u32, u16), Accumulator>,
+    groups: FxHashMap<(i64, u32, u16), Accumulator>,
     /// Hot keys (by id) and the turn of their next event: events of a hot key take the salts
     /// 1..=`salts` in turn, so its load spreads evenly over `salts` sub-keys.
-    salted: HashMap<u32, u64>,
+    salted: FxHashMap<u32, u64>,
     salts: u16,
     events: u64,
 }
@@ -281,8 +283,8 @@ impl PreAggregator {
     pub fn new() -> Self {
         Self {
             keys: KeyIds::default(),
-            groups: HashMap::new(),
-            salted: HashMap::new(),
+            groups: FxHashMap::default(),
+            salted: FxHashMap::default(),
             salts: 1,
             events: 0,
         }

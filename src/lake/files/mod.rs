@@ -148,6 +148,8 @@ impl SilverWriter {
                     ))
                 })?;
             let mut of_batch: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
+            // Consecutive rows mostly share their hour: a run of them is added at once.
+            let mut run: Option<((i32, i32), u32)> = None;
             for row in 0..batch.num_rows() {
                 // Rows without event time were rejected by the decoder; a null counts as epoch.
                 let micros = if times.is_null(row) {
@@ -155,10 +157,25 @@ impl SilverWriter {
                 } else {
                     times.value(row)
                 };
+                let hour = date_hour(micros);
+                match run {
+                    Some((current, _)) if current == hour => {}
+                    _ => {
+                        if let Some((previous, from)) = run {
+                            of_batch
+                                .entry(previous)
+                                .or_default()
+                                .extend(from..row as u32);
+                        }
+                        run = Some((hour, row as u32));
+                    }
+                }
+            }
+            if let Some((previous, from)) = run {
                 of_batch
-                    .entry(date_hour(micros))
+                    .entry(previous)
                     .or_default()
-                    .push(row as u32);
+                    .extend(from..batch.num_rows() as u32);
             }
             for (hour, rows) in of_batch {
                 groups.entry(hour).or_default().push((index, rows));
@@ -231,7 +248,12 @@ impl SilverWriter {
                 let Some(batch) = batches.get(*index) else {
                     continue;
                 };
-                let piece = take_record_batch(batch, &UInt32Array::from(indices.to_vec()))?;
+                // A piece of every row of its batch (one event hour in the chunk) needs no copy.
+                let piece = if indices.len() == batch.num_rows() {
+                    batch.clone()
+                } else {
+                    take_record_batch(batch, &UInt32Array::from(indices.to_vec()))?
+                };
                 rows += piece.num_rows();
                 // Encoding runs here, a piece (at most one source chunk) at a time; yielding
                 // between pieces keeps a long file from holding an async worker for its whole
@@ -369,7 +391,21 @@ fn writer_properties(
         Compression::Snappy => ParquetCompression::SNAPPY,
         Compression::None => ParquetCompression::UNCOMPRESSED,
     };
-    WriterProperties::builder().set_compression(codec)
+    // Offsets and Kafka timestamps are (nearly) unique per row: a dictionary never pays off,
+    // and building one until the writer falls back cost a measurable share of a flush.
+    let unique = [
+        crate::silver::decode::LINEAGE_COLUMNS[2],
+        crate::silver::decode::KAFKA_TIMESTAMP,
+    ];
+    unique.into_iter().fold(
+        WriterProperties::builder().set_compression(codec),
+        |builder, column| {
+            builder.set_column_dictionary_enabled(
+                deltalake::parquet::schema::types::ColumnPath::from(column),
+                false,
+            )
+        },
+    )
 }
 
 fn encode_parquet(batch: &RecordBatch, compression: Compression) -> Result<Vec<u8>, SilverError> {

@@ -5,7 +5,9 @@
 //! them in with [`BatchDecoder::register`]. It must never let one bad record corrupt or drop its
 //! neighbours: after any decode error the Arrow decoder is rebuilt and the good records replayed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
 use std::sync::Arc;
 
 use arrow_avro::reader::{Decoder, ReaderBuilder};
@@ -64,7 +66,7 @@ struct Chunk<'a> {
     batches: Vec<RecordBatch>,
     rows: Vec<Vec<usize>>,
     /// Per writer schema id: input indices of the rows still inside its decoder.
-    pending: HashMap<u32, Vec<usize>>,
+    pending: FxHashMap<u32, Vec<usize>>,
     rejected: Vec<(usize, Rejection)>,
 }
 
@@ -77,17 +79,17 @@ pub struct BatchDecoder {
     /// Every writer schema the registry gave, in the order met (to re-judge them on a new reader).
     met: Vec<(u32, String)>,
     /// Writer ids the registry refused (unknown, not Avro): no reader change can help them.
-    registry_refused: HashMap<u32, Rejection>,
+    registry_refused: FxHashMap<u32, Rejection>,
     /// Writer schemas known to resolve to the reader schema, by id.
     writers: BTreeMap<u32, String>,
     /// Writer ids that can never be decoded, and why (cached verdicts).
-    refused: HashMap<u32, Rejection>,
+    refused: FxHashMap<u32, Rejection>,
     reader_schema: apache_avro::Schema,
     compatibility: Compatibility,
     /// Accepted writer schemas in the order they were met (for the transitive modes).
     history: Vec<(u32, apache_avro::Schema)>,
     /// One Arrow decoder per writer schema: records of interleaved versions never force a flush.
-    decoders: HashMap<u32, Decoder>,
+    decoders: FxHashMap<u32, Decoder>,
     batch_size: usize,
     /// Values longer than this are refused before decoding: with Avro's rule that every length
     /// prefix must be backed by bytes, it bounds what one record can make the decoder hold.
@@ -134,13 +136,13 @@ impl BatchDecoder {
             reader_id: None,
             event_time_field: event_time_field.to_string(),
             met: Vec::new(),
-            registry_refused: HashMap::new(),
+            registry_refused: FxHashMap::default(),
             writers: BTreeMap::new(),
-            refused: HashMap::new(),
+            refused: FxHashMap::default(),
             reader_schema,
             compatibility: Compatibility::Backward,
             history: Vec::new(),
-            decoders: HashMap::new(),
+            decoders: FxHashMap::default(),
             batch_size: batch_size.max(1),
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
             output_schema,
@@ -229,7 +231,7 @@ impl BatchDecoder {
             records,
             batches: Vec::new(),
             rows: Vec::new(),
-            pending: HashMap::new(),
+            pending: FxHashMap::default(),
             rejected: Vec::new(),
         };
         for (index, record) in records.iter().enumerate() {

@@ -12,6 +12,11 @@ impl BatchDecoder {
         rows_of: &[Vec<usize>],
         rejected: &mut Vec<(usize, Rejection)>,
     ) -> Option<RecordBatch> {
+        // One batch (one writer schema in the chunk, the usual case) holds its rows in input
+        // order already: no copy.
+        if let ([batch], [rows]) = (batches, rows_of) {
+            return self.lake_batch(records, batch, rows, rejected);
+        }
         // Back into input order: (input index, batch, row) sorted by input index.
         let mut order: Vec<(usize, usize, usize)> = rows_of
             .iter()
@@ -41,7 +46,22 @@ impl BatchDecoder {
                 return None;
             }
         };
-        match self.lake_rows(records, &decoded, rows) {
+        self.lake_batch(records, &decoded, rows, rejected)
+    }
+
+    /// [`Self::lake_rows`], with its rejections (or, when the batch cannot be built, every row)
+    /// added to `rejected`, which stays sorted by input index.
+    fn lake_batch(
+        &self,
+        records: &[&SourceRecord],
+        decoded: &RecordBatch,
+        rows: &[usize],
+        rejected: &mut Vec<(usize, Rejection)>,
+    ) -> Option<RecordBatch> {
+        if rows.is_empty() {
+            return None;
+        }
+        match self.lake_rows(records, decoded, rows) {
             Ok((batch, bad)) => {
                 rejected.extend(bad.into_iter().map(|(row, why)| (rows[row], why)));
                 rejected.sort_by_key(|(index, _)| *index);

@@ -47,7 +47,7 @@ fn record(offset: i64, value: Vec<u8>) -> SourceRecord {
         offset,
         timestamp_ms: Some(1_700_000_000_000),
         key: None,
-        value: Some(value),
+        value: Some(value.into()),
         headers: Vec::new(),
     }
 }
