@@ -199,15 +199,7 @@ async fn main() -> anyhow::Result<()> {
                 ("STRATA_IDLE_TIMEOUT", "5s"),
             ]);
         }
-        strata::demo::replica_vars(
-            &brokers,
-            group,
-            &topic,
-            dir.path(),
-            reader,
-            &lake.to_string(),
-            &extra,
-        )
+        strata::demo::replica_vars(&brokers, group, &topic, dir.path(), reader, lake, &extra)
     };
     let mut summaries = Vec::new();
     let strata_phase = |gold: bool| {
