@@ -27,26 +27,9 @@ fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run `make bench`"))
 }
 
-/// Clock ticks per second of `/proc/self/stat` (`USER_HZ`, 100 on Linux).
-const USER_HZ: f64 = 100.0;
-
-/// This process's CPU time so far (user + system, every thread), in seconds.
+/// This process's CPU time so far, in seconds.
 fn cpu_seconds() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    // Fields after the command name (which may hold spaces) start with the state (field 3);
-    // utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .context("/proc/self/stat")?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> anyhow::Result<f64> {
-        Ok(fields
-            .get(i - 3)
-            .context("/proc/self/stat field")?
-            .parse::<f64>()?)
-    };
-    Ok((ticks(14)? + ticks(15)?) / USER_HZ)
+    strata::demo::process_cpu_seconds().context("reading /proc/self/stat")
 }
 
 /// A `/proc/self/status` field in MiB (`VmRSS`, `VmHWM`).
@@ -132,60 +115,18 @@ where
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let brokers = env("STRATA_TEST_BROKERS")?;
-    let bucket = env("STRATA_TEST_S3_BUCKET")?;
     let events: u64 = std::env::var("STRATA_BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(500_000);
-    let partitions = 6;
-    let topic = format!("bench-{}", std::process::id());
-
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .create()?;
-    for result in admin
-        .create_topics(
-            &[NewTopic::new(
-                &topic,
-                partitions,
-                TopicReplication::Fixed(1),
-            )],
-            &AdminOptions::new(),
-        )
-        .await?
-    {
-        result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
-
-    // Fill. Event times advance 1 ms per order, each up to 20 s early: in bounds for Gold.
-    let fill = Instant::now();
-    let generator = strata::demo::OrderGenerator::new(7, 1)?.ordered(1, 20_000);
-    let produced = strata::demo::produce_generated(&brokers, &topic, events, generator).await?;
-    let bytes: usize = produced.records.iter().map(|r| r.value.len()).sum();
-    let last_offsets = produced.last_offsets();
-    drop(produced);
-    println!(
-        "filled {topic}: {events} events over {partitions} partitions, {:.1} MiB of Avro in {:.1}s",
-        bytes as f64 / 1048576.0,
-        fill.elapsed().as_secs_f64()
-    );
-
-    // Bare consumer: a fresh group reads every record (touching each payload).
-    let raw = measure("bare", events, async {
-        let brokers = brokers.clone();
-        let topic = topic.clone();
-        tokio::task::spawn_blocking(move || bare_consumer(&brokers, &topic, events)).await?
-    })
-    .await?;
-
-    // Strata: a replica from its first record until every partition's progress is committed;
-    // then the same with Gold on (a fresh group and lake).
+    let phases = std::env::var("STRATA_BENCH_PHASES")
+        .unwrap_or_else(|_| "bare,strata,gold,memory".to_string());
+    let wanted = |phase: &str| phases.split(',').any(|p| p.trim() == phase);
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("1.avsc"), ORDER_V1)?;
     std::fs::write(dir.path().join("2.avsc"), ORDER_V2)?;
     let reader = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/order.avsc"));
-    let vars = |group: &str, lake: &str, gold: bool| {
+    let vars = |brokers: &str, topic: &str, group: &str, lake: &str, gold: bool| {
         let mut extra = vec![
             ("STRATA_FLUSH_INTERVAL", "1s"),
             ("STRATA_FILE_MAX_ROWS", "500000"),
@@ -199,116 +140,162 @@ async fn main() -> anyhow::Result<()> {
                 ("STRATA_IDLE_TIMEOUT", "5s"),
             ]);
         }
-        strata::demo::replica_vars(&brokers, group, &topic, dir.path(), reader, lake, &extra)
+        strata::demo::replica_vars(brokers, group, topic, dir.path(), reader, lake, &extra)
     };
-    let mut summaries = Vec::new();
-    let strata_phase = |gold: bool| {
-        let name = if gold { "gold" } else { "strata" };
-        let config = Config::from_vars(vars(
-            &format!("{name}-{topic}"),
-            &format!("s3://{bucket}/{topic}-{name}"),
-            gold,
-        ));
-        let last_offsets = last_offsets.clone();
-        let topic = topic.clone();
-        async move {
-            let run = strata::demo::run_until_caught_up(
-                config?,
-                &topic,
-                &last_offsets,
-                Duration::from_secs(900),
-            )
+
+    let mut lines = Vec::new();
+    let mut raw = None;
+    let mut ratios = Vec::new();
+    if ["bare", "strata", "gold"].into_iter().any(wanted) {
+        let brokers = env("STRATA_TEST_BROKERS")?;
+        let bucket = env("STRATA_TEST_S3_BUCKET")?;
+        let topic = format!("bench-{}", std::process::id());
+        let last_offsets = fill(&brokers, &topic, events).await?;
+
+        if wanted("bare") {
+            // A fresh group reads every record (touching each payload).
+            let (brokers, topic) = (brokers.clone(), topic.clone());
+            let phase = measure("bare", events, async move {
+                tokio::task::spawn_blocking(move || bare_consumer(&brokers, &topic, events)).await?
+            })
             .await?;
-            anyhow::ensure!(run.caught_up, "{name} did not catch up");
-            let first = run.first_record.context("no first record")?;
-            Ok((run.elapsed.saturating_sub(first).as_secs_f64(), run))
+            lines.push(phase.line("bare rdkafka consumer", ""));
+            raw = Some(phase.rate());
         }
-    };
-    let mut silver_run = None;
-    let silver = measure("strata", events, async {
-        let (secs, run) = strata_phase(false).await?;
-        silver_run = Some(run);
-        Ok(secs)
-    })
-    .await?;
-    let mut gold_run = None;
-    let gold = measure("gold", events, async {
-        let (secs, run) = strata_phase(true).await?;
-        gold_run = Some(run);
-        Ok(secs)
-    })
-    .await?;
-    let silver_metrics = silver_run.as_ref().map(|r| r.metrics.clone());
-    summaries.extend(silver_run.map(|r| r.summary));
-
-    // The pipeline's own ceiling: no broker, a local lake.
-    let ceiling_events = events.min(1_000_000);
-    let records = memory_records(ceiling_events)?;
-    let lake = tempfile::tempdir()?;
-    let ceiling_config = Config::from_vars(vars(
-        "ceiling",
-        &format!("file://{}", lake.path().display()),
-        false,
-    ))?;
-    let ceiling = measure(
-        "memory",
-        ceiling_events,
-        pipeline_ceiling(&ceiling_config, &records),
-    )
-    .await?;
-
-    println!();
-    println!("{}", raw.line("bare rdkafka consumer", ""));
-    let summary = summaries.first();
-    println!(
-        "{}",
-        silver.line(
-            "strata -> Silver (S3)",
-            &format!(
-                "({} commits, {} files)",
-                summary.map_or(0, |s| s.commits),
-                summary.map_or(0, |s| s.files)
-            )
-        )
-    );
-    if let Some(metrics) = &silver_metrics {
-        let (flushes, flush_secs) = metrics.flush_seconds();
-        let waited = metrics.source_waiting_seconds();
-        println!(
-            "{:<26}{flushes} flushes took {flush_secs:.1}s in all ({:.0}% of the run); the source waited {waited:.1}s for room in the pipeline, so fetching went on during at least {:.0}% of the flush time",
-            "  flush overlap",
-            100.0 * flush_secs / silver.secs,
-            100.0 * (1.0 - (waited / flush_secs).min(1.0))
-        );
+        // Strata: a replica from its first record until every partition's progress is committed
+        // (each run with a fresh group and lake).
+        for gold in [false, true] {
+            let name = if gold { "gold" } else { "strata" };
+            if !wanted(name) {
+                continue;
+            }
+            let config = Config::from_vars(vars(
+                &brokers,
+                &topic,
+                &format!("{name}-{topic}"),
+                &format!("s3://{bucket}/{topic}-{name}"),
+                gold,
+            ))?;
+            let mut finished = None;
+            let gold_cpu_start = strata::demo::process_cpu_seconds();
+            let phase = measure(name, events, async {
+                let run = strata::demo::run_until_caught_up(
+                    config,
+                    &topic,
+                    &last_offsets,
+                    Duration::from_secs(900),
+                )
+                .await?;
+                anyhow::ensure!(run.caught_up, "{name} did not catch up");
+                let first = run.first_record.context("no first record")?;
+                let secs = run.elapsed.saturating_sub(first).as_secs_f64();
+                finished = Some(run);
+                Ok(secs)
+            })
+            .await?;
+            let run = finished.context("no run")?;
+            if gold {
+                lines.push(phase.line("strata + Gold (1m count,sum)", ""));
+                if let (Some(at), Some(cpu)) = (run.cpu_at_caught_up, gold_cpu_start) {
+                    lines.push(format!(
+                        "{:<26}{:>10.0} events/CPU-s until Silver was caught up (every epoch pre-aggregated and sent); the rest waited for the watermark to close the windows",
+                        "  gold CPU",
+                        events as f64 / (at - cpu)
+                    ));
+                }
+                let g = run.metrics.gold().snapshot(8);
+                let partials: u64 = g.partials.iter().sum();
+                lines.push(format!(
+                    "{:<26}{} events into {partials} partials; every window closed and committed {:.1}s after the start ({} rows; includes the 5 s idle timeout, and the CPU above counts until then)",
+                    "  gold",
+                    g.events,
+                    run.gold_elapsed.map_or(f64::NAN, |d| d.as_secs_f64()),
+                    g.windows_emitted
+                ));
+            } else {
+                lines.push(phase.line(
+                    "strata -> Silver (S3)",
+                    &format!(
+                        "({} commits, {} files)",
+                        run.summary.commits, run.summary.files
+                    ),
+                ));
+                let (flushes, flush_secs) = run.metrics.flush_seconds();
+                let waited = run.metrics.source_waiting_seconds();
+                lines.push(format!(
+                    "{:<26}{flushes} flushes took {flush_secs:.1}s in all ({:.0}% of the run); the source waited {waited:.1}s for room in the pipeline, so fetching went on during at least {:.0}% of the flush time",
+                    "  flush overlap",
+                    100.0 * flush_secs / phase.secs,
+                    100.0 * (1.0 - (waited / flush_secs.max(f64::MIN_POSITIVE)).min(1.0))
+                ));
+            }
+            if let Some(raw) = raw {
+                ratios.push(format!(
+                    "ratio {:<20}{:>10.2}   (first record to last, same broker, same run)",
+                    format!("{name} / bare"),
+                    phase.rate() / raw
+                ));
+            }
+        }
     }
-    println!("{}", gold.line("strata + Gold (1m count,sum)", ""));
-    println!(
-        "{}",
-        ceiling.line(
-            "pipeline from memory",
-            "(decode -> buffers -> zstd Parquet -> local lake, no broker)"
+
+    if wanted("memory") {
+        // The pipeline's own ceiling: no broker, a local lake.
+        let ceiling_events = events.min(1_000_000);
+        let records = memory_records(ceiling_events)?;
+        let lake = tempfile::tempdir()?;
+        let config = Config::from_vars(vars(
+            "127.0.0.1:9",
+            "orders",
+            "ceiling",
+            &format!("file://{}", lake.path().display()),
+            false,
+        ))?;
+        let phase = measure(
+            "memory",
+            ceiling_events,
+            pipeline_ceiling(&config, &records),
         )
-    );
+        .await?;
+        lines.push(phase.line(
+            "pipeline from memory",
+            "(decode -> buffers -> zstd Parquet -> local lake, no broker)",
+        ));
+    }
+
     println!();
-    println!(
-        "ratio strata / bare       {:>10.2}   (first record to last, same broker, same run)",
-        silver.rate() / raw.rate()
-    );
-    println!(
-        "ratio strata+Gold / bare  {:>10.2}",
-        gold.rate() / raw.rate()
-    );
-    if let Some(run) = gold_run {
-        let g = run.metrics.gold().snapshot(8);
-        let partials: u64 = g.partials.iter().sum();
-        println!(
-            "gold: {} events into {partials} partials; every window closed and committed {:.1}s after the start ({} rows; includes the 5 s idle timeout)",
-            g.events,
-            run.gold_elapsed.map_or(f64::NAN, |d| d.as_secs_f64()),
-            g.windows_emitted
-        );
+    for line in lines.iter().chain(&ratios) {
+        println!("{line}");
     }
     Ok(())
+}
+
+/// Creates `topic` and fills it with `events` generated orders; returns the last offset of each
+/// partition. Event times advance 1 ms per order, each up to 20 s early: in bounds for Gold.
+async fn fill(brokers: &str, topic: &str, events: u64) -> anyhow::Result<BTreeMap<i32, i64>> {
+    let partitions = 6;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new(),
+        )
+        .await?
+    {
+        result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let started = Instant::now();
+    let generator = strata::demo::OrderGenerator::new(7, 1)?.ordered(1, 20_000);
+    let produced = strata::demo::produce_generated(brokers, topic, events, generator).await?;
+    let bytes: usize = produced.records.iter().map(|r| r.value.len()).sum();
+    println!(
+        "filled {topic}: {events} events over {partitions} partitions, {:.1} MiB of Avro in {:.1}s",
+        bytes as f64 / 1048576.0,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(produced.last_offsets())
 }
 
 /// Reads `events` records of `topic` with a bare consumer; returns the seconds from the first to

@@ -65,6 +65,8 @@ pub struct CaughtUp {
     pub elapsed: Duration,
     /// From start until the replica had taken its first records (within 20 ms).
     pub first_record: Option<Duration>,
+    /// This process's CPU time (user + system, seconds) when the replica had caught up.
+    pub cpu_at_caught_up: Option<f64>,
     /// With Gold: from start until Gold had closed every window (or the deadline).
     pub gold_elapsed: Option<Duration>,
 }
@@ -96,6 +98,7 @@ pub async fn run_until_caught_up(
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let elapsed = started.elapsed();
+    let cpu_at_caught_up = process_cpu_seconds();
     if let (true, Some(gold)) = (caught_up, &gold) {
         // Gold is complete once every source partition went idle (its watermark follows the
         // clock), no window is open any more, and a Gold commit followed.
@@ -125,8 +128,24 @@ pub async fn run_until_caught_up(
         caught_up,
         elapsed,
         first_record,
+        cpu_at_caught_up,
         gold_elapsed,
     })
+}
+
+/// Clock ticks per second of `/proc/self/stat` (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// This process's CPU time so far (user + system, every thread), in seconds, from
+/// `/proc/self/stat` (Linux only: `None` elsewhere).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name (which may hold spaces) start with field 3, the state;
+    // utime and stime are fields 14 and 15.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |field: usize| fields.get(field - 3)?.parse::<f64>().ok();
+    Some((ticks(14)? + ticks(15)?) / USER_HZ)
 }
 
 const GOLD_PARTIALS: &str = "strata-demo.partials";

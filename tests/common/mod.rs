@@ -477,10 +477,10 @@ impl Setup {
         .collect()
     }
 
-    /// Starts a `strata` replica process.
+    /// Starts a `strata` replica process (see [`strata_binary`]).
     pub fn spawn(&self, extra: &[(&str, &str)]) -> Replica {
         let port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_strata"));
+        let mut command = Command::new(strata_binary());
         command
             .arg("run")
             .envs(self.env(port))
@@ -1042,4 +1042,10 @@ pub fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// The `strata` binary the suites start: this build's, or `STRATA_TEST_BINARY` (to measure the
+/// release build with a test, say).
+pub fn strata_binary() -> String {
+    std::env::var("STRATA_TEST_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_strata").to_string())
 }
