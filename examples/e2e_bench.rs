@@ -259,7 +259,10 @@ async fn main() -> anyhow::Result<()> {
         .await?;
         lines.push(phase.line(
             "pipeline from memory",
-            "(decode -> buffers -> zstd Parquet -> local lake, no broker)",
+            &format!(
+                "(decode -> buffers -> zstd Parquet -> local lake, no broker; {:.1} MiB of Parquet)",
+                parquet_bytes(lake.path()) as f64 / 1048576.0
+            ),
         ));
     }
 
@@ -325,6 +328,26 @@ fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<f64>
     }
     std::hint::black_box(checksum);
     Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()))
+}
+
+/// Bytes of the Parquet files under `dir`.
+fn parquet_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| {
+            let path = entry.path();
+            if path.is_dir() {
+                parquet_bytes(&path)
+            } else if path.extension().is_some_and(|e| e == "parquet") {
+                entry.metadata().map_or(0, |m| m.len())
+            } else {
+                0
+            }
+        })
+        .sum()
 }
 
 /// `events` generated orders as consumed records of one partition.

@@ -80,6 +80,41 @@ async fn files_roll_on_rows_and_bytes_and_split_by_hour() {
 }
 
 #[test]
+fn dictionaries_only_where_values_repeat() {
+    let (_, batch) = decoded_orders(2_000);
+    let bytes = encode_parquet(&batch, Compression::Zstd).expect("encoded");
+    let reader = deltalake::parquet::file::serialized_reader::SerializedFileReader::new(
+        bytes::Bytes::from(bytes),
+    )
+    .expect("parquet");
+    use deltalake::parquet::file::reader::FileReader;
+    let row_group = reader.metadata().row_group(0);
+    let with_dictionary: Vec<String> = (0..row_group.num_columns())
+        .map(|i| row_group.column(i))
+        .filter(|c| c.dictionary_page_offset().is_some())
+        .map(|c| c.column_path().string())
+        .collect();
+    for repeated in ["customer_id", "product", "_topic", "_partition", "order_id"] {
+        assert!(
+            with_dictionary.iter().any(|c| c == repeated),
+            "{repeated}: {with_dictionary:?}"
+        );
+    }
+    for unique in [
+        "amount",
+        "event_time",
+        "_offset",
+        "_kafka_timestamp",
+        "_ingested_at",
+    ] {
+        assert!(
+            !with_dictionary.iter().any(|c| c == unique),
+            "{unique}: {with_dictionary:?}"
+        );
+    }
+}
+
+#[test]
 fn dates_and_hours() {
     // 2023-11-14T22:13:20Z
     assert_eq!(date_hour(1_700_000_000_000_000), (19_675, 22));

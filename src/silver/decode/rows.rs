@@ -17,23 +17,25 @@ impl BatchDecoder {
         if let ([batch], [rows]) = (batches, rows_of) {
             return self.lake_batch(records, batch, rows, rejected);
         }
-        // Back into input order: (input index, batch, row) sorted by input index.
-        let mut order: Vec<(usize, usize, usize)> = rows_of
+        // Back into input order: each input index is in at most one batch, so a table indexed by
+        // input finds every row's (batch, row) without sorting.
+        let mut at: Vec<Option<(usize, usize)>> = vec![None; records.len()];
+        for (b, rows) in rows_of.iter().enumerate() {
+            for (r, &input) in rows.iter().enumerate() {
+                if let Some(slot) = at.get_mut(input) {
+                    *slot = Some((b, r));
+                }
+            }
+        }
+        let (rows, picks): (Vec<usize>, Vec<(usize, usize)>) = at
             .iter()
             .enumerate()
-            .flat_map(|(b, rows)| {
-                rows.iter()
-                    .enumerate()
-                    .map(move |(r, &input)| (input, b, r))
-            })
-            .collect();
-        if order.is_empty() {
+            .filter_map(|(input, pick)| pick.map(|pick| (input, pick)))
+            .unzip();
+        if rows.is_empty() {
             return None;
         }
-        order.sort_unstable();
-        let rows: Vec<usize> = order.iter().map(|(input, _, _)| *input).collect();
         let rows = rows.as_slice();
-        let picks: Vec<(usize, usize)> = order.iter().map(|(_, b, r)| (*b, *r)).collect();
         let refs: Vec<&RecordBatch> = batches.iter().collect();
         let decoded = match interleave_record_batch(&refs, &picks) {
             Ok(batch) => batch,
