@@ -542,34 +542,39 @@ impl Job {
                 })?;
             states.push((tp.partition, path));
         }
-        let closed: Vec<Closed> = last
+        // The closed results are read where they are held (a million of them can be hundreds of
+        // MiB): no copy besides the Arrow rows.
+        let closed: Vec<&Closed> = last
             .keys()
             .filter_map(|tp| self.parts.get(&tp.partition))
-            .flat_map(|p| p.rows.iter().cloned())
+            .flat_map(|p| p.rows.iter())
+            .collect();
+        let count = closed.len();
+        let summary: Vec<GoldRow> = closed
+            .iter()
+            .take(SUMMARY_ROWS.saturating_sub(self.summary.rows.len()))
+            .map(|c| GoldRow {
+                window_start: c.window_start,
+                window_end: c.window_end,
+                key: c.key.clone(),
+                values: c.accumulator.finish(),
+            })
             .collect();
         let files = if closed.is_empty() {
             Vec::new()
         } else {
             let batch = gold_rows(&self.schema, &self.keys, &self.settings.aggregates, &closed)?;
+            drop(closed);
             self.writer.write(&[batch]).await?
         };
         crate::failpoint!("before_gold_commit");
         match self.committer.commit(files, &last).await? {
             CommitOutcome::Fenced(fenced) => self.on_fenced(fenced).await,
             CommitOutcome::Committed { .. } => {
-                self.metrics.gold().gold_committed(closed.len());
+                self.metrics.gold().gold_committed(count);
                 self.summary.commits += 1;
-                self.summary.rows_committed += closed.len() as u64;
-                for c in &closed {
-                    if self.summary.rows.len() < SUMMARY_ROWS {
-                        self.summary.rows.push(GoldRow {
-                            window_start: c.window_start,
-                            window_end: c.window_end,
-                            key: c.key.clone(),
-                            values: c.accumulator.finish(),
-                        });
-                    }
-                }
+                self.summary.rows_committed += count as u64;
+                self.summary.rows.extend(summary);
                 for (partition, path) in states {
                     if let Some(part) = self.parts.get_mut(&partition) {
                         part.pending = None;

@@ -46,11 +46,12 @@ pub fn gold_schema(keys: &[(String, KeyType)], aggregates: &[Aggregate]) -> Sche
 }
 
 /// Closed windows as Gold rows. Refuses salted results: merge them back by plain key first.
+/// Reads the results in place: no key or result is copied on the way to the Arrow columns.
 pub fn gold_rows(
     schema: &SchemaRef,
     keys: &[(String, KeyType)],
     aggregates: &[Aggregate],
-    closed: &[Closed],
+    closed: &[&Closed],
 ) -> Result<RecordBatch, ArrowError> {
     if let Some(salted) = closed.iter().find(|c| c.salt != 0) {
         return Err(ArrowError::InvalidArgumentError(format!(
@@ -69,13 +70,15 @@ pub fn gold_rows(
         ),
     ];
     for (index, (_, kind)) in keys.iter().enumerate() {
-        let value = |c: &Closed| c.key.get(index).cloned().unwrap_or(KeyValue::Null);
+        fn value(c: &Closed, index: usize) -> &KeyValue {
+            c.key.get(index).unwrap_or(&KeyValue::Null)
+        }
         columns.push(match kind {
             KeyType::Int => {
                 let mut b = Int64Builder::with_capacity(closed.len());
                 for c in closed {
-                    match value(c) {
-                        KeyValue::Int(v) => b.append_value(v),
+                    match value(c, index) {
+                        KeyValue::Int(v) => b.append_value(*v),
                         _ => b.append_null(),
                     }
                 }
@@ -84,7 +87,7 @@ pub fn gold_rows(
             KeyType::Str => {
                 let mut b = StringBuilder::with_capacity(closed.len(), closed.len() * 8);
                 for c in closed {
-                    match value(c) {
+                    match value(c, index) {
                         KeyValue::Str(v) => b.append_value(v),
                         KeyValue::Int(v) => b.append_value(v.to_string()),
                         KeyValue::Null => b.append_null(),
@@ -94,29 +97,35 @@ pub fn gold_rows(
             }
         });
     }
-    let outputs: Vec<Vec<Output>> = closed.iter().map(|c| c.accumulator.finish()).collect();
-    for (index, aggregate) in aggregates.iter().enumerate() {
-        columns.push(match aggregate.function {
+    // One pass over the results fills every aggregate's column.
+    enum Column {
+        Int(Int64Builder),
+        Float(Float64Builder),
+    }
+    let mut outputs: Vec<Column> = aggregates
+        .iter()
+        .map(|aggregate| match aggregate.function {
             Function::Count | Function::ApproxDistinct => {
-                let mut b = Int64Builder::with_capacity(closed.len());
-                for out in &outputs {
-                    match out.get(index) {
-                        Some(Output::Int(v)) => b.append_value(*v),
-                        _ => b.append_value(0),
-                    }
-                }
-                Arc::new(b.finish())
+                Column::Int(Int64Builder::with_capacity(closed.len()))
             }
-            _ => {
-                let mut b = Float64Builder::with_capacity(closed.len());
-                for out in &outputs {
-                    match out.get(index) {
-                        Some(Output::Float(Some(v))) => b.append_value(*v),
-                        _ => b.append_null(),
-                    }
-                }
-                Arc::new(b.finish())
+            _ => Column::Float(Float64Builder::with_capacity(closed.len())),
+        })
+        .collect();
+    for c in closed {
+        let finished = c.accumulator.finish();
+        for (index, column) in outputs.iter_mut().enumerate() {
+            match (column, finished.get(index)) {
+                (Column::Int(b), Some(Output::Int(v))) => b.append_value(*v),
+                (Column::Int(b), _) => b.append_value(0),
+                (Column::Float(b), Some(Output::Float(Some(v)))) => b.append_value(*v),
+                (Column::Float(b), _) => b.append_null(),
             }
+        }
+    }
+    for column in outputs {
+        columns.push(match column {
+            Column::Int(mut b) => Arc::new(b.finish()) as ArrayRef,
+            Column::Float(mut b) => Arc::new(b.finish()),
         });
     }
     RecordBatch::try_new(schema.clone(), columns)
@@ -165,7 +174,8 @@ mod tests {
                 accumulator: Accumulator::new(&aggregates),
             },
         ];
-        let batch = gold_rows(&schema, &keys, &aggregates, &closed).expect("rows");
+        let refs: Vec<&Closed> = closed.iter().collect();
+        let batch = gold_rows(&schema, &keys, &aggregates, &refs).expect("rows");
         assert_eq!(batch.num_rows(), 2);
         assert_eq!(batch.column(2).as_string::<i32>().value(0), "c1");
         assert!(batch.column(2).is_null(1), "a null key stays null");
@@ -175,6 +185,7 @@ mod tests {
 
         let mut salted = closed;
         salted[0].salt = 3;
+        let salted: Vec<&Closed> = salted.iter().collect();
         assert!(gold_rows(&schema, &keys, &aggregates, &salted).is_err());
     }
 }
