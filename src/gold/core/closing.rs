@@ -151,25 +151,28 @@ impl Merger {
         };
         let through = self.closed_through.map_or(watermark, |c| c.max(watermark));
         self.closed_through = Some(through);
-        let closing: Vec<(i64, Vec<KeyValue>, u16)> = self
+        // Windows close in start order, so the closing ones are the map's first entries: they
+        // are split off whole, and no key is copied (a million open keys are hundreds of MiB).
+        let first_open = self
             .open
             .keys()
-            .filter(|(start, _, _)| {
-                self.window.end(*start).saturating_add(self.lateness) <= through
-            })
-            .cloned()
-            .collect();
+            .find(|(start, _, _)| self.window.end(*start).saturating_add(self.lateness) > through)
+            .cloned();
+        let closing = match first_open {
+            Some(first_open) => {
+                let still_open = self.open.split_off(&first_open);
+                std::mem::replace(&mut self.open, still_open)
+            }
+            None => std::mem::take(&mut self.open),
+        };
         closing
             .into_iter()
-            .filter_map(|slot| {
-                let accumulator = self.open.remove(&slot)?;
-                Some(Closed {
-                    window_start: slot.0,
-                    window_end: self.window.end(slot.0),
-                    key: slot.1,
-                    salt: slot.2,
-                    accumulator,
-                })
+            .map(|((start, key, salt), accumulator)| Closed {
+                window_start: start,
+                window_end: self.window.end(start),
+                key,
+                salt,
+                accumulator,
             })
             .collect()
     }
