@@ -93,8 +93,10 @@ where
         }
         _ => None,
     };
-    // Resets VmHWM to the current RSS (Linux 4.0+); without it the peak is the process's.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    // Resets VmHWM to the current RSS (Linux 4.0+). Without it the peak would be the process's
+    // (an earlier phase's): then none is printed.
+    let reset = std::fs::write("/proc/self/clear_refs", "5").is_ok()
+        && status_mib("VmHWM")? <= status_mib("VmRSS")? + 1.0;
     let rss_start_mib = status_mib("VmRSS")?;
     let cpu = cpu_seconds()?;
     let secs = run.await?;
@@ -109,7 +111,11 @@ where
         secs,
         cpu_secs: cpu_seconds()? - cpu,
         rss_start_mib,
-        peak_rss_mib: status_mib("VmHWM")?,
+        peak_rss_mib: if reset {
+            status_mib("VmHWM")?
+        } else {
+            f64::NAN
+        },
     })
 }
 

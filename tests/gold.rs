@@ -633,7 +633,8 @@ async fn a_window_of_many_distinct_keys_keeps_gold_state_small() {
     let keys: i64 = std::env::var("STRATA_GOLD_MANY_KEYS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(150_000);
+        .unwrap_or(150_000)
+        .max(1);
     let setup = Setup::new("gold-many-keys", 2).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -519,6 +519,10 @@ impl Copier {
     }
 
     fn bytes(&mut self, data: &[u8]) -> bytes::Bytes {
+        // An empty slice of a block would keep the whole block alive.
+        if data.is_empty() {
+            return bytes::Bytes::new();
+        }
         if self.arena.capacity() - self.arena.len() < data.len() {
             // A fresh block: the old one lives on in the records that point into it.
             self.arena = bytes::BytesMut::with_capacity(ARENA_BLOCK.max(data.len()));
@@ -571,6 +575,8 @@ fn poll_loop(
 ) {
     let context = consumer.context().clone();
     let mut copier = Copier::new();
+    // Since when the pipeline has had no room for what the source holds (see `wait_for_room`).
+    let mut waiting_since: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
         while let Ok(command) = commands.try_recv() {
             match command {
@@ -621,7 +627,7 @@ fn poll_loop(
         }
         // Backpressure without blocking `poll`: while the pipeline has no room, fetching is
         // paused and polling goes on (heartbeats, rebalances, `max.poll.interval.ms`).
-        let waiting = wait_for_room(&events, &context);
+        let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
         let mut timeout = Duration::from_millis(100);
@@ -658,7 +664,7 @@ fn poll_loop(
             }
         }
         context.outbox().close();
-        let waiting = wait_for_room(&events, &context);
+        let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
     }
     // Leave the group: the final revocation goes through the rebalance callback as usual, and
@@ -734,23 +740,28 @@ const FULL_WAIT: Duration = Duration::from_secs(1);
 
 /// Hands over what the outbox holds, waiting up to [`FULL_WAIT`] for room; returns whether
 /// anything still waits (then fetching pauses until it is handed over).
-fn wait_for_room(events: &mpsc::Sender<SourceEvent>, context: &SourceContext) -> bool {
-    let started = Instant::now();
-    let until = started + FULL_WAIT;
-    let mut waiting = true;
-    let mut first = true;
-    while waiting {
-        waiting = hand_over(events, &mut context.outbox().queue);
-        if !waiting || Instant::now() >= until {
-            break;
+fn wait_for_room(
+    events: &mpsc::Sender<SourceEvent>,
+    context: &SourceContext,
+    waiting_since: &mut Option<Instant>,
+) -> bool {
+    let until = Instant::now() + FULL_WAIT;
+    loop {
+        if !hand_over(events, &mut context.outbox().queue) {
+            // The wait (over every poll while paused) ends: it is counted once, whole.
+            if let Some(since) = waiting_since.take() {
+                if context.counts_assignments {
+                    context.metrics.source_waited(since.elapsed());
+                }
+            }
+            return false;
         }
-        first = false;
+        waiting_since.get_or_insert_with(Instant::now);
+        if Instant::now() >= until {
+            return true;
+        }
         std::thread::sleep(Duration::from_millis(2));
     }
-    if !first && context.counts_assignments {
-        context.metrics.source_waited(started.elapsed());
-    }
-    waiting
 }
 
 /// Hands over what the outbox holds, in order, as far as the pipeline has room; never blocks.
