@@ -635,7 +635,10 @@ async fn a_window_of_many_distinct_keys_keeps_gold_state_small() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(150_000)
         .max(1);
-    let setup = Setup::new("gold-many-keys", 2).await;
+    // A private broker: this test's load (hundreds of thousands of records and partials on
+    // tansu's sqlite storage) must not starve the other Gold tests running beside it.
+    let broker = common::broker::PrivateBroker::start().await;
+    let setup = Setup::on(&broker.brokers, "gold-many-keys", 2).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -651,7 +654,7 @@ async fn a_window_of_many_distinct_keys_keeps_gold_state_small() {
             t: base + i * 50_000 / keys * 1_000,
         })
         .collect();
-    produce(&setup.topic, &events).await;
+    produce_on(&broker.brokers, &setup.topic, &events).await;
     let mut env = gold_env("1m", "4", "0");
     env.retain(|(k, _)| *k != "STRATA_GOLD_AGGREGATES");
     env.push((
