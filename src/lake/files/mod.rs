@@ -9,10 +9,13 @@ use deltalake::arrow::array::{Array, AsArray, RecordBatch, UInt32Array};
 use deltalake::arrow::compute::take_record_batch;
 use deltalake::arrow::datatypes::{SchemaRef, TimestampMicrosecondType};
 use deltalake::kernel::Add;
+use deltalake::parquet;
+use deltalake::parquet::arrow::async_writer::AsyncFileWriter;
 use deltalake::parquet::arrow::{ArrowWriter, AsyncArrowWriter};
 use deltalake::parquet::basic::{Compression as ParquetCompression, ZstdLevel};
 use deltalake::parquet::file::properties::WriterProperties;
 use deltalake::{ObjectStore, Path};
+use futures::future::BoxFuture;
 use object_store::ObjectStoreExt;
 
 use crate::config::Compression;
@@ -232,10 +235,13 @@ impl SilverWriter {
         .into_iter()
         .collect();
         let relative = file_path(&partition, self.policy.compression);
-        let upload = object_store::buffered::BufWriter::new(
-            self.store.clone(),
-            Path::from(relative.as_str()),
-        );
+        let upload = Upload {
+            writer: object_store::buffered::BufWriter::new(
+                self.store.clone(),
+                Path::from(relative.as_str()),
+            ),
+            shut_down: false,
+        };
         // Row groups of about ROW_GROUP_BYTES of Arrow memory bound what the encoder holds.
         let row_group_rows = (ROW_GROUP_BYTES / bytes_per_row).max(1024);
         let properties = writer_properties(self.policy.compression, &self.schema)
@@ -268,13 +274,45 @@ impl SilverWriter {
         .await;
         if let Err(e) = written {
             // A multipart upload left open would hold its parts until the bucket's lifecycle
-            // rule removes them: end it now.
+            // rule removes them: end it now, unless its shutdown (the last PUT, or completing
+            // the multipart upload) is what failed; it cannot be aborted after that.
             let mut upload = writer.into_inner();
-            let _ = upload.abort().await;
+            if !upload.shut_down {
+                let _ = upload.writer.abort().await;
+            }
             return Err(e);
         }
         let size = writer.bytes_written() as i64;
         Ok(add_action(relative, partition, size, rows, true))
+    }
+}
+
+/// Where a streamed file goes: object_store's `BufWriter` (one PUT for a small file, a multipart
+/// upload for a large one), and whether its shutdown began. `BufWriter::abort` panics once the
+/// writer is shut down, so a file whose last PUT was refused (an S3 `SlowDown`) must not be
+/// aborted.
+struct Upload {
+    writer: object_store::buffered::BufWriter,
+    shut_down: bool,
+}
+
+impl AsyncFileWriter for Upload {
+    fn write(&mut self, bytes: bytes::Bytes) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        Box::pin(async move {
+            self.writer
+                .put(bytes)
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        })
+    }
+
+    fn complete(&mut self) -> BoxFuture<'_, parquet::errors::Result<()>> {
+        self.shut_down = true;
+        Box::pin(async move {
+            tokio::io::AsyncWriteExt::shutdown(&mut self.writer)
+                .await
+                .map_err(|e| parquet::errors::ParquetError::External(Box::new(e)))
+        })
     }
 }
 

@@ -163,3 +163,34 @@ proptest! {
         }
     }
 }
+
+/// A file whose last PUT is refused (an S3 `SlowDown` on a small file) fails the write with an
+/// error, which the flush retries; it must not panic (object_store's `BufWriter` panics when
+/// aborted after its shutdown began).
+#[tokio::test]
+async fn a_refused_put_is_an_error_not_a_panic() {
+    let (decoder, batch) = decoded_orders(500);
+    let dir = tempfile::tempdir().expect("dir");
+    // Each partition directory's name is taken by a file, so no file can be created under it.
+    let times = batch
+        .column(decoder.event_time_index())
+        .as_primitive::<TimestampMicrosecondType>();
+    for row in 0..batch.num_rows() {
+        let (days, _) = date_hour(times.value(row));
+        let taken = dir.path().join(format!("event_date={}", date_string(days)));
+        std::fs::write(taken, b"").expect("write");
+    }
+    let store = object_store::local::LocalFileSystem::new_with_prefix(dir.path()).expect("store");
+    let writer = SilverWriter::new(
+        decoder.output_schema(),
+        "event_time",
+        FilePolicy {
+            max_rows: usize::MAX,
+            max_bytes: usize::MAX,
+            compression: Compression::Snappy,
+        },
+        Arc::new(store),
+    );
+    let written = writer.write(std::slice::from_ref(&batch)).await;
+    assert!(written.is_err(), "the refused PUT went unnoticed");
+}
