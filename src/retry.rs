@@ -5,7 +5,7 @@
 //! A loop that retries looks the same everywhere:
 //! `Err(e) => { log; if !retry.wait().await { return Err(e) } }`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -50,6 +50,36 @@ impl Backoff {
         let delay = self.next + Duration::from_millis(jitter);
         self.next = (self.next * 2).min(self.max);
         delay
+    }
+}
+
+/// A write that failed and waits for its next attempt without blocking its event loop (Silver's
+/// flush, Gold stage 2's commit): the loop goes on answering rebalances, and a tick makes the
+/// attempt once it is [`due`](Stall::due).
+#[derive(Debug)]
+pub struct Stall {
+    at: Instant,
+    backoff: Backoff,
+}
+
+impl Stall {
+    pub fn new(pace: Pace) -> Self {
+        Self {
+            at: Instant::now(),
+            backoff: Backoff::new(pace),
+        }
+    }
+
+    /// Schedules the next attempt after one more backoff delay, and returns that delay.
+    pub fn again(&mut self) -> Duration {
+        let delay = self.backoff.delay();
+        self.at = Instant::now() + delay;
+        delay
+    }
+
+    /// Whether the next attempt is due.
+    pub fn due(&self) -> bool {
+        Instant::now() >= self.at
     }
 }
 

@@ -622,6 +622,96 @@ async fn events_dated_a_day_ahead_do_not_make_later_events_late() {
     assert_eq!(silver.num_rows(), 3_030, "every event is in Silver");
 }
 
+/// A store outage longer than `max.poll.interval.ms` while the Gold group rebalances. Every
+/// write under the Gold table is throttled (503 SlowDown) for 40 s, so stage 2's commits fail
+/// while Silver and stage 1 go on; meanwhile a second replica joins. The first replica's stage 2
+/// stalls instead of retrying inside its event loop: it hands the partials partitions that move
+/// over at once (the uncommitted work is dropped, and the new owner reads it again from the
+/// committed offset), so no consumer waits out its poll interval and leaves its group. After the
+/// store returns, Gold is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gold_hands_partitions_over_during_a_store_outage_without_leaving_its_group() {
+    let setup = Setup::new("gold-store-outage", 2).await;
+    let s3 = common::s3_faults::FaultyS3::start().await;
+    let events = skewed(2, 600, 300, 1_000, 53);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    let (before, during) = events.split_at(events.len() / 2);
+    produce(&setup.topic, before).await;
+    let mut env = gold_env("1m", "4", "0");
+    env.extend([
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        // The outage below lasts more than twice as long.
+        ("STRATA_KAFKA_MAX_POLL_INTERVAL_MS", "15000"),
+        ("STRATA_MAINTENANCE_INTERVAL", "1h"),
+        // The second half comes well within this: no source goes idle in between (an idle
+        // source's watermark follows the clock, and these events are 40 minutes old).
+        ("STRATA_IDLE_TIMEOUT", "30s"),
+    ]);
+    let first = setup.spawn(&env);
+    read_gold(&setup, 1, Duration::from_secs(120)).await;
+
+    s3.fail(
+        common::s3_faults::Fault::SlowDown,
+        common::s3_faults::Matching {
+            method: Some("PUT"),
+            path_contains: Some("/gold/"),
+        },
+    );
+    let outage = Instant::now();
+    produce(&setup.topic, during).await;
+    assert!(
+        first
+            .wait_log(
+                "Gold commit failed; fetching partials paused",
+                Duration::from_secs(30)
+            )
+            .await,
+        "stage 2 never stalled on the outage:\n{}",
+        first.tail(20)
+    );
+    let second = setup.spawn(&env);
+    let handed_over = |replica: &common::Replica| {
+        replica.log_lines().iter().any(|l| {
+            l.contains("\"message\":\"rebalance\"")
+                && l.contains("\"kind\":\"revoke\"")
+                && l.contains(".partials/")
+        })
+    };
+    while outage.elapsed() < Duration::from_secs(40) && !handed_over(&first) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        handed_over(&first),
+        "no partials partition was handed over during the outage:\n{}",
+        first.tail(30)
+    );
+    let handover = outage.elapsed();
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(outage.elapsed())).await;
+    assert!(s3.hits() > 0, "the outage hit no request");
+    s3.heal();
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
+    assert_gold(&gold, &expected);
+    eprintln!(
+        "Gold store outage of 40 s: partials handed over {handover:?} into it, Gold exact {:?} \
+         after it",
+        outage.elapsed().saturating_sub(Duration::from_secs(40))
+    );
+    for replica in [&first, &second] {
+        assert!(
+            !replica.log_contains("MAXPOLL"),
+            "a consumer exceeded its poll interval and left its group:\n{}",
+            replica.tail(30)
+        );
+    }
+    assert!(first.log_contains("Gold commits again; fetching partials resumes"));
+    let silver = strata::lake::verify::read_table(setup.table_url())
+        .await
+        .expect("silver");
+    assert_eq!(silver.num_rows(), events.len(), "every event is in Silver");
+    second.stop(Duration::from_secs(30));
+    first.stop(Duration::from_secs(30));
+}
+
 /// Gold state is counted and small per group: 150,000 distinct keys in one one-minute window with
 /// `count, sum(amount), approx_distinct(order_id)`. Each group's HyperLogLog is sparse (a few
 /// bytes for one value, where a dense one takes 4 KiB: 600 MB for these keys). The replica's

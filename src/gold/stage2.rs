@@ -30,7 +30,7 @@ use crate::lake::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::lake::files::{FilePolicy, SilverWriter};
 use crate::models::TopicPartition;
 use crate::ops::Metrics;
-use crate::retry::{Pace, Retry};
+use crate::retry::{Pace, Retry, Stall};
 
 /// Gold rows kept in memory for the summary (the demo prints the top keys per window).
 /// Why Gold stage 2 stopped. Outages are retried before they get here; these stop the replica.
@@ -128,6 +128,8 @@ struct Job {
     last_commit: Instant,
     /// When `strata_gold_state_bytes` was last measured.
     state_reported: Instant,
+    /// Set while a failed commit waits for its retry (see `commit_or_stall`).
+    stalled: Option<Stall>,
     shutdown: CancellationToken,
 }
 
@@ -222,6 +224,7 @@ pub async fn run(
         commit_every: config.flush_interval.min(Duration::from_secs(5)),
         last_commit: Instant::now(),
         state_reported: Instant::now(),
+        stalled: None,
         shutdown: shutdown.clone(),
     };
     let grace = config.shutdown_grace;
@@ -237,6 +240,12 @@ impl Stage for Job {
     }
 
     async fn on_tick(&mut self) -> Result<(), Stage2Error> {
+        if let Some(stall) = &self.stalled {
+            if stall.due() {
+                self.commit_or_stall().await;
+            }
+            return Ok(());
+        }
         // Rows commit at the flush interval; progress alone (markers) less often, since a
         // restart merely reads those markers again.
         let rows = self.parts.values().any(|p| !p.rows.is_empty());
@@ -246,7 +255,7 @@ impl Stage for Job {
             self.commit_every * 10
         };
         if self.last_commit.elapsed() >= every {
-            self.commit_retrying().await?;
+            self.commit_or_stall().await;
         }
         Ok(())
     }
@@ -435,8 +444,10 @@ impl Job {
                 lost,
                 done,
             } => {
-                if !lost {
-                    self.commit_retrying().await?;
+                // While the store refuses writes the rebalance does not wait for it: the work
+                // is dropped, and the next owner reads it again from the committed offset.
+                if !lost && self.stalled.is_none() {
+                    self.commit_or_stall().await;
                 }
                 for tp in &partitions {
                     self.parts.remove(&tp.partition);
@@ -492,6 +503,34 @@ impl Job {
         }
     }
 
+    /// Commits once. When that fails stage 2 stalls instead of waiting in here: fetching partials
+    /// pauses (the consumer keeps polling, so a long store outage never costs the group
+    /// membership), rebalances are answered at once, and a tick makes the next attempt with
+    /// backoff. Nothing is lost: the merge state and the closed rows stay as they are.
+    async fn commit_or_stall(&mut self) {
+        match self.commit().await {
+            Ok(()) => {
+                self.last_commit = Instant::now();
+                if self.stalled.take().is_some() {
+                    tracing::info!("Gold commits again; fetching partials resumes");
+                    self.commands.send(SourceCommand::Resume);
+                }
+            }
+            Err(e) => {
+                let delay = self
+                    .stalled
+                    .get_or_insert_with(|| {
+                        self.commands.send(SourceCommand::Pause);
+                        Stall::new(Pace::Outage)
+                    })
+                    .again();
+                tracing::warn!(error = %e, retry_in = ?delay,
+                    "Gold commit failed; fetching partials paused, state kept");
+            }
+        }
+    }
+
+    /// The final commit after shutdown: retried until it succeeds or the stop ends the wait.
     async fn commit_retrying(&mut self) -> Result<(), Stage2Error> {
         let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {

@@ -79,13 +79,17 @@ pub struct TableCommitter {
 struct InDoubt {
     offsets: BTreeMap<TopicPartition, i64>,
     file: Option<String>,
+    /// The other `txn`s of the commit: a commit without files that stores the offsets it had
+    /// already (Gold's idle watermark) is told apart from the table as it was only by these.
+    extra: Vec<(String, i64)>,
 }
 
 impl InDoubt {
-    fn of(offsets: &BTreeMap<TopicPartition, i64>, files: &[Add]) -> Self {
+    fn of(offsets: &BTreeMap<TopicPartition, i64>, files: &[Add], extra: &[(String, i64)]) -> Self {
         Self {
             offsets: offsets.clone(),
             file: files.first().map(|add| add.path.clone()),
+            extra: extra.to_vec(),
         }
     }
 }
@@ -167,6 +171,11 @@ impl TableCommitter {
         self.refresh().await?;
         for (tp, offset) in &doubt.offsets {
             if self.stored_version(tp).await? != Some(*offset) {
+                return Ok(None);
+            }
+        }
+        for (app_id, version) in &doubt.extra {
+            if self.stored(app_id).await? != Some(*version) {
                 return Ok(None);
             }
         }
@@ -370,14 +379,14 @@ impl TableCommitter {
                     tracing::debug!(attempt, error = %e, "delta commit lost a race; comparing again");
                     // A store that retried our PUT after losing its answer reports our own
                     // commit as the version that already exists: settled first thing next round.
-                    self.in_doubt = Some(InDoubt::of(last_offsets, &files));
+                    self.in_doubt = Some(InDoubt::of(last_offsets, &files, extra));
                     retry.wait().await;
                 }
                 Err(e) => {
                     // The PUT may have succeeded and only its answer been lost: read the log
                     // before judging, so our own commit is never taken for another's (a false
                     // fence). When the log cannot be read now, the next commit settles it first.
-                    self.in_doubt = Some(InDoubt::of(last_offsets, &files));
+                    self.in_doubt = Some(InDoubt::of(last_offsets, &files, extra));
                     tracing::warn!(error = %e, "delta commit failed; reading the log for its outcome");
                     match self.settle_in_doubt(last_offsets).await {
                         Ok(Some(version)) => {

@@ -11,17 +11,10 @@ use std::time::Instant;
 use crate::kafka::consumer::SourceCommand;
 use crate::lake::commit::CommitOutcome;
 use crate::models::TopicPartition;
-use crate::retry::{Backoff, Pace, Retry};
+use crate::retry::{Pace, Retry, Stall};
 use crate::silver::tables::Uploads;
 
 use super::pipeline::{PipelineError, Replica};
-
-/// A flush that failed: fetching is paused and the flush is tried again at `at`, with backoff,
-/// while the event loop goes on answering rebalances.
-pub(super) struct Stall {
-    pub(super) at: Instant,
-    backoff: Backoff,
-}
 
 impl Replica {
     /// Writes and commits everything buffered, once. When that fails the replica stalls instead
@@ -40,15 +33,13 @@ impl Replica {
                 Ok(())
             }
             Err(e) => {
-                let stall = self.stalled.get_or_insert_with(|| {
-                    self.commands.send(SourceCommand::Pause);
-                    Stall {
-                        at: Instant::now(),
-                        backoff: Backoff::new(Pace::Outage),
-                    }
-                });
-                let delay = stall.backoff.delay();
-                stall.at = Instant::now() + delay;
+                let delay = self
+                    .stalled
+                    .get_or_insert_with(|| {
+                        self.commands.send(SourceCommand::Pause);
+                        Stall::new(Pace::Outage)
+                    })
+                    .again();
                 let uploaded: usize = self
                     .tables
                     .list
@@ -79,11 +70,7 @@ impl Replica {
 
     /// The stalled flush's next attempt, when it is due.
     pub(super) async fn retry_stalled(&mut self) -> Result<(), PipelineError> {
-        if self
-            .stalled
-            .as_ref()
-            .is_some_and(|s| Instant::now() >= s.at)
-        {
+        if self.stalled.as_ref().is_some_and(Stall::due) {
             self.flush().await?;
         }
         Ok(())

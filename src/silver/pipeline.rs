@@ -113,7 +113,7 @@ pub struct Replica {
     /// Gold stage 1 (when Gold is on).
     pub(super) gold: Option<Emitter>,
     /// Set while a failed flush waits for its retry (see `flush`).
-    pub(super) stalled: Option<super::flush::Stall>,
+    pub(super) stalled: Option<crate::retry::Stall>,
     /// The consumed positions last committed to the group (advisory), and when.
     pub(super) advised: (HashMap<TopicPartition, i64>, Instant),
 }
