@@ -154,3 +154,62 @@ async fn a_commit_whose_answer_was_lost_is_read_from_the_log_not_fenced() {
     common::assert_accounting(&replica).await;
     replica.stop(Duration::from_secs(30));
 }
+
+/// A rebalance during a store outage. A second replica joins, and every request to the store
+/// fails from the moment its tables are open: it is assigned partitions whose progress it cannot
+/// read. It assigns them paused and goes on polling, trying the claim again from a tick, so an
+/// outage three times `max.poll.interval.ms` costs neither replica its membership (no rebalance
+/// storm). Once the store returns, the partitions resume where the table says: exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_assigned_during_a_store_outage_wait_paused_without_leaving_the_group() {
+    let setup = Setup::new("claim-outage", 4).await;
+    let s3 = FaultyS3::start().await;
+    let mut produced = produce(&setup.topic, 2_000, 100, 51).await;
+    let env = [
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        ("STRATA_KAFKA_MAX_POLL_INTERVAL_MS", "15000"),
+        ("STRATA_MAINTENANCE_INTERVAL", "1h"),
+    ];
+    let first = setup.spawn(&env);
+    setup.catch_up(&produced, &[&first]).await;
+    let second = setup.spawn(&env);
+    assert!(
+        second
+            .wait_log("\"table open\"", Duration::from_secs(30))
+            .await,
+        "the second replica never opened its table:\n{}",
+        second.tail(20)
+    );
+    s3.fail(Fault::SlowDown, Matching::all());
+    let outage = std::time::Instant::now();
+    produced.extend(produce(&setup.topic, 2_000, 100, 52).await);
+    assert!(
+        second
+            .wait_log(
+                "the assigned partitions wait, paused",
+                Duration::from_secs(30)
+            )
+            .await,
+        "no claim met the outage:\n{}",
+        second.tail(30)
+    );
+    tokio::time::sleep(Duration::from_secs(45).saturating_sub(outage.elapsed())).await;
+    s3.heal();
+    let healed = std::time::Instant::now();
+    setup.catch_up(&produced, &[&first, &second]).await;
+    eprintln!(
+        "store outage of {:?} across a rebalance: caught up {:?} after the store returned",
+        healed - outage,
+        healed.elapsed()
+    );
+    setup.assert_exact(&produced).await;
+    for replica in [&first, &second] {
+        assert!(
+            !replica.log_contains("MAXPOLL"),
+            "a replica exceeded its poll interval and left its group:\n{}",
+            replica.tail(30)
+        );
+    }
+    second.stop(Duration::from_secs(30));
+    first.stop(Duration::from_secs(30));
+}

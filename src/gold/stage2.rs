@@ -130,6 +130,8 @@ struct Job {
     state_reported: Instant,
     /// Set while a failed commit waits for its retry (see `commit_or_stall`).
     stalled: Option<Stall>,
+    /// Assignments whose claim waits for the object store (see `settle_claims`).
+    claims: crate::kafka::claims::Claims,
     shutdown: CancellationToken,
 }
 
@@ -225,6 +227,7 @@ pub async fn run(
         last_commit: Instant::now(),
         state_reported: Instant::now(),
         stalled: None,
+        claims: Default::default(),
         shutdown: shutdown.clone(),
     };
     let grace = config.shutdown_grace;
@@ -240,6 +243,9 @@ impl Stage for Job {
     }
 
     async fn on_tick(&mut self) -> Result<(), Stage2Error> {
+        if !self.claims.is_empty() {
+            self.settle_claims().await;
+        }
         if let Some(stall) = &self.stalled {
             if stall.due() {
                 self.commit_or_stall().await;
@@ -294,67 +300,95 @@ impl Job {
         ))
     }
 
-    /// Takes over partials partitions: their committed offset and the state stored with it. A
-    /// state file missing right after the offset was read means another replica committed (and
-    /// cleaned up) in between: the offset is read again.
+    /// Takes over partials partitions: their committed offset and the state stored with it,
+    /// retrying until it succeeds (after a fence; an assignment goes through `settle_claims`).
     async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), Stage2Error> {
         let mut retry = Retry::new(Pace::Outage, &self.shutdown);
-        let mut attempts = 0;
-        'claim: loop {
-            attempts += 1;
-            let claimed = match self.committer.claim(partitions).await {
-                Ok(claimed) => claimed,
+        loop {
+            match self.claim_once(partitions).await {
+                Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "reading Gold progress failed; retrying");
                     if !retry.wait().await {
-                        return Err(e.into());
+                        return Err(e);
                     }
-                    continue;
                 }
-            };
-            let mut restored = Vec::with_capacity(claimed.len());
-            for (tp, stored) in claimed {
-                let mut merge = self.new_merge(tp.partition);
-                let mut committed_state = None;
-                if let Some(offset) = stored {
-                    let path = self.state_path(tp.partition, offset);
-                    let bytes = match self.store.get(&path).await {
-                        Ok(got) => got.bytes().await,
-                        Err(e) => Err(e),
-                    };
-                    match bytes {
-                        Ok(bytes) => merge.restore(&bytes)?,
-                        Err(e) if attempts < 5 && retry.wait().await => {
-                            tracing::warn!(partition = %tp, offset, error = %e, "reading Gold state failed; reading the progress again");
-                            continue 'claim;
-                        }
-                        Err(source) => {
-                            return Err(Stage2Error::Unreadable {
-                                partition: tp,
-                                offset,
-                                path: path.to_string(),
-                                source,
-                            })
-                        }
+            }
+        }
+    }
+
+    /// One attempt at [`Job::claim`]. A state file missing right after the offset was read
+    /// means another replica committed (and cleaned up) in between: the next attempt reads the
+    /// offset again.
+    async fn claim_once(&mut self, partitions: &[TopicPartition]) -> Result<(), Stage2Error> {
+        let claimed = self.committer.claim(partitions).await?;
+        let mut restored = Vec::with_capacity(claimed.len());
+        for (tp, stored) in claimed {
+            let mut merge = self.new_merge(tp.partition);
+            let mut committed_state = None;
+            if let Some(offset) = stored {
+                let path = self.state_path(tp.partition, offset);
+                let bytes = match self.store.get(&path).await {
+                    Ok(got) => got.bytes().await,
+                    Err(e) => Err(e),
+                };
+                match bytes {
+                    Ok(bytes) => merge.restore(&bytes)?,
+                    Err(source) => {
+                        return Err(Stage2Error::Unreadable {
+                            partition: tp,
+                            offset,
+                            path: path.to_string(),
+                            source,
+                        })
                     }
-                    committed_state = Some(path);
                 }
-                restored.push((tp, stored, merge, committed_state));
+                committed_state = Some(path);
             }
-            for (tp, stored, merge, committed_state) in restored {
-                self.parts.insert(
-                    tp.partition,
-                    Part {
-                        merge,
-                        next: stored.map(|o| o + 1),
-                        pending: None,
-                        rows: Vec::new(),
-                        committed_state,
-                        awaiting_reseek: false,
-                    },
-                );
+            restored.push((tp, stored, merge, committed_state));
+        }
+        for (tp, stored, merge, committed_state) in restored {
+            self.parts.insert(
+                tp.partition,
+                Part {
+                    merge,
+                    next: stored.map(|o| o + 1),
+                    pending: None,
+                    rows: Vec::new(),
+                    committed_state,
+                    awaiting_reseek: false,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Answers the assignments whose claim is due, once each; one that fails waits for its next
+    /// attempt with its partitions paused (`kafka::claims`), while the loop goes on.
+    async fn settle_claims(&mut self) {
+        for claim in self.claims.take_due() {
+            match self.claim_once(&claim.partitions).await {
+                Ok(()) => {
+                    let resume = claim
+                        .partitions
+                        .iter()
+                        .map(|tp| {
+                            let after = self
+                                .parts
+                                .get(&tp.partition)
+                                .and_then(|p| p.next)
+                                .map(|n| n - 1);
+                            (tp.clone(), after)
+                        })
+                        .collect();
+                    claim.answer(resume);
+                }
+                Err(e) => {
+                    let delay = self.claims.retry_later(claim);
+                    tracing::warn!(error = %e, retry_in = ?delay,
+                        "reading Gold progress failed; the assigned partitions wait, paused");
+                }
             }
-            return Ok(());
         }
     }
 
@@ -424,19 +458,8 @@ impl Job {
                 Ok(())
             }
             SourceEvent::Assigned { partitions, reply } => {
-                self.claim(&partitions).await?;
-                let resume = partitions
-                    .iter()
-                    .map(|tp| {
-                        let after = self
-                            .parts
-                            .get(&tp.partition)
-                            .and_then(|p| p.next)
-                            .map(|n| n - 1);
-                        (tp.clone(), after)
-                    })
-                    .collect();
-                let _ = reply.send(resume);
+                self.claims.push(partitions, reply);
+                self.settle_claims().await;
                 Ok(())
             }
             SourceEvent::Revoked {
@@ -444,6 +467,7 @@ impl Job {
                 lost,
                 done,
             } => {
+                self.claims.revoke(&partitions);
                 // While the store refuses writes the rebalance does not wait for it: the work
                 // is dropped, and the next owner reads it again from the committed offset.
                 if !lost && self.stalled.is_none() {

@@ -2,8 +2,9 @@
 //! runs on an async worker. It hands the pipeline chunks of records of one partition, and turns each
 //! rebalance into a message with an acknowledgement:
 //!
-//! - on assignment it asks the pipeline where each partition resumes (the table's `txn` version + 1)
-//!   and assigns at exactly those offsets;
+//! - on assignment it asks the pipeline where each partition resumes (the table's `txn` version + 1),
+//!   assigns the partitions paused and goes on polling; the answer seeks each one there and starts
+//!   it (see `kafka::claims`: a claim may wait out an object store outage);
 //! - on revocation it waits until the pipeline has committed or dropped that partition's work, and
 //!   only then lets the rebalance complete.
 //!
@@ -25,6 +26,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
 
+use super::claims::Resume;
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
 
@@ -40,7 +42,7 @@ pub enum SourceEvent {
     /// New partitions: the pipeline answers with the last offset already in the table (or `None`).
     Assigned {
         partitions: Vec<TopicPartition>,
-        reply: oneshot::Sender<HashMap<TopicPartition, Option<i64>>>,
+        reply: oneshot::Sender<Resume>,
     },
     /// Partitions taken away; the rebalance waits for `done`. `lost` means another member may
     /// already own them, so their work must not be committed blindly.
@@ -100,6 +102,14 @@ struct SourceContext {
     /// (Strict sources.) Where each assigned partition's fetching starts (its assigned or sought
     /// offset), for a partition that erred before any record was polled.
     starts: Mutex<HashMap<TopicPartition, i64>>,
+    /// Assignments the stage has not answered yet: their partitions stay paused.
+    claiming: Mutex<Vec<Unanswered>>,
+}
+
+/// An assignment waiting for the stage to say where its partitions resume.
+struct Unanswered {
+    partitions: Vec<TopicPartition>,
+    answer: oneshot::Receiver<Resume>,
 }
 
 /// See [`SourceContext::outbox`].
@@ -177,6 +187,20 @@ impl SourceContext {
 
     fn starts(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
         self.starts.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn claiming(&self) -> MutexGuard<'_, Vec<Unanswered>> {
+        self.claiming.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Partitions that stay paused whatever else happens: stopped out of range, or waiting for
+    /// the stage's answer to their assignment.
+    fn held(&self) -> std::collections::HashSet<TopicPartition> {
+        let mut held = self.stopped().clone();
+        for waiting in self.claiming().iter() {
+            held.extend(waiting.partitions.iter().cloned());
+        }
+        held
     }
 
     fn outbox(&self) -> MutexGuard<'_, Outbox> {
@@ -274,37 +298,27 @@ impl ConsumerContext for SourceContext {
                 let partitions = partitions_of(tpl);
                 self.hand_over_all();
                 let (reply, answer) = oneshot::channel();
-                let resume = if self
+                if self
                     .events
                     .blocking_send(SourceEvent::Assigned {
                         partitions: partitions.clone(),
                         reply,
                     })
-                    .is_ok()
+                    .is_err()
                 {
-                    answer.blocking_recv().ok()
-                } else {
-                    None
-                };
-                let Some(resume) = resume else {
                     // The pipeline is gone (shutting down): take nothing, so nothing is read unowned.
                     tracing::warn!("assignment while the pipeline is stopping; not consuming it");
                     return;
-                };
-                let mut stopped = TopicPartitionList::new();
+                }
+                // Assigned paused, at a placeholder: the stage's answer (where each partition
+                // resumes, read from the tables) seeks each one and starts it (`start_claimed`).
+                // The answer is not awaited here, so a claim that waits for the object store
+                // never holds up `poll` (heartbeats, revocations, `max.poll.interval.ms`).
                 for tp in &partitions {
-                    let offset = match resume.get(tp).copied().flatten() {
-                        Some(last) => Offset::Offset(last + 1),
-                        None => Offset::Beginning,
-                    };
-                    if let (true, Offset::Offset(next)) = (self.strict, offset) {
-                        self.starts().insert(tp.clone(), next);
-                        if self.stop_if_out_of_range(consumer, tp, next) {
-                            let _ = stopped.add_partition(&tp.topic, tp.partition);
-                        }
-                    }
-                    if let Err(e) = tpl.set_partition_offset(&tp.topic, tp.partition, offset) {
-                        tracing::error!(partition = %tp, error = %e, "setting resume offset");
+                    if let Err(e) =
+                        tpl.set_partition_offset(&tp.topic, tp.partition, Offset::Beginning)
+                    {
+                        tracing::error!(partition = %tp, error = %e, "setting the placeholder offset");
                     }
                 }
                 let result = if cooperative {
@@ -315,21 +329,13 @@ impl ConsumerContext for SourceContext {
                 if let Err(e) = result {
                     tracing::error!(error = %e, "assigning partitions");
                 }
-                // librdkafka keeps a partition's pause across its revocation and reassignment:
-                // set it explicitly either way.
-                let result = if self.paused.any() {
-                    consumer.pause(tpl)
-                } else {
-                    consumer.resume(tpl)
-                };
-                if let Err(e) = result {
-                    tracing::warn!(error = %e, "pausing or resuming newly assigned partitions");
+                if let Err(e) = consumer.pause(tpl) {
+                    tracing::warn!(error = %e, "pausing newly assigned partitions");
                 }
-                if stopped.count() > 0 {
-                    if let Err(e) = consumer.pause(&stopped) {
-                        tracing::warn!(error = %e, "pausing partitions out of range");
-                    }
-                }
+                self.claiming().push(Unanswered {
+                    partitions: partitions.clone(),
+                    answer,
+                });
                 self.metrics.rebalanced(
                     "assign",
                     &partitions,
@@ -353,6 +359,9 @@ impl ConsumerContext for SourceContext {
                 {
                     // The rebalance completes only after the pipeline finished or dropped the work.
                     let _ = finished.blocking_recv();
+                }
+                for waiting in self.claiming().iter_mut() {
+                    waiting.partitions.retain(|tp| !partitions.contains(tp));
                 }
                 if self.strict {
                     let mut stopped = self.stopped();
@@ -461,6 +470,7 @@ impl Source {
             out_of_range: Mutex::default(),
             outbox: Mutex::default(),
             starts: Mutex::default(),
+            claiming: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -625,6 +635,7 @@ fn poll_loop(
                 SourceCommand::Resume => set_paused(&consumer, |p| &p.asked, false),
             }
         }
+        start_claimed(&consumer);
         // Backpressure without blocking `poll`: while the pipeline has no room, fetching is
         // paused and polling goes on (heartbeats, rebalances, `max.poll.interval.ms`).
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
@@ -680,6 +691,65 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(100));
     }
     drop(consumer);
+}
+
+/// Starts the partitions whose assignment the stage answered: each seeks to where it resumes
+/// (after the last offset the tables hold, or the beginning) and fetches, unless fetching is
+/// paused or it is out of range (strict sources: it stays stopped, reported). A partition revoked
+/// before its answer came is skipped; an assignment the stage dropped (it is stopping) stays
+/// paused.
+fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
+    let context = consumer.context();
+    let mut answered = Vec::new();
+    context.claiming().retain_mut(|waiting| {
+        use tokio::sync::oneshot::error::TryRecvError;
+        match waiting.answer.try_recv() {
+            Ok(resume) => {
+                answered.push((std::mem::take(&mut waiting.partitions), resume));
+                false
+            }
+            Err(TryRecvError::Empty) => !waiting.partitions.is_empty(),
+            Err(TryRecvError::Closed) => false,
+        }
+    });
+    if answered.is_empty() {
+        return;
+    }
+    let assigned: std::collections::HashSet<TopicPartition> = consumer
+        .assignment()
+        .map(|a| partitions_of(&a).into_iter().collect())
+        .unwrap_or_default();
+    let mut started = TopicPartitionList::new();
+    for (partitions, resume) in answered {
+        for tp in partitions {
+            let Some(after) = resume.get(&tp).copied() else {
+                continue;
+            };
+            if !assigned.contains(&tp) {
+                continue;
+            }
+            let offset = match after {
+                Some(last) => Offset::Offset(last + 1),
+                None => Offset::Beginning,
+            };
+            if let (true, Offset::Offset(next)) = (context.strict, offset) {
+                context.starts().insert(tp.clone(), next);
+                if context.stop_if_out_of_range(consumer, &tp, next) {
+                    continue;
+                }
+            }
+            if let Err(e) = consumer.seek(&tp.topic, tp.partition, offset, Duration::from_secs(10))
+            {
+                tracing::error!(partition = %tp, error = %e, "seeking to the resume offset");
+            }
+            let _ = started.add_partition(&tp.topic, tp.partition);
+        }
+    }
+    if started.count() > 0 && !context.paused.any() {
+        if let Err(e) = consumer.resume(&started) {
+            tracing::warn!(error = %e, "starting claimed partitions");
+        }
+    }
 }
 
 /// After librdkafka refused to reset an offset (`auto.offset.reset=error`): finds which
@@ -805,16 +875,11 @@ fn set_paused(
     let result = if after {
         consumer.pause(&assignment)
     } else {
-        // Partitions stopped for an offset out of range stay paused.
-        let stopped = consumer
-            .context()
-            .out_of_range
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
+        // Partitions stopped for an offset out of range, or not yet claimed, stay paused.
+        let held = consumer.context().held();
         let mut resumed = TopicPartitionList::new();
         for e in assignment.elements() {
-            if !stopped.contains(&TopicPartition::new(e.topic(), e.partition())) {
+            if !held.contains(&TopicPartition::new(e.topic(), e.partition())) {
                 let _ = resumed.add_partition(e.topic(), e.partition());
             }
         }

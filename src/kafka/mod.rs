@@ -6,6 +6,7 @@
 //! pipeline and the commit protocol.
 
 pub mod admin;
+pub mod claims;
 pub mod consumer;
 pub mod event_loop;
 

@@ -3,12 +3,16 @@
 //! is dropped and the partition seeks back to the table), seeking back when a table opened mid-run
 //! is behind, and dropping the work of partitions that are revoked or lost.
 
+use std::collections::HashMap;
+
+use crate::kafka::claims::Claim;
 use crate::kafka::consumer::SourceCommand;
-use crate::lake::commit::Fenced;
+use crate::lake::commit::{CommitError, Fenced};
 use crate::models::TopicPartition;
+use crate::ops::NotReady;
 use crate::retry::{Pace, Retry};
 
-use super::pipeline::{PipelineError, Replica};
+use super::pipeline::{PartitionState, PipelineError, Replica};
 
 impl Replica {
     /// Reads every table's progress for `partitions` and makes it the fencing baseline.
@@ -28,23 +32,76 @@ impl Replica {
         partitions: &[TopicPartition],
     ) -> Result<(), PipelineError> {
         let mut retry = Retry::new(Pace::Outage, &self.shutdown);
-        let table = &mut self.tables.list[index];
         loop {
-            match table.committer.claim(partitions).await {
-                Ok(claimed) => {
-                    for (tp, stored) in claimed {
-                        table.parts.entry(tp).or_default().committed = stored;
-                    }
-                    return Ok(());
-                }
+            match self.claim_table_once(index, partitions).await {
+                Ok(()) => return Ok(()),
                 Err(e) => {
-                    tracing::warn!(table = %table.name, error = %e, "reading table progress failed; retrying");
+                    tracing::warn!(table = %self.tables.list[index].name, error = %e, "reading table progress failed; retrying");
                     if !retry.wait().await {
                         return Err(e.into());
                     }
                 }
             }
         }
+    }
+
+    async fn claim_table_once(
+        &mut self,
+        index: usize,
+        partitions: &[TopicPartition],
+    ) -> Result<(), CommitError> {
+        let table = &mut self.tables.list[index];
+        for (tp, stored) in table.committer.claim(partitions).await? {
+            table.parts.entry(tp).or_default().committed = stored;
+        }
+        Ok(())
+    }
+
+    /// Answers the assignments whose claim is due: reads every table's (and Gold's) progress of
+    /// their partitions, once. A claim that fails waits for its next attempt with its partitions
+    /// paused (`kafka::claims`), while the loop goes on answering revocations.
+    pub(super) async fn settle_claims(&mut self) -> Result<(), PipelineError> {
+        for claim in self.claims.take_due() {
+            match self.claim_once(&claim.partitions).await {
+                Ok(()) => self.start_claimed(claim),
+                Err(e) => {
+                    let delay = self.claims.retry_later(claim);
+                    tracing::warn!(error = %e, retry_in = ?delay,
+                        "reading table progress failed; the assigned partitions wait, paused");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn claim_once(&mut self, partitions: &[TopicPartition]) -> Result<(), CommitError> {
+        for index in 0..self.tables.list.len() {
+            self.claim_table_once(index, partitions).await?;
+        }
+        self.claim_gold_once(partitions).await
+    }
+
+    /// Claimed partitions start: their state, and the source's answer (where each resumes).
+    fn start_claimed(&mut self, claim: Claim) {
+        self.note_maintainer(&claim.partitions, true);
+        // Ready once the group has given this replica its share (possibly none).
+        self.metrics.not_ready(NotReady::Starting, false);
+        let mut resume = HashMap::new();
+        for tp in &claim.partitions {
+            let after = self.resume_after(tp);
+            if let Some(version) = after {
+                self.metrics.progress(tp, version);
+            }
+            self.parts.insert(
+                tp.clone(),
+                PartitionState {
+                    position: after.map(|v| v + 1),
+                    ..Default::default()
+                },
+            );
+            resume.insert(tp.clone(), after);
+        }
+        claim.answer(resume);
     }
 
     /// A table opened mid-run may hold less of an owned partition than has been handled: that

@@ -19,7 +19,7 @@ use crate::kafka::event_loop::{GraceExceeded, Stage};
 use crate::lake::commit::CommitError;
 use crate::lake::files::SilverError;
 use crate::models::{Rejection, SourceRecord, TopicPartition};
-use crate::ops::{Metrics, NotReady};
+use crate::ops::Metrics;
 use crate::schema::registry::SchemaRegistry;
 use crate::silver::dead_letters::DeadLetters;
 use crate::silver::tables::Tables;
@@ -114,6 +114,8 @@ pub struct Replica {
     pub(super) gold: Option<Emitter>,
     /// Set while a failed flush waits for its retry (see `flush`).
     pub(super) stalled: Option<crate::retry::Stall>,
+    /// Assignments whose claim waits for the object store (see `settle_claims`).
+    pub(super) claims: crate::kafka::claims::Claims,
     /// The consumed positions last committed to the group (advisory), and when.
     pub(super) advised: (HashMap<TopicPartition, i64>, Instant),
 }
@@ -149,6 +151,7 @@ impl Replica {
             shutdown,
             gold,
             stalled: None,
+            claims: Default::default(),
             advised: (HashMap::new(), Instant::now()),
         }
     }
@@ -213,28 +216,8 @@ impl Replica {
         match event {
             SourceEvent::Records(records) => self.on_records(records).await,
             SourceEvent::Assigned { partitions, reply } => {
-                self.claim_with_retry(&partitions).await?;
-                self.claim_gold(&partitions).await?;
-                self.note_maintainer(&partitions, true);
-                // Ready once the group has given this replica its share (possibly none).
-                self.metrics.not_ready(NotReady::Starting, false);
-                let mut resume = HashMap::new();
-                for tp in partitions {
-                    let after = self.resume_after(&tp);
-                    if let Some(version) = after {
-                        self.metrics.progress(&tp, version);
-                    }
-                    self.parts.insert(
-                        tp.clone(),
-                        PartitionState {
-                            position: after.map(|v| v + 1),
-                            ..Default::default()
-                        },
-                    );
-                    resume.insert(tp, after);
-                }
-                let _ = reply.send(resume);
-                Ok(())
+                self.claims.push(partitions, reply);
+                self.settle_claims().await
             }
             SourceEvent::Revoked {
                 partitions,
@@ -244,6 +227,7 @@ impl Replica {
                 // A lost assignment may already be someone else's: its work is only dropped. While
                 // the store refuses writes the rebalance does not wait for it either: the work is
                 // dropped, and the next owner reads it again.
+                self.claims.revoke(&partitions);
                 if !lost && self.stalled.is_none() {
                     self.flush().await?;
                 }
@@ -463,6 +447,9 @@ impl Stage for Replica {
     }
 
     async fn on_tick(&mut self) -> Result<(), PipelineError> {
+        if !self.claims.is_empty() {
+            self.settle_claims().await?;
+        }
         if self.stalled.is_some() {
             self.retry_stalled().await?;
         } else if self

@@ -15,18 +15,9 @@ impl Replica {
         &mut self,
         partitions: &[TopicPartition],
     ) -> Result<(), PipelineError> {
-        let Some(gold) = &mut self.gold else {
-            return Ok(());
-        };
-        let table = &self.tables.list[gold.table];
-        let silver: HashMap<TopicPartition, Option<i64>> = partitions
-            .iter()
-            .map(|tp| (tp.clone(), table.parts.get(tp).and_then(|p| p.committed)))
-            .collect();
-        let held = |tp: &TopicPartition| silver.get(tp).copied().flatten();
         let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {
-            match gold.claim(partitions, &held).await {
+            match self.claim_gold_once(partitions).await {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     tracing::warn!(error = %e, "reading Gold progress failed; retrying");
@@ -36,6 +27,23 @@ impl Replica {
                 }
             }
         }
+    }
+
+    /// Reads Gold's progress of `partitions` once (see `Emitter::claim`).
+    pub(super) async fn claim_gold_once(
+        &mut self,
+        partitions: &[TopicPartition],
+    ) -> Result<(), crate::lake::commit::CommitError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        let table = &self.tables.list[gold.table];
+        let silver: HashMap<TopicPartition, Option<i64>> = partitions
+            .iter()
+            .map(|tp| (tp.clone(), table.parts.get(tp).and_then(|p| p.committed)))
+            .collect();
+        let held = |tp: &TopicPartition| silver.get(tp).copied().flatten();
+        gold.claim(partitions, &held).await
     }
 
     /// Sends Gold's queued epochs (after their Silver commit). A fence on the late table drops the

@@ -1,0 +1,112 @@
+//! Assignments a stage has not answered yet. A stage answers an assignment with where each
+//! partition resumes, which it reads from the tables (the claim). While the object store refuses
+//! that read, the stage keeps the assignment here and tries again from a tick with backoff,
+//! instead of retrying inside its event loop: the source has assigned the partitions paused and
+//! goes on polling, and the stage goes on answering revocations. So an outage that meets a
+//! rebalance costs no group membership (and no rebalance storm).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::models::TopicPartition;
+use crate::retry::{Pace, Stall};
+
+/// Where each partition resumes: the last offset already handled, or `None` for the beginning.
+pub type Resume = HashMap<TopicPartition, Option<i64>>;
+
+/// One assignment waiting for its claim.
+pub struct Claim {
+    pub partitions: Vec<TopicPartition>,
+    reply: oneshot::Sender<Resume>,
+    /// Set after a failed attempt: when to try again.
+    stall: Option<Stall>,
+}
+
+impl Claim {
+    /// Tells the source where the partitions resume; it seeks there and starts fetching.
+    pub fn answer(self, resume: Resume) {
+        let _ = self.reply.send(resume);
+    }
+}
+
+/// The assignments waiting for their claim, oldest first.
+#[derive(Default)]
+pub struct Claims(Vec<Claim>);
+
+impl Claims {
+    pub fn push(&mut self, partitions: Vec<TopicPartition>, reply: oneshot::Sender<Resume>) {
+        self.0.push(Claim {
+            partitions,
+            reply,
+            stall: None,
+        });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Takes out the claims whose next attempt is due (a new one at once), oldest first. The
+    /// caller answers each one that succeeds and gives back each one that fails
+    /// ([`Claims::retry_later`]).
+    pub fn take_due(&mut self) -> Vec<Claim> {
+        let (due, waiting) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|c| c.stall.as_ref().is_none_or(Stall::due));
+        self.0 = waiting;
+        due
+    }
+
+    /// Keeps a claim whose attempt failed, for another attempt after one more backoff delay;
+    /// returns that delay.
+    pub fn retry_later(&mut self, mut claim: Claim) -> Duration {
+        let delay = claim
+            .stall
+            .get_or_insert_with(|| Stall::new(Pace::Outage))
+            .again();
+        self.0.push(claim);
+        delay
+    }
+
+    /// Revoked partitions are no longer claimed; an assignment left with none is dropped.
+    pub fn revoke(&mut self, partitions: &[TopicPartition]) {
+        for claim in &mut self.0 {
+            claim.partitions.retain(|tp| !partitions.contains(tp));
+        }
+        self.0.retain(|c| !c.partitions.is_empty());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failed_claim_waits_its_backoff_and_revoked_partitions_leave_it() {
+        let mut claims = Claims::default();
+        let (reply, mut answer) = oneshot::channel();
+        let a = TopicPartition::new("t", 0);
+        let b = TopicPartition::new("t", 1);
+        claims.push(vec![a.clone(), b.clone()], reply);
+        let due = claims.take_due();
+        assert_eq!(due.len(), 1, "a new claim is due at once");
+        assert!(claims.is_empty());
+        for claim in due {
+            assert!(claims.retry_later(claim) > Duration::ZERO);
+        }
+        assert!(claims.take_due().is_empty(), "a failed claim waits");
+        claims.revoke(std::slice::from_ref(&a));
+        assert!(!claims.is_empty());
+        claims.revoke(std::slice::from_ref(&b));
+        assert!(
+            claims.is_empty(),
+            "a claim with no partition left is dropped"
+        );
+        assert!(
+            matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
+            "its source learns that no answer comes"
+        );
+    }
+}
