@@ -75,6 +75,23 @@ pub enum Stage2Error {
     },
 }
 
+impl Stage2Error {
+    /// Whether a claim that failed this way, after `failed` earlier failures, is given up: a
+    /// state file that does not decode, or one still missing after a few reads of the progress
+    /// (a missing one may be another replica's cleanup in between). Store refusals (an outage)
+    /// are retried for as long as they last.
+    fn is_final(&self, failed: u32) -> bool {
+        match self {
+            Stage2Error::Format(_) => true,
+            Stage2Error::Unreadable {
+                source: object_store::Error::NotFound { .. },
+                ..
+            } => failed >= 4,
+            _ => false,
+        }
+    }
+}
+
 const SUMMARY_ROWS: usize = 100_000;
 
 /// A committed Gold row, for summaries.
@@ -244,7 +261,7 @@ impl Stage for Job {
 
     async fn on_tick(&mut self) -> Result<(), Stage2Error> {
         if !self.claims.is_empty() {
-            self.settle_claims().await;
+            self.settle_claims().await?;
         }
         if let Some(stall) = &self.stalled {
             if stall.due() {
@@ -304,10 +321,13 @@ impl Job {
     /// retrying until it succeeds (after a fence; an assignment goes through `settle_claims`).
     async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), Stage2Error> {
         let mut retry = Retry::new(Pace::Outage, &self.shutdown);
+        let mut failed = 0;
         loop {
             match self.claim_once(partitions).await {
                 Ok(()) => return Ok(()),
+                Err(e) if e.is_final(failed) => return Err(e),
                 Err(e) => {
+                    failed += 1;
                     tracing::warn!(error = %e, "reading Gold progress failed; retrying");
                     if !retry.wait().await {
                         return Err(e);
@@ -352,7 +372,7 @@ impl Job {
                 tp.partition,
                 Part {
                     merge,
-                    next: stored.map(|o| o + 1),
+                    next: stored.map(|o| o.saturating_add(1)),
                     pending: None,
                     rows: Vec::new(),
                     committed_state,
@@ -365,7 +385,7 @@ impl Job {
 
     /// Answers the assignments whose claim is due, once each; one that fails waits for its next
     /// attempt with its partitions paused (`kafka::claims`), while the loop goes on.
-    async fn settle_claims(&mut self) {
+    async fn settle_claims(&mut self) -> Result<(), Stage2Error> {
         for claim in self.claims.take_due() {
             match self.claim_once(&claim.partitions).await {
                 Ok(()) => {
@@ -383,6 +403,7 @@ impl Job {
                         .collect();
                     claim.answer(resume);
                 }
+                Err(e) if e.is_final(claim.failed_attempts()) => return Err(e),
                 Err(e) => {
                     let delay = self.claims.retry_later(claim);
                     tracing::warn!(error = %e, retry_in = ?delay,
@@ -390,6 +411,7 @@ impl Job {
                 }
             }
         }
+        Ok(())
     }
 
     async fn handle(&mut self, event: SourceEvent) -> Result<(), Stage2Error> {
@@ -459,8 +481,7 @@ impl Job {
             }
             SourceEvent::Assigned { partitions, reply } => {
                 self.claims.push(partitions, reply);
-                self.settle_claims().await;
-                Ok(())
+                self.settle_claims().await
             }
             SourceEvent::Revoked {
                 partitions,

@@ -22,9 +22,15 @@ pub struct Claim {
     reply: oneshot::Sender<Resume>,
     /// Set after a failed attempt: when to try again.
     stall: Option<Stall>,
+    attempts: u32,
 }
 
 impl Claim {
+    /// How many attempts failed so far.
+    pub fn failed_attempts(&self) -> u32 {
+        self.attempts
+    }
+
     /// Tells the source where the partitions resume; it seeks there and starts fetching.
     pub fn answer(self, resume: Resume) {
         let _ = self.reply.send(resume);
@@ -41,6 +47,7 @@ impl Claims {
             partitions,
             reply,
             stall: None,
+            attempts: 0,
         });
     }
 
@@ -62,6 +69,7 @@ impl Claims {
     /// Keeps a claim whose attempt failed, for another attempt after one more backoff delay;
     /// returns that delay.
     pub fn retry_later(&mut self, mut claim: Claim) -> Duration {
+        claim.attempts += 1;
         let delay = claim
             .stall
             .get_or_insert_with(|| Stall::new(Pace::Outage))
@@ -94,6 +102,7 @@ mod tests {
         assert_eq!(due.len(), 1, "a new claim is due at once");
         assert!(claims.is_empty());
         for claim in due {
+            assert_eq!(claim.failed_attempts(), 0);
             assert!(claims.retry_later(claim) > Duration::ZERO);
         }
         assert!(claims.take_due().is_empty(), "a failed claim waits");

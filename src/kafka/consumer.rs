@@ -104,6 +104,9 @@ struct SourceContext {
     starts: Mutex<HashMap<TopicPartition, i64>>,
     /// Assignments the stage has not answered yet: their partitions stay paused.
     claiming: Mutex<Vec<Unanswered>>,
+    /// Answered partitions not started yet: the offset to seek to (`None`: no answer came, so
+    /// the partition stays paused until it is revoked).
+    seeking: Mutex<HashMap<TopicPartition, Option<Offset>>>,
 }
 
 /// An assignment waiting for the stage to say where its partitions resume.
@@ -193,13 +196,18 @@ impl SourceContext {
         self.claiming.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Partitions that stay paused whatever else happens: stopped out of range, or waiting for
-    /// the stage's answer to their assignment.
+    fn seeking(&self) -> MutexGuard<'_, HashMap<TopicPartition, Option<Offset>>> {
+        self.seeking.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Partitions that stay paused whatever else happens: stopped out of range, or not started
+    /// yet after their assignment.
     fn held(&self) -> std::collections::HashSet<TopicPartition> {
         let mut held = self.stopped().clone();
         for waiting in self.claiming().iter() {
             held.extend(waiting.partitions.iter().cloned());
         }
+        held.extend(self.seeking().keys().cloned());
         held
     }
 
@@ -363,6 +371,12 @@ impl ConsumerContext for SourceContext {
                 for waiting in self.claiming().iter_mut() {
                     waiting.partitions.retain(|tp| !partitions.contains(tp));
                 }
+                {
+                    let mut seeking = self.seeking();
+                    for tp in &partitions {
+                        seeking.remove(tp);
+                    }
+                }
                 if self.strict {
                     let mut stopped = self.stopped();
                     let mut starts = self.starts();
@@ -471,6 +485,7 @@ impl Source {
             outbox: Mutex::default(),
             starts: Mutex::default(),
             claiming: Mutex::default(),
+            seeking: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -588,9 +603,20 @@ fn poll_loop(
     // Since when the pipeline has had no room for what the source holds (see `wait_for_room`).
     let mut waiting_since: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        // Before the stage's commands: a stage sends a partition's `Seek` only after answering
+        // its assignment, so the answer's seek must not come after it.
+        start_claimed(&consumer);
         while let Ok(command) = commands.try_recv() {
             match command {
                 SourceCommand::Seek(tp, offset) => {
+                    // Not started yet (its first seek failed): it starts here instead.
+                    if let Some(pending) = context.seeking().get_mut(&tp) {
+                        *pending = Some(Offset::Offset(offset));
+                        let mut outbox = context.outbox();
+                        outbox.close();
+                        outbox.queue.push_back(SourceEvent::Reseeked(tp));
+                        continue;
+                    }
                     // Only seek what we still own; otherwise the new owner resumes from the table.
                     let owned = consumer
                         .assignment()
@@ -635,7 +661,6 @@ fn poll_loop(
                 SourceCommand::Resume => set_paused(&consumer, |p| &p.asked, false),
             }
         }
-        start_claimed(&consumer);
         // Backpressure without blocking `poll`: while the pipeline has no room, fetching is
         // paused and polling goes on (heartbeats, rebalances, `max.poll.interval.ms`).
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
@@ -695,9 +720,10 @@ fn poll_loop(
 
 /// Starts the partitions whose assignment the stage answered: each seeks to where it resumes
 /// (after the last offset the tables hold, or the beginning) and fetches, unless fetching is
-/// paused or it is out of range (strict sources: it stays stopped, reported). A partition revoked
-/// before its answer came is skipped; an assignment the stage dropped (it is stopping) stays
-/// paused.
+/// paused or it is out of range (strict sources: it stays stopped, reported). A seek librdkafka
+/// refuses (its fetcher has not started yet) is tried again on the next pass, the partition still
+/// paused. A partition revoked before its answer came is skipped; one the stage did not answer
+/// (it is stopping) stays paused until it is revoked.
 fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
     let context = consumer.context();
     let mut answered = Vec::new();
@@ -705,14 +731,36 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
         use tokio::sync::oneshot::error::TryRecvError;
         match waiting.answer.try_recv() {
             Ok(resume) => {
-                answered.push((std::mem::take(&mut waiting.partitions), resume));
+                answered.push((std::mem::take(&mut waiting.partitions), Some(resume)));
                 false
             }
             Err(TryRecvError::Empty) => !waiting.partitions.is_empty(),
-            Err(TryRecvError::Closed) => false,
+            Err(TryRecvError::Closed) => {
+                answered.push((std::mem::take(&mut waiting.partitions), None));
+                false
+            }
         }
     });
-    if answered.is_empty() {
+    let pending: Vec<(TopicPartition, Offset)> = {
+        let mut seeking = context.seeking();
+        for (partitions, resume) in answered {
+            for tp in partitions {
+                let offset = resume
+                    .as_ref()
+                    .and_then(|r| r.get(&tp).copied())
+                    .and_then(|after| match after {
+                        Some(last) => last.checked_add(1).map(Offset::Offset),
+                        None => Some(Offset::Beginning),
+                    });
+                seeking.insert(tp, offset);
+            }
+        }
+        seeking
+            .iter()
+            .filter_map(|(tp, offset)| offset.map(|o| (tp.clone(), o)))
+            .collect()
+    };
+    if pending.is_empty() {
         return;
     }
     let assigned: std::collections::HashSet<TopicPartition> = consumer
@@ -720,29 +768,33 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
         .map(|a| partitions_of(&a).into_iter().collect())
         .unwrap_or_default();
     let mut started = TopicPartitionList::new();
-    for (partitions, resume) in answered {
-        for tp in partitions {
-            let Some(after) = resume.get(&tp).copied() else {
+    let mut done = Vec::new();
+    for (tp, offset) in pending {
+        if !assigned.contains(&tp) {
+            done.push(tp);
+            continue;
+        }
+        if let (true, Offset::Offset(next)) = (context.strict, offset) {
+            context.starts().insert(tp.clone(), next);
+            if context.stop_if_out_of_range(consumer, &tp, next) {
+                done.push(tp);
                 continue;
-            };
-            if !assigned.contains(&tp) {
-                continue;
             }
-            let offset = match after {
-                Some(last) => Offset::Offset(last + 1),
-                None => Offset::Beginning,
-            };
-            if let (true, Offset::Offset(next)) = (context.strict, offset) {
-                context.starts().insert(tp.clone(), next);
-                if context.stop_if_out_of_range(consumer, &tp, next) {
-                    continue;
-                }
+        }
+        match consumer.seek(&tp.topic, tp.partition, offset, Duration::from_secs(10)) {
+            Ok(()) => {
+                let _ = started.add_partition(&tp.topic, tp.partition);
+                done.push(tp);
             }
-            if let Err(e) = consumer.seek(&tp.topic, tp.partition, offset, Duration::from_secs(10))
-            {
-                tracing::error!(partition = %tp, error = %e, "seeking to the resume offset");
+            Err(e) => {
+                tracing::debug!(partition = %tp, error = %e, "seeking to the resume offset; trying again");
             }
-            let _ = started.add_partition(&tp.topic, tp.partition);
+        }
+    }
+    {
+        let mut seeking = context.seeking();
+        for tp in &done {
+            seeking.remove(tp);
         }
     }
     if started.count() > 0 && !context.paused.any() {
