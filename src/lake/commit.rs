@@ -475,3 +475,52 @@ fn is_lost_race(error: &DeltaTableError) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deltalake::arrow::datatypes::{DataType, Field};
+
+    /// A commit in doubt that stores the offsets the table already has (Gold's idle watermark
+    /// commit: same offset, new watermark) landed only if its other `txn`s are stored too. Before,
+    /// losing a race with another replica made such a commit count as landed while its watermark
+    /// never reached the table.
+    #[tokio::test]
+    async fn a_commit_in_doubt_landed_only_if_its_other_txns_are_stored() {
+        crate::lake::register_object_stores();
+        let dir = tempfile::tempdir().expect("dir");
+        let url = url::Url::from_directory_path(dir.path()).expect("url");
+        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
+        let table = crate::lake::open_or_create(url, &schema, "t")
+            .await
+            .expect("table");
+        let mut committer = TableCommitter::new(table, "g", 5);
+        let tp = TopicPartition::new("orders", 0);
+        committer
+            .claim(std::slice::from_ref(&tp))
+            .await
+            .expect("claim");
+        let offsets: BTreeMap<TopicPartition, i64> = [(tp.clone(), 5)].into();
+        let watermark = committer.side_app_id("watermark", &tp);
+        let outcome = committer
+            .commit_with(Vec::new(), &offsets, &[(watermark.clone(), 100)])
+            .await
+            .expect("commit");
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+
+        // The same offset with a newer watermark, whose outcome is unknown and which did not land.
+        committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[(watermark.clone(), 200)]));
+        assert_eq!(
+            committer.settle_in_doubt(&offsets).await.expect("settle"),
+            None,
+            "a commit whose watermark is not stored did not land"
+        );
+        // One that did land is recognised.
+        committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[(watermark.clone(), 100)]));
+        assert!(committer
+            .settle_in_doubt(&offsets)
+            .await
+            .expect("settle")
+            .is_some());
+    }
+}
