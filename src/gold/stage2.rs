@@ -556,19 +556,12 @@ impl Job {
         match self.commit().await {
             Ok(()) => {
                 self.last_commit = Instant::now();
-                if self.stalled.take().is_some() {
+                if self.commands.unstall(&mut self.stalled) {
                     tracing::info!("Gold commits again; fetching partials resumes");
-                    self.commands.send(SourceCommand::Resume);
                 }
             }
             Err(e) => {
-                let delay = self
-                    .stalled
-                    .get_or_insert_with(|| {
-                        self.commands.send(SourceCommand::Pause);
-                        Stall::new(Pace::Outage)
-                    })
-                    .again();
+                let delay = self.commands.stall(&mut self.stalled);
                 tracing::warn!(error = %e, retry_in = ?delay,
                     "Gold commit failed; fetching partials paused, state kept");
             }

@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::claims::Resume;
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
+use crate::retry::{Pace, Stall};
 
 /// Records per chunk handed to the pipeline.
 const CHUNK_RECORDS: usize = 2_000;
@@ -436,6 +437,26 @@ pub struct Commands(std_mpsc::Sender<SourceCommand>);
 impl Commands {
     pub fn send(&self, command: SourceCommand) {
         let _ = self.0.send(command);
+    }
+
+    /// A stage's write failed: fetching pauses (at the first failure) and `stalled` schedules the
+    /// next attempt after one more backoff delay, which is returned.
+    pub fn stall(&self, stalled: &mut Option<Stall>) -> Duration {
+        stalled
+            .get_or_insert_with(|| {
+                self.send(SourceCommand::Pause);
+                Stall::new(Pace::Outage)
+            })
+            .again()
+    }
+
+    /// A stage's write succeeded: fetching resumes if it was stalled. Returns whether it was.
+    pub fn unstall(&self, stalled: &mut Option<Stall>) -> bool {
+        let was = stalled.take().is_some();
+        if was {
+            self.send(SourceCommand::Resume);
+        }
+        was
     }
 }
 

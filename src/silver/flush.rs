@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::kafka::consumer::SourceCommand;
 use crate::lake::commit::CommitOutcome;
 use crate::models::TopicPartition;
 use crate::retry::{Pace, Retry, Stall};
@@ -25,21 +24,14 @@ impl Replica {
     pub(super) async fn flush(&mut self) -> Result<(), PipelineError> {
         match self.try_flush().await {
             Ok(()) => {
-                if self.stalled.take().is_some() {
+                if self.commands.unstall(&mut self.stalled) {
                     tracing::info!("the object store takes writes again; fetching resumes");
-                    self.commands.send(SourceCommand::Resume);
                 }
                 self.metrics.lake_refuses(None);
                 Ok(())
             }
             Err(e) => {
-                let delay = self
-                    .stalled
-                    .get_or_insert_with(|| {
-                        self.commands.send(SourceCommand::Pause);
-                        Stall::new(Pace::Outage)
-                    })
-                    .again();
+                let delay = self.commands.stall(&mut self.stalled);
                 let uploaded: usize = self
                     .tables
                     .list
