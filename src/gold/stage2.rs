@@ -627,16 +627,6 @@ impl Job {
             .flat_map(|p| p.rows.iter())
             .collect();
         let count = closed.len();
-        let summary: Vec<GoldRow> = closed
-            .iter()
-            .take(SUMMARY_ROWS.saturating_sub(self.summary.rows.len()))
-            .map(|c| GoldRow {
-                window_start: c.window_start,
-                window_end: c.window_end,
-                key: c.key.clone(),
-                values: c.accumulator.finish(),
-            })
-            .collect();
         let files = if closed.is_empty() {
             Vec::new()
         } else {
@@ -651,9 +641,19 @@ impl Job {
                 self.metrics.gold().gold_committed(count);
                 self.summary.commits += 1;
                 self.summary.rows_committed += count as u64;
-                self.summary.rows.extend(summary);
                 for (partition, path) in states {
                     if let Some(part) = self.parts.get_mut(&partition) {
+                        // Taken once the rows are committed: a commit retried through an outage
+                        // builds no summary rows in vain.
+                        let room = SUMMARY_ROWS.saturating_sub(self.summary.rows.len());
+                        self.summary
+                            .rows
+                            .extend(part.rows.iter().take(room).map(|c| GoldRow {
+                                window_start: c.window_start,
+                                window_end: c.window_end,
+                                key: c.key.clone(),
+                                values: c.accumulator.finish(),
+                            }));
                         part.pending = None;
                         part.rows.clear();
                         if let Some(old) = part.committed_state.replace(path) {

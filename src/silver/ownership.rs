@@ -60,10 +60,10 @@ impl Replica {
     /// Answers the assignments whose claim is due: reads every table's (and Gold's) progress of
     /// their partitions, once. A claim that fails waits for its next attempt with its partitions
     /// paused (`kafka::claims`), while the loop goes on answering revocations.
-    pub(super) async fn settle_claims(&mut self) -> Result<(), PipelineError> {
+    pub(super) async fn settle_claims(&mut self) {
         for claim in self.claims.take_due() {
             match self.claim_once(&claim.partitions).await {
-                Ok(()) => self.start_claimed(claim),
+                Ok(()) => self.start_partitions(claim),
                 Err(e) => {
                     let delay = self.claims.retry_later(claim);
                     tracing::warn!(error = %e, retry_in = ?delay,
@@ -71,7 +71,6 @@ impl Replica {
                 }
             }
         }
-        Ok(())
     }
 
     async fn claim_once(&mut self, partitions: &[TopicPartition]) -> Result<(), CommitError> {
@@ -82,7 +81,7 @@ impl Replica {
     }
 
     /// Claimed partitions start: their state, and the source's answer (where each resumes).
-    fn start_claimed(&mut self, claim: Claim) {
+    fn start_partitions(&mut self, claim: Claim) {
         self.note_maintainer(&claim.partitions, true);
         // Ready once the group has given this replica its share (possibly none).
         self.metrics.not_ready(NotReady::Starting, false);

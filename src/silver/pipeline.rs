@@ -217,7 +217,8 @@ impl Replica {
             SourceEvent::Records(records) => self.on_records(records).await,
             SourceEvent::Assigned { partitions, reply } => {
                 self.claims.push(partitions, reply);
-                self.settle_claims().await
+                self.settle_claims().await;
+                Ok(())
             }
             SourceEvent::Revoked {
                 partitions,
@@ -448,7 +449,7 @@ impl Stage for Replica {
 
     async fn on_tick(&mut self) -> Result<(), PipelineError> {
         if !self.claims.is_empty() {
-            self.settle_claims().await?;
+            self.settle_claims().await;
         }
         if self.stalled.is_some() {
             self.retry_stalled().await?;
