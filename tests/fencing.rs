@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use strata::config::Compression;
 use strata::demo::{OrderGenerator, ORDER_V1, ORDER_V2};
-use strata::lake::commit::{CommitOutcome, TableCommitter};
+use strata::lake::commit::{Checked, CommitOutcome, TableCommitter};
 use strata::lake::files::{FilePolicy, SilverWriter};
 use strata::models::{SourceRecord, TopicPartition};
 use strata::silver::decode::BatchDecoder;
@@ -93,12 +93,16 @@ async fn stale_owner_is_refused_and_the_table_keeps_only_the_new_owners_rows() {
     );
 
     // The zombie's check and its commit are both refused, naming what it expected and what is stored.
-    let fenced = zombie
-        .check(std::slice::from_ref(&tp))
+    let checked = zombie
+        .check(&BTreeMap::from([(tp.clone(), 99)]))
         .await
         .expect("check");
+    let Checked::Fenced(fenced) = checked else {
+        panic!("the zombie's check passed: {checked:?}");
+    };
     assert_eq!(fenced.len(), 1);
     assert_eq!((fenced[0].expected, fenced[0].stored), (None, Some(149)));
+    assert!(!fenced[0].own_commit);
     let files = zombie_writer.write(&[zombie_rows]).await.expect("write");
     let outcome = zombie
         .commit(files, &BTreeMap::from([(tp.clone(), 99)]))

@@ -155,6 +155,64 @@ async fn a_commit_whose_answer_was_lost_is_read_from_the_log_not_fenced() {
     replica.stop(Duration::from_secs(30));
 }
 
+/// A commit whose answer was lost just as the store went away: its PUT landed, and for a while
+/// every request after it is refused, so the log cannot be read at once to settle it. The flush
+/// stalls; once the store returns, its next attempt reads the log first, finds its own commit and
+/// counts it done: no fence, no `StrataCommitsFenced`, no row written twice, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_was_lost_as_the_store_went_away_is_settled_when_it_returns() {
+    let setup = Setup::new("answer-lost-outage", 3).await;
+    let s3 = FaultyS3::start().await;
+    let mut produced = produce(&setup.topic, 3_000, 100, 41).await;
+    let replica = setup.spawn(&[
+        ("AWS_ENDPOINT_URL", s3.endpoint.as_str()),
+        ("STRATA_MAINTENANCE_INTERVAL", "1h"),
+    ]);
+    setup.catch_up(&produced, &[&replica]).await;
+
+    // The next commit (a PUT of a log entry) lands but its answer is lost; from then on the
+    // store answers SlowDown to everything.
+    s3.fail_then(
+        Fault::AnswerLost,
+        Matching {
+            method: Some("PUT"),
+            path_contains: Some("_delta_log/0"),
+        },
+        Fault::SlowDown,
+        Matching::all(),
+    );
+    produced.extend(produce(&setup.topic, 2_000, 100, 42).await);
+    let waited = std::time::Instant::now();
+    while s3.hits() < 3 && waited.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        s3.hits() >= 3,
+        "no commit met the fault:\n{}",
+        replica.tail(30)
+    );
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    s3.heal();
+    setup.catch_up(&produced, &[&replica]).await;
+    setup.assert_exact(&produced).await;
+    assert!(
+        replica.log_contains("a commit whose answer was lost is in the log"),
+        "the lost answer was not settled from the log:\n{}",
+        replica.tail(30)
+    );
+    assert_eq!(
+        replica
+            .metric("strata_commits_fenced_total")
+            .await
+            .unwrap_or(0.0),
+        0.0,
+        "the replica took its own commit for another's:\n{}",
+        replica.tail(30)
+    );
+    common::assert_accounting(&replica).await;
+    replica.stop(Duration::from_secs(30));
+}
+
 /// A rebalance during a store outage. A second replica joins, and every request to the store
 /// fails from the moment its tables are open: it is assigned partitions whose progress it cannot
 /// read. It assigns them paused and goes on polling, trying the claim again from a tick, so an

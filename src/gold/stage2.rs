@@ -26,7 +26,7 @@ use crate::kafka::admin::Admin;
 use crate::kafka::consumer::{Commands, Source, SourceCommand, SourceEvent, SourceSettings};
 use crate::kafka::event_loop::{self, GraceExceeded, Stage};
 use crate::lake;
-use crate::lake::commit::{CommitError, CommitOutcome, Fenced, TableCommitter};
+use crate::lake::commit::{Checked, CommitError, CommitOutcome, Fenced, TableCommitter};
 use crate::lake::files::{FilePolicy, SilverWriter};
 use crate::models::TopicPartition;
 use crate::ops::Metrics;
@@ -599,24 +599,28 @@ impl Job {
         if last.is_empty() {
             return Ok(());
         }
-        let partitions: Vec<TopicPartition> = last.keys().cloned().collect();
-        let fenced = self.committer.check(&partitions).await?;
-        if !fenced.is_empty() {
-            return self.on_fenced(fenced).await;
-        }
+        // A commit whose answer was lost is settled from the log first: when it landed, its
+        // state files and rows are in place and only the bookkeeping below is left.
+        let landed = match self.committer.check(&last).await? {
+            Checked::Fenced(fenced) => return self.on_fenced(fenced).await,
+            Checked::Landed(version) => Some(version),
+            Checked::Owned => None,
+        };
         let mut states = Vec::new();
         for (tp, offset) in &last {
             let Some(part) = self.parts.get(&tp.partition) else {
                 continue;
             };
             let path = self.state_path(tp.partition, *offset);
-            self.store
-                .put(&path, part.merge.snapshot().into())
-                .await
-                .map_err(|source| Stage2Error::State {
-                    path: path.to_string(),
-                    source,
-                })?;
+            if landed.is_none() {
+                self.store
+                    .put(&path, part.merge.snapshot().into())
+                    .await
+                    .map_err(|source| Stage2Error::State {
+                        path: path.to_string(),
+                        source,
+                    })?;
+            }
             states.push((tp.partition, path));
         }
         // The closed results are read where they are held (a million of them can be hundreds of
@@ -627,15 +631,26 @@ impl Job {
             .flat_map(|p| p.rows.iter())
             .collect();
         let count = closed.len();
-        let files = if closed.is_empty() {
-            Vec::new()
-        } else {
-            let batch = gold_rows(&self.schema, &self.keys, &self.settings.aggregates, &closed)?;
-            drop(closed);
-            self.writer.write(&[batch]).await?
+        let outcome = match landed {
+            Some(version) => CommitOutcome::Committed {
+                version,
+                attempts: 1,
+                checkpoint: None,
+            },
+            None => {
+                let files = if closed.is_empty() {
+                    Vec::new()
+                } else {
+                    let batch =
+                        gold_rows(&self.schema, &self.keys, &self.settings.aggregates, &closed)?;
+                    drop(closed);
+                    self.writer.write(&[batch]).await?
+                };
+                crate::failpoint!("before_gold_commit");
+                self.committer.commit(files, &last).await?
+            }
         };
-        crate::failpoint!("before_gold_commit");
-        match self.committer.commit(files, &last).await? {
+        match outcome {
             CommitOutcome::Fenced(fenced) => self.on_fenced(fenced).await,
             CommitOutcome::Committed { .. } => {
                 self.metrics.gold().gold_committed(count);
@@ -670,7 +685,11 @@ impl Job {
     /// Partitions someone else committed: their state is dropped and restored from the table.
     async fn on_fenced(&mut self, fenced: Vec<Fenced>) -> Result<(), Stage2Error> {
         for f in fenced {
-            tracing::warn!(partition = %f.partition, expected = ?f.expected, stored = ?f.stored, "Gold partition fenced: restoring from the table");
+            if f.own_commit {
+                tracing::info!(partition = %f.partition, stored = ?f.stored, "this replica's own Gold commit, whose answer was lost, is in the table: restoring from it");
+            } else {
+                tracing::warn!(partition = %f.partition, expected = ?f.expected, stored = ?f.stored, "Gold partition fenced: restoring from the table");
+            }
             self.parts.remove(&f.partition.partition);
             self.committer.release(std::slice::from_ref(&f.partition));
             self.claim(std::slice::from_ref(&f.partition)).await?;

@@ -45,6 +45,35 @@ pub struct Fenced {
     pub expected: Option<i64>,
     /// The version actually stored in the table.
     pub stored: Option<i64>,
+    /// The stored version is this replica's own commit, whose answer was lost and which was read
+    /// from the log only after more work of the partition had been added: the table holds the
+    /// work up to `stored`, the caller drops the rest and reads on from there. Another replica
+    /// had no part in it, so nothing is alerted.
+    pub own_commit: bool,
+}
+
+/// What a commit left in doubt turned out to be, once read from the log.
+#[derive(Debug)]
+enum Settled {
+    /// Nothing was in doubt, or the commit is not in the log: compare as usual.
+    Nothing,
+    /// It landed with exactly the offsets the caller is about to commit: that work is done.
+    Exactly(i64),
+    /// It landed, and the caller holds more work of these partitions than it did: the caller's
+    /// work up to `stored` is in the table already.
+    Partly(Vec<Fenced>),
+}
+
+/// What [`TableCommitter::check`] found before the caller writes files.
+#[derive(Debug)]
+pub enum Checked {
+    /// Every partition is still this replica's: write and commit.
+    Owned,
+    /// A commit of exactly these offsets, whose answer was lost earlier, is in the log: the work
+    /// is committed, at this version, and must not be written again.
+    Landed(i64),
+    /// These partitions' work must be dropped (see [`Fenced::own_commit`]).
+    Fenced(Vec<Fenced>),
 }
 
 #[derive(Debug)]
@@ -193,30 +222,49 @@ impl TableCommitter {
     }
 
     /// Settles a commit left in doubt before anything else is compared: when it landed, it is
-    /// this replica's own progress, never a fence. Returns the version when it landed with
-    /// exactly `last_offsets` (the caller's commit is then done); otherwise the baseline moves to
-    /// what landed and the usual comparison decides.
+    /// this replica's own progress, never a fence. When it landed with exactly `last_offsets`,
+    /// the caller's commit is done; when the caller has added work since, the landed part is
+    /// reported (`Partly`), so it is never committed twice.
     async fn settle_in_doubt(
         &mut self,
         last_offsets: &BTreeMap<TopicPartition, i64>,
-    ) -> Result<Option<i64>, DeltaTableError> {
+    ) -> Result<Settled, DeltaTableError> {
         let Some(doubt) = self.in_doubt.clone() else {
-            return Ok(None);
+            return Ok(Settled::Nothing);
         };
         let landed = self.landed(&doubt).await?;
         self.in_doubt = None;
         let Some(version) = landed else {
             tracing::debug!("the commit in doubt is not in the log");
-            return Ok(None);
+            return Ok(Settled::Nothing);
         };
-        for (tp, offset) in &doubt.offsets {
-            self.owned.insert(tp.clone(), Some(*offset));
-        }
         tracing::warn!(
             version,
             "a commit whose answer was lost is in the log: it counts as committed"
         );
-        Ok((doubt.offsets == *last_offsets).then_some(version))
+        if doubt.offsets == *last_offsets {
+            for (tp, offset) in &doubt.offsets {
+                self.owned.insert(tp.clone(), Some(*offset));
+            }
+            return Ok(Settled::Exactly(version));
+        }
+        let mut partly = Vec::new();
+        for (tp, offset) in &doubt.offsets {
+            // A partition released meanwhile stays released.
+            let Some(expected) = self.owned.get_mut(tp) else {
+                continue;
+            };
+            let before = expected.replace(*offset);
+            if last_offsets.contains_key(tp) {
+                partly.push(Fenced {
+                    partition: tp.clone(),
+                    expected: before,
+                    stored: Some(*offset),
+                    own_commit: true,
+                });
+            }
+        }
+        Ok(Settled::Partly(partly))
     }
 
     /// A second progress value stored per partition beside its offset (Gold keeps a watermark).
@@ -263,14 +311,26 @@ impl TableCommitter {
         }
     }
 
-    /// Refreshes the snapshot and returns the partitions among `partitions` whose stored progress
-    /// moved away from what this replica expects. Call before writing files, to write no file in vain.
+    /// Before writing files for `last_offsets`: settles a commit left in doubt, then refreshes
+    /// the snapshot and compares each partition's stored progress with what this replica
+    /// expects, so fenced work costs no upload and work that landed is not written twice.
     pub async fn check(
         &mut self,
-        partitions: &[TopicPartition],
-    ) -> Result<Vec<Fenced>, CommitError> {
+        last_offsets: &BTreeMap<TopicPartition, i64>,
+    ) -> Result<Checked, CommitError> {
+        match self.settle_in_doubt(last_offsets).await? {
+            Settled::Exactly(version) => return Ok(Checked::Landed(version)),
+            Settled::Partly(fenced) if !fenced.is_empty() => return Ok(Checked::Fenced(fenced)),
+            Settled::Partly(_) | Settled::Nothing => {}
+        }
         self.refresh().await?;
-        self.compare(partitions).await
+        let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
+        let fenced = self.compare(&partitions).await?;
+        Ok(if fenced.is_empty() {
+            Checked::Owned
+        } else {
+            Checked::Fenced(fenced)
+        })
     }
 
     async fn compare(&self, partitions: &[TopicPartition]) -> Result<Vec<Fenced>, CommitError> {
@@ -285,6 +345,7 @@ impl TableCommitter {
                     partition: tp.clone(),
                     expected,
                     stored,
+                    own_commit: false,
                 });
             }
         }
@@ -311,12 +372,18 @@ impl TableCommitter {
         let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
         let mut retry = Retry::commit_races();
         for attempt in 1..=self.max_attempts {
-            if let Some(version) = self.settle_in_doubt(last_offsets).await? {
-                return Ok(CommitOutcome::Committed {
-                    version,
-                    attempts: attempt,
-                    checkpoint: None,
-                });
+            match self.settle_in_doubt(last_offsets).await? {
+                Settled::Exactly(version) => {
+                    return Ok(CommitOutcome::Committed {
+                        version,
+                        attempts: attempt,
+                        checkpoint: None,
+                    })
+                }
+                Settled::Partly(fenced) if !fenced.is_empty() => {
+                    return Ok(CommitOutcome::Fenced(fenced))
+                }
+                Settled::Partly(_) | Settled::Nothing => {}
             }
             self.refresh().await?;
             let fenced = self.compare(&partitions).await?;
@@ -389,7 +456,8 @@ impl TableCommitter {
                     self.in_doubt = Some(InDoubt::of(last_offsets, &files, extra));
                     tracing::warn!(error = %e, "delta commit failed; reading the log for its outcome");
                     match self.settle_in_doubt(last_offsets).await {
-                        Ok(Some(version)) => {
+                        // `last_offsets` are the doubt's own, so it landed exactly or not at all.
+                        Ok(Settled::Exactly(version)) => {
                             let checkpoint = self.checkpoint_if_due(version).await;
                             return Ok(CommitOutcome::Committed {
                                 version,
@@ -397,7 +465,7 @@ impl TableCommitter {
                                 checkpoint,
                             });
                         }
-                        Ok(None) => return Err(e.into()),
+                        Ok(Settled::Partly(_) | Settled::Nothing) => return Err(e.into()),
                         Err(read) => {
                             // Still in doubt (`settle_in_doubt` keeps it when the log cannot be
                             // read): the next commit settles it first.
@@ -510,17 +578,92 @@ mod tests {
 
         // The same offset with a newer watermark, whose outcome is unknown and which did not land.
         committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[(watermark.clone(), 200)]));
-        assert_eq!(
-            committer.settle_in_doubt(&offsets).await.expect("settle"),
-            None,
+        assert!(
+            matches!(
+                committer.settle_in_doubt(&offsets).await.expect("settle"),
+                Settled::Nothing
+            ),
             "a commit whose watermark is not stored did not land"
         );
         // One that did land is recognised.
         committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[(watermark.clone(), 100)]));
-        assert!(committer
-            .settle_in_doubt(&offsets)
+        assert!(matches!(
+            committer.settle_in_doubt(&offsets).await.expect("settle"),
+            Settled::Exactly(_)
+        ));
+    }
+
+    /// A committer whose commit of `offset` landed while its answer was lost: the log has it,
+    /// the committer still expects `before` and holds the commit in doubt.
+    async fn answer_lost(committer: &mut TableCommitter, tp: &TopicPartition, offset: i64) {
+        let before = committer.owned.get(tp).copied().flatten();
+        let offsets: BTreeMap<TopicPartition, i64> = [(tp.clone(), offset)].into();
+        let outcome = committer
+            .commit(Vec::new(), &offsets)
             .await
-            .expect("settle")
-            .is_some());
+            .expect("commit");
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+        committer.owned.insert(tp.clone(), before);
+        committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[]));
+    }
+
+    /// A commit in doubt that the log could not be read for right away (the store went away with
+    /// its answer) is settled by the next check: its own commit is never a fence. Before, `check`
+    /// compared without settling and reported the replica's own commit as another's.
+    #[tokio::test]
+    async fn a_check_settles_a_commit_in_doubt_before_comparing() {
+        crate::lake::register_object_stores();
+        let dir = tempfile::tempdir().expect("dir");
+        let url = url::Url::from_directory_path(dir.path()).expect("url");
+        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
+        let table = crate::lake::open_or_create(url, &schema, "t")
+            .await
+            .expect("table");
+        let mut committer = TableCommitter::new(table, "g", 5);
+        let tp = TopicPartition::new("orders", 0);
+        committer
+            .claim(std::slice::from_ref(&tp))
+            .await
+            .expect("claim");
+
+        // The same work again: it is done, not written twice and not fenced.
+        answer_lost(&mut committer, &tp, 9).await;
+        let same: BTreeMap<TopicPartition, i64> = [(tp.clone(), 9)].into();
+        let checked = committer.check(&same).await.expect("check");
+        assert!(
+            matches!(checked, Checked::Landed(_)),
+            "expected the landed commit, got {checked:?}"
+        );
+        assert!(matches!(
+            committer.check(&same).await.expect("check"),
+            Checked::Owned
+        ));
+
+        // More work of the partition since: the landed part is reported as the replica's own.
+        answer_lost(&mut committer, &tp, 12).await;
+        let more: BTreeMap<TopicPartition, i64> = [(tp.clone(), 15)].into();
+        match committer.check(&more).await.expect("check") {
+            Checked::Fenced(fenced) => assert_eq!(
+                fenced,
+                vec![Fenced {
+                    partition: tp.clone(),
+                    expected: Some(9),
+                    stored: Some(12),
+                    own_commit: true,
+                }]
+            ),
+            other => panic!("expected the replica's own commit, got {other:?}"),
+        }
+
+        // A commit that meets its own landed predecessor in doubt never commits its rows twice.
+        answer_lost(&mut committer, &tp, 20).await;
+        let beyond: BTreeMap<TopicPartition, i64> = [(tp.clone(), 25)].into();
+        match committer.commit(Vec::new(), &beyond).await.expect("commit") {
+            CommitOutcome::Fenced(fenced) => {
+                assert!(fenced.iter().all(|f| f.own_commit && f.stored == Some(20)));
+            }
+            other => panic!("expected the replica's own commit, got {other:?}"),
+        }
+        assert_eq!(committer.stored_version(&tp).await.expect("read"), Some(20));
     }
 }

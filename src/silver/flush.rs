@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use crate::lake::commit::CommitOutcome;
+use crate::lake::commit::{Checked, CommitOutcome};
 use crate::models::TopicPartition;
 use crate::retry::{Pace, Retry, Stall};
 use crate::silver::tables::Uploads;
@@ -122,18 +122,28 @@ impl Replica {
                 if last_offsets.is_empty() {
                     continue;
                 }
-                let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
-                // Check ownership before writing, so fenced work costs no upload.
-                let fenced = table.committer.check(&partitions).await?;
-                if !fenced.is_empty() {
-                    self.on_fenced(index, fenced).await?;
-                    continue 'again;
-                }
-                // Files a failed flush uploaded are kept: only the rest is uploaded now.
-                let files = table.upload(&partitions).await?;
-                let sizes: Vec<i64> = files.iter().map(|f| f.size).collect();
-                crate::failpoint!("before_commit");
-                let outcome = table.committer.commit(files, &last_offsets).await?;
+                // Check ownership before writing, so fenced work costs no upload; a commit whose
+                // answer was lost is settled from the log first, so its work is not written twice.
+                let outcome = match table.committer.check(&last_offsets).await? {
+                    Checked::Fenced(fenced) => {
+                        self.on_fenced(index, fenced).await?;
+                        continue 'again;
+                    }
+                    Checked::Landed(version) => CommitOutcome::Committed {
+                        version,
+                        attempts: 1,
+                        checkpoint: None,
+                    },
+                    Checked::Owned => {
+                        // Files a failed flush uploaded are kept: only the rest is uploaded now.
+                        let partitions: Vec<TopicPartition> =
+                            last_offsets.keys().cloned().collect();
+                        let files = table.upload(&partitions).await?;
+                        crate::failpoint!("before_commit");
+                        table.committer.commit(files, &last_offsets).await?
+                    }
+                };
+                let sizes = table.uploads.sizes();
                 // Committed, or fenced: either way these files are done with.
                 table.uploads = Uploads::default();
                 match outcome {

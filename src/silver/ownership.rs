@@ -197,18 +197,31 @@ impl Replica {
     ) -> Result<(), PipelineError> {
         for f in fenced {
             let tp = f.partition.clone();
-            let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
-            self.metrics.fenced(
-                &self.tables.list[table].name,
-                &tp,
-                f.expected,
-                f.stored,
-                dropped,
-            );
-            self.summary.fenced_partitions += 1;
+            if f.own_commit {
+                self.drop_own_landed(&f);
+            } else {
+                let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
+                self.metrics.fenced(
+                    &self.tables.list[table].name,
+                    &tp,
+                    f.expected,
+                    f.stored,
+                    dropped,
+                );
+                self.summary.fenced_partitions += 1;
+            }
             self.reclaim(tp).await?;
         }
         Ok(())
+    }
+
+    /// This replica's own commit, whose answer was lost, landed with part of the partition's
+    /// buffered work: the work is dropped (the table holds it up to `f.stored`, the rest is read
+    /// again from there). Not a fence: no alert.
+    pub(super) fn drop_own_landed(&mut self, f: &Fenced) {
+        let dropped = self.drop_work(std::slice::from_ref(&f.partition), "landed_in_doubt");
+        tracing::info!(partition = %f.partition, stored = ?f.stored, dropped,
+            "this replica's own commit, whose answer was lost, holds the partition's work so far: reading on from it");
     }
 
     /// After a fence: reads every table's (and Gold's) progress of `tp` again and seeks there;

@@ -60,6 +60,11 @@ impl Uploads {
                 .is_some_and(|(until, _)| until.contains_key(tp))
     }
 
+    /// The sizes of the files written in full (those a commit takes).
+    pub fn sizes(&self) -> Vec<i64> {
+        self.files.iter().map(|f| f.size).collect()
+    }
+
     /// Files uploaded so far (written in full or part of an unfinished write).
     pub fn file_count(&self) -> usize {
         self.files.len()

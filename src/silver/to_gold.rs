@@ -62,11 +62,15 @@ impl Replica {
     ) -> Result<(), PipelineError> {
         for f in fenced {
             let tp = f.partition.clone();
-            tracing::warn!(partition = %tp, expected = ?f.expected, stored = ?f.stored, "Gold progress moved: another replica owns the partition");
-            let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
-            self.metrics
-                .fenced("gold_late", &tp, f.expected, f.stored, dropped);
-            self.summary.fenced_partitions += 1;
+            if f.own_commit {
+                self.drop_own_landed(&f);
+            } else {
+                tracing::warn!(partition = %tp, expected = ?f.expected, stored = ?f.stored, "Gold progress moved: another replica owns the partition");
+                let dropped = self.drop_work(std::slice::from_ref(&tp), "fenced");
+                self.metrics
+                    .fenced("gold_late", &tp, f.expected, f.stored, dropped);
+                self.summary.fenced_partitions += 1;
+            }
             self.reclaim(tp).await?;
         }
         Ok(())

@@ -45,6 +45,8 @@ impl Matching {
 #[derive(Default)]
 struct State {
     fault: Mutex<Option<(Fault, Matching)>>,
+    /// The fault that takes over once `fault` has hit a request.
+    then: Mutex<Option<(Fault, Matching)>>,
     /// Requests the fault hit.
     hits: AtomicU64,
     /// Requests passed to the store.
@@ -89,8 +91,16 @@ impl FaultyS3 {
         *self.state.fault.lock().expect("fault") = Some((fault, matching));
     }
 
+    /// From now on, the first request matching `matching` meets `fault`; every request after it
+    /// matching `after` meets `then` (an answer lost as the store goes away).
+    pub fn fail_then(&self, fault: Fault, matching: Matching, then: Fault, after: Matching) {
+        *self.state.then.lock().expect("fault") = Some((then, after));
+        self.fail(fault, matching);
+    }
+
     /// The store answers everything again.
     pub fn heal(&self) {
+        *self.state.then.lock().expect("fault") = None;
         *self.state.fault.lock().expect("fault") = None;
     }
 
@@ -152,13 +162,19 @@ async fn relay(client: TcpStream, upstream: String, state: Arc<State>) {
         let mut words = head.split(' ');
         let method = words.next().unwrap_or_default().to_string();
         let path = words.next().unwrap_or_default().to_string();
-        let fault = state
-            .fault
-            .lock()
-            .expect("fault")
-            .as_ref()
-            .filter(|(_, m)| m.matches(&method, &path))
-            .map(|(f, _)| *f);
+        let fault = {
+            let mut current = state.fault.lock().expect("fault");
+            let hit = current
+                .as_ref()
+                .filter(|(_, m)| m.matches(&method, &path))
+                .map(|(f, _)| *f);
+            if hit.is_some() {
+                if let Some(next) = state.then.lock().expect("fault").take() {
+                    *current = Some(next);
+                }
+            }
+            hit
+        };
         match fault {
             None => {
                 state.passed.fetch_add(1, Ordering::SeqCst);
