@@ -317,27 +317,8 @@ impl Job {
         ))
     }
 
-    /// Takes over partials partitions: their committed offset and the state stored with it,
-    /// retrying until it succeeds (after a fence; an assignment goes through `settle_claims`).
-    async fn claim(&mut self, partitions: &[TopicPartition]) -> Result<(), Stage2Error> {
-        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
-        let mut failed = 0;
-        loop {
-            match self.claim_once(partitions).await {
-                Ok(()) => return Ok(()),
-                Err(e) if e.is_final(failed) => return Err(e),
-                Err(e) => {
-                    failed += 1;
-                    tracing::warn!(error = %e, "reading Gold progress failed; retrying");
-                    if !retry.wait().await {
-                        return Err(e);
-                    }
-                }
-            }
-        }
-    }
-
-    /// One attempt at [`Job::claim`]. A state file missing right after the offset was read
+    /// Takes over partials partitions, once: their committed offset and the state stored with
+    /// it. A state file missing right after the offset was read
     /// means another replica committed (and cleaned up) in between: the next attempt reads the
     /// offset again.
     async fn claim_once(&mut self, partitions: &[TopicPartition]) -> Result<(), Stage2Error> {
@@ -383,11 +364,22 @@ impl Job {
         Ok(())
     }
 
-    /// Answers the assignments whose claim is due, once each; one that fails waits for its next
-    /// attempt with its partitions paused (`kafka::claims`), while the loop goes on.
+    /// Settles the claims that are due, once each: answers the assignment, or seeks the fenced
+    /// partition to its restored state. One that fails waits for its next attempt
+    /// (`kafka::claims`), while the loop goes on.
     async fn settle_claims(&mut self) -> Result<(), Stage2Error> {
         for claim in self.claims.take_due() {
             match self.claim_once(&claim.partitions).await {
+                Ok(()) if claim.is_reclaim() => {
+                    for tp in &claim.partitions {
+                        let Some(part) = self.parts.get_mut(&tp.partition) else {
+                            continue;
+                        };
+                        part.awaiting_reseek = true;
+                        let next = part.next.unwrap_or(0);
+                        self.commands.send(SourceCommand::Seek(tp.clone(), next));
+                    }
+                }
                 Ok(()) => {
                     let resume = claim
                         .partitions
@@ -407,7 +399,7 @@ impl Job {
                 Err(e) => {
                     let delay = self.claims.retry_later(claim);
                     tracing::warn!(error = %e, retry_in = ?delay,
-                        "reading Gold progress failed; the assigned partitions wait, paused");
+                        "reading Gold progress failed; the partitions wait for it (an assignment paused, a fenced partition with its records ignored)");
                 }
             }
         }
@@ -692,18 +684,11 @@ impl Job {
             }
             self.parts.remove(&f.partition.partition);
             self.committer.release(std::slice::from_ref(&f.partition));
-            self.claim(std::slice::from_ref(&f.partition)).await?;
-            let next = self
-                .parts
-                .get(&f.partition.partition)
-                .and_then(|p| p.next)
-                .unwrap_or(0);
-            if let Some(part) = self.parts.get_mut(&f.partition.partition) {
-                part.awaiting_reseek = true;
-            }
-            self.commands
-                .send(SourceCommand::Seek(f.partition.clone(), next));
+            self.claims.push_reclaim(vec![f.partition]);
         }
+        // Tried now, and while the store refuses, again from a tick: the partition's records are
+        // ignored meanwhile (it has no state here).
+        self.settle_claims().await?;
         Ok(())
     }
 }

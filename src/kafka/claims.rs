@@ -1,9 +1,10 @@
-//! Assignments a stage has not answered yet. A stage answers an assignment with where each
-//! partition resumes, which it reads from the tables (the claim). While the object store refuses
-//! that read, the stage keeps the assignment here and tries again from a tick with backoff,
-//! instead of retrying inside its event loop: the source has assigned the partitions paused and
-//! goes on polling, and the stage goes on answering revocations. So an outage that meets a
-//! rebalance costs no group membership (and no rebalance storm).
+//! Partitions a stage has not claimed yet. A stage answers an assignment with where each
+//! partition resumes, which it reads from the tables (the claim); after a fence it reads that
+//! again and seeks there (a reclaim). While the object store refuses that read, the stage keeps
+//! the claim here and tries again from a tick with backoff, instead of retrying inside its event
+//! loop: the source has assigned the partitions paused (or the stage ignores their records until
+//! its seek) and goes on polling, and the stage goes on answering revocations. So an outage that
+//! meets a rebalance or a fence costs no group membership (and no rebalance storm).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -16,10 +17,12 @@ use crate::retry::{Pace, Stall};
 /// Where each partition resumes: the last offset already handled, or `None` for the beginning.
 pub type Resume = HashMap<TopicPartition, Option<i64>>;
 
-/// One assignment waiting for its claim.
+/// One claim waiting to be read.
 pub struct Claim {
     pub partitions: Vec<TopicPartition>,
-    reply: oneshot::Sender<Resume>,
+    /// The source waiting for an assignment's answer; `None` for a reclaim after a fence, whose
+    /// partitions are running: the stage seeks them itself.
+    reply: Option<oneshot::Sender<Resume>>,
     /// Set after a failed attempt: when to try again.
     stall: Option<Stall>,
     attempts: u32,
@@ -31,18 +34,35 @@ impl Claim {
         self.attempts
     }
 
+    /// Whether this claim follows a fence (no source waits for its answer).
+    pub fn is_reclaim(&self) -> bool {
+        self.reply.is_none()
+    }
+
     /// Tells the source where the partitions resume; it seeks there and starts fetching.
     pub fn answer(self, resume: Resume) {
-        let _ = self.reply.send(resume);
+        if let Some(reply) = self.reply {
+            let _ = reply.send(resume);
+        }
     }
 }
 
-/// The assignments waiting for their claim, oldest first.
+/// The claims waiting to be read, oldest first.
 #[derive(Default)]
 pub struct Claims(Vec<Claim>);
 
 impl Claims {
+    /// An assignment: the source waits for its answer with the partitions paused.
     pub fn push(&mut self, partitions: Vec<TopicPartition>, reply: oneshot::Sender<Resume>) {
+        self.add(partitions, Some(reply));
+    }
+
+    /// A reclaim after a fence: the partitions' progress is read again, then the stage seeks.
+    pub fn push_reclaim(&mut self, partitions: Vec<TopicPartition>) {
+        self.add(partitions, None);
+    }
+
+    fn add(&mut self, partitions: Vec<TopicPartition>, reply: Option<oneshot::Sender<Resume>>) {
         self.0.push(Claim {
             partitions,
             reply,
@@ -116,6 +136,30 @@ mod tests {
         assert!(
             matches!(answer.try_recv(), Err(oneshot::error::TryRecvError::Closed)),
             "its source learns that no answer comes"
+        );
+    }
+
+    #[test]
+    fn a_reclaim_waits_like_an_assignment_but_answers_no_source() {
+        let mut claims = Claims::default();
+        let a = TopicPartition::new("t", 0);
+        claims.push_reclaim(vec![a.clone()]);
+        let mut due = claims.take_due();
+        let claim = due.pop().expect("a new reclaim is due at once");
+        assert!(claim.is_reclaim());
+        claims.retry_later(claim);
+        assert!(claims.take_due().is_empty(), "a failed reclaim waits");
+        claims.revoke(std::slice::from_ref(&a));
+        assert!(claims.is_empty(), "a revoked partition is not reclaimed");
+
+        let (reply, answer) = oneshot::channel();
+        claims.push(vec![a.clone()], reply);
+        let claim = claims.take_due().pop().expect("due");
+        assert!(!claim.is_reclaim());
+        claim.answer(Resume::from([(a, Some(4))]));
+        assert_eq!(
+            answer.blocking_recv().expect("answered").values().next(),
+            Some(&Some(4))
         );
     }
 }

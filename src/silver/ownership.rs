@@ -15,17 +15,6 @@ use crate::retry::{Pace, Retry};
 use super::pipeline::{PartitionState, PipelineError, Replica};
 
 impl Replica {
-    /// Reads every table's progress for `partitions` and makes it the fencing baseline.
-    pub(super) async fn claim_with_retry(
-        &mut self,
-        partitions: &[TopicPartition],
-    ) -> Result<(), PipelineError> {
-        for index in 0..self.tables.list.len() {
-            self.claim_table(index, partitions).await?;
-        }
-        Ok(())
-    }
-
     pub(super) async fn claim_table(
         &mut self,
         index: usize,
@@ -57,17 +46,19 @@ impl Replica {
         Ok(())
     }
 
-    /// Answers the assignments whose claim is due: reads every table's (and Gold's) progress of
-    /// their partitions, once. A claim that fails waits for its next attempt with its partitions
-    /// paused (`kafka::claims`), while the loop goes on answering revocations.
+    /// Settles the claims that are due: reads every table's (and Gold's) progress of their
+    /// partitions, once, then answers the assignment or seeks the fenced partition there. A claim
+    /// that fails waits for its next attempt (`kafka::claims`), while the loop goes on answering
+    /// revocations.
     pub(super) async fn settle_claims(&mut self) {
         for claim in self.claims.take_due() {
             match self.claim_once(&claim.partitions).await {
+                Ok(()) if claim.is_reclaim() => self.reseek_reclaimed(&claim.partitions),
                 Ok(()) => self.start_partitions(claim),
                 Err(e) => {
                     let delay = self.claims.retry_later(claim);
                     tracing::warn!(error = %e, retry_in = ?delay,
-                        "reading table progress failed; the assigned partitions wait, paused");
+                        "reading table progress failed; the partitions wait for it (an assignment paused, a fenced partition with its records ignored)");
                 }
             }
         }
@@ -210,7 +201,7 @@ impl Replica {
                 );
                 self.summary.fenced_partitions += 1;
             }
-            self.reclaim(tp).await?;
+            self.reclaim(tp).await;
         }
         Ok(())
     }
@@ -224,22 +215,33 @@ impl Replica {
             "this replica's own commit, whose answer was lost, holds the partition's work so far: reading on from it");
     }
 
-    /// After a fence: reads every table's (and Gold's) progress of `tp` again and seeks there;
+    /// After a fence: every table's (and Gold's) progress of `tp` is read again (a claim, tried
+    /// now and, while the store refuses, again from a tick) and the partition seeks there;
     /// records until the seek is confirmed are ignored.
-    pub(super) async fn reclaim(&mut self, tp: TopicPartition) -> Result<(), PipelineError> {
-        self.claim_with_retry(std::slice::from_ref(&tp)).await?;
+    pub(super) async fn reclaim(&mut self, tp: TopicPartition) {
         if let Some(gold) = &mut self.gold {
             gold.release(&tp);
         }
-        self.claim_gold(std::slice::from_ref(&tp)).await?;
-        let after = self.resume_after(&tp);
         if let Some(state) = self.parts.get_mut(&tp) {
-            state.position = after.map(|v| v + 1);
             state.awaiting_reseek = true;
+            state.reclaiming = true;
         }
-        self.commands
-            .send(SourceCommand::Seek(tp, after.map_or(0, |v| v + 1)));
-        Ok(())
+        self.claims.push_reclaim(vec![tp]);
+        self.settle_claims().await;
+    }
+
+    /// Reclaimed partitions seek to where the tables and Gold stand.
+    fn reseek_reclaimed(&mut self, partitions: &[TopicPartition]) {
+        for tp in partitions {
+            let after = self.resume_after(tp);
+            if let Some(state) = self.parts.get_mut(tp) {
+                state.position = after.map(|v| v + 1);
+                state.awaiting_reseek = true;
+                state.reclaiming = false;
+            }
+            self.commands
+                .send(SourceCommand::Seek(tp.clone(), after.map_or(0, |v| v + 1)));
+        }
     }
 
     /// Where a partition resumes: after what every table holds and what Gold has sent.

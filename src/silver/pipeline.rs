@@ -92,6 +92,9 @@ pub(super) struct PartitionState {
     pub(super) pending_last: Option<i64>,
     /// After fencing, records are ignored until the source confirms the seek back.
     pub(super) awaiting_reseek: bool,
+    /// After fencing, while the partition's progress is read again (no seek sent yet): a
+    /// confirmation of an earlier seek does not end `awaiting_reseek`.
+    pub(super) reclaiming: bool,
     /// Shutdown interrupted a dead letter of this partition: nothing after it may be buffered.
     pub(super) stopped: bool,
 }
@@ -237,7 +240,7 @@ impl Replica {
                 Ok(())
             }
             SourceEvent::Reseeked(tp) => {
-                if let Some(state) = self.parts.get_mut(&tp) {
+                if let Some(state) = self.parts.get_mut(&tp).filter(|s| !s.reclaiming) {
                     state.awaiting_reseek = false;
                 }
                 Ok(())

@@ -5,30 +5,10 @@
 use std::collections::HashMap;
 
 use crate::models::TopicPartition;
-use crate::retry::{Pace, Retry};
 
 use super::pipeline::{PipelineError, Replica};
 
 impl Replica {
-    /// Gold stage 1 takes over `partitions` (reads what was sent), retrying storage errors.
-    pub(super) async fn claim_gold(
-        &mut self,
-        partitions: &[TopicPartition],
-    ) -> Result<(), PipelineError> {
-        let mut retry = Retry::new(Pace::Outage, &self.shutdown);
-        loop {
-            match self.claim_gold_once(partitions).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "reading Gold progress failed; retrying");
-                    if !retry.wait().await {
-                        return Err(e.into());
-                    }
-                }
-            }
-        }
-    }
-
     /// Reads Gold's progress of `partitions` once (see `Emitter::claim`).
     pub(super) async fn claim_gold_once(
         &mut self,
@@ -71,7 +51,7 @@ impl Replica {
                     .fenced("gold_late", &tp, f.expected, f.stored, dropped);
                 self.summary.fenced_partitions += 1;
             }
-            self.reclaim(tp).await?;
+            self.reclaim(tp).await;
         }
         Ok(())
     }
