@@ -221,8 +221,12 @@ async fn read_gold(
         .expect("gold table")
 }
 
-/// Compares Gold with `expected` row by row: count, sum, min, max, avg exact; approx_distinct
-/// within 5 % (HyperLogLog with 4096 registers: 1.6 % standard error).
+/// Compares Gold with `expected` row by row: count, sum, min, max, avg exact. approx_distinct is
+/// exactly the estimate of one HyperLogLog fed every id of the group (merging sketches is their
+/// union, whatever the partials, salts and replays did), and that estimate is within 5 % or 5 of
+/// the true count: 4096 registers give 1.6 % standard error, and for a few dozen ids a couple
+/// of register collisions (about n²/8192 expected) are normal. The estimate depends on which ids
+/// share a window, and the windows move with the clock, so a bound of 1 failed now and then.
 fn assert_gold(contents: &strata::lake::verify::TableContents, expected: &Expected) {
     let columns: Vec<String> = COLUMNS.iter().map(|c| c.to_string()).collect();
     let (rows, twice) =
@@ -242,15 +246,21 @@ fn assert_gold(contents: &strata::lake::verify::TableContents, expected: &Expect
         let max = amounts.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let distinct = ids.len() as f64;
         let approx = got[5].unwrap_or(-1.0);
+        let mut union = strata::gold::core::hll::Hll::default();
+        for id in ids {
+            union.add(&id.to_le_bytes());
+        }
+        let sketched = union.estimate().round();
         let ok = got[0] == Some(count)
             && got[1] == Some(sum)
             && got[2] == Some(min)
             && got[3] == Some(max)
             && got[4] == Some(sum / count)
-            && (approx - distinct).abs() <= (0.05 * distinct).max(1.0);
+            && approx == sketched
+            && (approx - distinct).abs() <= (0.05 * distinct).max(5.0);
         if !ok {
             wrong.push(format!(
-                "{start} {customer}: got {got:?}, expected count {count} sum {sum} min {min} max {max} avg {} distinct {distinct}",
+                "{start} {customer}: got {got:?}, expected count {count} sum {sum} min {min} max {max} avg {} distinct {distinct} (sketched {sketched})",
                 sum / count
             ));
         }
