@@ -100,6 +100,49 @@ pub struct TableCommitter {
     checkpoint_every: Option<u64>,
     /// A commit whose answer was lost and whose outcome could not be read yet.
     in_doubt: Option<InDoubt>,
+    /// Stored `txn` versions, kept current from the log.
+    txns: Txns,
+}
+
+/// The `txn` versions this replica has looked up, as of table version `at`, kept current by
+/// reading each new commit of the log once. delta-rs asks the kernel for one app id at a time,
+/// and the kernel replays every commit since the last checkpoint for each: with a few dozen
+/// commits behind the checkpoint, every flush read hundreds of log files per table, and each
+/// file read at once held a JSON decoder of about 3 MiB (a few hundred MiB at the peak,
+/// measured with heaptrack). `delta.setTransactionRetentionDuration` is refused
+/// (`maintenance::check_txn_retention`), so no stored `txn` expires under this cache.
+#[derive(Debug, Default)]
+struct Txns {
+    at: Option<u64>,
+    known: HashMap<String, Option<i64>>,
+}
+
+/// Commits behind which the cache starts over (the kernel's lookups then read from the last
+/// checkpoint, at most its interval of commits).
+const TXNS_FOLLOW_MAX: u64 = 100;
+
+/// The `txn` actions of one commit file (`None` when it does not parse).
+fn txn_actions(commit: &[u8]) -> Option<Vec<(String, i64)>> {
+    #[derive(serde::Deserialize)]
+    struct Line {
+        txn: Option<Txn>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Txn {
+        #[serde(rename = "appId")]
+        app_id: String,
+        version: i64,
+    }
+    let mut out = Vec::new();
+    for line in commit.split(|b| *b == b'\n') {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        if let Some(txn) = serde_json::from_slice::<Line>(line).ok()?.txn {
+            out.push((txn.app_id, txn.version));
+        }
+    }
+    Some(out)
 }
 
 /// What a commit with an unknown outcome would have left in the log: its offsets and one of its
@@ -138,6 +181,7 @@ impl TableCommitter {
             max_attempts: max_attempts.max(1),
             checkpoint_every: None,
             in_doubt: None,
+            txns: Txns::default(),
         }
     }
 
@@ -272,16 +316,68 @@ impl TableCommitter {
         format!("{}/{name}/{}/{}", self.app_prefix, tp.topic, tp.partition)
     }
 
-    async fn stored_version(&self, tp: &TopicPartition) -> Result<Option<i64>, DeltaTableError> {
+    async fn stored_version(
+        &mut self,
+        tp: &TopicPartition,
+    ) -> Result<Option<i64>, DeltaTableError> {
         self.stored(&self.app_id(tp)).await
     }
 
     /// The `txn` version stored under `app_id` in the snapshot last read.
-    pub async fn stored(&self, app_id: &str) -> Result<Option<i64>, DeltaTableError> {
+    pub async fn stored(&mut self, app_id: &str) -> Result<Option<i64>, DeltaTableError> {
+        self.follow_txns().await?;
+        if let Some(version) = self.txns.known.get(app_id) {
+            return Ok(*version);
+        }
         let snapshot = self.table.snapshot()?;
-        snapshot
+        let version = snapshot
             .transaction_version(self.table.log_store().as_ref(), app_id)
-            .await
+            .await?;
+        self.txns.known.insert(app_id.to_string(), version);
+        Ok(version)
+    }
+
+    /// Brings the `txn` cache to the snapshot last read: the commits since the cache's version
+    /// are read once each. When it cannot follow (too far behind, a commit file gone or not
+    /// parsed, the snapshot older than the cache), it starts over empty at the snapshot's version.
+    async fn follow_txns(&mut self) -> Result<(), DeltaTableError> {
+        let Some(current) = self.table.version() else {
+            return Ok(());
+        };
+        let from = match self.txns.at {
+            Some(at) if at == current => return Ok(()),
+            Some(at) if at < current && current - at <= TXNS_FOLLOW_MAX => at + 1,
+            _ => {
+                self.txns = Txns {
+                    at: Some(current),
+                    known: HashMap::new(),
+                };
+                return Ok(());
+            }
+        };
+        let log_store = self.table.log_store();
+        for version in from..=current {
+            let actions = match log_store.read_commit_entry(version).await? {
+                Some(commit) => txn_actions(&commit),
+                None => None,
+            };
+            let Some(actions) = actions else {
+                tracing::debug!(
+                    version,
+                    "a commit cannot be followed; txn lookups start over"
+                );
+                self.txns = Txns {
+                    at: Some(current),
+                    known: HashMap::new(),
+                };
+                return Ok(());
+            };
+            for (app_id, stored) in actions {
+                self.txns.known.insert(app_id, Some(stored));
+            }
+        }
+        self.txns.at = Some(current);
+        Ok(())
     }
 
     pub fn object_store(&self) -> std::sync::Arc<dyn deltalake::ObjectStore> {
@@ -333,7 +429,7 @@ impl TableCommitter {
         })
     }
 
-    async fn compare(&self, partitions: &[TopicPartition]) -> Result<Vec<Fenced>, CommitError> {
+    async fn compare(&mut self, partitions: &[TopicPartition]) -> Result<Vec<Fenced>, CommitError> {
         let mut fenced = Vec::new();
         for tp in partitions {
             let Some(expected) = self.owned.get(tp).copied() else {
@@ -665,5 +761,54 @@ mod tests {
             other => panic!("expected the replica's own commit, got {other:?}"),
         }
         assert_eq!(committer.stored_version(&tp).await.expect("read"), Some(20));
+    }
+
+    /// The `txn` cache follows every writer's commits: a lookup made once stays right after
+    /// another committer moves the partition (a few commits behind, through checkpoints, and more
+    /// than `TXNS_FOLLOW_MAX` behind, where it starts over), and the log files it reads are
+    /// parsed for `txn` actions only.
+    #[tokio::test]
+    async fn stored_txns_follow_other_writers_commits() {
+        crate::lake::register_object_stores();
+        let dir = tempfile::tempdir().expect("dir");
+        let url = url::Url::from_directory_path(dir.path()).expect("url");
+        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
+        let open = || async {
+            let table = crate::lake::open_or_create(url.clone(), &schema, "t")
+                .await
+                .expect("table");
+            TableCommitter::new(table, "g", 5).with_checkpoint_interval(Some(7))
+        };
+        let mut watcher = open().await;
+        let mut writer = open().await;
+        let tp = TopicPartition::new("orders", 0);
+        let other = TopicPartition::new("orders", 1);
+        let both = [tp.clone(), other.clone()];
+        watcher.claim(&both).await.expect("claim");
+        writer.claim(&both).await.expect("claim");
+        let mut offset = 0;
+        for round in [3, 20, TXNS_FOLLOW_MAX as i64 + 5] {
+            for _ in 0..round {
+                offset += 1;
+                let offsets: BTreeMap<TopicPartition, i64> =
+                    [(tp.clone(), offset), (other.clone(), offset * 2)].into();
+                let outcome = writer.commit(Vec::new(), &offsets).await.expect("commit");
+                assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+            }
+            watcher.refresh().await.expect("refresh");
+            assert_eq!(
+                watcher.stored_version(&tp).await.expect("read"),
+                Some(offset)
+            );
+            assert_eq!(
+                watcher.stored_version(&other).await.expect("read"),
+                Some(offset * 2)
+            );
+        }
+        assert_eq!(
+            txn_actions(b"{\"txn\":{\"appId\":\"a\",\"version\":4,\"lastUpdated\":1}}\n{\"add\":{\"path\":\"f\"}}\n"),
+            Some(vec![("a".to_string(), 4)])
+        );
+        assert_eq!(txn_actions(b"{not json"), None);
     }
 }
