@@ -8,7 +8,8 @@ use super::{invalid, parse_duration, value_of, Compression, ConfigError};
 
 #[derive(Debug, Clone)]
 pub struct MaintenanceConfig {
-    /// `None`: each table's `delta.checkpointInterval`.
+    /// `None`: each table's `delta.checkpointInterval` (`STRATA_CHECKPOINT_INTERVAL` sets one by
+    /// default).
     pub checkpoint_interval: Option<u64>,
     pub interval: Duration,
     pub retention: Retention,

@@ -36,7 +36,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_METRICS_ADDR", default: "0.0.0.0:9898", help: "Address of the /metrics, /healthz and /readyz endpoint." },
     Setting { var: "STRATA_MAX_VALUE_BYTES", default: "8388608", help: "Record values longer than this are dead-lettered as value_too_large before decoding (bounds the memory one record can claim)." },
     Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },
-    Setting { var: "STRATA_CHECKPOINT_INTERVAL", default: "", help: "A Delta checkpoint every this many commits of each table, written by the committer of that version; unset: the table's delta.checkpointInterval (100 unless set)." },
+    Setting { var: "STRATA_CHECKPOINT_INTERVAL", default: "10", help: "A Delta checkpoint every this many commits of each table, written by the committer of that version (Delta Lake's own default; delta-rs's 100 lets a snapshot load or checkpoint read up to 100 commit files at once, about 2.4 MiB of JSON decoder each)." },
     Setting { var: "STRATA_MAINTENANCE_INTERVAL", default: "5m", help: "How often one replica (the owner of the first Bronze topic's partition 0) cleans up expired log files, vacuums and sweeps Gold state files of every table. `strata maintain` runs one pass." },
     Setting { var: "STRATA_COMPACT_QUIET_FOR", default: "1h", help: "An hour partition that received no new file for this long and holds several small files is compacted (remove + add with dataChange=false: rows and progress unchanged)." },
     Setting { var: "STRATA_COMPACT_TARGET_BYTES", default: "268435456", help: "Compaction packs small files into files of about this many bytes." },
