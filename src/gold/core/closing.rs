@@ -33,6 +33,18 @@ pub struct Closed {
     pub accumulator: Accumulator,
 }
 
+type Slot = (i64, Vec<KeyValue>, u16);
+
+fn closed_of(window: WindowSpec) -> impl Fn((Slot, Accumulator)) -> Closed {
+    move |((start, key, salt), accumulator)| Closed {
+        window_start: start,
+        window_end: window.end(start),
+        key,
+        salt,
+        accumulator,
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Mark {
     watermark: i64,
@@ -49,7 +61,7 @@ pub struct Merger {
     window: WindowSpec,
     lateness: i64,
     aggregates: Vec<Aggregate>,
-    open: BTreeMap<(i64, Vec<KeyValue>, u16), Accumulator>,
+    open: BTreeMap<Slot, Accumulator>,
     seen: HashMap<Source, (i64, u32)>,
     marks: HashMap<Source, Mark>,
     /// Windows whose end + lateness is at or below this are closed.
@@ -144,10 +156,13 @@ impl Merger {
     }
 
     /// Closes every open window the watermark has passed by its end plus the allowed lateness, in
-    /// window order. A window never closes twice.
-    pub fn close(&mut self) -> Vec<Closed> {
+    /// window order. A window never closes twice. The closed groups come out one by one, each
+    /// freed from the open state as it is taken: a caller that moves them elsewhere never holds
+    /// two copies of a large window.
+    pub fn close(&mut self) -> impl Iterator<Item = Closed> + use<> {
+        let window = self.window;
         let Some(watermark) = self.watermark() else {
-            return Vec::new();
+            return BTreeMap::new().into_iter().map(closed_of(window));
         };
         let through = self.closed_through.map_or(watermark, |c| c.max(watermark));
         self.closed_through = Some(through);
@@ -165,16 +180,7 @@ impl Merger {
             }
             None => std::mem::take(&mut self.open),
         };
-        closing
-            .into_iter()
-            .map(|((start, key, salt), accumulator)| Closed {
-                window_start: start,
-                window_end: self.window.end(start),
-                key,
-                salt,
-                accumulator,
-            })
-            .collect()
+        closing.into_iter().map(closed_of(window))
     }
 
     /// Appends the merger's whole state (open windows, per-source high-water marks and
@@ -330,11 +336,11 @@ mod tests {
         m.mark(("orders".into(), 0), MINUTE + 29_000_000, false);
         m.mark(("orders".into(), 1), 5 * MINUTE, false);
         assert!(
-            m.close().is_empty(),
+            m.close().next().is_none(),
             "end + lateness not yet passed by source 0"
         );
         m.mark(("orders".into(), 0), MINUTE + 30_000_000, false);
-        let closed = m.close();
+        let closed: Vec<Closed> = m.close().collect();
         assert_eq!(closed.len(), 1);
         assert_eq!(
             closed[0].accumulator.finish(),
@@ -354,10 +360,10 @@ mod tests {
         assert_eq!(m.offer(partial(0, 10, 0, 0, "a", &[1.0])), Offered::Merged);
         m.mark(("orders".into(), 0), 10 * MINUTE, false);
         assert_eq!(m.watermark(), None, "source 1 has not spoken");
-        assert!(m.close().is_empty());
+        assert!(m.close().next().is_none());
         m.mark(("orders".into(), 1), 10 * MINUTE, false);
         assert_eq!(m.watermark(), Some(10 * MINUTE));
-        assert_eq!(m.close().len(), 1);
+        assert_eq!(m.close().count(), 1);
     }
 
     #[test]
@@ -411,7 +417,7 @@ mod tests {
             for source in 0..3 {
                 m.mark(("orders".into(), source), 10 * MINUTE, false);
             }
-            let closed = m.close();
+            let closed: Vec<Closed> = m.close().collect();
             let mut expected: BTreeMap<(i64, String), (i64, crate::gold::core::aggregate::ExactSum)> = BTreeMap::new();
             for (_, key, t, amount) in &events {
                 let e = expected.entry((window.starts(*t).next().expect("one"), key.to_string())).or_default();
@@ -424,7 +430,7 @@ mod tests {
                 let (count, sum) = &expected[&(c.window_start, key.clone())];
                 prop_assert_eq!(c.accumulator.finish(), vec![Output::Int(*count), Output::Float(Some(sum.value()))]);
             }
-            prop_assert!(m.close().is_empty(), "a window closes once");
+            prop_assert!(m.close().next().is_none(), "a window closes once");
         }
     }
 }
