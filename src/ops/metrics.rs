@@ -57,8 +57,9 @@ pub struct Metrics {
 }
 
 /// Why records are let go uncommitted (`strata_records_dropped_total{reason}`).
-pub const DROP_REASONS: [&str; 6] = [
+pub const DROP_REASONS: [&str; 7] = [
     "fenced",
+    "landed_in_doubt",
     "revoked",
     "lost",
     "not_owned",
@@ -145,7 +146,7 @@ impl Metrics {
             records_dropped: counter(
                 &registry,
                 "strata_records_dropped_total",
-                "Records read but let go uncommitted, to be read again by their owner (fenced, revoked, lost, not owned, seek back, shutdown).",
+                "Records read but let go uncommitted, to be read again by their owner (fenced, revoked, lost, not owned, seek back, shutdown), or held by this replica's own commit whose answer was lost (landed_in_doubt).",
                 &["topic", "reason"],
             ),
             bytes_written: counter(
