@@ -29,8 +29,8 @@ use deltalake::arrow::datatypes::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use super::core::epoch::{epoch_partials, key_bytes, preaggregate};
-use super::core::partial::{spec_fingerprint, Message};
+use super::core::epoch::{epoch_partials, preaggregate};
+use super::core::partial::{spec_fingerprint, BatchWriter, Message};
 use super::core::preaggregate::{GoldSpec, RowsError};
 use super::core::watermark::{before_each, bounded, closing_step, is_final};
 use crate::config::{Config, GoldConfig};
@@ -53,6 +53,10 @@ pub enum EmitError {
     #[error("{0}")]
     Rows(#[from] RowsError),
 }
+
+/// A partials message holds partials up to about this many bytes (Kafka's default
+/// `message.max.bytes` is 1 MiB; compression applies per producer batch).
+const PARTIALS_MESSAGE_BYTES: usize = 256 * 1024;
 
 /// What Gold's table names are.
 pub fn gold_name(gold: &GoldConfig, source_table: &str) -> String {
@@ -456,17 +460,24 @@ impl Emitter {
         let partials = epoch_partials(pre, &epoch.tp, epoch.end, self.partitions);
         let mut load: BTreeMap<i32, (u64, u64)> = BTreeMap::new();
         let mut salted = 0;
-        let mut messages = Vec::with_capacity(partials.len() + self.partitions as usize);
-        for (partition, partial) in partials {
-            let entry = load.entry(partition).or_default();
+        // Several partials to a message: one Kafka message per (window, key) made an epoch of a
+        // window with a million keys a million messages.
+        let mut batches = BatchWriter::new(self.fingerprint, PARTIALS_MESSAGE_BYTES);
+        for (partition, partial) in &partials {
+            let entry = load.entry(*partition).or_default();
             entry.0 += 1;
             entry.1 += partial.accumulator.events();
             if partial.salt != 0 {
                 salted += 1;
             }
-            let key = key_bytes(&partial.key, partial.salt);
-            messages.push((partition, Some(key), partial.encode(self.fingerprint)));
+            batches.push(*partition, partial);
         }
+        drop(partials);
+        let mut messages: Vec<(i32, Option<Vec<u8>>, Vec<u8>)> = batches
+            .finish()
+            .into_iter()
+            .map(|(partition, bytes)| (partition, None, bytes))
+            .collect();
         let marker = Message::Marker {
             source_topic: epoch.tp.topic.to_string(),
             source_partition: epoch.tp.partition,

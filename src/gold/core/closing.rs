@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use super::aggregate::{Accumulator, Aggregate};
-use super::partial::{KeyValue, Partial};
+use super::partial::{BatchItem, KeyValue, Partial};
 use super::window::WindowSpec;
 
 /// A source partition (topic, partition).
@@ -114,20 +114,41 @@ impl Merger {
     }
 
     pub fn offer(&mut self, partial: Partial) -> Offered {
-        let source = (partial.source_topic.clone(), partial.source_partition);
-        let position = (partial.epoch_end, partial.seq);
-        if self.seen.get(&source).is_some_and(|seen| position <= *seen) {
-            return Offered::Duplicate;
+        let source = (partial.source_topic, partial.source_partition);
+        self.offer_item(
+            &source,
+            (partial.epoch_end, partial.seq),
+            BatchItem {
+                window_start: partial.window_start,
+                key: partial.key,
+                salt: partial.salt,
+                accumulator: partial.accumulator,
+            },
+        )
+    }
+
+    /// [`Merger::offer`] of a partial from `source` at `position` (epoch end, sequence number).
+    pub fn offer_item(
+        &mut self,
+        source: &Source,
+        position: (i64, u32),
+        item: BatchItem,
+    ) -> Offered {
+        match self.seen.get_mut(source) {
+            Some(seen) if position <= *seen => return Offered::Duplicate,
+            Some(seen) => *seen = position,
+            None => {
+                self.seen.insert(source.clone(), position);
+            }
         }
-        self.seen.insert(source, position);
-        if self.is_closed(partial.window_start) {
+        if self.is_closed(item.window_start) {
             return Offered::WindowClosed;
         }
-        let slot = (partial.window_start, partial.key, partial.salt);
+        let slot = (item.window_start, item.key, item.salt);
         match self.open.get_mut(&slot) {
-            Some(acc) => acc.merge(&partial.accumulator),
+            Some(acc) => acc.merge(&item.accumulator),
             None => {
-                self.open.insert(slot, partial.accumulator);
+                self.open.insert(slot, item.accumulator);
             }
         }
         Offered::Merged

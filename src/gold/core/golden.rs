@@ -7,7 +7,7 @@
 use super::aggregate::{parse_aggregates, Accumulator, Input};
 use super::hll::hash64;
 use super::merge::PartitionMerge;
-use super::partial::{spec_fingerprint, KeyValue, Message, Partial};
+use super::partial::{spec_fingerprint, BatchWriter, KeyValue, Message, Partial};
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -74,6 +74,30 @@ fn a_partial_encodes_to_pinned_bytes() {
 }
 
 #[test]
+fn a_partials_batch_encodes_to_pinned_bytes() {
+    let (partial, fingerprint) = partial();
+    let next = Partial {
+        seq: partial.seq + 1,
+        salt: 0,
+        ..partial.clone()
+    };
+    let mut writer = BatchWriter::new(fingerprint, usize::MAX);
+    writer.push(1, &partial);
+    writer.push(1, &next);
+    let messages = writer.finish();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(hex(&messages[0].1), GOLDEN_PARTIALS);
+    let aggregates = parse_aggregates("count, sum(amount), min(amount), max(amount), avg(amount)")
+        .expect("aggregates");
+    let Ok(Message::Partials(back)) =
+        Message::decode(&unhex(GOLDEN_PARTIALS), &aggregates, fingerprint)
+    else {
+        panic!("the pinned batch does not decode");
+    };
+    assert_eq!((back.first_seq, back.items.len()), (7, 2));
+}
+
+#[test]
 fn a_marker_encodes_to_pinned_bytes() {
     let (_, fingerprint) = partial();
     let marker = Message::Marker {
@@ -119,6 +143,7 @@ const GOLDEN_HASH_CUSTOMER: u64 = 12_536_098_675_308_940_762;
 const GOLDEN_HASH_ALL_BYTES: u64 = 2_335_076_196_188_879_366;
 const GOLDEN_FINGERPRINT: u64 = 1_801_836_251_797_816_330;
 const GOLDEN_PARTIAL: &str = "535002010a84d4438668011906006f726465727303000000d20400000000000007000000009a801a240a0600020003020a000000637573746f6d65722d3101fbffffffffffffff000300000000000000010000a00465cdcd410000000000000000010000000000000ac0010000000065cdcd41010000a00465cdcd4100000000000000000300000000000000";
+const GOLDEN_PARTIALS: &str = "535002050a84d4438668011906006f726465727303000000d2040000000000000700000002000000009a801a240a0600020003020a000000637573746f6d65722d3101fbffffffffffffff000300000000000000010000a00465cdcd410000000000000000010000000000000ac0010000000065cdcd41010000a00465cdcd4100000000000000000300000000000000009a801a240a0600000003020a000000637573746f6d65722d3101fbffffffffffffff000300000000000000010000a00465cdcd410000000000000000010000000000000ac0010000000065cdcd41010000a00465cdcd4100000000000000000300000000000000";
 const GOLDEN_MARKER: &str =
     "535002020a84d4438668011906006f726465727303000000d2040000000000000021141e240a0600";
 const GOLDEN_STATE: &str = "534d533101000000040000000100000000000000009a801a240a060003020a000000637573746f6d65722d3101fbffffffffffffff0002000300000000000000010000a00465cdcd410000000000000000010000000000000ac0010000000065cdcd41010000a00465cdcd4100000000000000000300000000000000010000000000000006006f72646572730300000001d20400000000000007000000000000000000000000000000000000";
