@@ -645,12 +645,8 @@ mod tests {
     use super::*;
     use deltalake::arrow::datatypes::{DataType, Field};
 
-    /// A commit in doubt that stores the offsets the table already has (Gold's idle watermark
-    /// commit: same offset, new watermark) landed only if its other `txn`s are stored too. Before,
-    /// losing a race with another replica made such a commit count as landed while its watermark
-    /// never reached the table.
-    #[tokio::test]
-    async fn a_commit_in_doubt_landed_only_if_its_other_txns_are_stored() {
+    /// A committer of a new local table that has claimed `orders/0` (keep the directory).
+    async fn claimed_on_a_local_table() -> (tempfile::TempDir, TableCommitter, TopicPartition) {
         crate::lake::register_object_stores();
         let dir = tempfile::tempdir().expect("dir");
         let url = url::Url::from_directory_path(dir.path()).expect("url");
@@ -664,6 +660,16 @@ mod tests {
             .claim(std::slice::from_ref(&tp))
             .await
             .expect("claim");
+        (dir, committer, tp)
+    }
+
+    /// A commit in doubt that stores the offsets the table already has (Gold's idle watermark
+    /// commit: same offset, new watermark) landed only if its other `txn`s are stored too. Before,
+    /// losing a race with another replica made such a commit count as landed while its watermark
+    /// never reached the table.
+    #[tokio::test]
+    async fn a_commit_in_doubt_landed_only_if_its_other_txns_are_stored() {
+        let (_dir, mut committer, tp) = claimed_on_a_local_table().await;
         let offsets: BTreeMap<TopicPartition, i64> = [(tp.clone(), 5)].into();
         let watermark = committer.side_app_id("watermark", &tp);
         let outcome = committer
@@ -708,19 +714,7 @@ mod tests {
     /// compared without settling and reported the replica's own commit as another's.
     #[tokio::test]
     async fn a_check_settles_a_commit_in_doubt_before_comparing() {
-        crate::lake::register_object_stores();
-        let dir = tempfile::tempdir().expect("dir");
-        let url = url::Url::from_directory_path(dir.path()).expect("url");
-        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
-        let table = crate::lake::open_or_create(url, &schema, "t")
-            .await
-            .expect("table");
-        let mut committer = TableCommitter::new(table, "g", 5);
-        let tp = TopicPartition::new("orders", 0);
-        committer
-            .claim(std::slice::from_ref(&tp))
-            .await
-            .expect("claim");
+        let (_dir, mut committer, tp) = claimed_on_a_local_table().await;
 
         // The same work again: it is done, not written twice and not fenced.
         answer_lost(&mut committer, &tp, 9).await;
