@@ -486,6 +486,8 @@ impl Job {
                 if !lost && self.stalled.is_none() {
                     self.commit_or_stall().await;
                 }
+                // A re-claim the commit's fence queued for these partitions ends too.
+                self.claims.revoke(&partitions);
                 for tp in &partitions {
                     self.parts.remove(&tp.partition);
                     // A stopped partition is another owner's problem now.
@@ -495,8 +497,13 @@ impl Job {
                 let _ = done.send(());
                 Ok(())
             }
-            SourceEvent::Reseeked(tp) => {
-                if let Some(part) = self.parts.get_mut(&tp.partition) {
+            SourceEvent::Reseeked(tp, offset) => {
+                // Only the seek this partition waits for (see Silver's pipeline).
+                if let Some(part) = self
+                    .parts
+                    .get_mut(&tp.partition)
+                    .filter(|p| p.next.unwrap_or(0) == offset)
+                {
                     part.awaiting_reseek = false;
                 }
                 Ok(())
@@ -686,9 +693,9 @@ impl Job {
             self.committer.release(std::slice::from_ref(&f.partition));
             self.claims.push_reclaim(vec![f.partition]);
         }
-        // Tried now, and while the store refuses, again from a tick: the partition's records are
-        // ignored meanwhile (it has no state here).
-        self.settle_claims().await?;
+        // Claimed from the next tick (again later while the store refuses), where a state file
+        // that cannot be read stops stage 2; the partition's records are ignored meanwhile (it
+        // has no state here).
         Ok(())
     }
 }

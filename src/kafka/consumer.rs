@@ -52,8 +52,9 @@ pub enum SourceEvent {
         lost: bool,
         done: oneshot::Sender<()>,
     },
-    /// A seek the pipeline asked for has happened: records of this partition from now on follow it.
-    Reseeked(TopicPartition),
+    /// A seek the pipeline asked for (to this offset) has happened: records of this partition from
+    /// now on follow it.
+    Reseeked(TopicPartition, i64),
     /// (Strict sources only.) The partition's next offset is outside what the topic holds (its
     /// records were deleted by retention, or the topic was recreated): the partition is paused
     /// for good instead of jumping to another offset.
@@ -635,7 +636,7 @@ fn poll_loop(
                         *pending = Some(Offset::Offset(offset));
                         let mut outbox = context.outbox();
                         outbox.close();
-                        outbox.queue.push_back(SourceEvent::Reseeked(tp));
+                        outbox.queue.push_back(SourceEvent::Reseeked(tp, offset));
                         continue;
                     }
                     // Only seek what we still own; otherwise the new owner resumes from the table.
@@ -662,7 +663,7 @@ fn poll_loop(
                         // After the records fetched before the seek, which the pipeline ignores.
                         let mut outbox = context.outbox();
                         outbox.close();
-                        outbox.queue.push_back(SourceEvent::Reseeked(tp));
+                        outbox.queue.push_back(SourceEvent::Reseeked(tp, offset));
                     }
                 }
                 SourceCommand::CommitOffsets(offsets) => {

@@ -238,40 +238,52 @@ impl TableCommitter {
         self.table.update_incremental(None).await
     }
 
-    /// Whether the commit `doubt` describes is in the log (read fresh): every offset stored as
-    /// its `txn` and its file among the table's files. Returns the table version if so.
+    /// Whether the commit `doubt` describes is in the log (read fresh); the table version if so.
+    /// One of its files among the table's files proves it (file names are unique). Without one
+    /// (a commit without files, or its file compacted away since), its `txn`s decide: those of
+    /// partitions this replica still owns (a released one may have moved on under its new
+    /// owner) and its other `txn`s, at least one of them.
     async fn landed(&mut self, doubt: &InDoubt) -> Result<Option<i64>, DeltaTableError> {
         self.refresh().await?;
+        let version = self.table.version().and_then(|v| i64::try_from(v).ok());
+        if let Some(file) = &doubt.file {
+            let snapshot = self.table.snapshot()?;
+            if snapshot
+                .log_data()
+                .into_iter()
+                .any(|f| file_name(&f.path()) == file_name(file))
+            {
+                return Ok(version);
+            }
+        }
+        let mut checked = 0;
         for (tp, offset) in &doubt.offsets {
+            if !self.owned.contains_key(tp) {
+                continue;
+            }
             if self.stored_version(tp).await? != Some(*offset) {
                 return Ok(None);
             }
+            checked += 1;
         }
-        for (app_id, version) in &doubt.extra {
-            if self.stored(app_id).await? != Some(*version) {
+        for (app_id, stored) in &doubt.extra {
+            if self.stored(app_id).await? != Some(*stored) {
                 return Ok(None);
             }
+            checked += 1;
         }
-        if let Some(file) = &doubt.file {
-            let snapshot = self.table.snapshot()?;
-            let present = snapshot
-                .log_data()
-                .into_iter()
-                .any(|f| file_name(&f.path()) == file_name(file));
-            if !present {
-                return Ok(None);
-            }
-        }
-        Ok(self.table.version().and_then(|v| i64::try_from(v).ok()))
+        Ok(if checked > 0 { version } else { None })
     }
 
     /// Settles a commit left in doubt before anything else is compared: when it landed, it is
-    /// this replica's own progress, never a fence. When it landed with exactly `last_offsets`,
-    /// the caller's commit is done; when the caller has added work since, the landed part is
-    /// reported (`Partly`), so it is never committed twice.
+    /// this replica's own progress, never a fence. When it landed with exactly `last_offsets`
+    /// and `extra`, the caller's commit is done; otherwise its partitions are reported
+    /// (`Partly`), so no row of it is committed twice and no other `txn` of the caller's is
+    /// taken as stored.
     async fn settle_in_doubt(
         &mut self,
         last_offsets: &BTreeMap<TopicPartition, i64>,
+        extra: &[(String, i64)],
     ) -> Result<Settled, DeltaTableError> {
         let Some(doubt) = self.in_doubt.clone() else {
             return Ok(Settled::Nothing);
@@ -286,12 +298,15 @@ impl TableCommitter {
             version,
             "a commit whose answer was lost is in the log: it counts as committed"
         );
-        if doubt.offsets == *last_offsets {
+        if doubt.offsets == *last_offsets && doubt.extra == extra {
             for (tp, offset) in &doubt.offsets {
                 self.owned.insert(tp.clone(), Some(*offset));
             }
             return Ok(Settled::Exactly(version));
         }
+        // Every partition of it this replica still owns is reported, whether or not the caller
+        // commits it now: its baseline moves, and whatever the caller holds of it (rows landed
+        // or read again from an older position) must be dropped and read on from the table.
         let mut partly = Vec::new();
         for (tp, offset) in &doubt.offsets {
             // A partition released meanwhile stays released.
@@ -299,14 +314,12 @@ impl TableCommitter {
                 continue;
             };
             let before = expected.replace(*offset);
-            if last_offsets.contains_key(tp) {
-                partly.push(Fenced {
-                    partition: tp.clone(),
-                    expected: before,
-                    stored: Some(*offset),
-                    own_commit: true,
-                });
-            }
+            partly.push(Fenced {
+                partition: tp.clone(),
+                expected: before,
+                stored: Some(*offset),
+                own_commit: true,
+            });
         }
         Ok(Settled::Partly(partly))
     }
@@ -414,7 +427,7 @@ impl TableCommitter {
         &mut self,
         last_offsets: &BTreeMap<TopicPartition, i64>,
     ) -> Result<Checked, CommitError> {
-        match self.settle_in_doubt(last_offsets).await? {
+        match self.settle_in_doubt(last_offsets, &[]).await? {
             Settled::Exactly(version) => return Ok(Checked::Landed(version)),
             Settled::Partly(fenced) if !fenced.is_empty() => return Ok(Checked::Fenced(fenced)),
             Settled::Partly(_) | Settled::Nothing => {}
@@ -468,7 +481,7 @@ impl TableCommitter {
         let partitions: Vec<TopicPartition> = last_offsets.keys().cloned().collect();
         let mut retry = Retry::commit_races();
         for attempt in 1..=self.max_attempts {
-            match self.settle_in_doubt(last_offsets).await? {
+            match self.settle_in_doubt(last_offsets, extra).await? {
                 Settled::Exactly(version) => {
                     return Ok(CommitOutcome::Committed {
                         version,
@@ -551,7 +564,7 @@ impl TableCommitter {
                     // fence). When the log cannot be read now, the next commit settles it first.
                     self.in_doubt = Some(InDoubt::of(last_offsets, &files, extra));
                     tracing::warn!(error = %e, "delta commit failed; reading the log for its outcome");
-                    match self.settle_in_doubt(last_offsets).await {
+                    match self.settle_in_doubt(last_offsets, extra).await {
                         // `last_offsets` are the doubt's own, so it landed exactly or not at all.
                         Ok(Settled::Exactly(version)) => {
                             let checkpoint = self.checkpoint_if_due(version).await;
@@ -682,7 +695,10 @@ mod tests {
         committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[(watermark.clone(), 200)]));
         assert!(
             matches!(
-                committer.settle_in_doubt(&offsets).await.expect("settle"),
+                committer
+                    .settle_in_doubt(&offsets, &[(watermark.clone(), 200)])
+                    .await
+                    .expect("settle"),
                 Settled::Nothing
             ),
             "a commit whose watermark is not stored did not land"
@@ -690,7 +706,10 @@ mod tests {
         // One that did land is recognised.
         committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[(watermark.clone(), 100)]));
         assert!(matches!(
-            committer.settle_in_doubt(&offsets).await.expect("settle"),
+            committer
+                .settle_in_doubt(&offsets, &[(watermark.clone(), 100)])
+                .await
+                .expect("settle"),
             Settled::Exactly(_)
         ));
     }
@@ -804,5 +823,59 @@ mod tests {
             Some(vec![("a".to_string(), 4)])
         );
         assert_eq!(txn_actions(b"{not json"), None);
+    }
+
+    /// A landed commit in doubt reports every partition of it this replica still owns, also one
+    /// the caller does not commit now (a seek back may hold it at an older position: its rows
+    /// would be committed twice), and a partition released since, which its new owner moved on,
+    /// does not keep the commit from being recognised.
+    #[tokio::test]
+    async fn a_landed_commit_in_doubt_reports_every_partition_it_holds() {
+        let (dir, mut committer, tp) = claimed_on_a_local_table().await;
+        let other = TopicPartition::new("orders", 1);
+        let gone = TopicPartition::new("orders", 2);
+        committer
+            .claim(&[other.clone(), gone.clone()])
+            .await
+            .expect("claim");
+        let offsets: BTreeMap<TopicPartition, i64> =
+            [(tp.clone(), 10), (other.clone(), 20), (gone.clone(), 30)].into();
+        let outcome = committer
+            .commit(Vec::new(), &offsets)
+            .await
+            .expect("commit");
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+        for p in offsets.keys() {
+            committer.owned.insert(p.clone(), None);
+        }
+        committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[]));
+        committer.release(std::slice::from_ref(&gone));
+        // The new owner of `gone` commits past it.
+        let url = url::Url::from_directory_path(dir.path()).expect("url");
+        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
+        let table = crate::lake::open_or_create(url, &schema, "t")
+            .await
+            .expect("table");
+        let mut next_owner = TableCommitter::new(table, "g", 5);
+        next_owner
+            .claim(std::slice::from_ref(&gone))
+            .await
+            .expect("claim");
+        let moved: BTreeMap<TopicPartition, i64> = [(gone.clone(), 40)].into();
+        let outcome = next_owner.commit(Vec::new(), &moved).await.expect("commit");
+        assert!(matches!(outcome, CommitOutcome::Committed { .. }));
+
+        let now: BTreeMap<TopicPartition, i64> = [(tp.clone(), 12)].into();
+        match committer.check(&now).await.expect("check") {
+            Checked::Fenced(mut fenced) => {
+                fenced.sort_by_key(|f| f.partition.partition);
+                let seen: Vec<(i32, Option<i64>, bool)> = fenced
+                    .iter()
+                    .map(|f| (f.partition.partition, f.stored, f.own_commit))
+                    .collect();
+                assert_eq!(seen, vec![(0, Some(10), true), (1, Some(20), true)]);
+            }
+            other => panic!("expected the replica's own commit, got {other:?}"),
+        }
     }
 }

@@ -164,6 +164,8 @@ impl Replica {
     }
 
     pub(super) fn forget(&mut self, partitions: &[TopicPartition], reason: &'static str) {
+        // A re-claim a fence queued (even during the revocation's own flush) ends here too.
+        self.claims.revoke(partitions);
         self.note_maintainer(partitions, false);
         self.drop_work(partitions, reason);
         for tp in partitions {
@@ -233,6 +235,10 @@ impl Replica {
     /// Reclaimed partitions seek to where the tables and Gold stand.
     fn reseek_reclaimed(&mut self, partitions: &[TopicPartition]) {
         for tp in partitions {
+            // Only a partition still waiting for this re-claim (not revoked and assigned again).
+            if !self.parts.get(tp).is_some_and(|s| s.reclaiming) {
+                continue;
+            }
             let after = self.resume_after(tp);
             if let Some(state) = self.parts.get_mut(tp) {
                 state.position = after.map(|v| v + 1);

@@ -210,8 +210,9 @@ impl Replica {
                     self.metrics.dropped(&tp, "shutdown", records.len());
                 }
             }
-            SourceEvent::Reseeked(_) | SourceEvent::OutOfRange { .. } | SourceEvent::InRange(_) => {
-            }
+            SourceEvent::Reseeked(..)
+            | SourceEvent::OutOfRange { .. }
+            | SourceEvent::InRange(_) => {}
         }
     }
 
@@ -239,8 +240,14 @@ impl Replica {
                 let _ = done.send(());
                 Ok(())
             }
-            SourceEvent::Reseeked(tp) => {
-                if let Some(state) = self.parts.get_mut(&tp).filter(|s| !s.reclaiming) {
+            SourceEvent::Reseeked(tp, offset) => {
+                // Only the seek this partition waits for: a confirmation of an earlier one (a
+                // seek back, then a fence's) would end the wait with the wrong records coming.
+                if let Some(state) = self
+                    .parts
+                    .get_mut(&tp)
+                    .filter(|s| !s.reclaiming && s.position.unwrap_or(0) == offset)
+                {
                     state.awaiting_reseek = false;
                 }
                 Ok(())
