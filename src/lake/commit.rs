@@ -658,16 +658,21 @@ mod tests {
     use super::*;
     use deltalake::arrow::datatypes::{DataType, Field};
 
-    /// A committer of a new local table that has claimed `orders/0` (keep the directory).
-    async fn claimed_on_a_local_table() -> (tempfile::TempDir, TableCommitter, TopicPartition) {
+    /// A committer of the local table in `dir` (made if missing).
+    async fn committer_on(dir: &std::path::Path) -> TableCommitter {
         crate::lake::register_object_stores();
-        let dir = tempfile::tempdir().expect("dir");
-        let url = url::Url::from_directory_path(dir.path()).expect("url");
+        let url = url::Url::from_directory_path(dir).expect("url");
         let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
         let table = crate::lake::open_or_create(url, &schema, "t")
             .await
             .expect("table");
-        let mut committer = TableCommitter::new(table, "g", 5);
+        TableCommitter::new(table, "g", 5)
+    }
+
+    /// A committer of a new local table that has claimed `orders/0` (keep the directory).
+    async fn claimed_on_a_local_table() -> (tempfile::TempDir, TableCommitter, TopicPartition) {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut committer = committer_on(dir.path()).await;
         let tp = TopicPartition::new("orders", 0);
         committer
             .claim(std::slice::from_ref(&tp))
@@ -782,18 +787,13 @@ mod tests {
     /// parsed for `txn` actions only.
     #[tokio::test]
     async fn stored_txns_follow_other_writers_commits() {
-        crate::lake::register_object_stores();
         let dir = tempfile::tempdir().expect("dir");
-        let url = url::Url::from_directory_path(dir.path()).expect("url");
-        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
-        let open = || async {
-            let table = crate::lake::open_or_create(url.clone(), &schema, "t")
-                .await
-                .expect("table");
-            TableCommitter::new(table, "g", 5).with_checkpoint_interval(Some(7))
-        };
-        let mut watcher = open().await;
-        let mut writer = open().await;
+        let mut watcher = committer_on(dir.path())
+            .await
+            .with_checkpoint_interval(Some(7));
+        let mut writer = committer_on(dir.path())
+            .await
+            .with_checkpoint_interval(Some(7));
         let tp = TopicPartition::new("orders", 0);
         let other = TopicPartition::new("orders", 1);
         let both = [tp.clone(), other.clone()];
@@ -851,12 +851,7 @@ mod tests {
         committer.in_doubt = Some(InDoubt::of(&offsets, &[], &[]));
         committer.release(std::slice::from_ref(&gone));
         // The new owner of `gone` commits past it.
-        let url = url::Url::from_directory_path(dir.path()).expect("url");
-        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
-        let table = crate::lake::open_or_create(url, &schema, "t")
-            .await
-            .expect("table");
-        let mut next_owner = TableCommitter::new(table, "g", 5);
+        let mut next_owner = committer_on(dir.path()).await;
         next_owner
             .claim(std::slice::from_ref(&gone))
             .await

@@ -35,6 +35,21 @@ pub struct Closed {
 
 type Slot = (i64, Vec<KeyValue>, u16);
 
+/// Takes the entries of `map` before the first one `ready` refuses, leaving the rest: for maps
+/// ordered so that the ready entries come first (by window start). Nothing is copied.
+pub(super) fn split_prefix<K: Ord + Clone, V>(
+    map: &mut BTreeMap<K, V>,
+    ready: impl Fn(&K) -> bool,
+) -> BTreeMap<K, V> {
+    match map.keys().find(|k| !ready(k)).cloned() {
+        Some(first_waiting) => {
+            let waiting = map.split_off(&first_waiting);
+            std::mem::replace(map, waiting)
+        }
+        None => std::mem::take(map),
+    }
+}
+
 fn closed_of(window: WindowSpec) -> impl Fn((Slot, Accumulator)) -> Closed {
     move |((start, key, salt), accumulator)| Closed {
         window_start: start,
@@ -189,18 +204,10 @@ impl Merger {
         self.closed_through = Some(through);
         // Windows close in start order, so the closing ones are the map's first entries: they
         // are split off whole, and no key is copied (a million open keys are hundreds of MiB).
-        let first_open = self
-            .open
-            .keys()
-            .find(|(start, _, _)| self.window.end(*start).saturating_add(self.lateness) > through)
-            .cloned();
-        let closing = match first_open {
-            Some(first_open) => {
-                let still_open = self.open.split_off(&first_open);
-                std::mem::replace(&mut self.open, still_open)
-            }
-            None => std::mem::take(&mut self.open),
-        };
+        let lateness = self.lateness;
+        let closing = split_prefix(&mut self.open, |(start, _, _)| {
+            window.end(*start).saturating_add(lateness) <= through
+        });
         closing.into_iter().map(closed_of(window))
     }
 

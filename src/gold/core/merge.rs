@@ -18,7 +18,7 @@
 use std::collections::BTreeMap;
 
 use super::aggregate::{Accumulator, Aggregate, Cursor};
-use super::closing::{Closed, Merger, Offered, Source};
+use super::closing::{split_prefix, Closed, Merger, Offered, Source};
 use super::epoch::partition_of;
 use super::partial::{decode_key, encode_key, FormatError, KeyValue, Message};
 use super::window::WindowSpec;
@@ -252,18 +252,10 @@ impl PartitionMerge {
         }
         // Held results are ordered by window start, so the ready ones are the map's first
         // entries: split off whole, no key copied.
-        let first_waiting = self
-            .held
-            .keys()
-            .find(|(start, _)| self.close_point(*start) > through)
-            .cloned();
-        let ready = match first_waiting {
-            Some(first) => {
-                let waiting = self.held.split_off(&first);
-                std::mem::replace(&mut self.held, waiting)
-            }
-            None => std::mem::take(&mut self.held),
-        };
+        let (window, lateness) = (self.merger.window(), self.merger.lateness());
+        let ready = split_prefix(&mut self.held, |(start, _)| {
+            window.end(*start).saturating_add(lateness) <= through
+        });
         for (slot, Salts(salts)) in ready {
             // Merged into the first salt's accumulator: merging is exact in any order.
             let mut subs = salts.into_iter().map(|(_, a)| a);
