@@ -727,6 +727,96 @@ async fn gold_hands_partitions_over_during_a_store_outage_without_leaving_its_gr
 /// bytes for one value, where a dense one takes 4 KiB: 600 MB for these keys). The replica's
 /// peak RSS (`VmHWM`) and the largest `strata_gold_state_bytes` seen are printed and bounded,
 /// and every key has its one event in Gold.
+/// Gold state at its budget. 3,000 distinct customers in one window need far more than the
+/// 64 KiB `STRATA_GOLD_STATE_MAX_BYTES` allows: stage 2 stops taking partials at the budget
+/// (the window cannot close, so no Gold row is written), `/readyz` names the variable, and the
+/// state stays within the budget plus one partials message. Silver is unaffected: every event
+/// lands. The operator's remedy, a restart with a larger budget, then makes Gold exact: the held
+/// partitions' committed state and offsets lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
+    const BUDGET: f64 = 65_536.0;
+    let setup = Setup::new("gold-budget", 2).await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    // A whole minute ten minutes back: the window closes once the partitions go idle.
+    let base = (now / 60 - 10) * 60 * SECOND;
+    let events: Vec<Event> = (0..3_000i64)
+        .map(|i| Event {
+            partition: (i % 2) as i32,
+            order_id: i,
+            customer: format!("customer-{i:05}"),
+            amount: 1.0 + (i % 100) as f64,
+            t: base + i * 15 * 1_000,
+        })
+        .collect();
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    produce(&setup.topic, &events).await;
+    let env = gold_env("1m", "3", "0");
+    let mut held =
+        setup.spawn(&[env.clone(), vec![("STRATA_GOLD_STATE_MAX_BYTES", "65536")]].concat());
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut named = None;
+    let mut state_peak = 0.0f64;
+    while Instant::now() < deadline && named.is_none() {
+        state_peak = state_peak.max(held.metric("strata_gold_state_bytes").await.unwrap_or(0.0));
+        if let Some((503, body)) = held.http_get("/readyz").await {
+            if body.contains("STRATA_GOLD_STATE_MAX_BYTES") {
+                named = Some(body);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let body = named.unwrap_or_else(|| {
+        panic!(
+            "/readyz never named the Gold state budget:\n{}",
+            held.tail(30)
+        )
+    });
+    assert!(body.contains("held at offset"), "{body}");
+    // Silver goes on: every event lands while Gold is held.
+    let silver_deadline = Instant::now() + Duration::from_secs(120);
+    let silver_rows = loop {
+        state_peak = state_peak.max(held.metric("strata_gold_state_bytes").await.unwrap_or(0.0));
+        let rows = strata::lake::verify::read_table(setup.table_url())
+            .await
+            .map(|c| c.num_rows())
+            .unwrap_or(0);
+        if rows >= events.len() || Instant::now() > silver_deadline {
+            break rows;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert_eq!(silver_rows, events.len(), "Silver while Gold is held");
+    assert!(
+        held.metric("strata_gold_partials_partitions_held")
+            .await
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    // Over the budget by at most one message's groups: here one epoch's share of a partials
+    // partition, a few hundred groups. The whole window would hold 3,000 groups of at least
+    // 166 bytes each (entry, key, accumulator), about 500 KB.
+    assert!(
+        state_peak > 0.0 && state_peak <= BUDGET + 256.0 * 1024.0,
+        "Gold state peaked at {state_peak} bytes against a budget of {BUDGET}"
+    );
+    let gold_rows = strata::lake::verify::read_table(gold_url(&setup, "order_by_customer_id"))
+        .await
+        .map(|c| c.num_rows())
+        .unwrap_or(0);
+    assert_eq!(gold_rows, 0, "the held window cannot have closed");
+    assert!(held.is_running(), "the replica stays up");
+    held.stop(Duration::from_secs(30));
+
+    let _larger = setup.spawn(&env);
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
+    assert_gold(&gold, &expected);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_window_of_many_distinct_keys_keeps_gold_state_small() {
     // `STRATA_GOLD_MANY_KEYS` measures more keys (the bounds grow in proportion).

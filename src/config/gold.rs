@@ -25,6 +25,8 @@ pub struct GoldConfig {
     pub allowed_lateness: Duration,
     pub idle_timeout: Duration,
     pub salting: Option<crate::gold::core::epoch::Salting>,
+    /// Bytes of state stage 2 may hold on a replica before it stops taking partials.
+    pub state_max_bytes: usize,
 }
 
 impl Config {
@@ -104,6 +106,16 @@ impl Config {
             }
             None => None,
         };
+        let state_max_bytes = match number("STRATA_GOLD_STATE_MAX_BYTES")? {
+            0 => {
+                return Err(invalid(
+                    "STRATA_GOLD_STATE_MAX_BYTES",
+                    "0",
+                    "must be greater than zero",
+                ))
+            }
+            n => usize::try_from(n).unwrap_or(usize::MAX),
+        };
         let optional = |var: &'static str| Some(get(var)).filter(|v| !v.is_empty());
         let partials_topic = optional("STRATA_GOLD_PARTIALS_TOPIC")
             .unwrap_or_else(|| format!("{}.partials", get("STRATA_GROUP_ID")));
@@ -137,6 +149,7 @@ impl Config {
             allowed_lateness: span("STRATA_ALLOWED_LATENESS", true)?,
             idle_timeout: span("STRATA_IDLE_TIMEOUT", false)?,
             salting,
+            state_max_bytes,
         }))
     }
 }

@@ -272,6 +272,7 @@ fn gold_settings_parse_and_bad_ones_name_the_variable() {
     assert_eq!(gold.aggregates.len(), 3);
     assert_eq!(gold.partials_topic, "strata.partials");
     assert_eq!(gold.salting.map(|s| s.salts), Some(4));
+    assert_eq!(gold.state_max_bytes, 512 << 20);
     for (var, value, needle) in [
         ("STRATA_GOLD_WINDOW", "5m every 2m", "STRATA_GOLD_WINDOW"),
         (
@@ -284,6 +285,16 @@ fn gold_settings_parse_and_bad_ones_name_the_variable() {
         ("STRATA_HOT_KEY_SHARE", "1.5", "STRATA_HOT_KEY_SHARE"),
         ("STRATA_HOT_KEY_SALTS", "8", "STRATA_HOT_KEY_SALTS"),
         ("STRATA_GOLD_PARTITIONS", "0", "STRATA_GOLD_PARTITIONS"),
+        (
+            "STRATA_GOLD_STATE_MAX_BYTES",
+            "0",
+            "STRATA_GOLD_STATE_MAX_BYTES",
+        ),
+        (
+            "STRATA_GOLD_STATE_MAX_BYTES",
+            "1GiB",
+            "STRATA_GOLD_STATE_MAX_BYTES",
+        ),
     ] {
         let mut bad = vars.clone();
         bad.insert(var.into(), value.into());

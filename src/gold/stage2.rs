@@ -123,6 +123,9 @@ struct Part {
     /// The snapshot file of the committed state (deleted when a newer one commits).
     committed_state: Option<Path>,
     awaiting_reseek: bool,
+    /// Set while the replica's Gold state is at its budget: nothing from this offset on was
+    /// taken, and fetching is held until the stage seeks back here.
+    paused_at: Option<i64>,
 }
 
 struct Job {
@@ -143,8 +146,6 @@ struct Job {
     summary: GoldSummary,
     commit_every: Duration,
     last_commit: Instant,
-    /// When `strata_gold_state_bytes` was last measured.
-    state_reported: Instant,
     /// Set while a failed commit waits for its retry (see `commit_or_stall`).
     stalled: Option<Stall>,
     /// Assignments whose claim waits for the object store (see `settle_claims`).
@@ -242,7 +243,6 @@ pub async fn run(
         summary: GoldSummary::default(),
         commit_every: config.flush_interval.min(Duration::from_secs(5)),
         last_commit: Instant::now(),
-        state_reported: Instant::now(),
         stalled: None,
         claims: Default::default(),
         shutdown: shutdown.clone(),
@@ -263,6 +263,7 @@ impl Stage for Job {
         if !self.claims.is_empty() {
             self.settle_claims().await?;
         }
+        self.release_below_budget();
         if let Some(stall) = &self.stalled {
             if stall.due() {
                 self.commit_or_stall().await;
@@ -358,6 +359,7 @@ impl Job {
                     rows: Vec::new(),
                     committed_state,
                     awaiting_reseek: false,
+                    paused_at: None,
                 },
             );
         }
@@ -413,10 +415,13 @@ impl Job {
                     return Ok(());
                 };
                 let partition = first.partition;
+                // Kept up to date message by message: the budget is checked before each one.
+                let mut state = self.state_bytes();
+                let budget = self.settings.state_max_bytes;
                 let Some(part) = self.parts.get_mut(&partition) else {
                     return Ok(());
                 };
-                if part.awaiting_reseek {
+                if part.awaiting_reseek || part.paused_at.is_some() {
                     return Ok(());
                 }
                 let mut send: Vec<(i32, Option<Vec<u8>>, Vec<u8>)> = Vec::new();
@@ -425,25 +430,43 @@ impl Job {
                     if part.next.is_some_and(|n| record.offset < n) {
                         continue;
                     }
-                    part.next = Some(record.offset + 1);
-                    part.pending = Some(record.offset);
                     let message = match record
                         .value
                         .as_deref()
                         .map(|v| Message::decode(v, &self.settings.aggregates, self.fingerprint))
                     {
-                        Some(Ok(message)) => message,
+                        Some(Ok(message)) => Some(message),
                         Some(Err(e)) => {
                             gold.partial_refused("malformed", 1);
                             tracing::error!(partition, offset = record.offset, error = %e, "partials message refused");
-                            continue;
+                            None
                         }
                         None => {
                             gold.partial_refused("malformed", 1);
-                            continue;
+                            None
                         }
                     };
+                    if state >= budget && message.as_ref().is_some_and(Message::adds_state) {
+                        // At the budget: nothing more of this partition is taken from here on
+                        // (in log order, so no later marker closes a window without this
+                        // partial). Markers and closed announcements before it still pass:
+                        // they close windows, which frees state.
+                        part.paused_at = Some(record.offset);
+                        part.next = Some(record.offset);
+                        let tp = TopicPartition::new(self.topic.as_str(), partition);
+                        self.commands.send(SourceCommand::Hold(tp.clone()));
+                        self.metrics
+                            .gold_state_budget_reached(&tp, record.offset, state, budget);
+                        break;
+                    }
+                    part.next = Some(record.offset + 1);
+                    part.pending = Some(record.offset);
+                    let Some(message) = message else {
+                        continue;
+                    };
+                    let before = part.merge.state_bytes();
                     let effects = part.merge.handle(message);
+                    state = (state + part.merge.state_bytes()).saturating_sub(before);
                     gold.merged(effects.duplicates, effects.forwarded);
                     self.summary.duplicates += effects.duplicates;
                     self.summary.forwarded += effects.forwarded;
@@ -490,8 +513,9 @@ impl Job {
                 self.claims.revoke(&partitions);
                 for tp in &partitions {
                     self.parts.remove(&tp.partition);
-                    // A stopped partition is another owner's problem now.
+                    // A stopped or held partition is another owner's problem now.
                     self.metrics.gold_partials_resumed(tp);
+                    self.metrics.gold_state_budget_released(tp);
                 }
                 self.committer.release(&partitions);
                 let _ = done.send(());
@@ -539,11 +563,32 @@ impl Job {
             .filter_map(|p| p.merge.watermark())
             .min();
         self.metrics.gold().stage2_state(open, watermark);
-        // Walking every group costs a little: once a second is enough for a gauge.
-        if self.state_reported.elapsed() >= Duration::from_secs(1) {
-            self.state_reported = Instant::now();
-            let bytes: usize = self.parts.values().map(|p| p.merge.state_bytes()).sum();
-            self.metrics.gold().state_bytes(bytes);
+        self.metrics.gold().state_bytes(self.state_bytes());
+    }
+
+    /// Bytes of Gold state this replica holds, over its partitions (kept, not counted again).
+    fn state_bytes(&self) -> usize {
+        self.parts.values().map(|p| p.merge.state_bytes()).sum()
+    }
+
+    /// Partitions held at the budget take messages again once the state is below 90 % of it
+    /// (closed windows freed memory, or a partition left): each seeks back to where it stopped.
+    fn release_below_budget(&mut self) {
+        if !self.parts.values().any(|p| p.paused_at.is_some()) {
+            return;
+        }
+        let state = self.state_bytes();
+        if state > self.settings.state_max_bytes / 10 * 9 {
+            return;
+        }
+        for (partition, part) in &mut self.parts {
+            if let Some(at) = part.paused_at.take() {
+                let tp = TopicPartition::new(self.topic.as_str(), *partition);
+                part.awaiting_reseek = true;
+                self.commands.send(SourceCommand::Seek(tp.clone(), at));
+                self.metrics.gold_state_budget_released(&tp);
+                tracing::info!(partition = %tp, offset = at, state, "Gold state below its budget again: taking partials");
+            }
         }
     }
 
@@ -690,6 +735,8 @@ impl Job {
                 tracing::warn!(partition = %f.partition, expected = ?f.expected, stored = ?f.stored, "Gold partition fenced: restoring from the table");
             }
             self.parts.remove(&f.partition.partition);
+            // Its re-claim seeks it, which ends a hold at the budget.
+            self.metrics.gold_state_budget_released(&f.partition);
             self.committer.release(std::slice::from_ref(&f.partition));
             self.claims.push_reclaim(vec![f.partition]);
         }

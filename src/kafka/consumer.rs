@@ -79,6 +79,9 @@ pub enum SourceCommand {
     Pause,
     /// Fetch again, from the record after the last one handed over.
     Resume,
+    /// Stop fetching this partition until a `Seek` of it: the stage took none of its records
+    /// from the offset it will seek back to (Gold stage 2 at its memory budget).
+    Hold(TopicPartition),
 }
 
 struct SourceContext {
@@ -96,6 +99,8 @@ struct SourceContext {
     strict: bool,
     /// Partitions stopped for an offset out of range: they stay paused.
     out_of_range: Mutex<std::collections::HashSet<TopicPartition>>,
+    /// Partitions the stage holds (`SourceCommand::Hold`) until it seeks them: they stay paused.
+    holding: Mutex<std::collections::HashSet<TopicPartition>>,
     /// The chunk being gathered and the events the pipeline had no room for yet, in order.
     /// Fetching is paused while any wait, so this holds at most what was fetched before the pause
     /// took effect. A rebalance closes the chunk and hands everything over first, so the pipeline
@@ -190,6 +195,10 @@ impl SourceContext {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn holding(&self) -> MutexGuard<'_, std::collections::HashSet<TopicPartition>> {
+        self.holding.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn starts(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
         self.starts.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -202,10 +211,11 @@ impl SourceContext {
         self.seeking.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Partitions that stay paused whatever else happens: stopped out of range, or not started
-    /// yet after their assignment.
+    /// Partitions that stay paused whatever else happens: stopped out of range, held by the
+    /// stage, or not started yet after their assignment.
     fn held(&self) -> std::collections::HashSet<TopicPartition> {
         let mut held = self.stopped().clone();
+        held.extend(self.holding().iter().cloned());
         for waiting in self.claiming().iter() {
             held.extend(waiting.partitions.iter().cloned());
         }
@@ -375,8 +385,10 @@ impl ConsumerContext for SourceContext {
                 }
                 {
                     let mut seeking = self.seeking();
+                    let mut holding = self.holding();
                     for tp in &partitions {
                         seeking.remove(tp);
+                        holding.remove(tp);
                     }
                 }
                 if self.strict {
@@ -504,6 +516,7 @@ impl Source {
             paused: Paused::default(),
             strict: settings.strict_offsets,
             out_of_range: Mutex::default(),
+            holding: Mutex::default(),
             outbox: Mutex::default(),
             starts: Mutex::default(),
             claiming: Mutex::default(),
@@ -631,6 +644,7 @@ fn poll_loop(
         while let Ok(command) = commands.try_recv() {
             match command {
                 SourceCommand::Seek(tp, offset) => {
+                    let was_held = context.holding().remove(&tp);
                     // Not started yet (its first seek failed): it starts here instead.
                     if let Some(pending) = context.seeking().get_mut(&tp) {
                         *pending = Some(Offset::Offset(offset));
@@ -660,6 +674,11 @@ fn poll_loop(
                         if context.strict {
                             recheck_after_seek(&consumer, &tp, offset);
                         }
+                        if was_held && !context.paused.any() && !context.held().contains(&tp) {
+                            if let Err(e) = consumer.resume(&partition_list(&tp)) {
+                                tracing::warn!(partition = %tp, error = %e, "resuming a held partition");
+                            }
+                        }
                         // After the records fetched before the seek, which the pipeline ignores.
                         let mut outbox = context.outbox();
                         outbox.close();
@@ -681,6 +700,12 @@ fn poll_loop(
                 }
                 SourceCommand::Pause => set_paused(&consumer, |p| &p.asked, true),
                 SourceCommand::Resume => set_paused(&consumer, |p| &p.asked, false),
+                SourceCommand::Hold(tp) => {
+                    context.holding().insert(tp.clone());
+                    if let Err(e) = consumer.pause(&partition_list(&tp)) {
+                        tracing::warn!(partition = %tp, error = %e, "holding a partition");
+                    }
+                }
             }
         }
         // Backpressure without blocking `poll`: while the pipeline has no room, fetching is
@@ -854,6 +879,13 @@ fn stop_out_of_range(consumer: &BaseConsumer<SourceContext>) {
     }
 }
 
+/// A list of one partition.
+fn partition_list(tp: &TopicPartition) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    let _ = list.add_partition(&tp.topic, tp.partition);
+    list
+}
+
 /// After a seek of a strict source: where the partition now starts, and whether that is in
 /// range. A stopped partition sought back into range fetches again (and says so); one sought out
 /// of range stops.
@@ -861,8 +893,7 @@ fn recheck_after_seek(consumer: &BaseConsumer<SourceContext>, tp: &TopicPartitio
     let context = consumer.context();
     context.starts().insert(tp.clone(), next);
     let was_stopped = context.stopped().remove(tp);
-    let mut list = TopicPartitionList::new();
-    let _ = list.add_partition(&tp.topic, tp.partition);
+    let list = partition_list(tp);
     if context.stop_if_out_of_range(consumer, tp, next) {
         let _ = consumer.pause(&list);
     } else if was_stopped {

@@ -491,6 +491,40 @@ impl Metrics {
         }
     }
 
+    /// Stage 2 stopped taking a partials partition at `offset`: the replica's Gold state holds
+    /// `state` bytes, at its budget.
+    pub fn gold_state_budget_reached(
+        &self,
+        tp: &TopicPartition,
+        offset: i64,
+        state: usize,
+        budget: usize,
+    ) {
+        let why = format!(
+            "gold partials partition {tp} held at offset {offset}: Gold state holds {state} bytes \
+             and STRATA_GOLD_STATE_MAX_BYTES is {budget}; it takes partials again when windows \
+             close or partitions leave this replica. If it stays held, raise \
+             STRATA_GOLD_STATE_MAX_BYTES and the pod's memory with it"
+        );
+        tracing::warn!(partition = %tp, offset, state, budget, "{why}");
+        if self
+            .readiness
+            .set_problem(&format!("gold state {tp}"), Some(&why))
+        {
+            self.gold.partitions_held.inc();
+        }
+    }
+
+    /// A partials partition held at the budget takes messages again here (or left).
+    pub fn gold_state_budget_released(&self, tp: &TopicPartition) {
+        if self
+            .readiness
+            .set_problem(&format!("gold state {tp}"), None)
+        {
+            self.gold.partitions_held.dec();
+        }
+    }
+
     /// The flush's store refuses writes (`Some`: which and why, for `/readyz`) or takes them again.
     pub fn lake_refuses(&self, why: Option<&str>) {
         self.readiness.set_lake_problem(why);

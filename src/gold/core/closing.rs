@@ -71,12 +71,20 @@ struct Mark {
 pub const ENTRY_BYTES: usize =
     std::mem::size_of::<(i64, Vec<KeyValue>, u16)>() + std::mem::size_of::<Accumulator>() + 16;
 
+/// What one open group costs, estimated: its entry, its key's heap and its accumulator's heap.
+fn group_bytes(key: &[KeyValue], accumulator: &Accumulator) -> usize {
+    ENTRY_BYTES + KeyValue::heap_bytes(key) + accumulator.heap_bytes()
+}
+
 #[derive(Debug)]
 pub struct Merger {
     window: WindowSpec,
     lateness: i64,
     aggregates: Vec<Aggregate>,
     open: BTreeMap<Slot, Accumulator>,
+    /// What `open` holds, estimated ([`group_bytes`] summed), kept as groups come and go: stage 2
+    /// checks it against its budget before every message.
+    bytes: usize,
     seen: HashMap<Source, (i64, u32)>,
     marks: HashMap<Source, Mark>,
     /// Windows whose end + lateness is at or below this are closed.
@@ -93,6 +101,7 @@ impl Merger {
             lateness: allowed_lateness.max(0),
             aggregates,
             open: BTreeMap::new(),
+            bytes: 0,
             seen: HashMap::new(),
             marks: HashMap::new(),
             closed_through: None,
@@ -161,8 +170,14 @@ impl Merger {
         }
         let slot = (item.window_start, item.key, item.salt);
         match self.open.get_mut(&slot) {
-            Some(acc) => acc.merge(&item.accumulator),
+            Some(acc) => {
+                // A sketch can grow as it merges (sparse registers, or sparse to dense).
+                let before = acc.heap_bytes();
+                acc.merge(&item.accumulator);
+                self.bytes = (self.bytes + acc.heap_bytes()).saturating_sub(before);
+            }
             None => {
+                self.bytes += group_bytes(&slot.1, &item.accumulator);
                 self.open.insert(slot, item.accumulator);
             }
         }
@@ -208,6 +223,11 @@ impl Merger {
         let closing = split_prefix(&mut self.open, |(start, _, _)| {
             window.end(*start).saturating_add(lateness) <= through
         });
+        let freed: usize = closing
+            .iter()
+            .map(|((_, key, _), accumulator)| group_bytes(key, accumulator))
+            .sum();
+        self.bytes = self.bytes.saturating_sub(freed);
         closing.into_iter().map(closed_of(window))
     }
 
@@ -285,6 +305,7 @@ impl Merger {
             1 => Some(c.i64()?),
             _ => None,
         };
+        self.bytes = self.recount_bytes();
         Some(())
     }
 
@@ -292,13 +313,17 @@ impl Merger {
         self.open.len()
     }
 
-    /// Bytes the open groups hold, estimated: each entry, its key and its accumulator.
+    /// Bytes the open groups hold, estimated: each entry, its key and its accumulator. Kept up
+    /// to date as groups merge and close, so reading it costs nothing.
     pub fn state_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// [`Merger::state_bytes`] counted again from every open group.
+    pub(super) fn recount_bytes(&self) -> usize {
         self.open
             .iter()
-            .map(|((_, key, _), accumulator)| {
-                ENTRY_BYTES + KeyValue::heap_bytes(key) + accumulator.heap_bytes()
-            })
+            .map(|((_, key, _), accumulator)| group_bytes(key, accumulator))
             .sum()
     }
 

@@ -255,6 +255,17 @@ pub enum Message {
     Closed { from: i32, through: i64 },
 }
 
+impl Message {
+    /// Whether stage 2 may hold more state after merging it: partials and sub-results open or
+    /// extend groups, while markers and closed announcements close windows and release them.
+    pub fn adds_state(&self) -> bool {
+        matches!(
+            self,
+            Message::Partial(_) | Message::Partials(_) | Message::SubResult { .. }
+        )
+    }
+}
+
 fn header(kind: u8, fingerprint: u64) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(&MAGIC);
