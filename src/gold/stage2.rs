@@ -120,6 +120,9 @@ struct Part {
     /// Last offset handled and not committed.
     pending: Option<i64>,
     rows: Vec<Closed>,
+    /// What `rows` hold, estimated ([`Closed::bytes`] summed): they count against the budget
+    /// until their commit.
+    rows_bytes: usize,
     /// The snapshot file of the committed state (deleted when a newer one commits).
     committed_state: Option<Path>,
     awaiting_reseek: bool,
@@ -357,6 +360,7 @@ impl Job {
                     next: stored.map(|o| o.saturating_add(1)),
                     pending: None,
                     rows: Vec::new(),
+                    rows_bytes: 0,
                     committed_state,
                     awaiting_reseek: false,
                     paused_at: None,
@@ -478,6 +482,9 @@ impl Job {
                             "partial for a window already closed"
                         );
                     }
+                    let rows_bytes: usize = effects.rows.iter().map(Closed::bytes).sum();
+                    part.rows_bytes += rows_bytes;
+                    state += rows_bytes;
                     part.rows.extend(effects.rows);
                     for (to, message) in effects.send {
                         send.push((to, None, message.encode(self.fingerprint)));
@@ -566,13 +573,17 @@ impl Job {
         self.metrics.gold().state_bytes(self.state_bytes());
     }
 
-    /// Bytes of Gold state this replica holds, over its partitions (kept, not counted again).
+    /// Bytes of Gold state this replica holds, over its partitions: open groups, results held
+    /// for the merge, and closed rows waiting for their commit (kept, not counted again).
     fn state_bytes(&self) -> usize {
-        self.parts.values().map(|p| p.merge.state_bytes()).sum()
+        self.parts
+            .values()
+            .map(|p| p.merge.state_bytes() + p.rows_bytes)
+            .sum()
     }
 
     /// Partitions held at the budget take messages again once the state is below 90 % of it
-    /// (closed windows freed memory, or a partition left): each seeks back to where it stopped.
+    /// (closed rows were committed, or a partition left): each seeks back to where it stopped.
     fn release_below_budget(&mut self) {
         if !self.parts.values().any(|p| p.paused_at.is_some()) {
             return;
@@ -715,6 +726,7 @@ impl Job {
                             }));
                         part.pending = None;
                         part.rows.clear();
+                        part.rows_bytes = 0;
                         if let Some(old) = part.committed_state.replace(path) {
                             // Best effort: a leftover file is only clutter.
                             let _ = self.store.delete(&old).await;

@@ -63,7 +63,7 @@ impl GoldMetrics {
             refused: counter(registry, "strata_gold_partials_refused_total", "Partials-topic messages stage 2 could not use, by reason.", &["reason"]),
             forwarded: one("strata_gold_subresults_forwarded_total", "Closed salted sub-results sent to their key's own partition."),
             commits: one("strata_gold_commits_total", "Commits of the Gold table."),
-            state_bytes: level("strata_gold_state_bytes", "Bytes of Gold state stage 2 holds on this replica (open groups and results held for the merge), estimated from their keys and accumulators; HyperLogLogs are sparse while small."),
+            state_bytes: level("strata_gold_state_bytes", "Bytes of Gold state stage 2 holds on this replica (open groups, results held for the merge, closed rows waiting for their commit), estimated from their keys and accumulators; HyperLogLogs are sparse while small."),
             partitions_held: level("strata_gold_partials_partitions_held", "Partials partitions stage 2 stopped taking because this replica's Gold state reached STRATA_GOLD_STATE_MAX_BYTES; they resume below 90 % of it."),
             partials_lost: level("strata_gold_partials_partitions_stopped", "Partials partitions stage 2 stopped because their next offset is no longer in the topic (retention, a recreated topic): Gold for their keys waits for an operator."),
         }

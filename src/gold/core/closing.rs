@@ -33,6 +33,15 @@ pub struct Closed {
     pub accumulator: Accumulator,
 }
 
+impl Closed {
+    /// What it holds while it waits for its commit, estimated: itself, its key and accumulator.
+    pub fn bytes(&self) -> usize {
+        std::mem::size_of::<Closed>()
+            + KeyValue::heap_bytes(&self.key)
+            + self.accumulator.heap_bytes()
+    }
+}
+
 type Slot = (i64, Vec<KeyValue>, u16);
 
 /// Takes the entries of `map` before the first one `ready` refuses, leaving the rest: for maps
