@@ -96,6 +96,12 @@ async fn produce(topic: &str, events: &[Event]) {
 }
 
 async fn produce_on(brokers: &str, topic: &str, events: &[Event]) {
+    produce_stamped(brokers, topic, events, false).await
+}
+
+/// Produces `events`; `stamped`: each record's Kafka timestamp is its event time, as a producer
+/// whose clock is as wrong as its events' would stamp it (otherwise the producer's clock, now).
+async fn produce_stamped(brokers: &str, topic: &str, events: &[Event], stamped: bool) {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -120,14 +126,17 @@ async fn produce_on(brokers: &str, topic: &str, events: &[Event]) {
                 (e.partition, e.customer.clone(), value)
             })
             .collect();
-        let sends = values.iter().map(|(p, key, value)| {
-            producer.send(
-                FutureRecord::to(topic)
-                    .partition(*p)
-                    .key(key)
-                    .payload(value),
-                Duration::from_secs(60),
-            )
+        let sends = values.iter().zip(chunk).map(|((p, key, value), e)| {
+            let record = FutureRecord::to(topic)
+                .partition(*p)
+                .key(key)
+                .payload(value);
+            let record = if stamped {
+                record.timestamp(e.t / 1_000)
+            } else {
+                record
+            };
+            producer.send(record, Duration::from_secs(60))
         });
         for result in futures::future::join_all(sends).await {
             result.map_err(|(e, _)| e).expect("delivered");
@@ -580,15 +589,20 @@ async fn partials_lost_stop_their_partition_instead_of_being_skipped() {
     assert_gold(&after, &expected);
 }
 
-/// A producer with a clock a day ahead: 30 events on one partition dated a day ahead, then 3,000
-/// ordinary events dated from now on. The future-dated events move their partition's watermark
-/// only to their records' Kafka timestamps plus `STRATA_MAX_EVENT_TIME_SKEW`, so none of the
-/// ordinary events is late: Gold is exactly the ordinary events' windows. The future-dated events
-/// are in Silver, and their own window stays open (it closes when time gets there).
+/// A producer with a clock a day ahead: 30 events on one partition dated a day ahead, whose
+/// Kafka records that producer stamped a day ahead too (`CreateTime`), then 3,000 ordinary
+/// events dated from now on. The future-dated events move their partition's watermark only to
+/// the replica's clock at their Silver commit plus `STRATA_MAX_EVENT_TIME_SKEW` (the default,
+/// 10 s), so none of the ordinary events is late: Gold is exactly the ordinary events' windows.
+/// The future-dated events are in Silver, and their own window stays open (it closes when time
+/// gets there). The first epoch is sent, not recorded, and read again by a new owner (a SIGKILL
+/// in between): the replay is bounded by the same clock, so it is the same epoch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_dated_a_day_ahead_do_not_make_later_events_late() {
     const DAY: i64 = 86_400 * SECOND;
-    let setup = Setup::new("gold-future", 2).await;
+    // One partition: the first epoch sent (and read again) is the one holding the future-dated
+    // events.
+    let setup = Setup::new("gold-future", 1).await;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
@@ -605,7 +619,7 @@ async fn events_dated_a_day_ahead_do_not_make_later_events_late() {
         .collect();
     let ordinary: Vec<Event> = (0..3_000)
         .map(|i| Event {
-            partition: (i % 2) as i32,
+            partition: 0,
             order_id: 1_000 + i,
             customer: format!("c{}", i % 7),
             amount: 1.0 + (i % 50) as f64,
@@ -614,11 +628,28 @@ async fn events_dated_a_day_ahead_do_not_make_later_events_late() {
         .collect();
     let expected = expect(&ordinary, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
     assert!(expected.late.is_empty());
-    produce(&setup.topic, &poison).await;
+    produce_stamped(&brokers(), &setup.topic, &poison, true).await;
     produce(&setup.topic, &ordinary).await;
 
-    let mut env = gold_env("1m", "3", "2");
-    env.push(("STRATA_MAX_EVENT_TIME_SKEW", "0s"));
+    // The first replica freezes right after sending its first epoch's partials, before
+    // recording it, and is killed: the next owner reads that epoch again and must bound it by
+    // the same clock (the one recorded with the Silver commit), or its replay would differ from
+    // what was sent (late rows, a watermark a day ahead).
+    let env = gold_env("1m", "3", "2");
+    let first =
+        setup.spawn(&[env.clone(), vec![("STRATA_FAILPOINT", "after_gold_send:1")]].concat());
+    assert!(
+        first
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED after_gold_send",
+                Duration::from_secs(120)
+            )
+            .await,
+        "the failpoint was not reached; log:\n{}",
+        first.tail(40)
+    );
+    first.sigkill();
+    outlive_dead_member().await;
     let _replica = setup.spawn(&env);
     let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(200)).await;
     assert_gold(&gold, &expected);

@@ -161,6 +161,8 @@ struct SourceState {
     watermark: Option<i64>,
     /// Silver holds up to here and the epoch (emitted, this] was not sent: it is read again.
     replay_through: Option<i64>,
+    /// The replica's clock recorded with the Silver commit of that epoch (see `Epoch::clock`).
+    replay_clock: Option<i64>,
     replay: Vec<RecordBatch>,
     last_activity: Instant,
     /// When the broker was last asked whether the partition is caught up.
@@ -168,10 +170,22 @@ struct SourceState {
     hot: usize,
 }
 
+/// Where Silver stands for a partition Gold claims: its committed offset and the clock recorded
+/// with that commit.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SilverProgress {
+    pub committed: Option<i64>,
+    pub clock: Option<i64>,
+}
+
 struct Epoch {
     tp: TopicPartition,
     end: i64,
     batches: Vec<RecordBatch>,
+    /// The replica's clock (microseconds) recorded with the Silver commit of these rows: no row
+    /// moves the watermark more than `STRATA_MAX_EVENT_TIME_SKEW` past it (`watermark::bounded`).
+    /// `None` for a commit made before it was recorded.
+    clock: Option<i64>,
 }
 
 /// One epoch's computed output.
@@ -292,19 +306,20 @@ impl Emitter {
     }
 
     /// Takes over `partitions`: reads what was sent (the late table's `txn`) and the watermark
-    /// stored with it. A partition Gold never saw starts where Silver stands (`silver`): Gold of a
-    /// pipeline that ran without it begins now, not with a replay of the whole history.
+    /// stored with it. A partition Gold never saw starts where Silver stands (`silver`: its
+    /// committed offset and the clock recorded with that commit): Gold of a pipeline that ran
+    /// without it begins now, not with a replay of the whole history.
     pub async fn claim(
         &mut self,
         partitions: &[TopicPartition],
-        silver: &(dyn Fn(&TopicPartition) -> Option<i64> + Sync),
+        silver: &(dyn Fn(&TopicPartition) -> SilverProgress + Sync),
     ) -> Result<(), CommitError> {
         for _ in 0..10 {
             let claimed = self.late.claim(partitions).await?;
             let mut fresh = BTreeMap::new();
             for (tp, stored) in &claimed {
                 if stored.is_none() {
-                    fresh.insert(tp.clone(), silver(tp).unwrap_or(-1));
+                    fresh.insert(tp.clone(), silver(tp).committed.unwrap_or(-1));
                 }
             }
             if !fresh.is_empty() {
@@ -318,7 +333,8 @@ impl Emitter {
                 let emitted = stored.or_else(|| fresh.get(&tp).copied()).unwrap_or(-1);
                 let app = self.late.side_app_id("watermark", &tp);
                 let watermark = self.late.stored(&app).await?;
-                let through = silver(&tp).filter(|s| *s > emitted);
+                let SilverProgress { committed, clock } = silver(&tp);
+                let through = committed.filter(|s| *s > emitted);
                 if let Some(s) = through {
                     tracing::info!(partition = %tp, from = emitted + 1, through = s, "Gold epoch committed to Silver but not sent: reading it again");
                 }
@@ -328,6 +344,9 @@ impl Emitter {
                         emitted,
                         watermark,
                         replay_through: through,
+                        // The unsent epoch is Silver's latest commit of the partition (a flush
+                        // sends what Silver holds before it commits more): its clock.
+                        replay_clock: clock,
                         replay: Vec::new(),
                         last_activity: Instant::now(),
                         last_check: Instant::now(),
@@ -372,6 +391,7 @@ impl Emitter {
                     tp: tp.clone(),
                     end: through,
                     batches,
+                    clock: s.replay_clock,
                 });
                 true
             }
@@ -386,13 +406,21 @@ impl Emitter {
         }
     }
 
-    /// The Gold source table committed (prev, `end`] of `tp` holding `batches`: an epoch to send.
-    pub fn committed(&mut self, tp: &TopicPartition, end: i64, batches: Vec<RecordBatch>) {
+    /// The Gold source table committed (prev, `end`] of `tp` holding `batches`, with `clock`
+    /// recorded in that commit: an epoch to send.
+    pub fn committed(
+        &mut self,
+        tp: &TopicPartition,
+        end: i64,
+        batches: Vec<RecordBatch>,
+        clock: Option<i64>,
+    ) {
         if self.sources.get(tp).is_some_and(|s| end > s.emitted) {
             self.pending.push(Epoch {
                 tp: tp.clone(),
                 end,
                 batches,
+                clock,
             });
         }
     }
@@ -426,7 +454,7 @@ impl Emitter {
             let rows = (0..batch.num_rows()).map(|row| {
                 let event = (!times.is_null(row)).then(|| times.value(row));
                 let logged = logged.and_then(|k| (!k.is_null(row)).then(|| k.value(row)));
-                bounded(event, logged, self.max_skew)
+                bounded(event, logged, epoch.clock, self.max_skew)
             });
             let (rows, after) = before_each(watermark, rows, self.delay);
             before.push(rows);

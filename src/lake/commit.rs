@@ -427,7 +427,17 @@ impl TableCommitter {
         &mut self,
         last_offsets: &BTreeMap<TopicPartition, i64>,
     ) -> Result<Checked, CommitError> {
-        match self.settle_in_doubt(last_offsets, &[]).await? {
+        self.check_with(last_offsets, &[]).await
+    }
+
+    /// [`TableCommitter::check`] before a [`TableCommitter::commit_with`] of the same `extra`
+    /// `txn`s: a commit in doubt landed exactly only if it stored them too.
+    pub async fn check_with(
+        &mut self,
+        last_offsets: &BTreeMap<TopicPartition, i64>,
+        extra: &[(String, i64)],
+    ) -> Result<Checked, CommitError> {
+        match self.settle_in_doubt(last_offsets, extra).await? {
             Settled::Exactly(version) => return Ok(Checked::Landed(version)),
             Settled::Partly(fenced) if !fenced.is_empty() => return Ok(Checked::Fenced(fenced)),
             Settled::Partly(_) | Settled::Nothing => {}

@@ -15,6 +15,10 @@ use crate::silver::tables::Uploads;
 
 use super::pipeline::{PipelineError, Replica};
 
+/// The side `txn` of Gold's source table holding, per partition, the replica's clock
+/// (microseconds) at the commit that stored its offsets (see `Epoch::clock` in Gold stage 1).
+pub(super) const CLOCK: &str = "clock";
+
 impl Replica {
     /// Writes and commits everything buffered, once. When that fails the replica stalls instead
     /// of waiting in here: it asks the source to pause fetching (the consumer keeps polling, so a
@@ -104,8 +108,16 @@ impl Replica {
                 .collect();
             if pending.is_empty() {
                 self.oldest = None;
+                self.flush_clock = None;
                 return Ok(());
             }
+            // The replica's clock for this flush, fixed at its first attempt so that a retry
+            // commits the same value (a commit in doubt is then recognised as exactly this one).
+            // Gold's source table records it per partition: Gold bounds the rows' watermark by it.
+            let clock = *self
+                .flush_clock
+                .get_or_insert_with(|| chrono::Utc::now().timestamp_micros());
+            let gold_table = self.gold.as_ref().map(|g| g.table);
             for index in 0..self.tables.list.len() {
                 let table = &mut self.tables.list[index];
                 let mut last_offsets = BTreeMap::new();
@@ -122,9 +134,17 @@ impl Replica {
                 if last_offsets.is_empty() {
                     continue;
                 }
+                let extra: Vec<(String, i64)> = if gold_table == Some(index) {
+                    last_offsets
+                        .keys()
+                        .map(|tp| (table.committer.side_app_id(CLOCK, tp), clock))
+                        .collect()
+                } else {
+                    Vec::new()
+                };
                 // Check ownership before writing, so fenced work costs no upload; a commit whose
                 // answer was lost is settled from the log first, so its work is not written twice.
-                let outcome = match table.committer.check(&last_offsets).await? {
+                let outcome = match table.committer.check_with(&last_offsets, &extra).await? {
                     Checked::Fenced(fenced) => {
                         self.on_fenced(index, fenced).await?;
                         continue 'again;
@@ -140,7 +160,10 @@ impl Replica {
                             last_offsets.keys().cloned().collect();
                         let files = table.upload(&partitions).await?;
                         crate::failpoint!("before_commit");
-                        table.committer.commit(files, &last_offsets).await?
+                        table
+                            .committer
+                            .commit_with(files, &last_offsets, &extra)
+                            .await?
                     }
                 };
                 let sizes = table.uploads.sizes();
@@ -177,7 +200,7 @@ impl Replica {
                             if let Some(part) = table.parts.get_mut(tp) {
                                 if let Some(gold) = self.gold.as_mut().filter(|g| g.table == index)
                                 {
-                                    gold.committed(tp, *last, part.batches.clone());
+                                    gold.committed(tp, *last, part.batches.clone(), Some(clock));
                                 }
                                 if let Some(newest) =
                                     newest_event_time(&part.batches, &self.config.event_time_field)
@@ -230,6 +253,7 @@ impl Replica {
             let (_, bytes) = self.tables.buffered();
             self.metrics.buffered_bytes(bytes);
             self.oldest = None;
+            self.flush_clock = None;
             self.send_gold().await?;
             return Ok(());
         }

@@ -121,6 +121,8 @@ pub struct Replica {
     pub(super) claims: crate::kafka::claims::Claims,
     /// The consumed positions last committed to the group (advisory), and when.
     pub(super) advised: (HashMap<TopicPartition, i64>, Instant),
+    /// The clock of the flush under way, kept across its retries (see `flush`).
+    pub(super) flush_clock: Option<i64>,
 }
 
 /// How often consumed positions are committed to the group.
@@ -156,6 +158,7 @@ impl Replica {
             stalled: None,
             claims: Default::default(),
             advised: (HashMap::new(), Instant::now()),
+            flush_clock: None,
         }
     }
 

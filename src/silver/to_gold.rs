@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::gold::stage1::SilverProgress;
 use crate::models::TopicPartition;
 
 use super::pipeline::{PipelineError, Replica};
@@ -17,12 +18,17 @@ impl Replica {
         let Some(gold) = &mut self.gold else {
             return Ok(());
         };
-        let table = &self.tables.list[gold.table];
-        let silver: HashMap<TopicPartition, Option<i64>> = partitions
-            .iter()
-            .map(|tp| (tp.clone(), table.parts.get(tp).and_then(|p| p.committed)))
-            .collect();
-        let held = |tp: &TopicPartition| silver.get(tp).copied().flatten();
+        let table = &mut self.tables.list[gold.table];
+        let mut silver: HashMap<TopicPartition, SilverProgress> = HashMap::new();
+        for tp in partitions {
+            let committed = table.parts.get(tp).and_then(|p| p.committed);
+            // The clock recorded with Silver's latest commit of the partition: an epoch read
+            // again is bounded by the same value as when it was first sent.
+            let app = table.committer.side_app_id(super::flush::CLOCK, tp);
+            let clock = table.committer.stored(&app).await?;
+            silver.insert(tp.clone(), SilverProgress { committed, clock });
+        }
+        let held = |tp: &TopicPartition| silver.get(tp).copied().unwrap_or_default();
         gold.claim(partitions, &held).await
     }
 

@@ -25,15 +25,20 @@ pub fn before_each(
 
 /// The time a row moves its partition's watermark with: its event time, but never more than
 /// `max_skew` ahead of the timestamp its Kafka record carries (`logged`, the producer's or the
-/// broker's clock when the record was written). An event dated a day ahead still counts in its
-/// own window; it just does not drag the watermark a day ahead and make every event after it
-/// late. Both times come from the log, so a replay decides exactly the same.
-pub fn bounded(event: Option<i64>, logged: Option<i64>, max_skew: i64) -> Option<i64> {
-    let t = event?;
-    Some(match logged {
-        Some(k) => t.min(k.saturating_add(max_skew)),
-        None => t,
-    })
+/// broker's clock when the record was written), nor ahead of `clock`, the replica's clock when the
+/// Silver commit holding the row was made (recorded in that commit, so a replay reads the same
+/// value back). An event dated a day ahead still counts in its own window; it just does not drag
+/// the watermark a day ahead and make every event after it late, whether the event's field or
+/// its producer's clock (and so its record's timestamp) is wrong. Every input comes from the log,
+/// so a replay decides exactly the same.
+pub fn bounded(
+    event: Option<i64>,
+    logged: Option<i64>,
+    clock: Option<i64>,
+    max_skew: i64,
+) -> Option<i64> {
+    let limit = |t: i64, bound: Option<i64>| bound.map_or(t, |b| t.min(b.saturating_add(max_skew)));
+    event.map(|t| limit(limit(t, logged), clock))
 }
 
 /// Whether a window ending at `window_end` is final for a row that meets `watermark`: the
@@ -76,15 +81,36 @@ mod tests {
         const DAY: i64 = 86_400_000_000;
         let now = 1_700_000_000_000_000;
         let skew = 10_000_000;
-        assert_eq!(bounded(Some(now + DAY), Some(now), skew), Some(now + skew));
-        assert_eq!(bounded(Some(now - 5), Some(now), skew), Some(now - 5));
-        assert_eq!(bounded(Some(now + DAY), None, skew), Some(now + DAY));
-        assert_eq!(bounded(None, Some(now), skew), None);
+        assert_eq!(
+            bounded(Some(now + DAY), Some(now), None, skew),
+            Some(now + skew)
+        );
+        assert_eq!(bounded(Some(now - 5), Some(now), None, skew), Some(now - 5));
+        assert_eq!(bounded(Some(now + DAY), None, None, skew), Some(now + DAY));
+        assert_eq!(bounded(None, Some(now), Some(now), skew), None);
+        // A producer whose clock runs a day ahead stamps its records a day ahead too: the
+        // replica's clock at the commit bounds it.
+        assert_eq!(
+            bounded(Some(now + DAY), Some(now + DAY), Some(now), skew),
+            Some(now + skew)
+        );
+        assert_eq!(
+            bounded(Some(now + DAY), None, Some(now), skew),
+            Some(now + skew)
+        );
+        assert_eq!(
+            bounded(Some(now - 5), Some(now + DAY), Some(now), skew),
+            Some(now - 5)
+        );
+        let clock = Some(now);
         // Thirty events a day ahead, then ordinary ones: those meet a watermark behind them.
         let delay = 5_000_000;
         let times = (0..30)
-            .map(|i| bounded(Some(now + DAY + i), Some(now + i), skew))
-            .chain((0..100).map(|i| bounded(Some(now + 1_000 * i), Some(now + 1_000 * i), skew)));
+            .map(|i| bounded(Some(now + DAY + i), Some(now + i), clock, skew))
+            .chain(
+                (0..100)
+                    .map(|i| bounded(Some(now + 1_000 * i), Some(now + 1_000 * i), clock, skew)),
+            );
         let (before, _) = before_each(None, times, delay);
         for (i, w) in before.iter().enumerate().skip(30) {
             // Never past the newest log time plus the skew, minus the delay.
