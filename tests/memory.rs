@@ -1,6 +1,6 @@
 //! Silver's memory (tansu + moto, the real binary): with flushes started by the buffer budget
-//! (`STRATA_FILE_MAX_BYTES`), the replica's peak RSS grows over its idle RSS by at most the
-//! budget plus 64 MiB. A flush streams each file from the buffered batches to the store (multipart
+//! (`STRATA_FILE_MAX_BYTES`), the replica's peak RSS over every one of them, up to the last
+//! record read, grows over its idle RSS by at most the budget plus 64 MiB. A flush streams each file from the buffered batches to the store (multipart
 //! for large files), so it holds no copy of the buffer and no whole file.
 
 mod common;
@@ -42,6 +42,14 @@ async fn silver_peak_rss_stays_within_the_buffer_budget_plus_64_mib() {
             "strata_commits_total",
             1.0,
             "no flush started by the budget",
+        )
+        .await;
+    // Every flush the budget starts, up to the last record: the peak of all of them.
+    replica
+        .wait_metric(
+            "strata_records_consumed_total",
+            (produced.good.len() + produced.bad.len()) as f64,
+            "not every record was read",
         )
         .await;
     let peak = memory_mib(replica.pid(), "VmHWM:");

@@ -51,9 +51,10 @@ async fn a_store_outage_longer_than_the_poll_interval_pauses_fetching_and_loses_
         replica.tail(20)
     );
     // Then the connections are reset for a while.
+    let slowed = s3.hits();
     s3.fail(Fault::Reset, Matching::all());
     tokio::time::sleep(Duration::from_secs(15)).await;
-    assert!(s3.hits() > 0, "the outage hit no request");
+    assert!(s3.hits() > slowed, "no request met a reset");
     s3.heal();
     let healed = std::time::Instant::now();
     setup.catch_up(&produced, &[&replica]).await;
@@ -114,7 +115,12 @@ async fn a_flush_whose_commit_is_refused_keeps_its_uploaded_files() {
     }
     tokio::time::sleep(Duration::from_secs(20)).await;
     s3.heal();
+    let healed = std::time::Instant::now();
     setup.catch_up(&produced, &[&replica]).await;
+    eprintln!(
+        "log writes refused for 20 s: caught up {:?} after the store returned",
+        healed.elapsed()
+    );
     setup.assert_exact(&produced).await;
     let orphans = strata::lake::verify::unreferenced_files(setup.table_url())
         .await
@@ -136,7 +142,8 @@ async fn a_commit_whose_answer_was_lost_is_read_from_the_log_not_fenced() {
     let replica = setup.spawn(&[("STRATA_FAILPOINT_FAULT", "commit_answer_lost:2")]);
     setup.catch_up(&produced, &[&replica]).await;
     produced.extend(produce(&setup.topic, 2_000, 100, 22).await);
-    assert_settled_as_its_own(&setup, &produced, replica).await;
+    let lost = std::time::Instant::now();
+    assert_settled_as_its_own(&setup, &produced, replica, "an answer lost", lost).await;
 }
 
 /// A commit whose answer was lost just as the store went away: its PUT landed, and for a while
@@ -177,7 +184,15 @@ async fn a_commit_whose_answer_was_lost_as_the_store_went_away_is_settled_when_i
     );
     tokio::time::sleep(Duration::from_secs(10)).await;
     s3.heal();
-    assert_settled_as_its_own(&setup, &produced, replica).await;
+    let healed = std::time::Instant::now();
+    assert_settled_as_its_own(
+        &setup,
+        &produced,
+        replica,
+        "an answer lost, then 10 s of SlowDown",
+        healed,
+    )
+    .await;
 }
 
 /// After a commit whose answer was lost: the replica settles it from the log (its log says so;
@@ -187,6 +202,8 @@ async fn assert_settled_as_its_own(
     setup: &Setup,
     produced: &common::Produced,
     replica: common::Replica,
+    fault: &str,
+    since: std::time::Instant,
 ) {
     assert!(
         replica
@@ -199,6 +216,7 @@ async fn assert_settled_as_its_own(
         replica.tail(30)
     );
     setup.catch_up(produced, &[&replica]).await;
+    eprintln!("{fault}: caught up {:?} after it", since.elapsed());
     setup.assert_exact(produced).await;
     assert_eq!(
         replica

@@ -273,6 +273,19 @@ fn gold_settings_parse_and_bad_ones_name_the_variable() {
     assert_eq!(gold.partials_topic, "strata.partials");
     assert_eq!(gold.salting.map(|s| s.salts), Some(4));
     assert_eq!(gold.state_max_bytes, 512 << 20);
+    // The partials topic takes the cluster's replication factor unless one is set.
+    assert_eq!(gold.partials_replication, None);
+    assert_eq!(
+        gold.partials_retention,
+        std::time::Duration::from_secs(7 * 86_400)
+    );
+    let mut replicated = vars.clone();
+    replicated.insert("STRATA_GOLD_PARTIALS_REPLICATION".into(), "3".into());
+    let replicated = Config::from_vars(replicated)
+        .expect("valid")
+        .gold
+        .expect("gold");
+    assert_eq!(replicated.partials_replication, Some(3));
     for (var, value, needle) in [
         ("STRATA_GOLD_WINDOW", "5m every 2m", "STRATA_GOLD_WINDOW"),
         (
@@ -294,6 +307,21 @@ fn gold_settings_parse_and_bad_ones_name_the_variable() {
             "STRATA_GOLD_STATE_MAX_BYTES",
             "1GiB",
             "STRATA_GOLD_STATE_MAX_BYTES",
+        ),
+        (
+            "STRATA_GOLD_PARTIALS_REPLICATION",
+            "0",
+            "STRATA_GOLD_PARTIALS_REPLICATION",
+        ),
+        (
+            "STRATA_GOLD_PARTIALS_REPLICATION",
+            "all",
+            "STRATA_GOLD_PARTIALS_REPLICATION",
+        ),
+        (
+            "STRATA_GOLD_PARTIALS_RETENTION",
+            "0s",
+            "STRATA_GOLD_PARTIALS_RETENTION",
         ),
     ] {
         let mut bad = vars.clone();

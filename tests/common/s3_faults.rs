@@ -18,7 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 pub enum Fault {
     /// `503 SlowDown`, as S3 throttles.
     SlowDown,
-    /// The connection is reset before an answer.
+    /// The connection is reset (TCP RST) before an answer.
     Reset,
     /// The request reaches the store and is applied; its answer never arrives (connection reset).
     AnswerLost,
@@ -203,6 +203,8 @@ async fn relay(client: TcpStream, upstream: String, state: Arc<State>) {
             }
             Some(Fault::Reset) => {
                 state.hits.fetch_add(1, Ordering::SeqCst);
+                // A TCP reset, not an orderly close: the connection ends with RST.
+                let _ = client_write.lock().await.as_ref().set_zero_linger();
                 break;
             }
             Some(Fault::AnswerLost) => {
