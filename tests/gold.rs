@@ -589,6 +589,43 @@ async fn partials_lost_stop_their_partition_instead_of_being_skipped() {
     assert_gold(&after, &expected);
 }
 
+/// The broker SIGKILLed while Gold is being computed, then started again on the same data: stage
+/// 1's sends and stage 2's reads fail while it is away and are retried, the replica stays up, and
+/// afterwards Gold is exact and the late table empty (nothing lost, nothing counted twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gold_is_exact_after_the_broker_is_killed_and_restarted_mid_run() {
+    let mut broker = common::broker::PrivateBroker::start().await;
+    let setup = Setup::on(&broker.brokers, "gold-broker-restart", 2).await;
+    let events = skewed(2, 1_500, 800, 300, 53);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    assert!(expected.late.is_empty(), "this stream has no late events");
+    let (before, after) = events.split_at(events.len() / 2);
+    produce_on(&broker.brokers, &setup.topic, before).await;
+    let mut replica = setup.spawn(&gold_env("1m", "3", "2"));
+    replica
+        .wait_metric("strata_gold_events_total", 1.0, "stage 1 sent nothing")
+        .await;
+
+    broker.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(replica.is_running(), "the replica died with the broker");
+    broker.restart().await;
+    let back = Instant::now();
+    produce_on(&broker.brokers, &setup.topic, after).await;
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(240)).await;
+    eprintln!(
+        "broker away {:?}: Gold complete {:?} after it came back (windows close 4 s after the \
+         partitions go idle)",
+        back - killed,
+        back.elapsed()
+    );
+    assert_gold(&gold, &expected);
+    assert!(late_rows(&setup).await.is_empty(), "events counted late");
+    assert!(replica.is_running(), "the replica stays up");
+    replica.stop(Duration::from_secs(30));
+}
+
 /// A producer with a clock a day ahead: 30 events on one partition dated a day ahead, whose
 /// Kafka records that producer stamped a day ahead too (`CreateTime`), then 3,000 ordinary
 /// events dated from now on. The future-dated events move their partition's watermark only to
