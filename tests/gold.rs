@@ -796,7 +796,9 @@ async fn gold_hands_partitions_over_during_a_store_outage_without_leaving_its_gr
 /// stays within the budget plus one partials message. Silver is unaffected: every event lands.
 /// Then a second replica joins (the remedy of adding replicas): it takes one of the two partials
 /// partitions, which brings the first replica's state below 90 % of its budget, and the first
-/// replica takes partials again from where it stopped. Once the first one leaves, Gold is exact:
+/// replica takes partials again from where it stopped, until the budget holds it again. When the
+/// second replica leaves, the first, at its budget, does not restore the partition coming back
+/// (the claim waits). A replica with the default budget then takes over, and Gold is exact:
 /// nothing held was lost or taken twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
@@ -884,7 +886,15 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
 
     // Another replica takes a partials partition: the first one's state falls below 90 % of
     // its budget, and its held partition goes on from where it stopped.
-    let _joined = setup.spawn(&env);
+    let holds = |replica: &common::Replica| {
+        replica
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains("held at offset"))
+            .count()
+    };
+    let held_before = holds(&held);
+    let joined = setup.spawn(&env);
     assert!(
         held.wait_log(
             "Gold state below its budget again: taking partials",
@@ -894,7 +904,39 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
         "the held partition was not released after a partition left:\n{}",
         held.tail(30)
     );
+    // Its partition's window still needs more than the budget: it is held again.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while holds(&held) <= held_before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(
+        holds(&held) > held_before,
+        "not held again:\n{}",
+        held.tail(30)
+    );
+    // The other replica leaves: its partition comes back to one at its budget, which does not
+    // restore that partition's state on top of its own (the claim waits).
+    joined.stop(Duration::from_secs(30));
+    assert!(
+        held.wait_log(
+            "claiming partials partitions waits",
+            Duration::from_secs(90)
+        )
+        .await,
+        "a replica at its budget claimed a partition:\n{}",
+        held.tail(30)
+    );
+    for _ in 0..10 {
+        let state = held.metric("strata_gold_state_bytes").await.unwrap_or(0.0);
+        assert!(
+            state <= BUDGET + 512.0 * 1024.0,
+            "Gold state {state} bytes with a partition coming back"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A replica with the default budget takes over everything: Gold is exact.
     held.stop(Duration::from_secs(30));
+    let _larger = setup.spawn(&env);
     let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
     assert_gold(&gold, &expected);
 }

@@ -375,6 +375,15 @@ impl Job {
     /// (`kafka::claims`), while the loop goes on.
     async fn settle_claims(&mut self) -> Result<(), Stage2Error> {
         for claim in self.claims.take_due() {
+            if self.state_bytes() >= self.settings.state_max_bytes {
+                // Restoring a partition's state would go further over the budget: the claim
+                // waits (an assignment stays paused, a fenced partition ignored) until the state
+                // is below it.
+                let delay = self.claims.retry_later(claim);
+                tracing::warn!(retry_in = ?delay, budget = self.settings.state_max_bytes,
+                    "Gold state at its budget (STRATA_GOLD_STATE_MAX_BYTES): claiming partials partitions waits");
+                continue;
+            }
             match self.claim_once(&claim.partitions).await {
                 Ok(()) if claim.is_reclaim() => {
                     for tp in &claim.partitions {
