@@ -46,14 +46,16 @@ test: tools
 unit:
 	cargo test --lib $(FEATURES)
 
-# The long chaos run: 3 replicas, records flowing, a random replica SIGKILLed or SIGTERMed
-# STRATA_CHAOS_RESTARTS times (make test runs 4). STRATA_CHAOS_SEED replays a run.
+# The long chaos runs: 3 replicas, records flowing, a random replica SIGKILLed or SIGTERMed
+# STRATA_CHAOS_RESTARTS times (make test runs 4), for Silver and for Gold (salting on).
+# STRATA_CHAOS_SEED replays a run.
 STRATA_CHAOS_RESTARTS ?= 12
 chaos: tools
 	cargo build --tests $(FEATURES)
 	scripts/services.sh start
 	set -a; source $(STRATA_CACHE)/services/env; set +a; \
 	STRATA_CHAOS_RESTARTS=$(STRATA_CHAOS_RESTARTS) cargo test $(FEATURES) --test chaos -- --nocapture; status=$$?; \
+	STRATA_CHAOS_RESTARTS=$(STRATA_CHAOS_RESTARTS) cargo test $(FEATURES) --test gold -- --nocapture random_restarts || status=$$?; \
 	scripts/services.sh stop; \
 	exit $$status
 

@@ -626,6 +626,81 @@ async fn gold_is_exact_after_the_broker_is_killed_and_restarted_mid_run() {
     replica.stop(Duration::from_secs(30));
 }
 
+/// Chaos with Gold on: three replicas, events flowing the whole time, and a random replica
+/// restarted every few seconds by SIGKILL or SIGTERM at random (`STRATA_CHAOS_RESTARTS`, 4 here;
+/// `make chaos` runs 12; `STRATA_CHAOS_SEED` replays a run). Salting is on, so sub-results cross
+/// partials partitions while their owners come and go. Afterwards Gold is exactly the events'
+/// windows and the late table is empty: no partial lost or merged twice through any restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gold_is_exact_through_random_restarts_of_three_replicas() {
+    let setting = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let restarts = setting("STRATA_CHAOS_RESTARTS", 4);
+    let seed = setting(
+        "STRATA_CHAOS_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7)
+            | 1,
+    );
+    eprintln!("gold chaos: {restarts} restarts, STRATA_CHAOS_SEED={seed}");
+    let mut rng = Rng(seed);
+    let setup = Setup::new("gold-chaos", 4).await;
+    let events = skewed(4, 1_000 + 250 * restarts as i64, 300, 1_000, seed);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    assert!(expected.late.is_empty(), "this stream has no late events");
+    // The events arrive in slices: one before the replicas start, one before each restart, one
+    // after the last (each partition's events stay in order).
+    let slices = restarts as usize + 2;
+    let per_slice = events.len().div_ceil(slices);
+    let mut pieces = events.chunks(per_slice);
+    produce(&setup.topic, pieces.next().unwrap_or_default()).await;
+    let env = gold_env("1m", "6", "4");
+    let mut replicas: Vec<common::Replica> = (0..3).map(|_| setup.spawn(&env)).collect();
+    let started = Instant::now();
+    for round in 0..restarts {
+        produce(&setup.topic, pieces.next().unwrap_or_default()).await;
+        tokio::time::sleep(Duration::from_millis(500 + rng.below(3_000))).await;
+        let victim = rng.below(replicas.len() as u64) as usize;
+        let replica = replicas.swap_remove(victim);
+        if rng.below(2) == 0 {
+            eprintln!("round {round}: SIGKILL pid {}", replica.pid());
+            replica.sigkill();
+        } else {
+            eprintln!("round {round}: SIGTERM pid {}", replica.pid());
+            replica.stop(Duration::from_secs(45));
+        }
+        replicas.push(setup.spawn(&env));
+    }
+    let last_restart = Instant::now();
+    for piece in pieces {
+        produce(&setup.topic, piece).await;
+    }
+    // A SIGKILLed member holds its partitions until its session expires.
+    outlive_dead_member().await;
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(300)).await;
+    eprintln!(
+        "gold chaos: {} events, {restarts} restarts: Gold complete {:?} after the start, {:?} \
+         after the last restart",
+        events.len(),
+        started.elapsed(),
+        last_restart.elapsed()
+    );
+    assert_gold(&gold, &expected);
+    assert!(late_rows(&setup).await.is_empty(), "events counted late");
+    for replica in &mut replicas {
+        assert!(replica.is_running(), "a replica died:\n{}", replica.tail(30));
+    }
+    for replica in replicas {
+        replica.stop(Duration::from_secs(45));
+    }
+}
+
 /// A producer with a clock a day ahead: 30 events on one partition dated a day ahead, whose
 /// Kafka records that producer stamped a day ahead too (`CreateTime`), then 3,000 ordinary
 /// events dated from now on. The future-dated events move their partition's watermark only to
