@@ -68,6 +68,10 @@ pub enum Stage2Error {
     },
     #[error("Gold state: {0}")]
     Format(#[from] crate::gold::core::partial::FormatError),
+    /// Restoring a claim's state would take the replica over `STRATA_GOLD_STATE_MAX_BYTES`: the
+    /// claim waits (never final).
+    #[error("Gold state holds {state} bytes, at STRATA_GOLD_STATE_MAX_BYTES ({budget})")]
+    AtBudget { state: usize, budget: usize },
     #[error("sending to {topic}: {source}")]
     Send {
         topic: String,
@@ -326,9 +330,21 @@ impl Job {
     /// means another replica committed (and cleaned up) in between: the next attempt reads the
     /// offset again.
     async fn claim_once(&mut self, partitions: &[TopicPartition]) -> Result<(), Stage2Error> {
+        let budget = self.settings.state_max_bytes;
+        // Each partition's state is restored only while the replica's state is below the budget:
+        // a claim goes over it by at most the last partition restored (whose previous owner held
+        // it within the budget). Otherwise the whole claim waits.
+        let mut state = self.state_bytes();
+        if state >= budget {
+            return Err(Stage2Error::AtBudget { state, budget });
+        }
         let claimed = self.committer.claim(partitions).await?;
         let mut restored = Vec::with_capacity(claimed.len());
         for (tp, stored) in claimed {
+            if state >= budget {
+                self.committer.release(partitions);
+                return Err(Stage2Error::AtBudget { state, budget });
+            }
             let mut merge = self.new_merge(tp.partition);
             let mut committed_state = None;
             if let Some(offset) = stored {
@@ -350,6 +366,7 @@ impl Job {
                 }
                 committed_state = Some(path);
             }
+            state += merge.state_bytes();
             restored.push((tp, stored, merge, committed_state));
         }
         for (tp, stored, merge, committed_state) in restored {
@@ -375,16 +392,15 @@ impl Job {
     /// (`kafka::claims`), while the loop goes on.
     async fn settle_claims(&mut self) -> Result<(), Stage2Error> {
         for claim in self.claims.take_due() {
-            if self.state_bytes() >= self.settings.state_max_bytes {
-                // Restoring a partition's state would go further over the budget: the claim
-                // waits (an assignment stays paused, a fenced partition ignored) until the state
-                // is below it.
-                let delay = self.claims.retry_later(claim);
-                tracing::warn!(retry_in = ?delay, budget = self.settings.state_max_bytes,
-                    "Gold state at its budget (STRATA_GOLD_STATE_MAX_BYTES): claiming partials partitions waits");
-                continue;
-            }
             match self.claim_once(&claim.partitions).await {
+                Err(Stage2Error::AtBudget { state, budget }) => {
+                    // Restoring these partitions' state would go over the budget: the claim waits
+                    // (an assignment stays paused, a fenced partition ignored), not counted as a
+                    // failed attempt, until the state is below it.
+                    let delay = self.claims.defer(claim);
+                    tracing::warn!(retry_in = ?delay, state, budget,
+                        "Gold state at its budget (STRATA_GOLD_STATE_MAX_BYTES): claiming partials partitions waits");
+                }
                 Ok(()) if claim.is_reclaim() => {
                     for tp in &claim.partitions {
                         let Some(part) = self.parts.get_mut(&tp.partition) else {
@@ -459,11 +475,11 @@ impl Job {
                             None
                         }
                     };
-                    if state >= budget && message.as_ref().is_some_and(Message::adds_state) {
+                    if state >= budget && message.as_ref().is_some_and(Message::opens_groups) {
                         // At the budget: nothing more of this partition is taken from here on
                         // (in log order, so no later marker closes a window without this
-                        // partial). Markers and closed announcements before it still pass:
-                        // they close windows, which frees state.
+                        // partial). Markers, closed announcements and sub-results before it
+                        // still pass: they close windows and let their rows be written.
                         part.paused_at = Some(record.offset);
                         part.next = Some(record.offset);
                         let tp = TopicPartition::new(self.topic.as_str(), partition);

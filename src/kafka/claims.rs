@@ -98,6 +98,17 @@ impl Claims {
         delay
     }
 
+    /// Keeps a claim that was not attempted (the stage cannot take it yet, not a failure), for
+    /// another look after one more backoff delay; returns that delay.
+    pub fn defer(&mut self, mut claim: Claim) -> Duration {
+        let delay = claim
+            .stall
+            .get_or_insert_with(|| Stall::new(Pace::Outage))
+            .again();
+        self.0.push(claim);
+        delay
+    }
+
     /// Revoked partitions are no longer claimed; an assignment left with none is dropped.
     pub fn revoke(&mut self, partitions: &[TopicPartition]) {
         for claim in &mut self.0 {

@@ -316,6 +316,14 @@ impl ConsumerContext for SourceContext {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let partitions = partitions_of(tpl);
+                {
+                    // A hold is for the assignment it was asked in: a partition that comes back
+                    // starts where its new claim says.
+                    let mut holding = self.holding();
+                    for tp in &partitions {
+                        holding.remove(tp);
+                    }
+                }
                 self.hand_over_all();
                 let (reply, answer) = oneshot::channel();
                 if self
@@ -669,7 +677,17 @@ fn poll_loop(
                             Offset::Offset(offset),
                             Duration::from_secs(10),
                         ) {
-                            tracing::warn!(partition = %tp, offset, error = %e, "seek failed");
+                            // Paused until the seek is made (`start_claimed` tries it again): no
+                            // record from the old position reaches the stage after the answer.
+                            tracing::warn!(partition = %tp, offset, error = %e, "seek failed; trying again");
+                            context
+                                .seeking()
+                                .insert(tp.clone(), Some(Offset::Offset(offset)));
+                            let _ = consumer.pause(&partition_list(&tp));
+                            let mut outbox = context.outbox();
+                            outbox.close();
+                            outbox.queue.push_back(SourceEvent::Reseeked(tp, offset));
+                            continue;
                         }
                         if context.strict {
                             recheck_after_seek(&consumer, &tp, offset);
@@ -701,9 +719,15 @@ fn poll_loop(
                 SourceCommand::Pause => set_paused(&consumer, |p| &p.asked, true),
                 SourceCommand::Resume => set_paused(&consumer, |p| &p.asked, false),
                 SourceCommand::Hold(tp) => {
-                    context.holding().insert(tp.clone());
-                    if let Err(e) = consumer.pause(&partition_list(&tp)) {
-                        tracing::warn!(partition = %tp, error = %e, "holding a partition");
+                    // Asked about records handed over before a revocation: not ours any more.
+                    let owned = consumer
+                        .assignment()
+                        .is_ok_and(|a| partitions_of(&a).contains(&tp));
+                    if owned {
+                        context.holding().insert(tp.clone());
+                        if let Err(e) = consumer.pause(&partition_list(&tp)) {
+                            tracing::warn!(partition = %tp, error = %e, "holding a partition");
+                        }
                     }
                 }
             }

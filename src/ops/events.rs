@@ -502,9 +502,10 @@ impl Metrics {
     ) {
         let why = format!(
             "gold partials partition {tp} held at offset {offset}: Gold state holds {state} bytes \
-             and STRATA_GOLD_STATE_MAX_BYTES is {budget}; it takes partials again when windows \
-             close or partitions leave this replica. If it stays held, raise \
-             STRATA_GOLD_STATE_MAX_BYTES and the pod's memory with it"
+             and STRATA_GOLD_STATE_MAX_BYTES is {budget}; it takes partials again below 90 % of \
+             it (closed rows committed, partitions leaving this replica), which a window that \
+             needs more than the budget never reaches by itself: raise \
+             STRATA_GOLD_STATE_MAX_BYTES and the pod's memory with it, or add replicas"
         );
         tracing::warn!(partition = %tp, offset, state, budget, "{why}");
         if self

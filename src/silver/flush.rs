@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
+use crate::gold::core::watermark::{clock_version, recorded_clock};
 use crate::lake::commit::{Checked, CommitOutcome};
 use crate::models::TopicPartition;
 use crate::retry::{Pace, Retry, Stall};
@@ -15,8 +16,8 @@ use crate::silver::tables::Uploads;
 
 use super::pipeline::{PipelineError, Replica};
 
-/// The side `txn` of Gold's source table holding, per partition, the replica's clock
-/// (microseconds) at the commit that stored its offsets (see `Epoch::clock` in Gold stage 1).
+/// The side `txn` of Gold's source table holding, per partition, the replica's clock at the
+/// commit that stored its offsets (`watermark::clock_version`; see `Epoch::clock` in Gold stage 1).
 pub(super) const CLOCK: &str = "clock";
 
 impl Replica {
@@ -136,8 +137,10 @@ impl Replica {
                 }
                 let extra: Vec<(String, i64)> = if gold_table == Some(index) {
                     last_offsets
-                        .keys()
-                        .map(|tp| (table.committer.side_app_id(CLOCK, tp), clock))
+                        .iter()
+                        .map(|(tp, last)| {
+                            (table.committer.side_app_id(CLOCK, tp), clock_version(clock, *last))
+                        })
                         .collect()
                 } else {
                     Vec::new()
@@ -200,7 +203,9 @@ impl Replica {
                             if let Some(part) = table.parts.get_mut(tp) {
                                 if let Some(gold) = self.gold.as_mut().filter(|g| g.table == index)
                                 {
-                                    gold.committed(tp, *last, part.batches.clone(), Some(clock));
+                                    // The clock as the commit recorded it (what a replay reads).
+                                    let recorded = recorded_clock(clock_version(clock, *last), *last);
+                                    gold.committed(tp, *last, part.batches.clone(), recorded);
                                 }
                                 if let Some(newest) =
                                     newest_event_time(&part.batches, &self.config.event_time_field)

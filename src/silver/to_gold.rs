@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 
+use crate::gold::core::watermark::recorded_clock;
 use crate::gold::stage1::SilverProgress;
 use crate::models::TopicPartition;
 
@@ -25,7 +26,12 @@ impl Replica {
             // The clock recorded with Silver's latest commit of the partition: an epoch read
             // again is bounded by the same value as when it was first sent.
             let app = table.committer.side_app_id(super::flush::CLOCK, tp);
-            let clock = table.committer.stored(&app).await?;
+            let clock = table
+                .committer
+                .stored(&app)
+                .await?
+                .zip(committed)
+                .and_then(|(version, last)| recorded_clock(version, last));
             silver.insert(tp.clone(), SilverProgress { committed, clock });
         }
         let held = |tp: &TopicPartition| silver.get(tp).copied().unwrap_or_default();

@@ -49,6 +49,8 @@ struct State {
     then: Mutex<Option<(Fault, Matching)>>,
     /// Requests the fault hit.
     hits: AtomicU64,
+    /// Of those, connections reset (`Fault::Reset`).
+    resets: AtomicU64,
     /// Requests passed to the store.
     passed: AtomicU64,
     stopped: AtomicBool,
@@ -107,6 +109,11 @@ impl FaultyS3 {
     /// Requests a fault has hit so far.
     pub fn hits(&self) -> u64 {
         self.state.hits.load(Ordering::SeqCst)
+    }
+
+    /// Connections reset so far (`Fault::Reset`).
+    pub fn resets(&self) -> u64 {
+        self.state.resets.load(Ordering::SeqCst)
     }
 
     /// Requests passed to the store so far.
@@ -203,6 +210,7 @@ async fn relay(client: TcpStream, upstream: String, state: Arc<State>) {
             }
             Some(Fault::Reset) => {
                 state.hits.fetch_add(1, Ordering::SeqCst);
+                state.resets.fetch_add(1, Ordering::SeqCst);
                 // A TCP reset, not an orderly close: the connection ends with RST.
                 let _ = client_write.lock().await.as_ref().set_zero_linger();
                 break;

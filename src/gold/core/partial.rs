@@ -256,13 +256,11 @@ pub enum Message {
 }
 
 impl Message {
-    /// Whether stage 2 may hold more state after merging it: partials and sub-results open or
-    /// extend groups, while markers and closed announcements close windows and release them.
-    pub fn adds_state(&self) -> bool {
-        matches!(
-            self,
-            Message::Partial(_) | Message::Partials(_) | Message::SubResult { .. }
-        )
+    /// Whether it opens groups in stage 2 (stage 1's partials): what a stage at its memory budget
+    /// stops taking. Markers and closed announcements close windows and release state, and a
+    /// sub-result (one per salted key and salt) is what lets a closed window's row be written.
+    pub fn opens_groups(&self) -> bool {
+        matches!(self, Message::Partial(_) | Message::Partials(_))
     }
 }
 

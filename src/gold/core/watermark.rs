@@ -41,6 +41,26 @@ pub fn bounded(
     event.map(|t| limit(limit(t, logged), clock))
 }
 
+/// Low bits of a recorded clock that carry the offset of the commit recording it (about a
+/// second of clock precision: `STRATA_MAX_EVENT_TIME_SKEW` is seconds).
+const CLOCK_OFFSET_BITS: u32 = 20;
+const CLOCK_OFFSET_MASK: i64 = (1 << CLOCK_OFFSET_BITS) - 1;
+
+/// The clock a commit of a partition's offsets up to `last` records (the `txn` version of
+/// Gold's clock): `clock` (microseconds) rounded down to about a second, its low bits the low
+/// bits of `last`. [`recorded_clock`] only accepts it back for that offset, so a commit that
+/// recorded no clock (a replica of an older version) cannot lend an earlier commit's clock to a
+/// replay of its epoch.
+pub fn clock_version(clock: i64, last: i64) -> i64 {
+    (clock & !CLOCK_OFFSET_MASK) | (last & CLOCK_OFFSET_MASK)
+}
+
+/// The clock in `version` when it was recorded by the commit of offsets up to `last`; the same
+/// value [`clock_version`] bounds the first run with.
+pub fn recorded_clock(version: i64, last: i64) -> Option<i64> {
+    (version & CLOCK_OFFSET_MASK == last & CLOCK_OFFSET_MASK).then_some(version & !CLOCK_OFFSET_MASK)
+}
+
 /// Whether a window ending at `window_end` is final for a row that meets `watermark`: the
 /// watermark has reached its end plus the allowed lateness.
 pub fn is_final(window_end: i64, lateness: i64, watermark: Option<i64>) -> bool {
@@ -123,6 +143,18 @@ mod tests {
             let event = now + 1_000 * (i as i64 - 30);
             let end = (event.div_euclid(60_000_000) + 1) * 60_000_000;
             assert!(!is_final(end, 0, *w), "{i}: {w:?}");
+        }
+    }
+
+    #[test]
+    fn a_recorded_clock_is_read_back_only_for_its_own_commit() {
+        let clock = 1_700_000_000_123_456;
+        for last in [0, 7, 1 << 20, (1 << 40) + 12_345, i64::MAX] {
+            let version = clock_version(clock, last);
+            let back = recorded_clock(version, last).expect("its own commit");
+            assert!(back <= clock && clock - back < 1_100_000, "{back} for {clock}");
+            assert_eq!(recorded_clock(version, last + 1), None);
+            assert_eq!(recorded_clock(version, last - 1), None);
         }
     }
 
