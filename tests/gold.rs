@@ -704,7 +704,11 @@ async fn gold_is_exact_through_random_restarts_of_three_replicas() {
     assert_gold(&gold, &expected);
     assert!(late_rows(&setup).await.is_empty(), "events counted late");
     for replica in &mut replicas {
-        assert!(replica.is_running(), "a replica died:\n{}", replica.tail(30));
+        assert!(
+            replica.is_running(),
+            "a replica died:\n{}",
+            replica.tail(30)
+        );
     }
     for replica in replicas {
         replica.stop(Duration::from_secs(45));

@@ -139,7 +139,10 @@ impl Replica {
                     last_offsets
                         .iter()
                         .map(|(tp, last)| {
-                            (table.committer.side_app_id(CLOCK, tp), clock_version(clock, *last))
+                            (
+                                table.committer.side_app_id(CLOCK, tp),
+                                clock_version(clock, *last),
+                            )
                         })
                         .collect()
                 } else {
@@ -204,7 +207,8 @@ impl Replica {
                                 if let Some(gold) = self.gold.as_mut().filter(|g| g.table == index)
                                 {
                                     // The clock as the commit recorded it (what a replay reads).
-                                    let recorded = recorded_clock(clock_version(clock, *last), *last);
+                                    let recorded =
+                                        recorded_clock(clock_version(clock, *last), *last);
                                     gold.committed(tp, *last, part.batches.clone(), recorded);
                                 }
                                 if let Some(newest) =
