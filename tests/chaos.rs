@@ -26,25 +26,9 @@ impl Rng {
     }
 }
 
-fn setting(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_restarted_at_random_while_data_flows_lose_and_duplicate_nothing() {
-    let restarts = setting("STRATA_CHAOS_RESTARTS", 4);
-    let seed = setting(
-        "STRATA_CHAOS_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(7)
-            | 1,
-    );
-    eprintln!("chaos: {restarts} restarts, STRATA_CHAOS_SEED={seed}");
+    let (restarts, seed) = common::chaos_run("chaos");
     let mut rng = Rng(seed);
     let setup = Setup::new("chaos", 6).await;
     let mut replicas: Vec<Replica> = (0..3).map(|_| setup.spawn(&[])).collect();

@@ -90,6 +90,25 @@ fn skewed(
     events
 }
 
+/// One event for each of `keys` distinct customers, over two partitions, all in one whole
+/// minute ten minutes back: the window closes once the partitions go idle.
+fn distinct_keys_in_one_window(keys: i64) -> Vec<Event> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let base = (now / 60 - 10) * 60 * SECOND;
+    (0..keys)
+        .map(|i| Event {
+            partition: (i % 2) as i32,
+            order_id: i,
+            customer: format!("customer-{i:07}"),
+            amount: 1.0 + (i % 100) as f64,
+            t: base + i * 50_000 / keys.max(1) * 1_000,
+        })
+        .collect()
+}
+
 /// Produces `events` to their partitions, in order, as Confluent-framed Avro (schema id 1).
 async fn produce(topic: &str, events: &[Event]) {
     produce_on(&brokers(), topic, events).await
@@ -638,22 +657,7 @@ async fn gold_is_exact_after_the_broker_is_killed_and_restarted_mid_run() {
 /// windows and the late table is empty: no partial lost or merged twice through any restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gold_is_exact_through_random_restarts_of_three_replicas() {
-    let setting = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(default)
-    };
-    let restarts = setting("STRATA_CHAOS_RESTARTS", 4);
-    let seed = setting(
-        "STRATA_CHAOS_SEED",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(7)
-            | 1,
-    );
-    eprintln!("gold chaos: {restarts} restarts, STRATA_CHAOS_SEED={seed}");
+    let (restarts, seed) = common::chaos_run("gold chaos");
     let mut rng = Rng(seed);
     let setup = Setup::new("gold-chaos", 4).await;
     let events = skewed(4, 1_000 + 250 * restarts as i64, 300, 1_000, seed);
@@ -894,21 +898,7 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
     const BUDGET: f64 = 1_048_576.0;
     const KEYS: i64 = 20_000;
     let setup = Setup::new("gold-budget", 2).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    // A whole minute ten minutes back: the window closes once the partitions go idle.
-    let base = (now / 60 - 10) * 60 * SECOND;
-    let events: Vec<Event> = (0..KEYS)
-        .map(|i| Event {
-            partition: (i % 2) as i32,
-            order_id: i,
-            customer: format!("customer-{i:05}"),
-            amount: 1.0 + (i % 100) as f64,
-            t: base + i * 50_000 / KEYS * 1_000,
-        })
-        .collect();
+    let events = distinct_keys_in_one_window(KEYS);
     let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
     produce(&setup.topic, &events).await;
     let env = gold_env("1m", "2", "0");
@@ -1047,21 +1037,7 @@ async fn a_window_of_many_distinct_keys_keeps_gold_state_small() {
     // tansu's sqlite storage) must not starve the other Gold tests running beside it.
     let broker = common::broker::PrivateBroker::start().await;
     let setup = Setup::on(&broker.brokers, "gold-many-keys", 2).await;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    // A whole minute ten minutes back: the window closes once the partitions go idle.
-    let base = (now / 60 - 10) * 60 * SECOND;
-    let events: Vec<Event> = (0..keys)
-        .map(|i| Event {
-            partition: (i % 2) as i32,
-            order_id: i,
-            customer: format!("customer-{i:07}"),
-            amount: 1.0 + (i % 100) as f64,
-            t: base + i * 50_000 / keys * 1_000,
-        })
-        .collect();
+    let events = distinct_keys_in_one_window(keys);
     produce_on(&broker.brokers, &setup.topic, &events).await;
     let mut env = gold_env("1m", "4", "0");
     env.retain(|(k, _)| *k != "STRATA_GOLD_AGGREGATES");

@@ -90,12 +90,7 @@ impl Claims {
     /// returns that delay.
     pub fn retry_later(&mut self, mut claim: Claim) -> Duration {
         claim.attempts += 1;
-        let delay = claim
-            .stall
-            .get_or_insert_with(|| Stall::new(Pace::Outage))
-            .again();
-        self.0.push(claim);
-        delay
+        self.defer(claim)
     }
 
     /// Keeps a claim that was not attempted (the stage cannot take it yet, not a failure), for

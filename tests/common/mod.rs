@@ -19,6 +19,23 @@ pub mod broker;
 pub mod s3_faults;
 pub mod secured;
 
+/// A chaos run's settings: how many restarts (`STRATA_CHAOS_RESTARTS`, 4 unless set) and the
+/// seed of its random choices (`STRATA_CHAOS_SEED`, from the clock unless set), printed so that
+/// a failing run can be replayed.
+pub fn chaos_run(what: &str) -> (u64, u64) {
+    let setting = |name: &str| std::env::var(name).ok().and_then(|v| v.parse().ok());
+    let restarts = setting("STRATA_CHAOS_RESTARTS").unwrap_or(4);
+    let seed = setting("STRATA_CHAOS_SEED").unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(7)
+            | 1
+    });
+    eprintln!("{what}: {restarts} restarts, STRATA_CHAOS_SEED={seed}");
+    (restarts, seed)
+}
+
 pub fn brokers() -> String {
     std::env::var("STRATA_TEST_BROKERS")
         .expect("STRATA_TEST_BROKERS is not set: run the integration tests with `make test`")
