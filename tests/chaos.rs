@@ -51,8 +51,12 @@ async fn replicas_restarted_at_random_while_data_flows_lose_and_duplicate_nothin
     }
     let last_restart = Instant::now();
     produced.extend(produce(&setup.topic, 1_500, 50, seed.wrapping_add(1_000)).await);
-    // A SIGKILLed member holds its partitions until its session expires.
+    // A SIGKILLed member holds its partitions until its session expires. tansu does not
+    // rebalance when a session expires (a Kafka broker does), only when a member joins or
+    // leaves: a replica joins once the dead members' sessions are over, which hands their
+    // partitions to the live ones.
     outlive_dead_member().await;
+    replicas.push(setup.spawn(&[]));
     let refs: Vec<&Replica> = replicas.iter().collect();
     setup.catch_up(&produced, &refs).await;
     eprintln!(
