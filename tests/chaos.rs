@@ -39,15 +39,8 @@ async fn replicas_restarted_at_random_while_data_flows_lose_and_duplicate_nothin
         produced.extend(produce(&setup.topic, 1_500, 50, seed.wrapping_add(round + 1)).await);
         tokio::time::sleep(Duration::from_millis(500 + rng.below(3_000))).await;
         let victim = rng.below(replicas.len() as u64) as usize;
-        let replica = replicas.swap_remove(victim);
-        if rng.below(2) == 0 {
-            eprintln!("round {round}: SIGKILL pid {}", replica.pid());
-            replica.sigkill();
-        } else {
-            eprintln!("round {round}: SIGTERM pid {}", replica.pid());
-            replica.stop(Duration::from_secs(45));
-        }
-        replicas.push(setup.spawn(&[]));
+        let kill = rng.below(2) == 0;
+        common::restart_one(&mut replicas, victim, kill, round, || setup.spawn(&[]));
     }
     let last_restart = Instant::now();
     produced.extend(produce(&setup.topic, 1_500, 50, seed.wrapping_add(1_000)).await);

@@ -350,6 +350,29 @@ fn gold_env<'a>(window: &'a str, partitions: &'a str, salts: &'a str) -> Vec<(&'
     ]
 }
 
+/// A replica that freezes right after sending its first epoch's partials, before recording the
+/// epoch as sent (failpoint `after_gold_send`), once it got there.
+async fn frozen_after_its_first_send(setup: &Setup, env: &[(&str, &str)]) -> common::Replica {
+    let replica = setup.spawn(
+        &[
+            env.to_vec(),
+            vec![("STRATA_FAILPOINT", "after_gold_send:1")],
+        ]
+        .concat(),
+    );
+    assert!(
+        replica
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED after_gold_send",
+                Duration::from_secs(120)
+            )
+            .await,
+        "the failpoint was not reached; log:\n{}",
+        replica.tail(40)
+    );
+    replica
+}
+
 /// Tumbling windows, 3 replicas, one key with about 40 % of the events. One replica freezes
 /// right after sending an epoch's partials and before recording it (failpoint
 /// `after_gold_send`), is SIGKILLed and restarted: the epoch is sent again from Kafka and
@@ -365,18 +388,7 @@ async fn tumbling_gold_is_exact_under_skew_through_a_sigkill() {
     let env = gold_env("1m", "6", "4");
     // The first replica alone takes every partition and freezes after its first epoch's
     // partials went out, before the epoch is recorded as sent.
-    let first =
-        setup.spawn(&[env.clone(), vec![("STRATA_FAILPOINT", "after_gold_send:1")]].concat());
-    assert!(
-        first
-            .wait_log(
-                "STRATA_FAILPOINT_REACHED after_gold_send",
-                Duration::from_secs(120)
-            )
-            .await,
-        "the failpoint was not reached; log:\n{}",
-        first.tail(40)
-    );
+    let first = frozen_after_its_first_send(&setup, &env).await;
     let second = setup.spawn(&env);
     let third = setup.spawn(&env);
     first.sigkill();
@@ -681,15 +693,8 @@ async fn gold_is_exact_through_random_restarts_of_three_replicas() {
         produce(&setup.topic, pieces.next().unwrap_or_default()).await;
         tokio::time::sleep(Duration::from_millis(500 + rng.below(3_000))).await;
         let victim = rng.below(replicas.len() as u64) as usize;
-        let replica = replicas.swap_remove(victim);
-        if rng.below(2) == 0 {
-            eprintln!("round {round}: SIGKILL pid {}", replica.pid());
-            replica.sigkill();
-        } else {
-            eprintln!("round {round}: SIGTERM pid {}", replica.pid());
-            replica.stop(Duration::from_secs(45));
-        }
-        replicas.push(setup.spawn(&env));
+        let kill = rng.below(2) == 0;
+        common::restart_one(&mut replicas, victim, kill, round, || setup.spawn(&env));
     }
     let last_restart = Instant::now();
     for piece in pieces {
@@ -769,18 +774,7 @@ async fn events_dated_a_day_ahead_do_not_make_later_events_late() {
     // the same clock (the one recorded with the Silver commit), or its replay would differ from
     // what was sent (late rows, a watermark a day ahead).
     let env = gold_env("1m", "3", "2");
-    let first =
-        setup.spawn(&[env.clone(), vec![("STRATA_FAILPOINT", "after_gold_send:1")]].concat());
-    assert!(
-        first
-            .wait_log(
-                "STRATA_FAILPOINT_REACHED after_gold_send",
-                Duration::from_secs(120)
-            )
-            .await,
-        "the failpoint was not reached; log:\n{}",
-        first.tail(40)
-    );
+    let first = frozen_after_its_first_send(&setup, &env).await;
     first.sigkill();
     outlive_dead_member().await;
     let _replica = setup.spawn(&env);

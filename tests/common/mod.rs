@@ -36,6 +36,26 @@ pub fn chaos_run(what: &str) -> (u64, u64) {
     (restarts, seed)
 }
 
+/// One round of a chaos run: the replica at `victim` goes, by SIGKILL (`kill`) or SIGTERM, and
+/// a new one (`spawn`) takes its place.
+pub fn restart_one(
+    replicas: &mut Vec<Replica>,
+    victim: usize,
+    kill: bool,
+    round: u64,
+    spawn: impl FnOnce() -> Replica,
+) {
+    let replica = replicas.swap_remove(victim);
+    if kill {
+        eprintln!("round {round}: SIGKILL pid {}", replica.pid());
+        replica.sigkill();
+    } else {
+        eprintln!("round {round}: SIGTERM pid {}", replica.pid());
+        replica.stop(Duration::from_secs(45));
+    }
+    replicas.push(spawn());
+}
+
 pub fn brokers() -> String {
     std::env::var("STRATA_TEST_BROKERS")
         .expect("STRATA_TEST_BROKERS is not set: run the integration tests with `make test`")
