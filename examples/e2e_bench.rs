@@ -9,7 +9,8 @@
 //! Each consumer is timed from its first record to its last (Strata: to the last row committed),
 //! so group joins do not count. CPU time is the process's user + system time over the phase, from
 //! `/proc/self/stat`, so it includes librdkafka's threads; peak RSS is `VmHWM`, reset before each
-//! phase through `/proc/self/clear_refs`.
+//! phase through `/proc/self/clear_refs`. `STRATA_BENCH_TRACE=1` prints, every 250 ms of a Strata
+//! phase, the records consumed and committed so far (how the broker's bursts and the flushes line up).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -228,8 +229,9 @@ async fn main() -> anyhow::Result<()> {
                 ));
                 let (flushes, flush_secs) = run.metrics.flush_seconds();
                 let waited = run.metrics.source_waiting_seconds();
+                let early = run.metrics.caught_up_flushes();
                 lines.push(format!(
-                    "{:<26}{flushes} flushes took {flush_secs:.1}s in all ({:.0}% of the run); the source waited {waited:.1}s for room in the pipeline, so fetching went on during at least {:.0}% of the flush time",
+                    "{:<26}{flushes} flushes ({early} on catching up) took {flush_secs:.1}s in all ({:.0}% of the run); the source waited {waited:.1}s for room in the pipeline, so fetching went on during at least {:.0}% of the flush time",
                     "  flush overlap",
                     100.0 * flush_secs / phase.secs,
                     100.0 * (1.0 - (waited / flush_secs.max(f64::MIN_POSITIVE)).min(1.0))

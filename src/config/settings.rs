@@ -30,6 +30,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_DLQ_PARTITIONS", default: "source", help: "Partitions of a dead-letter topic Strata creates: `source` (as many as its Bronze topic, so a whole writer version refused can flow there as fast as it arrives) or a number." },
     Setting { var: "STRATA_DLQ_REPLICATION", default: "cluster", help: "Replication factor of a dead-letter topic Strata creates: `cluster` (the broker's default.replication.factor) or a number." },
     Setting { var: "STRATA_FLUSH_INTERVAL", default: "30s", help: "Longest time a record waits in memory before its file is committed (ms, s, m, h)." },
+    Setting { var: "STRATA_FLUSH_CAUGHT_UP_ROWS", default: "100000", help: "When the replica has read every assigned partition to its end, a flush starts at once, before STRATA_FLUSH_INTERVAL ends, if at least this many rows wait or no flush came for a whole interval: a backlog's tail and a burst are committed at once, while a steady trickle still commits once per interval (few, larger files)." },
     Setting { var: "STRATA_FILE_MAX_ROWS", default: "1000000", help: "A flush starts, and a file rolls, at this many buffered rows." },
     Setting { var: "STRATA_FILE_MAX_BYTES", default: "134217728", help: "A flush starts, and a file rolls, at this many buffered bytes (the memory budget of the Silver buffer)." },
     Setting { var: "STRATA_PARQUET_COMPRESSION", default: "zstd", help: "Parquet compression: zstd, snappy or none." },

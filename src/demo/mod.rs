@@ -85,7 +85,22 @@ pub async fn run_until_caught_up(
     let gold = config.gold.clone();
     let replica = tokio::spawn(crate::app::run(config, metrics.clone(), shutdown.clone()));
     let mut first_record = None;
+    let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
+    let mut traced = Instant::now();
     let caught_up = loop {
+        if trace && traced.elapsed() >= Duration::from_millis(250) {
+            traced = Instant::now();
+            let committed: i64 = last_offsets
+                .keys()
+                .filter_map(|p| metrics.committed_offset(topic, *p))
+                .map(|o| o + 1)
+                .sum();
+            eprintln!(
+                "{:>7.2}s consumed {:>8} committed {committed:>8}",
+                started.elapsed().as_secs_f64(),
+                metrics.records_consumed()
+            );
+        }
         if first_record.is_none() && metrics.records_consumed() > 0 {
             first_record = Some(started.elapsed());
         }

@@ -580,6 +580,8 @@ impl Job {
                 self.metrics.gold_partials_resumed(&partition);
                 Ok(())
             }
+            // Stage 2 commits on its own clock (the commit interval), not on its source's pace.
+            SourceEvent::CaughtUp => Ok(()),
         }
     }
 

@@ -66,6 +66,9 @@ pub enum SourceEvent {
     },
     /// (Strict sources only.) A partition stopped out of range was sought back into range.
     InRange(TopicPartition),
+    /// Every assigned partition has been read to its end (as of the broker's last fetch answer),
+    /// after records were handed over: nothing more is waiting to be read right now.
+    CaughtUp,
 }
 
 /// What the pipeline asks of the source.
@@ -114,6 +117,9 @@ struct SourceContext {
     /// Answered partitions not started yet: the offset to seek to (`None`: no answer came, so
     /// the partition stays paused until it is revoked).
     seeking: Mutex<HashMap<TopicPartition, Option<Offset>>>,
+    /// Where each partition was last sought to (its start, or a seek back): a partition that
+    /// gave no record since stands there (see `caught_up`).
+    sought: Mutex<HashMap<TopicPartition, Offset>>,
 }
 
 /// An assignment waiting for the stage to say where its partitions resume.
@@ -209,6 +215,10 @@ impl SourceContext {
 
     fn seeking(&self) -> MutexGuard<'_, HashMap<TopicPartition, Option<Offset>>> {
         self.seeking.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn sought(&self) -> MutexGuard<'_, HashMap<TopicPartition, Offset>> {
+        self.sought.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Partitions that stay paused whatever else happens: stopped out of range, held by the
@@ -529,6 +539,7 @@ impl Source {
             starts: Mutex::default(),
             claiming: Mutex::default(),
             seeking: Mutex::default(),
+            sought: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -645,6 +656,8 @@ fn poll_loop(
     let mut copier = Copier::new();
     // Since when the pipeline has had no room for what the source holds (see `wait_for_room`).
     let mut waiting_since: Option<Instant> = None;
+    // Records were handed over since the last `CaughtUp`.
+    let mut handed = false;
     while !stop.load(Ordering::Relaxed) {
         // Before the stage's commands: a stage sends a partition's `Seek` only after answering
         // its assignment, so the answer's seek must not come after it.
@@ -689,6 +702,7 @@ fn poll_loop(
                             outbox.queue.push_back(SourceEvent::Reseeked(tp, offset));
                             continue;
                         }
+                        context.sought().insert(tp.clone(), Offset::Offset(offset));
                         if context.strict {
                             recheck_after_seek(&consumer, &tp, offset);
                         }
@@ -739,10 +753,12 @@ fn poll_loop(
         let deadline = Instant::now() + Duration::from_millis(50);
         let mut timeout = Duration::from_millis(100);
         let mut polled = 0u32;
+        let mut idle = false;
         loop {
             match consumer.poll(timeout) {
                 Some(Ok(message)) => {
                     let record = copier.record(&message);
+                    handed = true;
                     let mut outbox = context.outbox();
                     outbox.push(record);
                     if !outbox.queue.is_empty() {
@@ -767,10 +783,21 @@ fn poll_loop(
                     }
                     break;
                 }
-                None => break,
+                None => {
+                    idle = true;
+                    break;
+                }
             }
         }
-        context.outbox().close();
+        {
+            let mut outbox = context.outbox();
+            outbox.close();
+            // Only when the queue ran dry, so the check costs nothing while records flow.
+            if idle && handed && caught_up(&consumer) {
+                handed = false;
+                outbox.queue.push_back(SourceEvent::CaughtUp);
+            }
+        }
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
     }
@@ -787,6 +814,58 @@ fn poll_loop(
         let _ = consumer.poll(Duration::from_millis(100));
     }
     drop(consumer);
+}
+
+/// Whether every assigned partition stands at its end, as the broker's last fetch answer gave it
+/// (the cached high watermark: no request is made). A partition no fetch has answered for yet
+/// (paused, not started, or its first fetch under way) is not. One that gave no record yet stands
+/// where it was sought to. Called only when the queue ran dry, so no fetched record still waits.
+fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
+    let Ok(positions) = consumer.position() else {
+        return false;
+    };
+    let sought = consumer.context().sought();
+    positions.elements().iter().all(|e| {
+        let Some((low, high)) = cached_watermarks(consumer, e.topic(), e.partition()) else {
+            return false;
+        };
+        let next = match e.offset() {
+            Offset::Offset(next) => Some(next),
+            _ => match sought.get(&TopicPartition::new(e.topic(), e.partition())) {
+                Some(Offset::Offset(next)) => Some(*next),
+                Some(Offset::Beginning) => Some(low.max(0)),
+                _ => None,
+            },
+        };
+        next.is_some_and(|next| next >= high)
+    })
+}
+
+/// The low and high watermarks of `topic`/`partition` from the consumer's last fetch answer
+/// (`rd_kafka_get_watermark_offsets`, which rust-rdkafka does not wrap; it reads librdkafka's
+/// cache and never asks the broker). `None` until a fetch answered.
+#[allow(unsafe_code)]
+fn cached_watermarks(
+    consumer: &BaseConsumer<SourceContext>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` is borrowed, `topic` is a NUL-terminated
+    // string that outlives the call, and librdkafka only reads its cache under its own lock and
+    // writes the two out-parameters.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low, high))
 }
 
 /// Starts the partitions whose assignment the stage answered: each seeks to where it resumes
@@ -855,6 +934,7 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
         match consumer.seek(&tp.topic, tp.partition, offset, Duration::from_secs(10)) {
             Ok(()) => {
                 let _ = started.add_partition(&tp.topic, tp.partition);
+                context.sought().insert(tp.clone(), offset);
                 done.push(tp);
             }
             Err(e) => {

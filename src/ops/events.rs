@@ -417,6 +417,16 @@ impl Metrics {
         self.flush_duration.observe(took.as_secs_f64());
     }
 
+    /// A flush started early: the replica caught up with enough rows waiting.
+    pub fn caught_up_flush(&self) {
+        self.caught_up_flushes.inc();
+    }
+
+    /// Flushes started early because the replica caught up, so far.
+    pub fn caught_up_flushes(&self) -> u64 {
+        self.caught_up_flushes.get()
+    }
+
     /// Records skipped because a table already holds their offsets (replays).
     pub fn skipped_duplicates(&self, tp: &TopicPartition, records: usize) {
         self.records_skipped_duplicate

@@ -46,6 +46,7 @@ pub struct Metrics {
     pub(super) schema_ids_seen: IntGauge,
     pub(super) flush_duration: Histogram,
     pub(super) source_waiting: prometheus::Counter,
+    pub(super) caught_up_flushes: prometheus::IntCounter,
     pub(super) kafka_errors: IntCounter,
     pub(super) checkpoint_version: IntGaugeVec,
     pub(super) maintenance: IntCounterVec,
@@ -112,6 +113,15 @@ impl Metrics {
         .expect("static");
         registry
             .register(Box::new(source_waiting.clone()))
+            .expect("metric registered once");
+        let caught_up_flushes = prometheus::IntCounter::new(
+            "strata_flushes_caught_up_total",
+            "Flushes started before STRATA_FLUSH_INTERVAL ended because the replica had read \
+             every assigned partition to its end (see STRATA_FLUSH_CAUGHT_UP_ROWS).",
+        )
+        .expect("static");
+        registry
+            .register(Box::new(caught_up_flushes.clone()))
             .expect("metric registered once");
         let flush_duration = Histogram::with_opts(
             HistogramOpts::new(
@@ -301,6 +311,7 @@ impl Metrics {
             ),
             flush_duration,
             source_waiting,
+            caught_up_flushes,
             kafka_errors,
             checkpoint_version: gauge(
                 &registry,

@@ -123,6 +123,8 @@ pub struct Replica {
     pub(super) advised: (HashMap<TopicPartition, i64>, Instant),
     /// The clock of the flush under way, kept across its retries (see `flush`).
     pub(super) flush_clock: Option<i64>,
+    /// When the last flush that committed rows ended.
+    pub(super) flushed_at: Option<Instant>,
 }
 
 /// How often consumed positions are committed to the group.
@@ -159,6 +161,7 @@ impl Replica {
             claims: Default::default(),
             advised: (HashMap::new(), Instant::now()),
             flush_clock: None,
+            flushed_at: None,
         }
     }
 
@@ -215,7 +218,8 @@ impl Replica {
             }
             SourceEvent::Reseeked(..)
             | SourceEvent::OutOfRange { .. }
-            | SourceEvent::InRange(_) => {}
+            | SourceEvent::InRange(_)
+            | SourceEvent::CaughtUp => {}
         }
     }
 
@@ -257,6 +261,23 @@ impl Replica {
             }
             // Bronze is consumed from the earliest record when an offset is out of range.
             SourceEvent::OutOfRange { .. } | SourceEvent::InRange(_) => Ok(()),
+            // Nothing more to read now. Rows that are worth a file need not wait out the interval,
+            // and neither need the first rows after a quiet interval: a backlog's tail and a burst
+            // are committed at once, while a steady trickle still commits once per interval.
+            SourceEvent::CaughtUp => {
+                let (rows, _) = self.tables.buffered();
+                let quiet = self
+                    .flushed_at
+                    .is_none_or(|at| at.elapsed() >= self.config.flush_interval);
+                if rows > 0
+                    && (rows >= self.config.flush_caught_up_rows || quiet)
+                    && self.stalled.is_none()
+                {
+                    self.metrics.caught_up_flush();
+                    self.flush().await?;
+                }
+                Ok(())
+            }
         }
     }
 
