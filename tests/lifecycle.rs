@@ -114,96 +114,62 @@ async fn rolling_restart_of_every_replica_loses_and_duplicates_nothing() {
     }
 }
 
-/// A replica the group gives no partition (more replicas than partitions) is still ready: a
-/// readiness probe that never passed would block rolling updates of the whole Deployment.
-/// A replica that has read every partition to its end commits a backlog at once instead of
-/// waiting out a long flush interval; right after that, a trickle below
-/// `STRATA_FLUSH_CAUGHT_UP_ROWS` waits (few, larger files) until enough rows join it; the final
-/// flush at SIGTERM commits the rest, and the table is exact.
+/// A replica that has read every partition to its end commits at once when an interval has
+/// passed since its last commit (here since its start), instead of holding the rows for an
+/// interval of their own; right after that commit, a trickle waits for the interval as before, so
+/// a flush still comes at most about once per interval. The table is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_caught_up_replica_commits_its_backlog_without_waiting_out_the_interval() {
-    let setup = Setup::new("caught-up", 3).await;
-    let mut produced = produce(&setup.topic, 6_000, 1_000, 61).await;
-    let replica = setup.spawn(&[
-        ("STRATA_FLUSH_INTERVAL", "1h"),
-        ("STRATA_FLUSH_CAUGHT_UP_ROWS", "1000"),
-    ]);
+async fn a_caught_up_replica_commits_at_once_an_interval_after_its_last_commit() {
+    let setup = Setup::new("caught-up", 2).await;
+    let replica = setup.spawn(&[("STRATA_FLUSH_INTERVAL", "10s")]);
+    replica
+        .wait_metric("strata_assigned_partitions", 2.0, "partitions assigned")
+        .await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let mut produced = produce(&setup.topic, 2_000, 1_000, 65).await;
+    let sent = Instant::now();
     assert!(
-        setup.wait_for(&produced, Duration::from_secs(90)).await,
-        "the backlog was not committed before the 1 h interval; log:\n{}",
+        setup.wait_for(&produced, Duration::from_secs(5)).await,
+        "not committed within 5 s of sending, with a 10 s interval; log:\n{}",
         replica.tail(30)
     );
+    eprintln!("committed {:?} after sending", sent.elapsed());
     let early = replica
         .metric("strata_flushes_caught_up_total")
         .await
         .unwrap_or(0.0);
     assert!(early >= 1.0, "flushes started on catching up: {early}");
 
-    // A trickle: read, and left buffered.
+    // A trickle right after that commit: read, and held for the interval.
     let before = setup.progress().await;
-    let more = produce(&setup.topic, 50, 1_000, 62).await;
+    let trickle = produce(&setup.topic, 50, 1_000, 66).await;
+    let sent = Instant::now();
     replica
         .wait_metric(
             "strata_records_consumed_total",
-            6_050.0,
+            2_050.0,
             "the trickle was read",
         )
         .await;
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         setup.progress().await,
         before,
-        "50 rows, below the threshold, wait for the interval"
+        "the trickle waits for the interval after the last commit"
     );
-    assert_eq!(
-        replica.metric("strata_flushes_caught_up_total").await,
-        Some(early),
-        "no early flush for the trickle"
-    );
-    // Enough rows join the trickle: committed at once, though a flush came moments ago.
-    produced.extend(more);
-    let burst = produce(&setup.topic, 3_000, 1_000, 63).await;
-    produced.extend(burst);
+    produced.extend(trickle);
     assert!(
-        setup.wait_for(&produced, Duration::from_secs(60)).await,
-        "3,050 rows waited for the 1 h interval; log:\n{}",
+        setup.wait_for(&produced, Duration::from_secs(20)).await,
+        "the trickle was not committed after the interval; log:\n{}",
         replica.tail(30)
     );
-    let tail = produce(&setup.topic, 20, 1_000, 64).await;
-    produced.extend(tail);
-    replica
-        .wait_metric(
-            "strata_records_consumed_total",
-            9_070.0,
-            "the tail was read",
-        )
-        .await;
+    eprintln!("trickle committed {:?} after sending", sent.elapsed());
     replica.stop(Duration::from_secs(30));
     setup.assert_exact(&produced).await;
 }
 
-/// The first rows after a quiet interval are committed as soon as the replica has read them, even
-/// far below `STRATA_FLUSH_CAUGHT_UP_ROWS`: no flush came for a whole interval, so an early one
-/// adds no commits to a steady trickle.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rows_after_a_quiet_interval_are_committed_once_read() {
-    let setup = Setup::new("quiet", 2).await;
-    let produced = produce(&setup.topic, 2_000, 1_000, 65).await;
-    let started = Instant::now();
-    let replica = setup.spawn(&[
-        ("STRATA_FLUSH_INTERVAL", "60s"),
-        ("STRATA_FLUSH_CAUGHT_UP_ROWS", "1000000"),
-    ]);
-    assert!(
-        setup.wait_for(&produced, Duration::from_secs(40)).await,
-        "not committed within 40 s of start, with a 60 s interval; log:\n{}",
-        replica.tail(30)
-    );
-    eprintln!("committed {:?} after the start", started.elapsed());
-    replica.stop(Duration::from_secs(30));
-    setup.assert_exact(&produced).await;
-}
-
+/// A replica the group gives no partition (more replicas than partitions) is still ready: a
+/// readiness probe that never passed would block rolling updates of the whole Deployment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_without_partitions_is_ready() {
     let setup = Setup::new("idle", 1).await;

@@ -137,8 +137,6 @@ pub struct Config {
     pub dead_letters: DeadLetterConfig,
     pub flush_interval: Duration,
     pub file_max_rows: usize,
-    /// Rows that flush at once when the source has caught up (`STRATA_FLUSH_CAUGHT_UP_ROWS`).
-    pub flush_caught_up_rows: usize,
     pub file_max_bytes: usize,
     pub compression: Compression,
     /// `compression.type` of the dead-letter and partials producers.
@@ -176,7 +174,6 @@ impl std::fmt::Debug for Config {
             .field("lake_url", &self.lake_url)
             .field("flush_interval", &self.flush_interval)
             .field("file_max_rows", &self.file_max_rows)
-            .field("flush_caught_up_rows", &self.flush_caught_up_rows)
             .field("file_max_bytes", &self.file_max_bytes)
             .field("compression", &self.compression)
             .field("producer_compression", &self.producer_compression)
@@ -452,7 +449,6 @@ impl Config {
             dead_letters: DeadLetterConfig::from_vars(&get, &vars)?,
             flush_interval,
             file_max_rows: parse_usize("STRATA_FILE_MAX_ROWS")?,
-            flush_caught_up_rows: parse_usize("STRATA_FLUSH_CAUGHT_UP_ROWS")?,
             file_max_bytes: parse_usize("STRATA_FILE_MAX_BYTES")?,
             compression,
             producer_compression,

@@ -45,7 +45,6 @@ fn bad_values_name_the_variable() {
     for (var, value) in [
         ("STRATA_FLUSH_INTERVAL", "soon"),
         ("STRATA_FILE_MAX_ROWS", "0"),
-        ("STRATA_FLUSH_CAUGHT_UP_ROWS", "many"),
         ("STRATA_PARQUET_COMPRESSION", "lz5"),
         ("STRATA_LAKE_URL", "/tmp/lake"),
         ("STRATA_SCHEMA_REGISTRY_URL", "registry:8081"),

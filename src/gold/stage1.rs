@@ -27,7 +27,9 @@ use deltalake::arrow::datatypes::{
     DataType, Field, Schema, SchemaRef, TimeUnit, TimestampMicrosecondType,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka::producer::Producer;
 
 use super::core::epoch::{epoch_partials, preaggregate};
 use super::core::partial::{spec_fingerprint, BatchWriter, Message};
@@ -67,15 +69,16 @@ pub fn gold_name(gold: &GoldConfig, source_table: &str) -> String {
 
 /// A producer for the partials topic: idempotent and gapless, so a partition's messages arrive
 /// once each and in order (stage 2's replay detection relies on the order).
-pub fn partials_producer(config: &Config) -> Result<FutureProducer, KafkaError> {
-    crate::kafka::producer_config(
-        &config.brokers,
-        &config.kafka_properties,
-        config.producer_compression,
+pub fn partials_producer(config: &Config) -> Result<Producer, KafkaError> {
+    Producer::create(
+        crate::kafka::producer_config(
+            &config.brokers,
+            &config.kafka_properties,
+            config.producer_compression,
+        )
+        .set("enable.gapless.guarantee", "true")
+        .set("message.timeout.ms", "300000"),
     )
-    .set("enable.gapless.guarantee", "true")
-    .set("message.timeout.ms", "300000")
-    .create()
 }
 
 /// The partials topic's partition count, creating the topic when it is missing.
@@ -108,7 +111,7 @@ pub async fn ensure_partials_topic(config: &Config, gold: &GoldConfig) -> Result
 /// Sends `messages` in order (a queue-full is waited out, never reordered) and waits for every
 /// acknowledgement.
 pub async fn send_in_order(
-    producer: &FutureProducer,
+    producer: &Producer,
     topic: &str,
     messages: Vec<(i32, Option<Vec<u8>>, Vec<u8>)>,
 ) -> Result<(), KafkaError> {
@@ -133,11 +136,7 @@ pub async fn send_in_order(
         }
     }
     for delivery in deliveries {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(e),
-            Err(_) => return Err(KafkaError::Canceled),
-        }
+        delivery.await.map_err(|(e, _)| e)?;
     }
     Ok(())
 }
@@ -210,7 +209,7 @@ pub struct Emitter {
     fingerprint: u64,
     topic: String,
     partitions: i32,
-    producer: FutureProducer,
+    producer: Producer,
     late: TableCommitter,
     late_writer: SilverWriter,
     late_schema: SchemaRef,

@@ -143,7 +143,7 @@ struct Job {
     sources: Vec<SourcePartition>,
     keys: Vec<(String, KeyType)>,
     schema: deltalake::arrow::datatypes::SchemaRef,
-    producer: rdkafka::producer::FutureProducer,
+    producer: crate::kafka::producer::Producer,
     committer: TableCommitter,
     writer: SilverWriter,
     store: Arc<dyn ObjectStore>,

@@ -832,7 +832,8 @@ fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
         let next = match e.offset() {
             Offset::Offset(next) => Some(next),
             _ => match sought.get(&TopicPartition::new(e.topic(), e.partition())) {
-                Some(Offset::Offset(next)) => Some(*next),
+                // Below the earliest offset (retention deleted it), it resumed from the earliest.
+                Some(Offset::Offset(next)) => Some((*next).max(low)),
                 Some(Offset::Beginning) => Some(low.max(0)),
                 _ => None,
             },
@@ -841,9 +842,9 @@ fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
     })
 }
 
-/// The low and high watermarks of `topic`/`partition` from the consumer's last fetch answer
-/// (`rd_kafka_get_watermark_offsets`, which rust-rdkafka does not wrap; it reads librdkafka's
-/// cache and never asks the broker). `None` until a fetch answered.
+/// The low and high watermarks of an assigned `topic`/`partition` from the consumer's last fetch
+/// answer (`rd_kafka_get_watermark_offsets`, which rust-rdkafka does not wrap; it reads
+/// librdkafka's cache and never asks the broker). `None` until a fetch answered.
 #[allow(unsafe_code)]
 fn cached_watermarks(
     consumer: &BaseConsumer<SourceContext>,
@@ -853,8 +854,9 @@ fn cached_watermarks(
     let topic = std::ffi::CString::new(topic).ok()?;
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client pointer is valid while `consumer` is borrowed, `topic` is a NUL-terminated
-    // string that outlives the call, and librdkafka only reads its cache under its own lock and
-    // writes the two out-parameters.
+    // string that outlives the call, and the out-parameters are two live `i64`s. librdkafka takes
+    // its own locks; for a partition not known yet it would create it (and mark it desired), which
+    // is why this is only asked about assigned partitions.
     let err = unsafe {
         rdkafka::bindings::rd_kafka_get_watermark_offsets(
             consumer.client().native_ptr(),

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod claims;
 pub mod consumer;
 pub mod event_loop;
+pub mod producer;
 
 use std::collections::BTreeMap;
 

@@ -116,8 +116,8 @@ impl Metrics {
             .expect("metric registered once");
         let caught_up_flushes = prometheus::IntCounter::new(
             "strata_flushes_caught_up_total",
-            "Flushes started before STRATA_FLUSH_INTERVAL ended because the replica had read \
-             every assigned partition to its end (see STRATA_FLUSH_CAUGHT_UP_ROWS).",
+            "Flushes started as soon as the replica had read every assigned partition to its \
+             end, STRATA_FLUSH_INTERVAL after the last flush (not after the oldest row).",
         )
         .expect("static");
         registry

@@ -15,7 +15,9 @@ use std::time::Duration;
 use futures::future::join_all;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka::producer::Producer;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::DeadLetterConfig;
@@ -135,7 +137,7 @@ const SLOW_ACK: Duration = Duration::from_secs(10);
 pub struct Interrupted;
 
 pub struct DeadLetters {
-    producer: FutureProducer,
+    producer: Producer,
     topics: Topics,
     shutdown: CancellationToken,
 }
@@ -157,7 +159,7 @@ impl DeadLetters {
             config.set("message.max.bytes", "104857600");
         }
         Ok(Self {
-            producer: config.create()?,
+            producer: Producer::create(&config)?,
             topics: Topics {
                 admin: Admin::new(brokers, properties)?,
                 settings: settings.clone(),

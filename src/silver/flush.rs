@@ -263,7 +263,7 @@ impl Replica {
             self.metrics.buffered_bytes(bytes);
             self.oldest = None;
             self.flush_clock = None;
-            self.flushed_at = Some(Instant::now());
+            self.flushed_at = Instant::now();
             self.send_gold().await?;
             return Ok(());
         }

@@ -123,8 +123,8 @@ pub struct Replica {
     pub(super) advised: (HashMap<TopicPartition, i64>, Instant),
     /// The clock of the flush under way, kept across its retries (see `flush`).
     pub(super) flush_clock: Option<i64>,
-    /// When the last flush that committed rows ended.
-    pub(super) flushed_at: Option<Instant>,
+    /// When the last flush that committed rows ended (at first: when the replica started).
+    pub(super) flushed_at: Instant,
 }
 
 /// How often consumed positions are committed to the group.
@@ -161,7 +161,7 @@ impl Replica {
             claims: Default::default(),
             advised: (HashMap::new(), Instant::now()),
             flush_clock: None,
-            flushed_at: None,
+            flushed_at: Instant::now(),
         }
     }
 
@@ -261,18 +261,14 @@ impl Replica {
             }
             // Bronze is consumed from the earliest record when an offset is out of range.
             SourceEvent::OutOfRange { .. } | SourceEvent::InRange(_) => Ok(()),
-            // Nothing more to read now. Rows that are worth a file need not wait out the interval,
-            // and neither need the first rows after a quiet interval: a backlog's tail and a burst
-            // are committed at once, while a steady trickle still commits once per interval.
+            // Nothing more to read now. Once an interval has passed since the last flush, the rows
+            // waiting need not wait out an interval of their own: a burst, or a backlog's tail, is
+            // committed as soon as it is read. A flush still comes at most about once per
+            // interval, so a steady trickle makes no more commits (or files) than before.
             SourceEvent::CaughtUp => {
                 let (rows, _) = self.tables.buffered();
-                let quiet = self
-                    .flushed_at
-                    .is_none_or(|at| at.elapsed() >= self.config.flush_interval);
-                if rows > 0
-                    && (rows >= self.config.flush_caught_up_rows || quiet)
-                    && self.stalled.is_none()
-                {
+                let due = self.flushed_at.elapsed() >= self.config.flush_interval;
+                if rows > 0 && due && self.stalled.is_none() {
                     self.metrics.caught_up_flush();
                     self.flush().await?;
                 }
@@ -436,12 +432,9 @@ impl Replica {
         }
         for (index, batch) in batches {
             let table = &mut self.tables.list[index];
-            let part = table.parts.entry(tp.clone()).or_default();
-            part.rows += batch.num_rows();
-            part.bytes += batch.get_array_memory_size();
             self.metrics
                 .buffered(&tp, &table.name, batch.num_rows() as i64);
-            part.batches.push(batch);
+            table.buffer(&tp, batch);
         }
         if let Some(gold) = &mut self.gold {
             if let Some(batch) = replay {

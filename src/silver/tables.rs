@@ -15,6 +15,7 @@ use deltalake::kernel::Add;
 use crate::config::{Config, ReaderSchemas, SubjectStrategy};
 use crate::lake;
 use crate::lake::commit::{CommitError, TableCommitter};
+use crate::lake::files::rolling::RollingFiles;
 use crate::lake::files::{FilePolicy, SilverError, SilverWriter, WriteProgress};
 use crate::models::TopicPartition;
 use crate::ops::{Metrics, NotReady};
@@ -49,11 +50,19 @@ pub struct Uploads {
     /// A write that failed part-way: per partition the batches it covers (up to), and the files
     /// of it that landed.
     writing: Option<(BTreeMap<TopicPartition, usize>, WriteProgress)>,
+    /// Files being written in the background as rows are buffered, and per partition how many of
+    /// its buffered batches they take (its first ones, counted like `covered`). Dropping them
+    /// (any reset of the uploads) abandons those files.
+    rolling: Option<(RollingFiles, HashMap<TopicPartition, usize>)>,
 }
 
 impl Uploads {
     fn holds(&self, tp: &TopicPartition) -> bool {
         self.covered.contains_key(tp)
+            || self
+                .rolling
+                .as_ref()
+                .is_some_and(|(_, sent)| sent.contains_key(tp))
             || self
                 .writing
                 .as_ref()
@@ -200,10 +209,54 @@ impl SilverTable {
             .fold((0, 0), |(r, b), p| (r + p.rows, b + p.bytes))
     }
 
+    /// Buffers `batch`, rows of `tp`. While every batch buffered before it is in a file or on its
+    /// way into one, it goes to the rolling files too, which encode it beside decoding; otherwise
+    /// (after a failed flush, or when the rolling files failed) the flush writes it.
+    pub fn buffer(&mut self, tp: &TopicPartition, batch: RecordBatch) {
+        if self.uploads.rolling.is_none() && self.uploads.writing.is_none() {
+            let covered = &self.uploads.covered;
+            let all_covered = self
+                .parts
+                .iter()
+                .all(|(tp, p)| p.batches.len() == covered.get(tp).copied().unwrap_or(0));
+            if all_covered {
+                let files = RollingFiles::start(self.writer.clone());
+                self.uploads.rolling = Some((files, covered.clone()));
+            }
+        }
+        let part = self.parts.entry(tp.clone()).or_default();
+        part.rows += batch.num_rows();
+        part.bytes += batch.get_array_memory_size();
+        part.batches.push(batch.clone());
+        let count = part.batches.len();
+        if let Some((files, sent)) = &mut self.uploads.rolling {
+            let in_step = sent.get(tp).copied().unwrap_or(0) + 1 == count;
+            if in_step && files.push(batch) {
+                sent.insert(tp.clone(), count);
+            } else {
+                // The task failed: what it wrote is not taken, and the flush writes these rows.
+                self.uploads.rolling = None;
+            }
+        }
+    }
+
     /// Uploads the buffered batches of `partitions` that no file holds yet, and returns every
     /// uploaded, uncommitted file of them. On an error the files that landed are kept, so the
     /// next call uploads only the rest.
     pub async fn upload(&mut self, partitions: &[TopicPartition]) -> Result<Vec<Add>, SilverError> {
+        if let Some((files, sent)) = self.uploads.rolling.take() {
+            // Most of the encoding is done by now: only the open files' last row groups remain.
+            match files.finish().await {
+                Ok(added) => {
+                    self.uploads.files.extend(added);
+                    self.uploads.covered.extend(sent);
+                }
+                Err(e) => {
+                    tracing::warn!(table = %self.name, error = %e,
+                        "rolling files failed; writing their rows from the buffer");
+                }
+            }
+        }
         if self
             .uploads
             .covered

@@ -63,6 +63,7 @@ pub struct WriteProgress {
 }
 
 /// Writes Silver files for one table.
+#[derive(Clone)]
 pub struct SilverWriter {
     /// The files' schema: the table's columns as this replica writes them (see `lake::evolution::plan_evolution`).
     schema: SchemaRef,
@@ -141,58 +142,11 @@ impl SilverWriter {
         // buffer is made: each file takes its rows from the batches piece by piece.
         let mut groups: BTreeMap<(i32, i32), HourRows> = BTreeMap::new();
         for (index, batch) in conformed.iter().enumerate() {
-            let times = batch
-                .column_by_name(&self.event_time_field)
-                .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
-                .ok_or_else(|| {
-                    deltalake::arrow::error::ArrowError::SchemaError(format!(
-                        "event time column {} missing or not a timestamp",
-                        self.event_time_field
-                    ))
-                })?;
-            let mut of_batch: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
-            // Consecutive rows mostly share their hour: a run of them is added at once.
-            let mut run: Option<((i32, i32), u32)> = None;
-            for row in 0..batch.num_rows() {
-                // Rows without event time were rejected by the decoder; a null counts as epoch.
-                let micros = if times.is_null(row) {
-                    0
-                } else {
-                    times.value(row)
-                };
-                let hour = date_hour(micros);
-                match run {
-                    Some((current, _)) if current == hour => {}
-                    _ => {
-                        if let Some((previous, from)) = run {
-                            of_batch
-                                .entry(previous)
-                                .or_default()
-                                .extend(from..row as u32);
-                        }
-                        run = Some((hour, row as u32));
-                    }
-                }
-            }
-            if let Some((previous, from)) = run {
-                of_batch
-                    .entry(previous)
-                    .or_default()
-                    .extend(from..batch.num_rows() as u32);
-            }
-            for (hour, rows) in of_batch {
+            for (hour, rows) in self.hour_rows(batch)? {
                 groups.entry(hour).or_default().push((index, rows));
             }
         }
-        let memory: usize = conformed
-            .iter()
-            .map(RecordBatch::get_array_memory_size)
-            .sum();
-        let bytes_per_row = (memory / total_rows).max(1);
-        let rows_per_file = self
-            .policy
-            .max_rows
-            .min((self.policy.max_bytes / bytes_per_row).max(1));
+        let (bytes_per_row, rows_per_file) = self.sizing(&conformed);
 
         for ((days, hour), pieces) in groups {
             for (number, file) in split_rows(&pieces, rows_per_file).into_iter().enumerate() {
@@ -217,17 +171,74 @@ impl SilverWriter {
         Ok(())
     }
 
-    /// Encodes one file's rows piece by piece and streams it to the store: small files in one PUT,
-    /// large ones as a multipart upload, so a flush holds about one row group and one upload part
-    /// besides the buffer, never a copy of the buffer or a whole file.
-    async fn stream_file(
+    /// The rows of `batch` per (event date, hour), in order.
+    fn hour_rows(
         &self,
-        batches: &[RecordBatch],
-        pieces: &[(usize, &[u32])],
+        batch: &RecordBatch,
+    ) -> Result<BTreeMap<(i32, i32), Vec<u32>>, SilverError> {
+        let times = batch
+            .column_by_name(&self.event_time_field)
+            .and_then(|c| c.as_primitive_opt::<TimestampMicrosecondType>())
+            .ok_or_else(|| {
+                deltalake::arrow::error::ArrowError::SchemaError(format!(
+                    "event time column {} missing or not a timestamp",
+                    self.event_time_field
+                ))
+            })?;
+        let mut of_batch: BTreeMap<(i32, i32), Vec<u32>> = BTreeMap::new();
+        // Consecutive rows mostly share their hour: a run of them is added at once.
+        let mut run: Option<((i32, i32), u32)> = None;
+        for row in 0..batch.num_rows() {
+            // Rows without event time were rejected by the decoder; a null counts as epoch.
+            let micros = if times.is_null(row) {
+                0
+            } else {
+                times.value(row)
+            };
+            let hour = date_hour(micros);
+            match run {
+                Some((current, _)) if current == hour => {}
+                _ => {
+                    if let Some((previous, from)) = run {
+                        of_batch
+                            .entry(previous)
+                            .or_default()
+                            .extend(from..row as u32);
+                    }
+                    run = Some((hour, row as u32));
+                }
+            }
+        }
+        if let Some((previous, from)) = run {
+            of_batch
+                .entry(previous)
+                .or_default()
+                .extend(from..batch.num_rows() as u32);
+        }
+        Ok(of_batch)
+    }
+
+    /// Arrow bytes per row of `batches`, and the rows a file takes (`max_rows`, or fewer so
+    /// that it holds about `max_bytes` of Arrow memory).
+    fn sizing(&self, batches: &[RecordBatch]) -> (usize, usize) {
+        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        let memory: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        let bytes_per_row = (memory / rows.max(1)).max(1);
+        let rows_per_file = self
+            .policy
+            .max_rows
+            .min((self.policy.max_bytes / bytes_per_row).max(1));
+        (bytes_per_row, rows_per_file)
+    }
+
+    /// Opens the file of one (event date, hour) for streaming: its rows are encoded as they are
+    /// written, a row group at a time, and uploaded as they grow.
+    fn open_file(
+        &self,
         days: i32,
         hour: i32,
         bytes_per_row: usize,
-    ) -> Result<Add, SilverError> {
+    ) -> Result<OpenFile, SilverError> {
         let partition: HashMap<String, Option<String>> = [
             (PARTITION_COLUMNS[0].to_string(), Some(date_string(days))),
             (PARTITION_COLUMNS[1].to_string(), Some(hour.to_string())),
@@ -247,43 +258,104 @@ impl SilverWriter {
         let properties = writer_properties(self.policy.compression, &self.schema)
             .set_max_row_group_row_count(Some(row_group_rows))
             .build();
-        let mut writer = AsyncArrowWriter::try_new(upload, self.schema.clone(), Some(properties))?;
-        let mut rows = 0;
+        let writer = AsyncArrowWriter::try_new(upload, self.schema.clone(), Some(properties))?;
+        Ok(OpenFile {
+            writer,
+            relative,
+            partition,
+            rows: 0,
+        })
+    }
+
+    /// Encodes one file's rows piece by piece and streams it to the store: small files in one PUT,
+    /// large ones as a multipart upload, so a flush holds about one row group and one upload part
+    /// besides the buffer, never a copy of the buffer or a whole file.
+    async fn stream_file(
+        &self,
+        batches: &[RecordBatch],
+        pieces: &[(usize, &[u32])],
+        days: i32,
+        hour: i32,
+        bytes_per_row: usize,
+    ) -> Result<Add, SilverError> {
+        let mut file = self.open_file(days, hour, bytes_per_row)?;
         let written = async {
             for (index, indices) in pieces {
                 let Some(batch) = batches.get(*index) else {
                     continue;
                 };
-                // A piece of every row of its batch (one event hour in the chunk) needs no copy.
-                let piece = if indices.len() == batch.num_rows() {
-                    batch.clone()
-                } else {
-                    take_record_batch(batch, &UInt32Array::from(indices.to_vec()))?
-                };
-                rows += piece.num_rows();
                 // Encoding runs here, a piece (at most one source chunk) at a time; yielding
                 // between pieces keeps a long file from holding an async worker for its whole
                 // encoding (`spawn_blocking` per piece measured 27 MiB more peak RSS in one run,
                 // likely encoder buffers freed on other threads' malloc arenas).
-                writer.write(&piece).await?;
+                file.write(&rows_of(batch, indices)?).await?;
                 tokio::task::yield_now().await;
             }
-            writer.finish().await?;
             Ok::<(), SilverError>(())
         }
         .await;
-        if let Err(e) = written {
-            // A multipart upload left open would hold its parts until the bucket's lifecycle
-            // rule removes them: end it now, unless its shutdown (the last PUT, or completing
-            // the multipart upload) is what failed; it cannot be aborted after that.
-            let mut upload = writer.into_inner();
-            if !upload.shut_down {
-                let _ = upload.writer.abort().await;
+        match written {
+            Ok(()) => file.finish().await,
+            Err(e) => {
+                file.abort().await;
+                Err(e)
             }
-            return Err(e);
         }
-        let size = writer.bytes_written() as i64;
-        Ok(add_action(relative, partition, size, rows, true))
+    }
+}
+
+/// The rows `indices` of `batch`; all of them (one event hour in the chunk) need no copy.
+fn rows_of(batch: &RecordBatch, indices: &[u32]) -> Result<RecordBatch, SilverError> {
+    if indices.len() == batch.num_rows() {
+        Ok(batch.clone())
+    } else {
+        Ok(take_record_batch(
+            batch,
+            &UInt32Array::from(indices.to_vec()),
+        )?)
+    }
+}
+
+/// A Parquet file being encoded and streamed to the store.
+struct OpenFile {
+    writer: AsyncArrowWriter<Upload>,
+    relative: String,
+    partition: HashMap<String, Option<String>>,
+    rows: usize,
+}
+
+impl OpenFile {
+    async fn write(&mut self, rows: &RecordBatch) -> Result<(), SilverError> {
+        self.rows += rows.num_rows();
+        self.writer.write(rows).await?;
+        Ok(())
+    }
+
+    /// Writes the last row group and the footer, ends the upload, and describes the file.
+    async fn finish(mut self) -> Result<Add, SilverError> {
+        if let Err(e) = self.writer.finish().await {
+            self.abort().await;
+            return Err(e.into());
+        }
+        let size = self.writer.bytes_written() as i64;
+        Ok(add_action(
+            self.relative,
+            self.partition,
+            size,
+            self.rows,
+            true,
+        ))
+    }
+
+    /// Ends a file that will not be finished. A multipart upload left open would hold its parts
+    /// until the bucket's lifecycle rule removes them: it is aborted now, unless its shutdown
+    /// (the last PUT, or completing the multipart upload) is what failed; it cannot be aborted
+    /// after that.
+    async fn abort(self) {
+        let mut upload = self.writer.into_inner();
+        if !upload.shut_down {
+            let _ = upload.writer.abort().await;
+        }
     }
 }
 
@@ -475,3 +547,5 @@ fn encode_parquet(batch: &RecordBatch, compression: Compression) -> Result<Vec<u
 // The fixtures (generated orders) come with the `demo` feature, which `make test` turns on.
 #[cfg(all(test, feature = "demo"))]
 mod tests;
+
+pub mod rolling;

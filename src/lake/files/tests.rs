@@ -194,3 +194,118 @@ async fn a_refused_put_is_an_error_not_a_panic() {
     let written = writer.write(std::slice::from_ref(&batch)).await;
     assert!(written.is_err(), "the refused PUT went unnoticed");
 }
+
+/// Rolling files take the rows of the chunks handed to them, each exactly once: one event hour
+/// per file, rolled at `max_rows`, with more hours than files may be open at once; every file is
+/// in the store as its `add` describes it.
+#[tokio::test]
+async fn rolling_files_hold_every_row_once_in_its_hour() {
+    use deltalake::arrow::datatypes::Int64Type;
+    use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+    let (decoder, batch) = decoded_orders(3_000);
+    let store = Arc::new(object_store::memory::InMemory::new());
+    let writer = SilverWriter::new(
+        decoder.output_schema(),
+        "event_time",
+        FilePolicy {
+            max_rows: 400,
+            max_bytes: usize::MAX,
+            compression: Compression::Snappy,
+        },
+        store.clone(),
+    );
+    // Chunk i is moved i hours later, so chunks overlap in hours and reach more of them than
+    // files may be open at once.
+    let at = decoder.event_time_index();
+    let chunks: Vec<RecordBatch> = (0..batch.num_rows())
+        .step_by(250)
+        .enumerate()
+        .map(|(i, from)| {
+            let chunk = batch.slice(from, 250.min(batch.num_rows() - from));
+            let times = chunk.column(at).as_primitive::<TimestampMicrosecondType>();
+            let moved = times
+                .unary::<_, TimestampMicrosecondType>(|t| t + i as i64 * 3_600_000_000)
+                .with_data_type(times.data_type().clone());
+            let mut columns = chunk.columns().to_vec();
+            columns[at] = Arc::new(moved);
+            RecordBatch::try_new(chunk.schema(), columns).expect("chunk")
+        })
+        .collect();
+    let hours: BTreeSet<(i32, i32)> = chunks
+        .iter()
+        .flat_map(|c| {
+            let times = c.column(at).as_primitive::<TimestampMicrosecondType>();
+            (0..c.num_rows())
+                .map(|row| date_hour(times.value(row)))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        hours.len() > 4,
+        "more hours than open files: {}",
+        hours.len()
+    );
+
+    let files = rolling::RollingFiles::start(writer);
+    for chunk in &chunks {
+        assert!(files.push(chunk.clone()));
+    }
+    let adds = files.finish().await.expect("finish");
+    assert!(adds.len() >= hours.len(), "at least a file per hour");
+
+    let mut ids = Vec::new();
+    for add in &adds {
+        let bytes = store
+            .get(&Path::from(add.path.as_str()))
+            .await
+            .expect("uploaded")
+            .bytes()
+            .await
+            .expect("bytes");
+        assert_eq!(bytes.len() as i64, add.size);
+        let hour = (
+            add.partition_values["event_date"].clone().expect("date"),
+            add.partition_values["event_hour"].clone().expect("hour"),
+        );
+        let mut rows = 0;
+        for read in ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .expect("parquet")
+            .build()
+            .expect("reader")
+        {
+            let read = read.expect("batch");
+            rows += read.num_rows();
+            let times = read
+                .column_by_name("event_time")
+                .expect("event_time")
+                .as_primitive::<TimestampMicrosecondType>();
+            for row in 0..read.num_rows() {
+                let (days, h) = date_hour(times.value(row));
+                assert_eq!(
+                    (date_string(days), h.to_string()),
+                    hour,
+                    "a row in its own hour's file"
+                );
+            }
+            let id = read
+                .column_by_name("order_id")
+                .expect("order_id")
+                .as_primitive::<Int64Type>();
+            ids.extend(id.values().iter().copied());
+        }
+        assert!(rows <= 400, "rolled at max_rows: {rows}");
+        let stats: serde_json::Value =
+            serde_json::from_str(add.stats.as_deref().expect("stats")).expect("json");
+        assert_eq!(stats["numRecords"].as_i64(), Some(rows as i64));
+    }
+    let mut expected: Vec<i64> = batch
+        .column_by_name("order_id")
+        .expect("order_id")
+        .as_primitive::<Int64Type>()
+        .values()
+        .to_vec();
+    expected.sort_unstable();
+    ids.sort_unstable();
+    assert_eq!(ids, expected, "every row once");
+}
