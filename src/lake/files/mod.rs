@@ -223,6 +223,11 @@ impl SilverWriter {
     fn sizing(&self, batches: &[RecordBatch]) -> (usize, usize) {
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
         let memory: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
+        self.sizing_for(memory, rows)
+    }
+
+    /// [`SilverWriter::sizing`] of `rows` rows taking `memory` bytes of Arrow memory.
+    fn sizing_for(&self, memory: usize, rows: usize) -> (usize, usize) {
         let bytes_per_row = (memory / rows.max(1)).max(1);
         let rows_per_file = self
             .policy

@@ -11,26 +11,31 @@ use deltalake::arrow::array::RecordBatch;
 use deltalake::kernel::Add;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 use super::{rows_of, OpenFile, SilverError, SilverWriter};
 
-/// Files open at once: rows of another event hour finish the file of the earliest hour first, so
-/// a backlog spread over many hours holds at most this many encoders and upload buffers.
+/// Files open at once: rows of another event hour finish the file written to least recently
+/// first, so a backlog spread over many hours holds at most this many encoders and upload buffers.
 const MAX_OPEN: usize = 4;
 
 /// The background task that encodes and uploads the batches it is handed, in order.
 pub struct RollingFiles {
     batches: Option<mpsc::UnboundedSender<RecordBatch>>,
     task: JoinHandle<Result<Vec<Add>, SilverError>>,
+    /// Set when the files are abandoned: the task aborts its open uploads and ends.
+    abandoned: CancellationToken,
 }
 
 impl RollingFiles {
     /// Starts the task for files of `writer`'s table and schema.
     pub fn start(writer: SilverWriter) -> Self {
         let (sender, receiver) = mpsc::unbounded_channel();
+        let abandoned = CancellationToken::new();
         Self {
             batches: Some(sender),
-            task: tokio::spawn(roll(writer, receiver)),
+            task: tokio::spawn(roll(writer, receiver, abandoned.clone())),
+            abandoned,
         }
     }
 
@@ -50,48 +55,68 @@ impl RollingFiles {
 }
 
 impl Drop for RollingFiles {
-    /// Abandoned (its rows are dropped or written again): the files it made are never committed.
+    /// Abandoned (its rows are dropped or written again): the files it made are never committed,
+    /// and its open multipart uploads are aborted (vacuum never sees an unfinished upload).
     fn drop(&mut self) {
-        self.task.abort();
+        self.abandoned.cancel();
     }
 }
 
 async fn roll(
     writer: SilverWriter,
     mut batches: mpsc::UnboundedReceiver<RecordBatch>,
+    abandoned: CancellationToken,
 ) -> Result<Vec<Add>, SilverError> {
-    let mut open: BTreeMap<(i32, i32), OpenFile> = BTreeMap::new();
+    // Per event hour: the file and when it was last written to (a count of writes).
+    let mut open: BTreeMap<(i32, i32), (OpenFile, u64)> = BTreeMap::new();
+    let mut writes = 0u64;
     let mut files = Vec::new();
-    // From the first batch: each batch is a source chunk of the same table, alike in width.
-    let mut sizing: Option<(usize, usize)> = None;
+    // Arrow bytes and rows seen so far: the sizing of files and row groups follows their average.
+    let (mut seen_bytes, mut seen_rows) = (0usize, 0usize);
     let rolled = async {
-        while let Some(batch) = batches.recv().await {
+        loop {
+            let batch = tokio::select! {
+                biased;
+                () = abandoned.cancelled() => {
+                    return Err(SilverError::Io(std::io::Error::other("rolling files abandoned")));
+                }
+                batch = batches.recv() => match batch {
+                    Some(batch) => batch,
+                    None => break,
+                },
+            };
             let batch = crate::lake::evolution::conform(&batch, &writer.schema)?;
             if batch.num_rows() == 0 {
                 continue;
             }
-            let (bytes_per_row, rows_per_file) =
-                *sizing.get_or_insert_with(|| writer.sizing(std::slice::from_ref(&batch)));
+            seen_bytes += batch.get_array_memory_size();
+            seen_rows += batch.num_rows();
+            let (bytes_per_row, rows_per_file) = writer.sizing_for(seen_bytes, seen_rows);
             for (hour, rows) in writer.hour_rows(&batch)? {
                 let mut rest: &[u32] = &rows;
                 while !rest.is_empty() {
                     if !open.contains_key(&hour) {
                         if open.len() >= MAX_OPEN {
-                            if let Some((_, earliest)) = open.pop_first() {
-                                files.push(earliest.finish().await?);
+                            let stalest =
+                                open.iter().min_by_key(|(_, (_, at))| *at).map(|(h, _)| *h);
+                            if let Some((file, _)) = stalest.and_then(|h| open.remove(&h)) {
+                                files.push(file.finish().await?);
                                 crate::failpoint!("after_upload");
                             }
                         }
-                        open.insert(hour, writer.open_file(hour.0, hour.1, bytes_per_row)?);
+                        let file = writer.open_file(hour.0, hour.1, bytes_per_row)?;
+                        open.insert(hour, (file, writes));
                     }
-                    let Some(file) = open.get_mut(&hour) else {
+                    let Some((file, at)) = open.get_mut(&hour) else {
                         continue;
                     };
+                    writes += 1;
+                    *at = writes;
                     let take = rows_per_file.saturating_sub(file.rows).clamp(1, rest.len());
                     file.write(&rows_of(&batch, &rest[..take])?).await?;
                     rest = &rest[take..];
                     if file.rows >= rows_per_file {
-                        if let Some(full) = open.remove(&hour) {
+                        if let Some((full, _)) = open.remove(&hour) {
                             files.push(full.finish().await?);
                             crate::failpoint!("after_upload");
                         }
@@ -101,7 +126,7 @@ async fn roll(
             // One chunk at a time: the pipeline's task gets its turn between them.
             tokio::task::yield_now().await;
         }
-        while let Some((_, file)) = open.pop_first() {
+        while let Some((_, (file, _))) = open.pop_first() {
             files.push(file.finish().await?);
             crate::failpoint!("after_upload");
         }
@@ -111,7 +136,7 @@ async fn roll(
     match rolled {
         Ok(()) => Ok(files),
         Err(e) => {
-            for (_, file) in open {
+            for (_, (file, _)) in open {
                 file.abort().await;
             }
             Err(e)

@@ -252,7 +252,20 @@ async fn rolling_files_hold_every_row_once_in_its_hour() {
         assert!(files.push(chunk.clone()));
     }
     let adds = files.finish().await.expect("finish");
-    assert!(adds.len() >= hours.len(), "at least a file per hour");
+    // One file per hour, rolled at 400 rows: none cut short by a chunk of other hours.
+    let mut per_hour: BTreeMap<(i32, i32), usize> = BTreeMap::new();
+    for chunk in &chunks {
+        let times = chunk.column(at).as_primitive::<TimestampMicrosecondType>();
+        for row in 0..chunk.num_rows() {
+            *per_hour.entry(date_hour(times.value(row))).or_default() += 1;
+        }
+    }
+    let expected_files: usize = per_hour.values().map(|n| n.div_ceil(400)).sum();
+    assert_eq!(
+        adds.len(),
+        expected_files,
+        "files: one per hour, rolled at 400 rows"
+    );
 
     let mut ids = Vec::new();
     for add in &adds {
