@@ -17,7 +17,7 @@ use super::{rows_of, OpenFile, SilverError, SilverWriter};
 
 /// Files open at once: rows of another event hour finish the file written to least recently
 /// first, so a backlog spread over many hours holds at most this many encoders and upload buffers.
-const MAX_OPEN: usize = 4;
+const MAX_OPEN: usize = 2;
 
 /// The background task that encodes and uploads the batches it is handed, in order.
 pub struct RollingFiles {

@@ -215,18 +215,24 @@ async fn rolling_files_hold_every_row_once_in_its_hour() {
         },
         store.clone(),
     );
-    // Chunk i is moved i hours later, so chunks overlap in hours and reach more of them than
-    // files may be open at once.
+    // Chunk i's rows alternate between hours i and i + 1 (from an hour of the data), so each
+    // chunk reaches a new hour and leaves one behind: more hours than files may be open at once.
     let at = decoder.event_time_index();
+    const HOUR: i64 = 3_600_000_000;
+    let base = {
+        let times = batch.column(at).as_primitive::<TimestampMicrosecondType>();
+        times.value(0).div_euclid(HOUR) * HOUR
+    };
     let chunks: Vec<RecordBatch> = (0..batch.num_rows())
         .step_by(250)
         .enumerate()
         .map(|(i, from)| {
             let chunk = batch.slice(from, 250.min(batch.num_rows() - from));
             let times = chunk.column(at).as_primitive::<TimestampMicrosecondType>();
-            let moved = times
-                .unary::<_, TimestampMicrosecondType>(|t| t + i as i64 * 3_600_000_000)
-                .with_data_type(times.data_type().clone());
+            let moved = deltalake::arrow::array::TimestampMicrosecondArray::from_iter_values(
+                (0..chunk.num_rows()).map(|row| base + (i + row % 2) as i64 * HOUR + 1),
+            )
+            .with_data_type(times.data_type().clone());
             let mut columns = chunk.columns().to_vec();
             columns[at] = Arc::new(moved);
             RecordBatch::try_new(chunk.schema(), columns).expect("chunk")
