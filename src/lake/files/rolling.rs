@@ -104,7 +104,13 @@ async fn roll(
                                 crate::failpoint!("after_upload");
                             }
                         }
-                        let file = writer.open_file(hour.0, hour.1, bytes_per_row)?;
+                        let file = writer.open_file(
+                            hour.0,
+                            hour.1,
+                            bytes_per_row,
+                            &batch,
+                            rows_per_file,
+                        )?;
                         open.insert(hour, (file, writes));
                     }
                     let Some((file, at)) = open.get_mut(&hour) else {

@@ -81,7 +81,7 @@ async fn files_roll_on_rows_and_bytes_and_split_by_hour() {
 
 #[test]
 fn dictionaries_only_where_values_repeat() {
-    let (_, batch) = decoded_orders(2_000);
+    let (_, batch) = decoded_orders(20_000);
     let bytes = encode_parquet(&batch, Compression::Zstd).expect("encoded");
     let reader = deltalake::parquet::file::serialized_reader::SerializedFileReader::new(
         bytes::Bytes::from(bytes),
@@ -94,13 +94,14 @@ fn dictionaries_only_where_values_repeat() {
         .filter(|c| c.dictionary_page_offset().is_some())
         .map(|c| c.column_path().string())
         .collect();
-    for repeated in ["customer_id", "product", "_topic", "_partition", "order_id"] {
+    for repeated in ["customer_id", "product", "_topic", "_partition"] {
         assert!(
             with_dictionary.iter().any(|c| c == repeated),
             "{repeated}: {with_dictionary:?}"
         );
     }
     for unique in [
+        "order_id",
         "amount",
         "event_time",
         "_offset",
@@ -112,6 +113,48 @@ fn dictionaries_only_where_values_repeat() {
             "{unique}: {with_dictionary:?}"
         );
     }
+}
+
+/// The sample's verdict on columns of known cardinality: a key that never repeats loses its
+/// dictionary, while values repeating a few times per file keep it, whatever the type.
+#[test]
+fn a_dictionary_is_kept_where_sampled_values_repeat() {
+    use deltalake::arrow::array::{Int32Array, Int64Array, StringArray};
+    let file_rows = 100_000;
+    // Each row's value drawn at random from `distinct` ones (SplitMix64 of the row).
+    let ints = |distinct: i64| -> Int64Array {
+        (0..file_rows as u64)
+            .map(|i| {
+                let mut z = i.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                ((z ^ (z >> 31)) % distinct as u64) as i64
+            })
+            .collect()
+    };
+    let strings = |distinct: i64| -> StringArray {
+        ints(distinct)
+            .iter()
+            .map(|v| v.map(|v| format!("customer-{v}")))
+            .collect()
+    };
+    // Unique, and nearly so (80,000 values, each in 1.25 rows on average): no dictionary.
+    for distinct in [file_rows as i64, 80_000] {
+        assert!(!repeats_enough(&ints(distinct), file_rows), "{distinct}");
+        assert!(!repeats_enough(&strings(distinct), file_rows), "{distinct}");
+    }
+    // A customer id (20,000), a product (12), a status: a dictionary.
+    for distinct in [20_000, 12, 3] {
+        assert!(repeats_enough(&ints(distinct), file_rows), "{distinct}");
+        assert!(repeats_enough(&strings(distinct), file_rows), "{distinct}");
+    }
+    // Narrower integers are judged alike.
+    let narrow: Int32Array = (0..file_rows as i32).collect();
+    assert!(!repeats_enough(&narrow, file_rows));
+    // A small file, or a sample of nulls, keeps the default.
+    assert!(repeats_enough(&ints(file_rows as i64), 2_000));
+    let nulls = Int64Array::from(vec![None; file_rows]);
+    assert!(repeats_enough(&nulls, file_rows));
 }
 
 #[test]
