@@ -113,6 +113,36 @@ fn dictionaries_only_where_values_repeat() {
             "{unique}: {with_dictionary:?}"
         );
     }
+    // Integers and times without a dictionary are written as deltas; doubles stay plain.
+    let encodings = |name: &str| {
+        (0..row_group.num_columns())
+            .map(|i| row_group.column(i))
+            .find(|c| c.column_path().string() == name)
+            .map(|c| c.encodings().collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    use deltalake::parquet::basic::Encoding;
+    for delta in [
+        "order_id",
+        "event_time",
+        "_offset",
+        "_kafka_timestamp",
+        "_ingested_at",
+    ] {
+        assert!(
+            encodings(delta).contains(&Encoding::DELTA_BINARY_PACKED),
+            "{delta}: {:?}",
+            encodings(delta)
+        );
+    }
+    assert!(!encodings("amount").contains(&Encoding::DELTA_BINARY_PACKED));
+    // And the file reads back whole.
+    let read: usize = reader
+        .get_row_iter(None)
+        .expect("rows")
+        .map(|row| row.expect("row"))
+        .count();
+    assert_eq!(read, batch.num_rows());
 }
 
 /// The sample's verdict on columns of known cardinality: a key that never repeats loses its
