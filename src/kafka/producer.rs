@@ -5,9 +5,11 @@
 //! polls with a 100 ms deadline; in the last millisecond of each the timeout rounds down to zero
 //! and the loop spins until the deadline (`BaseProducer::poll`). That is about 1 % of a core per
 //! producer, idle or busy, and a replica with Gold runs three. This thread polls with a [`POLL`]
-//! deadline: the same spin costs 0.4 %. A delivery report is served as soon as it is ready either
-//! way (each wait inside the poll ends on an event); dropping the producer waits for the thread
-//! to end its poll, up to [`POLL`], so that librdkafka is destroyed before the process exits.
+//! deadline plus [`POLL_SLACK`]: librdkafka's wait, given the whole milliseconds, then ends just
+//! after the deadline instead of up to a millisecond before it, so the spin lasts at most the
+//! slack. A delivery report is served as soon as it is ready either way (each wait inside the poll
+//! ends on an event); dropping the producer waits for the thread to end its poll, up to [`POLL`],
+//! so that librdkafka is destroyed before the process exits.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +29,10 @@ use tokio::sync::oneshot;
 
 /// How long one poll of the delivery thread lasts.
 const POLL: Duration = Duration::from_millis(250);
+
+/// Added to [`POLL`]: more than the few microseconds between the poll's start and its wait, less
+/// than a wake-up takes, so the wait (whole milliseconds) ends after the deadline.
+const POLL_SLACK: Duration = Duration::from_micros(20);
 
 /// Where a message landed (partition, offset), or why it did not, with the message.
 pub type Delivered = Result<(i32, i64), (KafkaError, OwnedMessage)>;
@@ -86,7 +92,7 @@ impl Producer {
                 .name("strata-producer".into())
                 .spawn(move || {
                     while !stop.load(Ordering::Relaxed) {
-                        producer.poll(POLL);
+                        producer.poll(POLL + POLL_SLACK);
                     }
                 })
                 .map_err(|e| KafkaError::ClientCreation(e.to_string()))?
