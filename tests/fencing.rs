@@ -45,6 +45,7 @@ async fn open(
             max_rows: 1_000_000,
             max_bytes: 1 << 30,
             compression: Compression::Zstd,
+            delta_encoding: true,
         },
         table.object_store(),
     );

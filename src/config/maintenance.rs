@@ -21,6 +21,7 @@ impl MaintenanceConfig {
         flush_interval: Duration,
         commit_retries: usize,
         compression: Compression,
+        delta_encoding: bool,
     ) -> Result<Self, ConfigError> {
         let duration = |var: &'static str| -> Result<Option<Duration>, ConfigError> {
             let value = value_of(vars, var);
@@ -82,6 +83,7 @@ impl MaintenanceConfig {
                     quiet_for: duration("STRATA_COMPACT_QUIET_FOR")?
                         .unwrap_or(Duration::from_secs(3_600)),
                     compression,
+                    delta_encoding,
                 },
             },
         })
@@ -108,6 +110,8 @@ pub struct CompactionSettings {
     /// A partition is compacted once its newest file is this old.
     pub quiet_for: Duration,
     pub compression: Compression,
+    /// `STRATA_PARQUET_DELTA_ENCODING`, as for the files a flush writes.
+    pub delta_encoding: bool,
 }
 
 /// The shortest vacuum retention that is safe: files are uploaded before their commit, and a

@@ -139,6 +139,8 @@ pub struct Config {
     pub file_max_rows: usize,
     pub file_max_bytes: usize,
     pub compression: Compression,
+    /// `STRATA_PARQUET_DELTA_ENCODING`: integer-like columns without a dictionary written as deltas.
+    pub parquet_delta_encoding: bool,
     /// `compression.type` of the dead-letter and partials producers.
     pub producer_compression: &'static str,
     pub metrics_addr: std::net::SocketAddr,
@@ -176,6 +178,7 @@ impl std::fmt::Debug for Config {
             .field("file_max_rows", &self.file_max_rows)
             .field("file_max_bytes", &self.file_max_bytes)
             .field("compression", &self.compression)
+            .field("parquet_delta_encoding", &self.parquet_delta_encoding)
             .field("producer_compression", &self.producer_compression)
             .field("metrics_addr", &self.metrics_addr)
             .finish_non_exhaustive()
@@ -389,6 +392,20 @@ impl Config {
                 ))
             }
         };
+        let parquet_delta_encoding = match get("STRATA_PARQUET_DELTA_ENCODING")
+            .to_ascii_lowercase()
+            .as_str()
+        {
+            "true" => true,
+            "false" => false,
+            other => {
+                return Err(invalid(
+                    "STRATA_PARQUET_DELTA_ENCODING",
+                    other,
+                    "expected true or false",
+                ))
+            }
+        };
         let producer_compression = match get("STRATA_PRODUCER_COMPRESSION")
             .to_ascii_lowercase()
             .as_str()
@@ -432,8 +449,13 @@ impl Config {
         let gold = Self::gold(&get)?;
         let flush_interval = duration("STRATA_FLUSH_INTERVAL")?;
         let commit_retries = parse_usize("STRATA_COMMIT_RETRIES")?;
-        let maintenance =
-            MaintenanceConfig::from_vars(&vars, flush_interval, commit_retries, compression)?;
+        let maintenance = MaintenanceConfig::from_vars(
+            &vars,
+            flush_interval,
+            commit_retries,
+            compression,
+            parquet_delta_encoding,
+        )?;
         Ok(Config {
             gold,
             brokers: required("STRATA_KAFKA_BROKERS")?,
@@ -451,6 +473,7 @@ impl Config {
             file_max_rows: parse_usize("STRATA_FILE_MAX_ROWS")?,
             file_max_bytes: parse_usize("STRATA_FILE_MAX_BYTES")?,
             compression,
+            parquet_delta_encoding,
             producer_compression,
             metrics_addr,
             s3_ca_bundle,

@@ -33,6 +33,7 @@ pub const SETTINGS: &[Setting] = &[
     Setting { var: "STRATA_FILE_MAX_ROWS", default: "1000000", help: "A flush starts, and a file rolls, at this many buffered rows." },
     Setting { var: "STRATA_FILE_MAX_BYTES", default: "134217728", help: "A flush starts, and a file rolls, at this many buffered bytes (the memory budget of the Silver buffer)." },
     Setting { var: "STRATA_PARQUET_COMPRESSION", default: "zstd", help: "Parquet compression: zstd, snappy or none." },
+    Setting { var: "STRATA_PARQUET_DELTA_ENCODING", default: "true", help: "true: integer, date and timestamp columns without a dictionary (ids, offsets, times) are written DELTA_BINARY_PACKED, much smaller than plain; false: plain, for readers that lack it (Spark before 3.3)." },
     Setting { var: "STRATA_METRICS_ADDR", default: "0.0.0.0:9898", help: "Address of the /metrics, /healthz and /readyz endpoint." },
     Setting { var: "STRATA_MAX_VALUE_BYTES", default: "8388608", help: "Record values longer than this are dead-lettered as value_too_large before decoding (bounds the memory one record can claim)." },
     Setting { var: "STRATA_COMMIT_RETRIES", default: "50", help: "How often a Delta commit that lost a race is retried before the replica gives up." },

@@ -24,6 +24,7 @@ fn defaults_and_pass_through() {
     assert_eq!(config.topics, vec!["orders"]);
     assert_eq!(config.flush_interval, Duration::from_secs(30));
     assert_eq!(config.compression, Compression::Zstd);
+    assert!(config.parquet_delta_encoding);
     assert_eq!(config.lake_url, "s3://lake/prefix");
     assert_eq!(
         config
@@ -46,6 +47,7 @@ fn bad_values_name_the_variable() {
         ("STRATA_FLUSH_INTERVAL", "soon"),
         ("STRATA_FILE_MAX_ROWS", "0"),
         ("STRATA_PARQUET_COMPRESSION", "lz5"),
+        ("STRATA_PARQUET_DELTA_ENCODING", "yes"),
         ("STRATA_LAKE_URL", "/tmp/lake"),
         ("STRATA_SCHEMA_REGISTRY_URL", "registry:8081"),
         ("STRATA_METRICS_ADDR", "nine"),

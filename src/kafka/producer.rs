@@ -5,11 +5,13 @@
 //! polls with a 100 ms deadline; in the last millisecond of each the timeout rounds down to zero
 //! and the loop spins until the deadline (`BaseProducer::poll`). That is about 1 % of a core per
 //! producer, idle or busy, and a replica with Gold runs three. This thread polls with a [`POLL`]
-//! deadline plus [`POLL_SLACK`]: librdkafka's wait, given the whole milliseconds, then ends just
-//! after the deadline instead of up to a millisecond before it, so the spin lasts at most the
-//! slack. A delivery report is served as soon as it is ready either way (each wait inside the poll
-//! ends on an event); dropping the producer waits for the thread to end its poll, up to [`POLL`],
-//! so that librdkafka is destroyed before the process exits.
+//! deadline plus [`POLL_SLACK`]: in a poll that serves no event, librdkafka's wait, given the
+//! whole milliseconds, then ends just after the deadline instead of up to a millisecond before it,
+//! so the spin lasts at most the slack (an idle producer spins no more). After an event is served
+//! the remaining time rounds down again, so a busy producer still spins up to a millisecond per
+//! poll (0.4 %). A delivery report is served as soon as it is ready either way (each wait inside
+//! the poll ends on an event); dropping the producer waits for the thread to end its poll, up to
+//! [`POLL`], so that librdkafka is destroyed before the process exits.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};

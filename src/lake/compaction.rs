@@ -151,9 +151,16 @@ pub async fn compact(
         }
         let all = concat_batches(&schema, &batches).map_err(deltalake::DeltaTableError::from)?;
         let values: HashMap<String, Option<String>> = partition.iter().cloned().collect();
-        let add = super::files::put_file(store.as_ref(), all, &values, settings.compression, false)
-            .await
-            .map_err(|e| deltalake::DeltaTableError::Generic(e.to_string()))?;
+        let add = super::files::put_file(
+            store.as_ref(),
+            all,
+            &values,
+            settings.compression,
+            settings.delta_encoding,
+            false,
+        )
+        .await
+        .map_err(|e| deltalake::DeltaTableError::Generic(e.to_string()))?;
         crate::failpoint!("after_compaction_upload");
         actions.push(Action::Add(add));
         for file in bin {
@@ -208,6 +215,7 @@ mod tests {
             target_bytes: 100,
             quiet_for: Duration::from_secs(60),
             compression: Compression::Zstd,
+            delta_encoding: true,
         };
         let now = 1_000_000;
         let hour = |h: &str| vec![("event_hour".to_string(), Some(h.to_string()))];

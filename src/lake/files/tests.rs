@@ -22,6 +22,7 @@ async fn files_roll_on_rows_and_bytes_and_split_by_hour() {
                 max_rows,
                 max_bytes,
                 compression: Compression::Snappy,
+                delta_encoding: true,
             },
             store.clone(),
         )
@@ -82,13 +83,16 @@ async fn files_roll_on_rows_and_bytes_and_split_by_hour() {
 #[test]
 fn dictionaries_only_where_values_repeat() {
     let (_, batch) = decoded_orders(20_000);
-    let bytes = encode_parquet(&batch, Compression::Zstd).expect("encoded");
+    let bytes = encode_parquet(&batch, Compression::Zstd, true).expect("encoded");
     let reader = deltalake::parquet::file::serialized_reader::SerializedFileReader::new(
         bytes::Bytes::from(bytes),
     )
     .expect("parquet");
     use deltalake::parquet::file::reader::FileReader;
     let row_group = reader.metadata().row_group(0);
+    let columns: Vec<String> = (0..row_group.num_columns())
+        .map(|i| row_group.column(i).column_path().string())
+        .collect();
     let with_dictionary: Vec<String> = (0..row_group.num_columns())
         .map(|i| row_group.column(i))
         .filter(|c| c.dictionary_page_offset().is_some())
@@ -108,6 +112,7 @@ fn dictionaries_only_where_values_repeat() {
         "_kafka_timestamp",
         "_ingested_at",
     ] {
+        assert!(columns.iter().any(|c| c == unique), "{unique}: {columns:?}");
         assert!(
             !with_dictionary.iter().any(|c| c == unique),
             "{unique}: {with_dictionary:?}"
@@ -135,21 +140,46 @@ fn dictionaries_only_where_values_repeat() {
             encodings(delta)
         );
     }
+    assert!(encodings("amount").contains(&Encoding::PLAIN));
     assert!(!encodings("amount").contains(&Encoding::DELTA_BINARY_PACKED));
     // And the file reads back whole.
-    let read: usize = reader
+    let read: Vec<_> = reader
         .get_row_iter(None)
         .expect("rows")
-        .map(|row| row.expect("row"))
-        .count();
-    assert_eq!(read, batch.num_rows());
+        .collect::<Result<_, _>>()
+        .expect("every row reads");
+    assert_eq!(read.len(), batch.num_rows());
+
+    // With STRATA_PARQUET_DELTA_ENCODING=false the same columns are plain.
+    let bytes = encode_parquet(&batch, Compression::Zstd, false).expect("encoded");
+    let reader = deltalake::parquet::file::serialized_reader::SerializedFileReader::new(
+        bytes::Bytes::from(bytes),
+    )
+    .expect("parquet");
+    let row_group = reader.metadata().row_group(0);
+    for i in 0..row_group.num_columns() {
+        let column = row_group.column(i);
+        assert!(
+            !column
+                .encodings()
+                .any(|e| e == Encoding::DELTA_BINARY_PACKED),
+            "{}",
+            column.column_path().string()
+        );
+    }
+    let order_id = (0..row_group.num_columns())
+        .map(|i| row_group.column(i))
+        .find(|c| c.column_path().string() == "order_id")
+        .expect("order_id");
+    assert!(order_id.encodings().any(|e| e == Encoding::PLAIN));
+    assert!(order_id.dictionary_page_offset().is_none());
 }
 
 /// The sample's verdict on columns of known cardinality: a key that never repeats loses its
 /// dictionary, while values repeating a few times per file keep it, whatever the type.
 #[test]
 fn a_dictionary_is_kept_where_sampled_values_repeat() {
-    use deltalake::arrow::array::{Int32Array, Int64Array, StringArray};
+    use deltalake::arrow::array::{Int32Array, Int64Array, StringArray, UInt64Array};
     let file_rows = 100_000;
     // Each row's value drawn at random from `distinct` ones (SplitMix64 of the row).
     let ints = |distinct: i64| -> Int64Array {
@@ -168,8 +198,9 @@ fn a_dictionary_is_kept_where_sampled_values_repeat() {
             .map(|v| v.map(|v| format!("customer-{v}")))
             .collect()
     };
-    // Unique, and nearly so (80,000 values, each in 1.25 rows on average): no dictionary.
-    for distinct in [file_rows as i64, 80_000] {
+    // Unique (drawn from 2^40), and nearly so (drawn from 300,000: 85 % of the rows hold a value
+    // no other row holds): no dictionary.
+    for distinct in [1 << 40, 300_000] {
         assert!(!repeats_enough(&ints(distinct), file_rows), "{distinct}");
         assert!(!repeats_enough(&strings(distinct), file_rows), "{distinct}");
     }
@@ -178,9 +209,13 @@ fn a_dictionary_is_kept_where_sampled_values_repeat() {
         assert!(repeats_enough(&ints(distinct), file_rows), "{distinct}");
         assert!(repeats_enough(&strings(distinct), file_rows), "{distinct}");
     }
-    // Narrower integers are judged alike.
+    // Narrower integers are judged alike, and unsigned ones past i64::MAX too.
     let narrow: Int32Array = (0..file_rows as i32).collect();
     assert!(!repeats_enough(&narrow, file_rows));
+    let high: UInt64Array = (0..file_rows as u64).map(|i| u64::MAX - i).collect();
+    assert!(!repeats_enough(&high, file_rows));
+    let high_repeating: UInt64Array = (0..file_rows as u64).map(|i| u64::MAX - i % 7).collect();
+    assert!(repeats_enough(&high_repeating, file_rows));
     // A small file, or a sample of nulls, keeps the default.
     assert!(repeats_enough(&ints(file_rows as i64), 2_000));
     let nulls = Int64Array::from(vec![None; file_rows]);
@@ -261,6 +296,7 @@ async fn a_refused_put_is_an_error_not_a_panic() {
             max_rows: usize::MAX,
             max_bytes: usize::MAX,
             compression: Compression::Snappy,
+            delta_encoding: true,
         },
         Arc::new(store),
     );
@@ -285,6 +321,7 @@ async fn rolling_files_hold_every_row_once_in_its_hour() {
             max_rows: 400,
             max_bytes: usize::MAX,
             compression: Compression::Snappy,
+            delta_encoding: true,
         },
         store.clone(),
     );
