@@ -213,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
                 let g = run.metrics.gold().snapshot(8);
                 let partials: u64 = g.partials.iter().sum();
                 lines.push(format!(
-                    "{:<26}{} events into {partials} partials; every window closed and committed {:.1}s after the start ({} rows; includes the 5 s idle timeout, and the CPU above counts until then)",
+                    "{:<26}{} events into {partials} partials; the last window's row committed {:.1}s after the start ({} rows; includes the 5 s idle timeout; the phase's CPU above counts until 15 s after it, idle time included)",
                     "  gold",
                     g.events,
                     run.gold_elapsed.map_or(f64::NAN, |d| d.as_secs_f64()),

@@ -67,7 +67,8 @@ pub struct CaughtUp {
     pub first_record: Option<Duration>,
     /// This process's CPU time (user + system, seconds) when the replica had caught up.
     pub cpu_at_caught_up: Option<f64>,
-    /// With Gold: from start until Gold had closed every window (or the deadline).
+    /// With Gold: from start until the last Gold commit with rows, once every window had closed
+    /// (`None`: not reached before the deadline).
     pub gold_elapsed: Option<Duration>,
 }
 
@@ -114,27 +115,44 @@ pub async fn run_until_caught_up(
     };
     let elapsed = started.elapsed();
     let cpu_at_caught_up = process_cpu_seconds();
+    let mut gold_elapsed = None;
     if let (true, Some(gold)) = (caught_up, &gold) {
         // Gold is complete once every source partition went idle (its watermark follows the
-        // clock), no window is open any more, and a Gold commit followed.
+        // clock), no window is open any more, and no Gold row was committed for three commit
+        // intervals (stage 2 commits at most every 5 s while it has rows to commit; an idle one
+        // commits rarely, so waiting for further commits would measure idleness). Gold's time is
+        // that of its last commit with rows.
         let delay = gold.watermark_delay.as_secs_f64();
-        let mut settled: Option<u64> = None;
+        let settle = Duration::from_secs(15);
+        let (mut emitted, mut emitted_at) = (0u64, started.elapsed());
         while !replica.is_finished() && started.elapsed() < deadline {
             let g = metrics.gold().snapshot(GOLD_PARTITIONS);
+            if trace && traced.elapsed() >= Duration::from_secs(2) {
+                traced = Instant::now();
+                eprintln!(
+                    "{:>7.2}s gold: {} partials merged, {} windows open, {} rows committed, watermark {:.0}s behind, {} commits",
+                    started.elapsed().as_secs_f64(),
+                    g.partials.iter().sum::<u64>(),
+                    g.open_windows,
+                    g.windows_emitted,
+                    g.watermark_lag_seconds,
+                    g.commits
+                );
+            }
+            if g.windows_emitted != emitted {
+                (emitted, emitted_at) = (g.windows_emitted, started.elapsed());
+            }
             let quiet = g.open_windows == 0
                 && g.windows_emitted > 0
                 && g.watermark_lag_seconds > 0.0
                 && g.watermark_lag_seconds < delay + 30.0;
-            match (quiet, settled) {
-                (true, None) => settled = Some(g.commits),
-                (true, Some(at)) if g.commits > at + 1 => break,
-                (false, _) => settled = None,
-                _ => {}
+            if quiet && started.elapsed() >= emitted_at + settle {
+                gold_elapsed = Some(emitted_at);
+                break;
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
-    let gold_elapsed = gold.is_some().then(|| started.elapsed());
     shutdown.cancel();
     let summary = replica.await.context("replica task")??;
     Ok(CaughtUp {
