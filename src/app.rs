@@ -190,6 +190,7 @@ pub async fn run(
             properties: config.kafka_properties.clone(),
             counts_assignments: true,
             strict_offsets: false,
+            reports_caught_up: true,
         },
         metrics.clone(),
         events_tx,

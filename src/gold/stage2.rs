@@ -227,6 +227,7 @@ pub async fn run(
             properties: config.kafka_properties.clone(),
             counts_assignments: false,
             strict_offsets: true,
+            reports_caught_up: false,
         },
         metrics.clone(),
         events_tx,
@@ -580,7 +581,8 @@ impl Job {
                 self.metrics.gold_partials_resumed(&partition);
                 Ok(())
             }
-            // Stage 2 commits on its own clock (the commit interval), not on its source's pace.
+            // Stage 2 commits on its own clock (the commit interval), not on its source's pace;
+            // its source does not send this (`reports_caught_up: false`).
             SourceEvent::CaughtUp => Ok(()),
         }
     }

@@ -100,6 +100,8 @@ struct SourceContext {
     paused: Paused,
     /// Whether an offset out of range stops the partition (see [`SourceSettings::strict_offsets`]).
     strict: bool,
+    /// See [`SourceSettings::reports_caught_up`].
+    reports_caught_up: bool,
     /// Partitions stopped for an offset out of range: they stay paused.
     out_of_range: Mutex<std::collections::HashSet<TopicPartition>>,
     /// Partitions the stage holds (`SourceCommand::Hold`) until it seeks them: they stay paused.
@@ -404,9 +406,12 @@ impl ConsumerContext for SourceContext {
                 {
                     let mut seeking = self.seeking();
                     let mut holding = self.holding();
+                    // A partition that comes back is sought again when it starts.
+                    let mut sought = self.sought();
                     for tp in &partitions {
                         seeking.remove(tp);
                         holding.remove(tp);
+                        sought.remove(tp);
                     }
                 }
                 if self.strict {
@@ -459,6 +464,10 @@ pub struct SourceSettings {
     /// stops the partition with [`SourceEvent::OutOfRange`] instead of jumping to the earliest
     /// record. Gold's partials need this; Bronze records lost to retention are gone anyway.
     pub strict_offsets: bool,
+    /// Send [`SourceEvent::CaughtUp`] when every assigned partition has been read to its end
+    /// (Silver flushes on it). Gold's stage 2 commits on its own interval, so its source skips
+    /// the check.
+    pub reports_caught_up: bool,
 }
 
 /// Sends commands to the source thread; held by the stage, while the event loop owns the thread.
@@ -533,6 +542,7 @@ impl Source {
             properties: settings.properties.clone(),
             paused: Paused::default(),
             strict: settings.strict_offsets,
+            reports_caught_up: settings.reports_caught_up,
             out_of_range: Mutex::default(),
             holding: Mutex::default(),
             outbox: Mutex::default(),
@@ -793,7 +803,7 @@ fn poll_loop(
             let mut outbox = context.outbox();
             outbox.close();
             // Only when the queue ran dry, so the check costs nothing while records flow.
-            if idle && handed && caught_up(&consumer) {
+            if context.reports_caught_up && idle && handed && caught_up(&consumer) {
                 handed = false;
                 outbox.queue.push_back(SourceEvent::CaughtUp);
             }
