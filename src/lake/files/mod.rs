@@ -610,7 +610,7 @@ const DICTIONARY_SAMPLE: usize = 1024;
 /// so the dictionary is kept when the sample holds at least `s² / n` repeats, `n` being the
 /// file's non-null values (its rows scaled by the sample's share of non-nulls). A key such as an
 /// order id or an event id never repeats and loses its dictionary; a customer id, a product or a
-/// status code keeps it. Types other than integers, dates and strings keep it, and so do a
+/// status code keeps it. Types other than integers, dates, times and strings keep it, and so do a
 /// sample too small to judge and a small file.
 ///
 /// The sample comes from one batch (a source chunk), not the whole file: values that are unique
@@ -643,15 +643,7 @@ fn repeats_enough(column: &dyn Array, file_rows: usize) -> bool {
     let sample = || take(column, &indices, None);
     let judged = match column.data_type() {
         DataType::UInt64 => counted(sample()),
-        DataType::Int8
-        | DataType::Int16
-        | DataType::Int32
-        | DataType::Int64
-        | DataType::UInt8
-        | DataType::UInt16
-        | DataType::UInt32
-        | DataType::Date32
-        | DataType::Date64 => counted(sample().and_then(|s| cast(&s, &DataType::Int64))),
+        other if integer_like(other) => counted(sample().and_then(|s| cast(&s, &DataType::Int64))),
         DataType::Utf8
         | DataType::LargeUtf8
         | DataType::Utf8View
