@@ -121,7 +121,7 @@ pub async fn run_until_caught_up(
     if let (true, Some(gold)) = (caught_up, &gold) {
         // Gold is complete once every source partition went idle (its watermark follows the
         // clock), no window is open any more, and no Gold row was committed for three commit
-        // intervals (stage 2 commits at most every 5 s while it has rows to commit; an idle one
+        // intervals (stage 2 commits at least every 5 s while it has rows to commit; an idle one
         // commits rarely, so waiting for further commits would measure idleness). Gold's time is
         // that of its last commit with rows.
         let delay = gold.watermark_delay.as_secs_f64();

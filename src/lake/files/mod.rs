@@ -241,15 +241,15 @@ impl SilverWriter {
 
     /// Opens the file of one (event date, hour) for streaming: its rows are encoded as they are
     /// written, a row group at a time, and uploaded as they grow.
-    /// `sample` is a batch of rows like the file's (its first), and `file_rows` about the rows the
-    /// file will hold: together they decide which columns get a dictionary
+    /// `sample` is a batch of rows like the file's (its first, if any), and `file_rows` about the
+    /// rows the file will hold: together they decide which columns get a dictionary
     /// ([`repeats_enough`]).
     fn open_file(
         &self,
         days: i32,
         hour: i32,
         bytes_per_row: usize,
-        sample: &RecordBatch,
+        sample: Option<&RecordBatch>,
         file_rows: usize,
     ) -> Result<OpenFile, SilverError> {
         let partition: HashMap<String, Option<String>> = [
@@ -297,12 +297,9 @@ impl SilverWriter {
         hour: i32,
         bytes_per_row: usize,
     ) -> Result<Add, SilverError> {
-        let sample = match pieces.first().and_then(|(index, _)| batches.get(*index)) {
-            Some(batch) => batch.clone(),
-            None => RecordBatch::new_empty(self.schema.clone()),
-        };
+        let sample = pieces.first().and_then(|(index, _)| batches.get(*index));
         let rows = pieces.iter().map(|(_, indices)| indices.len()).sum();
-        let mut file = self.open_file(days, hour, bytes_per_row, &sample, rows)?;
+        let mut file = self.open_file(days, hour, bytes_per_row, sample, rows)?;
         let written = async {
             for (index, indices) in pieces {
                 let Some(batch) = batches.get(*index) else {
@@ -528,7 +525,7 @@ fn writer_properties(
     compression: Compression,
     delta_encoding: bool,
     schema: &deltalake::arrow::datatypes::Schema,
-    sample: &RecordBatch,
+    sample: Option<&RecordBatch>,
     file_rows: usize,
 ) -> deltalake::parquet::file::properties::WriterPropertiesBuilder {
     let codec = match compression {
@@ -540,7 +537,7 @@ fn writer_properties(
     for field in schema.fields() {
         // The sample's column of the same name and type; otherwise the type alone decides.
         let column = sample
-            .column_by_name(field.name())
+            .and_then(|s| s.column_by_name(field.name()))
             .filter(|c| c.data_type() == field.data_type());
         let repeats = column.is_none_or(|c| repeats_enough(c, file_rows));
         if dictionary_pays_off(field) && repeats {
@@ -682,7 +679,7 @@ fn encode_parquet(
         compression,
         delta_encoding,
         batch.schema_ref(),
-        batch,
+        Some(batch),
         batch.num_rows(),
     )
     .build();

@@ -108,7 +108,7 @@ async fn roll(
                             hour.0,
                             hour.1,
                             bytes_per_row,
-                            &batch,
+                            Some(&batch),
                             rows_per_file,
                         )?;
                         open.insert(hour, (file, writes));
