@@ -137,6 +137,9 @@ struct Outbox {
     queue: VecDeque<SourceEvent>,
     chunk: Vec<SourceRecord>,
     chunk_bytes: usize,
+    /// Records a new chunk makes room for at once: about what the current batch holds, so a
+    /// busy partition's chunk is not grown (and copied) step by step.
+    room: usize,
 }
 
 impl Outbox {
@@ -148,6 +151,9 @@ impl Outbox {
             .is_none_or(|last| last.partition == record.partition && last.topic == record.topic);
         if !same_partition {
             self.close();
+        }
+        if self.chunk.capacity() == 0 {
+            self.chunk.reserve(self.room);
         }
         self.chunk_bytes += record.size();
         self.chunk.push(record);
@@ -632,10 +638,15 @@ impl Copier {
         }
     }
 
-    /// A record from the fetch queue (see `kafka::fetch`).
-    fn fetched(&mut self, message: &Fetched<'_>) -> SourceRecord {
+    /// A record from the fetch queue (see `kafka::fetch`). `same_topic`: the record before it in
+    /// the batch had the same topic (see [`Fetched::same_topic`]), so the name is not compared.
+    fn fetched(&mut self, message: &Fetched<'_>, same_topic: bool) -> SourceRecord {
+        let topic = match (&self.topic, same_topic) {
+            (Some(topic), true) => topic.clone(),
+            _ => self.topic(message.topic()),
+        };
         SourceRecord {
-            topic: self.topic(message.topic()),
+            topic,
             partition: message.partition(),
             offset: message.offset(),
             timestamp_ms: message.timestamp_ms(),
@@ -810,9 +821,16 @@ fn poll_loop(
             }
             {
                 let mut outbox = context.outbox();
+                outbox.room = batch.len().clamp(1, CHUNK_RECORDS);
+                // The last record taken, whose topic the copier holds.
+                let mut previous: Option<Fetched<'_>> = None;
                 for message in batch.iter() {
                     match message.error() {
-                        None => outbox.push(copier.fetched(&message)),
+                        None => {
+                            let same = previous.is_some_and(|p| p.same_topic(&message));
+                            outbox.push(copier.fetched(&message, same));
+                            previous = Some(message);
+                        }
                         Some(code) => failed = Some(KafkaError::MessageConsumption(code)),
                     }
                 }

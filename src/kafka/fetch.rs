@@ -135,6 +135,10 @@ impl Batch<'_, '_> {
         self.queue.messages.is_empty()
     }
 
+    pub fn len(&self) -> usize {
+        self.queue.messages.len()
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = Fetched<'_>> {
         self.queue.messages.iter().filter_map(|&message| {
             // SAFETY: librdkafka returned a valid message, owned by this batch until it drops.
@@ -154,11 +158,18 @@ impl Drop for Batch<'_, '_> {
 }
 
 /// One record (or consumer error) of a [`Batch`].
+#[derive(Clone, Copy)]
 pub struct Fetched<'b> {
     message: &'b rd::rd_kafka_message_t,
 }
 
 impl<'b> Fetched<'b> {
+    /// Whether both are of the same topic, without comparing names: both messages hold their
+    /// topic handle, so the handles are alive and equal only for the same topic.
+    pub fn same_topic(&self, other: &Fetched<'_>) -> bool {
+        std::ptr::eq(self.message.rkt, other.message.rkt)
+    }
+
     /// The consumer error this message carries instead of a record (an offset out of range, say).
     pub fn error(&self) -> Option<RDKafkaErrorCode> {
         (self.message.err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR)

@@ -347,13 +347,17 @@ impl Replica {
         let mut letters: Vec<(&SourceRecord, Rejection)> = Vec::new();
         let mut skipped = 0;
         let highest = self.tables.highest_committed(&tp);
+        // What each table holds of this partition: looked up once per chunk, not per record.
+        let held: Vec<Option<i64>> = self
+            .tables
+            .list
+            .iter()
+            .map(|table| table.parts.get(&tp).and_then(|p| p.committed))
+            .collect();
         for (record, destination) in records.iter().zip(destinations) {
             match destination {
                 Destination::Table(index, body) => {
-                    let held = self.tables.list[index]
-                        .parts
-                        .get(&tp)
-                        .and_then(|p| p.committed);
+                    let held = held.get(index).copied().flatten();
                     if held.is_some_and(|h| record.offset <= h) {
                         skipped += 1;
                         if gold_table == Some(index)
