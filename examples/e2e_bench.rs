@@ -53,6 +53,24 @@ struct Phase {
     cpu_secs: f64,
     rss_start_mib: f64,
     peak_rss_mib: f64,
+    /// CPU seconds the broker and the object store (tansu, moto) spent during the phase, when
+    /// `scripts/services.sh` started them: they share this machine's cores with the consumer.
+    services_cpu: Option<(f64, f64)>,
+}
+
+/// CPU seconds so far of the services `scripts/services.sh` started (tansu, moto), from the pid
+/// files it keeps.
+fn services_cpu() -> Option<(f64, f64)> {
+    let cache = std::env::var("STRATA_CACHE").ok().or_else(|| {
+        std::env::var("HOME")
+            .ok()
+            .map(|h| format!("{h}/.cache/strata"))
+    })?;
+    let of = |name: &str| {
+        let pid = std::fs::read_to_string(format!("{cache}/services/{name}.pid")).ok()?;
+        strata::demo::cpu_seconds_of(pid.trim())
+    };
+    Some((of("tansu")?, of("moto")?))
 }
 
 impl Phase {
@@ -63,13 +81,19 @@ impl Phase {
         self.events as f64 / self.cpu_secs
     }
     fn line(&self, name: &str, note: &str) -> String {
-        format!(
+        let mut line = format!(
             "{name:<26}{:>10.0} events/s  {:>10.0} events/CPU-s  peak RSS {:>6.0} MiB (+{:.0} over its start)  {note}",
             self.rate(),
             self.per_cpu_second(),
             self.peak_rss_mib,
             self.peak_rss_mib - self.rss_start_mib
-        )
+        );
+        if let Some((broker, store)) = self.services_cpu {
+            line.push_str(&format!(
+                "\n  beside it               tansu {broker:.1} CPU-s, moto {store:.1} CPU-s on the same cores"
+            ));
+        }
+        line
     }
 }
 
@@ -100,7 +124,11 @@ where
         && status_mib("VmHWM")? <= status_mib("VmRSS")? + 1.0;
     let rss_start_mib = status_mib("VmRSS")?;
     let cpu = cpu_seconds()?;
+    let services_start = services_cpu();
     let secs = run.await?;
+    let services_cpu = services_start
+        .zip(services_cpu())
+        .map(|((broker, store), (broker_end, store_end))| (broker_end - broker, store_end - store));
     if let Some(mut child) = profiler {
         std::process::Command::new("kill")
             .args(["-INT", &child.id().to_string()])
@@ -112,6 +140,7 @@ where
         secs,
         cpu_secs: cpu_seconds()? - cpu,
         rss_start_mib,
+        services_cpu,
         peak_rss_mib: if reset {
             status_mib("VmHWM")?
         } else {

@@ -174,7 +174,12 @@ const USER_HZ: f64 = 100.0;
 /// This process's CPU time so far (user + system, every thread), in seconds, from
 /// `/proc/self/stat` (Linux only: `None` elsewhere).
 pub fn process_cpu_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    cpu_seconds_of("self")
+}
+
+/// CPU time (user + system, seconds) of process `pid` (`self` for this one), all its threads.
+pub fn cpu_seconds_of(pid: &str) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The fields after the command name (which may hold spaces) start with field 3, the state;
     // utime and stime are fields 14 and 15.
     let (_, rest) = stat.rsplit_once(')')?;
