@@ -346,7 +346,6 @@ impl Replica {
         }
         let mut letters: Vec<(&SourceRecord, Rejection)> = Vec::new();
         let mut skipped = 0;
-        let highest = self.tables.highest_committed(&tp);
         // What each table holds of this partition: looked up once per chunk, not per record.
         let held: Vec<Option<i64>> = self
             .tables
@@ -354,6 +353,9 @@ impl Replica {
             .iter()
             .map(|table| table.parts.get(&tp).and_then(|p| p.committed))
             .collect();
+        // The most any table holds: a record routed to no table was dead-lettered already if some
+        // table committed past it (dead letters are acknowledged before any commit).
+        let highest = held.iter().flatten().max().copied();
         for (record, destination) in records.iter().zip(destinations) {
             match destination {
                 Destination::Table(index, body) => {

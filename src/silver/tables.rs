@@ -368,15 +368,6 @@ impl Tables {
         lowest
     }
 
-    /// The largest offset any table holds: a record routed to no table was dead-lettered already
-    /// if some table committed past it (dead letters are acknowledged before any commit).
-    pub fn highest_committed(&self, tp: &TopicPartition) -> Option<i64> {
-        self.list
-            .iter()
-            .filter_map(|t| t.parts.get(tp).and_then(|p| p.committed))
-            .max()
-    }
-
     pub fn buffered(&self) -> (usize, usize) {
         self.list.iter().fold((0, 0), |(r, b), t| {
             let (tr, tb) = t.buffered();
