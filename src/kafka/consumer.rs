@@ -27,6 +27,7 @@ use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
 
 use super::claims::Resume;
+use super::fetch::{FetchQueue, Fetched};
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
 use crate::retry::{Pace, Stall};
@@ -136,6 +137,9 @@ struct Outbox {
     queue: VecDeque<SourceEvent>,
     chunk: Vec<SourceRecord>,
     chunk_bytes: usize,
+    /// Records a new chunk makes room for at once: about what the current batch holds, so a
+    /// busy partition's chunk is not grown (and copied) step by step.
+    room: usize,
 }
 
 impl Outbox {
@@ -147,6 +151,9 @@ impl Outbox {
             .is_none_or(|last| last.partition == record.partition && last.topic == record.topic);
         if !same_partition {
             self.close();
+        }
+        if self.chunk.capacity() == 0 {
+            self.chunk.reserve(self.room);
         }
         self.chunk_bytes += record.size();
         self.chunk.push(record);
@@ -620,18 +627,33 @@ impl Copier {
         self.arena.split().freeze()
     }
 
-    fn topic(&mut self, name: &str) -> Arc<str> {
+    fn topic(&mut self, name: &[u8]) -> Arc<str> {
         match &self.topic {
-            Some(topic) if topic.as_ref() == name => topic.clone(),
+            Some(topic) if topic.as_bytes() == name => topic.clone(),
             _ => {
-                let topic: Arc<str> = name.into();
+                let topic: Arc<str> = String::from_utf8_lossy(name).into();
                 self.topic = Some(topic.clone());
                 topic
             }
         }
     }
 
-    fn record(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
+    /// A record from the fetch queue (see `kafka::fetch`).
+    fn fetched(&mut self, message: &Fetched<'_>) -> SourceRecord {
+        SourceRecord {
+            topic: self.topic(message.topic()),
+            partition: message.partition(),
+            offset: message.offset(),
+            timestamp_ms: message.timestamp_ms(),
+            key: message.key().map(|k| self.bytes(k)),
+            value: message.payload().map(|v| self.bytes(v)),
+            headers: message.headers(),
+        }
+    }
+
+    /// A record `poll` returned from the consumer queue: one fetched before its partition was
+    /// routed to the fetch queue.
+    fn polled(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
         let headers = message
             .headers()
             .map(|h| {
@@ -641,7 +663,7 @@ impl Copier {
             })
             .unwrap_or_default();
         SourceRecord {
-            topic: self.topic(message.topic()),
+            topic: self.topic(message.topic().as_bytes()),
             partition: message.partition(),
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
@@ -652,8 +674,9 @@ impl Copier {
     }
 }
 
-/// Records polled between two looks at the clock.
-const CLOCK_EVERY: u32 = 64;
+/// How long the fetch queue is waited on when it is empty. Rebalances wait on the consumer queue
+/// meanwhile (see `kafka::fetch`), so this bounds how late the handler runs.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
 
 fn poll_loop(
     consumer: BaseConsumer<SourceContext>,
@@ -663,15 +686,21 @@ fn poll_loop(
     metrics: Arc<Metrics>,
 ) {
     let context = consumer.context().clone();
+    let Some(mut fetch) = FetchQueue::new(&consumer) else {
+        tracing::error!("librdkafka gave no queue to fetch into; the source stops");
+        return;
+    };
     let mut copier = Copier::new();
     // Since when the pipeline has had no room for what the source holds (see `wait_for_room`).
     let mut waiting_since: Option<Instant> = None;
     // Records were handed over since the last `CaughtUp`.
     let mut handed = false;
+    // How many messages the last read handed over: about how many a new chunk makes room for.
+    let mut read_last = 0;
     while !stop.load(Ordering::Relaxed) {
         // Before the stage's commands: a stage sends a partition's `Seek` only after answering
         // its assignment, so the answer's seek must not come after it.
-        start_claimed(&consumer);
+        start_claimed(&consumer, &fetch);
         while let Ok(command) = commands.try_recv() {
             match command {
                 SourceCommand::Seek(tp, offset) => {
@@ -694,6 +723,7 @@ fn poll_loop(
                         })
                         .unwrap_or(false);
                     if owned {
+                        route(&fetch, &tp);
                         if let Err(e) = consumer.seek(
                             &tp.topic,
                             tp.partition,
@@ -761,42 +791,75 @@ fn poll_loop(
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
-        let mut timeout = Duration::from_millis(100);
-        let mut polled = 0u32;
+        let mut wait = IDLE_WAIT;
         let mut idle = false;
         loop {
-            match consumer.poll(timeout) {
+            // Rebalances (the handler runs inside), errors and statistics, and any record that
+            // reached the consumer queue before its partition was routed to the fetch queue.
+            let mut polled = false;
+            let mut failed = match consumer.poll(Duration::ZERO) {
                 Some(Ok(message)) => {
-                    let record = copier.record(&message);
+                    let record = copier.polled(&message);
+                    drop(message);
+                    polled = true;
                     handed = true;
                     let mut outbox = context.outbox();
                     outbox.push(record);
-                    if !outbox.queue.is_empty() {
-                        hand_over(&events, &mut outbox.queue);
-                    }
-                    drop(outbox);
-                    timeout = Duration::ZERO;
-                    polled += 1;
-                    if polled % CLOCK_EVERY == 0 && Instant::now() >= deadline {
-                        break;
-                    }
+                    hand_over(&events, &mut outbox.queue);
+                    None
                 }
-                Some(Err(e)) => {
-                    metrics.kafka_error(&e, "consume error");
-                    if context.strict
-                        && matches!(
-                            e,
-                            KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
-                        )
-                    {
-                        stop_out_of_range(&consumer);
+                Some(Err(e)) => Some(e),
+                None => None,
+            };
+            // The records waiting on the fetch queue, up to a batch, in one call; none when `poll`
+            // returned an error, which is handled first, as one from the fetch queue is.
+            let mut seen = 0;
+            if failed.is_none() {
+                // Taken with the first record, not while the read waits for one.
+                let mut outbox: Option<MutexGuard<'_, Outbox>> = None;
+                seen = fetch.read(if polled { Duration::ZERO } else { wait }, |message| {
+                    match message.error() {
+                        None => {
+                            let outbox = outbox.get_or_insert_with(|| {
+                                let mut outbox = context.outbox();
+                                outbox.room = read_last.clamp(1, CHUNK_RECORDS);
+                                outbox
+                            });
+                            outbox.push(copier.fetched(&message));
+                            true
+                        }
+                        // Handled before any record after it is read, as `poll`'s are.
+                        Some(code) => {
+                            failed = Some(KafkaError::MessageConsumption(code));
+                            false
+                        }
                     }
-                    break;
+                });
+                if let Some(mut outbox) = outbox {
+                    hand_over(&events, &mut outbox.queue);
+                    handed = true;
                 }
-                None => {
-                    idle = true;
-                    break;
+                read_last = seen;
+            }
+            if seen == 0 && failed.is_none() && !polled {
+                idle = true;
+                break;
+            }
+            if let Some(e) = failed {
+                metrics.kafka_error(&e, "consume error");
+                if context.strict
+                    && matches!(
+                        e,
+                        KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)
+                    )
+                {
+                    stop_out_of_range(&consumer);
                 }
+                break;
+            }
+            wait = Duration::ZERO;
+            if Instant::now() >= deadline {
+                break;
             }
         }
         {
@@ -811,6 +874,8 @@ fn poll_loop(
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
     }
+    // Records still routed there are dropped, as records `poll` would return below are.
+    drop(fetch);
     // Leave the group: the final revocation goes through the rebalance callback as usual, and
     // hands over what still waits first.
     consumer.unsubscribe();
@@ -886,7 +951,7 @@ fn cached_watermarks(
 /// refuses (its fetcher has not started yet) is tried again on the next pass, the partition still
 /// paused. A partition revoked before its answer came is skipped; one the stage did not answer
 /// (it is stopping) stays paused until it is revoked.
-fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
+fn start_claimed(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>) {
     let context = consumer.context();
     let mut answered = Vec::new();
     context.claiming().retain_mut(|waiting| {
@@ -936,6 +1001,8 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
             done.push(tp);
             continue;
         }
+        // Before the seek, which outdates whatever was fetched before it (see `kafka::fetch`).
+        route(fetch, &tp);
         if let (true, Offset::Offset(next)) = (context.strict, offset) {
             context.starts().insert(tp.clone(), next);
             if context.stop_if_out_of_range(consumer, &tp, next) {
@@ -964,6 +1031,13 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>) {
         if let Err(e) = consumer.resume(&started) {
             tracing::warn!(error = %e, "starting claimed partitions");
         }
+    }
+}
+
+/// Routes `tp`'s records to the fetch queue (before each seek of it: see `kafka::fetch`).
+fn route(fetch: &FetchQueue<'_>, tp: &TopicPartition) {
+    if !fetch.route(&tp.topic, tp.partition) {
+        tracing::warn!(partition = %tp, "librdkafka did not route the partition to the fetch queue");
     }
 }
 
@@ -1109,5 +1183,146 @@ fn set_paused(
     match result {
         Ok(()) => tracing::debug!(paused = after, "fetching paused or resumed"),
         Err(e) => tracing::warn!(error = %e, paused = after, "pausing or resuming fetches"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+
+    use super::*;
+
+    /// A record as the test expects it back: partition, offset order, key, value, timestamp and
+    /// headers.
+    type Expected = (
+        i32,
+        Option<Vec<u8>>,
+        Option<Vec<u8>>,
+        i64,
+        Vec<(String, Option<Vec<u8>>)>,
+    );
+
+    /// Records read through the fetch queue in batches arrive whole (key, value or its absence,
+    /// timestamp, headers with a null value among them) and in offset order per partition, across
+    /// more than one batch.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batched_records_arrive_whole_and_in_order() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("bronze", 2, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("producer");
+        let base = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let mut expected: Vec<Expected> = Vec::new();
+        let records = 3 * crate::kafka::fetch::BATCH + 17;
+        for i in 0..records {
+            let partition = (i % 2) as i32;
+            let key = (i % 3 != 0).then(|| format!("key-{i}").into_bytes());
+            let value = (i % 5 != 0).then(|| vec![(i % 251) as u8; i % 40]);
+            let headers: Vec<(String, Option<Vec<u8>>)> = match i % 4 {
+                0 => Vec::new(),
+                1 => vec![("trace".into(), Some(format!("t-{i}").into_bytes()))],
+                _ => vec![
+                    ("trace".into(), Some(format!("t-{i}").into_bytes())),
+                    ("null".into(), None),
+                    ("empty".into(), Some(Vec::new())),
+                ],
+            };
+            let timestamp = base + i as i64;
+            let mut owned = OwnedHeaders::new();
+            for (name, value) in &headers {
+                owned = owned.insert(Header {
+                    key: name,
+                    value: value.as_deref(),
+                });
+            }
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to("bronze")
+                .partition(partition)
+                .timestamp(timestamp)
+                .headers(owned);
+            if let Some(key) = &key {
+                record = record.key(key.as_slice());
+            }
+            if let Some(value) = &value {
+                record = record.payload(value.as_slice());
+            }
+            producer.send(record).map_err(|(e, _)| e).expect("send");
+            producer.poll(Duration::ZERO);
+            expected.push((partition, key, value, timestamp, headers));
+        }
+        producer.flush(Duration::from_secs(10)).expect("flush");
+
+        let (events, mut received) = mpsc::channel(64);
+        let source = Source::start(
+            SourceSettings {
+                brokers,
+                group_id: "batched".into(),
+                topics: vec!["bronze".into()],
+                properties: BTreeMap::new(),
+                counts_assignments: false,
+                strict_offsets: false,
+                reports_caught_up: true,
+            },
+            Arc::new(Metrics::new()),
+            events,
+        )
+        .expect("source");
+        let mut got: Vec<SourceRecord> = Vec::new();
+        let until = Instant::now() + Duration::from_secs(60);
+        while got.len() < records && Instant::now() < until {
+            match tokio::time::timeout(Duration::from_secs(1), received.recv()).await {
+                Ok(Some(SourceEvent::Assigned { partitions, reply })) => {
+                    let _ = reply.send(partitions.into_iter().map(|tp| (tp, None)).collect());
+                }
+                Ok(Some(SourceEvent::Records(chunk))) => {
+                    let partition = chunk.first().map(|r| r.partition);
+                    assert!(
+                        chunk.iter().all(|r| Some(r.partition) == partition),
+                        "a chunk holds one partition"
+                    );
+                    got.extend(chunk);
+                }
+                Ok(Some(SourceEvent::Revoked { done, .. })) => {
+                    let _ = done.send(());
+                }
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => break,
+            }
+        }
+        source.stop();
+        while let Some(event) = received.recv().await {
+            if let SourceEvent::Revoked { done, .. } = event {
+                let _ = done.send(());
+            }
+        }
+        source.join();
+
+        assert_eq!(got.len(), records, "every record once");
+        for partition in 0..2 {
+            let want: Vec<&Expected> = expected.iter().filter(|e| e.0 == partition).collect();
+            let have: Vec<&SourceRecord> =
+                got.iter().filter(|r| r.partition == partition).collect();
+            assert_eq!(have.len(), want.len(), "partition {partition}");
+            for (offset, (record, want)) in have.iter().zip(&want).enumerate() {
+                assert_eq!(record.offset, offset as i64, "offset order");
+                assert_eq!(record.topic.as_ref(), "bronze");
+                assert_eq!(record.key.as_deref(), want.1.as_deref(), "key at {offset}");
+                assert_eq!(
+                    record.value.as_deref(),
+                    want.2.as_deref(),
+                    "value at {offset}"
+                );
+                assert_eq!(record.timestamp_ms, Some(want.3), "timestamp at {offset}");
+                assert_eq!(record.headers, want.4, "headers at {offset}");
+            }
+        }
     }
 }

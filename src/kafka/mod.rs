@@ -9,6 +9,7 @@ pub mod admin;
 pub mod claims;
 pub mod consumer;
 pub mod event_loop;
+mod fetch;
 pub mod producer;
 
 use std::collections::BTreeMap;
