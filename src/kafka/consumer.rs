@@ -123,6 +123,9 @@ struct SourceContext {
     /// Where each partition was last sought to (its start, or a seek back): a partition that
     /// gave no record since stands there (see `caught_up`).
     sought: Mutex<HashMap<TopicPartition, Offset>>,
+    /// Partitions whose position was put back after a consumer error (`put_back`): their seek
+    /// (in `seeking`) waits until then, as librdkafka's fetcher backs off after an error.
+    backoff: Mutex<HashMap<TopicPartition, Instant>>,
 }
 
 /// An assignment waiting for the stage to say where its partitions resume.
@@ -220,6 +223,10 @@ impl SourceContext {
 
     fn claiming(&self) -> MutexGuard<'_, Vec<Unanswered>> {
         self.claiming.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn backoff(&self) -> MutexGuard<'_, HashMap<TopicPartition, Instant>> {
+        self.backoff.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn seeking(&self) -> MutexGuard<'_, HashMap<TopicPartition, Option<Offset>>> {
@@ -415,10 +422,12 @@ impl ConsumerContext for SourceContext {
                     let mut holding = self.holding();
                     // A partition that comes back is sought again when it starts.
                     let mut sought = self.sought();
+                    let mut backoff = self.backoff();
                     for tp in &partitions {
                         seeking.remove(tp);
                         holding.remove(tp);
                         sought.remove(tp);
+                        backoff.remove(tp);
                     }
                 }
                 if self.strict {
@@ -542,6 +551,9 @@ impl Source {
         for (key, value) in &settings.properties {
             config.set(key, value);
         }
+        // Each end-of-partition message would move a position past the record not read yet
+        // (see `kafka::fetch`), so Strata never asks for them, whatever the properties say.
+        config.set("enable.partition.eof", "false");
         let context = SourceContext {
             events: events.clone(),
             metrics: metrics.clone(),
@@ -556,6 +568,7 @@ impl Source {
             starts: Mutex::default(),
             claiming: Mutex::default(),
             seeking: Mutex::default(),
+            backoff: Mutex::default(),
             sought: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
@@ -697,6 +710,8 @@ fn poll_loop(
     let mut handed = false;
     // How many messages the last read handed over: about how many a new chunk makes room for.
     let mut read_last = 0;
+    // The consumer errors of the current read.
+    let mut errors: Vec<FetchError> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
         // Before the stage's commands: a stage sends a partition's `Seek` only after answering
         // its assignment, so the answer's seek must not come after it.
@@ -705,8 +720,10 @@ fn poll_loop(
             match command {
                 SourceCommand::Seek(tp, offset) => {
                     let was_held = context.holding().remove(&tp);
-                    // Not started yet (its first seek failed): it starts here instead.
+                    // Not started yet (its first seek failed, or it waits after an error): it
+                    // starts here instead, at once.
                     if let Some(pending) = context.seeking().get_mut(&tp) {
+                        context.backoff().remove(&tp);
                         *pending = Some(Offset::Offset(offset));
                         let mut outbox = context.outbox();
                         outbox.close();
@@ -797,7 +814,7 @@ fn poll_loop(
             // Rebalances (the handler runs inside), errors and statistics, and any record that
             // reached the consumer queue before its partition was routed to the fetch queue.
             let mut polled = false;
-            let mut failed = match consumer.poll(Duration::ZERO) {
+            let failed = match consumer.poll(Duration::ZERO) {
                 Some(Ok(message)) => {
                     let record = copier.polled(&message);
                     drop(message);
@@ -812,34 +829,50 @@ fn poll_loop(
                 None => None,
             };
             // The records waiting on the fetch queue, up to a batch, in one call; none when `poll`
-            // returned an error, which is handled first, as one from the fetch queue is.
+            // returned an error, which is handled first.
             let mut seen = 0;
             if failed.is_none() {
                 // Taken with the first record, not while the read waits for one.
                 let mut outbox: Option<MutexGuard<'_, Outbox>> = None;
                 seen = fetch.read(if polled { Duration::ZERO } else { wait }, |message| {
-                    match message.error() {
-                        None => {
-                            let outbox = outbox.get_or_insert_with(|| {
-                                let mut outbox = context.outbox();
-                                outbox.room = read_last.clamp(1, CHUNK_RECORDS);
-                                outbox
-                            });
-                            outbox.push(copier.fetched(&message));
-                            true
+                    let Some(code) = message.error() else {
+                        if !errors.is_empty() {
+                            followed_by(&mut errors, &message);
                         }
-                        // Handled before any record after it is read, as `poll`'s are.
-                        Some(code) => {
-                            failed = Some(KafkaError::MessageConsumption(code));
-                            false
-                        }
-                    }
+                        let outbox = outbox.get_or_insert_with(|| {
+                            let mut outbox = context.outbox();
+                            outbox.room = read_last.clamp(1, CHUNK_RECORDS);
+                            outbox
+                        });
+                        outbox.push(copier.fetched(&message));
+                        return;
+                    };
+                    errors.push(FetchError {
+                        partition: TopicPartition::new(
+                            String::from_utf8_lossy(message.topic()),
+                            message.partition(),
+                        ),
+                        offset: message.offset(),
+                        code,
+                        followed: false,
+                    });
                 });
                 if let Some(mut outbox) = outbox {
                     hand_over(&events, &mut outbox.queue);
                     handed = true;
                 }
                 read_last = seen;
+            }
+            if !errors.is_empty() {
+                // After the records before them, which are handed over already.
+                for error in errors.drain(..) {
+                    metrics
+                        .kafka_error(&KafkaError::MessageConsumption(error.code), "consume error");
+                    if !error.followed {
+                        put_back(&consumer, &error);
+                    }
+                }
+                break;
             }
             if seen == 0 && failed.is_none() && !polled {
                 idle = true;
@@ -982,8 +1015,11 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>)
                 seeking.insert(tp, offset);
             }
         }
+        let now = Instant::now();
+        let backoff = context.backoff();
         seeking
             .iter()
+            .filter(|(tp, _)| backoff.get(*tp).is_none_or(|until| now >= *until))
             .filter_map(|(tp, offset)| offset.map(|o| (tp.clone(), o)))
             .collect()
     };
@@ -1023,8 +1059,10 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>)
     }
     {
         let mut seeking = context.seeking();
+        let mut backoff = context.backoff();
         for tp in &done {
             seeking.remove(tp);
+            backoff.remove(tp);
         }
     }
     if started.count() > 0 && !context.paused.any() {
@@ -1039,6 +1077,89 @@ fn route(fetch: &FetchQueue<'_>, tp: &TopicPartition) {
     if !fetch.route(&tp.topic, tp.partition) {
         tracing::warn!(partition = %tp, "librdkafka did not route the partition to the fetch queue");
     }
+}
+
+/// How long a partition waits after a consumer error before its position is put back and it
+/// fetches again: librdkafka's own `fetch.error.backoff.ms` (its default), which the seek that
+/// puts the position back would otherwise cut short.
+const ERROR_BACKOFF: Duration = Duration::from_millis(500);
+
+/// A consumer error the fetch queue handed over, at the offset it carries.
+struct FetchError {
+    partition: TopicPartition,
+    offset: i64,
+    code: RDKafkaErrorCode,
+    /// A record of the partition at or past the offset came after it in the same read: the
+    /// position is right again (librdkafka keeps the largest).
+    followed: bool,
+}
+
+/// Marks the errors that `record` follows in its read (see [`FetchError::followed`]).
+fn followed_by(errors: &mut [FetchError], record: &Fetched<'_>) {
+    for error in errors.iter_mut() {
+        if error.partition.partition == record.partition()
+            && error.offset <= record.offset()
+            && error.partition.topic.as_bytes() == record.topic()
+        {
+            error.followed = true;
+        }
+    }
+}
+
+/// A read moved `error`'s partition's position one past the error's offset with no record after
+/// it (see `kafka::fetch`): puts it back before any pause (Strata's, or librdkafka's own around a
+/// rebalance) can restart fetching there and skip a record. The partition is paused and sought
+/// back (by `start_claimed`, after [`ERROR_BACKOFF`]): a fetch error's offset is the record the
+/// fetcher would fetch next, every record before it already read. An error without an offset
+/// moved the position only if no record came since the last seek: that seek is made again.
+/// The seek routes the partition again (`start_claimed`). A strict source's offset out of range stops the partition there instead, as
+/// `stop_out_of_range` does for one `poll` returns.
+fn put_back(consumer: &BaseConsumer<SourceContext>, error: &FetchError) {
+    let context = consumer.context();
+    let tp = &error.partition;
+    let owned = consumer
+        .assignment()
+        .is_ok_and(|a| partitions_of(&a).contains(tp));
+    // A partition held (not started, waiting for a seek, held by the stage or stopped out of
+    // range) is sought before it fetches again anyway.
+    if !owned || context.held().contains(tp) {
+        return;
+    }
+    if context.strict
+        && error.code == RDKafkaErrorCode::AutoOffsetReset
+        && error.offset >= 0
+        && context.stop_if_out_of_range(consumer, tp, error.offset)
+    {
+        let _ = consumer.pause(&partition_list(tp));
+        return;
+    }
+    let target = if error.offset >= 0 {
+        Offset::Offset(error.offset)
+    } else {
+        let moved = consumer.position().is_ok_and(|positions| {
+            positions
+                .find_partition(&tp.topic, tp.partition)
+                .is_some_and(|p| !matches!(p.offset(), Offset::Offset(_) | Offset::Invalid))
+        });
+        if !moved {
+            return;
+        }
+        match context.sought().get(tp) {
+            Some(sought) => *sought,
+            None => {
+                tracing::warn!(partition = %tp, "a consumer error moved the position of a partition never sought");
+                return;
+            }
+        }
+    };
+    context.seeking().insert(tp.clone(), Some(target));
+    context
+        .backoff()
+        .insert(tp.clone(), Instant::now() + ERROR_BACKOFF);
+    if let Err(e) = consumer.pause(&partition_list(tp)) {
+        tracing::warn!(partition = %tp, error = %e, "pausing a partition after a consumer error");
+    }
+    tracing::debug!(partition = %tp, ?target, "position put back after a consumer error");
 }
 
 /// After librdkafka refused to reset an offset (`auto.offset.reset=error`): finds which
@@ -1193,6 +1314,7 @@ mod tests {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::types::RDKafkaApiKey;
 
     use super::*;
 
@@ -1324,5 +1446,118 @@ mod tests {
                 assert_eq!(record.headers, want.4, "headers at {offset}");
             }
         }
+    }
+
+    /// The records `received` brings until `want` came (or 30 s passed), answering assignments
+    /// (from the beginning) and revocations on the way.
+    async fn collect(received: &mut mpsc::Receiver<SourceEvent>, want: usize) -> Vec<i64> {
+        let mut offsets = Vec::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        while offsets.len() < want && Instant::now() < until {
+            match tokio::time::timeout(Duration::from_millis(200), received.recv()).await {
+                Ok(Some(SourceEvent::Assigned { partitions, reply })) => {
+                    let _ = reply.send(partitions.into_iter().map(|tp| (tp, None)).collect());
+                }
+                Ok(Some(SourceEvent::Records(chunk))) => {
+                    offsets.extend(chunk.iter().map(|r| r.offset));
+                }
+                Ok(Some(SourceEvent::Revoked { done, .. })) => {
+                    let _ = done.send(());
+                }
+                Ok(Some(_)) | Err(_) => {}
+                Ok(None) => break,
+            }
+        }
+        offsets
+    }
+
+    /// A fetch error moves the partition's position past the record not read yet (see
+    /// `kafka::fetch`); the source puts it back, so pausing and resuming right after the error
+    /// loses no record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pause_right_after_a_fetch_error_loses_no_record() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("faulty", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &brokers)
+            .create()
+            .expect("producer");
+        let produce = |from: i64, to: i64| {
+            for i in from..to {
+                let value = i.to_string();
+                producer
+                    .send(
+                        BaseRecord::<'_, [u8], [u8]>::to("faulty")
+                            .partition(0)
+                            .payload(value.as_bytes()),
+                    )
+                    .map_err(|(e, _)| e)
+                    .expect("send");
+                producer.poll(Duration::ZERO);
+            }
+            producer.flush(Duration::from_secs(10)).expect("flush");
+        };
+        produce(0, 50);
+
+        let metrics = Arc::new(Metrics::new());
+        let (events, mut received) = mpsc::channel(64);
+        let source = Source::start(
+            SourceSettings {
+                brokers,
+                group_id: "faulty".into(),
+                topics: vec!["faulty".into()],
+                properties: BTreeMap::new(),
+                counts_assignments: false,
+                strict_offsets: false,
+                reports_caught_up: false,
+            },
+            metrics.clone(),
+            events,
+        )
+        .expect("source");
+        let mut offsets = collect(&mut received, 50).await;
+        assert_eq!(offsets, (0..50).collect::<Vec<_>>());
+
+        // Past the fetcher's first empty fetch at the end: librdkafka reports a fetch that fails
+        // there for the first time as reaching the end, not as the failure.
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        let errors = || {
+            metrics
+                .render()
+                .lines()
+                .find_map(|l| l.strip_prefix("strata_kafka_errors_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        cluster.request_errors(
+            RDKafkaApiKey::Fetch,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_MSG],
+        );
+        let until = Instant::now() + Duration::from_secs(30);
+        while errors() < 1.0 && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(errors() >= 1.0, "the fetch error was read");
+        // Paused and resumed before any record came after the error.
+        let commands = source.commands();
+        commands.send(SourceCommand::Pause);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        commands.send(SourceCommand::Resume);
+
+        produce(50, 100);
+        offsets.extend(collect(&mut received, 50).await);
+        source.stop();
+        while let Some(event) = received.recv().await {
+            if let SourceEvent::Revoked { done, .. } = event {
+                let _ = done.send(());
+            }
+        }
+        source.join();
+        assert_eq!(
+            offsets,
+            (0..100).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
     }
 }

@@ -1,21 +1,28 @@
-//! Records in batches: librdkafka's `rd_kafka_consume_callback_queue`, which rust-rdkafka does
-//! not wrap.
+//! Records in batches: librdkafka's `rd_kafka_consume_batch_queue`, which rust-rdkafka does not
+//! wrap.
 //!
 //! rust-rdkafka's `poll` returns one record per call, and every call reads the clock, allocates
 //! the reference count of the event that carries the record, and takes the consumer queue's lock
 //! and condition variable. Here the source routes each partition it starts to a queue of its own
-//! ([`FetchQueue::route`]) and takes up to [`BATCH`] records from it per call, under one lock. The
-//! consumer queue keeps everything else: rebalances, errors, statistics and offset commits, still
-//! served by `BaseConsumer::poll`, so the rebalance handler runs exactly as before.
+//! ([`FetchQueue::route`]) and takes up to [`BATCH`] messages from it per call. The consumer
+//! queue keeps everything else: rebalances, errors, statistics and offset commits, still served
+//! by `BaseConsumer::poll`, so the rebalance handler runs exactly as before.
 //!
-//! Why the callback read and not `rd_kafka_consume_batch_queue`: after a batch, that one moves
-//! each partition's position to one past the offset of every message in it, consumer errors
-//! included (librdkafka 2.12's `rd_kafka_q_serve_rkmessages`). A fetch error carries the offset
-//! the fetcher would fetch next, `N`; the position becomes `N + 1`, and the next pause (Strata's
-//! for backpressure, or librdkafka's own around a rebalance) restarts fetching there: record `N`
-//! would be skipped. The callback read moves the position for records only, as `poll` does
-//! (`rd_kafka_fetch_op_app_prepare` returns early for an error), and drops control records and
-//! records outdated by a seek before the callback sees them.
+//! **What a batch read does to positions.** After a batch, librdkafka (2.12,
+//! `rd_kafka_q_serve_rkmessages`) moves each partition's position to one past the offset of
+//! every message in it, consumer errors included. A fetch error carries the offset the fetcher
+//! would fetch next, `N`, so the position becomes `N + 1` while record `N` is still unread; the
+//! next pause (Strata's, or librdkafka's own around every rebalance) would restart fetching
+//! there and skip record `N`. The source sees every such error in the batch, and puts the
+//! position back (`kafka::consumer::put_back`). librdkafka issue #4844 is the same flaw for
+//! end-of-partition messages, which the source turns off.
+//!
+//! Why not the callback read (`rd_kafka_consume_callback_queue`), which moves positions for
+//! records only: it hands control records (transaction markers) to librdkafka's own handling
+//! before it checks whether they are outdated by a pause or a seek, and that handling moves the
+//! position to the marker's offset + 1. A marker fetched before a pause would then move the
+//! position past records not read yet, and the source never sees it. The batch read drops
+//! outdated messages, markers included, first.
 //!
 //! Reading batches from the consumer queue itself is no option: rust-rdkafka takes rebalances as
 //! events, and librdkafka answers a rebalance met inside a batch read with a forced unassign.
@@ -46,6 +53,7 @@ pub const BATCH: usize = 1_024;
 pub struct FetchQueue<'c> {
     queue: NonNull<rd::rd_kafka_queue_t>,
     client: NonNull<rd::rd_kafka_t>,
+    messages: Vec<*mut rd::rd_kafka_message_t>,
     _consumer: PhantomData<&'c ()>,
 }
 
@@ -59,6 +67,7 @@ impl<'c> FetchQueue<'c> {
         Some(Self {
             queue,
             client,
+            messages: Vec::with_capacity(BATCH),
             _consumer: PhantomData,
         })
     }
@@ -87,88 +96,84 @@ impl<'c> FetchQueue<'c> {
         true
     }
 
-    /// Waits up to `wait` for a first message, then hands `each` the messages waiting, in order,
-    /// up to [`BATCH`] of them; `each` returns false to stop after the one it was given. Returns
-    /// how many messages `each` saw. Messages of one partition come in offset order, and each is
-    /// given back to librdkafka as soon as `each` returns.
-    pub fn read<F: FnMut(Fetched<'_>) -> bool>(&mut self, wait: Duration, each: F) -> usize {
+    /// Waits up to `wait` for a first message, then takes whatever else is there, up to
+    /// [`BATCH`] in all, and hands each to `each`, in order; returns how many. Messages of one
+    /// partition come in offset order. Every message taken is handed over (librdkafka has moved
+    /// the positions already), and each is given back to librdkafka after the last.
+    pub fn read<F: FnMut(Fetched<'_>)>(&mut self, wait: Duration, mut each: F) -> usize {
         let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
-        let mut reader = Reader {
-            each,
-            seen: 0,
-            client: self.client,
-            panic: None,
+        let mut batch = Batch {
+            messages: &mut self.messages,
         };
-        // SAFETY: the queue and client are alive (`'c`); `reader` outlives the call, which is the
-        // only place librdkafka uses the opaque pointer, and `deliver::<F>` is the callback for
-        // exactly this `Reader<F>`.
-        unsafe {
-            rd::rd_kafka_consume_callback_queue(
-                self.queue.as_ptr(),
-                wait_ms,
-                Some(deliver::<F>),
-                std::ptr::from_mut(&mut reader).cast::<c_void>(),
-            );
+        batch.messages.clear();
+        // librdkafka's batch read waits until the batch is full or the time is up, so the wait
+        // asks for one message: it returns as soon as that one is there.
+        if wait_ms > 0 {
+            batch.take(self.queue, wait_ms, 1);
         }
-        if let Some(panic) = reader.panic {
-            std::panic::resume_unwind(panic);
+        let room = BATCH - batch.messages.len();
+        if room > 0 {
+            batch.take(self.queue, 0, room);
         }
-        reader.seen
+        for &message in batch.messages.iter() {
+            // SAFETY: librdkafka returned a valid message, owned by `batch` until it drops, after
+            // this loop; `Fetched`'s lifetime cannot leave `each`.
+            if let Some(message) = unsafe { message.as_ref() } {
+                each(Fetched { message });
+            }
+        }
+        batch.messages.len()
     }
 }
 
 impl Drop for FetchQueue<'_> {
     fn drop(&mut self) {
         // SAFETY: the client is still alive (`'c`), and no message of this queue is held: each
-        // lives only for its callback.
+        // `read` gives its messages back before it returns.
         unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
     }
 }
 
-/// The state of one [`FetchQueue::read`], reached from librdkafka's callback.
-struct Reader<F> {
-    each: F,
-    seen: usize,
-    client: NonNull<rd::rd_kafka_t>,
-    /// A panic of `each`, carried across the C frames and resumed after them.
-    panic: Option<Box<dyn std::any::Any + Send>>,
+/// The messages one [`FetchQueue::read`] took; given back to librdkafka when this drops, also
+/// when the reader panics.
+struct Batch<'m> {
+    messages: &'m mut Vec<*mut rd::rd_kafka_message_t>,
 }
 
-/// librdkafka's callback for each message of a [`FetchQueue::read`]. It asks librdkafka to stop
-/// (`rd_kafka_yield`) once `each` says so, a batch is full or `each` panicked; librdkafka then puts
-/// the messages not yet given back at the head of the queue.
-unsafe extern "C" fn deliver<F: FnMut(Fetched<'_>) -> bool>(
-    message: *mut rd::rd_kafka_message_t,
-    opaque: *mut c_void,
-) {
-    // SAFETY: `opaque` is the `Reader<F>` of the `read` this call is inside (see there), not
-    // otherwise borrowed while librdkafka runs.
-    let reader = unsafe { &mut *opaque.cast::<Reader<F>>() };
-    let more = if reader.panic.is_some() {
-        false
-    } else if let Some(message) = unsafe { message.as_ref() } {
-        // SAFETY (above): librdkafka's message is valid until this callback returns, and
-        // `Fetched`'s lifetime cannot leave `each`.
-        reader.seen += 1;
-        let each = &mut reader.each;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| each(Fetched { message }))) {
-            Ok(more) => more,
-            Err(panic) => {
-                reader.panic = Some(panic);
-                false
-            }
+impl Batch<'_> {
+    /// Takes up to `room` more messages, waiting up to `wait_ms` for them.
+    fn take(&mut self, queue: NonNull<rd::rd_kafka_queue_t>, wait_ms: i32, room: usize) {
+        let len = self.messages.len();
+        let room = room.min(self.messages.capacity() - len);
+        // SAFETY: the queue is alive, and `room` slots past `len` are within the vector's
+        // capacity. librdkafka writes at most `room` message pointers there and returns how many,
+        // or -1 on error (nothing written).
+        let read = unsafe {
+            rd::rd_kafka_consume_batch_queue(
+                queue.as_ptr(),
+                wait_ms,
+                self.messages.as_mut_ptr().add(len),
+                room,
+            )
+        };
+        if let Ok(read) = usize::try_from(read) {
+            // SAFETY: librdkafka initialised `read <= room` slots past `len`.
+            unsafe { self.messages.set_len(len + read.min(room)) };
         }
-    } else {
-        true
-    };
-    if !more || reader.seen >= BATCH {
-        // SAFETY: the client is alive (`'c` of the queue being read).
-        unsafe { rd::rd_kafka_yield(reader.client.as_ptr()) };
     }
 }
 
-/// One record (or consumer error) a [`FetchQueue::read`] hands over, for as long as the callback
-/// runs.
+impl Drop for Batch<'_> {
+    fn drop(&mut self) {
+        for message in self.messages.drain(..) {
+            // SAFETY: each message came from `rd_kafka_consume_batch_queue` and is destroyed
+            // once; the views `read` handed out did not outlive its loop.
+            unsafe { rd::rd_kafka_message_destroy(message) };
+        }
+    }
+}
+
+/// One record (or consumer error) a [`FetchQueue::read`] hands over, for as long as `each` runs.
 #[derive(Clone, Copy)]
 pub struct Fetched<'b> {
     message: &'b rd::rd_kafka_message_t,
@@ -201,7 +206,7 @@ impl<'b> Fetched<'b> {
     /// Create or log-append time in milliseconds, as rust-rdkafka's `Timestamp::to_millis`.
     pub fn timestamp_ms(&self) -> Option<i64> {
         let mut kind = rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
-        // SAFETY: the message is valid (see `deliver`), and `kind` is a live out-parameter.
+        // SAFETY: the message is valid (see `read`), and `kind` is a live out-parameter.
         let millis = unsafe { rd::rd_kafka_message_timestamp(self.message, &mut kind) };
         (kind != rd::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && millis != -1)
             .then_some(millis)
@@ -297,15 +302,13 @@ mod tests {
 
     /// A consumer of `topic`'s partition 0, assigned from the beginning once `route` has routed
     /// it (to a fetch queue of the caller's).
-    /// A consumer of `topic`'s partition 0 that reports reaching the end of it as an error
-    /// (`PartitionEOF`), so a test can tell when the fetcher has caught up.
+    /// A consumer of `topic`'s partition 0 (as the source's: no end-of-partition messages).
     fn consumer(brokers: &str, topic: &str) -> BaseConsumer {
         ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .set("group.id", topic)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("enable.partition.eof", "true")
             .create()
             .expect("consumer")
     }
@@ -318,9 +321,8 @@ mod tests {
         consumer.assign(&assignment).expect("assign");
     }
 
-    /// Reads until `want` records came and the fetcher reached the end of the partition (or 30 s
-    /// passed): their offsets, checked against their values, and the largest number of messages
-    /// one read handed over. Fails on any error but the end of the partition.
+    /// Reads until `want` records came (or 30 s passed): their offsets, checked against their
+    /// values, and the largest number of messages one read handed over. Fails on an error.
     fn read_records(
         consumer: &BaseConsumer,
         fetch: &mut FetchQueue<'_>,
@@ -329,28 +331,20 @@ mod tests {
     ) -> (Vec<i64>, usize) {
         let mut offsets = Vec::new();
         let mut largest = 0;
-        let mut end = false;
         let until = Instant::now() + Duration::from_secs(30);
-        while (offsets.len() < want || !end) && Instant::now() < until {
+        while offsets.len() < want && Instant::now() < until {
             assert!(
                 !matches!(consumer.poll(Duration::ZERO), Some(Ok(_))),
                 "a record reached the consumer queue"
             );
             let seen = fetch.read(Duration::from_millis(100), |message| {
-                match message.error() {
-                    Some(RDKafkaErrorCode::PartitionEOF) => end = true,
-                    Some(e) => panic!("error {e:?} at {}", message.offset()),
-                    None => {
-                        assert_eq!(message.topic(), topic.as_bytes());
-                        let value = message
-                            .payload()
-                            .map(|p| String::from_utf8_lossy(p).into_owned());
-                        assert_eq!(value, Some(message.offset().to_string()));
-                        offsets.push(message.offset());
-                        end = false;
-                    }
-                }
-                true
+                assert_eq!(message.error(), None, "at {}", message.offset());
+                assert_eq!(message.topic(), topic.as_bytes());
+                let value = message
+                    .payload()
+                    .map(|p| String::from_utf8_lossy(p).into_owned());
+                assert_eq!(value, Some(message.offset().to_string()));
+                offsets.push(message.offset());
             });
             largest = largest.max(seen);
         }
@@ -382,31 +376,32 @@ mod tests {
         assert!(largest > 1 && largest <= BATCH, "largest batch {largest}");
     }
 
-    /// A fetch error reaches the reader as an error at the offset to fetch next, and leaves the
-    /// partition's position there: pausing and resuming right after it restarts at that record,
-    /// so none is skipped. (librdkafka's batch read would move the position one past the error.)
+    /// A fetch error reaches the reader as an error at the offset to fetch next, and the batch
+    /// read moves the partition's position one past it: what `consumer::put_back` undoes. If a
+    /// librdkafka upgrade stops moving it, this fails, and `put_back` is no longer needed.
     #[test]
-    fn a_fetch_error_leaves_the_position_at_the_next_record() {
+    fn a_fetch_error_comes_at_the_next_offset_and_moves_the_position_past_it() {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("faulty", 1, 1).expect("topic");
         let brokers = cluster.bootstrap_servers();
-        let producer = producer(&brokers);
-        produce(&producer, "faulty", 0, 50);
+        produce(&producer(&brokers), "faulty", 0, 50);
 
         let consumer = consumer(&brokers, "faulty");
         let mut fetch = FetchQueue::new(&consumer).expect("queue");
         assert!(fetch.route("faulty", 0));
         assign_from_start(&consumer, "faulty");
-        // Read to the end of the partition first: librdkafka reports a fetch that fails there
-        // for the first time as reaching the end, not as the failure.
         let (offsets, _) = read_records(&consumer, &mut fetch, "faulty", 50);
         assert_eq!(offsets, (0..50).collect::<Vec<_>>());
         assert_eq!(position(&consumer, "faulty"), Some(Offset::Offset(50)));
 
-        // The next fetch fails; the partition is paused and resumed as soon as its error is read.
+        // Two failing fetches: librdkafka reports the first that fails at the end of the partition
+        // as reaching the end (silently here), not as the failure.
         cluster.request_errors(
             RDKafkaApiKey::Fetch,
-            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_MSG],
+            &[
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_MSG,
+                RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_MSG,
+            ],
         );
         let mut error = None;
         let until = Instant::now() + Duration::from_secs(30);
@@ -417,8 +412,7 @@ mod tests {
                     message.error().is_some(),
                     "a record where none was produced"
                 );
-                error = Some((message.error(), message.offset()));
-                false
+                error.get_or_insert((message.error(), message.offset()));
             });
         }
         assert_eq!(
@@ -428,19 +422,8 @@ mod tests {
         );
         assert_eq!(
             position(&consumer, "faulty"),
-            Some(Offset::Offset(50)),
-            "the position stays at the record not yet read"
-        );
-        let list = consumer.assignment().expect("assignment");
-        consumer.pause(&list).expect("pause");
-        consumer.resume(&list).expect("resume");
-
-        produce(&producer, "faulty", 50, 100);
-        let (offsets, _) = read_records(&consumer, &mut fetch, "faulty", 50);
-        assert_eq!(
-            offsets,
-            (50..100).collect::<Vec<_>>(),
-            "every record after the error"
+            Some(Offset::Offset(51)),
+            "librdkafka's batch read moves the position past the error"
         );
     }
 }
