@@ -759,6 +759,8 @@ fn poll_loop(
                             outbox.queue.push_back(SourceEvent::Reseeked(tp, offset));
                             continue;
                         }
+                        // And after it: see `start_claimed`.
+                        route(&fetch, &tp);
                         context.sought().insert(tp.clone(), Offset::Offset(offset));
                         if context.strict {
                             recheck_after_seek(&consumer, &tp, offset);
@@ -1048,6 +1050,11 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>)
         }
         match consumer.seek(&tp.topic, tp.partition, offset, Duration::from_secs(10)) {
             Ok(()) => {
+                // Again after it: a revocation's fetch stop clears the routing when librdkafka
+                // handles it, which may come after the routing above; the seek waited for
+                // whatever librdkafka had to do for the partition before it. Ops already on
+                // the partition's queue (outdated or not) move over in order.
+                route(fetch, &tp);
                 let _ = started.add_partition(&tp.topic, tp.partition);
                 context.sought().insert(tp.clone(), offset);
                 done.push(tp);
