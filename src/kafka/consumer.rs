@@ -123,9 +123,11 @@ struct SourceContext {
     /// Where each partition was last sought to (its start, or a seek back): a partition that
     /// gave no record since stands there (see `caught_up`).
     sought: Mutex<HashMap<TopicPartition, Offset>>,
-    /// Partitions whose position was put back after a consumer error (`put_back`): their seek
-    /// (in `seeking`) waits until then, as librdkafka's fetcher backs off after an error.
+    /// Partitions whose position was put back after a consumer error (`put_back`): paused
+    /// until then, as librdkafka's fetcher backs off after an error.
     backoff: Mutex<HashMap<TopicPartition, Instant>>,
+    /// The offset after the last record of each partition read since its last seek.
+    read_to: Mutex<HashMap<TopicPartition, i64>>,
 }
 
 /// An assignment waiting for the stage to say where its partitions resume.
@@ -225,6 +227,10 @@ impl SourceContext {
         self.claiming.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    fn read_to(&self) -> MutexGuard<'_, HashMap<TopicPartition, i64>> {
+        self.read_to.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     fn backoff(&self) -> MutexGuard<'_, HashMap<TopicPartition, Instant>> {
         self.backoff.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -246,6 +252,7 @@ impl SourceContext {
             held.extend(waiting.partitions.iter().cloned());
         }
         held.extend(self.seeking().keys().cloned());
+        held.extend(self.backoff().keys().cloned());
         held
     }
 
@@ -423,11 +430,13 @@ impl ConsumerContext for SourceContext {
                     // A partition that comes back is sought again when it starts.
                     let mut sought = self.sought();
                     let mut backoff = self.backoff();
+                    let mut read_to = self.read_to();
                     for tp in &partitions {
                         seeking.remove(tp);
                         holding.remove(tp);
                         sought.remove(tp);
                         backoff.remove(tp);
+                        read_to.remove(tp);
                     }
                 }
                 if self.strict {
@@ -569,6 +578,7 @@ impl Source {
             claiming: Mutex::default(),
             seeking: Mutex::default(),
             backoff: Mutex::default(),
+            read_to: Mutex::default(),
             sought: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
@@ -716,6 +726,7 @@ fn poll_loop(
         // Before the stage's commands: a stage sends a partition's `Seek` only after answering
         // its assignment, so the answer's seek must not come after it.
         start_claimed(&consumer, &fetch);
+        resume_backed_off(&consumer);
         while let Ok(command) = commands.try_recv() {
             match command {
                 SourceCommand::Seek(tp, offset) => {
@@ -762,6 +773,7 @@ fn poll_loop(
                         // And after it: see `start_claimed`.
                         route(&fetch, &tp);
                         context.sought().insert(tp.clone(), Offset::Offset(offset));
+                        context.read_to().remove(&tp);
                         if context.strict {
                             recheck_after_seek(&consumer, &tp, offset);
                         }
@@ -820,6 +832,13 @@ fn poll_loop(
                 Some(Ok(message)) => {
                     let record = copier.polled(&message);
                     drop(message);
+                    context.read_to().insert(
+                        TopicPartition {
+                            topic: record.topic.clone(),
+                            partition: record.partition,
+                        },
+                        record.offset + 1,
+                    );
                     polled = true;
                     handed = true;
                     let mut outbox = context.outbox();
@@ -836,6 +855,8 @@ fn poll_loop(
             if failed.is_none() {
                 // Taken with the first record, not while the read waits for one.
                 let mut outbox: Option<MutexGuard<'_, Outbox>> = None;
+                // The partition of the last record read, and the offset after it.
+                let mut run: Option<(TopicPartition, i64)> = None;
                 seen = fetch.read(if polled { Duration::ZERO } else { wait }, |message| {
                     let Some(code) = message.error() else {
                         if !errors.is_empty() {
@@ -846,7 +867,28 @@ fn poll_loop(
                             outbox.room = read_last.clamp(1, CHUNK_RECORDS);
                             outbox
                         });
-                        outbox.push(copier.fetched(&message));
+                        let record = copier.fetched(&message);
+                        match &mut run {
+                            Some((tp, next))
+                                if tp.partition == record.partition
+                                    && Arc::ptr_eq(&tp.topic, &record.topic) =>
+                            {
+                                *next = record.offset + 1;
+                            }
+                            _ => {
+                                if let Some((tp, next)) = run.take() {
+                                    context.read_to().insert(tp, next);
+                                }
+                                run = Some((
+                                    TopicPartition {
+                                        topic: record.topic.clone(),
+                                        partition: record.partition,
+                                    },
+                                    record.offset + 1,
+                                ));
+                            }
+                        }
+                        outbox.push(record);
                         return;
                     };
                     errors.push(FetchError {
@@ -859,6 +901,9 @@ fn poll_loop(
                         followed: false,
                     });
                 });
+                if let Some((tp, next)) = run {
+                    context.read_to().insert(tp, next);
+                }
                 if let Some(mut outbox) = outbox {
                     hand_over(&events, &mut outbox.queue);
                     handed = true;
@@ -871,7 +916,7 @@ fn poll_loop(
                     metrics
                         .kafka_error(&KafkaError::MessageConsumption(error.code), "consume error");
                     if !error.followed {
-                        put_back(&consumer, &error);
+                        put_back(&consumer, &fetch, &error);
                     }
                 }
                 break;
@@ -1055,8 +1100,12 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>)
                 // whatever librdkafka had to do for the partition before it. Ops already on
                 // the partition's queue (outdated or not) move over in order.
                 route(fetch, &tp);
-                let _ = started.add_partition(&tp.topic, tp.partition);
                 context.sought().insert(tp.clone(), offset);
+                context.read_to().remove(&tp);
+                // One the stage holds, or stopped out of range meanwhile, stays paused.
+                if !context.holding().contains(&tp) && !context.stopped().contains(&tp) {
+                    let _ = started.add_partition(&tp.topic, tp.partition);
+                }
                 done.push(tp);
             }
             Err(e) => {
@@ -1113,60 +1162,123 @@ fn followed_by(errors: &mut [FetchError], record: &Fetched<'_>) {
     }
 }
 
-/// A read moved `error`'s partition's position one past the error's offset with no record after
-/// it (see `kafka::fetch`): puts it back before any pause (Strata's, or librdkafka's own around a
-/// rebalance) can restart fetching there and skip a record. The partition is paused and sought
-/// back (by `start_claimed`, after [`ERROR_BACKOFF`]): a fetch error's offset is the record the
-/// fetcher would fetch next, every record before it already read. An error without an offset
-/// moved the position only if no record came since the last seek: that seek is made again.
-/// The seek routes the partition again (`start_claimed`). A strict source's offset out of range stops the partition there instead, as
-/// `stop_out_of_range` does for one `poll` returns.
-fn put_back(consumer: &BaseConsumer<SourceContext>, error: &FetchError) {
+/// A read may have moved `error`'s partition's position one past the error's offset with no
+/// record after it (see `kafka::fetch`): puts it back before any pause (Strata's, or librdkafka's
+/// own around a rebalance) can restart fetching there and skip a record.
+///
+/// Where the partition really stands: a fetch error's offset is the record the fetcher would
+/// fetch next, every record before it queued (and read) before the error. An error at or before
+/// the last record handed over since the last seek did not move the position (librdkafka keeps
+/// the largest); nor did one without an offset once a record came. Otherwise the partition is
+/// paused and sought back at once (to the error's offset, or to the last seek when no record came
+/// since it), and resumes after [`ERROR_BACKOFF`] (`resume_backed_off`). A strict source's offset
+/// out of range is not sought: librdkafka stopped fetching the partition, and it is checked
+/// against the partition's range at the error's offset, as `stop_out_of_range` does for one
+/// `poll` returns.
+fn put_back(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>, error: &FetchError) {
     let context = consumer.context();
     let tp = &error.partition;
     let owned = consumer
         .assignment()
         .is_ok_and(|a| partitions_of(&a).contains(tp));
-    // A partition held (not started, waiting for a seek, held by the stage or stopped out of
-    // range) is sought before it fetches again anyway.
+    // A partition held (not started, waiting for a seek, held by the stage, stopped out of
+    // range, or backing off) is sought before it fetches again anyway.
     if !owned || context.held().contains(tp) {
         return;
     }
-    if context.strict
-        && error.code == RDKafkaErrorCode::AutoOffsetReset
-        && error.offset >= 0
-        && context.stop_if_out_of_range(consumer, tp, error.offset)
-    {
-        let _ = consumer.pause(&partition_list(tp));
+    if context.strict && error.code == RDKafkaErrorCode::AutoOffsetReset {
+        if error.offset >= 0 && context.stop_if_out_of_range(consumer, tp, error.offset) {
+            let _ = consumer.pause(&partition_list(tp));
+        }
         return;
     }
-    let target = if error.offset >= 0 {
-        Offset::Offset(error.offset)
-    } else {
-        let moved = consumer.position().is_ok_and(|positions| {
-            positions
-                .find_partition(&tp.topic, tp.partition)
-                .is_some_and(|p| !matches!(p.offset(), Offset::Offset(_) | Offset::Invalid))
-        });
-        if !moved {
-            return;
+    let read_to = context.read_to().get(tp).copied();
+    let sought = context.sought().get(tp).copied();
+    let Some(target) = put_back_to(error.offset, read_to, sought) else {
+        if error.offset < 0 && read_to.is_none() && sought.is_none() {
+            tracing::warn!(partition = %tp, "a consumer error moved the position of a partition never sought");
         }
-        match context.sought().get(tp) {
-            Some(sought) => *sought,
-            None => {
-                tracing::warn!(partition = %tp, "a consumer error moved the position of a partition never sought");
-                return;
-            }
-        }
+        return;
     };
-    context.seeking().insert(tp.clone(), Some(target));
+    let list = partition_list(tp);
+    if let Err(e) = consumer.pause(&list) {
+        tracing::warn!(partition = %tp, error = %e, "pausing a partition after a consumer error");
+    }
+    route(fetch, tp);
+    match consumer.seek(&tp.topic, tp.partition, target, Duration::from_secs(10)) {
+        Ok(()) => {
+            route(fetch, tp);
+            context.sought().insert(tp.clone(), target);
+            context.read_to().remove(tp);
+        }
+        // Paused until `start_claimed` makes the seek.
+        Err(e) => {
+            tracing::warn!(partition = %tp, error = %e, "seeking back after a consumer error failed; trying again");
+            context.seeking().insert(tp.clone(), Some(target));
+        }
+    }
     context
         .backoff()
         .insert(tp.clone(), Instant::now() + ERROR_BACKOFF);
-    if let Err(e) = consumer.pause(&partition_list(tp)) {
-        tracing::warn!(partition = %tp, error = %e, "pausing a partition after a consumer error");
-    }
     tracing::debug!(partition = %tp, ?target, "position put back after a consumer error");
+}
+
+/// Where a partition must restart after a consumer error at `offset` (see `put_back`), or `None`
+/// when the error did not move its position: `read_to` is the offset after the last record read
+/// since the partition's last seek (to `sought`).
+fn put_back_to(offset: i64, read_to: Option<i64>, sought: Option<Offset>) -> Option<Offset> {
+    match (offset >= 0, read_to) {
+        // librdkafka keeps the largest position: an error at or before what was read moved none.
+        (true, Some(next)) if offset < next => None,
+        (true, Some(_)) => Some(Offset::Offset(offset)),
+        (true, None) => match sought {
+            // An error from before the seek (librdkafka gives some no fetch version).
+            Some(Offset::Offset(start)) if offset < start => Some(Offset::Offset(start)),
+            _ => Some(Offset::Offset(offset)),
+        },
+        // A position at a record stays above an error without an offset.
+        (false, Some(_)) => None,
+        // No record since the seek: the position was unset and the error set it; seek again.
+        (false, None) => sought,
+    }
+}
+
+/// Resumes the partitions whose wait after a consumer error (`put_back`) is over, unless
+/// fetching is paused or they are held for another reason. One whose seek is still to be made
+/// waits for `start_claimed`, which resumes it.
+fn resume_backed_off(consumer: &BaseConsumer<SourceContext>) {
+    let context = consumer.context();
+    let due: Vec<TopicPartition> = {
+        let mut backoff = context.backoff();
+        if backoff.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let seeking = context.seeking();
+        let due: Vec<TopicPartition> = backoff
+            .iter()
+            .filter(|(tp, until)| now >= **until && !seeking.contains_key(*tp))
+            .map(|(tp, _)| tp.clone())
+            .collect();
+        for tp in &due {
+            backoff.remove(tp);
+        }
+        due
+    };
+    // While fetching is paused, the resume that ends the pause takes them along.
+    if due.is_empty() || context.paused.any() {
+        return;
+    }
+    let held = context.held();
+    let mut list = TopicPartitionList::new();
+    for tp in due.iter().filter(|tp| !held.contains(*tp)) {
+        let _ = list.add_partition(&tp.topic, tp.partition);
+    }
+    if list.count() > 0 {
+        if let Err(e) = consumer.resume(&list) {
+            tracing::warn!(error = %e, "resuming partitions after a consumer error");
+        }
+    }
 }
 
 /// After librdkafka refused to reset an offset (`auto.offset.reset=error`): finds which
@@ -1566,5 +1678,36 @@ mod tests {
             (0..100).collect::<Vec<_>>(),
             "every record once, in order"
         );
+    }
+
+    /// Where a partition restarts after a consumer error: at the error's offset when it moved the
+    /// position, never behind a record already read, and at the last seek when no record came.
+    #[test]
+    fn a_consumer_error_puts_the_position_back_only_where_it_moved_it() {
+        // A fetch error at the next record, after records 0..50: back to 50.
+        assert_eq!(put_back_to(50, Some(50), None), Some(Offset::Offset(50)));
+        // One at or before what was read (a corrupt batch's base offset): nothing moved.
+        assert_eq!(put_back_to(40, Some(50), Some(Offset::Offset(0))), None);
+        assert_eq!(put_back_to(49, Some(50), None), None);
+        // No record since the seek to 30: at the error, unless it predates the seek.
+        assert_eq!(
+            put_back_to(30, None, Some(Offset::Offset(30))),
+            Some(Offset::Offset(30))
+        );
+        assert_eq!(
+            put_back_to(12, None, Some(Offset::Offset(30))),
+            Some(Offset::Offset(30))
+        );
+        assert_eq!(
+            put_back_to(7, None, Some(Offset::Beginning)),
+            Some(Offset::Offset(7))
+        );
+        // Without an offset: only an unset position moved, and the last seek is made again.
+        assert_eq!(put_back_to(-1001, Some(50), None), None);
+        assert_eq!(
+            put_back_to(-1001, None, Some(Offset::Beginning)),
+            Some(Offset::Beginning)
+        );
+        assert_eq!(put_back_to(-2, None, None), None);
     }
 }
