@@ -1102,10 +1102,7 @@ fn start_claimed(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>)
                 route(fetch, &tp);
                 context.sought().insert(tp.clone(), offset);
                 context.read_to().remove(&tp);
-                // One the stage holds, or stopped out of range meanwhile, stays paused.
-                if !context.holding().contains(&tp) && !context.stopped().contains(&tp) {
-                    let _ = started.add_partition(&tp.topic, tp.partition);
-                }
+                let _ = started.add_partition(&tp.topic, tp.partition);
                 done.push(tp);
             }
             Err(e) => {
@@ -1189,6 +1186,9 @@ fn put_back(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>, erro
     if context.strict && error.code == RDKafkaErrorCode::AutoOffsetReset {
         if error.offset >= 0 && context.stop_if_out_of_range(consumer, tp, error.offset) {
             let _ = consumer.pause(&partition_list(tp));
+        } else {
+            // librdkafka stopped fetching it all the same; only a new assignment restarts it.
+            tracing::warn!(partition = %tp, offset = error.offset, "librdkafka refused an offset the partition's range does not rule out; the partition waits for a new assignment");
         }
         return;
     }
@@ -1210,6 +1210,9 @@ fn put_back(consumer: &BaseConsumer<SourceContext>, fetch: &FetchQueue<'_>, erro
             route(fetch, tp);
             context.sought().insert(tp.clone(), target);
             context.read_to().remove(tp);
+            if let (true, Offset::Offset(next)) = (context.strict, target) {
+                context.starts().insert(tp.clone(), next);
+            }
         }
         // Paused until `start_claimed` makes the seek.
         Err(e) => {
