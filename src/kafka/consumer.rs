@@ -1438,6 +1438,7 @@ mod tests {
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     use rdkafka::types::RDKafkaApiKey;
 
+    use super::super::fetch::tests::{produce, producer};
     use super::*;
 
     /// A record as the test expects it back: partition, offset order, key, value, timestamp and
@@ -1601,26 +1602,8 @@ mod tests {
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("faulty", 1, 1).expect("topic");
         let brokers = cluster.bootstrap_servers();
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &brokers)
-            .create()
-            .expect("producer");
-        let produce = |from: i64, to: i64| {
-            for i in from..to {
-                let value = i.to_string();
-                producer
-                    .send(
-                        BaseRecord::<'_, [u8], [u8]>::to("faulty")
-                            .partition(0)
-                            .payload(value.as_bytes()),
-                    )
-                    .map_err(|(e, _)| e)
-                    .expect("send");
-                producer.poll(Duration::ZERO);
-            }
-            producer.flush(Duration::from_secs(10)).expect("flush");
-        };
-        produce(0, 50);
+        let producer = producer(&brokers);
+        produce(&producer, "faulty", 0, 50);
 
         let metrics = Arc::new(Metrics::new());
         let (events, mut received) = mpsc::channel(64);
@@ -1667,7 +1650,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         commands.send(SourceCommand::Resume);
 
-        produce(50, 100);
+        produce(&producer, "faulty", 50, 100);
         offsets.extend(collect(&mut received, 50).await);
         source.stop();
         while let Some(event) = received.recv().await {

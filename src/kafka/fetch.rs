@@ -265,7 +265,7 @@ fn bytes<'b>(data: *mut c_void, len: usize) -> Option<&'b [u8]> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::time::Instant;
 
     use rdkafka::config::ClientConfig;
@@ -277,7 +277,7 @@ mod tests {
     use super::*;
 
     /// Sends records `from..to` to partition 0 of `topic`, each with its number as its value.
-    fn produce(producer: &BaseProducer, topic: &str, from: usize, to: usize) {
+    pub(in crate::kafka) fn produce(producer: &BaseProducer, topic: &str, from: usize, to: usize) {
         for i in from..to {
             let value = i.to_string();
             producer
@@ -293,7 +293,7 @@ mod tests {
         producer.flush(Duration::from_secs(10)).expect("flush");
     }
 
-    fn producer(brokers: &str) -> BaseProducer {
+    pub(in crate::kafka) fn producer(brokers: &str) -> BaseProducer {
         ClientConfig::new()
             .set("bootstrap.servers", brokers)
             .create()
