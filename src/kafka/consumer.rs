@@ -837,7 +837,7 @@ fn poll_loop(
                             topic: record.topic.clone(),
                             partition: record.partition,
                         },
-                        record.offset + 1,
+                        record.offset.saturating_add(1),
                     );
                     polled = true;
                     handed = true;
@@ -873,7 +873,7 @@ fn poll_loop(
                                 if tp.partition == record.partition
                                     && Arc::ptr_eq(&tp.topic, &record.topic) =>
                             {
-                                *next = record.offset + 1;
+                                *next = record.offset.saturating_add(1);
                             }
                             _ => {
                                 if let Some((tp, next)) = run.take() {
@@ -884,7 +884,7 @@ fn poll_loop(
                                         topic: record.topic.clone(),
                                         partition: record.partition,
                                     },
-                                    record.offset + 1,
+                                    record.offset.saturating_add(1),
                                 ));
                             }
                         }
