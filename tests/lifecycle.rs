@@ -14,10 +14,12 @@ async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
     let setup = Setup::new("sigterm", 3).await;
     let mut produced = produce(&setup.topic, 30_000, 400, 31).await;
     let grace = Duration::from_secs(20);
-    let replica = setup.spawn(&[
+    let mut env = vec![
         ("STRATA_SHUTDOWN_GRACE", "20s"),
         ("STRATA_FLUSH_INTERVAL", "5s"),
-    ]);
+    ];
+    env.extend(common::GROUP_DEBUG);
+    let replica = setup.spawn(&env);
     replica
         .wait_metric("strata_records_written_total", 1.0, "first commit")
         .await;
@@ -34,6 +36,7 @@ async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
     let before = setup.progress().await;
 
     let asked = Instant::now();
+    let log = replica.log.clone();
     replica.stop(grace + Duration::from_secs(5)); // asserts exit status 0
     let took = asked.elapsed();
     assert!(took < grace, "stopped in {took:?}, grace is {grace:?}");
@@ -63,7 +66,8 @@ async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
     let report = strata::lake::verify::exactly_once(lineage, prefix.good.iter().cloned());
     assert!(report.is_exact(), "after SIGTERM: {report}");
 
-    // The next replica finishes the job: exact.
+    // It left its group, and the next replica finishes the job: exact.
+    common::assert_left_group(&log).await;
     let replica = setup.spawn(&[]);
     setup.catch_up(&produced, &[&replica]).await;
     replica.stop(Duration::from_secs(30));

@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Headers, Message};
 use rdkafka::statistics::Statistics;
@@ -27,6 +27,7 @@ use rdkafka::ClientContext;
 use tokio::sync::{mpsc, oneshot};
 
 use super::claims::Resume;
+use super::commits::Commits;
 use super::fetch::{FetchQueue, Fetched};
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
@@ -468,13 +469,6 @@ impl ConsumerContext for SourceContext {
             }
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(e) = result {
-            // Advisory only: the table holds the truth, so a failed group commit loses nothing.
-            tracing::debug!(error = %e, "group offset commit failed");
-        }
-    }
 }
 
 /// Settings the source needs.
@@ -713,6 +707,10 @@ fn poll_loop(
         tracing::error!("librdkafka gave no queue to fetch into; the source stops");
         return;
     };
+    let Some(mut commits) = Commits::new(&consumer) else {
+        tracing::error!("librdkafka gave no queue for offset commits; the source stops");
+        return;
+    };
     let mut copier = Copier::new();
     // Since when the pipeline has had no room for what the source holds (see `wait_for_room`).
     let mut waiting_since: Option<Instant> = None;
@@ -727,6 +725,7 @@ fn poll_loop(
         // its assignment, so the answer's seek must not come after it.
         start_claimed(&consumer, &fetch);
         resume_backed_off(&consumer);
+        commits.answers(Duration::ZERO, commit_answered);
         while let Ok(command) = commands.try_recv() {
             match command {
                 SourceCommand::Seek(tp, offset) => {
@@ -797,8 +796,8 @@ fn poll_loop(
                             Offset::Offset(*next),
                         );
                     }
-                    if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
-                        tracing::debug!(error = %e, "group offset commit not sent");
+                    if let Err(code) = commits.send(&tpl) {
+                        tracing::debug!(error = %code, "group offset commit not sent");
                     }
                 }
                 SourceCommand::Pause => set_paused(&consumer, |p| &p.asked, true),
@@ -956,8 +955,45 @@ fn poll_loop(
     }
     // Records still routed there are dropped, as records `poll` would return below are.
     drop(fetch);
-    // Leave the group: the final revocation goes through the rebalance callback as usual, and
-    // hands over what still waits first.
+    leave_group(&consumer, &mut commits);
+    drop(commits);
+    drop(consumer);
+}
+
+/// Logs a group offset commit that failed. Advisory only: the table holds the truth, so a failed
+/// group commit loses nothing.
+fn commit_answered(error: Option<RDKafkaErrorCode>) {
+    if let Some(code) = error {
+        tracing::debug!(error = %code, "group offset commit failed");
+    }
+}
+
+/// How long a stopping source waits for its offset commits in flight before it leaves the group:
+/// as long as librdkafka gives the LeaveGroup that follows.
+const COMMITS_BEFORE_LEAVING: Duration = Duration::from_secs(5);
+
+/// Leaves the consumer group before the consumer is closed. The final revocation goes through the
+/// rebalance callback as usual, and hands over what still waits first.
+///
+/// The offset commits in flight are waited for first. A cooperative unsubscribe completes only
+/// when they are answered, and the LeaveGroup goes out after it; a close that comes meanwhile ends
+/// the group membership without any LeaveGroup (librdkafka 2.12.1). The group would then keep the
+/// stopped replica as a member until its session expires (`session.timeout.ms`, 45 s by default),
+/// its partitions unread, and a broker that does not rebalance on expiry would keep them from the
+/// next replica for good.
+fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>) {
+    let until = Instant::now() + COMMITS_BEFORE_LEAVING;
+    while commits.in_flight() > 0 && Instant::now() < until {
+        let _ = consumer.poll(Duration::ZERO);
+        commits.answers(Duration::from_millis(100), commit_answered);
+    }
+    if commits.in_flight() > 0 {
+        tracing::warn!(
+            unanswered = commits.in_flight(),
+            "group offset commits still unanswered after {COMMITS_BEFORE_LEAVING:?}: the replica \
+             may stay a member of its group until its session expires"
+        );
+    }
     consumer.unsubscribe();
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until
@@ -968,7 +1004,6 @@ fn poll_loop(
     {
         let _ = consumer.poll(Duration::from_millis(100));
     }
-    drop(consumer);
 }
 
 /// Whether every assigned partition stands at its end, as the broker's last fetch answer gave it
@@ -1663,6 +1698,100 @@ mod tests {
             offsets,
             (0..100).collect::<Vec<_>>(),
             "every record once, in order"
+        );
+    }
+
+    /// librdkafka's log lines, which rust-rdkafka passes to the `log` crate: kept for the tests
+    /// that check what the client did.
+    static LIBRDKAFKA_LOG: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    struct CaptureLog;
+
+    impl log::Log for CaptureLog {
+        fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+            metadata.target() == "librdkafka"
+        }
+
+        fn log(&self, record: &log::Record<'_>) {
+            if self.enabled(record.metadata()) {
+                LIBRDKAFKA_LOG
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(record.args().to_string());
+            }
+        }
+
+        fn flush(&self) {}
+    }
+
+    /// A source that stops while its group offset commit is still unanswered leaves its group all
+    /// the same, once the commit is answered. Closed at once instead, librdkafka would end the
+    /// membership without a LeaveGroup, and the group would keep the stopped member until its
+    /// session expired.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_stopping_with_a_commit_in_flight_leaves_its_group() {
+        // Before the client is configured: rust-rdkafka sets librdkafka's log level from it.
+        let _ = log::set_logger(&CaptureLog);
+        log::set_max_level(log::LevelFilter::Debug);
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("leaving", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        produce(&producer(&brokers), "leaving", 0, 10);
+        let (events, mut received) = mpsc::channel(64);
+        let source = Source::start(
+            SourceSettings {
+                brokers,
+                group_id: "leaving".into(),
+                topics: vec!["leaving".into()],
+                properties: BTreeMap::from([("debug".into(), "cgrp".into())]),
+                counts_assignments: false,
+                strict_offsets: false,
+                reports_caught_up: false,
+            },
+            Arc::new(Metrics::new()),
+            events,
+        )
+        .expect("source");
+        assert_eq!(collect(&mut received, 10).await.len(), 10);
+
+        // The commit is answered after 2 s; the source stops while it waits for the answer.
+        cluster
+            .broker_round_trip_time(1, Duration::from_secs(2))
+            .expect("round trip time");
+        source
+            .commands()
+            .send(SourceCommand::CommitOffsets(BTreeMap::from([(
+                TopicPartition::new("leaving", 0),
+                10,
+            )])));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        source.stop();
+        while let Some(event) = received.recv().await {
+            if let SourceEvent::Revoked { done, .. } = event {
+                let _ = done.send(());
+            }
+        }
+        tokio::task::spawn_blocking(move || source.join())
+            .await
+            .expect("join");
+
+        let log = LIBRDKAFKA_LOG
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let group: Vec<&String> = log
+            .iter()
+            .filter(|line| line.contains("\"leaving\""))
+            .collect();
+        assert!(
+            group
+                .iter()
+                .any(|line| line.contains("leave (in state up)")),
+            "no LeaveGroup was sent; the group's log:\n{}",
+            group
+                .iter()
+                .map(|l| l.as_str())
+                .collect::<Vec<_>>()
+                .join("\n")
         );
     }
 

@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod claims;
+mod commits;
 pub mod consumer;
 pub mod event_loop;
 mod fetch;

@@ -280,6 +280,37 @@ pub async fn outlive_dead_member() {
     tokio::time::sleep(SESSION_TIMEOUT + Duration::from_secs(2)).await;
 }
 
+/// Extra environment that makes a replica log its consumer group's protocol (librdkafka's `cgrp`
+/// debug), so that [`assert_left_group`] can tell whether it sent its LeaveGroup and whether the
+/// broker answered it.
+pub const GROUP_DEBUG: [(&str, &str); 2] = [
+    ("STRATA_KAFKA_DEBUG", "cgrp"),
+    ("STRATA_LOG", "info,strata=debug,librdkafka=debug"),
+];
+
+/// After a replica started with [`GROUP_DEBUG`] stopped: asserts that it sent a LeaveGroup, and if
+/// the broker did not answer it, waits as for a dead member ([`outlive_dead_member`]). librdkafka
+/// sends LeaveGroup once, best effort, with a 5 s timeout; tansu, busy with producers, sometimes
+/// answers later, keeps the member, and hands the next replica that joins alone an empty
+/// assignment for good. A Kafka broker expires the member and rebalances instead.
+pub async fn assert_left_group(log: &Mutex<Vec<String>>) {
+    let (sent, answered) = {
+        let log = log.lock().expect("log");
+        let sent = log
+            .iter()
+            .any(|line| line.contains(": leave (in state up)"));
+        let answered = log
+            .iter()
+            .any(|line| line.contains("LeaveGroup response received"));
+        (sent, answered)
+    };
+    assert!(sent, "the replica stopped without sending a LeaveGroup");
+    if !answered {
+        eprintln!("the broker did not answer the replica's LeaveGroup: waiting out its session");
+        outlive_dead_member().await;
+    }
+}
+
 /// A record read back from a dead-letter topic.
 #[derive(Debug)]
 pub struct DeadLetter {
