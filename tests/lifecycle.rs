@@ -37,6 +37,7 @@ async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
 
     let asked = Instant::now();
     let log = replica.log.clone();
+    let from = log.lock().expect("log").len();
     replica.stop(grace + Duration::from_secs(5)); // asserts exit status 0
     let took = asked.elapsed();
     assert!(took < grace, "stopped in {took:?}, grace is {grace:?}");
@@ -67,7 +68,7 @@ async fn sigterm_during_a_busy_run_exits_cleanly_within_the_grace_period() {
     assert!(report.is_exact(), "after SIGTERM: {report}");
 
     // It left its group, and the next replica finishes the job: exact.
-    common::assert_left_group(&log).await;
+    common::assert_left_group(&log, from, &setup.group).await;
     let replica = setup.spawn(&[]);
     setup.catch_up(&produced, &[&replica]).await;
     replica.stop(Duration::from_secs(30));

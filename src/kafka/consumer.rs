@@ -787,19 +787,7 @@ fn poll_loop(
                         outbox.queue.push_back(SourceEvent::Reseeked(tp, offset));
                     }
                 }
-                SourceCommand::CommitOffsets(offsets) => {
-                    let mut tpl = TopicPartitionList::new();
-                    for (tp, next) in &offsets {
-                        let _ = tpl.add_partition_offset(
-                            &tp.topic,
-                            tp.partition,
-                            Offset::Offset(*next),
-                        );
-                    }
-                    if let Err(code) = commits.send(&tpl) {
-                        tracing::debug!(error = %code, "group offset commit not sent");
-                    }
-                }
+                SourceCommand::CommitOffsets(offsets) => commit_offsets(&mut commits, &offsets),
                 SourceCommand::Pause => set_paused(&consumer, |p| &p.asked, true),
                 SourceCommand::Resume => set_paused(&consumer, |p| &p.asked, false),
                 SourceCommand::Hold(tp) => {
@@ -955,22 +943,40 @@ fn poll_loop(
     }
     // Records still routed there are dropped, as records `poll` would return below are.
     drop(fetch);
+    // The drain's last commit may still wait among the commands.
+    for command in commands.try_iter() {
+        if let SourceCommand::CommitOffsets(offsets) = command {
+            commit_offsets(&mut commits, &offsets);
+        }
+    }
     leave_group(&consumer, &mut commits);
     drop(commits);
     drop(consumer);
 }
 
-/// Logs a group offset commit that failed. Advisory only: the table holds the truth, so a failed
-/// group commit loses nothing.
+/// Sends a group offset commit of `offsets` (the offset to read next per partition).
+fn commit_offsets(commits: &mut Commits<'_>, offsets: &BTreeMap<TopicPartition, i64>) {
+    let mut tpl = TopicPartitionList::new();
+    for (tp, next) in offsets {
+        let _ = tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(*next));
+    }
+    if let Err(code) = commits.send(&tpl) {
+        tracing::warn!(error = %code, "group offset commit not sent");
+    }
+}
+
+/// Logs a group offset commit that failed, as librdkafka does when nobody takes the answer.
+/// Advisory only: the table holds the truth, so a failed group commit loses nothing.
 fn commit_answered(error: Option<RDKafkaErrorCode>) {
-    if let Some(code) = error {
-        tracing::debug!(error = %code, "group offset commit failed");
+    match error {
+        None | Some(RDKafkaErrorCode::NoOffset) => {}
+        Some(code) => tracing::warn!(error = %code, "group offset commit failed"),
     }
 }
 
 /// How long a stopping source waits for its offset commits in flight before it leaves the group:
 /// as long as librdkafka gives the LeaveGroup that follows.
-const COMMITS_BEFORE_LEAVING: Duration = Duration::from_secs(5);
+pub(crate) const COMMITS_BEFORE_LEAVING: Duration = Duration::from_secs(5);
 
 /// Leaves the consumer group before the consumer is closed. The final revocation goes through the
 /// rebalance callback as usual, and hands over what still waits first.
@@ -1731,7 +1737,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_source_stopping_with_a_commit_in_flight_leaves_its_group() {
         // Before the client is configured: rust-rdkafka sets librdkafka's log level from it.
-        let _ = log::set_logger(&CaptureLog);
+        log::set_logger(&CaptureLog).expect("no other logger in this test binary");
         log::set_max_level(log::LevelFilter::Debug);
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic("leaving", 1, 1).expect("topic");

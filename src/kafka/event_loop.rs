@@ -85,7 +85,12 @@ pub async fn run<S: Stage>(
             stage.answer_while_closing(event);
         }
     };
-    let leave_by = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
+    // The source first waits for its offset commits in flight (see `consumer::leave_group`).
+    let leave_by = deadline.max(
+        tokio::time::Instant::now()
+            + Duration::from_secs(2)
+            + super::consumer::COMMITS_BEFORE_LEAVING,
+    );
     let _ = tokio::time::timeout_at(leave_by, closing).await;
     // Closing the channel unblocks the consumer thread if it still waits to hand something over.
     drop(events);

@@ -288,18 +288,21 @@ pub const GROUP_DEBUG: [(&str, &str); 2] = [
     ("STRATA_LOG", "info,strata=debug,librdkafka=debug"),
 ];
 
-/// After a replica started with [`GROUP_DEBUG`] stopped: asserts that it sent a LeaveGroup, and if
-/// the broker did not answer it, waits as for a dead member ([`outlive_dead_member`]). librdkafka
-/// sends LeaveGroup once, best effort, with a 5 s timeout; tansu, busy with producers, sometimes
-/// answers later, keeps the member, and hands the next replica that joins alone an empty
-/// assignment for good. A Kafka broker expires the member and rebalances instead.
-pub async fn assert_left_group(log: &Mutex<Vec<String>>) {
+/// After a replica of group `group` started with [`GROUP_DEBUG`] stopped: asserts that it sent a
+/// LeaveGroup after its log held `from` lines (when it was told to stop: a replica that misses
+/// `max.poll.interval.ms` leaves too), and if the broker did not answer it, waits as for a dead
+/// member ([`outlive_dead_member`]). librdkafka sends LeaveGroup once, best effort, with a 5 s
+/// timeout; tansu, slow with a large database, sometimes answers later, keeps the member, and
+/// hands the next replica that joins alone an empty assignment for good. A Kafka broker expires
+/// the member and rebalances instead.
+pub async fn assert_left_group(log: &Mutex<Vec<String>>, from: usize, group: &str) {
     let (sent, answered) = {
         let log = log.lock().expect("log");
-        let sent = log
+        let stopping = log.get(from..).unwrap_or_default();
+        let sent = stopping
             .iter()
-            .any(|line| line.contains(": leave (in state up)"));
-        let answered = log
+            .any(|line| line.contains(group) && line.contains(": leave (in state up)"));
+        let answered = stopping
             .iter()
             .any(|line| line.contains("LeaveGroup response received"));
         (sent, answered)
