@@ -10,36 +10,29 @@
 
 #![allow(unsafe_code)]
 
-use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
+
+use super::queue::OwnQueue;
 
 /// The commits a consumer sent and the queue their answers come back to. It borrows the
 /// consumer, so it is destroyed before the client is.
 pub struct Commits<'c> {
-    queue: NonNull<rd::rd_kafka_queue_t>,
-    client: NonNull<rd::rd_kafka_t>,
+    own: OwnQueue<'c>,
     in_flight: usize,
-    _consumer: PhantomData<&'c ()>,
 }
 
 impl<'c> Commits<'c> {
     /// `None` if librdkafka gives no queue.
     pub fn new<C: ConsumerContext>(consumer: &'c BaseConsumer<C>) -> Option<Self> {
-        let client = NonNull::new(consumer.client().native_ptr())?;
-        // SAFETY: the client pointer is valid while `consumer` is borrowed, which `'c` makes
-        // outlast this queue.
-        let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) })?;
         Some(Self {
-            queue,
-            client,
+            own: OwnQueue::new(consumer)?,
             in_flight: 0,
-            _consumer: PhantomData,
         })
     }
 
@@ -51,9 +44,9 @@ impl<'c> Commits<'c> {
         // Without a callback, the answer is an event on the queue.
         let err = unsafe {
             rd::rd_kafka_commit_queue(
-                self.client.as_ptr(),
+                self.own.client().as_ptr(),
                 offsets.ptr(),
-                self.queue.as_ptr(),
+                self.own.queue().as_ptr(),
                 None,
                 std::ptr::null_mut(),
             )
@@ -76,7 +69,7 @@ impl<'c> Commits<'c> {
         let mut wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
         while self.in_flight > 0 {
             // SAFETY: the queue is alive; the event returned is ours and destroyed below.
-            let event = unsafe { rd::rd_kafka_queue_poll(self.queue.as_ptr(), wait_ms) };
+            let event = unsafe { rd::rd_kafka_queue_poll(self.own.queue().as_ptr(), wait_ms) };
             let Some(event) = NonNull::new(event) else {
                 return;
             };
@@ -94,13 +87,5 @@ impl<'c> Commits<'c> {
                 rd::rd_kafka_event_destroy(event.as_ptr());
             }
         }
-    }
-}
-
-impl Drop for Commits<'_> {
-    fn drop(&mut self) {
-        // SAFETY: the client is still alive (`'c`). An answer that comes later finds the queue
-        // disabled and is dropped by librdkafka.
-        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
     }
 }

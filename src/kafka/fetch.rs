@@ -37,13 +37,14 @@
 #![allow(unsafe_code)]
 
 use std::ffi::{c_void, CStr, CString};
-use std::marker::PhantomData;
 use std::ptr::NonNull;
 use std::time::Duration;
 
 use rdkafka::bindings as rd;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
+
+use super::queue::OwnQueue;
 
 /// Records taken per call at most.
 pub const BATCH: usize = 1_024;
@@ -51,24 +52,16 @@ pub const BATCH: usize = 1_024;
 /// A queue of the source's own that the started partitions' records are routed to. It borrows
 /// the consumer, so it is destroyed before the client is.
 pub struct FetchQueue<'c> {
-    queue: NonNull<rd::rd_kafka_queue_t>,
-    client: NonNull<rd::rd_kafka_t>,
+    own: OwnQueue<'c>,
     messages: Vec<*mut rd::rd_kafka_message_t>,
-    _consumer: PhantomData<&'c ()>,
 }
 
 impl<'c> FetchQueue<'c> {
     /// A new, empty queue on `consumer`'s client.
     pub fn new<C: ConsumerContext>(consumer: &'c BaseConsumer<C>) -> Option<Self> {
-        let client = NonNull::new(consumer.client().native_ptr())?;
-        // SAFETY: the client pointer is valid while `consumer` is borrowed, which `'c` makes
-        // outlast this queue.
-        let queue = NonNull::new(unsafe { rd::rd_kafka_queue_new(client.as_ptr()) })?;
         Some(Self {
-            queue,
-            client,
+            own: OwnQueue::new(consumer)?,
             messages: Vec::with_capacity(BATCH),
-            _consumer: PhantomData,
         })
     }
 
@@ -85,12 +78,15 @@ impl<'c> FetchQueue<'c> {
         // partition does not point it back at the consumer queue). Ops already waiting on the
         // fetch queue move over with it.
         unsafe {
-            let source =
-                rd::rd_kafka_queue_get_partition(self.client.as_ptr(), name.as_ptr(), partition);
+            let source = rd::rd_kafka_queue_get_partition(
+                self.own.client().as_ptr(),
+                name.as_ptr(),
+                partition,
+            );
             if source.is_null() {
                 return false;
             }
-            rd::rd_kafka_queue_forward(source, self.queue.as_ptr());
+            rd::rd_kafka_queue_forward(source, self.own.queue().as_ptr());
             rd::rd_kafka_queue_destroy(source);
         }
         true
@@ -109,11 +105,11 @@ impl<'c> FetchQueue<'c> {
         // librdkafka's batch read waits until the batch is full or the time is up, so the wait
         // asks for one message: it returns as soon as that one is there.
         if wait_ms > 0 {
-            batch.take(self.queue, wait_ms, 1);
+            batch.take(self.own.queue(), wait_ms, 1);
         }
         let room = BATCH - batch.messages.len();
         if room > 0 {
-            batch.take(self.queue, 0, room);
+            batch.take(self.own.queue(), 0, room);
         }
         for &message in batch.messages.iter() {
             // SAFETY: librdkafka returned a valid message, owned by `batch` until it drops, after
@@ -123,14 +119,6 @@ impl<'c> FetchQueue<'c> {
             }
         }
         batch.messages.len()
-    }
-}
-
-impl Drop for FetchQueue<'_> {
-    fn drop(&mut self) {
-        // SAFETY: the client is still alive (`'c`), and no message of this queue is held: each
-        // `read` gives its messages back before it returns.
-        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
     }
 }
 
@@ -269,6 +257,7 @@ pub(super) mod tests {
     use std::time::Instant;
 
     use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::Consumer;
     use rdkafka::mocking::MockCluster;
     use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};

@@ -12,6 +12,7 @@ pub mod consumer;
 pub mod event_loop;
 mod fetch;
 pub mod producer;
+mod queue;
 
 use std::collections::BTreeMap;
 
