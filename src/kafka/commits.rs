@@ -39,7 +39,7 @@ impl<'c> Commits<'c> {
     /// Sends a commit of `offsets` to the group coordinator without waiting for it; its answer
     /// comes back through [`Commits::answers`]. An error here means it was not sent.
     pub fn send(&mut self, offsets: &TopicPartitionList) -> Result<(), RDKafkaErrorCode> {
-        // SAFETY: the client and the queue are alive (see `new`); librdkafka copies `offsets`
+        // SAFETY: the client and the queue are alive (see `OwnQueue`); librdkafka copies `offsets`
         // before it returns and keeps a reference of its own on the queue until it has answered.
         // Without a callback, the answer is an event on the queue.
         let err = unsafe {

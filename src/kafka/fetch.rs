@@ -71,7 +71,7 @@ impl<'c> FetchQueue<'c> {
         let Ok(name) = CString::new(topic) else {
             return false;
         };
-        // SAFETY: the client is alive (see `new`) and `name` is NUL-terminated and outlives the
+        // SAFETY: the client is alive (see `OwnQueue`) and `name` is NUL-terminated and outlives the
         // call. librdkafka creates the partition if it does not know it yet and returns a handle
         // of its own on the partition's fetch queue, which is released here; the forwarding stays
         // with the fetch queue (librdkafka marks it as the application's, so starting the
