@@ -51,6 +51,9 @@ struct Phase {
     /// First record to last (consumed, or committed).
     secs: f64,
     cpu_secs: f64,
+    /// CPU seconds from the first record to the last (`None`: not measured), without the
+    /// start-up, group join and shutdown that `cpu_secs` includes.
+    active_cpu_secs: Option<f64>,
     rss_start_mib: f64,
     peak_rss_mib: f64,
     /// CPU seconds the broker and the object store (tansu, moto) spent during the phase, when
@@ -88,6 +91,13 @@ impl Phase {
             self.peak_rss_mib,
             self.peak_rss_mib - self.rss_start_mib
         );
+        if let Some(active) = self.active_cpu_secs {
+            line.push_str(&format!(
+                "\n  first record to last    {:>10.0} events/CPU-s ({active:.2} of the phase's {:.2} CPU-s; the rest is start-up, group join and shutdown)",
+                self.events as f64 / active,
+                self.cpu_secs
+            ));
+        }
         if let Some((broker, store)) = self.services_cpu {
             line.push_str(&format!(
                 "\n  beside it               tansu {broker:.1} CPU-s, moto {store:.1} CPU-s on the same cores"
@@ -98,16 +108,19 @@ impl Phase {
 }
 
 /// Measures CPU and peak RSS around `run`, which returns the seconds from its first record to its
-/// last. With `STRATA_BENCH_PROFILE=<phase>`, `perf record` samples this process during that phase
-/// (`bare`, `strata`, `gold` or `memory`) into `perf-<phase>.data`.
+/// last, and the CPU seconds spent over them when it measured them. With `STRATA_BENCH_PROFILE=<phase>`, `perf record` samples this process during that phase
+/// (`bare`, `strata`, `gold` or `memory`) into `perf-<phase>.data`, at `STRATA_BENCH_PROFILE_HZ`
+/// samples per second (997 when unset).
 async fn measure<F>(phase: &str, events: u64, run: F) -> anyhow::Result<Phase>
 where
-    F: std::future::Future<Output = anyhow::Result<f64>>,
+    F: std::future::Future<Output = anyhow::Result<(f64, Option<f64>)>>,
 {
     let profiler = match std::env::var("STRATA_BENCH_PROFILE") {
         Ok(wanted) if wanted == phase => {
+            let frequency =
+                std::env::var("STRATA_BENCH_PROFILE_HZ").unwrap_or_else(|_| "997".to_string());
             let child = std::process::Command::new("perf")
-                .args(["record", "-F", "997", "-g", "-o"])
+                .args(["record", "-F", &frequency, "-g", "-o"])
                 .arg(format!("perf-{phase}.data"))
                 .args(["-p", &std::process::id().to_string()])
                 .spawn()
@@ -125,7 +138,7 @@ where
     let rss_start_mib = status_mib("VmRSS")?;
     let cpu = cpu_seconds()?;
     let services_start = services_cpu();
-    let secs = run.await?;
+    let (secs, active_cpu_secs) = run.await?;
     let services_cpu = services_start
         .zip(services_cpu())
         .map(|((broker, store), (broker_end, store_end))| (broker_end - broker, store_end - store));
@@ -139,6 +152,7 @@ where
         events,
         secs,
         cpu_secs: cpu_seconds()? - cpu,
+        active_cpu_secs,
         rss_start_mib,
         services_cpu,
         peak_rss_mib: if reset {
@@ -225,8 +239,12 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(run.caught_up, "{name} did not catch up");
                 let first = run.first_record.context("no first record")?;
                 let secs = run.elapsed.saturating_sub(first).as_secs_f64();
+                let active = run
+                    .cpu_at_first_record
+                    .zip(run.cpu_at_caught_up)
+                    .map(|(a, b)| b - a);
                 finished = Some(run);
-                Ok(secs)
+                Ok((secs, active))
             })
             .await?;
             let run = finished.context("no run")?;
@@ -292,11 +310,10 @@ async fn main() -> anyhow::Result<()> {
                 false,
             ))?;
             let mut paused = 0.0;
-            let phase = measure(
-                "memory",
-                ceiling_events,
-                pipeline_ceiling(&config, &records, rolling, &mut paused),
-            )
+            let phase = measure("memory", ceiling_events, async {
+                let secs = pipeline_ceiling(&config, &records, rolling, &mut paused).await?;
+                Ok((secs, None))
+            })
             .await?;
             let name = if rolling {
                 "pipeline from memory"
@@ -355,7 +372,7 @@ async fn fill(brokers: &str, topic: &str, events: u64) -> anyhow::Result<BTreeMa
 
 /// Reads `events` records of `topic` with a bare consumer; returns the seconds from the first to
 /// the last.
-fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<f64> {
+fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<(f64, Option<f64>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{topic}"))
@@ -365,11 +382,15 @@ fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<f64>
     consumer.subscribe(&[topic])?;
     let started = Instant::now();
     let mut first = None;
+    let mut cpu_at_first = None;
     let mut seen = 0u64;
     let mut checksum = 0u64;
     while seen < events {
         if let Some(message) = consumer.poll(Duration::from_millis(500)) {
-            first.get_or_insert_with(Instant::now);
+            if first.is_none() {
+                first = Some(Instant::now());
+                cpu_at_first = strata::demo::process_cpu_seconds();
+            }
             checksum = checksum.wrapping_add(message?.payload().map_or(0, |p| p.len() as u64));
             seen += 1;
         }
@@ -379,7 +400,10 @@ fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<f64>
         );
     }
     std::hint::black_box(checksum);
-    Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()))
+    let active = cpu_at_first
+        .zip(strata::demo::process_cpu_seconds())
+        .map(|(a, b)| b - a);
+    Ok((first.map_or(0.0, |f| f.elapsed().as_secs_f64()), active))
 }
 
 /// Bytes of the Parquet files under `dir`.

@@ -65,6 +65,9 @@ pub struct CaughtUp {
     pub elapsed: Duration,
     /// From start until the replica had taken its first records (within 50 ms).
     pub first_record: Option<Duration>,
+    /// This process's CPU time (user + system, seconds) when the replica had taken its first
+    /// records (within 50 ms).
+    pub cpu_at_first_record: Option<f64>,
     /// This process's CPU time (user + system, seconds) when the replica had caught up.
     pub cpu_at_caught_up: Option<f64>,
     /// With Gold: from start until the last Gold commit with rows, once every window had closed
@@ -86,6 +89,7 @@ pub async fn run_until_caught_up(
     let gold = config.gold.clone();
     let replica = tokio::spawn(crate::app::run(config, metrics.clone(), shutdown.clone()));
     let mut first_record = None;
+    let mut cpu_at_first_record = None;
     let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
     let mut traced = Instant::now();
     let caught_up = loop {
@@ -104,6 +108,7 @@ pub async fn run_until_caught_up(
         }
         if first_record.is_none() && metrics.records_consumed() > 0 {
             first_record = Some(started.elapsed());
+            cpu_at_first_record = process_cpu_seconds();
         }
         let done = last_offsets
             .iter()
@@ -163,6 +168,7 @@ pub async fn run_until_caught_up(
         caught_up,
         elapsed,
         first_record,
+        cpu_at_first_record,
         cpu_at_caught_up,
         gold_elapsed,
     })
