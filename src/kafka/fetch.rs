@@ -210,6 +210,48 @@ impl<'b> Fetched<'b> {
 
     /// The record's headers, in order: name (lossy UTF-8) and value (`None` for a null value).
     pub fn headers(&self) -> Vec<(String, Option<Vec<u8>>)> {
+        if !self.may_have_headers() {
+            return Vec::new();
+        }
+        self.parsed_headers()
+    }
+
+    /// False when the record's unparsed header section says it has no header: a count of 0.
+    ///
+    /// librdkafka's `rd_kafka_message_headers` parses that section on first access and, for a
+    /// record without headers, still allocates, zeroes and frees a buffer of its own (about a
+    /// kilobyte: `rd_kafka_buf_new_shadow`) just to read the count: 8 % of the process's CPU in
+    /// the bench's Silver phase. So the source reads the count first, from the private
+    /// `rd_kafka_msg_t` that every consumed message is the first field of ([`MsgPrefix`]), and
+    /// only for the librdkafka version that layout was written against; any other version, or
+    /// anything unexpected in the section, goes to librdkafka's parse as before.
+    fn may_have_headers(&self) -> bool {
+        if !*MSG_LAYOUT_KNOWN {
+            return true;
+        }
+        let msg = std::ptr::from_ref::<rd::rd_kafka_message_t>(self.message).cast::<MsgPrefix>();
+        // SAFETY: a message librdkafka hands out to a consumer is the first field of an
+        // `rd_kafka_msg_t` (its `rd_kafka_message2msg` is this very cast), alive as long as the
+        // message; `MsgPrefix` mirrors that struct's fields up to the unparsed headers, for
+        // librdkafka 2.12.1 only (checked above). Two plain fields are read, nothing written.
+        let (len, data) = unsafe {
+            (
+                std::ptr::addr_of!((*msg).binhdrs_len).read(),
+                std::ptr::addr_of!((*msg).binhdrs_data).read(),
+            )
+        };
+        match len {
+            // No header section at all (message format v0 and v1).
+            0 => false,
+            // SAFETY: one byte of the fetched buffer that the message keeps alive, at a pointer
+            // librdkafka set together with the length.
+            1 if !data.is_null() => unsafe { *data.cast::<u8>() != 0 },
+            _ => true,
+        }
+    }
+
+    /// The headers as librdkafka parses them.
+    fn parsed_headers(&self) -> Vec<(String, Option<Vec<u8>>)> {
         let mut headers: *mut rd::rd_kafka_headers_t = std::ptr::null_mut();
         // SAFETY: the message is valid and ours; librdkafka parses its headers once and keeps
         // them with the message (freed with it). `headers` is a live out-parameter.
@@ -241,6 +283,36 @@ impl<'b> Fetched<'b> {
         all
     }
 }
+
+/// The start of librdkafka's private `rd_kafka_msg_t` (`rdkafka_msg.h`, 2.12.1), up to a
+/// consumed message's unparsed headers (`rkm_u.consumer.binhdrs`: a record's header count and
+/// headers, as fetched). Read only where [`MSG_LAYOUT_KNOWN`].
+#[repr(C)]
+struct MsgPrefix {
+    message: rd::rd_kafka_message_t,
+    /// `TAILQ_ENTRY(rd_kafka_msg_s) rkm_link`.
+    link: [*mut c_void; 2],
+    flags: std::ffi::c_int,
+    /// `rd_kafka_timestamp_type_t` (a C enum: an `int`).
+    tstype: std::ffi::c_int,
+    timestamp: i64,
+    headers: *mut rd::rd_kafka_headers_t,
+    /// `rd_kafka_msg_status_t` (a C enum: an `int`).
+    status: std::ffi::c_int,
+    broker_id: i32,
+    /// The union `rkm_u` starts here (8-byte aligned, as `rd_kafkap_bytes_t` is): its consumer
+    /// side's `rd_kafkap_bytes_t binhdrs` begins with `int32_t len; const void *data`.
+    binhdrs_len: i32,
+    binhdrs_data: *const c_void,
+}
+
+/// The librdkafka version [`MsgPrefix`] mirrors (`RD_KAFKA_VERSION` of 2.12.1).
+const MSG_LAYOUT_VERSION: std::ffi::c_int = 0x020c_01ff;
+
+/// Whether the librdkafka linked in is the one [`MsgPrefix`] mirrors.
+static MSG_LAYOUT_KNOWN: std::sync::LazyLock<bool> =
+    // SAFETY: `rd_kafka_version` only returns a constant.
+    std::sync::LazyLock::new(|| unsafe { rd::rd_kafka_version() } == MSG_LAYOUT_VERSION);
 
 /// `len` bytes at `data`, or `None` for a null pointer.
 fn bytes<'b>(data: *mut c_void, len: usize) -> Option<&'b [u8]> {
@@ -414,5 +486,79 @@ pub(super) mod tests {
             Some(Offset::Offset(51)),
             "librdkafka's batch read moves the position past the error"
         );
+    }
+
+    /// Records without headers skip librdkafka's parse (`may_have_headers`, which reads its
+    /// private message layout), and every record's headers come out as librdkafka parses them:
+    /// none, one, or several with a null value, in plain and in compressed batches. A
+    /// librdkafka whose layout differs from `MsgPrefix` fails this (or is not 2.12.1, and then
+    /// `may_have_headers` is never false).
+    #[test]
+    fn records_without_headers_skip_the_parse_and_headers_come_out_whole() {
+        use rdkafka::message::{Header, OwnedHeaders};
+
+        assert!(
+            *MSG_LAYOUT_KNOWN,
+            "not the librdkafka version MsgPrefix mirrors"
+        );
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("headers", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let expected = |i: usize| -> Vec<(String, Option<Vec<u8>>)> {
+            match i % 3 {
+                0 => Vec::new(),
+                1 => vec![("trace".to_string(), Some(i.to_string().into_bytes()))],
+                _ => vec![
+                    ("a".to_string(), Some(Vec::new())),
+                    ("nothing".to_string(), None),
+                ],
+            }
+        };
+        let records = 300;
+        for (from, compression) in [(0, "none"), (records / 2, "zstd")] {
+            let producer: BaseProducer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("compression.type", compression)
+                .create()
+                .expect("producer");
+            for i in from..from + records / 2 {
+                let value = i.to_string();
+                let mut record = BaseRecord::<'_, [u8], [u8]>::to("headers")
+                    .partition(0)
+                    .payload(value.as_bytes());
+                if i % 3 != 0 {
+                    let mut headers = OwnedHeaders::new();
+                    for (key, value) in expected(i) {
+                        headers = headers.insert(Header {
+                            key: &key,
+                            value: value.as_deref(),
+                        });
+                    }
+                    record = record.headers(headers);
+                }
+                producer.send(record).map_err(|(e, _)| e).expect("send");
+                producer.poll(Duration::ZERO);
+            }
+            producer.flush(Duration::from_secs(10)).expect("flush");
+        }
+
+        let consumer = consumer(&brokers, "headers");
+        let mut fetch = FetchQueue::new(&consumer).expect("queue");
+        assert!(fetch.route("headers", 0));
+        assign_from_start(&consumer, "headers");
+        let mut seen = 0;
+        let until = Instant::now() + Duration::from_secs(30);
+        while seen < records && Instant::now() < until {
+            let _ = consumer.poll(Duration::ZERO);
+            fetch.read(Duration::from_millis(100), |message| {
+                assert_eq!(message.error(), None);
+                let i = usize::try_from(message.offset()).expect("offset");
+                assert_eq!(message.may_have_headers(), i % 3 != 0, "record {i}");
+                assert_eq!(message.headers(), expected(i), "record {i}");
+                assert_eq!(message.parsed_headers(), expected(i), "record {i}");
+                seen += 1;
+            });
+        }
+        assert_eq!(seen, records);
     }
 }
