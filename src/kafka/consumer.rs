@@ -153,10 +153,11 @@ struct Outbox {
 impl Outbox {
     /// Adds a polled record to the chunk; a chunk holds one partition and is closed when full.
     fn push(&mut self, record: SourceRecord) {
-        let same_partition = self
-            .chunk
-            .last()
-            .is_none_or(|last| last.partition == record.partition && last.topic == record.topic);
+        let same_partition = self.chunk.last().is_none_or(|last| {
+            // The source shares one name per topic: a pointer compare, not the names'.
+            last.partition == record.partition
+                && (Arc::ptr_eq(&last.topic, &record.topic) || last.topic == record.topic)
+        });
         if !same_partition {
             self.close();
         }
