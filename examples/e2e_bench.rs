@@ -10,7 +10,8 @@
 //! so group joins do not count. CPU time is the process's user + system time over the phase, from
 //! `/proc/self/stat`, so it includes librdkafka's threads; peak RSS is `VmHWM`, reset before each
 //! phase through `/proc/self/clear_refs`. `STRATA_BENCH_TRACE=1` prints, every 250 ms of a Strata
-//! phase, the records consumed and committed so far (how the broker's bursts and the flushes line up).
+//! phase, the records consumed and committed so far (how the broker's bursts and the flushes line up),
+//! and the bare consumer's records every 250 ms.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -54,6 +55,8 @@ struct Phase {
     /// CPU seconds from the first record to the last (`None`: not measured), without the
     /// start-up, group join and shutdown that `cpu_secs` includes.
     active_cpu_secs: Option<f64>,
+    /// The CPU seconds from the first record to the last, by thread name.
+    threads: BTreeMap<String, f64>,
     rss_start_mib: f64,
     peak_rss_mib: f64,
     /// CPU seconds the broker and the object store (tansu, moto) spent during the phase, when
@@ -98,6 +101,19 @@ impl Phase {
                 self.cpu_secs
             ));
         }
+        if !self.threads.is_empty() {
+            let threads: Vec<String> = self
+                .threads
+                .iter()
+                .map(|(name, seconds)| {
+                    format!("{name} {:.0} ns", seconds * 1e9 / self.events as f64)
+                })
+                .collect();
+            line.push_str(&format!(
+                "\n  per event, by thread     {} (first record to last)",
+                threads.join(", ")
+            ));
+        }
         if let Some((broker, store)) = self.services_cpu {
             line.push_str(&format!(
                 "\n  beside it               tansu {broker:.1} CPU-s, moto {store:.1} CPU-s on the same cores"
@@ -113,7 +129,7 @@ impl Phase {
 /// samples per second (997 when unset).
 async fn measure<F>(phase: &str, events: u64, run: F) -> anyhow::Result<Phase>
 where
-    F: std::future::Future<Output = anyhow::Result<(f64, Option<f64>)>>,
+    F: std::future::Future<Output = anyhow::Result<(f64, Option<f64>, BTreeMap<String, f64>)>>,
 {
     let profiler = match std::env::var("STRATA_BENCH_PROFILE") {
         Ok(wanted) if wanted == phase => {
@@ -138,7 +154,7 @@ where
     let rss_start_mib = status_mib("VmRSS")?;
     let cpu = cpu_seconds()?;
     let services_start = services_cpu();
-    let (secs, active_cpu_secs) = run.await?;
+    let (secs, active_cpu_secs, threads) = run.await?;
     let services_cpu = services_start
         .zip(services_cpu())
         .map(|((broker, store), (broker_end, store_end))| (broker_end - broker, store_end - store));
@@ -153,6 +169,7 @@ where
         secs,
         cpu_secs: cpu_seconds()? - cpu,
         active_cpu_secs,
+        threads,
         rss_start_mib,
         services_cpu,
         peak_rss_mib: if reset {
@@ -243,8 +260,9 @@ async fn main() -> anyhow::Result<()> {
                     .cpu_at_first_record
                     .zip(run.cpu_at_caught_up)
                     .map(|(a, b)| b - a);
+                let threads = run.threads_first_to_last.clone();
                 finished = Some(run);
-                Ok((secs, active))
+                Ok((secs, active, threads))
             })
             .await?;
             let run = finished.context("no run")?;
@@ -312,7 +330,7 @@ async fn main() -> anyhow::Result<()> {
             let mut paused = 0.0;
             let phase = measure("memory", ceiling_events, async {
                 let secs = pipeline_ceiling(&config, &records, rolling, &mut paused).await?;
-                Ok((secs, None))
+                Ok((secs, None, BTreeMap::new()))
             })
             .await?;
             let name = if rolling {
@@ -372,7 +390,11 @@ async fn fill(brokers: &str, topic: &str, events: u64) -> anyhow::Result<BTreeMa
 
 /// Reads `events` records of `topic` with a bare consumer; returns the seconds from the first to
 /// the last.
-fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<(f64, Option<f64>)> {
+fn bare_consumer(
+    brokers: &str,
+    topic: &str,
+    events: u64,
+) -> anyhow::Result<(f64, Option<f64>, BTreeMap<String, f64>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{topic}"))
@@ -383,13 +405,24 @@ fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<(f64
     let started = Instant::now();
     let mut first = None;
     let mut cpu_at_first = None;
+    let mut threads_at_first = BTreeMap::new();
     let mut seen = 0u64;
     let mut checksum = 0u64;
+    let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
+    let mut traced = Instant::now();
     while seen < events {
+        if trace && traced.elapsed() >= Duration::from_millis(250) {
+            traced = Instant::now();
+            eprintln!(
+                "{:>7.2}s bare consumer: consumed {seen:>8}",
+                started.elapsed().as_secs_f64()
+            );
+        }
         if let Some(message) = consumer.poll(Duration::from_millis(500)) {
             if first.is_none() {
                 first = Some(Instant::now());
                 cpu_at_first = strata::demo::process_cpu_seconds();
+                threads_at_first = strata::demo::thread_cpu_seconds();
             }
             checksum = checksum.wrapping_add(message?.payload().map_or(0, |p| p.len() as u64));
             seen += 1;
@@ -403,7 +436,12 @@ fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<(f64
     let active = cpu_at_first
         .zip(strata::demo::process_cpu_seconds())
         .map(|(a, b)| b - a);
-    Ok((first.map_or(0.0, |f| f.elapsed().as_secs_f64()), active))
+    let threads = strata::demo::threads_since(&threads_at_first);
+    Ok((
+        first.map_or(0.0, |f| f.elapsed().as_secs_f64()),
+        active,
+        threads,
+    ))
 }
 
 /// Bytes of the Parquet files under `dir`.

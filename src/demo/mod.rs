@@ -70,6 +70,9 @@ pub struct CaughtUp {
     pub cpu_at_first_record: Option<f64>,
     /// This process's CPU time (user + system, seconds) when the replica had caught up.
     pub cpu_at_caught_up: Option<f64>,
+    /// CPU seconds by thread name ([`thread_cpu_seconds`]) from the first record until caught
+    /// up (empty: not measured).
+    pub threads_first_to_last: BTreeMap<String, f64>,
     /// With Gold: from start until the last Gold commit with rows, once every window had closed
     /// (`None`: not reached before the deadline).
     pub gold_elapsed: Option<Duration>,
@@ -90,6 +93,7 @@ pub async fn run_until_caught_up(
     let replica = tokio::spawn(crate::app::run(config, metrics.clone(), shutdown.clone()));
     let mut first_record = None;
     let mut cpu_at_first_record = None;
+    let mut threads_at_first_record = BTreeMap::new();
     let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
     let mut traced = Instant::now();
     let caught_up = loop {
@@ -109,6 +113,7 @@ pub async fn run_until_caught_up(
         if first_record.is_none() && metrics.records_consumed() > 0 {
             first_record = Some(started.elapsed());
             cpu_at_first_record = process_cpu_seconds();
+            threads_at_first_record = thread_cpu_seconds();
         }
         let done = last_offsets
             .iter()
@@ -122,6 +127,7 @@ pub async fn run_until_caught_up(
     };
     let elapsed = started.elapsed();
     let cpu_at_caught_up = process_cpu_seconds();
+    let threads_first_to_last = threads_since(&threads_at_first_record);
     let mut gold_elapsed = None;
     if let (true, Some(gold)) = (caught_up, &gold) {
         // Gold is complete once every source partition went idle (its watermark follows the
@@ -170,6 +176,7 @@ pub async fn run_until_caught_up(
         first_record,
         cpu_at_first_record,
         cpu_at_caught_up,
+        threads_first_to_last,
         gold_elapsed,
     })
 }
@@ -181,6 +188,51 @@ const USER_HZ: f64 = 100.0;
 /// `/proc/self/stat` (Linux only: `None` elsewhere).
 pub fn process_cpu_seconds() -> Option<f64> {
     cpu_seconds_of("self")
+}
+
+/// CPU seconds this process's live threads have run, summed by thread name, from each thread's
+/// `/proc/self/task/<tid>/schedstat` (nanoseconds; Linux only: empty elsewhere). librdkafka's
+/// broker threads (`rdk:broker<id>`) count as one name, `rdk:broker`.
+pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
+    let mut threads = BTreeMap::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return threads;
+    };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let (Ok(name), Ok(stat)) = (
+            std::fs::read_to_string(path.join("comm")),
+            std::fs::read_to_string(path.join("schedstat")),
+        ) else {
+            continue;
+        };
+        let Some(ns) = stat
+            .split_whitespace()
+            .next()
+            .and_then(|n| n.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        let name = name.trim();
+        let name = if name.starts_with("rdk:broker") {
+            "rdk:broker"
+        } else {
+            name
+        };
+        *threads.entry(name.to_string()).or_insert(0.0) += ns / 1e9;
+    }
+    threads
+}
+
+/// CPU seconds by thread name since `start` (a [`thread_cpu_seconds`] taken earlier). Threads
+/// that ended meanwhile are not counted.
+pub fn threads_since(start: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let mut threads = thread_cpu_seconds();
+    for (name, seconds) in threads.iter_mut() {
+        *seconds -= start.get(name).copied().unwrap_or(0.0);
+    }
+    threads.retain(|_, seconds| *seconds >= 0.0005);
+    threads
 }
 
 /// CPU time (user + system, seconds) of process `pid` (`self` for this one), all its threads.
