@@ -151,14 +151,36 @@ struct Outbox {
 }
 
 impl Outbox {
+    /// Whether a record of `topic`/`partition` belongs to the chunk being gathered.
+    fn continues(&self, topic: &Arc<str>, partition: i32) -> bool {
+        self.chunk.last().is_none_or(|last| {
+            // The source shares one name per topic: a pointer compare, not the names'.
+            last.partition == partition && (Arc::ptr_eq(&last.topic, topic) || last.topic == *topic)
+        })
+    }
+
+    /// Copies a record from the fetch queue in, for [`Outbox::push`]. A record of another
+    /// partition closes the chunk first, so that its bytes go to the next chunk's blocks.
+    fn copy_fetched(&mut self, message: &Fetched<'_>) -> SourceRecord {
+        let topic = self.copier.topic(message.topic());
+        if !self.continues(&topic, message.partition()) {
+            self.close();
+        }
+        self.copier.fetched(message, topic)
+    }
+
+    /// Copies a record `poll` returned in, as [`Outbox::copy_fetched`].
+    fn copy_polled(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
+        let topic = self.copier.topic(message.topic().as_bytes());
+        if !self.continues(&topic, message.partition()) {
+            self.close();
+        }
+        self.copier.polled(message, topic)
+    }
+
     /// Adds a polled record to the chunk; a chunk holds one partition and is closed when full.
     fn push(&mut self, record: SourceRecord) {
-        let same_partition = self.chunk.last().is_none_or(|last| {
-            // The source shares one name per topic: a pointer compare, not the names'.
-            last.partition == record.partition
-                && (Arc::ptr_eq(&last.topic, &record.topic) || last.topic == record.topic)
-        });
-        if !same_partition {
+        if !self.continues(&record.topic, record.partition) {
             self.close();
         }
         if self.chunk.capacity() == 0 {
@@ -651,6 +673,11 @@ impl Copier {
         }
         if self.arena.capacity() - self.arena.len() < data.len() {
             // A fresh block: the old one lives on in the records that point into it.
+            if self.used > 0 {
+                // The chunk outgrew the block sized after the last one: the next is twice the
+                // size, so a large chunk after a small one takes few blocks.
+                self.next_block = (self.next_block * 2).min(ARENA_BLOCK);
+            }
             let block = match self.next_block {
                 0 => ARENA_BLOCK,
                 size => size,
@@ -683,10 +710,10 @@ impl Copier {
         }
     }
 
-    /// A record from the fetch queue (see `kafka::fetch`).
-    fn fetched(&mut self, message: &Fetched<'_>) -> SourceRecord {
+    /// A record from the fetch queue (see `kafka::fetch`), of `topic` (from [`Copier::topic`]).
+    fn fetched(&mut self, message: &Fetched<'_>, topic: Arc<str>) -> SourceRecord {
         SourceRecord {
-            topic: self.topic(message.topic()),
+            topic,
             partition: message.partition(),
             offset: message.offset(),
             timestamp_ms: message.timestamp_ms(),
@@ -698,7 +725,11 @@ impl Copier {
 
     /// A record `poll` returned from the consumer queue: one fetched before its partition was
     /// routed to the fetch queue.
-    fn polled(&mut self, message: &rdkafka::message::BorrowedMessage<'_>) -> SourceRecord {
+    fn polled(
+        &mut self,
+        message: &rdkafka::message::BorrowedMessage<'_>,
+        topic: Arc<str>,
+    ) -> SourceRecord {
         let headers = message
             .headers()
             .map(|h| {
@@ -708,7 +739,7 @@ impl Copier {
             })
             .unwrap_or_default();
         SourceRecord {
-            topic: self.topic(message.topic().as_bytes()),
+            topic,
             partition: message.partition(),
             offset: message.offset(),
             timestamp_ms: message.timestamp().to_millis(),
@@ -845,7 +876,7 @@ fn poll_loop(
             let failed = match consumer.poll(Duration::ZERO) {
                 Some(Ok(message)) => {
                     let mut outbox = context.outbox();
-                    let record = outbox.copier.polled(&message);
+                    let record = outbox.copy_polled(&message);
                     drop(outbox);
                     drop(message);
                     context.read_to().insert(
@@ -883,7 +914,7 @@ fn poll_loop(
                             outbox.room = read_last.clamp(1, CHUNK_RECORDS);
                             outbox
                         });
-                        let record = outbox.copier.fetched(&message);
+                        let record = outbox.copy_fetched(&message);
                         match &mut run {
                             Some((tp, next))
                                 if tp.partition == record.partition
@@ -1591,6 +1622,9 @@ mod tests {
         )
         .expect("source");
         let mut got: Vec<SourceRecord> = Vec::new();
+        // Where the bytes copied last for the chunk before end.
+        let mut copied_to: Option<usize> = None;
+        let mut switches = 0;
         let until = Instant::now() + Duration::from_secs(60);
         while got.len() < records && Instant::now() < until {
             match tokio::time::timeout(Duration::from_secs(1), received.recv()).await {
@@ -1603,6 +1637,27 @@ mod tests {
                         chunk.iter().all(|r| Some(r.partition) == partition),
                         "a chunk holds one partition"
                     );
+                    if got.last().map(|r| r.partition) != partition && !got.is_empty() {
+                        switches += 1;
+                    }
+                    // Each chunk copies into blocks of its own (`Copier::seal`): its first bytes
+                    // never follow the last bytes of the chunk before in one block.
+                    let pieces: Vec<(usize, usize)> = chunk
+                        .iter()
+                        .flat_map(|r| [r.key.as_ref(), r.value.as_ref()])
+                        .flatten()
+                        .filter(|b| !b.is_empty())
+                        .map(|b| (b.as_ptr() as usize, b.len()))
+                        .collect();
+                    if let (Some(end), Some((first, _))) = (copied_to, pieces.first()) {
+                        assert_ne!(
+                            *first, end,
+                            "a chunk's first record was copied into the block of the chunk before"
+                        );
+                    }
+                    if let Some((last, len)) = pieces.last() {
+                        copied_to = Some(last + len);
+                    }
                     got.extend(chunk);
                 }
                 Ok(Some(SourceEvent::Revoked { done, .. })) => {
@@ -1621,6 +1676,7 @@ mod tests {
         source.join();
 
         assert_eq!(got.len(), records, "every record once");
+        assert!(switches > 0, "no chunk of one partition followed another's");
         for partition in 0..2 {
             let want: Vec<&Expected> = expected.iter().filter(|e| e.0 == partition).collect();
             let have: Vec<&SourceRecord> =
