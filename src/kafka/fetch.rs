@@ -114,8 +114,11 @@ impl<'c> FetchQueue<'c> {
         for &message in batch.messages.iter() {
             // SAFETY: librdkafka returned a valid message, owned by `batch` until it drops, after
             // this loop; `Fetched`'s lifetime cannot leave `each`.
-            if let Some(message) = unsafe { message.as_ref() } {
-                each(Fetched { message });
+            if let Some(view) = unsafe { message.as_ref() } {
+                each(Fetched {
+                    message: view,
+                    whole: message.cast_const(),
+                });
             }
         }
         batch.messages.len()
@@ -165,6 +168,9 @@ impl Drop for Batch<'_> {
 #[derive(Clone, Copy)]
 pub struct Fetched<'b> {
     message: &'b rd::rd_kafka_message_t,
+    /// The same message as librdkafka's pointer, whose provenance covers the `rd_kafka_msg_t` it
+    /// is the first field of (a pointer from `message` covers the first field only).
+    whole: *const rd::rd_kafka_message_t,
 }
 
 impl<'b> Fetched<'b> {
@@ -229,17 +235,22 @@ impl<'b> Fetched<'b> {
         if !*MSG_LAYOUT_KNOWN {
             return true;
         }
-        let msg = std::ptr::from_ref::<rd::rd_kafka_message_t>(self.message).cast::<MsgPrefix>();
+        let msg = self.whole.cast::<MsgPrefix>();
         // SAFETY: a message librdkafka hands out to a consumer is the first field of an
         // `rd_kafka_msg_t` (its `rd_kafka_message2msg` is this very cast), alive as long as the
         // message; `MsgPrefix` mirrors that struct's fields up to the unparsed headers, for
         // librdkafka 2.12.1 only (checked above). Two plain fields are read, nothing written.
-        let (len, data) = unsafe {
+        let (parsed, len, data) = unsafe {
             (
+                std::ptr::addr_of!((*msg).headers).read(),
                 std::ptr::addr_of!((*msg).binhdrs_len).read(),
                 std::ptr::addr_of!((*msg).binhdrs_data).read(),
             )
         };
+        if !parsed.is_null() {
+            // Headers set after the fetch (an `on_consume` interceptor may): librdkafka's own.
+            return true;
+        }
         match len {
             // No header section at all (message format v0 and v1).
             0 => false,
@@ -309,10 +320,21 @@ struct MsgPrefix {
 /// The librdkafka version [`MsgPrefix`] mirrors (`RD_KAFKA_VERSION` of 2.12.1).
 const MSG_LAYOUT_VERSION: std::ffi::c_int = 0x020c_01ff;
 
-/// Whether the librdkafka linked in is the one [`MsgPrefix`] mirrors.
-static MSG_LAYOUT_KNOWN: std::sync::LazyLock<bool> =
+/// Whether the librdkafka linked in is the one [`MsgPrefix`] mirrors, on a 64-bit target (the
+/// offsets checked below: on 32-bit ones the union's alignment differs).
+static MSG_LAYOUT_KNOWN: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
     // SAFETY: `rd_kafka_version` only returns a constant.
-    std::sync::LazyLock::new(|| unsafe { rd::rd_kafka_version() } == MSG_LAYOUT_VERSION);
+    cfg!(target_pointer_width = "64") && unsafe { rd::rd_kafka_version() } == MSG_LAYOUT_VERSION
+});
+
+// The offsets of `rd_kafka_msg_t` in librdkafka 2.12.1 on a 64-bit target, from the C compiler:
+// `rkm_headers` at 104, `rkm_u.consumer.binhdrs` at 120 (its `data` at 128).
+#[cfg(target_pointer_width = "64")]
+const _: () = {
+    assert!(std::mem::offset_of!(MsgPrefix, headers) == 104);
+    assert!(std::mem::offset_of!(MsgPrefix, binhdrs_len) == 120);
+    assert!(std::mem::offset_of!(MsgPrefix, binhdrs_data) == 128);
+};
 
 /// `len` bytes at `data`, or `None` for a null pointer.
 fn bytes<'b>(data: *mut c_void, len: usize) -> Option<&'b [u8]> {
