@@ -55,6 +55,8 @@ struct Phase {
     /// CPU seconds from the first record to the last (`None`: not measured), without the
     /// start-up, group join and shutdown that `cpu_secs` includes.
     active_cpu_secs: Option<f64>,
+    /// What `cpu_secs` holds beyond `active_cpu_secs`.
+    rest: &'static str,
     /// The CPU seconds from the first record to the last, by thread name.
     threads: BTreeMap<String, f64>,
     rss_start_mib: f64,
@@ -96,9 +98,10 @@ impl Phase {
         );
         if let Some(active) = self.active_cpu_secs {
             line.push_str(&format!(
-                "\n  first record to last    {:>10.0} events/CPU-s ({active:.2} of the phase's {:.2} CPU-s; the rest is start-up, group join and shutdown)",
+                "\n  first record to last    {:>10.0} events/CPU-s ({active:.2} of the phase's {:.2} CPU-s; the rest is {})",
                 self.events as f64 / active,
-                self.cpu_secs
+                self.cpu_secs,
+                self.rest
             ));
         }
         if !self.threads.is_empty() {
@@ -169,6 +172,7 @@ where
         secs,
         cpu_secs: cpu_seconds()? - cpu,
         active_cpu_secs,
+        rest: "start-up, group join and shutdown",
         threads,
         rss_start_mib,
         services_cpu,
@@ -265,6 +269,12 @@ async fn main() -> anyhow::Result<()> {
                 Ok((secs, active, threads))
             })
             .await?;
+            let mut phase = phase;
+            if gold {
+                // Measured until Silver caught up: Gold's windows close after that.
+                phase.rest =
+                    "start-up, group join, Gold's wait for its windows to close, and shutdown";
+            }
             let run = finished.context("no run")?;
             if gold {
                 lines.push(phase.line("strata + Gold (1m count,sum)", ""));
@@ -405,7 +415,7 @@ fn bare_consumer(
     let started = Instant::now();
     let mut first = None;
     let mut cpu_at_first = None;
-    let mut threads_at_first = BTreeMap::new();
+    let mut threads_at_first = strata::demo::ThreadCpu::default();
     let mut seen = 0u64;
     let mut checksum = 0u64;
     let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
@@ -422,7 +432,7 @@ fn bare_consumer(
             if first.is_none() {
                 first = Some(Instant::now());
                 cpu_at_first = strata::demo::process_cpu_seconds();
-                threads_at_first = strata::demo::thread_cpu_seconds();
+                threads_at_first = strata::demo::ThreadCpu::now();
             }
             checksum = checksum.wrapping_add(message?.payload().map_or(0, |p| p.len() as u64));
             seen += 1;
@@ -436,7 +446,7 @@ fn bare_consumer(
     let active = cpu_at_first
         .zip(strata::demo::process_cpu_seconds())
         .map(|(a, b)| b - a);
-    let threads = strata::demo::threads_since(&threads_at_first);
+    let threads = threads_at_first.since();
     Ok((
         first.map_or(0.0, |f| f.elapsed().as_secs_f64()),
         active,

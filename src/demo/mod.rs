@@ -70,8 +70,8 @@ pub struct CaughtUp {
     pub cpu_at_first_record: Option<f64>,
     /// This process's CPU time (user + system, seconds) when the replica had caught up.
     pub cpu_at_caught_up: Option<f64>,
-    /// CPU seconds by thread name ([`thread_cpu_seconds`]) from the first record until caught
-    /// up (empty: not measured).
+    /// CPU seconds by thread name ([`ThreadCpu`]) from the first record until caught up (empty:
+    /// not measured).
     pub threads_first_to_last: BTreeMap<String, f64>,
     /// With Gold: from start until the last Gold commit with rows, once every window had closed
     /// (`None`: not reached before the deadline).
@@ -93,7 +93,7 @@ pub async fn run_until_caught_up(
     let replica = tokio::spawn(crate::app::run(config, metrics.clone(), shutdown.clone()));
     let mut first_record = None;
     let mut cpu_at_first_record = None;
-    let mut threads_at_first_record = BTreeMap::new();
+    let mut threads_at_first_record = ThreadCpu::default();
     let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
     let mut traced = Instant::now();
     let caught_up = loop {
@@ -113,7 +113,7 @@ pub async fn run_until_caught_up(
         if first_record.is_none() && metrics.records_consumed() > 0 {
             first_record = Some(started.elapsed());
             cpu_at_first_record = process_cpu_seconds();
-            threads_at_first_record = thread_cpu_seconds();
+            threads_at_first_record = ThreadCpu::now();
         }
         let done = last_offsets
             .iter()
@@ -127,7 +127,7 @@ pub async fn run_until_caught_up(
     };
     let elapsed = started.elapsed();
     let cpu_at_caught_up = process_cpu_seconds();
-    let threads_first_to_last = threads_since(&threads_at_first_record);
+    let threads_first_to_last = threads_at_first_record.since();
     let mut gold_elapsed = None;
     if let (true, Some(gold)) = (caught_up, &gold) {
         // Gold is complete once every source partition went idle (its watermark follows the
@@ -190,49 +190,63 @@ pub fn process_cpu_seconds() -> Option<f64> {
     cpu_seconds_of("self")
 }
 
-/// CPU seconds this process's live threads have run, summed by thread name, from each thread's
+/// CPU seconds each of this process's live threads has run, by thread id, with its name, from
 /// `/proc/self/task/<tid>/schedstat` (nanoseconds; Linux only: empty elsewhere). librdkafka's
-/// broker threads (`rdk:broker<id>`) count as one name, `rdk:broker`.
-pub fn thread_cpu_seconds() -> BTreeMap<String, f64> {
-    let mut threads = BTreeMap::new();
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return threads;
-    };
-    for task in tasks.flatten() {
-        let path = task.path();
-        let (Ok(name), Ok(stat)) = (
-            std::fs::read_to_string(path.join("comm")),
-            std::fs::read_to_string(path.join("schedstat")),
-        ) else {
-            continue;
-        };
-        let Some(ns) = stat
-            .split_whitespace()
-            .next()
-            .and_then(|n| n.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        let name = name.trim();
-        let name = if name.starts_with("rdk:broker") {
-            "rdk:broker"
-        } else {
-            name
-        };
-        *threads.entry(name.to_string()).or_insert(0.0) += ns / 1e9;
-    }
-    threads
-}
+/// broker threads (`rdk:broker<id>`) go by one name, `rdk:broker`.
+#[derive(Debug, Clone, Default)]
+pub struct ThreadCpu(BTreeMap<u64, (String, f64)>);
 
-/// CPU seconds by thread name since `start` (a [`thread_cpu_seconds`] taken earlier). Threads
-/// that ended meanwhile are not counted.
-pub fn threads_since(start: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
-    let mut threads = thread_cpu_seconds();
-    for (name, seconds) in threads.iter_mut() {
-        *seconds -= start.get(name).copied().unwrap_or(0.0);
+impl ThreadCpu {
+    /// The threads as they stand now.
+    pub fn now() -> Self {
+        let mut threads = BTreeMap::new();
+        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+            return Self(threads);
+        };
+        for task in tasks.flatten() {
+            let path = task.path();
+            let Some(tid) = task
+                .file_name()
+                .to_str()
+                .and_then(|t| t.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            let (Ok(name), Ok(stat)) = (
+                std::fs::read_to_string(path.join("comm")),
+                std::fs::read_to_string(path.join("schedstat")),
+            ) else {
+                continue;
+            };
+            let Some(ns) = stat
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse::<f64>().ok())
+            else {
+                continue;
+            };
+            let name = name.trim();
+            let name = if name.starts_with("rdk:broker") {
+                "rdk:broker"
+            } else {
+                name
+            };
+            threads.insert(tid, (name.to_string(), ns / 1e9));
+        }
+        Self(threads)
     }
-    threads.retain(|_, seconds| *seconds >= 0.0005);
-    threads
+
+    /// CPU seconds by thread name since `self` was taken: each live thread's own difference (all
+    /// of it for a thread started since). Threads that ended meanwhile are not counted.
+    pub fn since(&self) -> BTreeMap<String, f64> {
+        let mut by_name = BTreeMap::new();
+        for (tid, (name, seconds)) in Self::now().0 {
+            let before = self.0.get(&tid).map_or(0.0, |(_, s)| *s);
+            *by_name.entry(name).or_insert(0.0) += seconds - before;
+        }
+        by_name.retain(|_, seconds| *seconds >= 0.0005);
+        by_name
+    }
 }
 
 /// CPU time (user + system, seconds) of process `pid` (`self` for this one), all its threads.
