@@ -239,7 +239,7 @@ impl<'b> Fetched<'b> {
         // SAFETY: a message librdkafka hands out to a consumer is the first field of an
         // `rd_kafka_msg_t` (its `rd_kafka_message2msg` is this very cast), alive as long as the
         // message; `MsgPrefix` mirrors that struct's fields up to the unparsed headers, for
-        // librdkafka 2.12.1 only (checked above). Two plain fields are read, nothing written.
+        // librdkafka 2.12.1 only (checked above). Three plain fields are read, nothing written.
         let (parsed, len, data) = unsafe {
             (
                 std::ptr::addr_of!((*msg).headers).read(),
