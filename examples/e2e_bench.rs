@@ -126,13 +126,23 @@ impl Phase {
     }
 }
 
-/// Measures CPU and peak RSS around `run`, which returns the seconds from its first record to its
-/// last, and the CPU seconds spent over them when it measured them. With `STRATA_BENCH_PROFILE=<phase>`, `perf record` samples this process during that phase
-/// (`bare`, `strata`, `gold` or `memory`) into `perf-<phase>.data`, at `STRATA_BENCH_PROFILE_HZ`
-/// samples per second (997 when unset).
+/// What a phase's run measured from its first record to its last.
+#[derive(Default)]
+struct Span {
+    secs: f64,
+    /// CPU seconds over the span (`None`: not measured).
+    cpu_secs: Option<f64>,
+    /// CPU seconds over the span by thread name (empty: not measured).
+    threads: BTreeMap<String, f64>,
+}
+
+/// Measures CPU and peak RSS around `run`, which returns its [`Span`]. With
+/// `STRATA_BENCH_PROFILE=<phase>`, `perf record` samples this process during that phase (`bare`,
+/// `strata`, `gold` or `memory`) into `perf-<phase>.data`, at `STRATA_BENCH_PROFILE_HZ` samples
+/// per second (997 when unset).
 async fn measure<F>(phase: &str, events: u64, run: F) -> anyhow::Result<Phase>
 where
-    F: std::future::Future<Output = anyhow::Result<(f64, Option<f64>, BTreeMap<String, f64>)>>,
+    F: std::future::Future<Output = anyhow::Result<Span>>,
 {
     let profiler = match std::env::var("STRATA_BENCH_PROFILE") {
         Ok(wanted) if wanted == phase => {
@@ -157,7 +167,11 @@ where
     let rss_start_mib = status_mib("VmRSS")?;
     let cpu = cpu_seconds()?;
     let services_start = services_cpu();
-    let (secs, active_cpu_secs, threads) = run.await?;
+    let Span {
+        secs,
+        cpu_secs: active_cpu_secs,
+        threads,
+    } = run.await?;
     let services_cpu = services_start
         .zip(services_cpu())
         .map(|((broker, store), (broker_end, store_end))| (broker_end - broker, store_end - store));
@@ -260,13 +274,16 @@ async fn main() -> anyhow::Result<()> {
                 anyhow::ensure!(run.caught_up, "{name} did not catch up");
                 let first = run.first_record.context("no first record")?;
                 let secs = run.elapsed.saturating_sub(first).as_secs_f64();
-                let active = run
-                    .cpu_at_first_record
-                    .zip(run.cpu_at_caught_up)
-                    .map(|(a, b)| b - a);
-                let threads = run.threads_first_to_last.clone();
+                let span = Span {
+                    secs,
+                    cpu_secs: run
+                        .cpu_at_first_record
+                        .zip(run.cpu_at_caught_up)
+                        .map(|(a, b)| b - a),
+                    threads: run.threads_first_to_last.clone(),
+                };
                 finished = Some(run);
-                Ok((secs, active, threads))
+                Ok(span)
             })
             .await?;
             let mut phase = phase;
@@ -340,7 +357,10 @@ async fn main() -> anyhow::Result<()> {
             let mut paused = 0.0;
             let phase = measure("memory", ceiling_events, async {
                 let secs = pipeline_ceiling(&config, &records, rolling, &mut paused).await?;
-                Ok((secs, None, BTreeMap::new()))
+                Ok(Span {
+                    secs,
+                    ..Span::default()
+                })
             })
             .await?;
             let name = if rolling {
@@ -400,11 +420,7 @@ async fn fill(brokers: &str, topic: &str, events: u64) -> anyhow::Result<BTreeMa
 
 /// Reads `events` records of `topic` with a bare consumer; returns the seconds from the first to
 /// the last.
-fn bare_consumer(
-    brokers: &str,
-    topic: &str,
-    events: u64,
-) -> anyhow::Result<(f64, Option<f64>, BTreeMap<String, f64>)> {
+fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<Span> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{topic}"))
@@ -443,15 +459,13 @@ fn bare_consumer(
         );
     }
     std::hint::black_box(checksum);
-    let active = cpu_at_first
-        .zip(strata::demo::process_cpu_seconds())
-        .map(|(a, b)| b - a);
-    let threads = threads_at_first.since();
-    Ok((
-        first.map_or(0.0, |f| f.elapsed().as_secs_f64()),
-        active,
-        threads,
-    ))
+    Ok(Span {
+        secs: first.map_or(0.0, |f| f.elapsed().as_secs_f64()),
+        cpu_secs: cpu_at_first
+            .zip(strata::demo::process_cpu_seconds())
+            .map(|(a, b)| b - a),
+        threads: threads_at_first.since(),
+    })
 }
 
 /// Bytes of the Parquet files under `dir`.

@@ -199,41 +199,30 @@ pub struct ThreadCpu(BTreeMap<u64, (String, f64)>);
 impl ThreadCpu {
     /// The threads as they stand now.
     pub fn now() -> Self {
-        let mut threads = BTreeMap::new();
-        let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-            return Self(threads);
-        };
-        for task in tasks.flatten() {
-            let path = task.path();
-            let Some(tid) = task
-                .file_name()
-                .to_str()
-                .and_then(|t| t.parse::<u64>().ok())
-            else {
-                continue;
-            };
-            let (Ok(name), Ok(stat)) = (
-                std::fs::read_to_string(path.join("comm")),
-                std::fs::read_to_string(path.join("schedstat")),
-            ) else {
-                continue;
-            };
-            let Some(ns) = stat
-                .split_whitespace()
-                .next()
-                .and_then(|n| n.parse::<f64>().ok())
-            else {
-                continue;
-            };
-            let name = name.trim();
-            let name = if name.starts_with("rdk:broker") {
-                "rdk:broker"
-            } else {
-                name
-            };
-            threads.insert(tid, (name.to_string(), ns / 1e9));
-        }
+        let threads = std::fs::read_dir("/proc/self/task")
+            .map(|tasks| {
+                tasks
+                    .flatten()
+                    .filter_map(|task| Self::task(&task))
+                    .collect()
+            })
+            .unwrap_or_default();
         Self(threads)
+    }
+
+    /// One thread's id, name and CPU seconds (`None`: it ended while being read).
+    fn task(task: &std::fs::DirEntry) -> Option<(u64, (String, f64))> {
+        let tid = task.file_name().to_str()?.parse::<u64>().ok()?;
+        let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+        let ns = stat.split_whitespace().next()?.parse::<f64>().ok()?;
+        let name = name.trim();
+        let name = if name.starts_with("rdk:broker") {
+            "rdk:broker"
+        } else {
+            name
+        };
+        Some((tid, (name.to_string(), ns / 1e9)))
     }
 
     /// CPU seconds by thread name since `self` was taken: each live thread's own difference (all

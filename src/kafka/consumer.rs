@@ -1940,6 +1940,11 @@ mod tests {
         assert_eq!((&first[..], &second[..]), (&b"first"[..], &b"second"[..]));
         // Sized after the closed chunk (11 bytes): the smallest block.
         assert_eq!(outbox.copier.arena.capacity(), MIN_BLOCK - 5);
+        // A chunk that outgrows its block gets one twice the size.
+        let rest = vec![1u8; MIN_BLOCK - 5];
+        outbox.copier.bytes(&rest);
+        outbox.copier.bytes(b"more");
+        assert_eq!(outbox.copier.arena.capacity(), 2 * MIN_BLOCK - 4);
         // A value larger than the block gets a block of its own size.
         let large = vec![7u8; 2 * ARENA_BLOCK];
         assert_eq!(&outbox.copier.bytes(&large)[..], &large[..]);
