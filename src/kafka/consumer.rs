@@ -691,6 +691,10 @@ impl Copier {
 
     /// Ends the current chunk's blocks: the next record is copied into a new one.
     fn seal(&mut self) {
+        // The next chunk's records share a name of their own too: the source thread counts the
+        // shared name up per record while the workers count the last chunk's down, and one
+        // count on two cores cost a cache miss per record each side.
+        self.topic = None;
         if self.used == 0 {
             return;
         }

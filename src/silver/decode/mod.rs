@@ -65,9 +65,41 @@ struct Chunk<'a> {
     /// Decoded batches, and for each the input index of each of its rows.
     batches: Vec<RecordBatch>,
     rows: Vec<Vec<usize>>,
-    /// Per writer schema id: input indices of the rows still inside its decoder.
-    pending: FxHashMap<u32, Vec<usize>>,
+    /// Per writer schema id: input indices of the rows still inside its decoder. A chunk holds a
+    /// few writer versions at most, so a list searched from the front beats a hash map here.
+    pending: Vec<(u32, Vec<usize>)>,
+    /// Writer ids whose verdict this chunk has checked already (see [`BatchDecoder::admit`]).
+    admitted: Vec<u32>,
     rejected: Vec<(usize, Rejection)>,
+}
+
+impl Chunk<'_> {
+    /// The rows inside `schema_id`'s decoder, created empty when there are none.
+    fn pending_mut(&mut self, schema_id: u32) -> &mut Vec<usize> {
+        let slot = match self.pending.iter().position(|(id, _)| *id == schema_id) {
+            Some(slot) => slot,
+            None => {
+                self.pending.push((schema_id, Vec::new()));
+                self.pending.len() - 1
+            }
+        };
+        &mut self.pending[slot].1
+    }
+
+    fn pending_len(&self, schema_id: u32) -> usize {
+        self.pending
+            .iter()
+            .find(|(id, _)| *id == schema_id)
+            .map_or(0, |(_, rows)| rows.len())
+    }
+
+    /// Takes `schema_id`'s pending rows out (empty when there are none).
+    fn take_pending(&mut self, schema_id: u32) -> Vec<usize> {
+        match self.pending.iter().position(|(id, _)| *id == schema_id) {
+            Some(slot) => self.pending.swap_remove(slot).1,
+            None => Vec::new(),
+        }
+    }
 }
 
 /// Decodes chunks of Kafka records of one table.
@@ -231,11 +263,12 @@ impl BatchDecoder {
             records,
             batches: Vec::new(),
             rows: Vec::new(),
-            pending: FxHashMap::default(),
+            pending: Vec::new(),
+            admitted: Vec::new(),
             rejected: Vec::new(),
         };
         for (index, record) in records.iter().enumerate() {
-            let schema_id = match self.admit(record) {
+            let schema_id = match self.admit(record, &mut chunk.admitted) {
                 Ok((schema_id, _)) => schema_id,
                 Err(rejection) => {
                     chunk.rejected.push((index, rejection));
@@ -243,14 +276,14 @@ impl BatchDecoder {
                 }
             };
             match self.decode_one(schema_id, index, &mut chunk) {
-                Ok(()) => chunk.pending.entry(schema_id).or_default().push(index),
+                Ok(()) => chunk.pending_mut(schema_id).push(index),
                 Err(rejection) => {
                     chunk.rejected.push((index, rejection));
                     // The decoder may hold half a row now: rebuild it and replay its good rows.
                     self.decoders.remove(&schema_id);
-                    for good in chunk.pending.remove(&schema_id).unwrap_or_default() {
+                    for good in chunk.take_pending(schema_id) {
                         match self.decode_one(schema_id, good, &mut chunk) {
-                            Ok(()) => chunk.pending.entry(schema_id).or_default().push(good),
+                            Ok(()) => chunk.pending_mut(schema_id).push(good),
                             Err(again) => {
                                 self.decoders.remove(&schema_id);
                                 chunk.rejected.push((good, again));
@@ -260,8 +293,9 @@ impl BatchDecoder {
                 }
             }
         }
-        let ids: Vec<u32> = chunk.pending.keys().copied().collect();
-        for schema_id in ids {
+        // In the order the writer versions were met, as before with any order: rows go back
+        // into input order at the end.
+        while let Some(&(schema_id, _)) = chunk.pending.first() {
             self.flush_pending(schema_id, &mut chunk);
         }
         let Chunk {
@@ -279,7 +313,7 @@ impl BatchDecoder {
     /// built (invalid UTF-8 in a string, say), so a failed flush is not blamed on every row: each
     /// pending record is decoded alone, and only the ones that fail alone are rejected.
     fn flush_pending(&mut self, schema_id: u32, chunk: &mut Chunk<'_>) {
-        let pending = chunk.pending.remove(&schema_id).unwrap_or_default();
+        let pending = chunk.take_pending(schema_id);
         if pending.is_empty() {
             return;
         }
@@ -322,7 +356,13 @@ impl BatchDecoder {
     }
 
     /// Checks the framing and the writer schema of a record; returns its schema id and value.
-    fn admit<'r>(&self, record: &'r SourceRecord) -> Result<(u32, &'r [u8]), Rejection> {
+    /// Ids in `admitted` passed that check earlier in the chunk: verdicts do not change within
+    /// a chunk, so each is looked up once per chunk, not per record.
+    fn admit<'r>(
+        &self,
+        record: &'r SourceRecord,
+        admitted: &mut Vec<u32>,
+    ) -> Result<(u32, &'r [u8]), Rejection> {
         let value = record.value.as_deref().unwrap_or_default();
         if value.len() > self.max_value_bytes {
             return Err(Rejection::new(
@@ -341,6 +381,9 @@ impl BatchDecoder {
             };
             Rejection::new(kind, e.to_string())
         })?;
+        if admitted.contains(&framed.schema_id) {
+            return Ok((framed.schema_id, value));
+        }
         if let Some(refused) = self.refused.get(&framed.schema_id) {
             return Err(refused.clone());
         }
@@ -353,6 +396,7 @@ impl BatchDecoder {
                 ),
             ));
         }
+        admitted.push(framed.schema_id);
         Ok((framed.schema_id, value))
     }
 
@@ -362,11 +406,13 @@ impl BatchDecoder {
         index: usize,
         chunk: &mut Chunk<'_>,
     ) -> Result<(), Rejection> {
-        if self.decoder(schema_id)?.batch_is_full() {
+        // Its decoder holds exactly its pending rows (`decode_into` checks each), so a full
+        // batch shows in the count, without a look at the decoder.
+        if chunk.pending_len(schema_id) >= self.batch_size {
             self.flush_pending(schema_id, chunk);
         }
         let value = chunk.records[index].value.as_deref().unwrap_or_default();
-        let pending = chunk.pending.get(&schema_id).map_or(0, Vec::len);
+        let pending = chunk.pending_len(schema_id);
         self.decode_into(schema_id, value, pending)
     }
 

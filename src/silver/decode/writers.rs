@@ -97,25 +97,26 @@ impl BatchDecoder {
 
     /// The decoder of one writer schema, built on first use.
     pub(super) fn decoder(&mut self, schema_id: u32) -> Result<&mut Decoder, Rejection> {
-        if !self.decoders.contains_key(&schema_id) {
-            let writer = self.writers.get(&schema_id).ok_or_else(|| {
-                Rejection::new(
-                    ErrorKind::UnknownSchema,
-                    format!("schema id {schema_id} is not resolved"),
+        // One hash lookup per record: this runs for every record decoded.
+        match self.decoders.entry(schema_id) {
+            std::collections::hash_map::Entry::Occupied(entry) => Ok(entry.into_mut()),
+            std::collections::hash_map::Entry::Vacant(entry) => {
+                let writer = self.writers.get(&schema_id).ok_or_else(|| {
+                    Rejection::new(
+                        ErrorKind::UnknownSchema,
+                        format!("schema id {schema_id} is not resolved"),
+                    )
+                })?;
+                let built = build_decoder(
+                    &self.reader_json,
+                    [(schema_id, writer.as_str())],
+                    self.batch_size,
                 )
-            })?;
-            let built = build_decoder(
-                &self.reader_json,
-                [(schema_id, writer.as_str())],
-                self.batch_size,
-            )
-            .map_err(|e| {
-                Rejection::new(ErrorKind::DecodeError, format!("building decoder: {e}"))
-            })?;
-            self.decoders.insert(schema_id, built);
+                .map_err(|e| {
+                    Rejection::new(ErrorKind::DecodeError, format!("building decoder: {e}"))
+                })?;
+                Ok(entry.insert(built))
+            }
         }
-        self.decoders
-            .get_mut(&schema_id)
-            .ok_or_else(|| Rejection::new(ErrorKind::DecodeError, "no decoder".to_string()))
     }
 }
