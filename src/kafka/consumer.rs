@@ -780,6 +780,8 @@ fn poll_loop(
     let mut handed = false;
     // How many messages the last read handed over: about how many a new chunk makes room for.
     let mut read_last = 0;
+    // When `caught_up` last asked librdkafka (see `CAUGHT_UP_EVERY`).
+    let mut asked_caught_up: Option<Instant> = None;
     // The consumer errors of the current read.
     let mut errors: Vec<FetchError> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -996,10 +998,18 @@ fn poll_loop(
         {
             let mut outbox = context.outbox();
             outbox.close();
-            // Only when the queue ran dry, so the check costs nothing while records flow.
-            if context.reports_caught_up && idle && handed && caught_up(&consumer) {
-                handed = false;
-                outbox.queue.push_back(SourceEvent::CaughtUp);
+            // Only when the queue ran dry, so the check costs nothing while records flow, and
+            // at most every `CAUGHT_UP_EVERY`.
+            if context.reports_caught_up
+                && idle
+                && handed
+                && asked_caught_up.is_none_or(|at| at.elapsed() >= CAUGHT_UP_EVERY)
+            {
+                asked_caught_up = Some(Instant::now());
+                if caught_up(&consumer) {
+                    handed = false;
+                    outbox.queue.push_back(SourceEvent::CaughtUp);
+                }
             }
         }
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
@@ -1080,6 +1090,12 @@ fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>
 /// (the cached high watermark: no request is made). A partition no fetch has answered for yet
 /// (paused, not started, or its first fetch under way) is not. One that gave no record yet stands
 /// where it was sought to. Called only when the queue ran dry, so no fetched record still waits.
+/// How often the source asks at most whether it has caught up. Each ask is a round trip to
+/// librdkafka's main thread (`position` reads the assignment through it): with a broker that
+/// answers in bursts the queue ran dry about 50 times a second, and those round trips cost 30-40 ns
+/// per event on that thread alone. A flush on catching up comes this much later at worst.
+const CAUGHT_UP_EVERY: Duration = Duration::from_millis(100);
+
 fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
     let Ok(positions) = consumer.position() else {
         return false;
