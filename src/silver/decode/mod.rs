@@ -293,8 +293,7 @@ impl BatchDecoder {
                 }
             }
         }
-        // In the order the writer versions were met, as before with any order: rows go back
-        // into input order at the end.
+        // In any order: rows go back into input order at the end (`finish`).
         while let Some(&(schema_id, _)) = chunk.pending.first() {
             self.flush_pending(schema_id, &mut chunk);
         }
