@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::claims::Resume;
 use super::commits::Commits;
 use super::fetch::{FetchQueue, Fetched};
+use super::queue::Wake;
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
 use crate::retry::{Pace, Stall};
@@ -521,11 +522,16 @@ pub struct SourceSettings {
 
 /// Sends commands to the source thread; held by the stage, while the event loop owns the thread.
 #[derive(Clone)]
-pub struct Commands(std_mpsc::Sender<SourceCommand>);
+pub struct Commands {
+    sender: std_mpsc::Sender<SourceCommand>,
+    wake: Wake,
+}
 
 impl Commands {
+    /// Queues `command` and wakes the thread if it waits for records.
     pub fn send(&self, command: SourceCommand) {
-        let _ = self.0.send(command);
+        let _ = self.sender.send(command);
+        self.wake.wake();
     }
 
     /// A stage's write failed: fetching pauses (at the first failure) and `stalled` schedules the
@@ -553,6 +559,7 @@ impl Commands {
 pub struct Source {
     commands: std_mpsc::Sender<SourceCommand>,
     stop: Arc<AtomicBool>,
+    wake: Wake,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -612,26 +619,33 @@ impl Source {
         let (commands, command_rx) = std_mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let wake = Wake::default();
+        let woken = wake.clone();
         let thread = std::thread::Builder::new()
             .name("strata-source".into())
-            .spawn(move || poll_loop(consumer, events, command_rx, stop_flag, metrics))
+            .spawn(move || poll_loop(consumer, events, command_rx, stop_flag, woken, metrics))
             .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?;
         Ok(Self {
             commands,
             stop,
+            wake,
             thread: Some(thread),
         })
     }
 
     /// A handle that sends commands to the thread (seek, commit offsets).
     pub fn commands(&self) -> Commands {
-        Commands(self.commands.clone())
+        Commands {
+            sender: self.commands.clone(),
+            wake: self.wake.clone(),
+        }
     }
 
     /// Asks the thread to leave the group and stop. The pipeline must keep answering events
     /// (the final revocation) until the event channel closes.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.wake.wake();
     }
 
     /// Waits for the thread (call after the event channel closed).
@@ -758,22 +772,36 @@ impl Copier {
     }
 }
 
-/// How long the fetch queue is waited on when it is empty. Rebalances wait on the consumer queue
-/// meanwhile (see `kafka::fetch`), so this bounds how late the handler runs.
-const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How long the fetch queue is waited on when it is empty and nothing is due. Records, commands,
+/// a stop and events on the consumer queue (rebalances wait there: see `kafka::fetch`) end the
+/// wait at once ([`Wake`]), so this only bounds what nothing wakes the thread for. Each wake-up
+/// costs tens of µs of CPU on a VM: a 20 ms wait took about 100 ns per event of the source's
+/// CPU in the bench, with a broker that answers in bursts.
+const IDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// The wait while something is due that comes with no wake: a claim's answer from the stage, a
+/// seek to try again, a backoff to end, a commit's answer, room in the pipeline.
+const POLL_WAIT: Duration = Duration::from_millis(20);
 
 fn poll_loop(
-    consumer: BaseConsumer<SourceContext>,
+    mut consumer: BaseConsumer<SourceContext>,
     events: mpsc::Sender<SourceEvent>,
     commands: std_mpsc::Receiver<SourceCommand>,
     stop: Arc<AtomicBool>,
+    wake: Wake,
     metrics: Arc<Metrics>,
 ) {
+    // An event on the consumer queue (a rebalance, an error, statistics) ends the wait on the
+    // fetch queue: the handler runs at once. librdkafka calls this when the queue stops being
+    // empty, from its own threads.
+    let woken = wake.clone();
+    consumer.set_nonempty_callback(move || woken.wake());
     let context = consumer.context().clone();
     let Some(mut fetch) = FetchQueue::new(&consumer) else {
         tracing::error!("librdkafka gave no queue to fetch into; the source stops");
         return;
     };
+    fetch.wake_by(&wake);
     let Some(mut commits) = Commits::new(&consumer) else {
         tracing::error!("librdkafka gave no queue for offset commits; the source stops");
         return;
@@ -877,7 +905,21 @@ fn poll_loop(
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
-        let mut wait = IDLE_WAIT;
+        let mut wait = if waiting
+            || commits.in_flight() > 0
+            || !context.claiming().is_empty()
+            || !context.seeking().is_empty()
+            || !context.backoff().is_empty()
+        {
+            POLL_WAIT
+        } else {
+            IDLE_WAIT
+        };
+        if context.reports_caught_up && handed {
+            // Until the next ask is due (see `CAUGHT_UP_EVERY`).
+            let since = asked_caught_up.map_or(CAUGHT_UP_EVERY, |at| at.elapsed());
+            wait = wait.min(CAUGHT_UP_EVERY.saturating_sub(since).max(Duration::from_millis(1)));
+        }
         let mut idle = false;
         loop {
             // Rebalances (the handler runs inside), errors and statistics, and any record that
@@ -1094,7 +1136,7 @@ fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>
 /// librdkafka's main thread (`position` reads the assignment through it): with a broker that
 /// answers in bursts the queue ran dry about 50 times a second, and asking only every 100 ms took
 /// that thread from about 40 to about 15 ns per event. A flush on catching up comes up to this
-/// much later (and one idle wait).
+/// much later: an ask held back by it ends the next wait when it is due.
 const CAUGHT_UP_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether every assigned partition stands at its end, as the broker's last fetch answer gave it

@@ -44,7 +44,7 @@ use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 
-use super::queue::OwnQueue;
+use super::queue::{OwnQueue, Wake};
 
 /// Records taken per call at most.
 pub const BATCH: usize = 1_024;
@@ -63,6 +63,11 @@ impl<'c> FetchQueue<'c> {
             own: OwnQueue::new(consumer)?,
             messages: Vec::with_capacity(BATCH),
         })
+    }
+
+    /// Lets `wake` end [`FetchQueue::read`]'s waits from any thread, until this queue is gone.
+    pub fn wake_by(&mut self, wake: &Wake) {
+        self.own.wake_by(wake);
     }
 
     /// Routes `topic`/`partition`'s fetched records (and its consumer errors) to this queue.
@@ -92,7 +97,7 @@ impl<'c> FetchQueue<'c> {
         true
     }
 
-    /// Waits up to `wait` for a first message, then takes whatever else is there, up to
+    /// Waits up to `wait` for a first message (a [`Wake`] ends the wait early), then takes whatever else is there, up to
     /// [`BATCH`] in all, and hands each to `each`, in order; returns how many. Messages of one
     /// partition come in offset order. Every message taken is handed over (librdkafka has moved
     /// the positions already), and each is given back to librdkafka after the last.
