@@ -130,6 +130,9 @@ struct SourceContext {
     backoff: Mutex<HashMap<TopicPartition, Instant>>,
     /// The offset after the last record of each partition read since its last seek.
     read_to: Mutex<HashMap<TopicPartition, i64>>,
+    /// The assignment as the last rebalance left it (see [`SourceContext::note_assignment`]);
+    /// `None` when librdkafka did not say.
+    assigned: Mutex<Option<TopicPartitionList>>,
 }
 
 /// An assignment waiting for the stage to say where its partitions resume.
@@ -292,6 +295,16 @@ impl SourceContext {
         self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Keeps the consumer's assignment after a rebalance changed it, and returns its size. Asking
+    /// librdkafka for it is a round trip to its main thread, which `caught_up` would otherwise
+    /// make on every ask.
+    fn note_assignment(&self, consumer: &BaseConsumer<SourceContext>) -> usize {
+        let assigned = consumer.assignment().ok();
+        let count = assigned.as_ref().map_or(0, TopicPartitionList::count);
+        *self.assigned.lock().unwrap_or_else(PoisonError::into_inner) = assigned;
+        count
+    }
+
     /// Before a rebalance event: closes the chunk and hands over everything waiting, waiting for
     /// room. This runs inside `poll`; while the pipeline makes room, librdkafka counts the time
     /// against `max.poll.interval.ms` only for a non-blocking poll.
@@ -356,9 +369,6 @@ impl ClientContext for SourceContext {
     }
 }
 
-fn assigned_count(consumer: &BaseConsumer<SourceContext>) -> usize {
-    consumer.assignment().map(|a| a.count()).unwrap_or(0)
-}
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
@@ -432,7 +442,7 @@ impl ConsumerContext for SourceContext {
                 self.metrics.rebalanced(
                     "assign",
                     &partitions,
-                    assigned_count(consumer),
+                    self.note_assignment(consumer),
                     self.counts_assignments,
                 );
             }
@@ -490,13 +500,14 @@ impl ConsumerContext for SourceContext {
                 self.metrics.rebalanced(
                     if lost { "lost" } else { "revoke" },
                     &partitions,
-                    assigned_count(consumer),
+                    self.note_assignment(consumer),
                     self.counts_assignments,
                 );
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
                 let _ = consumer.unassign();
+                self.note_assignment(consumer);
             }
         }
     }
@@ -611,6 +622,7 @@ impl Source {
             backoff: Mutex::default(),
             read_to: Mutex::default(),
             sought: Mutex::default(),
+            assigned: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -777,7 +789,7 @@ impl Copier {
 /// wait at once ([`Wake`]), so this only bounds what nothing wakes the thread for. Each wake-up
 /// costs tens of µs of CPU on a VM: a 20 ms wait took about 100 ns per event of the source's
 /// CPU in the bench, with a broker that answers in bursts.
-const IDLE_WAIT: Duration = Duration::from_millis(500);
+const IDLE_WAIT: Duration = Duration::from_millis(250);
 
 /// The wait while something is due that comes with no wake: a claim's answer from the stage, a
 /// seek to try again, a backoff to end, a commit's answer, room in the pipeline.
@@ -814,6 +826,9 @@ fn poll_loop(
     let mut read_last = 0;
     // When `caught_up` last asked librdkafka (see `CAUGHT_UP_EVERY`).
     let mut asked_caught_up: Option<Instant> = None;
+    // Something may have moved a position since `caught_up` last asked: records came, or a wait
+    // ran out (a transaction's marker moves the position without a record and ends no wait).
+    let mut unasked = false;
     // The consumer errors of the current read.
     let mut errors: Vec<FetchError> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -915,8 +930,8 @@ fn poll_loop(
         } else {
             IDLE_WAIT
         };
-        if context.reports_caught_up && handed {
-            // Until the next ask is due (see `CAUGHT_UP_EVERY`).
+        if context.reports_caught_up && handed && unasked {
+            // An ask held back: until it is due (see `CAUGHT_UP_EVERY`).
             let since = asked_caught_up.map_or(CAUGHT_UP_EVERY, |at| at.elapsed());
             wait = wait.min(CAUGHT_UP_EVERY.saturating_sub(since).max(Duration::from_millis(1)));
         }
@@ -940,6 +955,7 @@ fn poll_loop(
                     );
                     polled = true;
                     handed = true;
+                    unasked = true;
                     let mut outbox = context.outbox();
                     outbox.push(record);
                     hand_over(&events, &mut outbox.queue);
@@ -956,7 +972,9 @@ fn poll_loop(
                 let mut outbox: Option<MutexGuard<'_, Outbox>> = None;
                 // The partition of the last record read, and the offset after it.
                 let mut run: Option<(TopicPartition, i64)> = None;
-                seen = fetch.read(if polled { Duration::ZERO } else { wait }, |message| {
+                let wait = if polled { Duration::ZERO } else { wait };
+                let waited_from = (wait > Duration::ZERO).then(Instant::now);
+                seen = fetch.read(wait, |message| {
                     let Some(code) = message.error() else {
                         if !errors.is_empty() {
                             followed_by(&mut errors, &message);
@@ -1006,6 +1024,10 @@ fn poll_loop(
                 if let Some(mut outbox) = outbox {
                     hand_over(&events, &mut outbox.queue);
                     handed = true;
+                    unasked = true;
+                }
+                if seen == 0 && waited_from.is_some_and(|at| at.elapsed() >= wait) {
+                    unasked = true;
                 }
                 read_last = seen;
             }
@@ -1044,14 +1066,16 @@ fn poll_loop(
         {
             let mut outbox = context.outbox();
             outbox.close();
-            // Only when the queue ran dry, so the check costs nothing while records flow, and
-            // at most every `CAUGHT_UP_EVERY`.
+            // Only when the queue ran dry, so the check costs nothing while records flow, at
+            // most every `CAUGHT_UP_EVERY`, and not again until something may have moved.
             if context.reports_caught_up
                 && idle
                 && handed
+                && unasked
                 && asked_caught_up.is_none_or(|at| at.elapsed() >= CAUGHT_UP_EVERY)
             {
                 asked_caught_up = Some(Instant::now());
+                unasked = false;
                 if caught_up(&consumer) {
                     handed = false;
                     outbox.queue.push_back(SourceEvent::CaughtUp);
@@ -1144,7 +1168,7 @@ const CAUGHT_UP_EVERY: Duration = Duration::from_millis(100);
 /// (paused, not started, or its first fetch under way) is not. One that gave no record yet stands
 /// where it was sought to. Called only when the queue ran dry, so no fetched record still waits.
 fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
-    let Ok(positions) = consumer.position() else {
+    let Some(positions) = positions(consumer) else {
         return false;
     };
     let sought = consumer.context().sought();
@@ -1163,6 +1187,28 @@ fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
         };
         next.is_some_and(|next| next >= high)
     })
+}
+
+/// The positions of the assigned partitions (the offset after the last message the source took
+/// from each, control records included), or `None` if librdkafka cannot say. The same as
+/// rust-rdkafka's `position`, with the assignment the source keeps instead of asking librdkafka's
+/// main thread for it each time: that round trip was two of every five wake-ups of the source
+/// thread in the bench.
+#[allow(unsafe_code)]
+fn positions(consumer: &BaseConsumer<SourceContext>) -> Option<TopicPartitionList> {
+    let positions = consumer
+        .context()
+        .assigned
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()?;
+    // SAFETY: the client pointer is valid while `consumer` is borrowed and the list is ours;
+    // librdkafka only writes each element's offset and error, reading each partition's position
+    // under that partition's lock.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_position(consumer.client().native_ptr(), positions.ptr())
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some(positions)
 }
 
 /// The low and high watermarks of an assigned `topic`/`partition` from the consumer's last fetch
