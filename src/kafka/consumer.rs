@@ -369,7 +369,6 @@ impl ClientContext for SourceContext {
     }
 }
 
-
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
     tpl.elements()
         .iter()
@@ -933,7 +932,11 @@ fn poll_loop(
         if context.reports_caught_up && handed && unasked {
             // An ask held back: until it is due (see `CAUGHT_UP_EVERY`).
             let since = asked_caught_up.map_or(CAUGHT_UP_EVERY, |at| at.elapsed());
-            wait = wait.min(CAUGHT_UP_EVERY.saturating_sub(since).max(Duration::from_millis(1)));
+            wait = wait.min(
+                CAUGHT_UP_EVERY
+                    .saturating_sub(since)
+                    .max(Duration::from_millis(1)),
+            );
         }
         let mut idle = false;
         loop {

@@ -588,4 +588,49 @@ pub(super) mod tests {
         }
         assert_eq!(seen, records);
     }
+
+    /// A wake from another thread ends a long wait for records at once, and a wake that comes
+    /// while no one waits ends the next wait: the source sleeps long only because it is woken.
+    #[test]
+    fn a_wake_ends_the_wait_for_records_and_none_is_lost() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("quiet", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let consumer = consumer(&brokers, "quiet");
+        let mut fetch = FetchQueue::new(&consumer).expect("queue");
+        let wake = Wake::default();
+        fetch.wake_by(&wake);
+        assert!(fetch.route("quiet", 0));
+        assign_from_start(&consumer, "quiet");
+        let long = std::time::Duration::from_secs(30);
+
+        let waker = {
+            let wake = wake.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                wake.wake();
+            })
+        };
+        let started = Instant::now();
+        assert_eq!(fetch.read(long, |_| {}), 0);
+        assert!(
+            started.elapsed() < long / 2,
+            "woken after {:?}",
+            started.elapsed()
+        );
+        waker.join().expect("waker");
+
+        wake.wake();
+        let started = Instant::now();
+        assert_eq!(fetch.read(long, |_| {}), 0);
+        assert!(
+            started.elapsed() < long / 2,
+            "woken after {:?}",
+            started.elapsed()
+        );
+
+        // Once the queue is gone, waking does nothing (and touches no freed queue).
+        drop(fetch);
+        wake.wake();
+    }
 }
