@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::claims::Resume;
 use super::commits::Commits;
 use super::fetch::{FetchQueue, Fetched};
-use super::queue::Wake;
+use super::queue::{ConsumerQueue, Wake};
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
 use crate::retry::{Pace, Stall};
@@ -293,6 +293,14 @@ impl SourceContext {
 
     fn outbox(&self) -> MutexGuard<'_, Outbox> {
         self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether something is due that comes without a wake: a claim's answer from the stage (a
+    /// oneshot), a seek to try again, a backoff to end.
+    fn due(&self) -> bool {
+        !self.claiming().is_empty()
+            || self.seeking().values().any(Option::is_some)
+            || !self.backoff().is_empty()
     }
 
     /// Keeps the consumer's assignment after a rebalance changed it, and returns its size. Asking
@@ -813,6 +821,10 @@ fn poll_loop(
         return;
     };
     fetch.wake_by(&wake);
+    let Some(consumer_queue) = ConsumerQueue::new(&consumer) else {
+        tracing::error!("librdkafka gave no consumer queue; the source stops");
+        return;
+    };
     let Some(mut commits) = Commits::new(&consumer) else {
         tracing::error!("librdkafka gave no queue for offset commits; the source stops");
         return;
@@ -825,8 +837,9 @@ fn poll_loop(
     let mut read_last = 0;
     // When `caught_up` last asked librdkafka (see `CAUGHT_UP_EVERY`).
     let mut asked_caught_up: Option<Instant> = None;
-    // Something may have moved a position since `caught_up` last asked: records came, or a wait
-    // ran out (a transaction's marker moves the position without a record and ends no wait).
+    // Something may have moved a position since `caught_up` last asked: records came, or the
+    // source waited (a transaction's marker moves the position without a record and ends no
+    // wait; whatever ended it, the ask is cheap and `CAUGHT_UP_EVERY` bounds it).
     let mut unasked = false;
     // The consumer errors of the current read.
     let mut errors: Vec<FetchError> = Vec::new();
@@ -919,25 +932,8 @@ fn poll_loop(
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
-        let mut wait = if waiting
-            || commits.in_flight() > 0
-            || !context.claiming().is_empty()
-            || !context.seeking().is_empty()
-            || !context.backoff().is_empty()
-        {
-            POLL_WAIT
-        } else {
-            IDLE_WAIT
-        };
-        if context.reports_caught_up && handed && unasked {
-            // An ask held back: until it is due (see `CAUGHT_UP_EVERY`).
-            let since = asked_caught_up.map_or(CAUGHT_UP_EVERY, |at| at.elapsed());
-            wait = wait.min(
-                CAUGHT_UP_EVERY
-                    .saturating_sub(since)
-                    .max(Duration::from_millis(1)),
-            );
-        }
+        // Only the first read of a pass waits.
+        let mut first = true;
         let mut idle = false;
         loop {
             // Rebalances (the handler runs inside), errors and statistics, and any record that
@@ -975,7 +971,31 @@ fn poll_loop(
                 let mut outbox: Option<MutexGuard<'_, Outbox>> = None;
                 // The partition of the last record read, and the offset after it.
                 let mut run: Option<(TopicPartition, i64)> = None;
-                let wait = if polled { Duration::ZERO } else { wait };
+                let wait = if polled || !first {
+                    Duration::ZERO
+                } else if consumer_queue.waiting() > 0 {
+                    // `poll` serves one event a call, and librdkafka wakes the source only when
+                    // the consumer queue stops being empty: the next pass serves the next one.
+                    Duration::ZERO
+                } else {
+                    // After `poll`: an assignment it handled makes a claim due.
+                    let mut wait = if waiting || commits.in_flight() > 0 || context.due() {
+                        POLL_WAIT
+                    } else {
+                        IDLE_WAIT
+                    };
+                    if context.reports_caught_up && handed && unasked {
+                        // An ask held back: until it is due (see `CAUGHT_UP_EVERY`).
+                        let since = asked_caught_up.map_or(CAUGHT_UP_EVERY, |at| at.elapsed());
+                        wait = wait.min(
+                            CAUGHT_UP_EVERY
+                                .saturating_sub(since)
+                                .max(Duration::from_millis(1)),
+                        );
+                    }
+                    wait
+                };
+                first = false;
                 let waited_from = (wait > Duration::ZERO).then(Instant::now);
                 seen = fetch.read(wait, |message| {
                     let Some(code) = message.error() else {
@@ -1029,7 +1049,7 @@ fn poll_loop(
                     handed = true;
                     unasked = true;
                 }
-                if seen == 0 && waited_from.is_some_and(|at| at.elapsed() >= wait) {
+                if seen == 0 && waited_from.is_some() {
                     unasked = true;
                 }
                 read_last = seen;
@@ -1061,7 +1081,6 @@ fn poll_loop(
                 }
                 break;
             }
-            wait = Duration::ZERO;
             if Instant::now() >= deadline {
                 break;
             }
@@ -1090,6 +1109,7 @@ fn poll_loop(
     }
     // Records still routed there are dropped, as records `poll` would return below are.
     drop(fetch);
+    drop(consumer_queue);
     // The drain's last commit may still wait among the commands.
     for command in commands.try_iter() {
         if let SourceCommand::CommitOffsets(offsets) = command {
@@ -1199,12 +1219,16 @@ fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
 /// thread in the bench.
 #[allow(unsafe_code)]
 fn positions(consumer: &BaseConsumer<SourceContext>) -> Option<TopicPartitionList> {
-    let positions = consumer
+    let kept = consumer
         .context()
         .assigned
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .clone()?;
+        .clone();
+    // librdkafka did not give the assignment at the last rebalance: ask it (a round trip).
+    let Some(positions) = kept else {
+        return consumer.position().ok();
+    };
     // SAFETY: the client pointer is valid while `consumer` is borrowed and the list is ours;
     // librdkafka only writes each element's offset and error, reading each partition's position
     // under that partition's lock.

@@ -64,6 +64,41 @@ impl Drop for OwnQueue<'_> {
     }
 }
 
+/// A consumer's own queue (rebalances, errors, statistics: what `BaseConsumer::poll` serves), to
+/// ask how many events wait there. It borrows the consumer, so it is released before the client.
+pub struct ConsumerQueue<'c> {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    _consumer: PhantomData<&'c ()>,
+}
+
+impl<'c> ConsumerQueue<'c> {
+    /// `None` if the client has no consumer queue.
+    pub fn new<C: ConsumerContext>(consumer: &'c BaseConsumer<C>) -> Option<Self> {
+        // SAFETY: the client pointer is valid while `consumer` is borrowed; librdkafka returns a
+        // handle of our own on the queue (released in `drop`), or null.
+        let queue = NonNull::new(unsafe {
+            rd::rd_kafka_queue_get_consumer(consumer.client().native_ptr())
+        })?;
+        Some(Self {
+            queue,
+            _consumer: PhantomData,
+        })
+    }
+
+    /// How many events wait.
+    pub fn waiting(&self) -> usize {
+        // SAFETY: the handle is ours and alive; librdkafka reads the length under the queue's lock.
+        unsafe { rd::rd_kafka_queue_length(self.queue.as_ptr()) }
+    }
+}
+
+impl Drop for ConsumerQueue<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `rd_kafka_queue_get_consumer` and is released once.
+        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
 /// Ends a wait on an [`OwnQueue`] from any thread (`rd_kafka_queue_yield`): the source thread
 /// waits on its fetch queue for records, and a command, a stop or an event on the consumer queue
 /// wakes it instead of a timer. Waking before a queue is set, or after it is gone, does nothing;
