@@ -996,7 +996,7 @@ fn poll_loop(
                     wait
                 };
                 first = false;
-                let waited_from = (wait > Duration::ZERO).then(Instant::now);
+                let waited = wait > Duration::ZERO;
                 seen = fetch.read(wait, |message| {
                     let Some(code) = message.error() else {
                         if !errors.is_empty() {
@@ -1049,7 +1049,7 @@ fn poll_loop(
                     handed = true;
                     unasked = true;
                 }
-                if seen == 0 && waited_from.is_some() {
+                if seen == 0 && waited {
                     unasked = true;
                 }
                 read_last = seen;
@@ -1225,9 +1225,16 @@ fn positions(consumer: &BaseConsumer<SourceContext>) -> Option<TopicPartitionLis
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
-    // librdkafka did not give the assignment at the last rebalance: ask it (a round trip).
+    // librdkafka did not give the assignment at the last rebalance: ask it (a round trip), and
+    // keep it (only this thread writes it; rebalances run inside its `poll`).
     let Some(positions) = kept else {
-        return consumer.position().ok();
+        let positions = consumer.position().ok()?;
+        *consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(positions.clone());
+        return Some(positions);
     };
     // SAFETY: the client pointer is valid while `consumer` is borrowed and the list is ours;
     // librdkafka only writes each element's offset and error, reading each partition's position
