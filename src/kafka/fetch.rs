@@ -99,9 +99,9 @@ impl<'c> FetchQueue<'c> {
 
     /// Waits up to `wait` for a first message (a [`Wake`] ends the wait early), then takes
     /// whatever else is there, up to [`BATCH`] in all, and hands each to `each`, in order;
-    /// returns how many. Messages of one
-    /// partition come in offset order. Every message taken is handed over (librdkafka has moved
-    /// the positions already), and each is given back to librdkafka after the last.
+    /// returns how many. Messages of one partition come in offset order. Every message taken is
+    /// handed over (librdkafka has moved the positions already), and each is given back to
+    /// librdkafka after the last.
     pub fn read<F: FnMut(Fetched<'_>)>(&mut self, wait: Duration, mut each: F) -> usize {
         let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
         let mut batch = Batch {
