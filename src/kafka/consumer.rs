@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::claims::Resume;
 use super::commits::Commits;
 use super::fetch::{FetchQueue, Fetched};
+use super::queue::{ConsumerQueue, Wake};
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
 use crate::retry::{Pace, Stall};
@@ -129,6 +130,9 @@ struct SourceContext {
     backoff: Mutex<HashMap<TopicPartition, Instant>>,
     /// The offset after the last record of each partition read since its last seek.
     read_to: Mutex<HashMap<TopicPartition, i64>>,
+    /// The assignment as the last rebalance left it (see [`SourceContext::note_assignment`]);
+    /// `None` when librdkafka did not say.
+    assigned: Mutex<Option<TopicPartitionList>>,
 }
 
 /// An assignment waiting for the stage to say where its partitions resume.
@@ -291,6 +295,24 @@ impl SourceContext {
         self.outbox.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether something is due that comes without a wake: a claim's answer from the stage (a
+    /// oneshot), a seek to try again, a backoff to end.
+    fn due(&self) -> bool {
+        !self.claiming().is_empty()
+            || self.seeking().values().any(Option::is_some)
+            || !self.backoff().is_empty()
+    }
+
+    /// Keeps the consumer's assignment after a rebalance changed it, and returns its size. Asking
+    /// librdkafka for it is a round trip to its main thread, which `caught_up` would otherwise
+    /// make on every ask.
+    fn note_assignment(&self, consumer: &BaseConsumer<SourceContext>) -> usize {
+        let assigned = consumer.assignment().ok();
+        let count = assigned.as_ref().map_or(0, TopicPartitionList::count);
+        *self.assigned.lock().unwrap_or_else(PoisonError::into_inner) = assigned;
+        count
+    }
+
     /// Before a rebalance event: closes the chunk and hands over everything waiting, waiting for
     /// room. This runs inside `poll`; while the pipeline makes room, librdkafka counts the time
     /// against `max.poll.interval.ms` only for a non-blocking poll.
@@ -353,10 +375,6 @@ impl ClientContext for SourceContext {
                 .kafka_refused(&problem.reason, problem.specific);
         }
     }
-}
-
-fn assigned_count(consumer: &BaseConsumer<SourceContext>) -> usize {
-    consumer.assignment().map(|a| a.count()).unwrap_or(0)
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<TopicPartition> {
@@ -431,7 +449,7 @@ impl ConsumerContext for SourceContext {
                 self.metrics.rebalanced(
                     "assign",
                     &partitions,
-                    assigned_count(consumer),
+                    self.note_assignment(consumer),
                     self.counts_assignments,
                 );
             }
@@ -489,13 +507,14 @@ impl ConsumerContext for SourceContext {
                 self.metrics.rebalanced(
                     if lost { "lost" } else { "revoke" },
                     &partitions,
-                    assigned_count(consumer),
+                    self.note_assignment(consumer),
                     self.counts_assignments,
                 );
             }
             other => {
                 tracing::error!(error = ?other, "rebalance error");
                 let _ = consumer.unassign();
+                self.note_assignment(consumer);
             }
         }
     }
@@ -521,11 +540,16 @@ pub struct SourceSettings {
 
 /// Sends commands to the source thread; held by the stage, while the event loop owns the thread.
 #[derive(Clone)]
-pub struct Commands(std_mpsc::Sender<SourceCommand>);
+pub struct Commands {
+    sender: std_mpsc::Sender<SourceCommand>,
+    wake: Wake,
+}
 
 impl Commands {
+    /// Queues `command` and wakes the thread if it waits for records.
     pub fn send(&self, command: SourceCommand) {
-        let _ = self.0.send(command);
+        let _ = self.sender.send(command);
+        self.wake.wake();
     }
 
     /// A stage's write failed: fetching pauses (at the first failure) and `stalled` schedules the
@@ -553,6 +577,7 @@ impl Commands {
 pub struct Source {
     commands: std_mpsc::Sender<SourceCommand>,
     stop: Arc<AtomicBool>,
+    wake: Wake,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -604,6 +629,7 @@ impl Source {
             backoff: Mutex::default(),
             read_to: Mutex::default(),
             sought: Mutex::default(),
+            assigned: Mutex::default(),
         };
         let consumer: BaseConsumer<SourceContext> = config.create_with_context(context)?;
         let topics: Vec<&str> = settings.topics.iter().map(String::as_str).collect();
@@ -612,26 +638,33 @@ impl Source {
         let (commands, command_rx) = std_mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
+        let wake = Wake::default();
+        let woken = wake.clone();
         let thread = std::thread::Builder::new()
             .name("strata-source".into())
-            .spawn(move || poll_loop(consumer, events, command_rx, stop_flag, metrics))
+            .spawn(move || poll_loop(consumer, events, command_rx, stop_flag, woken, metrics))
             .map_err(|e| rdkafka::error::KafkaError::ClientCreation(e.to_string()))?;
         Ok(Self {
             commands,
             stop,
+            wake,
             thread: Some(thread),
         })
     }
 
     /// A handle that sends commands to the thread (seek, commit offsets).
     pub fn commands(&self) -> Commands {
-        Commands(self.commands.clone())
+        Commands {
+            sender: self.commands.clone(),
+            wake: self.wake.clone(),
+        }
     }
 
     /// Asks the thread to leave the group and stop. The pipeline must keep answering events
     /// (the final revocation) until the event channel closes.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.wake.wake();
     }
 
     /// Waits for the thread (call after the event channel closed).
@@ -758,20 +791,38 @@ impl Copier {
     }
 }
 
-/// How long the fetch queue is waited on when it is empty. Rebalances wait on the consumer queue
-/// meanwhile (see `kafka::fetch`), so this bounds how late the handler runs.
-const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// How long the fetch queue is waited on when it is empty and nothing is due. Records, commands,
+/// a stop and events on the consumer queue (rebalances wait there: see `kafka::fetch`) end the
+/// wait at once ([`Wake`]), so this only bounds what nothing wakes the thread for. Each wake-up
+/// costs tens of µs of CPU on a VM: a 20 ms wait took about 100 ns per event of the source's
+/// CPU in the bench, with a broker that answers in bursts.
+const IDLE_WAIT: Duration = Duration::from_millis(250);
+
+/// The wait while something is due that comes with no wake: a claim's answer from the stage, a
+/// seek to try again, a backoff to end, a commit's answer, room in the pipeline.
+const POLL_WAIT: Duration = Duration::from_millis(20);
 
 fn poll_loop(
-    consumer: BaseConsumer<SourceContext>,
+    mut consumer: BaseConsumer<SourceContext>,
     events: mpsc::Sender<SourceEvent>,
     commands: std_mpsc::Receiver<SourceCommand>,
     stop: Arc<AtomicBool>,
+    wake: Wake,
     metrics: Arc<Metrics>,
 ) {
+    // An event on the consumer queue (a rebalance, an error, statistics) ends the wait on the
+    // fetch queue: the handler runs at once. librdkafka calls this when the queue stops being
+    // empty, from its own threads.
+    let woken = wake.clone();
+    consumer.set_nonempty_callback(move || woken.wake());
     let context = consumer.context().clone();
     let Some(mut fetch) = FetchQueue::new(&consumer) else {
         tracing::error!("librdkafka gave no queue to fetch into; the source stops");
+        return;
+    };
+    fetch.wake_by(&wake);
+    let Some(consumer_queue) = ConsumerQueue::new(&consumer) else {
+        tracing::error!("librdkafka gave no consumer queue; the source stops");
         return;
     };
     let Some(mut commits) = Commits::new(&consumer) else {
@@ -786,6 +837,10 @@ fn poll_loop(
     let mut read_last = 0;
     // When `caught_up` last asked librdkafka (see `CAUGHT_UP_EVERY`).
     let mut asked_caught_up: Option<Instant> = None;
+    // Something may have moved a position since `caught_up` last asked: records came, or the
+    // source waited (a transaction's marker moves the position without a record and ends no
+    // wait; whatever ended it, the ask is cheap and `CAUGHT_UP_EVERY` bounds it).
+    let mut unasked = false;
     // The consumer errors of the current read.
     let mut errors: Vec<FetchError> = Vec::new();
     while !stop.load(Ordering::Relaxed) {
@@ -877,7 +932,8 @@ fn poll_loop(
         let waiting = wait_for_room(&events, &context, &mut waiting_since);
         set_paused(&consumer, |p| &p.full, waiting);
         let deadline = Instant::now() + Duration::from_millis(50);
-        let mut wait = IDLE_WAIT;
+        // Only the first read of a pass waits.
+        let mut first = true;
         let mut idle = false;
         loop {
             // Rebalances (the handler runs inside), errors and statistics, and any record that
@@ -898,6 +954,7 @@ fn poll_loop(
                     );
                     polled = true;
                     handed = true;
+                    unasked = true;
                     let mut outbox = context.outbox();
                     outbox.push(record);
                     hand_over(&events, &mut outbox.queue);
@@ -914,7 +971,33 @@ fn poll_loop(
                 let mut outbox: Option<MutexGuard<'_, Outbox>> = None;
                 // The partition of the last record read, and the offset after it.
                 let mut run: Option<(TopicPartition, i64)> = None;
-                seen = fetch.read(if polled { Duration::ZERO } else { wait }, |message| {
+                let wait = if polled || !first {
+                    Duration::ZERO
+                } else if consumer_queue.waiting() > 0 {
+                    // `poll` serves one event a call, and librdkafka wakes the source only when
+                    // the consumer queue stops being empty: the next pass serves the next one.
+                    Duration::ZERO
+                } else {
+                    // After `poll`: an assignment it handled makes a claim due.
+                    let mut wait = if waiting || commits.in_flight() > 0 || context.due() {
+                        POLL_WAIT
+                    } else {
+                        IDLE_WAIT
+                    };
+                    if context.reports_caught_up && handed && unasked {
+                        // An ask held back: until it is due (see `CAUGHT_UP_EVERY`).
+                        let since = asked_caught_up.map_or(CAUGHT_UP_EVERY, |at| at.elapsed());
+                        wait = wait.min(
+                            CAUGHT_UP_EVERY
+                                .saturating_sub(since)
+                                .max(Duration::from_millis(1)),
+                        );
+                    }
+                    wait
+                };
+                first = false;
+                let waited = wait > Duration::ZERO;
+                seen = fetch.read(wait, |message| {
                     let Some(code) = message.error() else {
                         if !errors.is_empty() {
                             followed_by(&mut errors, &message);
@@ -964,6 +1047,10 @@ fn poll_loop(
                 if let Some(mut outbox) = outbox {
                     hand_over(&events, &mut outbox.queue);
                     handed = true;
+                    unasked = true;
+                }
+                if seen == 0 && waited {
+                    unasked = true;
                 }
                 read_last = seen;
             }
@@ -994,7 +1081,6 @@ fn poll_loop(
                 }
                 break;
             }
-            wait = Duration::ZERO;
             if Instant::now() >= deadline {
                 break;
             }
@@ -1002,14 +1088,16 @@ fn poll_loop(
         {
             let mut outbox = context.outbox();
             outbox.close();
-            // Only when the queue ran dry, so the check costs nothing while records flow, and
-            // at most every `CAUGHT_UP_EVERY`.
+            // Only when the queue ran dry, so the check costs nothing while records flow, at
+            // most every `CAUGHT_UP_EVERY`, and not again until something may have moved.
             if context.reports_caught_up
                 && idle
                 && handed
+                && unasked
                 && asked_caught_up.is_none_or(|at| at.elapsed() >= CAUGHT_UP_EVERY)
             {
                 asked_caught_up = Some(Instant::now());
+                unasked = false;
                 if caught_up(&consumer) {
                     handed = false;
                     outbox.queue.push_back(SourceEvent::CaughtUp);
@@ -1021,6 +1109,7 @@ fn poll_loop(
     }
     // Records still routed there are dropped, as records `poll` would return below are.
     drop(fetch);
+    drop(consumer_queue);
     // The drain's last commit may still wait among the commands.
     for command in commands.try_iter() {
         if let SourceCommand::CommitOffsets(offsets) = command {
@@ -1079,14 +1168,19 @@ fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>
         );
     }
     consumer.unsubscribe();
+    // librdkafka sends the LeaveGroup once the revocation's unassign is done, and that waits for
+    // every commit in flight: closing the consumer before then ends the membership without one
+    // (a lifecycle test saw it with a commit answered after `COMMITS_BEFORE_LEAVING`).
     let until = Instant::now() + Duration::from_secs(10);
     while Instant::now() < until
-        && consumer
-            .assignment()
-            .map(|a| a.count() > 0)
-            .unwrap_or(false)
+        && (commits.in_flight() > 0
+            || consumer
+                .assignment()
+                .map(|a| a.count() > 0)
+                .unwrap_or(false))
     {
         let _ = consumer.poll(Duration::from_millis(100));
+        commits.answers(Duration::ZERO, commit_answered);
     }
 }
 
@@ -1094,7 +1188,7 @@ fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>
 /// librdkafka's main thread (`position` reads the assignment through it): with a broker that
 /// answers in bursts the queue ran dry about 50 times a second, and asking only every 100 ms took
 /// that thread from about 40 to about 15 ns per event. A flush on catching up comes up to this
-/// much later (and one idle wait).
+/// much later: an ask held back by it ends the next wait when it is due.
 const CAUGHT_UP_EVERY: Duration = Duration::from_millis(100);
 
 /// Whether every assigned partition stands at its end, as the broker's last fetch answer gave it
@@ -1102,7 +1196,7 @@ const CAUGHT_UP_EVERY: Duration = Duration::from_millis(100);
 /// (paused, not started, or its first fetch under way) is not. One that gave no record yet stands
 /// where it was sought to. Called only when the queue ran dry, so no fetched record still waits.
 fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
-    let Ok(positions) = consumer.position() else {
+    let Some(positions) = positions(consumer) else {
         return false;
     };
     let sought = consumer.context().sought();
@@ -1121,6 +1215,39 @@ fn caught_up(consumer: &BaseConsumer<SourceContext>) -> bool {
         };
         next.is_some_and(|next| next >= high)
     })
+}
+
+/// The positions of the assigned partitions (the offset after the last message the source took
+/// from each, control records included), or `None` if librdkafka cannot say. The same as
+/// rust-rdkafka's `position`, with the assignment the source keeps instead of asking librdkafka's
+/// main thread for it each time: that round trip was two of every five wake-ups of the source
+/// thread in the bench.
+#[allow(unsafe_code)]
+fn positions(consumer: &BaseConsumer<SourceContext>) -> Option<TopicPartitionList> {
+    let kept = consumer
+        .context()
+        .assigned
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    // librdkafka did not give the assignment at the last rebalance: ask it (a round trip), and
+    // keep it (only this thread writes it; rebalances run inside its `poll`).
+    let Some(positions) = kept else {
+        let positions = consumer.position().ok()?;
+        *consumer
+            .context()
+            .assigned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(positions.clone());
+        return Some(positions);
+    };
+    // SAFETY: the client pointer is valid while `consumer` is borrowed and the list is ours;
+    // librdkafka only writes each element's offset and error, reading each partition's position
+    // under that partition's lock.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_position(consumer.client().native_ptr(), positions.ptr())
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR).then_some(positions)
 }
 
 /// The low and high watermarks of an assigned `topic`/`partition` from the consumer's last fetch

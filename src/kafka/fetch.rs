@@ -44,7 +44,7 @@ use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, ConsumerContext};
 use rdkafka::error::RDKafkaErrorCode;
 
-use super::queue::OwnQueue;
+use super::queue::{OwnQueue, Wake};
 
 /// Records taken per call at most.
 pub const BATCH: usize = 1_024;
@@ -63,6 +63,11 @@ impl<'c> FetchQueue<'c> {
             own: OwnQueue::new(consumer)?,
             messages: Vec::with_capacity(BATCH),
         })
+    }
+
+    /// Lets `wake` end [`FetchQueue::read`]'s waits from any thread, until this queue is gone.
+    pub fn wake_by(&mut self, wake: &Wake) {
+        self.own.wake_by(wake);
     }
 
     /// Routes `topic`/`partition`'s fetched records (and its consumer errors) to this queue.
@@ -92,10 +97,11 @@ impl<'c> FetchQueue<'c> {
         true
     }
 
-    /// Waits up to `wait` for a first message, then takes whatever else is there, up to
-    /// [`BATCH`] in all, and hands each to `each`, in order; returns how many. Messages of one
-    /// partition come in offset order. Every message taken is handed over (librdkafka has moved
-    /// the positions already), and each is given back to librdkafka after the last.
+    /// Waits up to `wait` for a first message (a [`Wake`] ends the wait early), then takes
+    /// whatever else is there, up to [`BATCH`] in all, and hands each to `each`, in order;
+    /// returns how many. Messages of one partition come in offset order. Every message taken is
+    /// handed over (librdkafka has moved the positions already), and each is given back to
+    /// librdkafka after the last.
     pub fn read<F: FnMut(Fetched<'_>)>(&mut self, wait: Duration, mut each: F) -> usize {
         let wait_ms = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
         let mut batch = Batch {
@@ -582,5 +588,45 @@ pub(super) mod tests {
             });
         }
         assert_eq!(seen, records);
+    }
+
+    /// A wake from another thread ends a long wait for records at once, and a wake that comes
+    /// while no one waits ends the next wait: the source sleeps long only because it is woken.
+    #[test]
+    fn a_wake_ends_the_wait_for_records_and_none_is_lost() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("quiet", 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        let consumer = consumer(&brokers, "quiet");
+        let mut fetch = FetchQueue::new(&consumer).expect("queue");
+        let wake = Wake::default();
+        fetch.wake_by(&wake);
+        assert!(fetch.route("quiet", 0));
+        assign_from_start(&consumer, "quiet");
+        // A read that waits up to 30 s for records that never come: it must end long before.
+        let long = std::time::Duration::from_secs(30);
+        let read_ends_early = |fetch: &mut FetchQueue<'_>| {
+            let started = Instant::now();
+            assert_eq!(fetch.read(long, |_| {}), 0);
+            let waited = started.elapsed();
+            assert!(waited < long / 2, "woken after {waited:?}");
+        };
+
+        let waker = {
+            let wake = wake.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                wake.wake();
+            })
+        };
+        read_ends_early(&mut fetch);
+        waker.join().expect("waker");
+
+        wake.wake();
+        read_ends_early(&mut fetch);
+
+        // Once the queue is gone, waking does nothing (and touches no freed queue).
+        drop(fetch);
+        wake.wake();
     }
 }

@@ -5,6 +5,7 @@
 
 use std::marker::PhantomData;
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use rdkafka::bindings as rd;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -14,6 +15,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 pub struct OwnQueue<'c> {
     queue: NonNull<rd::rd_kafka_queue_t>,
     client: NonNull<rd::rd_kafka_t>,
+    /// Cleared before the queue is destroyed (see [`OwnQueue::wake_by`]).
+    woken_by: Option<Wake>,
     _consumer: PhantomData<&'c ()>,
 }
 
@@ -27,6 +30,7 @@ impl<'c> OwnQueue<'c> {
         Some(Self {
             queue,
             client,
+            woken_by: None,
             _consumer: PhantomData,
         })
     }
@@ -34,6 +38,12 @@ impl<'c> OwnQueue<'c> {
     /// The queue, alive as long as `self`.
     pub fn queue(&self) -> NonNull<rd::rd_kafka_queue_t> {
         self.queue
+    }
+
+    /// Lets `wake` end waits on this queue until the queue is destroyed.
+    pub fn wake_by(&mut self, wake: &Wake) {
+        wake.set(Some(self.queue));
+        self.woken_by = Some(wake.clone());
     }
 
     /// The client the queue belongs to, alive as long as `self`.
@@ -44,9 +54,77 @@ impl<'c> OwnQueue<'c> {
 
 impl Drop for OwnQueue<'_> {
     fn drop(&mut self) {
+        if let Some(wake) = self.woken_by.take() {
+            wake.set(None);
+        }
         // SAFETY: the client is still alive (`'c`). librdkafka keeps the queue itself while
         // anything still points at it (a partition routed to it, an answer owed to it), and
         // drops what reaches it after this.
         unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
+/// A consumer's own queue (rebalances, errors, statistics: what `BaseConsumer::poll` serves), to
+/// ask how many events wait there. It borrows the consumer, so it is released before the client.
+pub struct ConsumerQueue<'c> {
+    queue: NonNull<rd::rd_kafka_queue_t>,
+    _consumer: PhantomData<&'c ()>,
+}
+
+impl<'c> ConsumerQueue<'c> {
+    /// `None` if the client has no consumer queue.
+    pub fn new<C: ConsumerContext>(consumer: &'c BaseConsumer<C>) -> Option<Self> {
+        // SAFETY: the client pointer is valid while `consumer` is borrowed; librdkafka returns a
+        // handle of our own on the queue (released in `drop`), or null.
+        let queue = NonNull::new(unsafe {
+            rd::rd_kafka_queue_get_consumer(consumer.client().native_ptr())
+        })?;
+        Some(Self {
+            queue,
+            _consumer: PhantomData,
+        })
+    }
+
+    /// How many events wait.
+    pub fn waiting(&self) -> usize {
+        // SAFETY: the handle is ours and alive; librdkafka reads the length under the queue's lock.
+        unsafe { rd::rd_kafka_queue_length(self.queue.as_ptr()) }
+    }
+}
+
+impl Drop for ConsumerQueue<'_> {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `rd_kafka_queue_get_consumer` and is released once.
+        unsafe { rd::rd_kafka_queue_destroy(self.queue.as_ptr()) };
+    }
+}
+
+/// Ends a wait on an [`OwnQueue`] from any thread (`rd_kafka_queue_yield`): the source thread
+/// waits on its fetch queue for records, and a command, a stop or an event on the consumer queue
+/// wakes it instead of a timer. Waking before a queue is set, or after it is gone, does nothing;
+/// a wake that finds no one waiting ends the next wait at once, so none is lost.
+#[derive(Clone, Default)]
+pub struct Wake(Arc<Mutex<Option<Waited>>>);
+
+/// The queue a [`Wake`] ends waits on.
+struct Waited(NonNull<rd::rd_kafka_queue_t>);
+
+// SAFETY: librdkafka's queues may be used from any thread; `Wake` clears the pointer (under its
+// lock) before the queue is destroyed.
+unsafe impl Send for Waited {}
+
+impl Wake {
+    /// Ends the current or next wait on the queue.
+    pub fn wake(&self) {
+        let waited = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(queue) = waited.as_ref() {
+            // SAFETY: the queue is alive while it is set (see `set`), and the lock is held.
+            unsafe { rd::rd_kafka_queue_yield(queue.0.as_ptr()) };
+        }
+    }
+
+    /// The queue to wake, or none; called by the queue's owner before it destroys the queue.
+    fn set(&self, queue: Option<NonNull<rd::rd_kafka_queue_t>>) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = queue.map(Waited);
     }
 }
