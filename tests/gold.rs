@@ -891,10 +891,12 @@ async fn gold_hands_partitions_over_during_a_store_outage_without_leaving_its_gr
 /// window cannot close, so no Gold row is written), `/readyz` names the variable, and the state
 /// stays within the budget plus one partials message. Silver is unaffected: every event lands.
 /// Then a second replica joins (the remedy of adding replicas): it takes one of the two partials
-/// partitions, which brings the first replica's state below 90 % of its budget, and the first
-/// replica takes partials again from where it stopped, until the budget holds it again. When the
-/// second replica leaves, the first, at its budget, does not restore the partition coming back
-/// (the claim waits). A replica with the default budget then takes over, and Gold is exact:
+/// partitions. When that brings the first replica's state below 90 % of its budget, the first
+/// replica takes partials again from where it stopped, until the budget holds it again; when the
+/// partition that left held too little of the state (how far each partition was read before the
+/// hold varies from run to run), the state gauge says so and the other stays held. When the
+/// second replica leaves, the first does not restore the partition coming back while at its
+/// budget (the claim waits); below it, it restores the partition and holds it at once. A replica with the default budget then takes over, and Gold is exact:
 /// nothing held was lost or taken twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
@@ -966,8 +968,10 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
     assert_eq!(gold_rows, 0, "the held window cannot have closed");
     assert!(held.is_running(), "the replica stays up");
 
-    // Another replica takes a partials partition: the first one's state falls below 90 % of
-    // its budget, and its held partition goes on from where it stopped.
+    // Another replica takes a partials partition. What it takes with it depends on how far each
+    // partition was read before the hold (fetches interleave partitions unevenly), so both
+    // outcomes of the rule are checked: below 90 % of its budget, the held partition goes on from
+    // where it stopped; still above, it stays held.
     let holds = |replica: &common::Replica| {
         replica
             .log_lines()
@@ -977,37 +981,88 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
     };
     let held_before = holds(&held);
     let joined = setup.spawn(&env);
-    assert!(
-        held.wait_log(
-            "Gold state below its budget again: taking partials",
-            Duration::from_secs(120)
-        )
-        .await,
-        "the held partition was not released after a partition left:\n{}",
-        held.tail(30)
-    );
-    // Its partition's window still needs more than the budget: it is held again.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while holds(&held) <= held_before && Instant::now() < deadline {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let gave_up = |replica: &common::Replica| {
+        replica.log_lines().iter().any(|l| {
+            l.contains("\"message\":\"rebalance\"")
+                && l.contains("\"kind\":\"revoke\"")
+                && l.contains(".partials/")
+        })
+    };
+    while !gave_up(&held) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(
-        holds(&held) > held_before,
-        "not held again:\n{}",
+        gave_up(&held),
+        "no partials partition left the held replica:\n{}",
         held.tail(30)
     );
-    // The other replica leaves: its partition comes back to one at its budget, which does not
-    // restore that partition's state on top of its own (the claim waits).
-    joined.stop(Duration::from_secs(30));
-    assert!(
-        held.wait_log(
-            "claiming partials partitions waits",
-            Duration::from_secs(90)
+    // Logged after stage 2 dropped the partition and reported its state; the release is checked
+    // on stage 2's tick.
+    let after_revoke = held.metric("strata_gold_state_bytes").await.unwrap_or(0.0);
+    let released = held
+        .wait_log(
+            "Gold state below its budget again: taking partials",
+            Duration::from_secs(10),
         )
-        .await,
-        "a replica at its budget claimed a partition:\n{}",
-        held.tail(30)
-    );
+        .await;
+    if released {
+        // Its partition's window still needs more than the budget: it is held again.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while holds(&held) <= held_before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(
+            holds(&held) > held_before,
+            "not held again:\n{}",
+            held.tail(30)
+        );
+    } else {
+        assert!(
+            after_revoke > BUDGET / 10.0 * 9.0,
+            "Gold state fell to {after_revoke} bytes when a partition left, below 90 % of its \
+             budget, and the held partition was not released:\n{}",
+            held.tail(30)
+        );
+        assert!(
+            held.metric("strata_gold_partials_partitions_held")
+                .await
+                .unwrap_or(0.0)
+                >= 1.0,
+            "still above 90 % of its budget, yet no partition is held"
+        );
+    }
+    // The other replica leaves and its partition comes back. A replica at its budget does not
+    // restore that partition's state on top of its own: the claim waits. One below it restores
+    // the partition, which is held at once, over the budget by at most that partition's state.
+    let at_budget = released || after_revoke >= BUDGET;
+    let held_before = holds(&held);
+    joined.stop(Duration::from_secs(30));
+    if at_budget {
+        assert!(
+            held.wait_log(
+                "claiming partials partitions waits",
+                Duration::from_secs(90)
+            )
+            .await,
+            "a replica at its budget claimed a partition:\n{}",
+            held.tail(30)
+        );
+    } else {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while holds(&held) <= held_before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        assert!(
+            holds(&held) > held_before,
+            "the partition that came back was not restored and held:\n{}",
+            held.tail(30)
+        );
+        assert!(
+            !held.log_contains("claiming partials partitions waits"),
+            "a replica below its budget did not claim"
+        );
+    }
     for _ in 0..10 {
         let state = held.metric("strata_gold_state_bytes").await.unwrap_or(0.0);
         assert!(
