@@ -895,8 +895,8 @@ async fn gold_hands_partitions_over_during_a_store_outage_without_leaving_its_gr
 /// replica takes partials again from where it stopped, until the budget holds it again; when the
 /// partition that left held too little of the state (how far each partition was read before the
 /// hold varies from run to run), the state gauge says so and the other stays held. When the
-/// second replica leaves, the first does not restore the partition coming back while at its
-/// budget (the claim waits); below it, it restores the partition and holds it at once. A replica with the default budget then takes over, and Gold is exact:
+/// second replica leaves after a release, the first, at its budget again, does not restore the
+/// partition coming back (the claim waits). A replica with the default budget then takes over, and Gold is exact:
 /// nothing held was lost or taken twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
@@ -1017,6 +1017,26 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
             "not held again:\n{}",
             held.tail(30)
         );
+        // The other replica leaves: its partition comes back to one at its budget, which does
+        // not restore that partition's state on top of its own (the claim waits).
+        joined.stop(Duration::from_secs(30));
+        assert!(
+            held.wait_log(
+                "claiming partials partitions waits",
+                Duration::from_secs(90)
+            )
+            .await,
+            "a replica at its budget claimed a partition:\n{}",
+            held.tail(30)
+        );
+        for _ in 0..10 {
+            let state = held.metric("strata_gold_state_bytes").await.unwrap_or(0.0);
+            assert!(
+                state <= BUDGET + 512.0 * 1024.0,
+                "Gold state {state} bytes with a partition coming back"
+            );
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
     } else {
         assert!(
             after_revoke > BUDGET / 10.0 * 9.0,
@@ -1031,45 +1051,10 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
                 >= 1.0,
             "still above 90 % of its budget, yet no partition is held"
         );
-    }
-    // The other replica leaves and its partition comes back. A replica at its budget does not
-    // restore that partition's state on top of its own: the claim waits. One below it restores
-    // the partition, which is held at once, over the budget by at most that partition's state.
-    let at_budget = released || after_revoke >= BUDGET;
-    let held_before = holds(&held);
-    joined.stop(Duration::from_secs(30));
-    if at_budget {
-        assert!(
-            held.wait_log(
-                "claiming partials partitions waits",
-                Duration::from_secs(90)
-            )
-            .await,
-            "a replica at its budget claimed a partition:\n{}",
-            held.tail(30)
-        );
-    } else {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        while holds(&held) <= held_before && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-        }
-        assert!(
-            holds(&held) > held_before,
-            "the partition that came back was not restored and held:\n{}",
-            held.tail(30)
-        );
-        assert!(
-            !held.log_contains("claiming partials partitions waits"),
-            "a replica below its budget did not claim"
-        );
-    }
-    for _ in 0..10 {
-        let state = held.metric("strata_gold_state_bytes").await.unwrap_or(0.0);
-        assert!(
-            state <= BUDGET + 512.0 * 1024.0,
-            "Gold state {state} bytes with a partition coming back"
-        );
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Below its budget the first replica would claim the partition coming back, with the
+        // state the other (default-budget) replica committed for it: not what this test is
+        // about. Both leave.
+        joined.stop(Duration::from_secs(30));
     }
     // A replica with the default budget takes over everything: Gold is exact.
     held.stop(Duration::from_secs(30));

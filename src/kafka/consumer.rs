@@ -29,7 +29,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::claims::Resume;
 use super::commits::Commits;
 use super::fetch::{FetchQueue, Fetched};
-use super::queue::{ConsumerQueue, Wake};
+use super::queue::{self, ConsumerQueue, Wake};
 use crate::models::{SourceRecord, TopicPartition};
 use crate::ops::Metrics;
 use crate::retry::{Pace, Stall};
@@ -1168,19 +1168,25 @@ fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>
         );
     }
     consumer.unsubscribe();
-    // librdkafka sends the LeaveGroup once the revocation's unassign is done, and that waits for
-    // every commit in flight: closing the consumer before then ends the membership without one
-    // (a lifecycle test saw it with a commit answered after `COMMITS_BEFORE_LEAVING`).
+    // librdkafka sends the LeaveGroup once the revocation's unassign is done, which waits for
+    // every commit in flight and for the partitions' fetchers to stop, after the handler's
+    // `incremental_unassign` already emptied `assignment()`. A close that comes before then ends
+    // the membership without one (a lifecycle test saw it, in `wait-incr-unassign-to-complete`).
+    // So the source polls until librdkafka left: it clears the member id as it sends the request.
     let until = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < until
-        && (commits.in_flight() > 0
-            || consumer
-                .assignment()
-                .map(|a| a.count() > 0)
-                .unwrap_or(false))
-    {
-        let _ = consumer.poll(Duration::from_millis(100));
+    loop {
+        let _ = consumer.poll(Duration::from_millis(50));
         commits.answers(Duration::ZERO, commit_answered);
+        if commits.in_flight() == 0 && !queue::in_group(consumer) {
+            break;
+        }
+        if Instant::now() >= until {
+            tracing::warn!(
+                "the consumer group was not left within 10 s of unsubscribing: the replica may \
+                 stay a member until its session expires"
+            );
+            break;
+        }
     }
 }
 
@@ -1973,19 +1979,38 @@ mod tests {
     /// session expired.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_source_stopping_with_a_commit_in_flight_leaves_its_group() {
-        // Before the client is configured: rust-rdkafka sets librdkafka's log level from it.
-        log::set_logger(&CaptureLog).expect("no other logger in this test binary");
+        stop_with_a_commit_answered_after("leaving", Duration::from_secs(2)).await;
+    }
+
+    /// The same with a commit answered only after `COMMITS_BEFORE_LEAVING`: the source
+    /// unsubscribes with the commit in flight, so the revocation's unassign completes only when
+    /// it is answered, and the source must not close before librdkafka left.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_source_whose_commit_outlasts_its_wait_still_leaves_its_group() {
+        stop_with_a_commit_answered_after(
+            "leaving-late",
+            COMMITS_BEFORE_LEAVING + Duration::from_secs(1),
+        )
+        .await;
+    }
+
+    /// Stops a source of group `group` while its commit waits `answered_after` for the broker's
+    /// answer, and asserts that librdkafka sent a LeaveGroup.
+    async fn stop_with_a_commit_answered_after(group: &str, answered_after: Duration) {
+        // Before the client is configured: rust-rdkafka sets librdkafka's log level from it. The
+        // first test to get here sets it for the binary.
+        let _ = log::set_logger(&CaptureLog);
         log::set_max_level(log::LevelFilter::Debug);
         let cluster = MockCluster::new(1).expect("mock cluster");
-        cluster.create_topic("leaving", 1, 1).expect("topic");
+        cluster.create_topic(group, 1, 1).expect("topic");
         let brokers = cluster.bootstrap_servers();
-        produce(&producer(&brokers), "leaving", 0, 10);
+        produce(&producer(&brokers), group, 0, 10);
         let (events, mut received) = mpsc::channel(64);
         let source = Source::start(
             SourceSettings {
                 brokers,
-                group_id: "leaving".into(),
-                topics: vec!["leaving".into()],
+                group_id: group.into(),
+                topics: vec![group.into()],
                 properties: BTreeMap::from([("debug".into(), "cgrp".into())]),
                 counts_assignments: false,
                 strict_offsets: false,
@@ -1997,14 +2022,14 @@ mod tests {
         .expect("source");
         assert_eq!(collect(&mut received, 10).await.len(), 10);
 
-        // The commit is answered after 2 s; the source stops while it waits for the answer.
+        // The source stops while its commit waits for the answer.
         cluster
-            .broker_round_trip_time(1, Duration::from_secs(2))
+            .broker_round_trip_time(1, answered_after)
             .expect("round trip time");
         source
             .commands()
             .send(SourceCommand::CommitOffsets(BTreeMap::from([(
-                TopicPartition::new("leaving", 0),
+                TopicPartition::new(group, 0),
                 10,
             )])));
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -2021,10 +2046,8 @@ mod tests {
         let log = LIBRDKAFKA_LOG
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let group: Vec<&String> = log
-            .iter()
-            .filter(|line| line.contains("\"leaving\""))
-            .collect();
+        let quoted = format!("\"{group}\"");
+        let group: Vec<&String> = log.iter().filter(|line| line.contains(&quoted)).collect();
         assert!(
             group
                 .iter()

@@ -99,6 +99,24 @@ impl Drop for ConsumerQueue<'_> {
     }
 }
 
+/// Whether the consumer is a member of its group (`rd_kafka_memberid`): librdkafka clears the
+/// member id when it leaves, just before it sends the LeaveGroup, and holds none before the first
+/// join. A round trip to librdkafka's main thread.
+pub fn in_group<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> bool {
+    let client = consumer.client().native_ptr();
+    // SAFETY: the client pointer is valid while `consumer` is borrowed; librdkafka returns a
+    // NUL-terminated copy of its own allocation, or null, and it is freed once with its allocator.
+    unsafe {
+        let id = rd::rd_kafka_memberid(client);
+        if id.is_null() {
+            return false;
+        }
+        let member = *id != 0;
+        rd::rd_kafka_mem_free(client, id.cast());
+        member
+    }
+}
+
 /// Ends a wait on an [`OwnQueue`] from any thread (`rd_kafka_queue_yield`): the source thread
 /// waits on its fetch queue for records, and a command, a stop or an event on the consumer queue
 /// wakes it instead of a timer. Waking before a queue is set, or after it is gone, does nothing;
