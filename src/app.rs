@@ -191,6 +191,7 @@ pub async fn run(
             counts_assignments: true,
             strict_offsets: false,
             reports_caught_up: true,
+            thread_name: "strata-source",
         },
         metrics.clone(),
         events_tx,

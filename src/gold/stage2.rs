@@ -228,6 +228,7 @@ pub async fn run(
             counts_assignments: false,
             strict_offsets: true,
             reports_caught_up: false,
+            thread_name: "strata-partials",
         },
         metrics.clone(),
         events_tx,
