@@ -979,33 +979,50 @@ async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
             .filter(|l| l.contains("held at offset"))
             .count()
     };
+    // Both partitions held, so whichever leaves, one held partition stays.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut partitions_held = 0.0;
+    while partitions_held < 2.0 && Instant::now() < deadline {
+        partitions_held = held
+            .metric("strata_gold_partials_partitions_held")
+            .await
+            .unwrap_or(0.0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(partitions_held, 2.0, "{}", held.tail(30));
     let held_before = holds(&held);
+    // Only what the held replica logs from here on counts.
+    let from = held.log_lines().len();
+    let logged = |replica: &common::Replica, matches: &dyn Fn(&str) -> bool| {
+        replica.log_lines().iter().skip(from).any(|l| matches(l))
+    };
+    let gave_up = |l: &str| {
+        l.contains("\"message\":\"rebalance\"")
+            && l.contains("\"kind\":\"revoke\"")
+            && l.contains(".partials/")
+    };
+    let release = |l: &str| l.contains("Gold state below its budget again: taking partials");
     let joined = setup.spawn(&env);
     let deadline = Instant::now() + Duration::from_secs(120);
-    let gave_up = |replica: &common::Replica| {
-        replica.log_lines().iter().any(|l| {
-            l.contains("\"message\":\"rebalance\"")
-                && l.contains("\"kind\":\"revoke\"")
-                && l.contains(".partials/")
-        })
-    };
-    while !gave_up(&held) && Instant::now() < deadline {
+    while !logged(&held, &gave_up) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(
-        gave_up(&held),
+        logged(&held, &gave_up),
         "no partials partition left the held replica:\n{}",
         held.tail(30)
     );
     // Logged after stage 2 dropped the partition and reported its state; the release is checked
     // on stage 2's tick.
-    let after_revoke = held.metric("strata_gold_state_bytes").await.unwrap_or(0.0);
-    let released = held
-        .wait_log(
-            "Gold state below its budget again: taking partials",
-            Duration::from_secs(10),
-        )
-        .await;
+    let after_revoke = held
+        .metric("strata_gold_state_bytes")
+        .await
+        .expect("the held replica's Gold state gauge");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !logged(&held, &release) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let released = logged(&held, &release);
     if released {
         // Its partition's window still needs more than the budget: it is held again.
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -273,6 +273,9 @@ impl Stage for Job {
             self.settle_claims().await?;
         }
         self.release_below_budget();
+        // State also changes with no record: a commit clears closed rows, a claim restores
+        // partitions, a fence drops them; a held replica reads no records to report it.
+        self.report();
         if let Some(stall) = &self.stalled {
             if stall.due() {
                 self.commit_or_stall().await;

@@ -2003,8 +2003,11 @@ mod tests {
     /// answer, and asserts that librdkafka sent a LeaveGroup.
     async fn stop_with_a_commit_answered_after(group: &str, answered_after: Duration) {
         // Before the client is configured: rust-rdkafka sets librdkafka's log level from it. The
-        // first test to get here sets it for the binary.
-        let _ = log::set_logger(&CaptureLog);
+        // first test to get here installs it for the binary.
+        static CAPTURE: std::sync::Once = std::sync::Once::new();
+        CAPTURE.call_once(|| {
+            log::set_logger(&CaptureLog).expect("no other logger in this test binary");
+        });
         log::set_max_level(log::LevelFilter::Debug);
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic(group, 1, 1).expect("topic");
