@@ -896,8 +896,8 @@ async fn gold_hands_partitions_over_during_a_store_outage_without_leaving_its_gr
 /// partition that left held too little of the state (how far each partition was read before the
 /// hold varies from run to run), the state gauge says so and the other stays held. When the
 /// second replica leaves after a release, the first, at its budget again, does not restore the
-/// partition coming back (the claim waits). A replica with the default budget then takes over, and Gold is exact:
-/// nothing held was lost or taken twice.
+/// partition coming back (the claim waits). A replica with the default budget then takes over,
+/// and Gold is exact: nothing held was lost or taken twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gold_state_at_its_budget_holds_partials_and_loses_nothing() {
     const BUDGET: f64 = 1_048_576.0;

@@ -554,7 +554,8 @@ impl Job {
                     self.metrics.gold_partials_resumed(tp);
                     self.metrics.gold_state_budget_released(tp);
                 }
-                // The state left with them: a held replica reads no records to report it.
+                // The state left with them: reported before the rebalance completes, not at the
+                // next tick (a held replica reads no records to report it).
                 self.report();
                 self.committer.release(&partitions);
                 let _ = done.send(());

@@ -1156,7 +1156,7 @@ pub(crate) const COMMITS_BEFORE_LEAVING: Duration = Duration::from_secs(5);
 /// the group membership without any LeaveGroup (librdkafka 2.12.1). The group would then keep the
 /// stopped replica as a member until its session expires (`session.timeout.ms`, 45 s by default),
 /// its partitions unread, and a broker that does not rebalance on expiry would keep them from the
-/// next replica for good.
+/// next replica for good. So after unsubscribing it polls until librdkafka has left (see below).
 fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>) {
     let until = Instant::now() + COMMITS_BEFORE_LEAVING;
     while commits.in_flight() > 0 && Instant::now() < until {
@@ -1166,8 +1166,8 @@ fn leave_group(consumer: &BaseConsumer<SourceContext>, commits: &mut Commits<'_>
     if commits.in_flight() > 0 {
         tracing::warn!(
             unanswered = commits.in_flight(),
-            "group offset commits still unanswered after {COMMITS_BEFORE_LEAVING:?}: the replica \
-             may stay a member of its group until its session expires"
+            "group offset commits still unanswered after {COMMITS_BEFORE_LEAVING:?}: leaving \
+             the group waits for them"
         );
     }
     consumer.unsubscribe();

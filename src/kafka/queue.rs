@@ -1,5 +1,6 @@
 //! A librdkafka queue of the application's own on a consumer's client, for the FFI that
-//! rust-rdkafka does not wrap (`kafka::fetch`, `kafka::commits`).
+//! rust-rdkafka does not wrap (`kafka::fetch`, `kafka::commits`), and the consumer's group
+//! membership ([`in_group`]).
 
 #![allow(unsafe_code)]
 
