@@ -648,7 +648,7 @@ impl TableCommitter {
 }
 
 /// Errors after which comparing again and retrying is right: another writer committed first.
-fn is_lost_race(error: &DeltaTableError) -> bool {
+pub(crate) fn is_lost_race(error: &DeltaTableError) -> bool {
     match error {
         DeltaTableError::VersionAlreadyExists(_) => true,
         DeltaTableError::Transaction { source } => matches!(

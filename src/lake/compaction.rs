@@ -1,24 +1,25 @@
 //! Compaction that keeps exactly-once: hour partitions that received no new file for a while and
 //! hold several small files are bin-packed into files of about the target size.
 //!
-//! A compaction is committed as `remove` + `add` actions, all with `dataChange = false`, and one
-//! `txn` of its own ([`COMPACTION_APP_ID`]): the rows, their values and every partition's progress
-//! stay exactly as they were, and streaming readers see no new data. Without data change,
-//! delta-rs's conflict checker (with its retries) lets it through concurrent appends. Two
-//! compactions conflict through their shared `txn`, and the loser gives way (its new files stay
-//! unreferenced until vacuum): delta-rs 1.1 does not count a `remove` without data change as a
-//! conflict, so two compactions of the same files would otherwise both land, and their rows would
-//! be in the table twice. Files with deletion vectors are left alone. Writers never lose anything
-//! to a compaction: their commits are blind appends. Row order within an hour is not kept.
+//! A compaction is committed as `remove` + `add` actions, all with `dataChange = false`, and no
+//! `txn`: the rows, their values and every partition's progress stay exactly as they were, and
+//! streaming readers see no new data. It lands only if the table still holds every file it
+//! removes, unchanged in shape: when another commit came first, Strata reads it and tries again,
+//! or gives way when that commit removed one of the files or changed the table's metadata or
+//! protocol (the loser's new file stays unreferenced until vacuum). So two compactions of the same
+//! files never both land: delta-rs 1.1's own conflict checker lets a second `remove` without data
+//! change through, and both compactions' rows would be in the table. Writers never lose anything
+//! to a compaction: their commits are blind appends. Files with deletion vectors are left alone.
+//! Row order within an hour is not kept.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::compute::concat_batches;
 use deltalake::arrow::datatypes::{Field, Schema, SchemaRef};
 use deltalake::kernel::engine::arrow_conversion::TryIntoArrow;
 use deltalake::kernel::transaction::CommitBuilder;
-use deltalake::kernel::{Action, Transaction};
+use deltalake::kernel::Action;
 use deltalake::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use deltalake::protocol::DeltaOperation;
 use deltalake::DeltaTable;
@@ -27,10 +28,8 @@ use object_store::ObjectStoreExt;
 use super::PARTITION_COLUMNS;
 use crate::config::CompactionSettings;
 
-/// The `txn` every compaction commits: two compactions of a table that race both write it, so
-/// delta-rs's conflict checker refuses the second (`ConcurrentTransaction`). Writers' `txn`s are
-/// per partition (`<prefix>/<topic>/<partition>`) and never clash with it.
-pub const COMPACTION_APP_ID: &str = "strata-compaction";
+/// Commits a compaction tries before it gives way to a table that keeps moving.
+const COMMIT_ATTEMPTS: usize = 15;
 
 /// What one compaction did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -180,35 +179,67 @@ pub async fn compact(
         done.files_removed += bin.len();
         done.files_added += 1;
     }
-    // The version read, plus one: it grows with every compaction that lands.
-    let read_version = i64::try_from(snapshot.version()).unwrap_or(i64::MAX);
-    actions.push(Action::Txn(Transaction::new_with_last_update(
-        COMPACTION_APP_ID,
-        read_version.saturating_add(1),
-        Some(chrono::Utc::now().timestamp_millis()),
-    )));
     let operation = DeltaOperation::Optimize {
         predicate: None,
         target_size: i64::try_from(settings.target_bytes).unwrap_or(i64::MAX),
     };
-    // delta-rs's conflict checker lets a commit without data change through concurrent appends
-    // (retries are its job here). It does not refuse one whose files another commit removed
-    // without data change: the shared `txn` is what makes a concurrent compaction conflict.
-    let committed = CommitBuilder::default()
-        .with_actions(actions)
-        .with_max_retries(15)
-        .build(Some(snapshot), table.log_store(), operation)
-        .await;
-    match committed {
-        Ok(_) => Ok(done),
-        Err(e) => {
-            // Another compaction, or a commit that deleted these files or changed the table's
-            // metadata, won: give way.
-            // The files written here stay unreferenced until vacuum.
-            tracing::info!(error = %e, "compaction gave way to a concurrent commit");
-            Ok(Compacted::default())
+    let removed: Vec<String> = bins
+        .iter()
+        .flat_map(|(_, bin)| bin.iter().map(|f| f.path.clone()))
+        .collect();
+    let mut current = table.clone();
+    for _ in 0..COMMIT_ATTEMPTS {
+        // No retries inside delta-rs: its conflict checker does not refuse a commit whose files
+        // another commit removed without data change (another compaction's), so two compactions
+        // of the same files both landed. The check is made here instead.
+        let committed = CommitBuilder::default()
+            .with_actions(actions.clone())
+            .with_max_retries(0)
+            .build(
+                Some(current.snapshot()?),
+                current.log_store(),
+                operation.clone(),
+            )
+            .await;
+        match committed {
+            Ok(_) => return Ok(done),
+            Err(e) if super::commit::is_lost_race(&e) => {
+                let (metadata, protocol) = {
+                    let read = current.snapshot()?;
+                    (read.metadata().clone(), read.protocol().clone())
+                };
+                current.update_incremental(None).await?;
+                let now = current.snapshot()?;
+                let active: HashSet<String> = now
+                    .log_data()
+                    .into_iter()
+                    .map(|f| f.path().to_string())
+                    .collect();
+                if let Some(gone) = removed.iter().find(|path| !active.contains(*path)) {
+                    // Another compaction (or this one, whose answer was lost) removed it.
+                    tracing::info!(
+                        file = %gone,
+                        "compaction gave way: another commit removed one of its files"
+                    );
+                    return Ok(Compacted::default());
+                }
+                if *now.metadata() != metadata || *now.protocol() != protocol {
+                    tracing::info!("compaction gave way: the table's metadata or protocol changed");
+                    return Ok(Compacted::default());
+                }
+            }
+            Err(e) => {
+                // The files written here stay unreferenced until vacuum.
+                tracing::info!(error = %e, "compaction gave way: its commit failed");
+                return Ok(Compacted::default());
+            }
         }
     }
+    tracing::info!(
+        attempts = COMMIT_ATTEMPTS,
+        "compaction gave way: other commits kept coming first"
+    );
+    Ok(Compacted::default())
 }
 
 #[cfg(test)]
@@ -228,84 +259,66 @@ mod tests {
     /// A local table of one `x: Int64` column with `files` files of `rows` rows each, all in one
     /// hour partition, appended one commit each.
     async fn table_of_small_files(dir: &std::path::Path, files: i64, rows: i64) -> url::Url {
-        use deltalake::arrow::array::Int64Array;
-        use deltalake::arrow::datatypes::DataType;
         crate::lake::register_object_stores();
         let url = url::Url::from_directory_path(dir).expect("url");
-        let schema = Schema::new(vec![Field::new("x", DataType::Int64, true)]);
-        let mut table = crate::lake::open_or_create(url.clone(), &schema, "t")
+        crate::lake::open_or_create(url.clone(), &x_schema(), "t")
             .await
             .expect("table");
+        for file in 0..files {
+            append_file(&url, file * rows, rows).await;
+        }
+        url
+    }
+
+    fn x_schema() -> Schema {
+        Schema::new(vec![Field::new(
+            "x",
+            deltalake::arrow::datatypes::DataType::Int64,
+            true,
+        )])
+    }
+
+    /// Appends one file of `x` = `first`..`first + rows` to the table's one hour partition.
+    async fn append_file(url: &url::Url, first: i64, rows: i64) {
+        let table = DeltaTable::try_from_url(url.clone()).await.expect("open");
         let partition: HashMap<String, Option<String>> = [
             ("event_date".to_string(), Some("2026-12-02".to_string())),
             ("event_hour".to_string(), Some("7".to_string())),
         ]
         .into();
-        for file in 0..files {
-            let values = Int64Array::from_iter_values(file * rows..(file + 1) * rows);
-            let batch = RecordBatch::try_new(
-                std::sync::Arc::new(schema.clone()),
-                vec![std::sync::Arc::new(values)],
-            )
-            .expect("batch");
-            let add = crate::lake::files::put_file(
-                table.object_store().as_ref(),
-                batch,
-                &partition,
-                Compression::Zstd,
-                true,
-                true,
+        let values = deltalake::arrow::array::Int64Array::from_iter_values(first..first + rows);
+        let batch = RecordBatch::try_new(
+            std::sync::Arc::new(x_schema()),
+            vec![std::sync::Arc::new(values)],
+        )
+        .expect("batch");
+        let add = crate::lake::files::put_file(
+            table.object_store().as_ref(),
+            batch,
+            &partition,
+            Compression::Zstd,
+            true,
+            true,
+        )
+        .await
+        .expect("upload");
+        CommitBuilder::default()
+            .with_actions(vec![Action::Add(add)])
+            .build(
+                Some(table.snapshot().expect("snapshot")),
+                table.log_store(),
+                DeltaOperation::Write {
+                    mode: deltalake::protocol::SaveMode::Append,
+                    partition_by: None,
+                    predicate: None,
+                },
             )
             .await
-            .expect("upload");
-            CommitBuilder::default()
-                .with_actions(vec![Action::Add(add)])
-                .build(
-                    Some(table.snapshot().expect("snapshot")),
-                    table.log_store(),
-                    DeltaOperation::Write {
-                        mode: deltalake::protocol::SaveMode::Append,
-                        partition_by: None,
-                        predicate: None,
-                    },
-                )
-                .await
-                .expect("append");
-            table.update_incremental(None).await.expect("update");
-        }
-        url
+            .expect("append");
     }
 
-    /// Two replicas compact the same files from the same snapshot (the maintainer changes with a
-    /// rebalance while a pass is under way): one lands, the other gives way, and every row is in
-    /// the table once. delta-rs 1.1 refuses a second `remove` only when it changes data, so
-    /// without the shared `txn` both landed and the table held each row twice.
-    #[tokio::test]
-    async fn two_compactions_of_the_same_files_land_once() {
-        let dir = tempfile::tempdir().expect("dir");
-        let url = table_of_small_files(dir.path(), 4, 10).await;
-        let settings = CompactionSettings {
-            target_bytes: 1 << 20,
-            quiet_for: Duration::ZERO,
-            compression: Compression::Zstd,
-            delta_encoding: true,
-        };
-        // Both read the table before either commits.
-        let first = DeltaTable::try_from_url(url.clone()).await.expect("open");
-        let second = DeltaTable::try_from_url(url.clone()).await.expect("open");
-        let done = compact(&first, &settings).await.expect("first compaction");
-        assert_eq!(
-            done.files_removed, 4,
-            "the first compaction packs the 4 files"
-        );
-        let gave_way = compact(&second, &settings)
-            .await
-            .expect("second compaction");
-        assert_eq!(
-            gave_way,
-            Compacted::default(),
-            "the second compaction of the same files gives way"
-        );
+    /// The values of `x` in the table at `url`, sorted, and its number of files.
+    async fn xs(url: url::Url) -> (Vec<i64>, usize) {
         let contents = crate::lake::verify::read_table(url).await.expect("read");
         let mut xs: Vec<i64> = contents
             .batches
@@ -321,8 +334,63 @@ mod tests {
             })
             .collect();
         xs.sort_unstable();
+        (xs, contents.files)
+    }
+
+    fn settings() -> CompactionSettings {
+        CompactionSettings {
+            target_bytes: 1 << 20,
+            quiet_for: Duration::ZERO,
+            compression: Compression::Zstd,
+            delta_encoding: true,
+        }
+    }
+
+    /// Two replicas compact the same files from the same snapshot (the maintainer changes with a
+    /// rebalance while a pass is under way): one lands, the other gives way, and every row is in
+    /// the table once. delta-rs 1.1's conflict checker refuses a second `remove` only when it
+    /// changes data: left to it, both landed and the table held each row twice.
+    #[tokio::test]
+    async fn two_compactions_of_the_same_files_land_once() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = table_of_small_files(dir.path(), 4, 10).await;
+        // Both read the table before either commits.
+        let first = DeltaTable::try_from_url(url.clone()).await.expect("open");
+        let second = DeltaTable::try_from_url(url.clone()).await.expect("open");
+        let done = compact(&first, &settings())
+            .await
+            .expect("first compaction");
+        assert_eq!(
+            done.files_removed, 4,
+            "the first compaction packs the 4 files"
+        );
+        let gave_way = compact(&second, &settings())
+            .await
+            .expect("second compaction");
+        assert_eq!(
+            gave_way,
+            Compacted::default(),
+            "the second compaction of the same files gives way"
+        );
+        let (xs, files) = xs(url).await;
         assert_eq!(xs, (0..40).collect::<Vec<i64>>(), "every row once");
-        assert_eq!(contents.files, 1, "one file after the compaction");
+        assert_eq!(files, 1, "one file after the compaction");
+    }
+
+    /// A compaction that read the table before a writer appended still lands: the append is
+    /// read and the commit tried again. The appended file stays, and every row is there once.
+    #[tokio::test]
+    async fn a_compaction_lands_through_a_concurrent_append() {
+        let dir = tempfile::tempdir().expect("dir");
+        let url = table_of_small_files(dir.path(), 3, 10).await;
+        let stale = DeltaTable::try_from_url(url.clone()).await.expect("open");
+        // One more file of rows 30..40, appended after the compaction read the table.
+        append_file(&url, 30, 10).await;
+        let done = compact(&stale, &settings()).await.expect("compaction");
+        assert_eq!(done.files_removed, 3, "the 3 files it read are packed");
+        let (xs, files) = xs(url).await;
+        assert_eq!(xs, (0..40).collect::<Vec<i64>>(), "every row once");
+        assert_eq!(files, 2, "the packed file and the appended one");
     }
 
     #[test]
