@@ -4,15 +4,16 @@
 //! A compaction is committed as `remove` + `add` actions, all with `dataChange = false`, and no
 //! `txn`: the rows, their values and every partition's progress stay exactly as they were, and
 //! streaming readers see no new data. It lands only if the table still holds every file it
-//! removes, unchanged in shape: when another commit came first, Strata reads it and tries again,
-//! or gives way when that commit removed one of the files or changed the table's metadata or
-//! protocol (the loser's new file stays unreferenced until vacuum). So two compactions of the same
-//! files never both land: delta-rs 1.1's own conflict checker lets a second `remove` without data
-//! change through, and both compactions' rows would be in the table. Writers never lose anything
-//! to a compaction: their commits are blind appends. Files with deletion vectors are left alone.
+//! removes as planned (same path, size and time, no deletion vector): when another commit came
+//! first, Strata reads it and tries again, or gives way when that commit removed or changed one of
+//! the files or changed the table's metadata or protocol (the loser's new files stay unreferenced
+//! until vacuum). So two compactions of the same files never both land: delta-rs 1.1's own
+//! conflict checker lets a second `remove` without data change through, and both compactions'
+//! rows would be in the table. Writers never lose anything to a compaction: their commits are
+//! blind appends. Files with deletion vectors are left alone.
 //! Row order within an hour is not kept.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 
 use deltalake::arrow::array::RecordBatch;
 use deltalake::arrow::compute::concat_batches;
@@ -31,6 +32,15 @@ use crate::config::CompactionSettings;
 /// Commits a compaction tries before it gives way to a table that keeps moving.
 const COMMIT_ATTEMPTS: usize = 15;
 
+/// What a compaction that gave way did: nothing.
+const GAVE_WAY: Compacted = Compacted {
+    partitions: 0,
+    files_removed: 0,
+    files_added: 0,
+    bytes_removed: 0,
+    gave_way: 1,
+};
+
 /// What one compaction did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Compacted {
@@ -38,17 +48,52 @@ pub struct Compacted {
     pub files_removed: usize,
     pub files_added: usize,
     pub bytes_removed: u64,
+    /// 1 when a compaction was planned and gave way (another commit removed one of its files,
+    /// changed the metadata, or kept coming first), or its commit failed: its file waits for
+    /// vacuum. 0 otherwise.
+    pub gave_way: usize,
 }
 
 /// A partition's values (`event_date`, `event_hour`), sorted.
 type PartitionKey = Vec<(String, Option<String>)>;
 
 /// A file of the snapshot, as far as compaction is concerned.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Candidate {
     path: String,
     size: i64,
     modified: i64,
+}
+
+fn candidate(file: &deltalake::kernel::LogicalFileView) -> Candidate {
+    Candidate {
+        path: file.path().to_string(),
+        size: file.size(),
+        modified: file.modification_time(),
+    }
+}
+
+/// The active files of `snapshot` without a deletion vector, by path.
+fn candidates(snapshot: &deltalake::table::state::DeltaTableState) -> HashMap<String, Candidate> {
+    snapshot
+        .log_data()
+        .into_iter()
+        .filter(|f| f.deletion_vector_descriptor().is_none())
+        .map(|f| (f.path().to_string(), candidate(&f)))
+        .collect()
+}
+
+/// The first of the files a compaction removes that is no longer in the table as it was planned:
+/// gone (another compaction removed it), or changed (the same path with a deletion vector, or
+/// other size or time). The Delta log tells files apart by path and deletion vector, so a
+/// compaction committed over a changed file would leave the changed one active beside its own.
+fn first_changed<'a>(
+    planned: &'a [Candidate],
+    active: &HashMap<String, Candidate>,
+) -> Option<&'a Candidate> {
+    planned
+        .iter()
+        .find(|file| active.get(&file.path) != Some(*file))
 }
 
 /// Groups of files to rewrite as one: small files of quiet partitions, packed up to the target.
@@ -105,11 +150,7 @@ pub async fn compact(
         }
         let mut partition: PartitionKey = file.partition_values_map().into_iter().collect();
         partition.sort();
-        files.entry(partition).or_default().push(Candidate {
-            path: file.path().to_string(),
-            size: file.size(),
-            modified: file.modification_time(),
-        });
+        files.entry(partition).or_default().push(candidate(&file));
     }
     let bins = plan(&files, settings, chrono::Utc::now().timestamp_millis());
     if bins.is_empty() {
@@ -183,10 +224,7 @@ pub async fn compact(
         predicate: None,
         target_size: i64::try_from(settings.target_bytes).unwrap_or(i64::MAX),
     };
-    let removed: Vec<String> = bins
-        .iter()
-        .flat_map(|(_, bin)| bin.iter().map(|f| f.path.clone()))
-        .collect();
+    let removed: Vec<Candidate> = bins.iter().flat_map(|(_, bin)| bin.clone()).collect();
     let mut current = table.clone();
     for _ in 0..COMMIT_ATTEMPTS {
         // No retries inside delta-rs: its conflict checker does not refuse a commit whose files
@@ -210,28 +248,24 @@ pub async fn compact(
                 };
                 current.update_incremental(None).await?;
                 let now = current.snapshot()?;
-                let active: HashSet<String> = now
-                    .log_data()
-                    .into_iter()
-                    .map(|f| f.path().to_string())
-                    .collect();
-                if let Some(gone) = removed.iter().find(|path| !active.contains(*path)) {
-                    // Another compaction (or this one, whose answer was lost) removed it.
+                if let Some(changed) = first_changed(&removed, &candidates(now)) {
+                    // Another compaction (or this one, whose answer was lost) removed it, or
+                    // another engine deleted rows of it through a deletion vector.
                     tracing::info!(
-                        file = %gone,
-                        "compaction gave way: another commit removed one of its files"
+                        file = %changed.path,
+                        "compaction gave way: another commit removed or changed one of its files"
                     );
-                    return Ok(Compacted::default());
+                    return Ok(GAVE_WAY);
                 }
                 if *now.metadata() != metadata || *now.protocol() != protocol {
                     tracing::info!("compaction gave way: the table's metadata or protocol changed");
-                    return Ok(Compacted::default());
+                    return Ok(GAVE_WAY);
                 }
             }
             Err(e) => {
                 // The files written here stay unreferenced until vacuum.
                 tracing::info!(error = %e, "compaction gave way: its commit failed");
-                return Ok(Compacted::default());
+                return Ok(GAVE_WAY);
             }
         }
     }
@@ -239,7 +273,7 @@ pub async fn compact(
         attempts = COMMIT_ATTEMPTS,
         "compaction gave way: other commits kept coming first"
     );
-    Ok(Compacted::default())
+    Ok(GAVE_WAY)
 }
 
 #[cfg(test)]
@@ -368,8 +402,7 @@ mod tests {
             .await
             .expect("second compaction");
         assert_eq!(
-            gave_way,
-            Compacted::default(),
+            gave_way, GAVE_WAY,
             "the second compaction of the same files gives way"
         );
         let (xs, files) = xs(url).await;
@@ -391,6 +424,25 @@ mod tests {
         let (xs, files) = xs(url).await;
         assert_eq!(xs, (0..40).collect::<Vec<i64>>(), "every row once");
         assert_eq!(files, 2, "the packed file and the appended one");
+    }
+
+    /// A compaction goes on only over files that are in the table exactly as it planned them.
+    #[test]
+    fn a_file_gone_or_changed_since_the_plan_stops_the_compaction() {
+        let planned = vec![file("a", 10, 1), file("b", 20, 2)];
+        let mut active: HashMap<String, Candidate> = planned
+            .iter()
+            .map(|f| (f.path.clone(), f.clone()))
+            .collect();
+        active.insert("c".into(), file("c", 5, 3)); // an append: no matter
+        assert_eq!(first_changed(&planned, &active), None);
+        // Rewritten under the same path (another size): changed.
+        active.insert("b".into(), file("b", 21, 2));
+        assert_eq!(first_changed(&planned, &active), Some(&planned[1]));
+        // Gone, or given a deletion vector (`candidates` leaves those out): changed.
+        active.insert("b".into(), file("b", 20, 2));
+        active.remove("a");
+        assert_eq!(first_changed(&planned, &active), Some(&planned[0]));
     }
 
     #[test]

@@ -12,7 +12,7 @@ use crate::models::{Rejection, SourceRecord, TopicPartition};
 use super::metrics::{Metrics, DROP_REASONS};
 
 /// What `strata_maintenance_total` counts, per table.
-const MAINTENANCE_ACTIONS: [&str; 7] = [
+const MAINTENANCE_ACTIONS: [&str; 8] = [
     "passes",
     "failures",
     "log_files_removed",
@@ -20,6 +20,7 @@ const MAINTENANCE_ACTIONS: [&str; 7] = [
     "state_files_removed",
     "files_compacted",
     "bytes_compacted",
+    "compactions_given_way",
 ];
 
 impl Metrics {
@@ -575,6 +576,7 @@ impl Metrics {
                 count("files_vacuumed", report.files_vacuumed);
                 count("state_files_removed", report.state_files_removed);
                 count("files_compacted", report.compacted.files_removed);
+                count("compactions_given_way", report.compacted.gave_way);
                 let state = |what: &str, n: i64| {
                     self.table_files.with_label_values(&[table, what]).set(n);
                 };
@@ -597,6 +599,7 @@ impl Metrics {
                     active_files = report.active_files,
                     commits_since_checkpoint = report.since_checkpoint,
                     files_written = report.compacted.files_added,
+                    compactions_given_way = report.compacted.gave_way,
                     "table maintained"
                 );
             }

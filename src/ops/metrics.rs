@@ -322,7 +322,7 @@ impl Metrics {
             maintenance: counter(
                 &registry,
                 "strata_maintenance_total",
-                "What table maintenance did, per table and action (log_files_removed, files_vacuumed, state_files_removed, passes, failures).",
+                "What table maintenance did, per table and action (passes, failures, log_files_removed, files_vacuumed, state_files_removed, files_compacted, bytes_compacted, compactions_given_way: a planned compaction that did not land, because another commit removed or changed its files or the table's metadata, kept coming first, or its commit failed).",
                 &["table", "action"],
             ),
             table_files: gauge(
