@@ -338,7 +338,8 @@ impl Job {
         let budget = self.settings.state_max_bytes;
         // Each partition's state is restored only while the replica's state is below the budget:
         // a claim goes over it by at most the last partition restored (whose previous owner held
-        // it within the budget). Otherwise the whole claim waits.
+        // it within its own budget: replicas of a group are meant to share one). Otherwise the
+        // whole claim waits.
         let mut state = self.state_bytes();
         if state >= budget {
             return Err(Stage2Error::AtBudget { state, budget });
