@@ -3,7 +3,8 @@
 //! references, another SIGKILL lands in the middle of a compaction, quiet hour partitions are
 //! compacted to one file each, and maintenance (inside the
 //! replica, and `strata maintain`) vacuums the unreferenced files after a short retention, while
-//! every Bronze offset stays in Silver exactly once, with its values.
+//! every Bronze offset stays in Silver exactly once, with its values. And two maintenance passes
+//! that compact the same files at once: one gives way.
 
 mod common;
 
@@ -161,4 +162,87 @@ async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
         .expect("strata maintain");
     assert!(status.success(), "strata maintain failed: {status}");
     setup.assert_exact(&produced).await;
+}
+
+/// Two maintenance passes compact the same files at once (the maintainer changes hands in a
+/// rebalance mid-pass, or `strata maintain` runs beside the replicas), on moto: the first plans
+/// and uploads its compacted file, then stalls (failpoint pause); the second compacts the same
+/// files and commits; the first, resumed, must give way. Every row stays in Silver once. Before,
+/// delta-rs's conflict checker let the second `remove` without data change through, both
+/// compactions landed and the rows were in the table twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_maintainers_at_once_never_compact_the_same_files_twice() {
+    let setup = Setup::new("two-maintainers", 2).await;
+    let small_files = [
+        ("STRATA_FLUSH_INTERVAL", "300ms"),
+        ("STRATA_MAINTENANCE_INTERVAL", "1h"),
+    ];
+    let replica = setup.spawn(&small_files);
+    let mut produced = produce(&setup.topic, 200, 50, 5).await;
+    // Small batches, each its own commit: several small files per hour partition.
+    for round in 0..6u64 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        produced.extend(produce(&setup.topic, 100, 50, 200 + round).await);
+    }
+    setup.catch_up(&produced, &[&replica]).await;
+    replica.stop(Duration::from_secs(30));
+    let before = strata::lake::verify::files_per_partition(setup.table_url())
+        .await
+        .expect("files");
+    assert!(
+        before.values().any(|p| p.files > 1),
+        "nothing to compact: {before:?}"
+    );
+
+    let quiet = [("STRATA_COMPACT_QUIET_FOR", "1s")];
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stalled_env = [
+        quiet.as_slice(),
+        &[
+            ("STRATA_FAILPOINT", "after_compaction_upload:1"),
+            ("STRATA_FAILPOINT_PAUSE_SECS", "20"),
+        ],
+    ]
+    .concat();
+    let mut stalled = setup.spawn_command("maintain", &stalled_env);
+    assert!(
+        stalled
+            .wait_log(
+                "STRATA_FAILPOINT_REACHED after_compaction_upload",
+                Duration::from_secs(60)
+            )
+            .await,
+        "the first pass did not reach its compaction:\n{}",
+        stalled.tail(30)
+    );
+    let mut second = setup.spawn_command("maintain", &quiet);
+    let status = second.exited(Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the second pass failed ({status:?}):\n{}",
+        second.tail(30)
+    );
+    let compacted = strata::lake::verify::files_per_partition(setup.table_url())
+        .await
+        .expect("files");
+    assert!(
+        compacted.values().all(|p| p.files == 1),
+        "the second pass compacted every partition: {compacted:?}"
+    );
+    let status = stalled.exited(Duration::from_secs(60)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the stalled pass failed ({status:?}):\n{}",
+        stalled.tail(30)
+    );
+    setup.assert_exact(&produced).await;
+    let after = strata::lake::verify::files_per_partition(setup.table_url())
+        .await
+        .expect("files");
+    assert_eq!(after, compacted, "the stalled pass changed the table");
+    assert!(
+        stalled.log_contains("compaction gave way"),
+        "the stalled pass did not give way:\n{}",
+        stalled.tail(30)
+    );
 }

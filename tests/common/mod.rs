@@ -567,10 +567,15 @@ impl Setup {
 
     /// Starts a `strata` replica process (see [`strata_binary`]).
     pub fn spawn(&self, extra: &[(&str, &str)]) -> Replica {
+        self.spawn_command("run", extra)
+    }
+
+    /// Starts `strata <subcommand>` (`run`, `maintain`) with this setup's environment.
+    pub fn spawn_command(&self, subcommand: &str, extra: &[(&str, &str)]) -> Replica {
         let port = free_port();
         let mut command = Command::new(strata_binary());
         command
-            .arg("run")
+            .arg(subcommand)
             .envs(self.env(port))
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -749,6 +754,18 @@ impl Replica {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Waits for the process to exit by itself; its status, or `None` after `within`.
+    pub async fn exited(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
     }
 
     pub fn log_contains(&self, needle: &str) -> bool {
