@@ -1,7 +1,7 @@
 //! Faults of the Kafka cluster (a private tansu, the real binary): the broker SIGKILLed mid-run
 //! and started again on the same data. The replica is not ready while the broker is away, stays
 //! up (no crash loop), and afterwards every Bronze record is once in Silver or once in the
-//! dead-letter topic.
+//! dead-letter topic. A replica told to stop while the broker is away exits cleanly and at once.
 
 mod common;
 
@@ -67,4 +67,32 @@ async fn a_broker_killed_and_restarted_mid_run_costs_nothing() {
     setup.assert_exact(&produced).await;
     common::assert_dead_letters_are(&broker.brokers, &format!("{}.dlq", setup.topic), &produced)
         .await;
+}
+
+/// SIGTERM right after the broker went away: the replica can neither leave its group nor commit
+/// the group's offsets, and still exits cleanly (status 0) within its shutdown grace
+/// (`STRATA_SHUTDOWN_GRACE`, 30 s), not stuck waiting for the broker. With the broker back, a new
+/// replica finishes the topic and every record is in Silver once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stops_cleanly_while_the_broker_is_away() {
+    let mut broker = PrivateBroker::start().await;
+    let setup = Setup::on(&broker.brokers, "broker-away-stop", 3).await;
+    let produced = produce_on(&broker.brokers, &setup.topic, 6_000, 100, 63).await;
+    let replica = setup.spawn(&[("STRATA_FLUSH_INTERVAL", "5s")]);
+    replica
+        .wait_metric("strata_records_written_total", 1.0, "nothing committed")
+        .await;
+    broker.kill();
+    let asked = Instant::now();
+    replica.stop(Duration::from_secs(30));
+    eprintln!(
+        "stopped {:?} after SIGTERM with the broker away",
+        asked.elapsed()
+    );
+    // What it committed is exact; the broker comes back and a new replica finishes the rest.
+    broker.restart().await;
+    let replica = setup.spawn(&[]);
+    setup.catch_up(&produced, &[&replica]).await;
+    replica.stop(Duration::from_secs(30));
+    setup.assert_exact(&produced).await;
 }
