@@ -7,7 +7,8 @@ static HITS: AtomicUsize = AtomicUsize::new(0);
 
 /// Acts when `STRATA_FAILPOINT` names this point and its hit count is reached: prints
 /// `STRATA_FAILPOINT_REACHED name`, then freezes the calling thread forever, or for
-/// `STRATA_FAILPOINT_PAUSE_SECS` seconds of wall time when that is set (to model a stalled replica).
+/// `STRATA_FAILPOINT_PAUSE_SECS` seconds of wall time when that is set (to model a stalled replica),
+/// or until the file `STRATA_FAILPOINT_RESUME_FILE` exists when that is set (the test resumes it).
 pub fn hit(name: &str) {
     let Ok(wanted) = std::env::var("STRATA_FAILPOINT") else {
         return;
@@ -21,6 +22,12 @@ pub fn hit(name: &str) {
     }
     if HITS.fetch_add(1, Ordering::SeqCst) + 1 == nth {
         eprintln!("STRATA_FAILPOINT_REACHED {name}");
+        if let Ok(file) = std::env::var("STRATA_FAILPOINT_RESUME_FILE") {
+            while !std::path::Path::new(&file).exists() {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            return;
+        }
         if let Some(secs) = std::env::var("STRATA_FAILPOINT_PAUSE_SECS")
             .ok()
             .and_then(|s| s.parse::<u64>().ok())

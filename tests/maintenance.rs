@@ -166,8 +166,8 @@ async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
 
 /// Two maintenance passes compact the same files at once (the maintainer changes hands in a
 /// rebalance mid-pass, or `strata maintain` runs beside the replicas), on moto: the first plans
-/// and uploads its compacted file, then stalls (failpoint pause); the second compacts the same
-/// files and commits; the first, resumed, must give way. Every row stays in Silver once. Before,
+/// and uploads its compacted file, then stalls (a failpoint, until the test resumes it); the
+/// second compacts the same files and commits; the first, resumed, must give way. Every row stays in Silver once. Before,
 /// delta-rs's conflict checker let the second `remove` without data change through, both
 /// compactions landed and the rows were in the table twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,11 +196,14 @@ async fn two_maintainers_at_once_never_compact_the_same_files_twice() {
 
     let quiet = [("STRATA_COMPACT_QUIET_FOR", "1s")];
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let resume = tempfile::tempdir().expect("dir");
+    let resume_file = resume.path().join("resume");
+    let resume_text = resume_file.display().to_string();
     let stalled_env = [
         quiet.as_slice(),
         &[
             ("STRATA_FAILPOINT", "after_compaction_upload:1"),
-            ("STRATA_FAILPOINT_PAUSE_SECS", "20"),
+            ("STRATA_FAILPOINT_RESUME_FILE", resume_text.as_str()),
         ],
     ]
     .concat();
@@ -229,6 +232,7 @@ async fn two_maintainers_at_once_never_compact_the_same_files_twice() {
         compacted.values().all(|p| p.files == 1),
         "the second pass compacted every partition: {compacted:?}"
     );
+    std::fs::write(&resume_file, b"").expect("resume the stalled pass");
     let status = stalled.exited(Duration::from_secs(60)).await;
     assert!(
         status.is_some_and(|s| s.success()),
@@ -241,7 +245,7 @@ async fn two_maintainers_at_once_never_compact_the_same_files_twice() {
         .expect("files");
     assert_eq!(after, compacted, "the stalled pass changed the table");
     assert!(
-        stalled.log_contains("compaction gave way"),
+        stalled.log_contains("compaction gave way: another commit removed or changed"),
         "the stalled pass did not give way:\n{}",
         stalled.tail(30)
     );
