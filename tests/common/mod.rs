@@ -779,8 +779,16 @@ impl Replica {
     /// Waits until `/readyz` answers 200; panics with `what` and the log tail after `timeout`.
     pub async fn wait_ready(&self, timeout: Duration, what: &str) {
         let deadline = Instant::now() + timeout;
-        while self.http_get("/readyz").await.map(|(status, _)| status) != Some(200) {
-            assert!(Instant::now() < deadline, "{what}:\n{}", self.tail(30));
+        loop {
+            let answer = self.http_get("/readyz").await;
+            if answer.as_ref().map(|(status, _)| *status) == Some(200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what} (last /readyz: {answer:?}):\n{}",
+                self.tail(30)
+            );
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
