@@ -4,6 +4,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use strata::gold::core::aggregate::parse_aggregates;
 use strata::gold::core::epoch::{self, Salting};
+use strata::gold::core::heavy::SpaceSaving;
 use strata::gold::core::preaggregate::{GoldSpec, PreAggregator};
 
 fn rows(n: usize) -> deltalake::arrow::array::RecordBatch {
@@ -73,5 +74,23 @@ fn preaggregate(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, preaggregate);
+/// The hot-key sketch when nearly every record brings a key it does not track: 20,000 keys, each
+/// seen once, over the 256 counters stage 1 keeps per epoch.
+fn hot_keys(c: &mut Criterion) {
+    let keys: Vec<[u8; 4]> = (0..20_000u32).map(u32::to_le_bytes).collect();
+    let mut group = c.benchmark_group("gold_hot_keys");
+    group.throughput(Throughput::Elements(keys.len() as u64));
+    group.bench_function("space_saving_20k_distinct_keys_256_counters", |b| {
+        b.iter(|| {
+            let mut sketch = SpaceSaving::new(epoch::HEAVY_CAPACITY);
+            for key in &keys {
+                sketch.add(key, 1);
+            }
+            sketch.hot(0.1).len()
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, preaggregate, hot_keys);
 criterion_main!(benches);

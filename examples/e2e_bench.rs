@@ -139,7 +139,8 @@ struct Span {
 /// Measures CPU and peak RSS around `run`, which returns its [`Span`]. With
 /// `STRATA_BENCH_PROFILE=<phase>`, `perf record` samples this process during that phase (`bare`,
 /// `strata`, `gold` or `memory`) into `perf-<phase>.data`, at `STRATA_BENCH_PROFILE_HZ` samples
-/// per second (997 when unset).
+/// per second (997 when unset), with `STRATA_BENCH_PROFILE_CALL_GRAPH` as `perf record
+/// --call-graph` (`fp` when unset; `dwarf` follows Rust frames without frame pointers).
 async fn measure<F>(phase: &str, events: u64, run: F) -> anyhow::Result<Phase>
 where
     F: std::future::Future<Output = anyhow::Result<Span>>,
@@ -148,8 +149,17 @@ where
         Ok(wanted) if wanted == phase => {
             let frequency =
                 std::env::var("STRATA_BENCH_PROFILE_HZ").unwrap_or_else(|_| "997".to_string());
+            let call_graph = std::env::var("STRATA_BENCH_PROFILE_CALL_GRAPH")
+                .unwrap_or_else(|_| "fp".to_string());
             let child = std::process::Command::new("perf")
-                .args(["record", "-F", &frequency, "-g", "-o"])
+                .args([
+                    "record",
+                    "-F",
+                    &frequency,
+                    "--call-graph",
+                    &call_graph,
+                    "-o",
+                ])
                 .arg(format!("perf-{phase}.data"))
                 .args(["-p", &std::process::id().to_string()])
                 .spawn()
@@ -319,6 +329,8 @@ async fn main() -> anyhow::Result<()> {
                         run.summary.commits, run.summary.files
                     ),
                 ));
+            }
+            {
                 let (flushes, flush_secs) = run.metrics.flush_seconds();
                 let waited = run.metrics.source_waiting_seconds();
                 let early = run.metrics.caught_up_flushes();

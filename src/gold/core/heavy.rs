@@ -11,6 +11,12 @@ pub struct SpaceSaving {
     /// key → (count, overestimate)
     counters: HashMap<Vec<u8>, (u64, u64)>,
     total: u64,
+    /// The keys that held the smallest count, `floor`, when they were last listed, sorted with the
+    /// largest key first: the next to be replaced is at the end. A key counted since then holds
+    /// more than `floor` and is skipped when it comes up. Empty: list them again.
+    lowest: Vec<Vec<u8>>,
+    /// The smallest count when `lowest` was listed. Counts never fall, so no key holds less.
+    floor: u64,
 }
 
 impl SpaceSaving {
@@ -19,6 +25,8 @@ impl SpaceSaving {
             capacity: capacity.max(1),
             counters: HashMap::new(),
             total: 0,
+            lowest: Vec::new(),
+            floor: 0,
         }
     }
 
@@ -30,19 +38,52 @@ impl SpaceSaving {
         }
         if self.counters.len() < self.capacity {
             self.counters.insert(key.to_vec(), (weight, 0));
+            // A new key may hold the smallest count: list them again when one is needed.
+            self.lowest.clear();
             return;
         }
         // Replace the smallest counter (ties: the smallest key, so the choice is deterministic).
-        let Some((victim, (min, _))) = self
-            .counters
-            .iter()
-            .min_by(|a, b| a.1 .0.cmp(&b.1 .0).then_with(|| a.0.cmp(b.0)))
-            .map(|(k, v)| (k.clone(), *v))
-        else {
+        let Some((victim, min)) = self.smallest() else {
             return;
         };
         self.counters.remove(&victim);
+        if weight == 0 {
+            // It holds the smallest count too.
+            self.lowest.clear();
+        }
         self.counters.insert(key.to_vec(), (min + weight, min));
+    }
+
+    /// The counter with the smallest count (ties: the smallest key), taken off `lowest`. Listing
+    /// the smallest counts costs a pass over the counters once per `floor`, not once per new key:
+    /// with more distinct keys than counters, nearly every record brings a new key.
+    fn smallest(&mut self) -> Option<(Vec<u8>, u64)> {
+        loop {
+            match self.lowest.pop() {
+                Some(key) => {
+                    // Counted again since it was listed: no longer the smallest.
+                    if self
+                        .counters
+                        .get(&key)
+                        .is_some_and(|(c, _)| *c == self.floor)
+                    {
+                        return Some((key, self.floor));
+                    }
+                }
+                None => {
+                    let floor = self.counters.values().map(|(c, _)| *c).min()?;
+                    let mut lowest: Vec<Vec<u8>> = self
+                        .counters
+                        .iter()
+                        .filter(|(_, (c, _))| *c == floor)
+                        .map(|(k, _)| k.clone())
+                        .collect();
+                    lowest.sort_unstable_by(|a, b| b.cmp(a));
+                    self.lowest = lowest;
+                    self.floor = floor;
+                }
+            }
+        }
     }
 
     pub fn total(&self) -> u64 {
@@ -82,6 +123,47 @@ mod tests {
         assert!(hot[0].1 >= 4_000);
     }
 
+    /// Space-Saving as first written here: a pass over every counter for each new key once the
+    /// sketch is full. Replays must find the same hot keys whichever version computed them.
+    fn reference(capacity: usize, adds: &[(Vec<u8>, u64)]) -> HashMap<Vec<u8>, (u64, u64)> {
+        let mut counters: HashMap<Vec<u8>, (u64, u64)> = HashMap::new();
+        for (key, weight) in adds {
+            if let Some((count, _)) = counters.get_mut(key) {
+                *count += weight;
+                continue;
+            }
+            if counters.len() < capacity {
+                counters.insert(key.clone(), (*weight, 0));
+                continue;
+            }
+            let (victim, (min, _)) = counters
+                .iter()
+                .min_by(|a, b| a.1 .0.cmp(&b.1 .0).then_with(|| a.0.cmp(b.0)))
+                .map(|(k, v)| (k.clone(), *v))
+                .expect("full");
+            counters.remove(&victim);
+            counters.insert(key.clone(), (min + weight, min));
+        }
+        counters
+    }
+
+    #[test]
+    fn many_distinct_keys_replace_the_smallest_counter_in_key_order() {
+        let adds: Vec<(Vec<u8>, u64)> = (0..5_000u32)
+            .map(|i| {
+                (
+                    (i * 7919 % 1_013).to_be_bytes().to_vec(),
+                    1 + u64::from(i % 3),
+                )
+            })
+            .collect();
+        let mut sketch = SpaceSaving::new(64);
+        for (key, weight) in &adds {
+            sketch.add(key, *weight);
+        }
+        assert_eq!(sketch.counters, reference(64, &adds));
+    }
+
     proptest! {
         /// Every key above total/capacity is tracked, and no reported count underestimates.
         #[test]
@@ -100,6 +182,20 @@ mod tests {
                     let (count, error) = tracked.unwrap_or_default();
                     prop_assert!(count >= *n && count - error <= *n);
                 }
+            }
+        }
+
+        /// The same counters as the first version after every record, zero weights included.
+        #[test]
+        fn counts_as_the_first_version_did(
+            adds in prop::collection::vec((0u8..30, 0u64..3), 1..600),
+            capacity in 1usize..12,
+        ) {
+            let adds: Vec<(Vec<u8>, u64)> = adds.into_iter().map(|(k, w)| (vec![k], w)).collect();
+            let mut sketch = SpaceSaving::new(capacity);
+            for (i, (key, weight)) in adds.iter().enumerate() {
+                sketch.add(key, *weight);
+                prop_assert_eq!(&sketch.counters, &reference(capacity, &adds[..=i]));
             }
         }
     }
