@@ -65,13 +65,19 @@ pub fn preaggregate(
 ) -> Result<(PreAggregator, usize), RowsError> {
     let mut pre = PreAggregator::new();
     let mut hot = 0;
+    // With salting, the hot-key pass gives every row its key id, and folding reuses them.
+    let mut ids = Vec::new();
     if let Some(s) = salting.filter(|s| s.salts > 1) {
-        let keys = PreAggregator::scan_hot(spec, batches, HEAVY_CAPACITY, s.share, s.min_events)?;
+        let (keys, rows) = pre.hot_ids(spec, batches, HEAVY_CAPACITY, s.share, s.min_events)?;
         hot = keys.len();
-        pre.salt(keys, s.salts, salt_start(source, epoch_end));
+        pre.salt_ids(&keys, s.salts, salt_start(source, epoch_end));
+        ids = rows;
     }
     for (index, batch) in batches.iter().enumerate() {
-        pre.add_batch(spec, batch, |row, t, start| keep(index, row, t, start))?;
+        let rows = ids.get(index).map(Vec::as_slice);
+        pre.fold(spec, batch, rows, |row, t, start| {
+            keep(index, row, t, start)
+        })?;
     }
     Ok((pre, hot))
 }

@@ -7,7 +7,10 @@ use std::collections::HashMap;
 
 use rustc_hash::FxHashMap;
 
-use deltalake::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
+use deltalake::arrow::array::{
+    Array, ArrayRef, AsArray, BinaryArray, Float32Array, Float64Array, Int32Array, Int64Array,
+    RecordBatch, StringArray,
+};
 use deltalake::arrow::datatypes::{
     DataType, Float32Type, Float64Type, Int32Type, Int64Type, Schema, TimestampMicrosecondType,
 };
@@ -120,6 +123,58 @@ impl GoldSpec {
     }
 }
 
+/// A column of a batch viewed as its Arrow type once per batch, so that reading a row does not ask
+/// the array its type again.
+#[derive(Debug, Clone, Copy)]
+enum Typed<'a> {
+    Utf8(&'a StringArray),
+    Binary(&'a BinaryArray),
+    Int32(&'a Int32Array),
+    Int64(&'a Int64Array),
+    Float32(&'a Float32Array),
+    Float64(&'a Float64Array),
+    /// A type no key or aggregate reads: its rows read as nulls.
+    Other,
+}
+
+impl<'a> Typed<'a> {
+    fn of(column: &'a ArrayRef) -> Self {
+        match column.data_type() {
+            DataType::Utf8 => column.as_string_opt::<i32>().map(Typed::Utf8),
+            DataType::Binary => column.as_binary_opt::<i32>().map(Typed::Binary),
+            DataType::Int32 => column.as_primitive_opt::<Int32Type>().map(Typed::Int32),
+            DataType::Int64 => column.as_primitive_opt::<Int64Type>().map(Typed::Int64),
+            DataType::Float32 => column.as_primitive_opt::<Float32Type>().map(Typed::Float32),
+            DataType::Float64 => column.as_primitive_opt::<Float64Type>().map(Typed::Float64),
+            _ => None,
+        }
+        .unwrap_or(Typed::Other)
+    }
+
+    /// The row's value as a key: strings and integers; any other type, or a null, is the null key.
+    fn key(self, row: usize) -> KeyRef<'a> {
+        match self {
+            Typed::Utf8(a) if a.is_valid(row) => KeyRef::Str(a.value(row)),
+            Typed::Int32(a) if a.is_valid(row) => KeyRef::Int(i64::from(a.value(row))),
+            Typed::Int64(a) if a.is_valid(row) => KeyRef::Int(a.value(row)),
+            _ => KeyRef::Null,
+        }
+    }
+
+    /// The row's value as an aggregate's input.
+    fn input(self, row: usize) -> Input<'a> {
+        match self {
+            Typed::Utf8(a) if a.is_valid(row) => Input::Bytes(a.value(row).as_bytes()),
+            Typed::Binary(a) if a.is_valid(row) => Input::Bytes(a.value(row)),
+            Typed::Int32(a) if a.is_valid(row) => Input::Int(i64::from(a.value(row))),
+            Typed::Int64(a) if a.is_valid(row) => Input::Int(a.value(row)),
+            Typed::Float32(a) if a.is_valid(row) => Input::Number(f64::from(a.value(row))),
+            Typed::Float64(a) if a.is_valid(row) => Input::Number(a.value(row)),
+            _ => Input::Null,
+        }
+    }
+}
+
 /// A key value as a row holds it, borrowed from its column: looking a key up allocates nothing;
 /// only a key met for the first time is copied.
 #[derive(Debug, Clone, Copy)]
@@ -135,20 +190,6 @@ impl<'a> KeyRef<'a> {
             KeyValue::Null => KeyRef::Null,
             KeyValue::Int(v) => KeyRef::Int(*v),
             KeyValue::Str(s) => KeyRef::Str(s),
-        }
-    }
-
-    fn of_row(column: &'a ArrayRef, row: usize) -> Self {
-        if column.is_null(row) {
-            return KeyRef::Null;
-        }
-        match column.data_type() {
-            DataType::Utf8 => KeyRef::Str(column.as_string::<i32>().value(row)),
-            DataType::Int32 => {
-                KeyRef::Int(i64::from(column.as_primitive::<Int32Type>().value(row)))
-            }
-            DataType::Int64 => KeyRef::Int(column.as_primitive::<Int64Type>().value(row)),
-            _ => KeyRef::Null,
         }
     }
 
@@ -225,10 +266,11 @@ impl KeyIds {
         id
     }
 
-    fn of_row(&mut self, columns: &[&ArrayRef], row: usize) -> u32 {
-        self.id(columns.iter().map(|c| KeyRef::of_row(c, row)))
+    fn of_row(&mut self, columns: &[Typed<'_>], row: usize) -> u32 {
+        self.id(columns.iter().map(|c| c.key(row)))
     }
 
+    #[cfg(test)]
     fn of_key(&mut self, key: &[KeyValue]) -> u32 {
         self.id(key.iter().map(KeyRef::of))
     }
@@ -294,16 +336,16 @@ impl PreAggregator {
         self.events
     }
 
-    /// Salts `hot` keys: their events take the salts 1..=`salts` in turn, the first one `start`
-    /// (fixed by source partition and epoch, so a replay salts identically). Call before folding.
-    pub fn salt(&mut self, hot: Vec<Vec<KeyValue>>, salts: u16, start: u64) {
+    /// Salts the keys of ids `hot` (see [`PreAggregator::hot_ids`]): their events take the salts
+    /// 1..=`salts` in turn, the first one `start` (fixed by source partition and epoch, so a replay
+    /// salts identically). Call before folding.
+    pub fn salt_ids(&mut self, hot: &[u32], salts: u16, start: u64) {
         if salts < 2 {
             return;
         }
         self.salts = salts;
-        for key in hot {
-            let id = self.keys.of_key(&key);
-            self.salted.insert(id, start);
+        for id in hot {
+            self.salted.insert(*id, start);
         }
     }
 
@@ -316,32 +358,45 @@ impl PreAggregator {
         share: f64,
         min_events: u64,
     ) -> Result<Vec<Vec<KeyValue>>, RowsError> {
-        let mut ids = KeyIds::default();
+        let mut pre = PreAggregator::new();
+        let (hot, _) = pre.hot_ids(spec, batches, capacity, share, min_events)?;
+        Ok(hot
+            .into_iter()
+            .filter_map(|id| pre.keys.list.get(id as usize).cloned())
+            .collect())
+    }
+
+    /// [`PreAggregator::scan_hot`] as ids of this aggregator's keys, with the key id of every row
+    /// of `batches` (batch by batch) for [`PreAggregator::fold`], so that folding does not look
+    /// each key up again. Call on a new aggregator: ids are then given in row order, as the sketch
+    /// has always seen them, and a replay by any version finds the same hot keys.
+    pub fn hot_ids(
+        &mut self,
+        spec: &GoldSpec,
+        batches: &[RecordBatch],
+        capacity: usize,
+        share: f64,
+        min_events: u64,
+    ) -> Result<(Vec<u32>, Vec<Vec<u32>>), RowsError> {
         let mut heavy = SpaceSaving::new(capacity);
+        let mut rows = Vec::with_capacity(batches.len());
         for batch in batches {
-            let keys: Vec<&ArrayRef> = spec
-                .key_fields
-                .iter()
-                .map(|k| {
-                    batch
-                        .column_by_name(k)
-                        .ok_or_else(|| RowsError::Missing(k.clone()))
-                })
-                .collect::<Result<_, _>>()?;
-            for row in 0..batch.num_rows() {
-                let id = ids.of_row(&keys, row);
+            let keys = key_columns(spec, batch)?;
+            let ids: Vec<u32> = (0..batch.num_rows())
+                .map(|row| self.keys.of_row(&keys, row))
+                .collect();
+            for id in &ids {
                 heavy.add(&id.to_le_bytes(), 1);
             }
+            rows.push(ids);
         }
-        Ok(heavy
+        let hot = heavy
             .hot(share)
             .into_iter()
             .filter(|(_, count)| *count >= min_events)
-            .filter_map(|(id, _)| {
-                let id = u32::from_le_bytes(id.try_into().ok()?);
-                ids.list.get(id as usize).cloned()
-            })
-            .collect())
+            .filter_map(|(id, _)| Some(u32::from_le_bytes(id.try_into().ok()?)))
+            .collect();
+        Ok((hot, rows))
     }
 
     pub fn groups(&self) -> usize {
@@ -350,11 +405,23 @@ impl PreAggregator {
 
     /// Folds the rows of `batch` (Silver rows). `keep(row, event time, window start)` says whether
     /// the row counts in that window (a window it is late for is set apart by the caller); a row
-    /// kept in no window is not folded. Returns the rows folded.
+    /// kept in no window, or without event time, is not folded. Returns the rows folded.
     pub fn add_batch(
         &mut self,
         spec: &GoldSpec,
         batch: &RecordBatch,
+        keep: impl FnMut(usize, i64, i64) -> bool,
+    ) -> Result<usize, RowsError> {
+        self.fold(spec, batch, None, keep)
+    }
+
+    /// [`PreAggregator::add_batch`], with the key id of each row when [`PreAggregator::hot_ids`]
+    /// gave them (`ids`, one per row of `batch`).
+    pub fn fold(
+        &mut self,
+        spec: &GoldSpec,
+        batch: &RecordBatch,
+        ids: Option<&[u32]>,
         mut keep: impl FnMut(usize, i64, i64) -> bool,
     ) -> Result<usize, RowsError> {
         let column = |name: &str| -> Result<&ArrayRef, RowsError> {
@@ -365,16 +432,14 @@ impl PreAggregator {
         let times = column(&spec.event_time_field)?
             .as_primitive_opt::<TimestampMicrosecondType>()
             .ok_or(RowsError::EventTime)?;
-        let keys: Vec<&ArrayRef> = spec
-            .key_fields
-            .iter()
-            .map(|k| column(k))
-            .collect::<Result<_, _>>()?;
-        let inputs: Vec<Option<&ArrayRef>> = spec
+        let keys = key_columns(spec, batch)?;
+        let inputs: Vec<Option<Typed<'_>>> = spec
             .aggregates
             .iter()
             .map(|a| a.field.as_deref().map(column).transpose())
+            .map(|c| c.map(|c| c.map(Typed::of)))
             .collect::<Result<_, _>>()?;
+        let ids = ids.filter(|ids| ids.len() == batch.num_rows());
         let mut folded = 0;
         let mut row_inputs: Vec<Input<'_>> = Vec::with_capacity(inputs.len());
         let mut starts: Vec<i64> = Vec::new();
@@ -388,7 +453,10 @@ impl PreAggregator {
             if starts.is_empty() {
                 continue;
             }
-            let id = self.keys.of_row(&keys, row);
+            let id = match ids {
+                Some(ids) => ids[row],
+                None => self.keys.of_row(&keys, row),
+            };
             let salt = match self.salted.get_mut(&id) {
                 Some(turn) => {
                     let salt = 1 + (*turn % u64::from(self.salts)) as u16;
@@ -398,21 +466,11 @@ impl PreAggregator {
                 None => 0,
             };
             row_inputs.clear();
-            for input in &inputs {
-                row_inputs.push(match input {
-                    None => Input::Null,
-                    Some(c) if c.is_null(row) => Input::Null,
-                    Some(c) => match c.data_type() {
-                        DataType::Utf8 => Input::Bytes(c.as_string::<i32>().value(row).as_bytes()),
-                        DataType::Binary => Input::Bytes(c.as_binary::<i32>().value(row)),
-                        DataType::Int32 => {
-                            Input::Int(i64::from(c.as_primitive::<Int32Type>().value(row)))
-                        }
-                        DataType::Int64 => Input::Int(c.as_primitive::<Int64Type>().value(row)),
-                        _ => number(c, row).map_or(Input::Null, Input::Number),
-                    },
-                });
-            }
+            row_inputs.extend(
+                inputs
+                    .iter()
+                    .map(|input| input.map_or(Input::Null, |c| c.input(row))),
+            );
             for start in &starts {
                 self.groups
                     .entry((*start, id, salt))
@@ -445,12 +503,17 @@ impl PreAggregator {
     }
 }
 
-fn number(column: &ArrayRef, row: usize) -> Option<f64> {
-    Some(match column.data_type() {
-        DataType::Float32 => f64::from(column.as_primitive::<Float32Type>().value(row)),
-        DataType::Float64 => column.as_primitive::<Float64Type>().value(row),
-        _ => return None,
-    })
+/// The key columns of `batch`, in the spec's order.
+fn key_columns<'a>(spec: &GoldSpec, batch: &'a RecordBatch) -> Result<Vec<Typed<'a>>, RowsError> {
+    spec.key_fields
+        .iter()
+        .map(|k| {
+            batch
+                .column_by_name(k)
+                .map(Typed::of)
+                .ok_or_else(|| RowsError::Missing(k.clone()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -467,7 +530,7 @@ pub(crate) mod tests {
             Some("a"),
         ]));
         let numbers: ArrayRef = Arc::new(Int64Array::from(vec![1, 1, 1, 1]));
-        let columns = [&names, &numbers];
+        let columns = [Typed::of(&names), Typed::of(&numbers)];
         let mut ids = KeyIds::default();
         let row_ids: Vec<u32> = (0..4).map(|row| ids.of_row(&columns, row)).collect();
         assert_eq!(row_ids, [0, 1, 2, 0]);
