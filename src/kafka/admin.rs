@@ -89,16 +89,12 @@ pub struct Admin {
     config: Arc<ClientConfig>,
 }
 
-/// An admin client for one piece of work. It is destroyed on the blocking pool when dropped:
-/// destroying it waits for its polling thread (up to 100 ms) and for librdkafka's threads.
-struct Session {
+/// An admin client for one piece of work (a topic looked up, or made). It is destroyed on the
+/// blocking pool when dropped: destroying it waits for its polling thread (up to 100 ms) and for
+/// librdkafka's threads.
+pub struct Session {
+    /// `None` only while dropping.
     client: Option<Arc<AdminClient<DefaultClientContext>>>,
-}
-
-impl Session {
-    fn client(&self) -> Option<&Arc<AdminClient<DefaultClientContext>>> {
-        self.client.as_ref()
-    }
 }
 
 impl Drop for Session {
@@ -125,8 +121,8 @@ impl Admin {
         })
     }
 
-    /// A new client, for one piece of work.
-    fn session(&self, topic: &str) -> Result<Session, TopicError> {
+    /// A new client, for the work on `topic` (named if it cannot be made).
+    pub fn session(&self, topic: &str) -> Result<Session, TopicError> {
         let client = self
             .config
             .create()
@@ -141,15 +137,32 @@ impl Admin {
 
     /// The partition count of `topic`, `None` when it does not exist.
     pub async fn partitions(&self, topic: &str) -> Result<Option<i32>, TopicError> {
-        let session = self.session(topic)?;
-        partitions(&session, topic).await
+        self.session(topic)?.partitions(topic).await
+    }
+
+    /// [`Session::topic_config`] with a client of its own.
+    pub async fn topic_config(&self, topic: &str, name: &str) -> Option<String> {
+        self.session(topic).ok()?.topic_config(topic, name).await
+    }
+
+    /// [`Session::ensure`] with a client of its own.
+    pub async fn ensure(&self, spec: &TopicSpec) -> Result<Ensured, TopicError> {
+        self.session(&spec.name)?.ensure(spec).await
+    }
+}
+
+impl Session {
+    fn client(&self, topic: &str) -> Result<&Arc<AdminClient<DefaultClientContext>>, TopicError> {
+        self.client.as_ref().ok_or_else(|| TopicError::Unavailable {
+            topic: topic.to_string(),
+            source: KafkaError::AdminOpCreation("the admin client is gone".to_string()),
+        })
     }
 
     /// One configuration value of `topic` (`None` when the cluster does not say: an old broker,
     /// no DESCRIBE_CONFIGS permission, or no such topic).
     pub async fn topic_config(&self, topic: &str, name: &str) -> Option<String> {
-        let session = self.session(topic).ok()?;
-        let client = session.client()?;
+        let client = self.client(topic).ok()?;
         let resource = ResourceSpecifier::Topic(topic);
         let options = AdminOptions::new().request_timeout(Some(METADATA_TIMEOUT));
         let answer = client.describe_configs([&resource], &options).await;
@@ -166,25 +179,19 @@ impl Admin {
     }
 
     /// Makes sure `spec.name` exists, creating it as `spec` says when it does not. Another
-    /// replica creating it at the same moment is fine. One client does every step.
+    /// replica creating it at the same moment is fine.
     pub async fn ensure(&self, spec: &TopicSpec) -> Result<Ensured, TopicError> {
-        let session = self.session(&spec.name)?;
-        if let Some(partitions) = partitions(&session, &spec.name).await? {
+        if let Some(partitions) = self.partitions(&spec.name).await? {
             return Ok(Ensured::Existed { partitions });
         }
-        let Some(client) = session.client() else {
-            return Err(TopicError::Unavailable {
-                topic: spec.name.clone(),
-                source: KafkaError::AdminOpCreation("no admin client".to_string()),
-            });
-        };
         let replication = TopicReplication::Fixed(spec.replication.unwrap_or(-1));
         let mut topic = NewTopic::new(&spec.name, spec.partitions, replication);
         for (key, value) in &spec.config {
             topic = topic.set(key, value);
         }
         let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-        let results = client
+        let results = self
+            .client(&spec.name)?
             .create_topics([&topic], &options)
             .await
             .map_err(|source| TopicError::Unavailable {
@@ -203,7 +210,7 @@ impl Admin {
         let mut wait = Duration::from_millis(100);
         for _ in 0..20 {
             // A leader still being elected reads as an error for a moment: keep waiting.
-            if let Ok(Some(partitions)) = partitions(&session, &spec.name).await {
+            if let Ok(Some(partitions)) = self.partitions(&spec.name).await {
                 return Ok(if created {
                     Ensured::Created { partitions }
                 } else {
@@ -218,57 +225,52 @@ impl Admin {
             source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition),
         })
     }
-}
 
-/// The partition count of `topic` as `session`'s client finds it, `None` when it does not exist.
-async fn partitions(session: &Session, topic: &str) -> Result<Option<i32>, TopicError> {
-    let Some(client) = session.client().cloned() else {
-        return Err(TopicError::Unavailable {
+    /// The partition count of `topic`, `None` when it does not exist.
+    pub async fn partitions(&self, topic: &str) -> Result<Option<i32>, TopicError> {
+        let client = self.client(topic)?.clone();
+        let name = topic.to_string();
+        let answer = tokio::task::spawn_blocking(move || {
+            client
+                .inner()
+                .fetch_metadata(Some(&name), METADATA_TIMEOUT)
+                .map(|metadata| {
+                    metadata
+                        .topics()
+                        .iter()
+                        .find(|t| t.name() == name)
+                        .map(|t| (t.error(), t.partitions().len() as i32))
+                })
+        })
+        .await
+        .map_err(|e| TopicError::Unavailable {
             topic: topic.to_string(),
-            source: KafkaError::AdminOpCreation("no admin client".to_string()),
-        });
-    };
-    let name = topic.to_string();
-    let answer = tokio::task::spawn_blocking(move || {
-        client
-            .inner()
-            .fetch_metadata(Some(&name), METADATA_TIMEOUT)
-            .map(|metadata| {
-                metadata
-                    .topics()
-                    .iter()
-                    .find(|t| t.name() == name)
-                    .map(|t| (t.error(), t.partitions().len() as i32))
-            })
-    })
-    .await
-    .map_err(|e| TopicError::Unavailable {
-        topic: topic.to_string(),
-        source: KafkaError::AdminOpCreation(e.to_string()),
-    })?;
-    let unavailable = |source| TopicError::Unavailable {
-        topic: topic.to_string(),
-        source,
-    };
-    match answer.map_err(unavailable)? {
-        None => Ok(None),
-        Some((None, 0)) => Ok(None),
-        Some((None, n)) => Ok(Some(n)),
-        Some((Some(error), n)) => {
-            let code = RDKafkaErrorCode::from(error);
-            match code {
-                RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {
-                    Ok(None)
+            source: KafkaError::AdminOpCreation(e.to_string()),
+        })?;
+        let unavailable = |source| TopicError::Unavailable {
+            topic: topic.to_string(),
+            source,
+        };
+        match answer.map_err(unavailable)? {
+            None => Ok(None),
+            Some((None, 0)) => Ok(None),
+            Some((None, n)) => Ok(Some(n)),
+            Some((Some(error), n)) => {
+                let code = RDKafkaErrorCode::from(error);
+                match code {
+                    RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic => {
+                        Ok(None)
+                    }
+                    RDKafkaErrorCode::TopicAuthorizationFailed => Err(TopicError::Denied {
+                        topic: topic.to_string(),
+                        operation: "describe",
+                        permission: "DESCRIBE on the topic",
+                        code,
+                    }),
+                    // Leader elections and the like: the topic is there.
+                    _ if n > 0 => Ok(Some(n)),
+                    _ => Err(unavailable(KafkaError::MetadataFetch(code))),
                 }
-                RDKafkaErrorCode::TopicAuthorizationFailed => Err(TopicError::Denied {
-                    topic: topic.to_string(),
-                    operation: "describe",
-                    permission: "DESCRIBE on the topic",
-                    code,
-                }),
-                // Leader elections and the like: the topic is there.
-                _ if n > 0 => Ok(Some(n)),
-                _ => Err(unavailable(KafkaError::MetadataFetch(code))),
             }
         }
     }

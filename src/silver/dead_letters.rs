@@ -52,23 +52,24 @@ impl Topics {
     /// Bronze topic unless it is set.
     async fn ensure(&self, source_topic: &str) -> Result<Ensured, TopicError> {
         let name = self.name(source_topic);
-        let partitions = match self.settings.partitions {
-            Some(n) => n,
-            // Its partition count follows the Bronze topic's, which does not exist (yet).
-            None => self.admin.partitions(source_topic).await?.ok_or_else(|| {
-                TopicError::Unavailable {
-                    topic: source_topic.to_string(),
-                    source: KafkaError::MetadataFetch(RDKafkaErrorCode::UnknownTopicOrPartition),
-                }
-            })?,
-        };
+        // One client for every step.
+        let admin = self.admin.session(&name)?;
+        let partitions =
+            match self.settings.partitions {
+                Some(n) => n,
+                // Its partition count follows the Bronze topic's, which does not exist (yet).
+                None => admin.partitions(source_topic).await?.ok_or_else(|| {
+                    TopicError::Unavailable {
+                        topic: source_topic.to_string(),
+                        source: KafkaError::MetadataFetch(
+                            RDKafkaErrorCode::UnknownTopicOrPartition,
+                        ),
+                    }
+                })?,
+            };
         // A dead letter is its Bronze record plus Strata's headers: the topic must take records
         // as large as the Bronze topic does, or a large bad record would never pass.
-        let config = match self
-            .admin
-            .topic_config(source_topic, MAX_MESSAGE_BYTES)
-            .await
-        {
+        let config = match admin.topic_config(source_topic, MAX_MESSAGE_BYTES).await {
             Some(limit) => match limit.parse::<u64>() {
                 Ok(limit) => vec![(
                     MAX_MESSAGE_BYTES.to_string(),
@@ -84,7 +85,7 @@ impl Topics {
             replication: self.settings.replication,
             config,
         };
-        let ensured = self.admin.ensure(&spec).await?;
+        let ensured = admin.ensure(&spec).await?;
         if let Ensured::Created { partitions } = ensured {
             self.metrics.dead_letter_topic_created(
                 &spec.name,

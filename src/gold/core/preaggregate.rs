@@ -378,6 +378,10 @@ impl PreAggregator {
         share: f64,
         min_events: u64,
     ) -> Result<(Vec<u32>, Vec<Vec<u32>>), RowsError> {
+        debug_assert!(
+            self.keys.list.is_empty(),
+            "hot_ids on a new aggregator only"
+        );
         let mut heavy = SpaceSaving::new(capacity);
         let mut rows = Vec::with_capacity(batches.len());
         for batch in batches {
