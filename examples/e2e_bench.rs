@@ -330,17 +330,15 @@ async fn main() -> anyhow::Result<()> {
                     ),
                 ));
             }
-            {
-                let (flushes, flush_secs) = run.metrics.flush_seconds();
-                let waited = run.metrics.source_waiting_seconds();
-                let early = run.metrics.caught_up_flushes();
-                lines.push(format!(
-                    "{:<26}{flushes} flushes ({early} on catching up) took {flush_secs:.1}s in all ({:.0}% of the run); the source waited {waited:.1}s for room in the pipeline, so fetching went on during at least {:.0}% of the flush time",
-                    "  flush overlap",
-                    100.0 * flush_secs / phase.secs,
-                    100.0 * (1.0 - (waited / flush_secs.max(f64::MIN_POSITIVE)).min(1.0))
-                ));
-            }
+            let (flushes, flush_secs) = run.metrics.flush_seconds();
+            let waited = run.metrics.source_waiting_seconds();
+            let early = run.metrics.caught_up_flushes();
+            lines.push(format!(
+                "{:<26}{flushes} flushes ({early} on catching up) took {flush_secs:.1}s in all ({:.0}% of the run); the source waited {waited:.1}s for room in the pipeline, so fetching went on during at least {:.0}% of the flush time",
+                "  flush overlap",
+                100.0 * flush_secs / phase.secs,
+                100.0 * (1.0 - (waited / flush_secs.max(f64::MIN_POSITIVE)).min(1.0))
+            ));
             if let Some(raw) = raw {
                 ratios.push(format!(
                     "ratio {:<20}{:>10.2}   (first record to last, same broker, same run)",

@@ -1,7 +1,8 @@
 //! Faults of the Kafka cluster (a private tansu, the real binary): the broker SIGKILLed mid-run
 //! and started again on the same data. The replica is not ready while the broker is away, stays
 //! up (no crash loop), and afterwards every Bronze record is once in Silver or once in the
-//! dead-letter topic. A replica told to stop while the broker is away exits cleanly within its grace.
+//! dead-letter topic. A replica told to stop while the broker is away exits cleanly within its
+//! grace.
 
 mod common;
 

@@ -167,9 +167,9 @@ async fn a_compressed_month_checkpoints_and_vacuums_and_stays_exact() {
 /// Two maintenance passes compact the same files at once (the maintainer changes hands in a
 /// rebalance mid-pass, or `strata maintain` runs beside the replicas), on moto: the first plans
 /// and uploads its compacted file, then stalls (a failpoint, until the test resumes it); the
-/// second compacts the same files and commits; the first, resumed, must give way. Every row stays in Silver once. Before,
-/// delta-rs's conflict checker let the second `remove` without data change through, both
-/// compactions landed and the rows were in the table twice.
+/// second compacts the same files and commits; the first, resumed, must give way. Every row stays
+/// in Silver once. Before, delta-rs's conflict checker let the second `remove` without data change
+/// through, both compactions landed and the rows were in the table twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_maintainers_at_once_never_compact_the_same_files_twice() {
     let setup = Setup::new("two-maintainers", 2).await;
