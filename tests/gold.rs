@@ -517,6 +517,74 @@ async fn late_events_are_exactly_the_late_table() {
     );
 }
 
+/// Consuming goes on while a flush's epochs are sent. The replica's first epoch (the first half of
+/// the input, one flush at `STRATA_FILE_MAX_ROWS`) is held right after its partials went out and
+/// before the late table records it (failpoint `after_gold_send`, paused 20 s). The second half,
+/// produced meanwhile, is consumed all the same, while Silver commits none of it: a partition's
+/// epoch is recorded before its next Silver commit, so a replay cuts the same epochs. Then Gold is
+/// exact. When the send ran inside the flush, the replica consumed nothing until the pause ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consuming_goes_on_while_an_epoch_is_being_sent() {
+    let setup = Setup::new("gold-overlap", 2).await;
+    let per_partition = 1_000;
+    let events = skewed(2, per_partition, 300, 2_000, 41);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    // Each partition's first half: `skewed` deals its events out partition by partition.
+    let (before, during) = events.split_at(events.len() / 2);
+    produce(&setup.topic, before).await;
+
+    let pause = Duration::from_secs(20);
+    let mut env = gold_env("1m", "4", "2");
+    env.retain(|(k, _)| *k != "STRATA_FILE_MAX_ROWS");
+    let first_half = before.len().to_string();
+    let pause_secs = pause.as_secs().to_string();
+    env.extend([
+        // One flush when the first half is buffered, and none on a timer meanwhile.
+        ("STRATA_FILE_MAX_ROWS", first_half.as_str()),
+        ("STRATA_FLUSH_INTERVAL", "60s"),
+        ("STRATA_FAILPOINT", "after_gold_send:1"),
+        ("STRATA_FAILPOINT_PAUSE_SECS", pause_secs.as_str()),
+    ]);
+    let replica = frozen_after_its_first_send(&setup, &env).await;
+    let held = Instant::now();
+    let first_last = per_partition / 2 - 1;
+    let silver = setup.progress().await;
+    assert_eq!(
+        silver,
+        BTreeMap::from([(0, first_last), (1, first_last)]),
+        "Silver committed the first half before its epoch was sent"
+    );
+
+    produce(&setup.topic, during).await;
+    replica
+        .wait_metric(
+            "strata_records_consumed_total",
+            events.len() as f64,
+            "the second half is consumed while the first epoch is being sent",
+        )
+        .await;
+    assert!(
+        held.elapsed() < pause - Duration::from_secs(3),
+        "consumed only after {:?}: the epoch's send (held {pause:?}) stopped consumption; log:\n{}",
+        held.elapsed(),
+        replica.tail(40)
+    );
+    assert_eq!(
+        setup.progress().await,
+        silver,
+        "Silver commits nothing more while the partitions' epoch is not recorded"
+    );
+
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
+    assert_gold(&gold, &expected);
+    assert!(late_rows(&setup).await.is_empty());
+    let last = per_partition - 1;
+    assert_eq!(
+        setup.progress().await,
+        BTreeMap::from([(0, last), (1, last)])
+    );
+}
+
 /// The same skewed input through one replica with salting off and one with 7 salts over 8
 /// partials partitions: unsalted, the hot key's partition carries far more than the mean;
 /// salted, the busiest partition carries at most 1.5× the mean. Both Gold tables are exact.

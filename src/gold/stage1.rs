@@ -198,21 +198,73 @@ struct Computed {
     salted: u64,
 }
 
-pub struct Emitter {
+/// What an epoch that was sent and recorded leaves behind.
+struct Recorded {
+    tp: TopicPartition,
+    end: i64,
+    watermark: Option<i64>,
+    events: u64,
+    hot: usize,
+    load: BTreeMap<i32, (u64, u64)>,
+    salted: u64,
+    late_rows: u64,
+}
+
+/// How an epoch is computed: the spec and the settings. Shared with the task that sends.
+struct Rules {
     spec: GoldSpec,
     salting: Option<super::core::epoch::Salting>,
     delay: i64,
     /// `STRATA_MAX_EVENT_TIME_SKEW` in microseconds (see `watermark::bounded`).
     max_skew: i64,
     lateness: i64,
-    idle_timeout: Duration,
     fingerprint: u64,
-    topic: String,
     partitions: i32,
+    late_schema: SchemaRef,
+}
+
+/// What sends epochs and records them: the partials producer and the late-events table. It goes
+/// with a flush's epochs to the task that sends them, and comes back with the outcome.
+struct Outbox {
     producer: Producer,
+    topic: String,
     late: TableCommitter,
     late_writer: SilverWriter,
-    late_schema: SchemaRef,
+}
+
+/// A send's outcome, back from its task, with the outbox and the epochs it was given.
+struct Sent {
+    outbox: Outbox,
+    epochs: Vec<Epoch>,
+    result: Result<Delivered, EmitError>,
+}
+
+enum Delivered {
+    /// Every epoch's partials acknowledged and the late-table commit landed.
+    Recorded(Vec<Recorded>),
+    /// The late-table commit was refused: another replica moved these partitions' progress.
+    Fenced(Vec<Fenced>),
+}
+
+/// Stage 1 of one replica. A flush's epochs are sent by a task of their own
+/// ([`Emitter::start`]), so that consuming goes on while their partials are computed, sent and
+/// acknowledged and the late table commits; the next flush waits for that task before Silver
+/// commits more ([`Emitter::send`]), so an epoch is always recorded before the partition's next
+/// Silver commit (what makes a replay cut the same epochs, see the module's text).
+pub struct Emitter {
+    rules: Arc<Rules>,
+    idle_timeout: Duration,
+    /// `None` while a send is in flight (`in_flight` holds it then).
+    outbox: Option<Outbox>,
+    in_flight: Option<tokio::task::JoinHandle<Sent>>,
+    /// Partitions released while a send was in flight: the late table forgets them when the
+    /// outbox comes back.
+    released: Vec<TopicPartition>,
+    /// Fences found by a send that finished while nobody was waiting for it (a claim took its
+    /// outcome in), for the next [`Emitter::poll`] or [`Emitter::send`].
+    fenced: Vec<Fenced>,
+    /// The failure of such a send (its epochs are queued again).
+    failed: Option<EmitError>,
     sources: HashMap<TopicPartition, SourceState>,
     pending: Vec<Epoch>,
     metrics: Arc<Metrics>,
@@ -284,19 +336,27 @@ impl Emitter {
             store,
         );
         Ok(Self {
-            fingerprint: spec_fingerprint(&spec.aggregates, &spec.key_fields),
-            spec,
-            salting: gold.salting,
-            delay: micros(gold.watermark_delay),
-            max_skew: micros(gold.max_event_time_skew),
-            lateness: micros(gold.allowed_lateness),
+            rules: Arc::new(Rules {
+                fingerprint: spec_fingerprint(&spec.aggregates, &spec.key_fields),
+                spec,
+                salting: gold.salting,
+                delay: micros(gold.watermark_delay),
+                max_skew: micros(gold.max_event_time_skew),
+                lateness: micros(gold.allowed_lateness),
+                partitions,
+                late_schema: schema,
+            }),
             idle_timeout: gold.idle_timeout,
-            topic: gold.partials_topic.clone(),
-            partitions,
-            producer,
-            late,
-            late_writer,
-            late_schema: schema,
+            outbox: Some(Outbox {
+                producer,
+                topic: gold.partials_topic.clone(),
+                late,
+                late_writer,
+            }),
+            in_flight: None,
+            released: Vec::new(),
+            fenced: Vec::new(),
+            failed: None,
             sources: HashMap::new(),
             pending: Vec::new(),
             metrics,
@@ -313,8 +373,15 @@ impl Emitter {
         partitions: &[TopicPartition],
         silver: &(dyn Fn(&TopicPartition) -> SilverProgress + Sync),
     ) -> Result<(), CommitError> {
+        // The late table's progress is read once no send is in flight (its outcome, a fence
+        // or a failure, waits for the next `poll` or `send`).
+        self.settle().await;
+        let Some(outbox) = self.outbox.as_mut() else {
+            unreachable!("no send is in flight after `settle`, so the outbox is back");
+        };
+        let late = &mut outbox.late;
         for _ in 0..10 {
-            let claimed = self.late.claim(partitions).await?;
+            let claimed = late.claim(partitions).await?;
             let mut fresh = BTreeMap::new();
             for (tp, stored) in &claimed {
                 if stored.is_none() {
@@ -322,7 +389,7 @@ impl Emitter {
                 }
             }
             if !fresh.is_empty() {
-                match self.late.commit(Vec::new(), &fresh).await? {
+                match late.commit(Vec::new(), &fresh).await? {
                     CommitOutcome::Committed { .. } => {}
                     // Another replica started the same partition first: read again.
                     CommitOutcome::Fenced(_) => continue,
@@ -330,8 +397,8 @@ impl Emitter {
             }
             for (tp, stored) in claimed {
                 let emitted = stored.or_else(|| fresh.get(&tp).copied()).unwrap_or(-1);
-                let app = self.late.side_app_id("watermark", &tp);
-                let watermark = self.late.stored(&app).await?;
+                let app = late.side_app_id("watermark", &tp);
+                let watermark = late.stored(&app).await?;
                 let SilverProgress { committed, clock } = silver(&tp);
                 let through = committed.filter(|s| *s > emitted);
                 if let Some(s) = through {
@@ -424,18 +491,302 @@ impl Emitter {
         }
     }
 
-    pub fn has_pending(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
     /// Forgets a partition (revoked, lost, fenced): its unsent epochs are dropped (the next owner
     /// reads them again from the tables' progress).
     pub fn release(&mut self, tp: &TopicPartition) {
         self.sources.remove(tp);
         self.pending.retain(|e| &e.tp != tp);
-        self.late.release(std::slice::from_ref(tp));
+        match self.outbox.as_mut() {
+            Some(outbox) => outbox.late.release(std::slice::from_ref(tp)),
+            None => self.released.push(tp.clone()),
+        }
     }
 
+    /// Sends every queued epoch and waits until each is recorded: a send in flight first, then
+    /// the epochs queued since (replays, or a failed send's). A flush calls it before Silver
+    /// commits more. On a fence, those partitions' epochs are dropped and returned (the caller
+    /// reads them again from the tables' progress).
+    pub async fn send(&mut self) -> Result<Vec<Fenced>, EmitError> {
+        self.settle().await;
+        // A failed send's epochs are queued again, and sent now: that is its retry.
+        self.failed = None;
+        self.start();
+        self.settle().await;
+        self.outcome()
+    }
+
+    /// Starts sending the queued epochs in a task of their own and returns at once; the next
+    /// `send`, `claim`, `idle` or `poll` takes its outcome in.
+    pub fn start(&mut self) {
+        if self.in_flight.is_some() || self.pending.is_empty() {
+            return;
+        }
+        let Some(mut outbox) = self.outbox.take() else {
+            return;
+        };
+        let epochs = std::mem::take(&mut self.pending);
+        // Each partition's epochs in order, the first from the watermark the last sent one left.
+        let starts: HashMap<TopicPartition, Option<i64>> = epochs
+            .iter()
+            .map(|e| {
+                let watermark = self.sources.get(&e.tp).and_then(|s| s.watermark);
+                (e.tp.clone(), watermark)
+            })
+            .collect();
+        let rules = self.rules.clone();
+        self.in_flight = Some(tokio::spawn(async move {
+            let result = outbox.deliver(&rules, &epochs, starts).await;
+            Sent {
+                outbox,
+                epochs,
+                result,
+            }
+        }));
+    }
+
+    /// Takes in a send that has finished, without waiting for one that has not: the fences and
+    /// the failure found since the last call. A failed send's epochs are queued again.
+    pub async fn poll(&mut self) -> Result<Vec<Fenced>, EmitError> {
+        if self.in_flight.as_ref().is_some_and(|t| t.is_finished()) {
+            self.settle().await;
+        }
+        self.outcome()
+    }
+
+    /// Whether epochs are queued or being sent.
+    pub fn busy(&self) -> bool {
+        self.in_flight.is_some() || !self.pending.is_empty()
+    }
+
+    /// Waits for the send in flight, if any, and takes its outcome in.
+    async fn settle(&mut self) {
+        let Some(task) = self.in_flight.take() else {
+            return;
+        };
+        let sent = match task.await {
+            Ok(sent) => sent,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => unreachable!("the send task is never aborted"),
+        };
+        let Sent {
+            mut outbox,
+            epochs,
+            result,
+        } = sent;
+        for tp in self.released.drain(..) {
+            outbox.late.release(std::slice::from_ref(&tp));
+        }
+        self.outbox = Some(outbox);
+        match result {
+            Ok(Delivered::Recorded(recorded)) => self.recorded(recorded),
+            Ok(Delivered::Fenced(fenced)) => {
+                self.requeue(epochs);
+                for f in &fenced {
+                    self.release(&f.partition);
+                }
+                self.fenced.extend(fenced);
+            }
+            Err(e) => {
+                self.requeue(epochs);
+                self.failed = Some(e);
+            }
+        }
+    }
+
+    /// Epochs whose send did not land go back to the front of the queue, in order, unless their
+    /// partition was released meanwhile.
+    fn requeue(&mut self, epochs: Vec<Epoch>) {
+        let mut again: Vec<Epoch> = epochs
+            .into_iter()
+            .filter(|e| self.sources.contains_key(&e.tp))
+            .collect();
+        again.append(&mut self.pending);
+        self.pending = again;
+    }
+
+    fn outcome(&mut self) -> Result<Vec<Fenced>, EmitError> {
+        match self.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(std::mem::take(&mut self.fenced)),
+        }
+    }
+
+    /// Sent and recorded: each partition's progress moves on.
+    fn recorded(&mut self, recorded: Vec<Recorded>) {
+        let gold = self.metrics.gold();
+        for r in recorded {
+            gold.epoch_sent(r.events, r.salted, r.late_rows, r.load);
+            if let Some(s) = self.sources.get_mut(&r.tp) {
+                s.emitted = r.end;
+                s.watermark = r.watermark;
+                s.hot = r.hot;
+            }
+        }
+        gold.hot_keys(self.sources.values().map(|s| s.hot).sum());
+        self.report_watermark();
+    }
+
+    fn report_watermark(&self) {
+        let lowest = self.sources.values().filter_map(|s| s.watermark).min();
+        if let Some(w) = lowest {
+            self.metrics.gold().source_watermark(w);
+        }
+    }
+
+    /// Moves the watermark of caught-up partitions that had no records for the idle timeout to
+    /// the clock (now minus the delay), commits it, then marks every partials partition.
+    /// `next` holds the next offset of each partition with nothing buffered; a partition is caught
+    /// up when the broker's high watermark (asked on the producer's connection, only for
+    /// candidates, at most once per idle timeout) is not beyond it.
+    pub async fn idle(
+        &mut self,
+        next: &HashMap<TopicPartition, Option<i64>>,
+    ) -> Result<Vec<Fenced>, EmitError> {
+        // Not while epochs wait to be sent: a marker announces the watermark stored before it.
+        if self.busy() {
+            return Ok(Vec::new());
+        }
+        let rules = self.rules.clone();
+        // In closing steps (the last multiple of the slide plus the lateness): the same windows
+        // become final as with the clock's own watermark, at the same moment, and a quiet
+        // partition commits once per slide rather than at every idle check. The watermark a
+        // marker announces is always the one stored before it.
+        let now = closing_step(
+            rules.spec.window.slide,
+            rules.lateness,
+            chrono::Utc::now()
+                .timestamp_micros()
+                .saturating_sub(rules.delay),
+        );
+        let candidates: Vec<(TopicPartition, Option<i64>)> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| {
+                s.replay_through.is_none()
+                    && s.last_activity.elapsed() >= self.idle_timeout
+                    && s.last_check.elapsed() >= self.idle_timeout
+                    && s.watermark.is_none_or(|w| w < now)
+            })
+            .filter_map(|(tp, _)| next.get(tp).map(|n| (tp.clone(), *n)))
+            .collect();
+        let Some(outbox) = self.outbox.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut idle = Vec::new();
+        for (tp, next) in candidates {
+            if let Some(s) = self.sources.get_mut(&tp) {
+                s.last_check = Instant::now();
+            }
+            let producer = outbox.producer.clone();
+            let (topic, partition) = (tp.topic.to_string(), tp.partition);
+            let marks = tokio::task::spawn_blocking(move || {
+                producer
+                    .client()
+                    .fetch_watermarks(&topic, partition, Duration::from_secs(5))
+            })
+            .await;
+            if let Ok(Ok((low, high))) = marks {
+                if next.is_some_and(|n| n >= high) || low == high {
+                    idle.push(tp);
+                }
+            }
+        }
+        if idle.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut last = BTreeMap::new();
+        let mut extra = Vec::new();
+        for tp in &idle {
+            if let Some(s) = self.sources.get(tp) {
+                last.insert(tp.clone(), s.emitted);
+                extra.push((outbox.late.side_app_id("watermark", tp), now));
+            }
+        }
+        if let CommitOutcome::Fenced(fenced) =
+            outbox.late.commit_with(Vec::new(), &last, &extra).await?
+        {
+            for f in &fenced {
+                self.release(&f.partition);
+            }
+            return Ok(fenced);
+        }
+        let mut messages = Vec::new();
+        for tp in &idle {
+            let Some(s) = self.sources.get_mut(tp) else {
+                continue;
+            };
+            s.watermark = Some(now);
+            s.last_activity = Instant::now();
+            s.hot = 0;
+            tracing::debug!(partition = %tp, watermark = now, "idle source partition: watermark follows the clock");
+            let marker = Message::Marker {
+                source_topic: tp.topic.to_string(),
+                source_partition: tp.partition,
+                epoch_end: s.emitted,
+                watermark: now,
+            }
+            .encode(rules.fingerprint);
+            for partition in 0..rules.partitions {
+                messages.push((partition, None, marker.clone()));
+            }
+        }
+        send_in_order(&outbox.producer, &outbox.topic, messages).await?;
+        self.report_watermark();
+        Ok(Vec::new())
+    }
+}
+
+impl Outbox {
+    /// Computes `epochs` (each partition's first from its watermark in `watermarks`), sends
+    /// their partials and markers in order, waits for every acknowledgement, then commits the
+    /// late rows with each partition's last offset and watermark.
+    async fn deliver(
+        &mut self,
+        rules: &Rules,
+        epochs: &[Epoch],
+        mut watermarks: HashMap<TopicPartition, Option<i64>>,
+    ) -> Result<Delivered, EmitError> {
+        let mut messages = Vec::new();
+        let mut late = Vec::new();
+        let mut recorded = Vec::with_capacity(epochs.len());
+        for epoch in epochs {
+            let start = watermarks.get(&epoch.tp).copied().flatten();
+            let mut computed = rules.compute(epoch, start)?;
+            watermarks.insert(epoch.tp.clone(), computed.watermark);
+            messages.append(&mut computed.messages);
+            let late_rows = computed.late.as_ref().map_or(0, |r| r.num_rows() as u64);
+            late.extend(computed.late);
+            recorded.push(Recorded {
+                tp: epoch.tp.clone(),
+                end: epoch.end,
+                watermark: computed.watermark,
+                events: computed.events,
+                hot: computed.hot,
+                load: computed.load,
+                salted: computed.salted,
+                late_rows,
+            });
+            // An epoch's computing is a few milliseconds of CPU: the runtime's other tasks
+            // (decoding the next chunks) get their turn between epochs.
+            tokio::task::yield_now().await;
+        }
+        send_in_order(&self.producer, &self.topic, messages).await?;
+        crate::failpoint!("after_gold_send");
+        let files = self.late_writer.write(&late).await?;
+        let last: BTreeMap<TopicPartition, i64> =
+            epochs.iter().map(|e| (e.tp.clone(), e.end)).collect();
+        let extra: Vec<(String, i64)> = watermarks
+            .iter()
+            .filter_map(|(tp, w)| w.map(|w| (self.late.side_app_id("watermark", tp), w)))
+            .collect();
+        match self.late.commit_with(files, &last, &extra).await? {
+            CommitOutcome::Fenced(fenced) => Ok(Delivered::Fenced(fenced)),
+            CommitOutcome::Committed { .. } => Ok(Delivered::Recorded(recorded)),
+        }
+    }
+}
+
+impl Rules {
     /// Computes one epoch from the watermark `start`.
     fn compute(&self, epoch: &Epoch, start: Option<i64>) -> Result<Computed, RowsError> {
         let window = self.spec.window;
@@ -573,174 +924,5 @@ impl Emitter {
             }),
         )));
         RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)
-    }
-
-    /// Sends every queued epoch and commits them to the late table. On a fence, those partitions'
-    /// epochs are dropped and returned (the caller re-reads them from the tables' progress).
-    pub async fn send(&mut self) -> Result<Vec<Fenced>, EmitError> {
-        if self.pending.is_empty() {
-            return Ok(Vec::new());
-        }
-        // Each partition's epochs in order, each from the watermark the previous one left.
-        let mut watermarks: HashMap<TopicPartition, Option<i64>> = HashMap::new();
-        let mut messages = Vec::new();
-        let mut late = Vec::new();
-        let mut computed_all = Vec::new();
-        for epoch in &self.pending {
-            let start = match watermarks.get(&epoch.tp) {
-                Some(w) => *w,
-                None => self.sources.get(&epoch.tp).and_then(|s| s.watermark),
-            };
-            let mut computed = self.compute(epoch, start)?;
-            watermarks.insert(epoch.tp.clone(), computed.watermark);
-            messages.append(&mut computed.messages);
-            if let Some(rows) = &computed.late {
-                late.push(rows.clone());
-            }
-            computed_all.push((epoch.tp.clone(), epoch.end, computed));
-        }
-        send_in_order(&self.producer, &self.topic, messages).await?;
-        crate::failpoint!("after_gold_send");
-        let files = self.late_writer.write(&late).await?;
-        let mut last: BTreeMap<TopicPartition, i64> = BTreeMap::new();
-        for (tp, end, _) in &computed_all {
-            last.insert(tp.clone(), *end);
-        }
-        let extra: Vec<(String, i64)> = watermarks
-            .iter()
-            .filter_map(|(tp, w)| w.map(|w| (self.late.side_app_id("watermark", tp), w)))
-            .collect();
-        match self.late.commit_with(files, &last, &extra).await? {
-            CommitOutcome::Fenced(fenced) => {
-                for f in &fenced {
-                    self.release(&f.partition);
-                }
-                Ok(fenced)
-            }
-            CommitOutcome::Committed { .. } => {
-                let gold = self.metrics.gold();
-                let mut hot = 0;
-                for (tp, end, computed) in computed_all {
-                    let late = computed.late.as_ref().map_or(0, |r| r.num_rows() as u64);
-                    gold.epoch_sent(computed.events, computed.salted, late, computed.load);
-                    if let Some(s) = self.sources.get_mut(&tp) {
-                        s.emitted = end;
-                        s.watermark = computed.watermark;
-                        s.hot = computed.hot;
-                    }
-                }
-                for s in self.sources.values() {
-                    hot += s.hot;
-                }
-                gold.hot_keys(hot);
-                self.pending.clear();
-                self.report_watermark();
-                Ok(Vec::new())
-            }
-        }
-    }
-
-    fn report_watermark(&self) {
-        let lowest = self.sources.values().filter_map(|s| s.watermark).min();
-        if let Some(w) = lowest {
-            self.metrics.gold().source_watermark(w);
-        }
-    }
-
-    /// Moves the watermark of caught-up partitions that had no records for the idle timeout to
-    /// the clock (now minus the delay), commits it, then marks every partials partition.
-    /// `next` holds the next offset of each partition with nothing buffered; a partition is caught
-    /// up when the broker's high watermark (asked on the producer's connection, only for
-    /// candidates, at most once per idle timeout) is not beyond it.
-    pub async fn idle(
-        &mut self,
-        next: &HashMap<TopicPartition, Option<i64>>,
-    ) -> Result<Vec<Fenced>, EmitError> {
-        if !self.pending.is_empty() {
-            return Ok(Vec::new());
-        }
-        // In closing steps (the last multiple of the slide plus the lateness): the same windows
-        // become final as with the clock's own watermark, at the same moment, and a quiet
-        // partition commits once per slide rather than at every idle check. The watermark a
-        // marker announces is always the one stored before it.
-        let now = closing_step(
-            self.spec.window.slide,
-            self.lateness,
-            chrono::Utc::now()
-                .timestamp_micros()
-                .saturating_sub(self.delay),
-        );
-        let candidates: Vec<(TopicPartition, Option<i64>)> = self
-            .sources
-            .iter()
-            .filter(|(_, s)| {
-                s.replay_through.is_none()
-                    && s.last_activity.elapsed() >= self.idle_timeout
-                    && s.last_check.elapsed() >= self.idle_timeout
-                    && s.watermark.is_none_or(|w| w < now)
-            })
-            .filter_map(|(tp, _)| next.get(tp).map(|n| (tp.clone(), *n)))
-            .collect();
-        let mut idle = Vec::new();
-        for (tp, next) in candidates {
-            if let Some(s) = self.sources.get_mut(&tp) {
-                s.last_check = Instant::now();
-            }
-            let producer = self.producer.clone();
-            let (topic, partition) = (tp.topic.to_string(), tp.partition);
-            let marks = tokio::task::spawn_blocking(move || {
-                producer
-                    .client()
-                    .fetch_watermarks(&topic, partition, Duration::from_secs(5))
-            })
-            .await;
-            if let Ok(Ok((low, high))) = marks {
-                if next.is_some_and(|n| n >= high) || low == high {
-                    idle.push(tp);
-                }
-            }
-        }
-        if idle.is_empty() {
-            return Ok(Vec::new());
-        }
-        let mut last = BTreeMap::new();
-        let mut extra = Vec::new();
-        for tp in &idle {
-            if let Some(s) = self.sources.get(tp) {
-                last.insert(tp.clone(), s.emitted);
-                extra.push((self.late.side_app_id("watermark", tp), now));
-            }
-        }
-        if let CommitOutcome::Fenced(fenced) =
-            self.late.commit_with(Vec::new(), &last, &extra).await?
-        {
-            for f in &fenced {
-                self.release(&f.partition);
-            }
-            return Ok(fenced);
-        }
-        let mut messages = Vec::new();
-        for tp in &idle {
-            let Some(s) = self.sources.get_mut(tp) else {
-                continue;
-            };
-            s.watermark = Some(now);
-            s.last_activity = Instant::now();
-            s.hot = 0;
-            tracing::debug!(partition = %tp, watermark = now, "idle source partition: watermark follows the clock");
-            let marker = Message::Marker {
-                source_topic: tp.topic.to_string(),
-                source_partition: tp.partition,
-                epoch_end: s.emitted,
-                watermark: now,
-            }
-            .encode(self.fingerprint);
-            for partition in 0..self.partitions {
-                messages.push((partition, None, marker.clone()));
-            }
-        }
-        send_in_order(&self.producer, &self.topic, messages).await?;
-        self.report_watermark();
-        Ok(Vec::new())
     }
 }

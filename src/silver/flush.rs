@@ -20,14 +20,25 @@ use super::pipeline::{PipelineError, Replica};
 /// commit that stored its offsets (`watermark::clock_version`; see `Epoch::clock` in Gold stage 1).
 pub(super) const CLOCK: &str = "clock";
 
+/// What a flush does with the Gold epochs its commit makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Epochs {
+    /// Sent by a task of their own while consuming goes on; the next flush waits for them
+    /// before Silver commits more (`gold::stage1::Emitter::start`).
+    InBackground,
+    /// Sent and recorded before the flush returns: before a revocation is answered, and at
+    /// the end of a run.
+    Sent,
+}
+
 impl Replica {
     /// Writes and commits everything buffered, once. When that fails the replica stalls instead
     /// of waiting in here: it asks the source to pause fetching (the consumer keeps polling, so a
     /// long store outage never costs the group membership), reports the store as refusing, and
     /// the next attempt comes from a tick (`retry_stalled`). Nothing is lost: the rows stay
     /// buffered, and the files already uploaded are kept for the retry.
-    pub(super) async fn flush(&mut self) -> Result<(), PipelineError> {
-        match self.try_flush().await {
+    pub(super) async fn flush(&mut self, epochs: Epochs) -> Result<(), PipelineError> {
+        match self.try_flush(epochs).await {
             Ok(()) => {
                 if self.commands.unstall(&mut self.stalled) {
                     tracing::info!("the object store takes writes again; fetching resumes");
@@ -36,19 +47,25 @@ impl Replica {
                 Ok(())
             }
             Err(e) => {
-                let delay = self.commands.stall(&mut self.stalled);
-                let uploaded: usize = self
-                    .tables
-                    .list
-                    .iter()
-                    .map(|t| t.uploads.file_count())
-                    .sum();
-                self.metrics.lake_refuses(Some(&self.refusal(&e)));
-                tracing::warn!(error = %e, retry_in = ?delay, uploaded_files_kept = uploaded,
-                    "flush failed; fetching paused, buffered rows kept");
+                self.stall_on(&e);
                 Ok(())
             }
         }
+    }
+
+    /// A flush, or the sending of its Gold epochs, failed: fetching pauses and the flush is tried
+    /// again from a tick (`retry_stalled`).
+    pub(super) fn stall_on(&mut self, e: &PipelineError) {
+        let delay = self.commands.stall(&mut self.stalled);
+        let uploaded: usize = self
+            .tables
+            .list
+            .iter()
+            .map(|t| t.uploads.file_count())
+            .sum();
+        self.metrics.lake_refuses(Some(&self.refusal(e)));
+        tracing::warn!(error = %e, retry_in = ?delay, uploaded_files_kept = uploaded,
+            "flush failed; fetching paused, buffered rows kept");
     }
 
     /// Which store refuses and how, for `/readyz`: the lake and the end of the error (the
@@ -68,7 +85,7 @@ impl Replica {
     /// The stalled flush's next attempt, when it is due.
     pub(super) async fn retry_stalled(&mut self) -> Result<(), PipelineError> {
         if self.stalled.as_ref().is_some_and(Stall::due) {
-            self.flush().await?;
+            self.flush(Epochs::InBackground).await?;
         }
         Ok(())
     }
@@ -78,7 +95,7 @@ impl Replica {
     pub(super) async fn flush_to_the_end(&mut self) -> Result<(), PipelineError> {
         let mut retry = Retry::new(Pace::Outage, &self.shutdown);
         loop {
-            match self.try_flush().await {
+            match self.try_flush(Epochs::Sent).await {
                 Ok(()) => {
                     self.metrics.lake_refuses(None);
                     return Ok(());
@@ -97,9 +114,11 @@ impl Replica {
     /// One flush: per table, check ownership, write its files and commit them with the `txn` of
     /// every partition it has not recorded yet. A table whose commit landed is not redone when a
     /// later table's commit is fenced (its progress moved, so the retry finds nothing to do there).
-    pub(super) async fn try_flush(&mut self) -> Result<(), PipelineError> {
+    pub(super) async fn try_flush(&mut self, epochs: Epochs) -> Result<(), PipelineError> {
         let started = Instant::now();
-        // An epoch Silver holds but Gold has not sent goes first: epochs are sent in order.
+        // Epochs Silver holds but Gold has not recorded go first (the last flush's, still being
+        // sent, and replays): a partition's epoch is recorded before Silver commits more of it,
+        // so a replay after a crash cuts the same epochs.
         self.send_gold().await?;
         'again: loop {
             let pending: BTreeMap<TopicPartition, i64> = self
@@ -264,7 +283,14 @@ impl Replica {
             self.oldest = None;
             self.flush_clock = None;
             self.flushed_at = Instant::now();
-            self.send_gold().await?;
+            match epochs {
+                Epochs::InBackground => {
+                    if let Some(gold) = &mut self.gold {
+                        gold.start();
+                    }
+                }
+                Epochs::Sent => self.send_gold().await?,
+            }
             return Ok(());
         }
     }

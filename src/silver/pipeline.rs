@@ -24,6 +24,7 @@ use crate::schema::registry::SchemaRegistry;
 use crate::silver::dead_letters::DeadLetters;
 use crate::silver::tables::Tables;
 
+use super::flush::Epochs;
 use super::routes::{Destination, Route};
 
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +242,9 @@ impl Replica {
                 // dropped, and the next owner reads it again.
                 self.claims.revoke(&partitions);
                 if !lost && self.stalled.is_none() {
-                    self.flush().await?;
+                    // The epochs are recorded before the partitions go: a send still in flight
+                    // would race the next owner's replay of them.
+                    self.flush(Epochs::Sent).await?;
                 }
                 self.forget(&partitions, if lost { "lost" } else { "revoked" });
                 let _ = done.send(());
@@ -270,7 +273,7 @@ impl Replica {
                 let due = self.flushed_at.elapsed() >= self.config.flush_interval;
                 if rows > 0 && due && self.stalled.is_none() {
                     self.metrics.caught_up_flush();
-                    self.flush().await?;
+                    self.flush(Epochs::InBackground).await?;
                 }
                 Ok(())
             }
@@ -460,7 +463,7 @@ impl Replica {
         if (rows >= self.config.file_max_rows || bytes >= self.config.file_max_bytes)
             && self.stalled.is_none()
         {
-            self.flush().await?;
+            self.flush(Epochs::InBackground).await?;
         }
         Ok(())
     }
@@ -490,7 +493,7 @@ impl Stage for Replica {
             .oldest
             .is_some_and(|t| t.elapsed() >= self.config.flush_interval)
         {
-            self.flush().await?;
+            self.flush(Epochs::InBackground).await?;
         }
         self.advise_positions();
         self.gold_idle().await

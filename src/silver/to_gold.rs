@@ -38,8 +38,9 @@ impl Replica {
         gold.claim(partitions, &held).await
     }
 
-    /// Sends Gold's queued epochs (after their Silver commit). A fence on the late table drops the
-    /// partition's work and reads it again, like a fence on a Silver table.
+    /// Sends Gold's queued epochs (after their Silver commit) and waits until they are recorded,
+    /// a send in flight included. A fence on the late table drops the partition's work and reads
+    /// it again, like a fence on a Silver table.
     pub(super) async fn send_gold(&mut self) -> Result<(), PipelineError> {
         let Some(gold) = &mut self.gold else {
             return Ok(());
@@ -68,8 +69,20 @@ impl Replica {
         Ok(())
     }
 
-    /// Idle source partitions move Gold's watermark with the clock (see `gold::emitter`).
+    /// Takes in the epochs a flush sent in the background, once they are recorded (or fenced,
+    /// or failed: then the replica stalls and the next flush sends them again); then idle source
+    /// partitions move Gold's watermark with the clock (see `gold::stage1`).
     pub(super) async fn gold_idle(&mut self) -> Result<(), PipelineError> {
+        let Some(gold) = &mut self.gold else {
+            return Ok(());
+        };
+        match gold.poll().await {
+            Ok(fenced) => self.on_gold_fenced(fenced).await?,
+            Err(e) => {
+                self.stall_on(&e.into());
+                return Ok(());
+            }
+        }
         let Some(gold) = &mut self.gold else {
             return Ok(());
         };
