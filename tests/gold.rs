@@ -517,42 +517,75 @@ async fn late_events_are_exactly_the_late_table() {
     );
 }
 
+/// The `txn` versions of the late-events table per partition of the topic: the last offset whose
+/// epoch is recorded as sent.
+async fn late_progress(setup: &Setup) -> BTreeMap<i32, i64> {
+    let mut out = BTreeMap::new();
+    let url = gold_url(setup, "order_by_customer_id_late");
+    let Ok(table) = deltalake::DeltaTable::try_from_url(url).await else {
+        return out;
+    };
+    let Ok(snapshot) = table.snapshot() else {
+        return out;
+    };
+    for partition in 0..2 {
+        let app_id = format!("strata/{}-gold/{}/{partition}", setup.group, setup.topic);
+        if let Ok(Some(version)) = snapshot
+            .transaction_version(table.log_store().as_ref(), app_id)
+            .await
+        {
+            out.insert(partition, version);
+        }
+    }
+    out
+}
+
 /// Consuming goes on while a flush's epochs are sent. The replica's first epoch (the first half of
 /// the input, one flush at `STRATA_FILE_MAX_ROWS`) is held right after its partials went out and
-/// before the late table records it (failpoint `after_gold_send`, paused 20 s). The second half,
-/// produced meanwhile, is consumed all the same, while Silver commits none of it: a partition's
-/// epoch is recorded before its next Silver commit, so a replay cuts the same epochs. Then Gold is
-/// exact. When the send ran inside the flush, the replica consumed nothing until the pause ended.
+/// before the late table records it (failpoint `after_gold_send`, released by the test). The
+/// second half, produced meanwhile, is consumed all the same, while Silver commits none of it: a
+/// partition's epoch is recorded before its next Silver commit, so a replay cuts the same epochs.
+/// Once released, Gold is exact. When the send ran inside the flush, the replica consumed nothing
+/// while the send was held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consuming_goes_on_while_an_epoch_is_being_sent() {
     let setup = Setup::new("gold-overlap", 2).await;
     let per_partition = 1_000;
     let events = skewed(2, per_partition, 300, 2_000, 41);
     let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
-    // Each partition's first half: `skewed` deals its events out partition by partition.
+    assert!(expected.late.is_empty(), "this stream has no late events");
+    // `skewed` deals its events out to the partitions in turn: the first half of the list is
+    // each partition's first half.
     let (before, during) = events.split_at(events.len() / 2);
     produce(&setup.topic, before).await;
 
-    let pause = Duration::from_secs(20);
+    let held_by = tempfile::tempdir().expect("temp dir");
+    let resume = held_by.path().join("resume");
+    let resume_text = resume.display().to_string();
+    let first_half = before.len().to_string();
     let mut env = gold_env("1m", "4", "2");
     env.retain(|(k, _)| *k != "STRATA_FILE_MAX_ROWS");
-    let first_half = before.len().to_string();
-    let pause_secs = pause.as_secs().to_string();
     env.extend([
-        // One flush when the first half is buffered, and none on a timer meanwhile.
+        // One flush once the first half is buffered, and none on a timer meanwhile.
         ("STRATA_FILE_MAX_ROWS", first_half.as_str()),
         ("STRATA_FLUSH_INTERVAL", "60s"),
-        ("STRATA_FAILPOINT", "after_gold_send:1"),
-        ("STRATA_FAILPOINT_PAUSE_SECS", pause_secs.as_str()),
+        ("STRATA_FAILPOINT_RESUME_FILE", resume_text.as_str()),
+        // The failpoint holds the send's thread: the replica's other worker thread goes on.
+        ("TOKIO_WORKER_THREADS", "2"),
     ]);
     let replica = frozen_after_its_first_send(&setup, &env).await;
-    let held = Instant::now();
     let first_last = per_partition / 2 - 1;
     let silver = setup.progress().await;
     assert_eq!(
         silver,
         BTreeMap::from([(0, first_last), (1, first_last)]),
-        "Silver committed the first half before its epoch was sent"
+        "Silver holds the first half"
+    );
+    // Gold started both partitions where Silver stood (nothing), and has recorded nothing since.
+    assert_eq!(
+        late_progress(&setup).await,
+        BTreeMap::from([(0, -1), (1, -1)]),
+        "the first half's epoch is not recorded yet"
     );
 
     produce(&setup.topic, during).await;
@@ -560,20 +593,25 @@ async fn consuming_goes_on_while_an_epoch_is_being_sent() {
         .wait_metric(
             "strata_records_consumed_total",
             events.len() as f64,
-            "the second half is consumed while the first epoch is being sent",
+            "the second half is consumed while the first epoch's send is held",
         )
         .await;
-    assert!(
-        held.elapsed() < pause - Duration::from_secs(3),
-        "consumed only after {:?}: the epoch's send (held {pause:?}) stopped consumption; log:\n{}",
-        held.elapsed(),
-        replica.tail(40)
-    );
+    // The second half fills the buffer to `STRATA_FILE_MAX_ROWS`, so its flush has started: it
+    // waits for the epoch before Silver commits.
+    replica
+        .wait_metric(
+            "strata_records_buffered",
+            during.len() as f64,
+            "the second half is buffered",
+        )
+        .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         setup.progress().await,
         silver,
         "Silver commits nothing more while the partitions' epoch is not recorded"
     );
+    std::fs::write(&resume, b"go").expect("resume file");
 
     let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
     assert_gold(&gold, &expected);
@@ -581,6 +619,10 @@ async fn consuming_goes_on_while_an_epoch_is_being_sent() {
     let last = per_partition - 1;
     assert_eq!(
         setup.progress().await,
+        BTreeMap::from([(0, last), (1, last)])
+    );
+    assert_eq!(
+        late_progress(&setup).await,
         BTreeMap::from([(0, last), (1, last)])
     );
 }

@@ -4,6 +4,8 @@
 //! epoch to epoch), pre-aggregates the rest, sends the partials and a marker to every partials
 //! partition (idempotent producer, awaited), then commits the late rows to the late-events table
 //! with `txn` = `last` and the watermark after the epoch. That `txn` marks the epoch as sent.
+//! All of that runs in a task of its own while the replica consumes on; the next flush waits for
+//! it before Silver commits more (see [`Emitter`]).
 //!
 //! After a crash between the Silver commit (S) and the late commit (G < S), the next owner reads
 //! the epoch (G, S] again from Kafka (the pipeline routes those rows here, not to Silver, which
@@ -509,7 +511,9 @@ impl Emitter {
     pub async fn send(&mut self) -> Result<Vec<Fenced>, EmitError> {
         self.settle().await;
         // A failed send's epochs are queued again, and sent now: that is its retry.
-        self.failed = None;
+        if let Some(e) = self.failed.take() {
+            tracing::warn!(error = %e, epochs = self.pending.len(), "sending Gold's epochs failed; sending them again");
+        }
         self.start();
         self.settle().await;
         self.outcome()
@@ -558,12 +562,15 @@ impl Emitter {
         self.in_flight.is_some() || !self.pending.is_empty()
     }
 
-    /// Waits for the send in flight, if any, and takes its outcome in.
+    /// Waits for the send in flight, if any, and takes its outcome in. Cancel-safe: a wait cut
+    /// short (the shutdown's grace ending) leaves the task in flight.
     async fn settle(&mut self) {
-        let Some(task) = self.in_flight.take() else {
+        let Some(task) = self.in_flight.as_mut() else {
             return;
         };
-        let sent = match task.await {
+        let joined = task.await;
+        self.in_flight = None;
+        let sent = match joined {
             Ok(sent) => sent,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => unreachable!("the send task is never aborted"),
@@ -581,6 +588,12 @@ impl Emitter {
             Ok(Delivered::Recorded(recorded)) => self.recorded(recorded),
             Ok(Delivered::Fenced(fenced)) => {
                 self.requeue(epochs);
+                // A partition released while the send was in flight (revoked, lost) is not
+                // this replica's to read again.
+                let fenced: Vec<Fenced> = fenced
+                    .into_iter()
+                    .filter(|f| self.sources.contains_key(&f.partition))
+                    .collect();
                 for f in &fenced {
                     self.release(&f.partition);
                 }

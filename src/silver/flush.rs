@@ -1,9 +1,9 @@
 //! A flush: every table writes its buffered rows as Parquet files and makes one Delta commit with
 //! the `txn` of every partition it holds (see `lake::commit` for the rule that makes it exactly
-//! once); then Gold's epochs are sent. A flush that fails stalls the replica (fetching paused, not
-//! ready, the uploaded files kept) and is tried again from a tick with backoff; the final flush
-//! after shutdown retries until the grace period ends. Group offsets are advisory and committed
-//! apart (`pipeline::advise_positions`).
+//! once); then Gold's epochs are sent, in the background ([`Epochs`]). A flush that fails stalls
+//! the replica (fetching paused, not ready, the uploaded files kept) and is tried again from a
+//! tick with backoff; the final flush after shutdown retries until the grace period ends. Group
+//! offsets are advisory and committed apart (`pipeline::advise_positions`).
 
 use std::collections::BTreeMap;
 use std::time::Instant;
