@@ -520,24 +520,10 @@ async fn late_events_are_exactly_the_late_table() {
 /// The `txn` versions of the late-events table per partition of the topic: the last offset whose
 /// epoch is recorded as sent.
 async fn late_progress(setup: &Setup) -> BTreeMap<i32, i64> {
-    let mut out = BTreeMap::new();
     let url = gold_url(setup, "order_by_customer_id_late");
-    let Ok(table) = deltalake::DeltaTable::try_from_url(url).await else {
-        return out;
-    };
-    let Ok(snapshot) = table.snapshot() else {
-        return out;
-    };
-    for partition in 0..2 {
-        let app_id = format!("strata/{}-gold/{}/{partition}", setup.group, setup.topic);
-        if let Ok(Some(version)) = snapshot
-            .transaction_version(table.log_store().as_ref(), app_id)
-            .await
-        {
-            out.insert(partition, version);
-        }
-    }
-    out
+    setup
+        .progress_at(url, &format!("strata/{}-gold", setup.group))
+        .await
 }
 
 /// Consuming goes on while a flush's epochs are sent. The replica's first epoch (the first half of

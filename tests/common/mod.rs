@@ -619,15 +619,22 @@ impl Setup {
 
     /// Stored `txn` versions of table `table` per partition of this topic.
     pub async fn progress_of(&self, table: &str) -> BTreeMap<i32, i64> {
+        let prefix = format!("strata/{}", self.group);
+        self.progress_at(self.table_url_of(table), &prefix).await
+    }
+
+    /// Stored `txn` versions of the table at `url` per partition of this topic, for the app ids
+    /// `<prefix>/<topic>/<partition>`.
+    pub async fn progress_at(&self, url: url::Url, prefix: &str) -> BTreeMap<i32, i64> {
         let mut out = BTreeMap::new();
-        let Ok(table) = deltalake::DeltaTable::try_from_url(self.table_url_of(table)).await else {
+        let Ok(table) = deltalake::DeltaTable::try_from_url(url).await else {
             return out;
         };
         let Ok(snapshot) = table.snapshot() else {
             return out;
         };
         for partition in 0..64 {
-            let app_id = format!("strata/{}/{}/{partition}", self.group, self.topic);
+            let app_id = format!("{prefix}/{}/{partition}", self.topic);
             if let Ok(Some(version)) = snapshot
                 .transaction_version(table.log_store().as_ref(), app_id)
                 .await
