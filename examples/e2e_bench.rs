@@ -11,7 +11,9 @@
 //! `/proc/self/stat`, so it includes librdkafka's threads; peak RSS is `VmHWM`, reset before each
 //! phase through `/proc/self/clear_refs`. `STRATA_BENCH_TRACE=1` prints, every 250 ms of a Strata
 //! phase, the records consumed and committed so far (how the broker's bursts and the flushes line up),
-//! and the bare consumer's records every 250 ms.
+//! and the bare consumer's records every 250 ms. `STRATA_BENCH_KAFKA=property=value,...` sets
+//! librdkafka properties on both consumers alike (Strata's through `STRATA_KAFKA_*`); the bare
+//! consumer already takes the fetch queue backoff Strata's source sets.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -22,8 +24,40 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message};
 use strata::config::Config;
-use strata::demo::{ORDER_V1, ORDER_V2};
+use strata::demo::{FIRST_ANSWER, ORDER_V1, ORDER_V2};
 use strata::models::{SourceRecord, TopicPartition};
+
+/// The librdkafka properties `STRATA_BENCH_KAFKA` sets on both consumers.
+fn shared_properties() -> anyhow::Result<Vec<(String, String)>> {
+    let Ok(list) = std::env::var("STRATA_BENCH_KAFKA") else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (key, value) = pair
+                .split_once('=')
+                .with_context(|| format!("STRATA_BENCH_KAFKA: {pair:?} is not property=value"))?;
+            Ok((key.trim().to_string(), value.trim().to_string()))
+        })
+        .collect()
+}
+
+/// librdkafka's log lines (`debug=...` in `STRATA_BENCH_KAFKA`) on stderr, with the seconds since
+/// the bench started, when `STRATA_BENCH_LOG` is set.
+struct StderrLog(Instant);
+
+impl log::Log for StderrLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        eprintln!("{:>9.3}s {}", self.0.elapsed().as_secs_f64(), record.args());
+    }
+
+    fn flush(&self) {}
+}
 
 fn env(name: &str) -> anyhow::Result<String> {
     std::env::var(name).with_context(|| format!("{name} is not set: run `make bench`"))
@@ -64,6 +98,8 @@ struct Phase {
     /// CPU seconds the broker and the object store (tansu, moto) spent during the phase, when
     /// `scripts/services.sh` started them: they share this machine's cores with the consumer.
     services_cpu: Option<(f64, f64)>,
+    /// Records in hand `FIRST_ANSWER` after the first.
+    first_answer: Option<u64>,
 }
 
 /// CPU seconds so far of the services `scripts/services.sh` started (tansu, moto), from the pid
@@ -85,6 +121,13 @@ impl Phase {
     fn rate(&self) -> f64 {
         self.events as f64 / self.secs
     }
+    /// Events per second after the broker's first answer: the records that came later, over the
+    /// time from `FIRST_ANSWER` after the first record to the last.
+    fn rate_after_first_answer(&self) -> Option<f64> {
+        let first = self.first_answer?;
+        let secs = self.secs - FIRST_ANSWER.as_secs_f64();
+        (secs > 0.0).then(|| self.events.saturating_sub(first) as f64 / secs)
+    }
     fn per_cpu_second(&self) -> f64 {
         self.events as f64 / self.cpu_secs
     }
@@ -96,6 +139,12 @@ impl Phase {
             self.peak_rss_mib,
             self.peak_rss_mib - self.rss_start_mib
         );
+        if let (Some(first), Some(rate)) = (self.first_answer, self.rate_after_first_answer()) {
+            line.push_str(&format!(
+                "\n  after the first answer  {rate:>10.0} events/s ({first} records were in hand {} ms after the first)",
+                FIRST_ANSWER.as_millis()
+            ));
+        }
         if let Some(active) = self.active_cpu_secs {
             line.push_str(&format!(
                 "\n  first record to last    {:>10.0} events/CPU-s ({active:.2} of the phase's {:.2} CPU-s; the rest is {})",
@@ -134,6 +183,8 @@ struct Span {
     cpu_secs: Option<f64>,
     /// CPU seconds over the span by thread name (empty: not measured).
     threads: BTreeMap<String, f64>,
+    /// Records in hand `FIRST_ANSWER` after the first (`None`: not measured).
+    first_answer: Option<u64>,
 }
 
 /// Measures CPU and peak RSS around `run`, which returns its [`Span`]. With
@@ -181,6 +232,7 @@ where
         secs,
         cpu_secs: active_cpu_secs,
         threads,
+        first_answer,
     } = run.await?;
     let services_cpu = services_start
         .zip(services_cpu())
@@ -200,6 +252,7 @@ where
         threads,
         rss_start_mib,
         services_cpu,
+        first_answer,
         peak_rss_mib: if reset {
             status_mib("VmHWM")?
         } else {
@@ -210,6 +263,11 @@ where
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    if std::env::var_os("STRATA_BENCH_LOG").is_some() {
+        log::set_boxed_logger(Box::new(StderrLog(Instant::now())))
+            .map_err(|e| anyhow::anyhow!("logger: {e}"))?;
+        log::set_max_level(log::LevelFilter::Debug);
+    }
     let events: u64 = std::env::var("STRATA_BENCH_EVENTS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -221,11 +279,20 @@ async fn main() -> anyhow::Result<()> {
     std::fs::write(dir.path().join("1.avsc"), ORDER_V1)?;
     std::fs::write(dir.path().join("2.avsc"), ORDER_V2)?;
     let reader = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/schemas/order.avsc"));
+    let shared = shared_properties()?;
+    let shared_vars: Vec<(String, String)> = shared
+        .iter()
+        .map(|(k, v)| {
+            let var = format!("STRATA_KAFKA_{}", k.to_ascii_uppercase().replace('.', "_"));
+            (var, v.clone())
+        })
+        .collect();
     let vars = |brokers: &str, topic: &str, group: &str, lake: &str, gold: bool| {
         let mut extra = vec![
             ("STRATA_FLUSH_INTERVAL", "1s"),
             ("STRATA_FILE_MAX_ROWS", "500000"),
         ];
+        extra.extend(shared_vars.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         if gold {
             extra.extend([
                 ("STRATA_GOLD_KEY", "customer_id"),
@@ -251,11 +318,17 @@ async fn main() -> anyhow::Result<()> {
             // A fresh group reads every record (touching each payload).
             let (brokers, topic) = (brokers.clone(), topic.clone());
             let phase = measure("bare", events, async move {
-                tokio::task::spawn_blocking(move || bare_consumer(&brokers, &topic, events)).await?
+                {
+                    let shared = shared.clone();
+                    tokio::task::spawn_blocking(move || {
+                        bare_consumer(&brokers, &topic, events, &shared)
+                    })
+                    .await?
+                }
             })
             .await?;
             lines.push(phase.line("bare rdkafka consumer", ""));
-            raw = Some(phase.rate());
+            raw = Some((phase.rate(), phase.rate_after_first_answer()));
         }
         // Strata: a replica from its first record until every partition's progress is committed
         // (each run with a fresh group and lake).
@@ -291,6 +364,7 @@ async fn main() -> anyhow::Result<()> {
                         .zip(run.cpu_at_caught_up)
                         .map(|(a, b)| b - a),
                     threads: run.threads_first_to_last.clone(),
+                    first_answer: run.first_answer,
                 };
                 finished = Some(run);
                 Ok(span)
@@ -343,8 +417,15 @@ async fn main() -> anyhow::Result<()> {
                 ratios.push(format!(
                     "ratio {:<20}{:>10.2}   (first record to last, same broker, same run)",
                     format!("{name} / bare"),
-                    phase.rate() / raw
+                    phase.rate() / raw.0
                 ));
+                if let (Some(after), Some(raw_after)) = (phase.rate_after_first_answer(), raw.1) {
+                    ratios.push(format!(
+                        "ratio {:<20}{:>10.2}   (after the first answer: the records that came later)",
+                        format!("{name} / bare"),
+                        after / raw_after
+                    ));
+                }
             }
         }
     }
@@ -430,19 +511,34 @@ async fn fill(brokers: &str, topic: &str, events: u64) -> anyhow::Result<BTreeMa
 
 /// Reads `events` records of `topic` with a bare consumer; returns the seconds from the first to
 /// the last.
-fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<Span> {
-    let consumer: BaseConsumer = ClientConfig::new()
+fn bare_consumer(
+    brokers: &str,
+    topic: &str,
+    events: u64,
+    shared: &[(String, String)],
+) -> anyhow::Result<Span> {
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", brokers)
         .set("group.id", format!("raw-{topic}"))
         .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
-        .create()?;
+        // As Strata's source sets it: the bench compares the pipeline, not this default.
+        .set(
+            "fetch.queue.backoff.ms",
+            strata::kafka::consumer::FETCH_QUEUE_BACKOFF_MS,
+        );
+    for (key, value) in shared {
+        config.set(key, value);
+    }
+    let consumer: BaseConsumer = config.create()?;
     consumer.subscribe(&[topic])?;
     let started = Instant::now();
     let mut first = None;
     let mut cpu_at_first = None;
     let mut threads_at_first = strata::demo::ThreadCpu::default();
     let mut seen = 0u64;
+    let mut first_answer = None;
     let mut checksum = 0u64;
     let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
     let mut traced = Instant::now();
@@ -454,7 +550,12 @@ fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<Span
                 started.elapsed().as_secs_f64()
             );
         }
-        if let Some(message) = consumer.poll(Duration::from_millis(500)) {
+        let message = consumer.poll(Duration::from_millis(500));
+        // Reads the clock per record only until then.
+        if first_answer.is_none() && first.is_some_and(|f: Instant| f.elapsed() >= FIRST_ANSWER) {
+            first_answer = Some(seen);
+        }
+        if let Some(message) = message {
             if first.is_none() {
                 first = Some(Instant::now());
                 cpu_at_first = strata::demo::process_cpu_seconds();
@@ -475,6 +576,7 @@ fn bare_consumer(brokers: &str, topic: &str, events: u64) -> anyhow::Result<Span
             .zip(strata::demo::process_cpu_seconds())
             .map(|(a, b)| b - a),
         threads: threads_at_first.since(),
+        first_answer,
     })
 }
 

@@ -76,7 +76,15 @@ pub struct CaughtUp {
     /// With Gold: from start until the last Gold commit with rows, once every window had closed
     /// (`None`: not reached before the deadline).
     pub gold_elapsed: Option<Duration>,
+    /// Records the replica had taken [`FIRST_ANSWER`] after its first (within 50 ms): what the
+    /// broker's first answers held.
+    pub first_answer: Option<u64>,
 }
+
+/// How long after a consumer's first record the bench counts records as the broker's first
+/// answer: a broker that answers in bursts (tansu: one answer of up to about 5 MiB every 1-4 s)
+/// hands a consumer a varying share of the run at once, which then counts as read in no time.
+pub const FIRST_ANSWER: Duration = Duration::from_millis(500);
 
 /// Runs one replica in-process until its committed progress on `topic` reaches `last_offsets`
 /// (or `deadline` passes), then shuts it down gracefully.
@@ -96,6 +104,7 @@ pub async fn run_until_caught_up(
     let mut threads_at_first_record = ThreadCpu::default();
     let trace = std::env::var_os("STRATA_BENCH_TRACE").is_some();
     let mut traced = Instant::now();
+    let mut first_answer = None;
     let caught_up = loop {
         if trace && traced.elapsed() >= Duration::from_millis(250) {
             traced = Instant::now();
@@ -114,6 +123,11 @@ pub async fn run_until_caught_up(
             first_record = Some(started.elapsed());
             cpu_at_first_record = process_cpu_seconds();
             threads_at_first_record = ThreadCpu::now();
+        }
+        if first_answer.is_none()
+            && first_record.is_some_and(|f| started.elapsed() >= f + FIRST_ANSWER)
+        {
+            first_answer = Some(metrics.records_consumed());
         }
         let done = last_offsets
             .iter()
@@ -178,6 +192,7 @@ pub async fn run_until_caught_up(
         cpu_at_caught_up,
         threads_first_to_last,
         gold_elapsed,
+        first_answer,
     })
 }
 

@@ -584,6 +584,15 @@ pub struct Source {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How long librdkafka waits before it asks again to fetch a partition whose local queue already
+/// holds `queued.min.messages` (100,000): its default, 1 s, left the fetcher idle for most of each
+/// second once a fetch answer had filled the queue. The source drains a full queue in a fraction
+/// of that (small records of six partitions make 100,000 out of one answer of 1 MiB each), and
+/// the pipeline's own channel bounds what waits beyond librdkafka. Measured on tansu
+/// (`STRATA_BENCH_LOG=1 STRATA_BENCH_KAFKA=debug=fetch`): with 1 s, the fetcher stood idle for a
+/// second after two of a phase's five answers. `STRATA_KAFKA_FETCH_QUEUE_BACKOFF_MS` overrides it.
+pub const FETCH_QUEUE_BACKOFF_MS: &str = "20";
+
 impl Source {
     /// Creates the consumer, subscribes and starts the polling thread.
     pub fn start(
@@ -608,7 +617,8 @@ impl Source {
             .set("partition.assignment.strategy", "cooperative-sticky")
             .set("statistics.interval.ms", "5000")
             .set("session.timeout.ms", "45000")
-            .set("heartbeat.interval.ms", "3000");
+            .set("heartbeat.interval.ms", "3000")
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS);
         for (key, value) in &settings.properties {
             config.set(key, value);
         }
@@ -2002,13 +2012,7 @@ mod tests {
     /// Stops a source of group `group` while its commit waits `answered_after` for the broker's
     /// answer, and asserts that librdkafka sent a LeaveGroup.
     async fn stop_with_a_commit_answered_after(group: &str, answered_after: Duration) {
-        // Before the client is configured: rust-rdkafka sets librdkafka's log level from it. The
-        // first test to get here installs it for the binary.
-        static CAPTURE: std::sync::Once = std::sync::Once::new();
-        CAPTURE.call_once(|| {
-            log::set_logger(&CaptureLog).expect("no other logger in this test binary");
-        });
-        log::set_max_level(log::LevelFilter::Debug);
+        capture_librdkafka_log();
         let cluster = MockCluster::new(1).expect("mock cluster");
         cluster.create_topic(group, 1, 1).expect("topic");
         let brokers = cluster.bootstrap_servers();
@@ -2067,6 +2071,118 @@ mod tests {
                 .map(|l| l.as_str())
                 .collect::<Vec<_>>()
                 .join("\n")
+        );
+    }
+
+    /// Installs [`CaptureLog`] for this test binary and lets librdkafka's debug lines through.
+    fn capture_librdkafka_log() {
+        // Before the client is configured: rust-rdkafka sets librdkafka's log level from it. The
+        // first test to get here installs it for the binary.
+        static CAPTURE: std::sync::Once = std::sync::Once::new();
+        CAPTURE.call_once(|| {
+            log::set_logger(&CaptureLog).expect("no other logger in this test binary");
+        });
+        log::set_max_level(log::LevelFilter::Debug);
+    }
+
+    /// The fetch backoffs librdkafka logged for `topic` because the local queue was full.
+    fn queue_full_backoffs(topic: &str) -> Vec<String> {
+        let needle = format!("{topic} [0]: Fetch backoff for ");
+        LIBRDKAFKA_LOG
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|line| line.contains(&needle) && line.ends_with("Local: Queue full"))
+            .cloned()
+            .collect()
+    }
+
+    /// Reads `records` records of a fresh one-partition topic with librdkafka's queue threshold
+    /// at one message, so that fetch answers fill the queue, and returns the backoffs logged.
+    async fn read_past_a_full_queue(topic: &str, properties: &[(&str, &str)]) -> Vec<String> {
+        capture_librdkafka_log();
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic(topic, 1, 1).expect("topic");
+        let brokers = cluster.bootstrap_servers();
+        // Twenty message sets, one per fetch answer.
+        let records = 2_000;
+        let producer = producer(&brokers);
+        for from in (0..records).step_by(100) {
+            produce(&producer, topic, from, from + 100);
+        }
+        let mut all = BTreeMap::from([
+            ("debug".to_string(), "fetch".to_string()),
+            ("queued.min.messages".to_string(), "1".to_string()),
+            ("max.partition.fetch.bytes".to_string(), "100".to_string()),
+        ]);
+        all.extend(
+            properties
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string())),
+        );
+        let (events, mut received) = mpsc::channel(64);
+        let source = Source::start(
+            SourceSettings {
+                brokers,
+                group_id: topic.into(),
+                topics: vec![topic.into()],
+                properties: all,
+                counts_assignments: false,
+                strict_offsets: false,
+                reports_caught_up: false,
+                thread_name: "strata-source",
+            },
+            Arc::new(Metrics::new()),
+            events,
+        )
+        .expect("source");
+        let offsets = collect(&mut received, records).await;
+        source.stop();
+        while let Some(event) = received.recv().await {
+            if let SourceEvent::Revoked { done, .. } = event {
+                let _ = done.send(());
+            }
+        }
+        tokio::task::spawn_blocking(move || source.join())
+            .await
+            .expect("join");
+        assert_eq!(
+            offsets,
+            (0..records as i64).collect::<Vec<_>>(),
+            "every record once, in order"
+        );
+        queue_full_backoffs(topic)
+    }
+
+    /// A fetch answer that fills librdkafka's queue holds the partition's next fetch back for
+    /// `FETCH_QUEUE_BACKOFF_MS`, not librdkafka's default second.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_fetch_queue_holds_fetching_back_briefly() {
+        let backoffs = read_past_a_full_queue("queue-backoff", &[]).await;
+        assert!(
+            !backoffs.is_empty(),
+            "no answer filled the queue, so the test showed nothing"
+        );
+        let wanted = format!("Fetch backoff for {FETCH_QUEUE_BACKOFF_MS}ms");
+        assert!(
+            backoffs.iter().all(|line| line.contains(&wanted)),
+            "expected every backoff at {FETCH_QUEUE_BACKOFF_MS} ms:\n{}",
+            backoffs.join("\n")
+        );
+    }
+
+    /// `STRATA_KAFKA_FETCH_QUEUE_BACKOFF_MS` still sets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fetch_queue_backoff_the_user_sets_is_kept() {
+        let backoffs =
+            read_past_a_full_queue("queue-backoff-set", &[("fetch.queue.backoff.ms", "7")]).await;
+        assert!(!backoffs.is_empty(), "no answer filled the queue");
+        assert!(
+            backoffs
+                .iter()
+                .all(|line| line.contains("Fetch backoff for 7ms")),
+            "expected every backoff at 7 ms:\n{}",
+            backoffs.join("\n")
         );
     }
 
