@@ -47,15 +47,24 @@ pub fn hit(name: &str) {
 
 static FIRED: AtomicUsize = AtomicUsize::new(0);
 
-/// Whether `STRATA_FAILPOINT_FAULT` (`name[:n]`) names this point and this is its n-th hit (default
-/// 1): for faults a test injects without freezing the process (a lost answer).
+/// Whether `STRATA_FAILPOINT_FAULT` (`name[:n]` or `name:n-m`) names this point and this is its
+/// n-th hit (default 1), or one of its n-th to m-th: for faults a test injects without freezing
+/// the process (a lost answer, a refusal that lasts a few attempts).
 pub fn fires(name: &str) -> bool {
     let Ok(wanted) = std::env::var("STRATA_FAILPOINT_FAULT") else {
         return false;
     };
-    let (wanted_name, nth) = match wanted.split_once(':') {
-        Some((n, count)) => (n.to_string(), count.parse::<usize>().unwrap_or(1)),
-        None => (wanted, 1),
+    let (wanted_name, first, last) = match wanted.split_once(':') {
+        Some((n, hits)) => {
+            let (first, last) = hits.split_once('-').unwrap_or((hits, hits));
+            let first = first.parse::<usize>().unwrap_or(1);
+            (n.to_string(), first, last.parse::<usize>().unwrap_or(first))
+        }
+        None => (wanted, 1, 1),
     };
-    wanted_name == name && FIRED.fetch_add(1, Ordering::SeqCst) + 1 == nth
+    if wanted_name != name {
+        return false;
+    }
+    let hit = FIRED.fetch_add(1, Ordering::SeqCst) + 1;
+    (first..=last).contains(&hit)
 }

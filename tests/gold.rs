@@ -613,6 +613,63 @@ async fn consuming_goes_on_while_an_epoch_is_being_sent() {
     );
 }
 
+/// A broker that refuses Gold's partials (a producer without the topic's write ACL) stalls the
+/// replica, and `/readyz` names the partials topic, not the object store, which takes writes all
+/// along. A later retry sends the epoch (the fault is injected five times): Gold is exact, and the
+/// replica is ready again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_partials_send_names_the_partials_topic_not_the_lake() {
+    let setup = Setup::new("gold-refused", 2).await;
+    let events = skewed(2, 500, 100, 1_000, 43);
+    let expected = expect(&events, 60 * SECOND, 60 * SECOND, 5 * SECOND, 0);
+    produce(&setup.topic, &events).await;
+    let mut env = gold_env("1m", "2", "0");
+    // Refused five times: the replica stalls for a few seconds of backoff.
+    env.push(("STRATA_FAILPOINT_FAULT", "partials_send_refused:1-5"));
+    let replica = setup.spawn(&env);
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let mut named = None;
+    while Instant::now() < deadline && named.is_none() {
+        if let Some((503, body)) = replica.http_get("/readyz").await {
+            if body.contains("gold partials topic refuses sends") {
+                named = Some(body);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let body = named.unwrap_or_else(|| {
+        panic!(
+            "/readyz never named the partials topic:\n{}",
+            replica.tail(30)
+        )
+    });
+    let partials = format!("{}.partials", setup.group);
+    assert!(
+        body.contains(&partials) && body.contains("Authorization"),
+        "{body}"
+    );
+    assert!(
+        !body.contains("object store"),
+        "the object store took every write: {body}"
+    );
+
+    let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
+    assert_gold(&gold, &expected);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    while Instant::now() < deadline {
+        last = replica.http_get("/readyz").await;
+        if matches!(last, Some((200, _))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        matches!(last, Some((200, _))),
+        "not ready again after the retry: {last:?}"
+    );
+}
+
 /// The same skewed input through one replica with salting off and one with 7 salts over 8
 /// partials partitions: unsalted, the hot key's partition carries far more than the mean;
 /// salted, the busiest partition carries at most 1.5× the mean. Both Gold tables are exact.

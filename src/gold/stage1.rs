@@ -783,6 +783,13 @@ impl Outbox {
             // (decoding the next chunks) get their turn between epochs.
             tokio::task::yield_now().await;
         }
+        #[cfg(feature = "failpoints")]
+        if crate::failpoints::fires("partials_send_refused") {
+            // As a broker refuses a producer without the topic's write ACL.
+            return Err(
+                KafkaError::MessageProduction(RDKafkaErrorCode::TopicAuthorizationFailed).into(),
+            );
+        }
         send_in_order(&self.producer, &self.topic, messages).await?;
         crate::failpoint!("after_gold_send");
         let files = self.late_writer.write(&late).await?;

@@ -542,6 +542,14 @@ impl Metrics {
         self.readiness.set_lake_problem(why);
     }
 
+    /// Gold's partials topic refuses an epoch's messages (`Some`: which and why, for `/readyz`),
+    /// or took a flush's again.
+    pub fn partials_refused(&self, why: Option<&str>) {
+        let why = why.map(|why| format!("gold partials topic refuses sends: {why}"));
+        self.readiness
+            .set_problem("gold partials topic", why.as_deref());
+    }
+
     pub fn is_ready(&self) -> bool {
         self.readiness.is_ready()
     }

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use crate::gold::core::watermark::{clock_version, recorded_clock};
+use crate::gold::stage1::EmitError;
 use crate::lake::commit::{Checked, CommitOutcome};
 use crate::models::TopicPartition;
 use crate::retry::{Pace, Retry, Stall};
@@ -41,9 +42,10 @@ impl Replica {
         match self.try_flush(epochs).await {
             Ok(()) => {
                 if self.commands.unstall(&mut self.stalled) {
-                    tracing::info!("the object store takes writes again; fetching resumes");
+                    tracing::info!("the stores take writes again; fetching resumes");
                 }
                 self.metrics.lake_refuses(None);
+                self.metrics.partials_refused(None);
                 Ok(())
             }
             Err(e) => {
@@ -63,9 +65,23 @@ impl Replica {
             .iter()
             .map(|t| t.uploads.file_count())
             .sum();
-        self.metrics.lake_refuses(Some(&self.refusal(e)));
+        let failed = self.report_refusal(e);
         tracing::warn!(error = %e, retry_in = ?delay, uploaded_files_kept = uploaded,
-            "flush failed; fetching paused, buffered rows kept");
+            "{failed} failed; fetching paused, buffered rows kept");
+    }
+
+    /// Reports which store refuses, for `/readyz`: Gold's partials topic when the epochs' messages
+    /// could not be sent, else the lake. Returns what failed, for the log.
+    fn report_refusal(&self, e: &PipelineError) -> &'static str {
+        if let PipelineError::Gold(EmitError::Kafka(kafka)) = e {
+            let topic = self.config.gold.as_ref().map_or("", |g| &g.partials_topic);
+            self.metrics
+                .partials_refused(Some(&format!("{topic}: {kafka}")));
+            "sending Gold's epochs"
+        } else {
+            self.metrics.lake_refuses(Some(&self.refusal(e)));
+            "flush"
+        }
     }
 
     /// Which store refuses and how, for `/readyz`: the lake and the end of the error (the
@@ -98,11 +114,12 @@ impl Replica {
             match self.try_flush(Epochs::Sent).await {
                 Ok(()) => {
                     self.metrics.lake_refuses(None);
+                    self.metrics.partials_refused(None);
                     return Ok(());
                 }
                 Err(e) => {
-                    self.metrics.lake_refuses(Some(&self.refusal(&e)));
-                    tracing::warn!(error = %e, "final flush failed; retrying");
+                    let failed = self.report_refusal(&e);
+                    tracing::warn!(error = %e, "final {failed} failed; retrying");
                     if !retry.wait().await {
                         return Err(e);
                     }
