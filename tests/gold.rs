@@ -627,22 +627,9 @@ async fn a_refused_partials_send_names_the_partials_topic_not_the_lake() {
     // Refused five times: the replica stalls for a few seconds of backoff.
     env.push(("STRATA_FAILPOINT_FAULT", "partials_send_refused:1-5"));
     let replica = setup.spawn(&env);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut named = None;
-    while Instant::now() < deadline && named.is_none() {
-        if let Some((503, body)) = replica.http_get("/readyz").await {
-            if body.contains("gold partials topic refuses sends") {
-                named = Some(body);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let body = named.unwrap_or_else(|| {
-        panic!(
-            "/readyz never named the partials topic:\n{}",
-            replica.tail(30)
-        )
-    });
+    let body = replica
+        .wait_not_ready("gold partials topic refuses sends", Duration::from_secs(90))
+        .await;
     let partials = format!("{}.partials", setup.group);
     assert!(
         body.contains(&partials) && body.contains("Authorization"),
@@ -655,19 +642,12 @@ async fn a_refused_partials_send_names_the_partials_topic_not_the_lake() {
 
     let gold = read_gold(&setup, expected.rows.len(), Duration::from_secs(180)).await;
     assert_gold(&gold, &expected);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let mut last = None;
-    while Instant::now() < deadline {
-        last = replica.http_get("/readyz").await;
-        if matches!(last, Some((200, _))) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        matches!(last, Some((200, _))),
-        "not ready again after the retry: {last:?}"
-    );
+    replica
+        .wait_ready(
+            Duration::from_secs(30),
+            "not ready again after the partials were sent",
+        )
+        .await;
 }
 
 /// The same skewed input through one replica with salting off and one with 7 salts over 8
@@ -739,22 +719,9 @@ async fn partials_lost_stop_their_partition_instead_of_being_skipped() {
     broker.restart_empty().await;
     common::create_topic_on(&broker.brokers, &setup.topic, 2).await;
     let mut second = setup.spawn(&env);
-    let deadline = Instant::now() + Duration::from_secs(90);
-    let mut named = None;
-    while Instant::now() < deadline && named.is_none() {
-        if let Some((503, body)) = second.http_get("/readyz").await {
-            if body.contains("gold partials partition") {
-                named = Some(body);
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let body = named.unwrap_or_else(|| {
-        panic!(
-            "/readyz never named a stopped partials partition:\n{}",
-            second.tail(30)
-        )
-    });
+    let body = second
+        .wait_not_ready("gold partials partition", Duration::from_secs(90))
+        .await;
     let partials = format!("{}.partials", setup.group);
     assert!(
         body.contains(&partials) && body.contains("is not in the topic"),

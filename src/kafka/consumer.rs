@@ -2018,21 +2018,8 @@ mod tests {
         let brokers = cluster.bootstrap_servers();
         produce(&producer(&brokers), group, 0, 10);
         let (events, mut received) = mpsc::channel(64);
-        let source = Source::start(
-            SourceSettings {
-                brokers,
-                group_id: group.into(),
-                topics: vec![group.into()],
-                properties: BTreeMap::from([("debug".into(), "cgrp".into())]),
-                counts_assignments: false,
-                strict_offsets: false,
-                reports_caught_up: false,
-                thread_name: "strata-source",
-            },
-            Arc::new(Metrics::new()),
-            events,
-        )
-        .expect("source");
+        let properties = BTreeMap::from([("debug".into(), "cgrp".into())]);
+        let source = test_source(brokers, group, group, properties, events);
         assert_eq!(collect(&mut received, 10).await.len(), 10);
 
         // The source stops while its commit waits for the answer.
@@ -2072,6 +2059,32 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+    }
+
+    /// A source of group `group` on `topic`, reading from the start, that does not count
+    /// assignments or report catching up, with librdkafka `properties`.
+    fn test_source(
+        brokers: String,
+        group: &str,
+        topic: &str,
+        properties: BTreeMap<String, String>,
+        events: mpsc::Sender<SourceEvent>,
+    ) -> Source {
+        Source::start(
+            SourceSettings {
+                brokers,
+                group_id: group.into(),
+                topics: vec![topic.into()],
+                properties,
+                counts_assignments: false,
+                strict_offsets: false,
+                reports_caught_up: false,
+                thread_name: "strata-source",
+            },
+            Arc::new(Metrics::new()),
+            events,
+        )
+        .expect("source")
     }
 
     /// Installs [`CaptureLog`] for this test binary and lets librdkafka's debug lines through.
@@ -2121,21 +2134,7 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string())),
         );
         let (events, mut received) = mpsc::channel(64);
-        let source = Source::start(
-            SourceSettings {
-                brokers,
-                group_id: topic.into(),
-                topics: vec![topic.into()],
-                properties: all,
-                counts_assignments: false,
-                strict_offsets: false,
-                reports_caught_up: false,
-                thread_name: "strata-source",
-            },
-            Arc::new(Metrics::new()),
-            events,
-        )
-        .expect("source");
+        let source = test_source(brokers, topic, topic, all, events);
         let offsets = collect(&mut received, records).await;
         source.stop();
         while let Some(event) = received.recv().await {

@@ -805,6 +805,25 @@ impl Replica {
         }
     }
 
+    /// Waits until `/readyz` answers 503 with `needle` among its reasons and returns the answer;
+    /// panics with the log tail after `timeout`.
+    pub async fn wait_not_ready(&self, needle: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((503, body)) = self.http_get("/readyz").await {
+                if body.contains(needle) {
+                    return body;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never named {needle:?}:\n{}",
+                self.tail(30)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub async fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
