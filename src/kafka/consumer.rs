@@ -1839,13 +1839,7 @@ mod tests {
                 Ok(None) => break,
             }
         }
-        source.stop();
-        while let Some(event) = received.recv().await {
-            if let SourceEvent::Revoked { done, .. } = event {
-                let _ = done.send(());
-            }
-        }
-        source.join();
+        stop_and_join(source, &mut received).await;
 
         assert_eq!(got.len(), records, "every record once");
         assert!(switches > 0, "no chunk of one partition followed another's");
@@ -1951,13 +1945,7 @@ mod tests {
 
         produce(&producer, "faulty", 50, 100);
         offsets.extend(collect(&mut received, 50).await);
-        source.stop();
-        while let Some(event) = received.recv().await {
-            if let SourceEvent::Revoked { done, .. } = event {
-                let _ = done.send(());
-            }
-        }
-        source.join();
+        stop_and_join(source, &mut received).await;
         assert_eq!(
             offsets,
             (0..100).collect::<Vec<_>>(),
@@ -2033,15 +2021,7 @@ mod tests {
                 10,
             )])));
         tokio::time::sleep(Duration::from_millis(300)).await;
-        source.stop();
-        while let Some(event) = received.recv().await {
-            if let SourceEvent::Revoked { done, .. } = event {
-                let _ = done.send(());
-            }
-        }
-        tokio::task::spawn_blocking(move || source.join())
-            .await
-            .expect("join");
+        stop_and_join(source, &mut received).await;
 
         let log = LIBRDKAFKA_LOG
             .lock()
@@ -2059,6 +2039,19 @@ mod tests {
                 .collect::<Vec<_>>()
                 .join("\n")
         );
+    }
+
+    /// Stops `source`, answers the revocation its stop makes, and waits for its thread.
+    async fn stop_and_join(source: Source, received: &mut mpsc::Receiver<SourceEvent>) {
+        source.stop();
+        while let Some(event) = received.recv().await {
+            if let SourceEvent::Revoked { done, .. } = event {
+                let _ = done.send(());
+            }
+        }
+        tokio::task::spawn_blocking(move || source.join())
+            .await
+            .expect("join");
     }
 
     /// A source of group `group` on `topic`, reading from the start, that does not count
@@ -2136,15 +2129,7 @@ mod tests {
         let (events, mut received) = mpsc::channel(64);
         let source = test_source(brokers, topic, topic, all, events);
         let offsets = collect(&mut received, records).await;
-        source.stop();
-        while let Some(event) = received.recv().await {
-            if let SourceEvent::Revoked { done, .. } = event {
-                let _ = done.send(());
-            }
-        }
-        tokio::task::spawn_blocking(move || source.join())
-            .await
-            .expect("join");
+        stop_and_join(source, &mut received).await;
         assert_eq!(
             offsets,
             (0..records as i64).collect::<Vec<_>>(),
