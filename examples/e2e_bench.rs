@@ -48,11 +48,15 @@ fn shared_properties() -> anyhow::Result<Vec<(String, String)>> {
 struct StderrLog(Instant);
 
 impl log::Log for StderrLog {
-    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
-        true
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        // Only librdkafka's: deltalake's and the AWS SDK's tracing events reach `log` too.
+        metadata.target() == "librdkafka"
     }
 
     fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
         eprintln!("{:>9.3}s {}", self.0.elapsed().as_secs_f64(), record.args());
     }
 

@@ -2155,7 +2155,8 @@ mod tests {
         );
     }
 
-    /// `STRATA_KAFKA_FETCH_QUEUE_BACKOFF_MS` still sets it.
+    /// A `fetch.queue.backoff.ms` among the properties (from `STRATA_KAFKA_FETCH_QUEUE_BACKOFF_MS`)
+    /// still sets it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_fetch_queue_backoff_the_user_sets_is_kept() {
         let backoffs =

@@ -79,6 +79,9 @@ impl Replica {
                 .partials_refused(Some(&format!("{topic}: {kafka}")));
             "sending Gold's epochs"
         } else {
+            // A flush sends Gold's queued epochs before anything else, so any other error means
+            // the partials topic took them (or had nothing to take).
+            self.metrics.partials_refused(None);
             self.metrics.lake_refuses(Some(&self.refusal(e)));
             "flush"
         }
